@@ -1,0 +1,8 @@
+{
+  "targets": [
+    {
+      "target_name": "seek_hole",
+      "sources": ["native/seek_hole.c"]
+    }
+  ]
+}

@@ -1,0 +1,31 @@
+/**
+ * What every wire format provides. Codecs are pure: a BlockImage or file in,
+ * bytes and extents out; they know nothing of HTTP, tasks or logging.
+ */
+import type { BlockImage } from '../storage/block-image.js';
+
+export type WireFormat = 'raw' | 'vhd' | 'qcow2';
+export const WIRE_FORMATS: readonly WireFormat[] = ['raw', 'vhd', 'qcow2'];
+
+/**
+ * A format's byte stream of one image, laid out up front from the extents so
+ * its exact size is known before the first byte and any range can be produced
+ * without producing the bytes before it.
+ */
+export interface SerializedImage {
+  /** Exact length of the stream in bytes. */
+  readonly size: number;
+  /** Yields the bytes of [start, end) in order; the chunks concatenate to exactly end - start bytes. */
+  read(start: number, end: number): AsyncIterable<Buffer>;
+}
+
+export interface FormatCodec {
+  readonly name: WireFormat;
+  /** Lays out the export of `image` in this format (reads metadata only). */
+  serialize(image: BlockImage): Promise<SerializedImage>;
+  /**
+   * Opens a file holding an image of this format as a random-access disk,
+   * validating its metadata. Throws MalformedImageError / UnsupportedImageError.
+   */
+  open(path: string, opts?: { writable?: boolean }): Promise<BlockImage>;
+}

@@ -1,0 +1,58 @@
+/**
+ * Where a sparse file's data lives, from the file system itself.
+ *
+ * Choice (see README, "Knowing where the holes are"): a tiny N-API addon
+ * (native/seek_hole.c) exposing lseek(SEEK_DATA/SEEK_HOLE), rather than an
+ * allocation bitmap kept beside each image. The file system already tracks
+ * allocation exactly and crash-consistently; a bitmap of our own would be a
+ * second truth to keep in step through every write, rename and kill -9.
+ * If the addon is missing (not built), every file reads as fully allocated:
+ * slower, never wrong.
+ */
+import { createRequire } from 'node:module';
+import { type Extent, mergeExtents } from './block-image.js';
+
+interface SeekAddon {
+  seekData(fd: number, offset: number): number;
+  seekHole(fd: number, offset: number): number;
+}
+
+function loadAddon(): SeekAddon | null {
+  const require = createRequire(import.meta.url);
+  for (const candidate of ['../../build/Release/seek_hole.node', '../../../build/Release/seek_hole.node']) {
+    try {
+      return require(candidate) as SeekAddon;
+    } catch {
+      // try the next layout (src/ under tsx, dist/ when built)
+    }
+  }
+  return null;
+}
+
+const addon = loadAddon();
+
+export const sparseSupported = addon !== null;
+
+/**
+ * Data and hole extents of an open file, limited to [0, size). Regions past
+ * the end of the file (when size exceeds it) are holes.
+ */
+export function fileExtents(fd: number, size: number): Extent[] {
+  if (size === 0) return [];
+  if (!addon) return [{ start: 0, length: size, zero: false }];
+  const out: Extent[] = [];
+  let pos = 0;
+  while (pos < size) {
+    const data = addon.seekData(fd, pos);
+    if (data < 0 || data >= size) {
+      out.push({ start: pos, length: size - pos, zero: true });
+      break;
+    }
+    if (data > pos) out.push({ start: pos, length: data - pos, zero: true });
+    const hole = Math.min(addon.seekHole(fd, data), size);
+    const end = hole < 0 ? size : hole;
+    out.push({ start: data, length: end - data, zero: false });
+    pos = end;
+  }
+  return mergeExtents(out);
+}

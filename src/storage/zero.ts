@@ -1,0 +1,48 @@
+/** Zero detection and a shared source of zero bytes for holes. */
+
+/** Granularity at which imports look for zeros to leave as holes (a file-system block). */
+export const ZERO_BLOCK_BYTES = 4096;
+
+/** Read-only by convention: sliced to serve holes without allocating. */
+export const ZEROS = Buffer.alloc(4 * 1024 * 1024);
+
+export function isZero(buf: Buffer, start = 0, end = buf.length): boolean {
+  let pos = start;
+  while (pos < end) {
+    const n = Math.min(end - pos, ZEROS.length);
+    if (buf.compare(ZEROS, 0, n, pos, pos + n) !== 0) return false;
+    pos += n;
+  }
+  return true;
+}
+
+/** A zero-filled view of `length` bytes, shared when it fits in ZEROS. */
+export function zeroBuffer(length: number): Buffer {
+  return length <= ZEROS.length ? ZEROS.subarray(0, length) : Buffer.alloc(length);
+}
+
+/**
+ * Calls `onData(start, end)` for each maximal run of non-zero ZERO_BLOCK_BYTES
+ * blocks in buf[0, length). Block boundaries are relative to `baseOffset`, the
+ * position of buf[0] in the disk, so holes align with the file system's blocks.
+ */
+export function forEachDataRun(
+  buf: Buffer,
+  length: number,
+  baseOffset: number,
+  onData: (start: number, end: number) => void,
+): void {
+  let runStart = -1;
+  let pos = 0;
+  while (pos < length) {
+    const blockEnd = Math.min(length, pos + ZERO_BLOCK_BYTES - ((baseOffset + pos) % ZERO_BLOCK_BYTES));
+    const zero = isZero(buf, pos, blockEnd);
+    if (!zero && runStart < 0) runStart = pos;
+    if (zero && runStart >= 0) {
+      onData(runStart, pos);
+      runStart = -1;
+    }
+    pos = blockEnd;
+  }
+  if (runStart >= 0) onData(runStart, length);
+}
