@@ -14,7 +14,10 @@ export class RawFileImage implements BlockImage {
   ) {}
 
   /** Opens an existing raw file; its size is the virtual size unless one is given. */
-  static async open(path: string, opts: { writable?: boolean; virtualSize?: number } = {}): Promise<RawFileImage> {
+  static async open(
+    path: string,
+    opts: { writable?: boolean; virtualSize?: number } = {},
+  ): Promise<RawFileImage> {
     const handle = await fsp.open(path, opts.writable ? fsConstants.O_RDWR : fsConstants.O_RDONLY);
     const size = opts.virtualSize ?? (await handle.stat()).size;
     return new RawFileImage(handle, size, path);
@@ -48,7 +51,9 @@ export class RawFileImage implements BlockImage {
 
   async write(offset: number, data: Buffer): Promise<void> {
     if (offset + data.length > this.virtualSize) {
-      throw new RangeError(`write of ${data.length} bytes at ${offset} past virtual size ${this.virtualSize}`);
+      throw new RangeError(
+        `write of ${data.length} bytes at ${offset} past virtual size ${this.virtualSize}`,
+      );
     }
     let done = 0;
     while (done < data.length) {

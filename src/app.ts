@@ -1,0 +1,49 @@
+/** The HTTP application: middleware, routes, errors. Routes stay thin; services do the work. */
+import { randomUUID } from 'node:crypto';
+import express, { type Express } from 'express';
+import { pinoHttp } from 'pino-http';
+import { requireToken } from './http/auth.js';
+import { errorHandler, notFoundHandler } from './http/errors.js';
+import { contentRoutes } from './routes/contents.js';
+import { healthRoutes } from './routes/health.js';
+import { srRoutes } from './routes/srs.js';
+import { taskRoutes } from './routes/tasks.js';
+import { vdiRoutes } from './routes/vdis.js';
+import type { Services } from './services.js';
+
+const REQUEST_ID_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
+
+export function createApp(s: Services): Express {
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('etag', false); // exports carry their own strong ETags; JSON needs none
+  app.set('query parser', 'simple');
+
+  app.use(
+    pinoHttp({
+      logger: s.logger,
+      genReqId: (req, res) => {
+        const incoming = req.headers['x-request-id'];
+        const id =
+          typeof incoming === 'string' && REQUEST_ID_PATTERN.test(incoming) ? incoming : randomUUID();
+        res.setHeader('X-Request-Id', id);
+        return id;
+      },
+      customLogLevel: (_req, res, err) => (err || res.statusCode >= 500 ? 'error' : 'info'),
+    }),
+  );
+
+  app.use(healthRoutes());
+  app.use('/v1', requireToken(s.config.token));
+  app.use(
+    '/v1',
+    express.json({ limit: '1mb', strict: true, type: ['application/json', 'application/*+json'] }),
+  );
+  app.use(srRoutes(s));
+  app.use(vdiRoutes(s));
+  app.use(contentRoutes(s));
+  app.use(taskRoutes(s));
+  app.use(notFoundHandler);
+  app.use(errorHandler);
+  return app;
+}

@@ -1,0 +1,64 @@
+/**
+ * Settings: every one has a CLI flag and an environment variable; flags win.
+ */
+import path from 'node:path';
+import { Command, InvalidArgumentError } from 'commander';
+
+export interface Config {
+  host: string;
+  port: number;
+  dataDir: string;
+  token?: string;
+  logLevel: string;
+}
+
+export const DEFAULTS = { host: '127.0.0.1', port: 8080, dataDir: './data', logLevel: 'info' } as const;
+
+function parsePort(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0 || n > 65535)
+    throw new InvalidArgumentError('must be a port number 0..65535');
+  return n;
+}
+
+export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): Config {
+  const program = new Command('diskport-server')
+    .description('HTTP service that imports and exports virtual disk images (raw, vhd, qcow2)')
+    .option('--host <host>', 'address to listen on (env DISKPORT_HOST)', env.DISKPORT_HOST ?? DEFAULTS.host)
+    .option(
+      '--port <port>',
+      'port to listen on (env DISKPORT_PORT)',
+      parsePort,
+      env.DISKPORT_PORT ? parsePort(env.DISKPORT_PORT) : DEFAULTS.port,
+    )
+    .option(
+      '--data-dir <dir>',
+      'where metadata and the local SR live (env DISKPORT_DATA_DIR)',
+      env.DISKPORT_DATA_DIR ?? DEFAULTS.dataDir,
+    )
+    .option('--token <token>', 'bearer token for management calls (env DISKPORT_TOKEN)', env.DISKPORT_TOKEN)
+    .option('--log-level <level>', 'pino log level (env LOG_LEVEL)', env.LOG_LEVEL ?? DEFAULTS.logLevel)
+    .exitOverride();
+  program.parse(argv, { from: 'user' });
+  const o = program.opts<{ host: string; port: number; dataDir: string; token?: string; logLevel: string }>();
+  return {
+    host: o.host,
+    port: o.port,
+    dataDir: path.resolve(o.dataDir),
+    token: o.token || undefined,
+    logLevel: o.logLevel,
+  };
+}
+
+/** Loopback addresses are the only ones that may be served without a token. */
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+}
+
+export function checkListenPolicy(config: Config): string | null {
+  if (config.token || isLoopback(config.host)) return null;
+  return (
+    `refusing to listen on ${config.host} without a token: anyone who can reach it could read and overwrite disks. ` +
+    'Set one with --token <secret> or DISKPORT_TOKEN=<secret>, or listen on 127.0.0.1.'
+  );
+}

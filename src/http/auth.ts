@@ -1,0 +1,27 @@
+/** Bearer-token check for management calls, when the service has a token. */
+import { timingSafeEqual } from 'node:crypto';
+import type { RequestHandler } from 'express';
+import { ApiError } from '../errors.js';
+
+export function safeEqual(a: string, b: string): boolean {
+  const ab = Buffer.from(a);
+  const bb = Buffer.from(b);
+  return ab.length === bb.length && timingSafeEqual(ab, bb);
+}
+
+export function requireToken(token: string | undefined): RequestHandler {
+  return (req, _res, next) => {
+    if (!token) return next();
+    const header = req.get('authorization');
+    if (!header) {
+      return next(
+        new ApiError(401, 'UNAUTHORIZED', 'this call needs a token: send Authorization: Bearer <token>'),
+      );
+    }
+    const match = /^Bearer\s+(.+)$/i.exec(header);
+    if (!match || !safeEqual(match[1].trim(), token)) {
+      return next(new ApiError(403, 'FORBIDDEN', 'the bearer token is not valid for this service'));
+    }
+    next();
+  };
+}

@@ -1,0 +1,178 @@
+/**
+ * Serving a representation with RFC 9110 semantics: validators (ETag,
+ * Last-Modified), conditionals (If-None-Match, If-Range), and byte ranges
+ * (single, suffix, open-ended, multiple as multipart/byteranges, 416).
+ * Parsing of the Range header itself is range-parser's job.
+ */
+import { randomBytes } from 'node:crypto';
+import type { Request, Response } from 'express';
+import rangeParser from 'range-parser';
+import { ApiError } from '../errors.js';
+
+export interface Representation {
+  size: number;
+  etag: string;
+  lastModified: Date;
+  contentType: string;
+  filename: string;
+  read(start: number, end: number): AsyncIterable<Buffer>;
+}
+
+/** More ranges than this in one request is abuse, not a resume. */
+const MAX_RANGES = 256;
+
+export class ClientGoneError extends ApiError {
+  constructor() {
+    super(400, 'CLIENT_DISCONNECTED', 'the client closed the connection before the response was complete');
+  }
+}
+
+export interface ResponsePlan {
+  status: 200 | 206 | 304;
+  /** Ranges to send, inclusive end; one for 200 and single-range 206. */
+  ranges: { start: number; end: number }[];
+  multipart: boolean;
+  bodyLength: number;
+}
+
+function etagMatches(header: string, etag: string, weak: boolean): boolean {
+  if (header.trim() === '*') return true;
+  const bare = (t: string) => (weak ? t.replace(/^W\//, '') : t);
+  return header.split(',').some((t) => {
+    const tag = t.trim();
+    return !(!weak && tag.startsWith('W/')) && bare(tag) === bare(etag);
+  });
+}
+
+/** If-Range holds when it names the current strong ETag, or exactly the Last-Modified date. */
+function ifRangeHolds(value: string, rep: Representation): boolean {
+  const v = value.trim();
+  if (v.startsWith('"') || v.startsWith('W/')) return etagMatches(v, rep.etag, false);
+  const date = Date.parse(v);
+  return !Number.isNaN(date) && Math.floor(rep.lastModified.getTime() / 1000) === Math.floor(date / 1000);
+}
+
+/** Decides status and ranges; throws 416 for unsatisfiable ranges. */
+export function planResponse(req: Request, rep: Representation, boundary: string): ResponsePlan {
+  const full: ResponsePlan = {
+    status: 200,
+    ranges: rep.size > 0 ? [{ start: 0, end: rep.size - 1 }] : [],
+    multipart: false,
+    bodyLength: rep.size,
+  };
+  const inm = req.get('if-none-match');
+  if (inm && etagMatches(inm, rep.etag, true)) return { ...full, status: 304, ranges: [], bodyLength: 0 };
+
+  const range = req.get('range');
+  if (!range) return full;
+  const ifRange = req.get('if-range');
+  if (ifRange && !ifRangeHolds(ifRange, rep)) return full;
+
+  const parsed = rangeParser(rep.size, range, { combine: true });
+  if (parsed === -2) return full; // malformed: RFC 9110 says ignore the header
+  if (parsed === -1 || parsed.type !== 'bytes' || parsed.length > MAX_RANGES) {
+    if (parsed !== -1 && parsed.type !== 'bytes') return full; // a unit we do not know: ignore
+    throw new ApiError(
+      416,
+      'RANGE_NOT_SATISFIABLE',
+      parsed === -1
+        ? `range '${range}' is outside the ${rep.size}-byte representation; ask for bytes 0-${rep.size - 1}`
+        : `too many ranges (${parsed.length}); ask for at most ${MAX_RANGES}`,
+      { size: rep.size },
+      { 'Content-Range': `bytes */${rep.size}` },
+    );
+  }
+  const ranges = parsed.map((r) => ({ start: r.start, end: r.end }));
+  if (ranges.length === 1) {
+    return { status: 206, ranges, multipart: false, bodyLength: ranges[0].end - ranges[0].start + 1 };
+  }
+  let bodyLength = Buffer.byteLength(multipartTrailer(boundary));
+  for (const r of ranges)
+    bodyLength += Buffer.byteLength(partHeader(boundary, rep, r)) + (r.end - r.start + 1);
+  return { status: 206, ranges, multipart: true, bodyLength };
+}
+
+function partHeader(boundary: string, rep: Representation, r: { start: number; end: number }): string {
+  return `\r\n--${boundary}\r\nContent-Type: ${rep.contentType}\r\nContent-Range: bytes ${r.start}-${r.end}/${rep.size}\r\n\r\n`;
+}
+
+function multipartTrailer(boundary: string): string {
+  return `\r\n--${boundary}--\r\n`;
+}
+
+export function setValidators(res: Response, rep: Representation): void {
+  res.setHeader('ETag', rep.etag);
+  res.setHeader('Last-Modified', rep.lastModified.toUTCString());
+  res.setHeader('Accept-Ranges', 'bytes');
+}
+
+/** Sends headers for the plan; returns the plan (the caller decides whether to produce a body). */
+export function writeHead(
+  req: Request,
+  res: Response,
+  rep: Representation,
+): ResponsePlan & { boundary: string } {
+  const boundary = `diskport-${randomBytes(12).toString('hex')}`;
+  setValidators(res, rep);
+  const plan = planResponse(req, rep, boundary);
+  if (plan.status === 304) {
+    res.status(304).end();
+    return { ...plan, boundary };
+  }
+  res.status(plan.status);
+  res.setHeader('Content-Length', String(plan.bodyLength));
+  res.setHeader('Content-Disposition', `attachment; filename="${rep.filename}"`);
+  if (plan.multipart) {
+    res.setHeader('Content-Type', `multipart/byteranges; boundary=${boundary}`);
+  } else {
+    res.setHeader('Content-Type', rep.contentType);
+    if (plan.status === 206) {
+      const r = plan.ranges[0];
+      res.setHeader('Content-Range', `bytes ${r.start}-${r.end}/${rep.size}`);
+    }
+  }
+  return { ...plan, boundary };
+}
+
+/** Writes the planned body, respecting backpressure; `onBytes` counts representation bytes sent. */
+export async function writeBody(
+  res: Response,
+  rep: Representation,
+  plan: ResponsePlan & { boundary: string },
+  onBytes: (n: number) => void,
+  signal?: AbortSignal,
+): Promise<void> {
+  for (const r of plan.ranges) {
+    if (plan.multipart) await send(res, Buffer.from(partHeader(plan.boundary, rep, r)), signal);
+    for await (const chunk of rep.read(r.start, r.end + 1)) {
+      await send(res, chunk, signal);
+      onBytes(chunk.length);
+    }
+  }
+  if (plan.multipart) await send(res, Buffer.from(multipartTrailer(plan.boundary)), signal);
+  await new Promise<void>((resolve, reject) => {
+    res.end(() => resolve());
+    res.once('close', () => (res.writableFinished ? resolve() : reject(new ClientGoneError())));
+  });
+}
+
+async function send(res: Response, chunk: Buffer, signal?: AbortSignal): Promise<void> {
+  if (res.destroyed) throw new ClientGoneError();
+  signal?.throwIfAborted();
+  if (res.write(chunk)) return;
+  await new Promise<void>((resolve, reject) => {
+    const done = (err?: Error) => {
+      res.off('drain', onDrain);
+      res.off('close', onClose);
+      signal?.removeEventListener('abort', onAbort);
+      if (err) reject(err);
+      else resolve();
+    };
+    const onDrain = () => done();
+    const onClose = () => done(new ClientGoneError());
+    const onAbort = () => done(signal?.reason);
+    res.on('drain', onDrain);
+    res.on('close', onClose);
+    signal?.addEventListener('abort', onAbort);
+  });
+}

@@ -1,0 +1,33 @@
+/** POST/GET /v1/vdis, GET/PATCH/DELETE /v1/vdis/{vdi} */
+import { Router } from 'express';
+import { validateBody } from '../http/openapi.js';
+import type { Services } from '../services.js';
+import type { CreateVdi } from '../storage/vdis.js';
+
+export function vdiRoutes(s: Services): Router {
+  return Router()
+    .get('/v1/vdis', async (_req, res) => {
+      res.json(await Promise.all(s.vdis.list().map((v) => s.vdis.toJson(v))));
+    })
+    .post('/v1/vdis', async (req, res) => {
+      const vdi = await s.vdis.create(validateBody<CreateVdi>('VdiCreate', req.body));
+      res
+        .status(201)
+        .location(`/v1/vdis/${vdi.id}`)
+        .json(await s.vdis.toJson(vdi));
+    })
+    .get('/v1/vdis/:vdi', async (req, res) => {
+      res.json(await s.vdis.toJson(s.vdis.get(req.params.vdi)));
+    })
+    .patch('/v1/vdis/:vdi', async (req, res) => {
+      const patch = validateBody<{ name_label?: string; name_description?: string; virtual_size?: number }>(
+        'VdiUpdate',
+        req.body,
+      );
+      res.json(await s.vdis.toJson(await s.vdis.update(req.params.vdi, patch)));
+    })
+    .delete('/v1/vdis/:vdi', async (req, res) => {
+      await s.vdis.delete(req.params.vdi);
+      res.status(204).end();
+    });
+}

@@ -1,0 +1,75 @@
+/**
+ * The embedded metadata store: SRs, VDIs and tasks in SQLite (WAL).
+ *
+ * synchronous=FULL: a committed transaction survives a kill -9 and a power
+ * cut; the write rate here (a few rows per transfer, progress throttled to
+ * once a second) makes the extra fsync cheap.
+ */
+import Database from 'better-sqlite3';
+
+export type Db = Database.Database;
+
+/** Each entry moves the schema from version i to i+1; never edit one that has shipped. */
+const MIGRATIONS: readonly string[] = [
+  `CREATE TABLE srs (
+     id TEXT PRIMARY KEY,
+     name_label TEXT NOT NULL,
+     path TEXT NOT NULL,
+     supported_image_formats TEXT NOT NULL,
+     default_image_format TEXT NOT NULL,
+     created_at TEXT NOT NULL
+   );
+   CREATE TABLE vdis (
+     id TEXT PRIMARY KEY,
+     sr_id TEXT NOT NULL REFERENCES srs(id),
+     name_label TEXT NOT NULL,
+     name_description TEXT NOT NULL DEFAULT '',
+     virtual_size INTEGER NOT NULL,
+     image_format TEXT NOT NULL,
+     generation INTEGER NOT NULL DEFAULT 0,
+     file_name TEXT NOT NULL,
+     created_at TEXT NOT NULL,
+     content_updated_at TEXT NOT NULL
+   );
+   CREATE TABLE tasks (
+     id TEXT PRIMARY KEY,
+     type TEXT NOT NULL,
+     status TEXT NOT NULL,
+     progress REAL NOT NULL DEFAULT 0,
+     bytes_done INTEGER NOT NULL DEFAULT 0,
+     bytes_total INTEGER,
+     vdi_id TEXT,
+     created_at TEXT NOT NULL,
+     started_at TEXT,
+     finished_at TEXT,
+     error TEXT,
+     result TEXT,
+     staging_path TEXT
+   );
+   CREATE INDEX tasks_by_vdi ON tasks(vdi_id, created_at);
+   CREATE INDEX tasks_by_status ON tasks(status, created_at);`,
+];
+
+export function openDb(file: string): Db {
+  const db = new Database(file);
+  db.pragma('journal_mode = WAL');
+  db.pragma('synchronous = FULL');
+  db.pragma('foreign_keys = ON');
+  db.pragma('busy_timeout = 5000');
+  migrate(db);
+  return db;
+}
+
+function migrate(db: Db): void {
+  const current = db.pragma('user_version', { simple: true }) as number;
+  for (let v = current; v < MIGRATIONS.length; v++) {
+    db.transaction(() => {
+      db.exec(MIGRATIONS[v]);
+      db.pragma(`user_version = ${v + 1}`);
+    })();
+  }
+}
+
+export function nowIso(): string {
+  return new Date().toISOString();
+}

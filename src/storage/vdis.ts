@@ -1,0 +1,303 @@
+/**
+ * VDIs: metadata rows plus one image file each, in its SR's directory.
+ *
+ * Content is replaced by generations: an import writes a new file
+ * `<id>.g<N>.<format>`, and the commit point is the one SQLite transaction
+ * that points the VDI at it. A kill -9 before that leaves the old file in
+ * charge; after it, the new one. Files no row points at are garbage,
+ * collected at startup. The generation also names the content in ETags, so
+ * an ETag stays valid across restarts and changes with every commit.
+ */
+import { randomUUID } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { ApiError, BadRequestError, formatBytes, NotFoundError } from '../errors.js';
+import { codecFor } from '../formats/index.js';
+import type { BlockImage } from './block-image.js';
+import { convertInto } from './convert.js';
+import { type Db, nowIso } from './db.js';
+import { EmptyImage } from './empty-image.js';
+import { RawFileImage } from './raw-file-image.js';
+import { ResizedImage } from './resized-image.js';
+import { type Sr, type SrStore, STAGING_DIR_NAME } from './srs.js';
+import type { VdiLocks } from './vdi-locks.js';
+
+export interface Vdi {
+  id: string;
+  sr_id: string;
+  name_label: string;
+  name_description: string;
+  virtual_size: number;
+  image_format: string;
+  generation: number;
+  file_name: string;
+  created_at: string;
+  content_updated_at: string;
+}
+
+export interface VdiJson {
+  id: string;
+  name_label: string;
+  name_description: string;
+  virtual_size: number;
+  physical_utilisation: number;
+  sr: string;
+  image_format: string;
+  generation: number;
+  created_at: string;
+  content_updated_at: string;
+}
+
+export interface CreateVdi {
+  name_label: string;
+  name_description?: string;
+  virtual_size: number;
+  sr?: string;
+  image_format?: string;
+}
+
+/** qcow2's practical ceiling here; a format with a lower limit (VHD: 2040 GiB) refuses on export. */
+export const MAX_VIRTUAL_SIZE_BYTES = 64 * 1024 ** 4;
+
+export class VdiStore {
+  constructor(
+    private readonly db: Db,
+    private readonly srs: SrStore,
+    readonly locks: VdiLocks,
+  ) {}
+
+  get(id: string): Vdi {
+    const row = this.db.prepare('SELECT * FROM vdis WHERE id = ?').get(id) as Vdi | undefined;
+    if (!row) throw new NotFoundError('vdi', id);
+    return row;
+  }
+
+  list(): Vdi[] {
+    return this.db.prepare('SELECT * FROM vdis ORDER BY created_at, id').all() as Vdi[];
+  }
+
+  srOf(vdi: Vdi): Sr {
+    return this.srs.get(vdi.sr_id);
+  }
+
+  imagePath(vdi: Vdi): string {
+    return path.join(this.srOf(vdi).path, vdi.file_name);
+  }
+
+  /** A fresh staging path in the VDI's SR (same file system, so commit is a rename). */
+  stagingPath(vdi: Vdi, name: string): string {
+    return path.join(this.srs.stagingDir(this.srOf(vdi)), name);
+  }
+
+  async create(req: CreateVdi): Promise<Vdi> {
+    const sr = this.srs.get(req.sr ?? 'local');
+    const format = req.image_format ?? sr.default_image_format;
+    if (!sr.supported_image_formats.includes(format)) {
+      throw new BadRequestError(
+        `SR '${sr.id}' cannot store images in format '${format}'; it supports: ${sr.supported_image_formats.join(', ')}`,
+        { sr: sr.id, image_format: format, supported_image_formats: sr.supported_image_formats },
+        'FORMAT_NOT_SUPPORTED',
+      );
+    }
+    checkVirtualSize(req.virtual_size);
+    const id = randomUUID();
+    const fileName = generationFileName(id, 0, format);
+    const file = path.join(sr.path, fileName);
+    await convertInto(new EmptyImage(req.virtual_size), format, file);
+    const now = nowIso();
+    const vdi: Vdi = {
+      id,
+      sr_id: sr.id,
+      name_label: req.name_label,
+      name_description: req.name_description ?? '',
+      virtual_size: req.virtual_size,
+      image_format: format,
+      generation: 0,
+      file_name: fileName,
+      created_at: now,
+      content_updated_at: now,
+    };
+    this.db
+      .prepare(
+        `INSERT INTO vdis (id, sr_id, name_label, name_description, virtual_size, image_format, generation, file_name,
+           created_at, content_updated_at)
+         VALUES (@id, @sr_id, @name_label, @name_description, @virtual_size, @image_format, @generation, @file_name,
+           @created_at, @content_updated_at)`,
+      )
+      .run(vdi);
+    return vdi;
+  }
+
+  /** Renames and/or grows a VDI. Shrinking would destroy data, so it is refused. */
+  async update(
+    id: string,
+    patch: { name_label?: string; name_description?: string; virtual_size?: number },
+  ): Promise<Vdi> {
+    const vdi = this.get(id);
+    if (patch.virtual_size !== undefined && patch.virtual_size !== vdi.virtual_size) {
+      checkVirtualSize(patch.virtual_size);
+      if (patch.virtual_size < vdi.virtual_size) {
+        throw new BadRequestError(
+          `cannot shrink VDI from ${formatBytes(vdi.virtual_size)} to ${formatBytes(patch.virtual_size)}: data past the new end would be lost`,
+          { virtual_size: vdi.virtual_size, requested: patch.virtual_size },
+          'SHRINK_NOT_ALLOWED',
+        );
+      }
+      await this.resize(vdi, patch.virtual_size);
+    }
+    const fields = {
+      name_label: patch.name_label ?? vdi.name_label,
+      name_description: patch.name_description ?? vdi.name_description,
+    };
+    this.db
+      .prepare('UPDATE vdis SET name_label=@name_label, name_description=@name_description WHERE id=@id')
+      .run({ id, ...fields });
+    return this.get(id);
+  }
+
+  private async resize(vdi: Vdi, newSize: number): Promise<void> {
+    const release = this.locks.acquire(vdi.id, 'resize');
+    try {
+      const image = await this.openImage(vdi);
+      const staged = this.stagingPath(vdi, `resize-${randomUUID()}`);
+      try {
+        await convertInto(new ResizedImage(image, newSize), vdi.image_format, staged);
+      } catch (err) {
+        await fsp.rm(staged, { force: true });
+        throw err;
+      } finally {
+        await image.close();
+      }
+      await this.commitContent(vdi.id, staged, { virtualSize: newSize, touchContent: false });
+    } finally {
+      release();
+    }
+  }
+
+  async delete(id: string): Promise<void> {
+    const vdi = this.get(id);
+    this.locks.assertFree(id);
+    this.db.prepare('DELETE FROM vdis WHERE id = ?').run(id);
+    await fsp.rm(this.imagePath(vdi), { force: true });
+  }
+
+  /** Opens the VDI's current content as a disk. The handle keeps this generation readable even after a commit. */
+  openImage(vdi: Vdi, opts: { writable?: boolean } = {}): Promise<BlockImage> {
+    const file = this.imagePath(vdi);
+    if (vdi.image_format === 'raw')
+      return RawFileImage.open(file, { writable: opts.writable, virtualSize: vdi.virtual_size });
+    return codecFor(vdi.image_format).open(file, opts);
+  }
+
+  /**
+   * Makes `stagedFile` (already in the VDI's format at rest and fsynced) the
+   * VDI's content: rename to the next generation's name, fsync the directory,
+   * then switch the row in one transaction. The old file is removed after.
+   */
+  async commitContent(
+    id: string,
+    stagedFile: string,
+    opts: { virtualSize?: number; touchContent?: boolean } = {},
+  ): Promise<Vdi> {
+    const vdi = this.get(id);
+    const sr = this.srOf(vdi);
+    const generation = vdi.generation + 1;
+    const fileName = generationFileName(vdi.id, generation, vdi.image_format);
+    await fsp.rename(stagedFile, path.join(sr.path, fileName));
+    await fsyncDir(sr.path);
+    this.db
+      .prepare(
+        `UPDATE vdis SET generation=@generation, file_name=@fileName, virtual_size=@virtualSize,
+           content_updated_at=@updatedAt WHERE id=@id`,
+      )
+      .run({
+        id,
+        generation,
+        fileName,
+        virtualSize: opts.virtualSize ?? vdi.virtual_size,
+        updatedAt: opts.touchContent === false ? vdi.content_updated_at : nowIso(),
+      });
+    await fsp.rm(path.join(sr.path, vdi.file_name), { force: true });
+    return this.get(id);
+  }
+
+  async physicalUtilisation(vdi: Vdi): Promise<number> {
+    try {
+      return (await fsp.stat(this.imagePath(vdi))).blocks * 512;
+    } catch {
+      return 0;
+    }
+  }
+
+  async toJson(vdi: Vdi): Promise<VdiJson> {
+    return {
+      id: vdi.id,
+      name_label: vdi.name_label,
+      name_description: vdi.name_description,
+      virtual_size: vdi.virtual_size,
+      physical_utilisation: await this.physicalUtilisation(vdi),
+      sr: vdi.sr_id,
+      image_format: vdi.image_format,
+      generation: vdi.generation,
+      created_at: vdi.created_at,
+      content_updated_at: vdi.content_updated_at,
+    };
+  }
+
+  /**
+   * Startup: removes image files no VDI points at (a crash between writing a
+   * generation and committing it, or between committing and unlinking the old
+   * one) and every staging file not listed in `keepStaging`.
+   */
+  async collectGarbage(keepStaging: ReadonlySet<string> = new Set()): Promise<string[]> {
+    const removed: string[] = [];
+    for (const sr of this.srs.list()) {
+      const live = new Set(
+        (
+          this.db.prepare('SELECT file_name FROM vdis WHERE sr_id = ?').all(sr.id) as { file_name: string }[]
+        ).map((r) => r.file_name),
+      );
+      for (const name of await fsp.readdir(sr.path)) {
+        if (name === STAGING_DIR_NAME || live.has(name)) continue;
+        await fsp.rm(path.join(sr.path, name), { force: true });
+        removed.push(name);
+      }
+      const staging = this.srs.stagingDir(sr);
+      for (const name of await fsp.readdir(staging)) {
+        const file = path.join(staging, name);
+        if (keepStaging.has(file)) continue;
+        await fsp.rm(file, { force: true, recursive: true });
+        removed.push(file);
+      }
+    }
+    return removed;
+  }
+}
+
+function generationFileName(id: string, generation: number, format: string): string {
+  return `${id}.g${generation}.${format}`;
+}
+
+function checkVirtualSize(size: number): void {
+  if (!Number.isSafeInteger(size) || size <= 0 || size % 512 !== 0) {
+    throw new BadRequestError(`virtual_size must be a positive multiple of 512 bytes, got ${size}`, {
+      virtual_size: size,
+    });
+  }
+  if (size > MAX_VIRTUAL_SIZE_BYTES) {
+    throw new ApiError(
+      400,
+      'INVALID_REQUEST',
+      `virtual_size ${formatBytes(size)} is larger than the supported maximum of ${formatBytes(MAX_VIRTUAL_SIZE_BYTES)}`,
+    );
+  }
+}
+
+async function fsyncDir(dir: string): Promise<void> {
+  const h = await fsp.open(dir, 'r');
+  try {
+    await h.sync();
+  } finally {
+    await h.close();
+  }
+}

@@ -1,0 +1,186 @@
+/**
+ * Live tasks: progress counters, cancellation and waiters, over the store.
+ *
+ * Progress changes far more often than is worth writing to disk, so counters
+ * live in memory and are persisted at most once per PERSIST_INTERVAL_MS and at
+ * every state change. Readers always see the live values.
+ */
+import { randomUUID } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import { ApiError, CancelledError, NotFoundError } from '../errors.js';
+import { nowIso } from '../storage/db.js';
+import { FINISHED_STATUSES, type Task, type TaskStore } from './task-store.js';
+
+const PERSIST_INTERVAL_MS = 1000;
+
+/** The handle an operation holds while it runs: report bytes, watch for cancel, finish. */
+export class RunningTask {
+  private readonly abort = new AbortController();
+  private lastPersist = 0;
+
+  constructor(
+    readonly record: Task,
+    private readonly manager: TaskManager,
+  ) {}
+
+  get id(): string {
+    return this.record.id;
+  }
+
+  get signal(): AbortSignal {
+    return this.abort.signal;
+  }
+
+  /** Throws CancelledError if the task was cancelled. */
+  throwIfCancelled(): void {
+    if (this.abort.signal.aborted) throw this.abort.signal.reason;
+  }
+
+  setTotal(bytes: number | null): void {
+    this.record.bytes_total = bytes;
+    this.updateProgress();
+  }
+
+  addBytes(n: number): void {
+    this.record.bytes_done += n;
+    this.updateProgress();
+    const now = Date.now();
+    if (now - this.lastPersist >= PERSIST_INTERVAL_MS) {
+      this.lastPersist = now;
+      this.manager.persist(this.record);
+    }
+  }
+
+  private updateProgress(): void {
+    const total = this.record.bytes_total;
+    this.record.progress = total ? Math.min(1, this.record.bytes_done / total) : 0;
+  }
+
+  requestCancel(reason = 'cancelled by request'): void {
+    if (!this.abort.signal.aborted) this.abort.abort(new CancelledError(`the task was cancelled: ${reason}`));
+  }
+
+  succeed(result: Record<string, unknown> | null = null): Task {
+    this.record.progress = 1;
+    return this.finish('success', null, result);
+  }
+
+  /** Records the failure (or cancellation, for a CancelledError) and returns the final task. */
+  fail(err: unknown): Task {
+    if (err instanceof CancelledError || (this.abort.signal.aborted && !(err instanceof ApiError))) {
+      const e = err instanceof CancelledError ? err : (this.abort.signal.reason as CancelledError);
+      return this.finish('cancelled', { code: e.code, message: e.message }, null);
+    }
+    const error =
+      err instanceof ApiError
+        ? { code: err.code, message: err.message }
+        : { code: 'INTERNAL_ERROR', message: err instanceof Error ? err.message : String(err) };
+    return this.finish('failure', error, null);
+  }
+
+  private finish(status: Task['status'], error: Task['error'], result: Task['result']): Task {
+    if (FINISHED_STATUSES.includes(this.record.status)) return this.record;
+    Object.assign(this.record, { status, error, result, finished_at: nowIso() });
+    this.manager.finished(this);
+    return this.record;
+  }
+}
+
+export class TaskManager {
+  private readonly live = new Map<string, RunningTask>();
+  private readonly events = new EventEmitter();
+
+  constructor(private readonly store: TaskStore) {
+    this.events.setMaxListeners(0);
+  }
+
+  /** Creates a task already running (operations here start as soon as they are accepted). */
+  start(
+    type: string,
+    vdi: string | null,
+    opts: { id?: string; bytesTotal?: number | null; stagingPath?: string } = {},
+  ): RunningTask {
+    const now = nowIso();
+    const record: Task = {
+      id: opts.id ?? randomUUID(),
+      type,
+      status: 'running',
+      progress: 0,
+      bytes_done: 0,
+      bytes_total: opts.bytesTotal ?? null,
+      vdi,
+      created_at: now,
+      started_at: now,
+      finished_at: null,
+      error: null,
+      result: null,
+    };
+    this.store.insert(record, opts.stagingPath ?? null);
+    const task = new RunningTask(record, this);
+    this.live.set(record.id, task);
+    return task;
+  }
+
+  persist(record: Task): void {
+    this.store.update(record);
+  }
+
+  finished(task: RunningTask): void {
+    this.store.update(task.record);
+    this.live.delete(task.id);
+    this.events.emit(task.id, task.record);
+  }
+
+  get(id: string): Task {
+    const live = this.live.get(id);
+    if (live) return { ...live.record };
+    const stored = this.store.get(id);
+    if (!stored) throw new NotFoundError('task', id);
+    return stored;
+  }
+
+  list(filter: { status?: string; vdi?: string }): Task[] {
+    return this.store.list(filter).map((t) => (this.live.has(t.id) ? { ...this.live.get(t.id)!.record } : t));
+  }
+
+  /** Resolves with the task once finished, or as it is after `seconds`. */
+  async wait(id: string, seconds: number): Promise<Task> {
+    const task = this.get(id);
+    if (FINISHED_STATUSES.includes(task.status) || seconds <= 0) return task;
+    return new Promise((resolve) => {
+      const onDone = (t: Task) => {
+        clearTimeout(timer);
+        resolve({ ...t });
+      };
+      const timer = setTimeout(() => {
+        this.events.off(id, onDone);
+        resolve(this.get(id));
+      }, seconds * 1000);
+      this.events.once(id, onDone);
+    });
+  }
+
+  cancel(id: string): Task {
+    const live = this.live.get(id);
+    if (!live) {
+      const task = this.get(id);
+      throw new ApiError(
+        409,
+        'TASK_FINISHED',
+        `task ${id} has already finished (${task.status}); nothing to cancel`,
+      );
+    }
+    live.requestCancel();
+    return { ...live.record };
+  }
+
+  /** Cancels everything still running (shutdown). */
+  cancelAll(reason: string): void {
+    for (const t of this.live.values()) t.requestCancel(reason);
+  }
+
+  /** Startup: tasks a previous process left running are failed; returns their staging files. */
+  recover(): string[] {
+    return this.store.failInterrupted(nowIso());
+  }
+}

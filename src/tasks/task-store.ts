@@ -1,0 +1,140 @@
+/** Task records in the metadata store: the persisted outcome of every long operation. */
+import type { Db } from '../storage/db.js';
+
+export type TaskStatus = 'pending' | 'running' | 'success' | 'failure' | 'cancelled';
+export const FINISHED_STATUSES: readonly TaskStatus[] = ['success', 'failure', 'cancelled'];
+
+export interface Task {
+  id: string;
+  type: string;
+  status: TaskStatus;
+  progress: number;
+  bytes_done: number;
+  bytes_total: number | null;
+  vdi: string | null;
+  created_at: string;
+  started_at: string | null;
+  finished_at: string | null;
+  error: { code: string; message: string } | null;
+  result: Record<string, unknown> | null;
+}
+
+interface TaskRow {
+  id: string;
+  type: string;
+  status: TaskStatus;
+  progress: number;
+  bytes_done: number;
+  bytes_total: number | null;
+  vdi_id: string | null;
+  created_at: string;
+  started_at: string | null;
+  finished_at: string | null;
+  error: string | null;
+  result: string | null;
+  staging_path: string | null;
+}
+
+function fromRow(r: TaskRow): Task {
+  return {
+    id: r.id,
+    type: r.type,
+    status: r.status,
+    progress: r.progress,
+    bytes_done: r.bytes_done,
+    bytes_total: r.bytes_total,
+    vdi: r.vdi_id,
+    created_at: r.created_at,
+    started_at: r.started_at,
+    finished_at: r.finished_at,
+    error: r.error ? JSON.parse(r.error) : null,
+    result: r.result ? JSON.parse(r.result) : null,
+  };
+}
+
+export class TaskStore {
+  constructor(private readonly db: Db) {}
+
+  insert(t: Task, stagingPath: string | null = null): void {
+    this.db
+      .prepare(
+        `INSERT INTO tasks (id, type, status, progress, bytes_done, bytes_total, vdi_id, created_at, started_at,
+           finished_at, error, result, staging_path)
+         VALUES (@id, @type, @status, @progress, @bytes_done, @bytes_total, @vdi, @created_at, @started_at,
+           @finished_at, @error, @result, @staging_path)`,
+      )
+      .run({
+        ...t,
+        error: t.error ? JSON.stringify(t.error) : null,
+        result: t.result ? JSON.stringify(t.result) : null,
+        staging_path: stagingPath,
+      });
+  }
+
+  update(t: Task): void {
+    this.db
+      .prepare(
+        `UPDATE tasks SET status=@status, progress=@progress, bytes_done=@bytes_done, bytes_total=@bytes_total,
+           started_at=@started_at, finished_at=@finished_at, error=@error, result=@result WHERE id=@id`,
+      )
+      .run({
+        id: t.id,
+        status: t.status,
+        progress: t.progress,
+        bytes_done: t.bytes_done,
+        bytes_total: t.bytes_total,
+        started_at: t.started_at,
+        finished_at: t.finished_at,
+        error: t.error ? JSON.stringify(t.error) : null,
+        result: t.result ? JSON.stringify(t.result) : null,
+      });
+  }
+
+  get(id: string): Task | undefined {
+    const row = this.db.prepare('SELECT * FROM tasks WHERE id = ?').get(id) as TaskRow | undefined;
+    return row && fromRow(row);
+  }
+
+  list(filter: { status?: string; vdi?: string; limit?: number }): Task[] {
+    const where: string[] = [];
+    const params: Record<string, unknown> = { limit: filter.limit ?? 1000 };
+    if (filter.status) {
+      where.push('status = @status');
+      params.status = filter.status;
+    }
+    if (filter.vdi) {
+      where.push('vdi_id = @vdi');
+      params.vdi = filter.vdi;
+    }
+    const sql = `SELECT * FROM tasks ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
+                 ORDER BY created_at DESC, rowid DESC LIMIT @limit`;
+    return (this.db.prepare(sql).all(params) as TaskRow[]).map(fromRow);
+  }
+
+  /**
+   * After a restart nothing is running: every task left pending or running is
+   * failed as INTERRUPTED. Returns the staging files they held, for cleanup.
+   */
+  failInterrupted(finishedAt: string): string[] {
+    return this.db.transaction(() => {
+      const rows = this.db
+        .prepare(
+          `SELECT staging_path FROM tasks WHERE status IN ('pending','running') AND staging_path IS NOT NULL`,
+        )
+        .all() as { staging_path: string }[];
+      this.db
+        .prepare(
+          `UPDATE tasks SET status='failure', finished_at=@finishedAt, error=@error
+           WHERE status IN ('pending','running')`,
+        )
+        .run({
+          finishedAt,
+          error: JSON.stringify({
+            code: 'INTERRUPTED',
+            message: 'the service stopped while this task was running; start the operation again',
+          }),
+        });
+      return rows.map((r) => r.staging_path);
+    })();
+  }
+}

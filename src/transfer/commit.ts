@@ -1,0 +1,60 @@
+/**
+ * The end of every import: turn a complete staging file holding an image in
+ * wire format F into the VDI's content, in the VDI's format at rest.
+ *
+ * - raw staged for a raw VDI: the staging file already is the image; rename.
+ * - same container format (vhd/qcow2) at rest, same virtual size: validated
+ *   by opening it, then renamed without a copy.
+ * - anything else: opened through its codec (which validates it) and
+ *   converted into a new file of the at-rest format, then renamed.
+ * Until the rename the VDI keeps its previous content; on any error the
+ * staging files are removed and the VDI is untouched.
+ */
+import { promises as fsp } from 'node:fs';
+import { formatBytes, TooLargeError } from '../errors.js';
+import { codecFor } from '../formats/index.js';
+import { convertInto } from '../storage/convert.js';
+import { RawFileImage } from '../storage/raw-file-image.js';
+import { ResizedImage } from '../storage/resized-image.js';
+import type { Vdi, VdiStore } from '../storage/vdis.js';
+import type { RunningTask } from '../tasks/task-manager.js';
+
+export async function commitStaged(
+  vdis: VdiStore,
+  vdi: Vdi,
+  stagedFile: string,
+  wireFormat: string,
+  task: RunningTask,
+): Promise<Vdi> {
+  const image =
+    wireFormat === 'raw'
+      ? await RawFileImage.open(stagedFile, { virtualSize: vdi.virtual_size })
+      : await codecFor(wireFormat).open(stagedFile);
+  let converted: string | null = null;
+  try {
+    if (image.virtualSize > vdi.virtual_size) {
+      throw new TooLargeError(
+        `image virtual size ${formatBytes(image.virtualSize)} exceeds VDI virtual size ${formatBytes(vdi.virtual_size)}; ` +
+          'resize the VDI (PATCH virtual_size) or import into a larger one',
+        { image_virtual_size: image.virtualSize, vdi_virtual_size: vdi.virtual_size },
+      );
+    }
+    task.throwIfCancelled();
+    const renameAsIs = wireFormat === vdi.image_format && image.virtualSize === vdi.virtual_size;
+    if (renameAsIs) {
+      await image.flush();
+      await image.close();
+      return await vdis.commitContent(vdi.id, stagedFile);
+    }
+    converted = `${stagedFile}.${vdi.image_format}`;
+    const source = image.virtualSize === vdi.virtual_size ? image : new ResizedImage(image, vdi.virtual_size);
+    await convertInto(source, vdi.image_format, converted, { signal: task.signal });
+    await image.close();
+    const committed = await vdis.commitContent(vdi.id, converted);
+    converted = null;
+    return committed;
+  } finally {
+    await image.close().catch(() => {});
+    if (converted) await fsp.rm(converted, { force: true });
+  }
+}
