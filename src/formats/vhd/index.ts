@@ -1,0 +1,26 @@
+/**
+ * The VHD wire format (Microsoft "Virtual Hard Disk Image Format
+ * Specification": Hard Disk Footer Format, Dynamic Disk Header Format, Block
+ * Allocation Table and Data Blocks, Sector bitmap).
+ *
+ * Import opens fixed and dynamic images read-only (image.ts); export writes a
+ * dynamic image with 2 MiB blocks (serialize.ts). Hand-written because no
+ * maintained npm library reads or writes VHD; see format.ts.
+ */
+import type { FormatCodec } from '../types.js';
+import { openVhd } from './image.js';
+import { serializeVhd } from './serialize.js';
+
+export { EXPORT_BLOCK_SIZE_BYTES, layoutVhd } from './serialize.js';
+
+export const vhdCodec: FormatCodec = {
+  name: 'vhd',
+  serialize: serializeVhd,
+  async open(path, opts) {
+    if (opts?.writable) {
+      // Not an image problem but a caller's: VHD at rest is produced by serialize, never patched in place.
+      throw new Error('VHD images open read-only; VHD at rest is written by serialize');
+    }
+    return openVhd(path);
+  },
+};
