@@ -63,7 +63,7 @@ async function makeRaw(path: string, size: number, seed: number, chunks: number 
 }
 
 function qemuImg(...args: string[]): string {
-  return execFileSync('qemu-img', args, { encoding: 'utf8' });
+  return execFileSync('qemu-img', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 }
 
 /**
@@ -306,6 +306,52 @@ describe('VHD codec', () => {
       assert.ok(blockSize >= 2 * 4096);
     } finally {
       await image.close();
+    }
+  });
+
+  it('sizes an image by CHS geometry or Current Size exactly as qemu-img info does, whatever its creator', async () => {
+    const raw = join(dir, 'chs.raw');
+    await fsp.writeFile(raw, '');
+    await fsp.truncate(raw, 64 * MiB);
+    const source = await RawFileImage.open(raw);
+    const serialized = await vhdCodec.serialize(source);
+    const template = await collect(serialized.read(0, serialized.size));
+    await source.close();
+    const vhd = join(dir, 'chs.vhd');
+    const geometries = [
+      [100, 16, 63], // 100800 sectors: less than Current Size
+      [200, 4, 17], // far less
+      [1000, 16, 63], // more than the BAT maps: qemu refuses too
+      [65535, 16, 255], // the maximum: always Current Size
+      [0, 0, 0],
+    ];
+    for (const creator of ['vpc ', 'qemu', 'win ', 'qem2', 'd2v ', 'CTXS', 'tap\0', 'xyz\0']) {
+      for (const [c, h, s] of geometries) {
+        const file = Buffer.from(template);
+        for (const at of [0, file.length - 512]) {
+          const footer = file.subarray(at, at + 512);
+          footer.write(creator, FOOTER_OFFSETS.creatorApp, 'latin1');
+          footer.writeUInt16BE(c, FOOTER_OFFSETS.cylinders);
+          footer[FOOTER_OFFSETS.heads] = h;
+          footer[FOOTER_OFFSETS.sectorsPerTrack] = s;
+          footer.writeUInt32BE(vhdChecksum(footer, FOOTER_OFFSETS.checksum), FOOTER_OFFSETS.checksum);
+        }
+        await fsp.writeFile(vhd, file);
+        const what = `creator ${JSON.stringify(creator)}, CHS ${c}/${h}/${s}`;
+        let expected: number | null = null;
+        try {
+          expected = qemuVirtualSize(vhd);
+        } catch {
+          // qemu refuses the image; so must we.
+        }
+        if (expected === null) {
+          await assert.rejects(vhdCodec.open(vhd), ApiError, what);
+          continue;
+        }
+        const image = await vhdCodec.open(vhd);
+        assert.equal(image.virtualSize, expected, what);
+        await image.close();
+      }
     }
   });
 
