@@ -36,7 +36,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       'where metadata and the local SR live (env DISKPORT_DATA_DIR)',
       env.DISKPORT_DATA_DIR ?? DEFAULTS.dataDir,
     )
-    .option('--token <token>', 'bearer token for management calls (env DISKPORT_TOKEN)', env.DISKPORT_TOKEN)
+    .option('--token <token>', 'bearer token for management calls (env DISKPORT_TOKEN)')
     .option('--log-level <level>', 'pino log level (env LOG_LEVEL)', env.LOG_LEVEL ?? DEFAULTS.logLevel)
     .exitOverride();
   program.parse(argv, { from: 'user' });
@@ -45,7 +45,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     host: o.host,
     port: o.port,
     dataDir: path.resolve(o.dataDir),
-    token: o.token || undefined,
+    // not a commander default: --help would print the secret
+    token: o.token || env.DISKPORT_TOKEN || undefined,
     logLevel: o.logLevel,
   };
 }

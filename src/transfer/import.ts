@@ -8,7 +8,7 @@ import type { Readable } from 'node:stream';
 import { ApiError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
-import type { TaskManager } from '../tasks/task-manager.js';
+import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
 import { commitStaged } from './commit.js';
 import { landStream, tooLargeForVdi } from './land-stream.js';
@@ -49,12 +49,10 @@ export class ImportService {
       bytesTotal: req.contentLength ?? null,
       stagingPath: staged,
     });
-    const destroyBody = () => req.body.destroy(task.signal.reason);
-    task.signal.addEventListener('abort', destroyBody, { once: true });
     try {
       if (req.contentLength !== undefined && req.contentLength > limit)
         throw tooLargeForVdi(vdi.virtual_size)(req.contentLength);
-      await this.land(vdi, staged, req, limit, (n) => task.addBytes(n));
+      await this.land(vdi, staged, req, limit, task);
       const committed = await commitStaged(this.vdis, vdi, staged, req.format, task);
       return task.succeed({
         vdi: vdi.id,
@@ -68,18 +66,11 @@ export class ImportService {
       task.fail(apiError);
       throw apiError;
     } finally {
-      task.signal.removeEventListener('abort', destroyBody);
       release();
     }
   }
 
-  private async land(
-    vdi: Vdi,
-    staged: string,
-    req: WholeImport,
-    limit: number,
-    onBytes: (n: number) => void,
-  ) {
+  private async land(vdi: Vdi, staged: string, req: WholeImport, limit: number, task: RunningTask) {
     const handle = await fsp.open(staged, 'w+');
     try {
       // A raw image is the disk: size the file now so unsent tails are holes.
@@ -88,7 +79,8 @@ export class ImportService {
         offset: 0,
         limit,
         tooLarge: tooLargeForVdi(vdi.virtual_size),
-        onBytes,
+        onBytes: (n) => task.addBytes(n),
+        signal: task.signal,
       });
       // Trailing zero blocks were skipped, so fix the container file's length.
       if (req.format !== 'raw') await handle.truncate(received);

@@ -21,6 +21,33 @@ export interface LandOptions {
   limit: number;
   tooLarge: (received: number) => Error;
   onBytes?: (n: number) => void;
+  /** Aborting ends the landing at once with the signal's reason, even while the client is silent. */
+  signal?: AbortSignal;
+}
+
+/**
+ * Iterates `body` but gives up as soon as `signal` aborts. The stream is left
+ * undestroyed so the caller can still answer on the same connection.
+ */
+async function* untilAborted(body: AsyncIterable<Buffer>, signal?: AbortSignal): AsyncGenerator<Buffer> {
+  if (!signal) return yield* body;
+  const it = body[Symbol.asyncIterator]();
+  let onAbort = () => {};
+  const aborted = new Promise<never>((_, reject) => {
+    onAbort = () => reject(signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+  });
+  aborted.catch(() => {});
+  try {
+    signal.throwIfAborted();
+    while (true) {
+      const next = await Promise.race([it.next(), aborted]);
+      if (next.done) return;
+      yield next.value;
+    }
+  } finally {
+    signal.removeEventListener('abort', onAbort);
+  }
 }
 
 /** Writes the non-zero blocks of buf[0, length) at file position `at`. */
@@ -66,7 +93,7 @@ export async function landStream(
     fill = 0;
   };
 
-  for await (const chunk of body) {
+  for await (const chunk of untilAborted(body, opts.signal)) {
     if (received + chunk.length > opts.limit) throw opts.tooLarge(received + chunk.length);
     received += chunk.length;
     let pos = 0;

@@ -1,0 +1,112 @@
+/** Test servers: in-process (fast, for supertest) and as a real child process (restarts, kill -9). */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { promises as fsp } from 'node:fs';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { pino } from 'pino';
+import { createApp } from '../../src/app.js';
+import type { Config } from '../../src/config.js';
+import { createServices, type Services } from '../../src/services.js';
+
+export const ROOT = path.resolve(import.meta.dirname, '../..');
+
+export async function tempDir(prefix = 'diskport-test-'): Promise<string> {
+  return fsp.mkdtemp(path.join(os.tmpdir(), prefix));
+}
+
+export interface TestServer {
+  url: string;
+  server: http.Server;
+  services: Services;
+  dataDir: string;
+  close(): Promise<void>;
+}
+
+export async function startServer(opts: { dataDir?: string; token?: string } = {}): Promise<TestServer> {
+  const dataDir = opts.dataDir ?? (await tempDir());
+  const config: Config = { host: '127.0.0.1', port: 0, dataDir, token: opts.token, logLevel: 'silent' };
+  const services = await createServices(config, pino({ level: 'silent' }));
+  const server = http.createServer(createApp(services));
+  server.requestTimeout = 0;
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    server,
+    services,
+    dataDir,
+    async close() {
+      server.closeAllConnections();
+      await new Promise((r) => server.close(r));
+      await services.close();
+    },
+  };
+}
+
+export interface ServerProcess {
+  url: string;
+  child: ChildProcess;
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+/** Starts `src/main.ts` as its own process, the way `npm start` runs the built one. */
+export async function spawnServer(dataDir: string, extraArgs: string[] = []): Promise<ServerProcess> {
+  const child = spawn(
+    process.execPath,
+    ['--import', 'tsx', path.join(ROOT, 'src/main.ts'), '--port', '0', '--data-dir', dataDir, ...extraArgs],
+    { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  let stderr = '';
+  child.stderr?.on('data', (d) => {
+    stderr += d;
+  });
+  const url = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    const onData = (d: Buffer) => {
+      out += d;
+      const m = /listening on (http:\/\/[\d.]+:\d+)/.exec(out);
+      if (m) {
+        child.stdout?.off('data', onData);
+        child.stdout?.resume();
+        resolve(m[1]);
+      }
+    };
+    child.stdout?.on('data', onData);
+    child.once('exit', (code) => reject(new Error(`server exited with ${code}: ${stderr}`)));
+  });
+  return {
+    url,
+    child,
+    async stop(signal: NodeJS.Signals = 'SIGTERM') {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const exited = once(child, 'exit');
+      child.kill(signal);
+      await exited;
+    },
+  };
+}
+
+/** Seeded PRNG (mulberry32): tests are random but repeatable. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Random bytes from a seeded PRNG. */
+export function seededBytes(length: number, seed: number): Buffer {
+  const rnd = prng(seed);
+  const buf = Buffer.allocUnsafe(length);
+  for (let i = 0; i + 4 <= length; i += 4) buf.writeUInt32LE((rnd() * 2 ** 32) >>> 0, i);
+  for (let i = length - (length % 4); i < length; i++) buf[i] = (rnd() * 256) | 0;
+  return buf;
+}
