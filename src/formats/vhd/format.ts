@@ -2,18 +2,18 @@
  * VHD on-disk structures, from Microsoft's "Virtual Hard Disk Image Format
  * Specification" (v1.0, 2006):
  * - "Hard Disk Footer Format" (cookie, features, data offset, sizes, disk
- *   geometry, disk type, checksum, unique id) and its appendix "CHS
- *   Calculation";
+ *   geometry, disk type, checksum, unique id) and "Appendix: CHS Calculation";
  * - "Dynamic Disk Header Format" (cookie, table offset, max table entries,
  *   block size, checksum, parent fields);
- * - "Block Allocation Table and Data Blocks" and "Sector bitmap" (the layout
- *   of a data block: a sector-padded bitmap, then the block's sectors).
+ * - "Block Allocation Table and Data Blocks" with its sector bitmap, and
+ *   "Mapping a Disk Sector to a Sector in the Block" (a data block is a
+ *   sector-padded bitmap, one bit per sector, then the block's sectors).
  *
- * Hand-written because no maintained npm library reads or writes VHD (the few
- * packages there are unmaintained, synchronous, or trust the BAT), and we
+ * Hand-written because no maintained npm library reads or writes VHD, and we
  * need a reader that treats every field as hostile plus a writer whose layout
- * is known before the first byte. Where the spec and qemu's block/vpc.c (our
- * test oracle) differ, we do what qemu does and say so.
+ * is known before the first byte. On what an image means (its virtual size)
+ * we follow qemu's block/vpc.c, our test oracle; on corruption we are
+ * stricter than qemu (header checksum, BAT overlaps) and say so where we are.
  */
 
 export const SECTOR_BYTES = 512;

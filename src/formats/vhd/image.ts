@@ -5,8 +5,9 @@
  * "Hard Disk Footer Format" (where the footer is, its checksum, disk type and
  * size), "Dynamic Disk Header Format" (cookie, checksum, table offset, block
  * size), "Block Allocation Table and Data Blocks" (BAT entries as sector
- * offsets, 0xFFFFFFFF for unallocated blocks) and "Sector bitmap" (a clear
- * bit means the sector was never written and reads as zeros).
+ * offsets, 0xFFFFFFFF for unallocated blocks; the sector bitmap, where a
+ * clear bit means the sector was never written and reads as zeros) and
+ * "Mapping a Disk Sector to a Sector in the Block".
  *
  * Hand-written (see format.ts): every field of an uploaded image is hostile.
  * Each one is checked against the file's real size before it is used, and
@@ -356,10 +357,8 @@ class DynamicVhdImage extends VhdImageBase {
       this.bitmapUsedBytes,
       `the sector bitmap of block ${b}`,
     );
-    const sectors = Math.ceil(this.blockLength(b) / SECTOR_BYTES);
-    const set = countSetBits(bits, sectors);
-    if (set === sectors || set === 0) {
-      const summary = set === sectors ? BitmapState.Full : BitmapState.Empty;
+    const summary = classifyBitmap(bits, Math.ceil(this.blockLength(b) / SECTOR_BYTES));
+    if (summary !== BitmapState.Partial) {
       this.bitmapState[b] = summary;
       return summary;
     }
@@ -497,15 +496,31 @@ function validateBlocks(
   }
 }
 
-/** Sector `s` is present when its bit is set; sector 0 is the most significant bit of byte 0. */
+/**
+ * Sector `s` is present when its bit is set. Sector 0 is the most significant
+ * bit of byte 0, as Virtual PC, Hyper-V and Xen's libvhd store it.
+ */
 function bitSet(bits: Buffer, s: number): boolean {
   return (bits[s >> 3] & (0x80 >> (s & 7))) !== 0;
 }
 
-function countSetBits(bits: Buffer, sectors: number): number {
-  let n = 0;
-  for (let s = 0; s < sectors; s++) if (bitSet(bits, s)) n++;
-  return n;
+/** Whether the first `sectors` bits are all set, all clear, or mixed; whole bytes at a time. */
+function classifyBitmap(bits: Buffer, sectors: number): Summary | typeof BitmapState.Partial {
+  let anySet = false;
+  let anyClear = false;
+  const wholeBytes = sectors >> 3;
+  for (let i = 0; i < wholeBytes; i++) {
+    const byte = bits[i];
+    if (byte !== 0) anySet = true;
+    if (byte !== 0xff) anyClear = true;
+    if (anySet && anyClear) return BitmapState.Partial;
+  }
+  for (let s = wholeBytes << 3; s < sectors; s++) {
+    if (bitSet(bits, s)) anySet = true;
+    else anyClear = true;
+  }
+  if (anySet && anyClear) return BitmapState.Partial;
+  return anyClear ? BitmapState.Empty : BitmapState.Full;
 }
 
 /** Runs [s0, s1) of set bits within sectors [first, last). */

@@ -1,7 +1,8 @@
 /**
  * The VHD wire format (Microsoft "Virtual Hard Disk Image Format
  * Specification": Hard Disk Footer Format, Dynamic Disk Header Format, Block
- * Allocation Table and Data Blocks, Sector bitmap).
+ * Allocation Table and Data Blocks with the sector bitmap, Appendix: CHS
+ * Calculation).
  *
  * Import opens fixed and dynamic images read-only (image.ts); export writes a
  * dynamic image with 2 MiB blocks (serialize.ts). Hand-written because no
@@ -11,6 +12,7 @@ import type { FormatCodec } from '../types.js';
 import { openVhd } from './image.js';
 import { serializeVhd } from './serialize.js';
 
+export { MAX_VIRTUAL_SIZE_BYTES as VHD_MAX_VIRTUAL_SIZE_BYTES } from './format.js';
 export { EXPORT_BLOCK_SIZE_BYTES, layoutVhd } from './serialize.js';
 
 export const vhdCodec: FormatCodec = {

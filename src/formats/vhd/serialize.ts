@@ -5,7 +5,8 @@
  * Implements, from Microsoft's "Virtual Hard Disk Image Format Specification":
  * "Hard Disk Footer Format" (written twice: a copy at offset 0 and the footer
  * at the end), "Dynamic Disk Header Format", "Block Allocation Table and Data
- * Blocks" and "Sector bitmap". Hand-written (see format.ts): no maintained npm
+ * Blocks" (the BAT and each block's sector bitmap) and "Appendix: CHS
+ * Calculation". Hand-written (see format.ts): no maintained npm
  * library writes VHD, let alone as a seekable, range-addressable stream.
  *
  * Layout (every offset a multiple of 512):
