@@ -397,7 +397,12 @@ export class Qcow2Image implements BlockImage {
         finishFlush: zlibConstants.Z_SYNC_FLUSH,
       });
     } catch (err) {
-      throw malformed(`compressed cluster at ${hostOffset} does not inflate: ${(err as Error).message}`);
+      const tooLarge = (err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE';
+      throw malformed(
+        tooLarge
+          ? `compressed cluster at ${hostOffset} inflates to more than one ${this.clusterSize}-byte cluster`
+          : `compressed cluster at ${hostOffset} does not inflate: ${(err as Error).message}`,
+      );
     }
     if (data.length !== this.clusterSize) {
       throw malformed(
