@@ -5,6 +5,7 @@ import { pinoHttp } from 'pino-http';
 import { requireToken } from './http/auth.js';
 import { errorHandler, notFoundHandler } from './http/errors.js';
 import { contentRoutes } from './routes/contents.js';
+import { extentRoutes } from './routes/extents.js';
 import { healthRoutes } from './routes/health.js';
 import { srRoutes } from './routes/srs.js';
 import { taskRoutes } from './routes/tasks.js';
@@ -42,6 +43,7 @@ export function createApp(s: Services): Express {
   app.use(srRoutes(s));
   app.use(vdiRoutes(s));
   app.use(contentRoutes(s));
+  app.use(extentRoutes(s));
   app.use(taskRoutes(s));
   app.use(notFoundHandler);
   app.use(errorHandler);
