@@ -124,8 +124,8 @@ export class Qcow2Image implements BlockImage {
     const { clusterSize, fileSize } = this;
     const l1Start = this.header.l1TableOffset;
     const l1End = l1Start + this.l1.length;
-    const l2Offsets = new Set<number>();
-    const tables: { l1Index: number; offset: number }[] = [];
+    // Typed arrays, not objects: an L1 table may name millions of L2 tables.
+    let tableCount = 0;
     for (let i = 0; i < this.header.l1Entries; i++) {
       const l2Offset = this.l1Offset(i);
       if (l2Offset === 0) continue;
@@ -140,16 +140,36 @@ export class Qcow2Image implements BlockImage {
       if (l2Offset < l1End && l2Offset + clusterSize > l1Start) {
         throw malformed(`L1 entry ${i} points at the L1 table itself (offset ${l2Offset})`);
       }
-      if (l2Offsets.has(l2Offset)) {
-        throw malformed(`L2 table at offset ${l2Offset} is used by more than one L1 entry`);
-      }
-      l2Offsets.add(l2Offset);
-      tables.push({ l1Index: i, offset: l2Offset });
+      tableCount++;
     }
+    const order = new Int32Array(tableCount);
+    for (let i = 0, k = 0; i < this.header.l1Entries; i++) if (this.l1Offset(i) !== 0) order[k++] = i;
+    order.sort((a, b) => this.l1Offset(a) - this.l1Offset(b));
+    /** L2 table offsets in file order, parallel to `order` (their L1 indices). */
+    const l2Offsets = new Float64Array(tableCount);
+    for (let k = 0; k < tableCount; k++) {
+      l2Offsets[k] = this.l1Offset(order[k]);
+      if (k > 0 && l2Offsets[k] === l2Offsets[k - 1]) {
+        throw malformed(
+          `L2 table at offset ${l2Offsets[k]} is used by L1 entries ${order[k - 1]} and ${order[k]}; each table belongs to one entry`,
+        );
+      }
+    }
+    const isL2Table = (clusterOffset: number): boolean => {
+      let lo = 0;
+      let hi = tableCount - 1;
+      while (lo <= hi) {
+        const mid = (lo + hi) >> 1;
+        if (l2Offsets[mid] === clusterOffset) return true;
+        if (l2Offsets[mid] < clusterOffset) lo = mid + 1;
+        else hi = mid - 1;
+      }
+      return false;
+    };
     const overlapsMetadata = (offset: number, length: number): boolean => {
       if (offset < l1End && offset + length > l1Start) return true;
       for (let c = offset - (offset % clusterSize); c < offset + length; c += clusterSize) {
-        if (l2Offsets.has(c)) return true;
+        if (isL2Table(c)) return true;
       }
       return false;
     };
@@ -194,17 +214,11 @@ export class Qcow2Image implements BlockImage {
     // with data, and thousands of sequential 512-byte preads would dominate
     // opening an image with small clusters. Validation then runs in file
     // order, so the error reported for a bad image is always the same.
-    tables.sort((a, b) => a.offset - b.offset);
     const perRead = Math.max(1, Math.floor(VALIDATE_READ_BYTES / clusterSize));
     const groups: { first: number; count: number }[] = [];
-    for (let t = 0; t < tables.length; ) {
+    for (let t = 0; t < tableCount; ) {
       let n = 1;
-      while (
-        n < perRead &&
-        t + n < tables.length &&
-        tables[t + n].offset === tables[t].offset + n * clusterSize
-      )
-        n++;
+      while (n < perRead && t + n < tableCount && l2Offsets[t + n] === l2Offsets[t] + n * clusterSize) n++;
       groups.push({ first: t, count: n });
       t += n;
     }
@@ -217,13 +231,13 @@ export class Qcow2Image implements BlockImage {
         g++;
       }
       const batches = await Promise.all(
-        window.map((w) => readAt(this.handle, Buffer.alloc(w.count * clusterSize), tables[w.first].offset)),
+        window.map((w) => readAt(this.handle, Buffer.alloc(w.count * clusterSize), l2Offsets[w.first])),
       );
       for (const [w, { first, count }] of window.entries()) {
         for (let k = 0; k < count; k++) {
-          const { l1Index, offset } = tables[first + k];
+          const offset = l2Offsets[first + k];
           const table = batches[w].subarray(k * clusterSize, (k + 1) * clusterSize);
-          validateTable(table, l1Index, offset);
+          validateTable(table, order[first + k], offset);
           // Keep what fits in the cache (copied, so the batch can be freed).
           if (this.l2Cache.size < this.l2CacheMaxTables) this.l2Cache.set(offset, Buffer.from(table));
         }
