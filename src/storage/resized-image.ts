@@ -1,6 +1,10 @@
 import { type BlockImage, type Extent, mergeExtents } from './block-image.js';
+import { isZero } from './zero.js';
 
-/** A view of a disk with a different (larger) virtual size: the tail reads as zeros. */
+/**
+ * A view of a disk at another virtual size: a larger view reads its tail as
+ * zeros, a smaller one hides the inner disk's tail (callers check it is zero).
+ */
 export class ResizedImage implements BlockImage {
   constructor(
     private readonly inner: BlockImage,
@@ -16,9 +20,13 @@ export class ResizedImage implements BlockImage {
     throw new Error('ResizedImage is read-only');
   }
   async extents(): Promise<Extent[]> {
-    const inner = await this.inner.extents();
+    const clipped = (await this.inner.extents())
+      .filter((e) => e.start < this.virtualSize)
+      .map((e) => ({ ...e, length: Math.min(e.length, this.virtualSize - e.start) }));
     const tail = this.virtualSize - this.inner.virtualSize;
-    return mergeExtents([...inner, { start: this.inner.virtualSize, length: tail, zero: true }]);
+    return mergeExtents(
+      tail > 0 ? [...clipped, { start: this.inner.virtualSize, length: tail, zero: true }] : clipped,
+    );
   }
   flush(): Promise<void> {
     return this.inner.flush();
@@ -26,4 +34,17 @@ export class ResizedImage implements BlockImage {
   close(): Promise<void> {
     return this.inner.close();
   }
+}
+
+/** True when every byte of `image` at or past `offset` reads as zero (allocated or not). */
+export async function isZeroFrom(image: BlockImage, offset: number): Promise<boolean> {
+  const CHUNK_BYTES = 1024 * 1024;
+  for (const e of await image.extents()) {
+    const end = e.start + e.length;
+    if (e.zero || end <= offset) continue;
+    for (let pos = Math.max(offset, e.start); pos < end; pos += CHUNK_BYTES) {
+      if (!isZero(await image.read(pos, Math.min(CHUNK_BYTES, end - pos)))) return false;
+    }
+  }
+  return true;
 }

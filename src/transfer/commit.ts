@@ -15,7 +15,7 @@ import { formatBytes, TooLargeError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
 import { convertInto } from '../storage/convert.js';
 import { RawFileImage } from '../storage/raw-file-image.js';
-import { ResizedImage } from '../storage/resized-image.js';
+import { isZeroFrom, ResizedImage } from '../storage/resized-image.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 
@@ -32,7 +32,8 @@ export async function commitStaged(
       : await codecFor(wireFormat).open(stagedFile);
   let converted: string | null = null;
   try {
-    if (image.virtualSize > vdi.virtual_size) {
+    // qemu-img rounds VHD sizes up to a CHS geometry: a zero tail past the VDI's end is harmless.
+    if (image.virtualSize > vdi.virtual_size && !(await isZeroFrom(image, vdi.virtual_size))) {
       throw new TooLargeError(
         `image virtual size ${formatBytes(image.virtualSize)} exceeds VDI virtual size ${formatBytes(vdi.virtual_size)}; ` +
           'resize the VDI (PATCH virtual_size) or import into a larger one',
