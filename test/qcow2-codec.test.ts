@@ -14,6 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { ApiError } from '../src/errors.js';
+import { parseHeader } from '../src/formats/qcow2/header.js';
 import { Qcow2Image, qcow2Codec } from '../src/formats/qcow2/index.js';
 import { rawCodec } from '../src/formats/raw/index.js';
 import type { SerializedImage } from '../src/formats/types.js';
@@ -569,5 +570,74 @@ describe('serializing to qcow2', () => {
     } finally {
       await source.close();
     }
+  });
+});
+
+describe('header validation alone', () => {
+  /** A version 3 header of a 1 MiB disk with 64 KiB clusters and its L1 table in cluster 3. */
+  function v3Header(): Buffer {
+    const h = Buffer.alloc(65536);
+    h.writeUInt32BE(0x514649fb, 0);
+    h.writeUInt32BE(3, 4);
+    h.writeUInt32BE(16, 20);
+    h.writeBigUInt64BE(1024n * 1024n, 24);
+    h.writeUInt32BE(1, 36);
+    h.writeBigUInt64BE(3n * 65536n, 40);
+    h.writeUInt32BE(4, 96);
+    h.writeUInt32BE(112, 100);
+    return h;
+  }
+  const FILE_BYTES = 4 * 65536;
+  const refusal = (h: Buffer, status: number, pattern: RegExp) =>
+    assert.throws(
+      () => parseHeader(h, FILE_BYTES),
+      (err: unknown) => err instanceof ApiError && err.status === status && pattern.test(err.message),
+    );
+
+  it('accepts a plain version 3 header', () => {
+    const header = parseHeader(v3Header(), FILE_BYTES);
+    assert.equal(header.virtualSizeBytes, 1024 * 1024);
+    assert.equal(header.l1Entries, 1);
+    assert.equal(header.extendedL2, false);
+  });
+
+  it('names an unknown incompatible feature from the feature name table', () => {
+    const h = v3Header();
+    h.writeBigUInt64BE(1n << 9n, 72);
+    h.writeUInt32BE(0x6803f857, 112); // feature name table, one 48-byte entry
+    h.writeUInt32BE(48, 116);
+    h[120] = 0; // incompatible
+    h[121] = 9;
+    h.write('frobnication', 122);
+    refusal(h, 422, /unknown incompatible feature bit\(s\) 9 \(frobnication\)/);
+  });
+
+  it('refuses zstd compression and cluster sizes qemu refuses, with 422', () => {
+    const zstd = v3Header();
+    zstd.writeBigUInt64BE(1n << 3n, 72);
+    zstd[104] = 1;
+    refusal(zstd, 422, /zstd compression/);
+    const big = v3Header();
+    big.writeUInt32BE(22, 20);
+    refusal(big, 422, /cluster size/);
+  });
+
+  it('reports inconsistent headers as malformed (400)', () => {
+    const shortHeader = v3Header();
+    shortHeader.writeUInt32BE(100, 100);
+    refusal(shortHeader, 400, /header_length 100/);
+    const smallL1 = v3Header();
+    smallL1.writeBigUInt64BE(1024n ** 3n, 24);
+    refusal(smallL1, 400, /L1 table of 1 entries is too small/);
+    const l1OutsideFile = v3Header();
+    l1OutsideFile.writeBigUInt64BE(4n * 65536n, 40);
+    refusal(l1OutsideFile, 400, /past the end/);
+    const unalignedL1 = v3Header();
+    unalignedL1.writeBigUInt64BE(65536n + 512n, 40);
+    refusal(unalignedL1, 400, /not a non-zero cluster boundary/);
+    const extendedSmallClusters = v3Header();
+    extendedSmallClusters.writeUInt32BE(12, 20);
+    extendedSmallClusters.writeBigUInt64BE(1n << 4n, 72);
+    refusal(extendedSmallClusters, 400, /extended L2 entries need clusters of 16 KiB/);
   });
 });
