@@ -4,6 +4,7 @@ import express, { type Express } from 'express';
 import { pinoHttp } from 'pino-http';
 import { requireToken } from './http/auth.js';
 import { errorHandler, notFoundHandler } from './http/errors.js';
+import { checksumRoutes } from './routes/checksum.js';
 import { contentRoutes } from './routes/contents.js';
 import { extentRoutes } from './routes/extents.js';
 import { healthRoutes } from './routes/health.js';
@@ -44,6 +45,7 @@ export function createApp(s: Services): Express {
   app.use(vdiRoutes(s));
   app.use(contentRoutes(s));
   app.use(extentRoutes(s));
+  app.use(checksumRoutes(s));
   app.use(taskRoutes(s));
   app.use(notFoundHandler);
   app.use(errorHandler);

@@ -3,6 +3,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import type { Config } from './config.js';
+import { ChecksumService } from './ops/checksum.js';
 import { type Db, openDb } from './storage/db.js';
 import { SrStore } from './storage/srs.js';
 import { VdiLocks } from './storage/vdi-locks.js';
@@ -19,6 +20,7 @@ export interface Services {
   vdis: VdiStore;
   tasks: TaskManager;
   imports: ImportService;
+  checksums: ChecksumService;
   close(): Promise<void>;
 }
 
@@ -45,6 +47,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     vdis,
     tasks,
     imports: new ImportService(vdis, tasks),
+    checksums: new ChecksumService(vdis, tasks),
     async close() {
       tasks.cancelAll('the service is shutting down');
       db.close();

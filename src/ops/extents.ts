@@ -3,20 +3,34 @@
  * shape): merged, ordered, covering [0, virtual_size) exactly once. Reads
  * metadata only (SEEK_DATA/SEEK_HOLE or the format's tables), never data.
  */
-import type { Extent } from '../storage/block-image.js';
-import type { VdiStore } from '../storage/vdis.js';
+import type { BlockImage, Extent } from '../storage/block-image.js';
+import type { Vdi, VdiStore } from '../storage/vdis.js';
 
-export interface VdiExtents {
-  generation: number;
-  virtualSize: number;
-  extents: Extent[];
+const OPEN_ATTEMPTS = 3;
+
+/**
+ * Opens the VDI's current generation. A commit between reading the row and
+ * opening the file removes that generation's file (ENOENT): read the row
+ * again and open the new one. The handle keeps its generation readable.
+ */
+export async function openCurrentImage(
+  vdis: VdiStore,
+  vdiId: string,
+): Promise<{ vdi: Vdi; image: BlockImage }> {
+  for (let attempt = 1; ; attempt++) {
+    const vdi = vdis.get(vdiId);
+    try {
+      return { vdi, image: await vdis.openImage(vdi) };
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || attempt >= OPEN_ATTEMPTS) throw err;
+    }
+  }
 }
 
-export async function vdiExtents(vdis: VdiStore, vdiId: string): Promise<VdiExtents> {
-  const vdi = vdis.get(vdiId);
-  const image = await vdis.openImage(vdi);
+export async function vdiExtents(vdis: VdiStore, vdiId: string): Promise<Extent[]> {
+  const { image } = await openCurrentImage(vdis, vdiId);
   try {
-    return { generation: vdi.generation, virtualSize: image.virtualSize, extents: await image.extents() };
+    return await image.extents();
   } finally {
     await image.close();
   }

@@ -16,7 +16,7 @@ export function extentRoutes(s: Services): Router {
         { context: String(context), supported: CONTEXTS },
       );
     }
-    const { extents } = await vdiExtents(s.vdis, req.params.vdi);
+    const extents = await vdiExtents(s.vdis, req.params.vdi);
     res.json(extents.map((e) => ({ start: e.start, length: e.length, zero: e.zero })));
   });
 }
