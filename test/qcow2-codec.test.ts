@@ -273,6 +273,7 @@ describe('opening images written by qemu-img', () => {
     const image = await qcow2Codec.open(img);
     try {
       await assert.rejects(image.write(0, Buffer.alloc(512)), /serialize/);
+      await assert.rejects(qcow2Codec.open(img, { writable: true }), /read-only/);
     } finally {
       await image.close();
     }

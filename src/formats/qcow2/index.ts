@@ -17,9 +17,12 @@ export { computeLayout, EXPORT_CLUSTER_SIZE_BYTES, type Qcow2Layout } from './se
 export const qcow2Codec: FormatCodec = {
   name: 'qcow2',
   serialize: serializeQcow2,
-  /**
-   * Read-only whatever `opts.writable` says: qcow2 at rest is written whole by
-   * serialize, never patched in place.
-   */
-  open: (path) => Qcow2Image.open(path),
+  async open(path, opts) {
+    if (opts?.writable) {
+      // A caller's mistake, not an image problem: qcow2 at rest is produced
+      // whole by serialize, never patched in place (the VHD codec agrees).
+      throw new Error('qcow2 images open read-only; qcow2 at rest is written by serialize');
+    }
+    return Qcow2Image.open(path);
+  },
 };
