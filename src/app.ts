@@ -11,6 +11,7 @@ import { healthRoutes } from './routes/health.js';
 import { srRoutes } from './routes/srs.js';
 import { taskRoutes } from './routes/tasks.js';
 import { vdiRoutes } from './routes/vdis.js';
+import { xapiRoutes } from './routes/xapi.js';
 import type { Services } from './services.js';
 
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
@@ -47,6 +48,7 @@ export function createApp(s: Services): Express {
   app.use(extentRoutes(s));
   app.use(checksumRoutes(s));
   app.use(taskRoutes(s));
+  app.use(xapiRoutes(s));
   app.use(notFoundHandler);
   app.use(errorHandler);
   return app;
