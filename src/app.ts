@@ -8,6 +8,7 @@ import { checksumRoutes } from './routes/checksum.js';
 import { contentRoutes } from './routes/contents.js';
 import { extentRoutes } from './routes/extents.js';
 import { healthRoutes } from './routes/health.js';
+import { metricsRoutes } from './routes/metrics.js';
 import { srRoutes } from './routes/srs.js';
 import { taskRoutes } from './routes/tasks.js';
 import { vdiRoutes } from './routes/vdis.js';
@@ -37,6 +38,7 @@ export function createApp(s: Services): Express {
   );
 
   app.use(healthRoutes());
+  app.use(metricsRoutes(s));
   app.use('/v1', requireToken(s.config.token));
   app.use(
     '/v1',

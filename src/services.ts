@@ -3,6 +3,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import type { Config } from './config.js';
+import { type Metrics, observeTasks } from './metrics.js';
 import { ChecksumService } from './ops/checksum.js';
 import { type Db, openDb } from './storage/db.js';
 import { SrStore } from './storage/srs.js';
@@ -21,6 +22,7 @@ export interface Services {
   tasks: TaskManager;
   imports: ImportService;
   checksums: ChecksumService;
+  metrics: Metrics;
   close(): Promise<void>;
 }
 
@@ -39,6 +41,8 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     logger.info({ interrupted: interrupted.length, removed }, 'recovered from an unclean stop');
   }
 
+  const observed = observeTasks(tasks);
+
   return {
     config,
     logger,
@@ -48,8 +52,10 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     tasks,
     imports: new ImportService(vdis, tasks),
     checksums: new ChecksumService(vdis, tasks),
+    metrics: observed.metrics,
     async close() {
       tasks.cancelAll('the service is shutting down');
+      observed.stop();
       db.close();
     },
   };

@@ -12,6 +12,8 @@ import { nowIso } from '../storage/db.js';
 import { FINISHED_STATUSES, type Task, type TaskStore } from './task-store.js';
 
 const PERSIST_INTERVAL_MS = 1000;
+/** Not a string, so it cannot collide with the task ids the same emitter uses. */
+const FINISHED_EVENT = Symbol('finished');
 
 /** The handle an operation holds while it runs: report bytes, watch for cancel, finish. */
 export class RunningTask {
@@ -129,6 +131,13 @@ export class TaskManager {
     this.store.update(task.record);
     this.live.delete(task.id);
     this.events.emit(task.id, task.record);
+    this.events.emit(FINISHED_EVENT, task.record);
+  }
+
+  /** Calls `listener` with every task as it finishes (any final status); returns the unsubscribe function. */
+  onFinished(listener: (task: Task) => void): () => void {
+    this.events.on(FINISHED_EVENT, listener);
+    return () => this.events.off(FINISHED_EVENT, listener);
   }
 
   get(id: string): Task {

@@ -1,0 +1,132 @@
+import assert from 'node:assert/strict';
+import http from 'node:http';
+import { after, before, describe, test } from 'node:test';
+import { api, createVdi, sha256Url } from './helpers/api.js';
+import { seededBytes, startServer, type TestServer } from './helpers/server.js';
+
+const MiB = 1024 * 1024;
+
+/** The value of one sample in Prometheus text format, or undefined when absent. */
+function sample(text: string, name: string, labels: Record<string, string> = {}): number | undefined {
+  for (const line of text.split('\n')) {
+    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$/.exec(line);
+    if (!m || m[1] !== name) continue;
+    const have = Object.fromEntries([...(m[2] ?? '').matchAll(/(\w+)="([^"]*)"/g)].map((l) => [l[1], l[2]]));
+    if (Object.entries(labels).every(([k, v]) => have[k] === v)) return Number(m[3]);
+  }
+  return undefined;
+}
+
+async function scrape(base: string, headers: Record<string, string> = {}): Promise<string> {
+  const res = await fetch(`${base}/metrics`, { headers });
+  assert.equal(res.status, 200);
+  assert.match(res.headers.get('content-type') ?? '', /^text\/plain/);
+  return res.text();
+}
+
+describe('GET /metrics', () => {
+  let srv: TestServer;
+  before(async () => {
+    srv = await startServer();
+  });
+  after(() => srv.close());
+
+  test('starts with zeroed byte counters for every format and no active transfer', async () => {
+    const text = await scrape(srv.url);
+    for (const format of ['raw', 'vhd', 'qcow2']) {
+      assert.equal(sample(text, 'diskport_bytes_received_total', { format }), 0);
+      assert.equal(sample(text, 'diskport_bytes_sent_total', { format }), 0);
+    }
+    assert.equal(sample(text, 'diskport_active_transfers'), 0);
+    assert.ok(sample(text, 'process_resident_memory_bytes'), 'default process metrics are there too');
+  });
+
+  test('an import and an export raise the byte counters, task counts and durations', async () => {
+    const before = await scrape(srv.url);
+    const vdi = await createVdi(srv.url, 8 * MiB);
+    const body = seededBytes(8 * MiB, 5);
+    const put = await fetch(`${srv.url}/v1/vdis/${vdi.id}/contents?format=raw`, { method: 'PUT', body });
+    assert.equal(put.status, 200, await put.text());
+    await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents?format=raw`);
+
+    const text = await scrape(srv.url);
+    const delta = (name: string, labels: Record<string, string>) =>
+      (sample(text, name, labels) ?? 0) - (sample(before, name, labels) ?? 0);
+    assert.equal(delta('diskport_bytes_received_total', { format: 'raw' }), 8 * MiB);
+    assert.equal(delta('diskport_bytes_sent_total', { format: 'raw' }), 8 * MiB);
+    assert.equal(delta('diskport_tasks_total', { type: 'import', status: 'success' }), 1);
+    assert.equal(delta('diskport_tasks_total', { type: 'export', status: 'success' }), 1);
+    assert.equal(delta('diskport_task_duration_seconds_count', { type: 'import' }), 1);
+    assert.equal(delta('diskport_task_duration_seconds_count', { type: 'export' }), 1);
+    assert.ok(delta('diskport_task_duration_seconds_sum', { type: 'import' }) >= 0);
+    assert.equal(sample(text, 'diskport_active_transfers'), 0);
+  });
+
+  test('a refused import counts as a failure', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const res = await fetch(`${srv.url}/v1/vdis/${vdi.id}/contents?format=raw`, {
+      method: 'PUT',
+      body: seededBytes(2 * MiB, 6),
+    });
+    assert.equal(res.status, 413, await res.text());
+    const text = await scrape(srv.url);
+    assert.ok((sample(text, 'diskport_tasks_total', { type: 'import', status: 'failure' }) ?? 0) >= 1);
+  });
+
+  test('an upload in progress is an active transfer until it ends', async () => {
+    const vdi = await createVdi(srv.url, 8 * MiB);
+    const { port } = new URL(srv.url);
+    const req = http.request({
+      host: '127.0.0.1',
+      port,
+      method: 'PUT',
+      path: `/v1/vdis/${vdi.id}/contents?format=raw`,
+      headers: { 'content-length': String(8 * MiB) },
+    });
+    const response = new Promise<number>((resolve, reject) => {
+      req.on('response', (r) => {
+        r.resume();
+        r.on('end', () => resolve(r.statusCode ?? 0));
+      });
+      req.on('error', reject);
+    });
+    req.write(seededBytes(MiB, 7));
+    let running = 0;
+    for (let i = 0; i < 100 && running === 0; i++) {
+      running = (await api<unknown[]>(srv.url, 'GET', `/v1/tasks?status=running&vdi=${vdi.id}`)).body.length;
+      if (running === 0) await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.equal(running, 1, 'the import task is running');
+    assert.equal(sample(await scrape(srv.url), 'diskport_active_transfers'), 1);
+    req.end(seededBytes(7 * MiB, 8));
+    assert.equal(await response, 200);
+    assert.equal(sample(await scrape(srv.url), 'diskport_active_transfers'), 0);
+  });
+
+  test('checksum tasks are counted by type', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const started = await api<{ id: string }>(srv.url, 'GET', `/v1/vdis/${vdi.id}/checksum?async=true`);
+    assert.equal(started.status, 202);
+    await api(srv.url, 'GET', `/v1/tasks/${started.body.id}?wait=30`);
+    const text = await scrape(srv.url);
+    assert.equal(sample(text, 'diskport_tasks_total', { type: 'checksum', status: 'success' }), 1);
+  });
+});
+
+describe('GET /metrics with a token', () => {
+  let srv: TestServer;
+  before(async () => {
+    srv = await startServer({ token: 'm3trics' });
+  });
+  after(() => srv.close());
+
+  test('needs the bearer token like the /v1 API', async () => {
+    assert.equal((await fetch(`${srv.url}/metrics`)).status, 401);
+    assert.equal(
+      (await fetch(`${srv.url}/metrics`, { headers: { authorization: 'Bearer no' } })).status,
+      403,
+    );
+    const text = await scrape(srv.url, { authorization: 'Bearer m3trics' });
+    assert.equal(sample(text, 'diskport_active_transfers'), 0);
+  });
+});
