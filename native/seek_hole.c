@@ -1,14 +1,17 @@
 /*
- * lseek(SEEK_DATA / SEEK_HOLE) for Node.
+ * lseek(SEEK_DATA / SEEK_HOLE) and fallocate(PUNCH_HOLE) for Node.
  *
  * Node's fs has no way to ask the file system where a sparse file's holes are,
  * and no npm package offers it. Without it, every export of a 2 TiB raw disk
  * would have to read 2 TiB of zeros. This addon exposes the two lseek whences
  * and nothing else; it is synchronous because both calls only consult the
  * file system's extent tree (no data I/O) and return in microseconds.
+ * punchHole turns a range back into a hole: a resumable upload uses it to
+ * make zeros really zero where an earlier, discarded chunk wrote bytes.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <unistd.h>
 #include <node_api.h>
@@ -52,12 +55,40 @@ static napi_value seek_hole(napi_env env, napi_callback_info info) {
   return do_seek(env, info, SEEK_HOLE);
 }
 
+/* punchHole(fd, offset, length) -> true, or false where the file system
+ * cannot punch (the caller then writes zeros). */
+static napi_value punch_hole(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int32_t fd;
+  int64_t offset, length;
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_int64(env, argv[1], &offset) != napi_ok ||
+      napi_get_value_int64(env, argv[2], &length) != napi_ok) {
+    napi_throw_type_error(env, NULL, "expected (fd, offset, length)");
+    return NULL;
+  }
+  napi_value result;
+  if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) == 0) {
+    napi_get_boolean(env, true, &result);
+    return result;
+  }
+  if (errno == EOPNOTSUPP || errno == ENOSYS) {
+    napi_get_boolean(env, false, &result);
+    return result;
+  }
+  napi_throw_error(env, "EPUNCH", strerror(errno));
+  return NULL;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
+      {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
   };
-  napi_define_properties(env, exports, 2, props);
+  napi_define_properties(env, exports, 3, props);
   return exports;
 }
 

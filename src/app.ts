@@ -4,6 +4,7 @@ import express, { type Express } from 'express';
 import { pinoHttp } from 'pino-http';
 import { requireToken } from './http/auth.js';
 import { errorHandler, notFoundHandler } from './http/errors.js';
+import { transferTokenAuth } from './http/transfer-auth.js';
 import { checksumRoutes } from './routes/checksum.js';
 import { contentRoutes } from './routes/contents.js';
 import { extentRoutes } from './routes/extents.js';
@@ -11,6 +12,7 @@ import { healthRoutes } from './routes/health.js';
 import { metricsRoutes } from './routes/metrics.js';
 import { srRoutes } from './routes/srs.js';
 import { taskRoutes } from './routes/tasks.js';
+import { transferRoutes } from './routes/transfers.js';
 import { vdiRoutes } from './routes/vdis.js';
 import { xapiRoutes } from './routes/xapi.js';
 import type { Services } from './services.js';
@@ -39,6 +41,7 @@ export function createApp(s: Services): Express {
 
   app.use(healthRoutes());
   app.use(metricsRoutes(s));
+  app.use('/v1/transfers/:id', transferTokenAuth(s.transfers, s.config.token));
   app.use('/v1', requireToken(s.config.token));
   app.use(
     '/v1',
@@ -50,6 +53,7 @@ export function createApp(s: Services): Express {
   app.use(extentRoutes(s));
   app.use(checksumRoutes(s));
   app.use(taskRoutes(s));
+  app.use(transferRoutes(s));
   app.use(xapiRoutes(s));
   app.use(notFoundHandler);
   app.use(errorHandler);

@@ -80,6 +80,24 @@ export class InsufficientSpaceError extends ApiError {
   }
 }
 
+/** Names failures that are not ours: mostly, the client went away mid-upload. */
+export function toApiError(err: unknown): ApiError {
+  if (err instanceof ApiError) return err;
+  const code = (err as NodeJS.ErrnoException)?.code;
+  if (
+    code === 'ECONNRESET' ||
+    code === 'ERR_STREAM_PREMATURE_CLOSE' ||
+    (err as Error)?.message === 'aborted'
+  ) {
+    return new ApiError(
+      400,
+      'CLIENT_DISCONNECTED',
+      'the client closed the connection before the whole image arrived; nothing was changed: send it again, or use a resumable transfer',
+    );
+  }
+  return new ApiError(500, 'INTERNAL_ERROR', (err as Error)?.message ?? String(err));
+}
+
 export function formatBytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
   let v = n;

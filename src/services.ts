@@ -11,7 +11,7 @@ import { VdiLocks } from './storage/vdi-locks.js';
 import { VdiStore } from './storage/vdis.js';
 import { TaskManager } from './tasks/task-manager.js';
 import { TaskStore } from './tasks/task-store.js';
-import { ImportService } from './transfer/import.js';
+import { TransferService } from './transfer/sessions.js';
 
 export interface Services {
   config: Config;
@@ -20,7 +20,7 @@ export interface Services {
   srs: SrStore;
   vdis: VdiStore;
   tasks: TaskManager;
-  imports: ImportService;
+  transfers: TransferService;
   checksums: ChecksumService;
   metrics: Metrics;
   close(): Promise<void>;
@@ -34,9 +34,13 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
   const vdis = new VdiStore(db, srs, new VdiLocks());
   const tasks = new TaskManager(new TaskStore(db));
 
-  // Restart recovery: whatever was running died with the previous process.
-  const interrupted = tasks.recover();
-  const removed = await vdis.collectGarbage();
+  // Restart recovery: whatever was running died with the previous process,
+  // except resumable transfers, which pick up where they were.
+  const transfers = new TransferService(db, vdis, tasks, logger);
+  const keep = transfers.activeAtStartup();
+  const interrupted = tasks.recover(keep.tasks);
+  const removed = await vdis.collectGarbage(keep.staging);
+  transfers.resume();
   if (interrupted.length || removed.length) {
     logger.info({ interrupted: interrupted.length, removed }, 'recovered from an unclean stop');
   }
@@ -50,11 +54,13 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     srs,
     vdis,
     tasks,
-    imports: new ImportService(vdis, tasks),
+    transfers,
     checksums: new ChecksumService(vdis, tasks),
     metrics: observed.metrics,
     async close() {
-      tasks.cancelAll('the service is shutting down');
+      // Operations in flight end with the process, as in a crash: recovery
+      // fails plain tasks as INTERRUPTED and resumes transfer sessions.
+      transfers.stop();
       observed.stop();
       db.close();
     },

@@ -14,14 +14,13 @@
 import { createHash } from 'node:crypto';
 import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
 import { LRUCache } from 'lru-cache';
-import { BadRequestError } from '../errors.js';
+import { BadRequestError, toApiError } from '../errors.js';
 import { readVirtual } from '../formats/raw/index.js';
 import { allocatedBytes, type BlockImage, type Extent } from '../storage/block-image.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import { ZEROS } from '../storage/zero.js';
 import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
-import { toApiError } from '../transfer/import.js';
 import { openCurrentImage } from './extents.js';
 
 export const CHECKSUM_ALGORITHMS = ['sha256', 'sha1', 'md5'] as const;

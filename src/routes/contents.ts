@@ -1,11 +1,10 @@
 /** PUT (import) and GET/HEAD (export) of /v1/vdis/{vdi}/contents?format=F */
 import { type Request, type Response, Router } from 'express';
-import { BadRequestError } from '../errors.js';
+import { BadRequestError, toApiError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
 import { writeBody, writeHead } from '../http/ranges.js';
 import type { Services } from '../services.js';
 import { openExport } from '../transfer/export.js';
-import { toApiError } from '../transfer/import.js';
 
 export function formatParam(req: Request): string {
   const format = typeof req.query.format === 'string' && req.query.format !== '' ? req.query.format : 'raw';
@@ -21,14 +20,30 @@ export function contentLengthOf(req: Request): number | undefined {
   return n;
 }
 
-/** Streams an export of a VDI (GET) or just its headers (HEAD); each GET is an export task. */
-export async function sendExport(s: Services, req: Request, res: Response, vdiId: string, format: string) {
+/**
+ * Streams an export of a VDI (GET) or just its headers (HEAD). Each GET is an
+ * export task of its own, unless it serves a download session, whose task
+ * counts the bytes of all its requests.
+ */
+export async function sendExport(
+  s: Services,
+  req: Request,
+  res: Response,
+  vdiId: string,
+  format: string,
+  session?: { taskId: string; onBytes: (n: number) => void },
+) {
   const source = await openExport(s.vdis, vdiId, format);
   try {
     const rep = { ...source, contentType: 'application/octet-stream' };
     const plan = writeHead(req, res, rep);
     if (req.method === 'HEAD' || plan.status === 304) {
       res.end();
+      return;
+    }
+    if (session) {
+      res.setHeader('X-Task-Id', session.taskId);
+      await writeBody(res, rep, plan, session.onBytes).catch(() => res.destroy());
       return;
     }
     const task = s.tasks.start('export', vdiId, { bytesTotal: plan.bodyLength });
@@ -48,7 +63,7 @@ export async function sendExport(s: Services, req: Request, res: Response, vdiId
 export function contentRoutes(s: Services): Router {
   return Router()
     .put('/v1/vdis/:vdi/contents', async (req, res) => {
-      const task = await s.imports.importWhole({
+      const task = await s.transfers.importWhole({
         vdi: req.params.vdi,
         format: formatParam(req),
         body: req,

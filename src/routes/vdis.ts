@@ -1,5 +1,6 @@
 /** POST/GET /v1/vdis, GET/PATCH/DELETE /v1/vdis/{vdi} */
 import { Router } from 'express';
+import { ConflictError } from '../errors.js';
 import { validateBody } from '../http/openapi.js';
 import type { Services } from '../services.js';
 import type { CreateVdi } from '../storage/vdis.js';
@@ -27,6 +28,14 @@ export function vdiRoutes(s: Services): Router {
       res.json(await s.vdis.toJson(await s.vdis.update(req.params.vdi, patch)));
     })
     .delete('/v1/vdis/:vdi', async (req, res) => {
+      const open = s.transfers.activeOn(req.params.vdi);
+      if (open.length) {
+        throw new ConflictError(
+          'VDI_BUSY',
+          `VDI ${req.params.vdi} has ${open.length} open transfer(s) (${open[0].id}); cancel or finish them first`,
+          { transfers: open.map((t) => t.id) },
+        );
+      }
       await s.vdis.delete(req.params.vdi);
       res.status(204).end();
     });

@@ -63,7 +63,7 @@ export function xapiRoutes(s: Services): Router {
   const auth = xapiAuth(s.config.token);
   return Router()
     .put('/import_raw_vdi', auth, async (req, res) => {
-      const task = await s.imports.importWhole({
+      const task = await s.transfers.importWhole({
         vdi: vdiParam(req),
         format: formatParam(req),
         body: req,

@@ -48,6 +48,27 @@ const MIGRATIONS: readonly string[] = [
    );
    CREATE INDEX tasks_by_vdi ON tasks(vdi_id, created_at);
    CREATE INDEX tasks_by_status ON tasks(status, created_at);`,
+  `CREATE TABLE transfers (
+     id TEXT PRIMARY KEY,
+     vdi_id TEXT NOT NULL,
+     direction TEXT NOT NULL,
+     format TEXT NOT NULL,
+     size INTEGER,
+     checksum TEXT,
+     token_hash TEXT NOT NULL,
+     task_id TEXT NOT NULL,
+     staging_path TEXT,
+     state TEXT NOT NULL,
+     ttl_seconds INTEGER NOT NULL,
+     expires_at TEXT NOT NULL,
+     created_at TEXT NOT NULL,
+     received TEXT NOT NULL DEFAULT '[]',
+     source_url TEXT,
+     target_url TEXT,
+     metadata TEXT
+   );
+   CREATE INDEX transfers_by_vdi ON transfers(vdi_id, state);
+   CREATE INDEX transfers_by_state ON transfers(state, expires_at);`,
 ];
 
 export function openDb(file: string): Db {

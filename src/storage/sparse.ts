@@ -9,12 +9,16 @@
  * If the addon is missing (not built), every file reads as fully allocated:
  * slower, never wrong.
  */
+
+import type { FileHandle } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { type Extent, mergeExtents } from './block-image.js';
+import { ZEROS } from './zero.js';
 
 interface SeekAddon {
   seekData(fd: number, offset: number): number;
   seekHole(fd: number, offset: number): number;
+  punchHole(fd: number, offset: number, length: number): boolean;
 }
 
 function loadAddon(): SeekAddon | null {
@@ -55,4 +59,18 @@ export function fileExtents(fd: number, size: number): Extent[] {
     pos = end;
   }
   return mergeExtents(out);
+}
+
+/**
+ * Makes [offset, offset + length) of an open file read as zeros, freeing its
+ * blocks where the file system can (a hole), writing zeros where it cannot.
+ */
+export async function zeroRange(handle: FileHandle, offset: number, length: number): Promise<void> {
+  if (length <= 0) return;
+  if (addon?.punchHole(handle.fd, offset, length)) return;
+  for (let pos = offset; pos < offset + length; ) {
+    const n = Math.min(ZEROS.length, offset + length - pos);
+    await handle.write(ZEROS, 0, n, pos);
+    pos += n;
+  }
 }

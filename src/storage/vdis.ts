@@ -197,7 +197,12 @@ export class VdiStore {
   async commitContent(
     id: string,
     stagedFile: string,
-    opts: { virtualSize?: number; touchContent?: boolean } = {},
+    opts: {
+      virtualSize?: number;
+      touchContent?: boolean;
+      /** More writes that must commit together with the switch (e.g. the transfer's state). */
+      inTransaction?: () => void;
+    } = {},
   ): Promise<Vdi> {
     const vdi = this.get(id);
     const sr = this.srOf(vdi);
@@ -205,18 +210,21 @@ export class VdiStore {
     const fileName = generationFileName(vdi.id, generation, vdi.image_format);
     await fsp.rename(stagedFile, path.join(sr.path, fileName));
     await fsyncDir(sr.path);
-    this.db
-      .prepare(
-        `UPDATE vdis SET generation=@generation, file_name=@fileName, virtual_size=@virtualSize,
+    this.db.transaction(() => {
+      this.db
+        .prepare(
+          `UPDATE vdis SET generation=@generation, file_name=@fileName, virtual_size=@virtualSize,
            content_updated_at=@updatedAt WHERE id=@id`,
-      )
-      .run({
-        id,
-        generation,
-        fileName,
-        virtualSize: opts.virtualSize ?? vdi.virtual_size,
-        updatedAt: opts.touchContent === false ? vdi.content_updated_at : nowIso(),
-      });
+        )
+        .run({
+          id,
+          generation,
+          fileName,
+          virtualSize: opts.virtualSize ?? vdi.virtual_size,
+          updatedAt: opts.touchContent === false ? vdi.content_updated_at : nowIso(),
+        });
+      opts.inTransaction?.();
+    })();
     await fsp.rm(path.join(sr.path, vdi.file_name), { force: true });
     return this.get(id);
   }

@@ -22,27 +22,41 @@ export function zeroBuffer(length: number): Buffer {
 }
 
 /**
- * Calls `onData(start, end)` for each maximal run of non-zero ZERO_BLOCK_BYTES
- * blocks in buf[0, length). Block boundaries are relative to `baseOffset`, the
- * position of buf[0] in the disk, so holes align with the file system's blocks.
+ * Splits buf[0, length) into maximal runs of all-zero and non-zero
+ * ZERO_BLOCK_BYTES blocks and calls `onRun(start, end, zero)` for each, in
+ * order. Block boundaries are relative to `baseOffset`, the position of buf[0]
+ * in the disk, so holes align with the file system's blocks.
  */
+export function forEachRun(
+  buf: Buffer,
+  length: number,
+  baseOffset: number,
+  onRun: (start: number, end: number, zero: boolean) => void,
+): void {
+  let runStart = 0;
+  let runZero: boolean | null = null;
+  let pos = 0;
+  while (pos < length) {
+    const blockEnd = Math.min(length, pos + ZERO_BLOCK_BYTES - ((baseOffset + pos) % ZERO_BLOCK_BYTES));
+    const zero = isZero(buf, pos, blockEnd);
+    if (runZero !== null && zero !== runZero) {
+      onRun(runStart, pos, runZero);
+      runStart = pos;
+    }
+    runZero = zero;
+    pos = blockEnd;
+  }
+  if (runZero !== null) onRun(runStart, length, runZero);
+}
+
+/** Calls `onData(start, end)` for each maximal run of non-zero blocks (see forEachRun). */
 export function forEachDataRun(
   buf: Buffer,
   length: number,
   baseOffset: number,
   onData: (start: number, end: number) => void,
 ): void {
-  let runStart = -1;
-  let pos = 0;
-  while (pos < length) {
-    const blockEnd = Math.min(length, pos + ZERO_BLOCK_BYTES - ((baseOffset + pos) % ZERO_BLOCK_BYTES));
-    const zero = isZero(buf, pos, blockEnd);
-    if (!zero && runStart < 0) runStart = pos;
-    if (zero && runStart >= 0) {
-      onData(runStart, pos);
-      runStart = -1;
-    }
-    pos = blockEnd;
-  }
-  if (runStart >= 0) onData(runStart, length);
+  forEachRun(buf, length, baseOffset, (s, e, zero) => {
+    if (!zero) onData(s, e);
+  });
 }

@@ -188,8 +188,22 @@ export class TaskManager {
     for (const t of this.live.values()) t.requestCancel(reason);
   }
 
-  /** Startup: tasks a previous process left running are failed; returns their staging files. */
-  recover(): string[] {
-    return this.store.failInterrupted(nowIso());
+  /**
+   * Startup: tasks a previous process left running are failed, except those in
+   * `keep` (owned by a resumable transfer, which adopts them); returns the
+   * staging files of the failed ones.
+   */
+  recover(keep: ReadonlySet<string> = new Set()): string[] {
+    return this.store.failInterrupted(nowIso(), keep);
+  }
+
+  /** Takes a running task of a previous process back under live control (a resumed transfer). */
+  adopt(id: string): RunningTask {
+    const live = this.live.get(id);
+    if (live) return live;
+    const record = this.get(id);
+    const task = new RunningTask(record, this);
+    this.live.set(id, task);
+    return task;
   }
 }

@@ -113,28 +113,26 @@ export class TaskStore {
 
   /**
    * After a restart nothing is running: every task left pending or running is
-   * failed as INTERRUPTED. Returns the staging files they held, for cleanup.
+   * failed as INTERRUPTED, except those in `keep`. Returns the staging files
+   * the failed ones held, for cleanup.
    */
-  failInterrupted(finishedAt: string): string[] {
+  failInterrupted(finishedAt: string, keep: ReadonlySet<string> = new Set()): string[] {
     return this.db.transaction(() => {
-      const rows = this.db
-        .prepare(
-          `SELECT staging_path FROM tasks WHERE status IN ('pending','running') AND staging_path IS NOT NULL`,
-        )
-        .all() as { staging_path: string }[];
-      this.db
-        .prepare(
-          `UPDATE tasks SET status='failure', finished_at=@finishedAt, error=@error
-           WHERE status IN ('pending','running')`,
-        )
-        .run({
-          finishedAt,
-          error: JSON.stringify({
-            code: 'INTERRUPTED',
-            message: 'the service stopped while this task was running; start the operation again',
-          }),
-        });
-      return rows.map((r) => r.staging_path);
+      const rows = (
+        this.db.prepare(`SELECT id, staging_path FROM tasks WHERE status IN ('pending','running')`).all() as {
+          id: string;
+          staging_path: string | null;
+        }[]
+      ).filter((r) => !keep.has(r.id));
+      const fail = this.db.prepare(
+        `UPDATE tasks SET status='failure', finished_at=@finishedAt, error=@error WHERE id=@id`,
+      );
+      const error = JSON.stringify({
+        code: 'INTERRUPTED',
+        message: 'the service stopped while this task was running; start the operation again',
+      });
+      for (const r of rows) fail.run({ id: r.id, finishedAt, error });
+      return rows.flatMap((r) => (r.staging_path ? [r.staging_path] : []));
     })();
   }
 }

@@ -25,6 +25,7 @@ export async function commitStaged(
   stagedFile: string,
   wireFormat: string,
   task: RunningTask,
+  inTransaction?: () => void,
 ): Promise<Vdi> {
   const image =
     wireFormat === 'raw'
@@ -45,13 +46,13 @@ export async function commitStaged(
     if (renameAsIs) {
       await image.flush();
       await image.close();
-      return await vdis.commitContent(vdi.id, stagedFile);
+      return await vdis.commitContent(vdi.id, stagedFile, { inTransaction });
     }
     converted = `${stagedFile}.${vdi.image_format}`;
     const source = image.virtualSize === vdi.virtual_size ? image : new ResizedImage(image, vdi.virtual_size);
     await convertInto(source, vdi.image_format, converted, { signal: task.signal });
     await image.close();
-    const committed = await vdis.commitContent(vdi.id, converted);
+    const committed = await vdis.commitContent(vdi.id, converted, { inTransaction });
     converted = null;
     return committed;
   } finally {

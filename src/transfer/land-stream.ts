@@ -10,7 +10,9 @@
  */
 import type { promises as fsp } from 'node:fs';
 import { InsufficientSpaceError, TooLargeError } from '../errors.js';
-import { forEachDataRun } from '../storage/zero.js';
+import { zeroRange } from '../storage/sparse.js';
+import { forEachRun } from '../storage/zero.js';
+import type { ByteRange } from './range-set.js';
 
 export const WRITE_CHUNK_BYTES = 1024 * 1024;
 
@@ -23,25 +25,42 @@ export interface LandOptions {
   onBytes?: (n: number) => void;
   /** Aborting ends the landing at once with the signal's reason, even while the client is silent. */
   signal?: AbortSignal;
+  /**
+   * What to do with all-zero blocks: 'skip' on a fresh file (they are holes
+   * already), 'punch' where earlier bytes may lie (a resumed upload).
+   */
+  zeros?: 'skip' | 'punch';
+  /** The parts of [start, end) to write; others are left as they are (bytes already received). Default: all. */
+  writable?: (start: number, end: number) => ByteRange[];
+  /** Sees every byte received, in order (e.g. to hash it). */
+  onChunk?: (chunk: Buffer) => void;
+  /** Updated as writes complete: every byte of [offset, offset + written) is in the file. */
+  progress?: { written: number };
 }
 
 /**
  * Iterates `body` but gives up as soon as `signal` aborts. The stream is left
  * undestroyed so the caller can still answer on the same connection.
+ *
+ * Each wait gets its own promise, rejected by the one abort listener. (Racing
+ * every `it.next()` against one long-lived "aborted" promise leaks: that
+ * promise never settles, so it keeps a reaction, and through it the chunk,
+ * for every race: a whole upload ends up in memory.)
  */
 async function* untilAborted(body: AsyncIterable<Buffer>, signal?: AbortSignal): AsyncGenerator<Buffer> {
   if (!signal) return yield* body;
   const it = body[Symbol.asyncIterator]();
-  let onAbort = () => {};
-  const aborted = new Promise<never>((_, reject) => {
-    onAbort = () => reject(signal.reason);
-    signal.addEventListener('abort', onAbort, { once: true });
-  });
-  aborted.catch(() => {});
+  let rejectWait: ((reason: unknown) => void) | null = null;
+  const onAbort = () => rejectWait?.(signal.reason);
+  signal.addEventListener('abort', onAbort, { once: true });
   try {
-    signal.throwIfAborted();
     while (true) {
-      const next = await Promise.race([it.next(), aborted]);
+      signal.throwIfAborted();
+      const next = await new Promise<IteratorResult<Buffer>>((resolve, reject) => {
+        rejectWait = reject;
+        it.next().then(resolve, reject);
+      });
+      rejectWait = null;
       if (next.done) return;
       yield next.value;
     }
@@ -50,11 +69,14 @@ async function* untilAborted(body: AsyncIterable<Buffer>, signal?: AbortSignal):
   }
 }
 
-/** Writes the non-zero blocks of buf[0, length) at file position `at`. */
-async function writeDataRuns(handle: fsp.FileHandle, buf: Buffer, length: number, at: number): Promise<void> {
+/** Writes buf[0, length) at file position `at`: data runs written, zero runs skipped or punched. */
+async function writeRuns(handle: fsp.FileHandle, buf: Buffer, length: number, at: number, opts: LandOptions) {
   const writes: Promise<unknown>[] = [];
-  forEachDataRun(buf, length, at, (s, e) => {
-    writes.push(handle.write(buf, s, e - s, at + s));
+  forEachRun(buf, length, at, (s, e, zero) => {
+    if (zero && opts.zeros !== 'punch') return;
+    for (const [ws, we] of opts.writable ? opts.writable(at + s, at + e) : [[at + s, at + e]]) {
+      writes.push(zero ? zeroRange(handle, ws, we - ws) : handle.write(buf, ws - at, we - ws, ws));
+    }
   });
   try {
     await Promise.all(writes);
@@ -74,6 +96,10 @@ export async function landStream(
   handle: fsp.FileHandle,
   opts: LandOptions,
 ): Promise<number> {
+  // Two buffers, used in turn: one fills while the other is being written.
+  // Reusing them (instead of a fresh 1 MiB buffer per write) keeps memory flat
+  // and spares the allocator and the GC a page-faulting 1 MiB block per MiB.
+  let spare = Buffer.allocUnsafe(WRITE_CHUNK_BYTES);
   let buf = Buffer.allocUnsafe(WRITE_CHUNK_BYTES);
   let fill = 0;
   let bufAt = opts.offset;
@@ -85,28 +111,44 @@ export async function landStream(
     await inFlight;
     if (writeError) throw writeError;
     const [b, n, at] = [buf, fill, bufAt];
-    inFlight = writeDataRuns(handle, b, n, at).catch((err) => {
-      writeError = err;
-    });
-    buf = Buffer.allocUnsafe(WRITE_CHUNK_BYTES);
+    inFlight = writeRuns(handle, b, n, at, opts).then(
+      () => {
+        if (opts.progress) opts.progress.written = at + n - opts.offset;
+      },
+      (err) => {
+        writeError = err;
+      },
+    );
+    // `spare`'s write finished (awaited above), so it can take the next bytes.
+    [buf, spare] = [spare, b];
     bufAt += n;
     fill = 0;
   };
 
-  for await (const chunk of untilAborted(body, opts.signal)) {
-    if (received + chunk.length > opts.limit) throw opts.tooLarge(received + chunk.length);
-    received += chunk.length;
-    let pos = 0;
-    while (pos < chunk.length) {
-      const n = chunk.copy(buf, fill, pos);
-      fill += n;
-      pos += n;
-      if (fill === buf.length) await startWrite();
+  try {
+    for await (const chunk of untilAborted(body, opts.signal)) {
+      if (received + chunk.length > opts.limit) throw opts.tooLarge(received + chunk.length);
+      received += chunk.length;
+      opts.onChunk?.(chunk);
+      let pos = 0;
+      while (pos < chunk.length) {
+        const n = chunk.copy(buf, fill, pos);
+        fill += n;
+        pos += n;
+        if (fill === buf.length) await startWrite();
+      }
+      opts.onBytes?.(chunk.length);
     }
-    opts.onBytes?.(chunk.length);
+    if (fill > 0) await startWrite();
+  } catch (err) {
+    // A broken upload keeps what it delivered: land the partial buffer too,
+    // so a resumable session can count every byte that arrived.
+    if (opts.progress && fill > 0 && !writeError) await startWrite().catch(() => {});
+    throw err;
+  } finally {
+    // Whatever happened, let the write in flight land so `progress` is true.
+    await inFlight;
   }
-  if (fill > 0) await startWrite();
-  await inFlight;
   if (writeError) throw writeError;
   return received;
 }

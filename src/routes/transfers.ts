@@ -1,0 +1,128 @@
+/**
+ * Resumable transfer sessions:
+ *   POST   /v1/transfers                 open a session
+ *   GET    /v1/transfers[/{id}]          state, with the ranges received
+ *   PUT    /v1/transfers/{id}/data       a chunk (Content-Range) or the whole stream
+ *   HEAD   /v1/transfers/{id}/data       Upload-Offset / Upload-Length (or export headers)
+ *   GET    /v1/transfers/{id}/data       a download session's bytes, with ranges
+ *   POST   /v1/transfers/{id}/finalize   commit an upload, as a task
+ *   DELETE /v1/transfers/{id}            cancel
+ */
+import { type Request, type Response, Router } from 'express';
+import { BadRequestError, ConflictError } from '../errors.js';
+import { validateBody } from '../http/openapi.js';
+import { requireTransferCredential } from '../http/transfer-auth.js';
+import { parseContentDigest, parseContentRange } from '../http/transfer-headers.js';
+import type { Services } from '../services.js';
+import type { CreateTransfer } from '../transfer/sessions.js';
+import type { Transfer } from '../transfer/transfer-store.js';
+import { sendExport } from './contents.js';
+
+function baseUrl(req: Request): string {
+  return `${req.protocol}://${req.get('host')}`;
+}
+
+/** The session named in the path, checked against the token when one authorized the request. */
+function transferOf(s: Services, req: Request, res: Response): Transfer {
+  const t = s.transfers.get(req.params.id as string);
+  return (res.locals.transfer as Transfer | undefined) ?? t;
+}
+
+export function transferRoutes(s: Services): Router {
+  const needCredential = requireTransferCredential(s.config.token);
+  return Router()
+    .post('/v1/transfers', async (req, res) => {
+      const body = validateBody<CreateTransfer & { source_url?: string; target_url?: string }>(
+        'TransferCreate',
+        req.body,
+      );
+      if (body.source_url || body.target_url) {
+        throw new BadRequestError(
+          'source_url and target_url (pull and push) are not available yet; upload or download through the url instead',
+          undefined,
+          'NOT_IMPLEMENTED',
+        );
+      }
+      const { transfer, token } = await s.transfers.create(body);
+      res
+        .status(201)
+        .location(`/v1/transfers/${transfer.id}`)
+        .json(s.transfers.toJson(transfer, { token, baseUrl: baseUrl(req) }));
+    })
+    .get('/v1/transfers', (req, res) => {
+      const vdi = typeof req.query.vdi === 'string' && req.query.vdi ? req.query.vdi : undefined;
+      res.json(
+        s.transfers.list({ vdi, active: req.query.active === 'true' }).map((t) => s.transfers.toJson(t)),
+      );
+    })
+    .get('/v1/transfers/:id', (req, res) => {
+      res.json(s.transfers.toJson(transferOf(s, req, res)));
+    })
+    .delete('/v1/transfers/:id', async (req, res) => {
+      res.json(s.transfers.toJson(await s.transfers.cancel(transferOf(s, req, res).id)));
+    })
+    .post('/v1/transfers/:id/finalize', async (req, res) => {
+      const t = transferOf(s, req, res);
+      const started = s.transfers.finalize(t.id);
+      const wait = Number(req.query.wait ?? 0);
+      const task = wait > 0 ? await s.tasks.wait(started.id, Math.min(wait, 300)) : started;
+      res.status(202).location(`/v1/tasks/${task.id}`).json(task);
+    })
+    .put('/v1/transfers/:id/data', needCredential, async (req, res) => {
+      const t = transferOf(s, req, res);
+      const rangeHeader = req.get('content-range');
+      const range = rangeHeader ? parseContentRange(rangeHeader) : undefined;
+      const digestHeader = req.get('content-digest');
+      const digest = digestHeader ? (parseContentDigest(digestHeader) ?? undefined) : undefined;
+      const length = req.get('content-length');
+      if (
+        range &&
+        range.end >= range.start &&
+        length !== undefined &&
+        Number(length) !== range.end - range.start + 1
+      ) {
+        throw new BadRequestError(
+          `Content-Length ${length} does not match Content-Range ${rangeHeader} (${range.end - range.start + 1} bytes)`,
+          undefined,
+          'INVALID_CONTENT_RANGE',
+        );
+      }
+      // `bytes */total` with no body only declares the length.
+      const after =
+        range && range.end < range.start
+          ? await s.transfers.declareTotal(t.id, range.total!)
+          : await s.transfers.write(t.id, req, { range, digest });
+      const state = s.transfers.uploadState(after.id);
+      res.setHeader('Upload-Offset', String(state.offset));
+      if (state.length !== null) res.setHeader('Upload-Length', String(state.length));
+      res.json(s.transfers.toJson(after));
+    })
+    .head('/v1/transfers/:id/data', needCredential, async (req, res) => {
+      const t = transferOf(s, req, res);
+      if (t.direction === 'download') return serveDownload(s, req, res, t);
+      const state = s.transfers.uploadState(t.id);
+      res.setHeader('Upload-Offset', String(state.offset));
+      if (state.length !== null) res.setHeader('Upload-Length', String(state.length));
+      res.setHeader('Cache-Control', 'no-store');
+      res.status(200).end();
+    })
+    .get('/v1/transfers/:id/data', needCredential, async (req, res) => {
+      const t = transferOf(s, req, res);
+      if (t.direction !== 'download') {
+        throw new ConflictError(
+          'WRONG_DIRECTION',
+          `transfer ${t.id} is an upload; GET its state at /v1/transfers/${t.id}`,
+        );
+      }
+      await serveDownload(s, req, res, t);
+    });
+}
+
+async function serveDownload(s: Services, req: Request, res: Response, t: Transfer): Promise<void> {
+  if (t.state !== 'open') throw new ConflictError('TRANSFER_NOT_ACTIVE', `transfer ${t.id} is ${t.state}`);
+  s.transfers.renew(t.id);
+  await sendExport(s, req, res, t.vdi_id, t.format, {
+    taskId: t.task_id,
+    onBytes: (n) => s.transfers.countServed(t.id, n),
+  });
+}

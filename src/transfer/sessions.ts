@@ -1,0 +1,719 @@
+/**
+ * Resumable transfer sessions: the unit of authority (a token for one VDI,
+ * one direction, one format, until it expires) and of resumption.
+ *
+ * An upload session owns a staging file. Chunks land at their offsets, in any
+ * order, in parallel, repeating bytes already sent; only bytes not yet
+ * received are written, so a resend can never damage what arrived. Finalize
+ * checks that every byte arrived, verifies the checksum, then validates,
+ * converts and commits in one step that a crash either completes or undoes.
+ *
+ * Durability (the fsync policy): a range counts as received only after
+ * fdatasync of the staging file, and is then recorded in SQLite. So the
+ * Upload-Offset that HEAD reports is always on disk. A long stream sent
+ * without Content-Range is checkpointed every CHECKPOINT_INTERVAL_MS the same
+ * way, and a broken connection keeps the bytes that arrived. The cost is one
+ * fdatasync per chunk and per second of streaming.
+ */
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import type { Readable } from 'node:stream';
+import type { Logger } from 'pino';
+import {
+  ApiError,
+  BadRequestError,
+  ConflictError,
+  formatBytes,
+  NotFoundError,
+  TooLargeError,
+  toApiError,
+} from '../errors.js';
+import { codecFor } from '../formats/index.js';
+import { safeEqual } from '../http/auth.js';
+import { hashImage } from '../ops/checksum.js';
+import type { Db } from '../storage/db.js';
+import { RawFileImage } from '../storage/raw-file-image.js';
+import { ResizedImage } from '../storage/resized-image.js';
+import { zeroRange } from '../storage/sparse.js';
+import type { Vdi, VdiStore } from '../storage/vdis.js';
+import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
+import type { Task } from '../tasks/task-store.js';
+import { commitStaged } from './commit.js';
+import { landStream } from './land-stream.js';
+import { type ByteRange, RangeSet } from './range-set.js';
+import { type Direction, type Transfer, TransferStore } from './transfer-store.js';
+
+export const DEFAULT_TTL_SECONDS = 3600;
+export const MAX_TTL_SECONDS = 7 * 24 * 3600;
+const CHECKPOINT_INTERVAL_MS = 1000;
+const REAP_INTERVAL_MS = 5000;
+const CHECKSUM_PATTERN = /^(sha256|sha1|md5):([0-9a-f]+)$/;
+const CHECKSUM_HEX_LENGTH: Record<string, number> = { sha256: 64, sha1: 40, md5: 32 };
+
+export interface CreateTransfer {
+  vdi: string;
+  direction: Direction;
+  format?: string;
+  size?: number;
+  checksum?: string;
+  ttl_seconds?: number;
+  metadata?: Record<string, string>;
+}
+
+export interface TransferJson {
+  id: string;
+  vdi: string;
+  direction: Direction;
+  format: string;
+  size: number | null;
+  checksum: string | null;
+  state: string;
+  task_id: string;
+  created_at: string;
+  expires_at: string;
+  ttl_seconds: number;
+  upload_offset: number;
+  bytes_received: number;
+  received: ByteRange[];
+  data_path: string;
+  url?: string;
+  token?: string;
+}
+
+/** A chunk's place: `bytes start-end/total` (end inclusive, total null for `*`). */
+export interface ChunkRange {
+  start: number;
+  end: number;
+  total: number | null;
+}
+
+export interface ChunkWrite {
+  range?: ChunkRange;
+  /** `Content-Digest` of the request, parsed: algorithm and raw digest. */
+  digest?: { algorithm: 'sha256' | 'sha512'; value: Buffer };
+  /** The one-shot import writes a fresh file from 0: zeros need no punching. */
+  fresh?: boolean;
+}
+
+/** What lives in memory while a session is active. */
+interface Live {
+  t: Transfer;
+  ranges: RangeSet;
+  task: RunningTask;
+  release: () => void;
+  handle: fsp.FileHandle | null;
+  writers: number;
+  finalizing: Promise<Task> | null;
+  /** Why the session ended badly, with its HTTP status, for the one-shot import's answer. */
+  failure: ApiError | null;
+}
+
+/** Marks the internal session of a one-shot PUT, which no client can resume. */
+const ONE_SHOT_KEY = 'diskport.one-shot';
+
+function isOneShot(t: Transfer): boolean {
+  return t.metadata?.[ONE_SHOT_KEY] === 'true';
+}
+
+function hashToken(token: string): string {
+  return createHash('sha256').update(token).digest('hex');
+}
+
+export function dataPath(id: string): string {
+  return `/v1/transfers/${id}/data`;
+}
+
+export class TransferService {
+  readonly store: TransferStore;
+  private readonly live = new Map<string, Live>();
+  private reaper: NodeJS.Timeout | null = null;
+
+  constructor(
+    db: Db,
+    private readonly vdis: VdiStore,
+    private readonly tasks: TaskManager,
+    private readonly logger?: Logger,
+  ) {
+    this.store = new TransferStore(db);
+  }
+
+  /** Sessions a previous process left active: their tasks and staging files must survive recovery. */
+  activeAtStartup(): { tasks: Set<string>; staging: Set<string> } {
+    const active = this.store.list({ active: true }).filter((t) => !isOneShot(t));
+    return {
+      tasks: new Set(active.map((t) => t.task_id)),
+      staging: new Set(active.flatMap((t) => (t.staging_path ? [t.staging_path] : []))),
+    };
+  }
+
+  /** Startup: takes active sessions back; a finalize that was running is run again from the staged bytes. */
+  resume(): void {
+    for (const t of this.store.list({ active: true })) {
+      if (isOneShot(t)) {
+        // Nobody holds a one-shot import's session: it died with its request.
+        t.state = 'failed';
+        this.store.save(t);
+        continue;
+      }
+      try {
+        const live = this.attach(t, this.tasks.adopt(t.task_id));
+        if (t.state === 'finalizing') {
+          this.logger?.info({ transfer: t.id }, 'finishing a finalize interrupted by a restart');
+          live.finalizing = this.runFinalize(live);
+        }
+      } catch (err) {
+        this.logger?.error({ err, transfer: t.id }, 'could not resume transfer');
+      }
+    }
+    this.reaper = setInterval(() => void this.reapExpired(), REAP_INTERVAL_MS);
+    this.reaper.unref();
+  }
+
+  stop(): void {
+    if (this.reaper) clearInterval(this.reaper);
+  }
+
+  private attach(t: Transfer, task: RunningTask): Live {
+    const release =
+      t.direction === 'upload' ? this.vdis.locks.acquire(t.vdi_id, `transfer ${t.id}`) : () => {};
+    const live: Live = {
+      t,
+      ranges: new RangeSet(t.received),
+      task,
+      release,
+      handle: null,
+      writers: 0,
+      finalizing: null,
+      failure: null,
+    };
+    this.live.set(t.id, live);
+    // Cancelling the task (POST /v1/tasks/{id}/cancel) cancels the session; a
+    // finalize in progress sees the same signal and unwinds by itself.
+    task.signal.addEventListener(
+      'abort',
+      () => {
+        if (live.t.state === 'open') void this.end(live, 'cancelled', task.signal.reason);
+      },
+      { once: true },
+    );
+    return live;
+  }
+
+  async create(req: CreateTransfer): Promise<{ transfer: Transfer; token: string }> {
+    const vdi = this.vdis.get(req.vdi);
+    const format = codecFor(req.format ?? 'raw').name;
+    const ttl = req.ttl_seconds ?? DEFAULT_TTL_SECONDS;
+    if (!Number.isInteger(ttl) || ttl < 1 || ttl > MAX_TTL_SECONDS) {
+      throw new BadRequestError(`ttl_seconds must be between 1 and ${MAX_TTL_SECONDS}, got ${ttl}`);
+    }
+    if (req.checksum !== undefined) parseChecksum(req.checksum);
+    if (req.size !== undefined) checkDeclaredSize(req.size, format, vdi);
+    if (req.direction === 'download' && (req.size !== undefined || req.checksum !== undefined)) {
+      throw new BadRequestError('size and checksum describe an upload; a download session takes neither');
+    }
+
+    const id = randomUUID();
+    const token = randomBytes(32).toString('base64url');
+    const taskId = randomUUID();
+    const upload = req.direction === 'upload';
+    const staging = upload ? this.vdis.stagingPath(vdi, `transfer-${id}.${format}`) : null;
+    const now = Date.now();
+    const t: Transfer = {
+      id,
+      vdi_id: vdi.id,
+      direction: req.direction,
+      format,
+      size: req.size ?? null,
+      checksum: req.checksum ?? null,
+      token_hash: hashToken(token),
+      task_id: taskId,
+      staging_path: staging,
+      state: 'open',
+      ttl_seconds: ttl,
+      expires_at: new Date(now + ttl * 1000).toISOString(),
+      created_at: new Date(now).toISOString(),
+      received: [],
+      source_url: null,
+      target_url: null,
+      metadata: req.metadata ?? null,
+    };
+    // One writer per VDI: take the lock before anything is created.
+    const release = upload ? this.vdis.locks.acquire(vdi.id, `transfer ${id}`) : () => {};
+    try {
+      if (staging) {
+        const h = await fsp.open(staging, 'w');
+        // A raw stream is the disk itself: its unsent parts are holes of the right size.
+        await h.truncate(format === 'raw' ? vdi.virtual_size : (t.size ?? 0));
+        await h.close();
+      }
+      const task = this.tasks.start(upload ? 'import' : 'export', vdi.id, {
+        id: taskId,
+        bytesTotal: t.size,
+        stagingPath: staging ?? undefined,
+      });
+      this.store.insert(t);
+      release();
+      this.attach(t, task);
+    } catch (err) {
+      release();
+      if (staging) await fsp.rm(staging, { force: true });
+      throw err;
+    }
+    return { transfer: t, token };
+  }
+
+  /** The session, if the id names one (any state). */
+  get(id: string): Transfer {
+    const t = this.live.get(id)?.t ?? this.store.get(id);
+    if (!t) throw new NotFoundError('transfer', id);
+    return t;
+  }
+
+  list(filter: { vdi?: string; active?: boolean }): Transfer[] {
+    return this.store.list(filter).map((t) => this.live.get(t.id)?.t ?? t);
+  }
+
+  /** True when `token` is this transfer's own. */
+  tokenMatches(t: Transfer, token: string): boolean {
+    return safeEqual(hashToken(token), t.token_hash);
+  }
+
+  isExpired(t: Transfer): boolean {
+    return Date.parse(t.expires_at) <= Date.now();
+  }
+
+  toJson(t: Transfer, secret?: { token: string; baseUrl: string }): TransferJson {
+    const ranges = this.live.get(t.id)?.ranges ?? new RangeSet(t.received);
+    return {
+      id: t.id,
+      vdi: t.vdi_id,
+      direction: t.direction,
+      format: t.format,
+      size: t.size,
+      checksum: t.checksum,
+      state: t.state,
+      task_id: t.task_id,
+      created_at: t.created_at,
+      expires_at: t.expires_at,
+      ttl_seconds: t.ttl_seconds,
+      upload_offset: ranges.contiguousFromZero(),
+      bytes_received: ranges.size(),
+      received: ranges.toJSON(),
+      data_path: dataPath(t.id),
+      ...(secret && {
+        url: `${secret.baseUrl}${dataPath(t.id)}?token=${secret.token}`,
+        token: secret.token,
+      }),
+    };
+  }
+
+  private active(id: string, direction?: Direction): Live {
+    const live = this.live.get(id);
+    if (!live) {
+      const t = this.get(id);
+      throw new ConflictError('TRANSFER_NOT_ACTIVE', `transfer ${id} is ${t.state}; open a new one`, {
+        state: t.state,
+      });
+    }
+    if (direction && live.t.direction !== direction) {
+      throw new ConflictError(
+        'WRONG_DIRECTION',
+        `transfer ${id} is a${live.t.direction === 'upload' ? 'n upload' : ' download'}; it does not take ${direction === 'upload' ? 'writes' : 'reads'}`,
+      );
+    }
+    return live;
+  }
+
+  /** Sliding expiry: activity keeps a session alive for another ttl. */
+  private touch(live: Live): void {
+    live.t.expires_at = new Date(Date.now() + live.t.ttl_seconds * 1000).toISOString();
+  }
+
+  /** Offset and length for HEAD. */
+  uploadState(id: string): { offset: number; length: number | null } {
+    const live = this.live.get(id);
+    const t = live?.t ?? this.get(id);
+    const ranges = live?.ranges ?? new RangeSet(t.received);
+    return { offset: ranges.contiguousFromZero(), length: t.size };
+  }
+
+  /** Lands one chunk (or the whole stream) of an upload; returns the session after it. */
+  async write(id: string, body: Readable, chunk: ChunkWrite = {}): Promise<Transfer> {
+    const live = this.active(id, 'upload');
+    const t = live.t;
+    if (t.state !== 'open') {
+      throw new ConflictError('TRANSFER_NOT_OPEN', `transfer ${id} is ${t.state}; it takes no more data`);
+    }
+    const vdi = this.vdis.get(t.vdi_id);
+    const range = chunk.range;
+    if (range) await this.learnTotal(live, range.total, vdi);
+    const start = range?.start ?? 0;
+    const limit = uploadLimit(t.format, vdi.virtual_size);
+    const total = t.size;
+    if (range && total !== null && range.end >= total) {
+      throw new TooLargeError(
+        `chunk bytes ${range.start}-${range.end} lands past the declared total of ${total} bytes`,
+        { total, chunk_end: range.end },
+        'CHUNK_PAST_END',
+      );
+    }
+    const expected = range ? range.end - range.start + 1 : (total ?? limit) - start;
+    const hash = chunk.digest ? createHash(chunk.digest.algorithm) : null;
+    const missingAtStart = live.ranges.missing(start, start + expected);
+    const progress = { written: 0 };
+    live.writers++;
+    const handle = await this.handleOf(live);
+    let recorded = start;
+    // The one-shot import's session has no holder to resume it: nothing to make durable early.
+    const durable = !chunk.fresh;
+    const record = async (end: number) => {
+      if (end <= recorded) return;
+      if (durable) await handle.datasync();
+      live.ranges.add(recorded, end);
+      recorded = end;
+      this.persistProgress(live);
+    };
+    const checkpoints =
+      hash || !durable
+        ? null
+        : setInterval(() => void record(start + progress.written).catch(() => {}), CHECKPOINT_INTERVAL_MS);
+    try {
+      const received = await landStream(body, handle, {
+        offset: start,
+        limit: expected,
+        tooLarge: (n) =>
+          range
+            ? new BadRequestError(
+                `the body is longer than its Content-Range bytes ${range.start}-${range.end} (${n} bytes or more)`,
+                undefined,
+                'CHUNK_TOO_LONG',
+              )
+            : new TooLargeError(
+                `upload is larger than ${total !== null ? `the declared ${total} bytes` : `the VDI allows (${formatBytes(limit)})`}`,
+                { limit: total ?? limit },
+              ),
+        signal: live.task.signal,
+        zeros: chunk.fresh ? 'skip' : 'punch',
+        writable: chunk.fresh ? undefined : (s, e) => live.ranges.missing(s, e),
+        onChunk: hash ? (c) => hash.update(c) : undefined,
+        progress,
+      });
+      if (hash && chunk.digest && !hash.digest().equals(chunk.digest.value)) {
+        // Only never-received parts were written: make them zeros again, as if the chunk never came.
+        for (const [s, e] of missingAtStart) await zeroRange(handle, s, Math.min(e, start + received) - s);
+        throw new BadRequestError(
+          'Content-Digest does not match the bytes received; the chunk was discarded, send it again',
+          undefined,
+          'DIGEST_MISMATCH',
+        );
+      }
+      if (range && received < expected) {
+        await record(start + received);
+        throw new BadRequestError(
+          `the body ended after ${received} of the ${expected} bytes of its Content-Range; the bytes that arrived were kept, send the rest`,
+          { received },
+          'CHUNK_INCOMPLETE',
+        );
+      }
+      if (!range && total === null) await this.learnTotal(live, received, vdi);
+      await record(start + received);
+      return t;
+    } catch (err) {
+      // A broken connection keeps what arrived (unless a digest must vouch for it first).
+      if (!hash && !(err instanceof ApiError && err.code === 'CHUNK_TOO_LONG')) {
+        await record(start + progress.written).catch(() => {});
+      }
+      throw err;
+    } finally {
+      if (checkpoints) clearInterval(checkpoints);
+      live.writers--;
+      this.touch(live);
+      this.persistProgress(live);
+    }
+  }
+
+  private async handleOf(live: Live): Promise<fsp.FileHandle> {
+    if (!live.handle) live.handle = await fsp.open(live.t.staging_path!, 'r+');
+    return live.handle;
+  }
+
+  /** Fixes the length of an upload without sending bytes (`Content-Range: bytes *\/total`). */
+  async declareTotal(id: string, total: number): Promise<Transfer> {
+    const live = this.active(id, 'upload');
+    await this.learnTotal(live, total, this.vdis.get(live.t.vdi_id));
+    return live.t;
+  }
+
+  /** The first chunk naming a total fixes it; later ones must agree. */
+  private async learnTotal(live: Live, total: number | null, vdi: Vdi): Promise<void> {
+    if (total === null) return;
+    const t = live.t;
+    if (t.size !== null && t.size !== total) {
+      throw new ConflictError(
+        'CONFLICTING_LENGTH',
+        `this chunk says the upload is ${total} bytes, but it was declared as ${t.size}`,
+        { declared: t.size, chunk_total: total },
+      );
+    }
+    if (t.size === null) {
+      checkDeclaredSize(total, t.format, vdi);
+      t.size = total;
+      live.task.setTotal(total);
+      if (t.format !== 'raw') await (await this.handleOf(live)).truncate(total);
+      this.store.save(t);
+    }
+  }
+
+  private persistProgress(live: Live): void {
+    live.t.received = live.ranges.toJSON();
+    live.task.record.bytes_done = live.ranges.size();
+    live.task.setTotal(live.t.size);
+    this.store.save(live.t);
+    this.tasks.persist(live.task.record);
+  }
+
+  /** Starts the commit of a complete upload; resolves with the task once started (see `completion`). */
+  finalize(id: string): Task {
+    const live = this.active(id, 'upload');
+    if (live.finalizing) return { ...live.task.record };
+    const t = live.t;
+    if (t.size === null) {
+      throw new ConflictError(
+        'SIZE_UNKNOWN',
+        'the upload length is not known yet: send a chunk with Content-Range bytes a-b/total, or declare size',
+      );
+    }
+    if (live.writers > 0) {
+      throw new ConflictError(
+        'TRANSFER_BUSY',
+        `${live.writers} chunk upload(s) still running; finalize when they have finished`,
+      );
+    }
+    const missing = live.ranges.missing(0, t.size);
+    if (missing.length) {
+      const bytes = missing.reduce((n, [s, e]) => n + e - s, 0);
+      throw new ConflictError(
+        'TRANSFER_INCOMPLETE',
+        `${bytes} of ${t.size} bytes have not arrived (first gap at ${missing[0][0]}); send them, then finalize`,
+        { missing: missing.slice(0, 16), missing_bytes: bytes },
+      );
+    }
+    t.state = 'finalizing';
+    this.store.save(t);
+    live.finalizing = this.runFinalize(live);
+    return { ...live.task.record };
+  }
+
+  /** Resolves when the session's finalize ends (success or failure). */
+  async completion(id: string): Promise<Task> {
+    const live = this.live.get(id);
+    if (live?.finalizing) return live.finalizing;
+    return this.tasks.get(this.get(id).task_id);
+  }
+
+  private async runFinalize(live: Live): Promise<Task> {
+    const { t, task } = live;
+    try {
+      await live.handle?.close();
+      live.handle = null;
+      const staged = t.staging_path!;
+      const vdi = this.vdis.get(t.vdi_id);
+      if (t.format !== 'raw') await fsp.truncate(staged, t.size!);
+      if (t.checksum) await verifyChecksum(staged, t.format === 'raw' ? vdi.virtual_size : t.size!, t, task);
+      const committed = await commitStaged(this.vdis, vdi, staged, t.format, task, () => {
+        t.state = 'committed';
+        this.store.save(t);
+      });
+      const done = task.succeed({
+        vdi: vdi.id,
+        format: t.format,
+        generation: committed.generation,
+        bytes_received: live.ranges.size(),
+        transfer: t.id,
+      });
+      await this.cleanup(live);
+      return done;
+    } catch (err) {
+      const failed = await this.end(live, 'failed', err);
+      return failed ?? task.record;
+    }
+  }
+
+  /** Cancels an active session: the VDI stays as it was. */
+  async cancel(id: string): Promise<Transfer> {
+    const live = this.active(id);
+    if (live.t.state === 'finalizing') {
+      throw new ConflictError(
+        'TRANSFER_FINALIZING',
+        `transfer ${id} is being committed; it can no longer be cancelled`,
+      );
+    }
+    if (live.t.direction === 'download') {
+      // A download session ends when its holder is done with it.
+      live.t.state = 'committed';
+      this.store.save(live.t);
+      live.task.succeed({
+        vdi: live.t.vdi_id,
+        format: live.t.format,
+        bytes_sent: live.task.record.bytes_done,
+      });
+      await this.cleanup(live);
+      return live.t;
+    }
+    await this.end(
+      live,
+      'cancelled',
+      new ApiError(409, 'TASK_CANCELLED', 'the transfer was cancelled by its holder'),
+    );
+    return live.t;
+  }
+
+  /** Ends a session without a commit: state, task outcome, staging removed, lock released. */
+  private async end(
+    live: Live,
+    state: 'cancelled' | 'expired' | 'failed',
+    reason: unknown,
+  ): Promise<Task | null> {
+    if (!this.live.has(live.t.id)) return null;
+    live.failure = toApiError(reason);
+    live.t.state = state;
+    this.store.save(live.t);
+    const task = live.task.fail(live.failure);
+    await this.cleanup(live);
+    return task;
+  }
+
+  private async cleanup(live: Live): Promise<void> {
+    this.live.delete(live.t.id);
+    await live.handle?.close().catch(() => {});
+    live.handle = null;
+    if (live.t.staging_path) await fsp.rm(live.t.staging_path, { force: true });
+    live.release();
+  }
+
+  /** Counts bytes a download session served. */
+  countServed(id: string, n: number): void {
+    const live = this.live.get(id);
+    if (!live) return;
+    live.task.addBytes(n);
+  }
+
+  /** Sliding expiry for downloads too: each request renews the session. */
+  renew(id: string): void {
+    const live = this.live.get(id);
+    if (!live) return;
+    this.touch(live);
+    this.store.save(live.t);
+  }
+
+  async reapExpired(): Promise<void> {
+    for (const live of [...this.live.values()]) {
+      if (live.t.state !== 'open' || live.writers > 0 || !this.isExpired(live.t)) continue;
+      this.logger?.info({ transfer: live.t.id }, 'transfer expired');
+      await this.end(
+        live,
+        'expired',
+        new ApiError(
+          410,
+          'TRANSFER_EXPIRED',
+          `the transfer expired after ${live.t.ttl_seconds} s without activity`,
+        ),
+      );
+    }
+  }
+
+  /** An upload session used for one request and committed at its end: the one-shot PUT. */
+  async importWhole(req: {
+    vdi: string;
+    format: string;
+    body: Readable;
+    contentLength?: number;
+  }): Promise<Task> {
+    const { transfer } = await this.create({
+      vdi: req.vdi,
+      direction: 'upload',
+      format: req.format,
+      size: req.contentLength,
+      metadata: { [ONE_SHOT_KEY]: 'true' },
+    });
+    const live = this.live.get(transfer.id)!;
+    try {
+      await this.write(transfer.id, req.body, { fresh: true });
+      this.finalize(transfer.id);
+    } catch (err) {
+      await this.end(live, 'failed', err);
+      throw live.failure ?? toApiError(err);
+    }
+    const task = await this.completion(transfer.id);
+    if (task.status !== 'success')
+      throw live.failure ?? new ApiError(500, 'IMPORT_FAILED', 'the import failed');
+    return task;
+  }
+
+  /** Are there active sessions on this VDI? (VDI deletion must wait.) */
+  activeOn(vdiId: string): Transfer[] {
+    return [...this.live.values()].filter((l) => l.t.vdi_id === vdiId).map((l) => l.t);
+  }
+}
+
+/**
+ * Largest upload accepted for a disk of `virtualSize` in `format`: the disk
+ * itself plus room for the container's metadata (qcow2 with 512-byte clusters
+ * spends 1/64 on L2 tables and a little on refcounts).
+ */
+export function uploadLimit(format: string, virtualSize: number): number {
+  return format === 'raw' ? virtualSize : virtualSize + Math.ceil(virtualSize / 32) + 16 * 1024 * 1024;
+}
+
+function checkDeclaredSize(size: number, format: string, vdi: Vdi): void {
+  if (!Number.isSafeInteger(size) || size < 0)
+    throw new BadRequestError(`size must be a byte count, got ${size}`);
+  const limit = uploadLimit(format, vdi.virtual_size);
+  if (size > limit) {
+    throw new TooLargeError(
+      `upload is larger than the VDI: ${size} bytes declared, ${format === 'raw' ? 'VDI virtual size is' : 'a ' + format + ' image of this VDI can be at most'} ${limit} bytes`,
+      { size, limit, virtual_size: vdi.virtual_size },
+    );
+  }
+}
+
+export function parseChecksum(value: string): { algorithm: 'sha256' | 'sha1' | 'md5'; hex: string } {
+  const m = CHECKSUM_PATTERN.exec(value.toLowerCase());
+  if (!m || CHECKSUM_HEX_LENGTH[m[1]] !== m[2].length) {
+    throw new BadRequestError(
+      `checksum must be 'sha256:<64 hex digits>' (or sha1:/md5:), got '${value}'`,
+      undefined,
+      'INVALID_CHECKSUM',
+    );
+  }
+  return { algorithm: m[1] as 'sha256' | 'sha1' | 'md5', hex: m[2] };
+}
+
+/** Hashes the staged stream [0, length), holes from memory, and compares with the declared checksum. */
+async function verifyChecksum(
+  staged: string,
+  fileSize: number,
+  t: Transfer,
+  task: RunningTask,
+): Promise<void> {
+  const { algorithm, hex } = parseChecksum(t.checksum!);
+  const file = await RawFileImage.open(staged, { virtualSize: fileSize });
+  // The stream is [0, size); a raw staging file is as long as the whole disk.
+  const image = new ResizedImage(file, t.size!);
+  try {
+    const actual = await hashImage(image, await image.extents(), algorithm, { signal: task.signal });
+    if (actual !== hex) {
+      throw new ApiError(
+        400,
+        'CHECKSUM_MISMATCH',
+        `the upload's ${algorithm} is ${actual}, not the declared ${hex}; nothing was changed, send the image again`,
+        {
+          expected: hex,
+          actual,
+        },
+      );
+    }
+  } finally {
+    await image.close();
+  }
+}

@@ -1,0 +1,84 @@
+/** Transfer sessions in the metadata store: they outlive the process, as resumable uploads must. */
+import type { Db } from '../storage/db.js';
+import type { ByteRange } from './range-set.js';
+
+export type Direction = 'upload' | 'download';
+export type TransferState = 'open' | 'finalizing' | 'committed' | 'cancelled' | 'expired' | 'failed';
+export const ACTIVE_STATES: readonly TransferState[] = ['open', 'finalizing'];
+
+export interface Transfer {
+  id: string;
+  vdi_id: string;
+  direction: Direction;
+  format: string;
+  /** Declared total bytes of the upload stream; null until known. */
+  size: number | null;
+  /** `algorithm:hex` of the whole stream, verified at finalize. */
+  checksum: string | null;
+  token_hash: string;
+  task_id: string;
+  staging_path: string | null;
+  state: TransferState;
+  ttl_seconds: number;
+  expires_at: string;
+  created_at: string;
+  received: ByteRange[];
+  source_url: string | null;
+  target_url: string | null;
+  metadata: Record<string, string> | null;
+}
+
+type Row = Omit<Transfer, 'received' | 'metadata'> & { received: string; metadata: string | null };
+
+function fromRow(r: Row): Transfer {
+  return { ...r, received: JSON.parse(r.received), metadata: r.metadata ? JSON.parse(r.metadata) : null };
+}
+
+export class TransferStore {
+  constructor(private readonly db: Db) {}
+
+  insert(t: Transfer): void {
+    this.db
+      .prepare(
+        `INSERT INTO transfers (id, vdi_id, direction, format, size, checksum, token_hash, task_id, staging_path, state,
+           ttl_seconds, expires_at, created_at, received, source_url, target_url, metadata)
+         VALUES (@id, @vdi_id, @direction, @format, @size, @checksum, @token_hash, @task_id, @staging_path, @state,
+           @ttl_seconds, @expires_at, @created_at, @received, @source_url, @target_url, @metadata)`,
+      )
+      .run({
+        ...t,
+        received: JSON.stringify(t.received),
+        metadata: t.metadata ? JSON.stringify(t.metadata) : null,
+      });
+  }
+
+  get(id: string): Transfer | undefined {
+    const row = this.db.prepare('SELECT * FROM transfers WHERE id = ?').get(id) as Row | undefined;
+    return row && fromRow(row);
+  }
+
+  list(filter: { vdi?: string; active?: boolean } = {}): Transfer[] {
+    const where: string[] = [];
+    if (filter.vdi) where.push('vdi_id = @vdi');
+    if (filter.active) where.push(`state IN ('open','finalizing')`);
+    const sql = `SELECT * FROM transfers ${where.length ? `WHERE ${where.join(' AND ')}` : ''} ORDER BY created_at DESC`;
+    return (this.db.prepare(sql).all({ vdi: filter.vdi }) as Row[]).map(fromRow);
+  }
+
+  /** Persists the mutable fields of a session. */
+  save(t: Transfer): void {
+    this.db
+      .prepare(
+        `UPDATE transfers SET size=@size, state=@state, expires_at=@expires_at, received=@received,
+           metadata=@metadata WHERE id=@id`,
+      )
+      .run({
+        id: t.id,
+        size: t.size,
+        state: t.state,
+        expires_at: t.expires_at,
+        received: JSON.stringify(t.received),
+        metadata: t.metadata ? JSON.stringify(t.metadata) : null,
+      });
+  }
+}
