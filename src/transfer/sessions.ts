@@ -22,6 +22,7 @@ import type { Logger } from 'pino';
 import {
   ApiError,
   BadRequestError,
+  CancelledError,
   ConflictError,
   formatBytes,
   NotFoundError,
@@ -89,10 +90,12 @@ export interface ChunkRange {
 
 export interface ChunkWrite {
   range?: ChunkRange;
-  /** `Content-Digest` of the request, parsed: algorithm and raw digest. */
-  digest?: { algorithm: 'sha256' | 'sha512'; value: Buffer };
+  /** Digest of the request body (`Content-Digest`, tus `Upload-Checksum`): algorithm and raw digest. */
+  digest?: { algorithm: 'sha256' | 'sha512' | 'sha1' | 'md5'; value: Buffer };
   /** The one-shot import writes a fresh file from 0: zeros need no punching. */
   fresh?: boolean;
+  /** A body shorter than `range` is fine: its bytes are kept (a tus PATCH may stop anywhere). */
+  partial?: boolean;
 }
 
 /** What lives in memory while a session is active. */
@@ -407,7 +410,7 @@ export class TransferService {
           'DIGEST_MISMATCH',
         );
       }
-      if (range && received < expected) {
+      if (range && received < expected && !chunk.partial) {
         await record(start + received);
         throw new BadRequestError(
           `the body ended after ${received} of the ${expected} bytes of its Content-Range; the bytes that arrived were kept, send the rest`,
@@ -563,7 +566,7 @@ export class TransferService {
     await this.end(
       live,
       'cancelled',
-      new ApiError(409, 'TASK_CANCELLED', 'the transfer was cancelled by its holder'),
+      new CancelledError('the transfer was cancelled by its holder; the VDI is unchanged'),
     );
     return live.t;
   }

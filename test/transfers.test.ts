@@ -1,0 +1,284 @@
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { after, before, describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { api, createVdi, sha256Url } from './helpers/api.js';
+import { prng, seededBytes, startServer, type TestServer } from './helpers/server.js';
+
+const MiB = 1024 * 1024;
+type TransferJson = {
+  id: string;
+  url: string;
+  token: string;
+  task_id: string;
+  state: string;
+  upload_offset: number;
+  bytes_received: number;
+  received: [number, number][];
+  size: number | null;
+};
+type ErrorBody = { error: { code: string; message: string; details?: Record<string, unknown> } };
+type Task = { id: string; status: string; error: { code: string } | null; bytes_done: number };
+
+const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+
+async function putChunk(
+  url: string,
+  data: Buffer,
+  start: number,
+  total: number | '*',
+  headers: Record<string, string> = {},
+) {
+  return fetch(url, {
+    method: 'PUT',
+    headers: { 'content-range': `bytes ${start}-${start + data.length - 1}/${total}`, ...headers },
+    body: new Uint8Array(data),
+  });
+}
+
+describe('resumable transfer sessions', () => {
+  let srv: TestServer;
+  before(async () => {
+    srv = await startServer();
+  });
+  after(() => srv.close());
+
+  const open = async (body: Record<string, unknown>) => {
+    const res = await api<TransferJson>(srv.url, 'POST', '/v1/transfers', body);
+    assert.equal(res.status, 201, JSON.stringify(res.body));
+    return res.body;
+  };
+  const finalize = async (t: TransferJson) =>
+    api<Task>(srv.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=30`);
+
+  test('chunks in random order, in parallel, with overlapping resends, finalize to the exact bytes', async () => {
+    const vdi = await createVdi(srv.url, 16 * MiB);
+    const data = seededBytes(16 * MiB, 1);
+    data.fill(0, 4 * MiB, 6 * MiB); // a hole in the middle
+    const t = await open({ vdi: vdi.id, direction: 'upload', format: 'raw', size: data.length });
+    assert.match(t.url, new RegExp(`/v1/transfers/${t.id}/data\\?token=`));
+    const CHUNK = MiB;
+    const order = [...Array(16).keys()];
+    const rnd = prng(5);
+    order.sort(() => rnd() - 0.5);
+    // four at a time, each resent half-overlapping its neighbour
+    for (let i = 0; i < order.length; i += 4) {
+      await Promise.all(
+        order.slice(i, i + 4).map(async (k) => {
+          const start = Math.max(0, k * CHUNK - CHUNK / 2);
+          const res = await putChunk(t.url, data.subarray(start, (k + 1) * CHUNK), start, data.length);
+          assert.equal(res.status, 200, await res.clone().text());
+        }),
+      );
+    }
+    const head = await fetch(t.url, { method: 'HEAD' });
+    assert.equal(head.headers.get('upload-offset'), String(data.length));
+    assert.equal(head.headers.get('upload-length'), String(data.length));
+    const state = await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${t.id}?token=${t.token}`);
+    assert.deepEqual(state.body.received, [[0, data.length]]);
+    const task = await finalize(t);
+    assert.equal(task.status, 202);
+    assert.equal(task.body.status, 'success', JSON.stringify(task.body));
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), sha256(data));
+    const after = await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${t.id}`);
+    assert.equal(after.body.state, 'committed');
+  });
+
+  test('HEAD reports the contiguous offset; a curl-style resume sends only the rest', async () => {
+    const vdi = await createVdi(srv.url, 4 * MiB);
+    const data = seededBytes(4 * MiB, 2);
+    const t = await open({ vdi: vdi.id, direction: 'upload', size: data.length });
+    await putChunk(t.url, data.subarray(0, MiB), 0, data.length);
+    await putChunk(t.url, data.subarray(3 * MiB), 3 * MiB, data.length);
+    const head = await fetch(t.url, { method: 'HEAD' });
+    assert.equal(head.headers.get('upload-offset'), String(MiB));
+    const early = await api<ErrorBody>(srv.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}`);
+    assert.equal(early.status, 409);
+    assert.equal(early.body.error.code, 'TRANSFER_INCOMPLETE');
+    assert.deepEqual((early.body.error.details as { missing: number[][] }).missing, [[MiB, 3 * MiB]]);
+    await putChunk(t.url, data.subarray(MiB, 3 * MiB), MiB, data.length);
+    assert.equal((await finalize(t)).body.status, 'success');
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), sha256(data));
+  });
+
+  test('a whole stream without Content-Range, with a checksum verified at finalize', async () => {
+    const vdi = await createVdi(srv.url, 2 * MiB);
+    const data = seededBytes(2 * MiB, 3);
+    const t = await open({ vdi: vdi.id, direction: 'upload', checksum: `sha256:${sha256(data)}` });
+    const put = await fetch(t.url, { method: 'PUT', body: new Uint8Array(data) });
+    assert.equal(put.status, 200);
+    assert.equal(put.headers.get('upload-offset'), String(data.length));
+    assert.equal((await finalize(t)).body.status, 'success');
+  });
+
+  test('a wrong checksum fails the task with CHECKSUM_MISMATCH and leaves the VDI unchanged', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const before = await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`);
+    const data = seededBytes(MiB, 4);
+    const t = await open({
+      vdi: vdi.id,
+      direction: 'upload',
+      size: MiB,
+      checksum: `sha256:${'0'.repeat(64)}`,
+    });
+    await fetch(t.url, { method: 'PUT', body: new Uint8Array(data) });
+    const task = await finalize(t);
+    assert.equal(task.body.status, 'failure');
+    assert.equal(task.body.error?.code, 'CHECKSUM_MISMATCH');
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), before);
+  });
+
+  test('a chunk whose Content-Digest does not match is discarded with 400; the right one counts', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const data = seededBytes(MiB, 6);
+    const t = await open({ vdi: vdi.id, direction: 'upload', size: MiB });
+    const good = `sha-256=:${createHash('sha256').update(data).digest('base64')}:`;
+    const bad = `sha-256=:${createHash('sha256').update('other').digest('base64')}:`;
+    const refused = await putChunk(t.url, data, 0, MiB, { 'content-digest': bad });
+    assert.equal(refused.status, 400);
+    assert.equal(((await refused.json()) as ErrorBody).error.code, 'DIGEST_MISMATCH');
+    const head = await fetch(t.url, { method: 'HEAD' });
+    assert.equal(head.headers.get('upload-offset'), '0', 'a discarded chunk does not count');
+    const ok = await putChunk(t.url, data, 0, MiB, { 'content-digest': good });
+    assert.equal(ok.status, 200);
+    assert.equal((await finalize(t)).body.status, 'success');
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), sha256(data));
+  });
+
+  test('chunks that contradict or overrun the declared total are refused', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const t = await open({ vdi: vdi.id, direction: 'upload', size: 1000 });
+    const conflicting = await putChunk(t.url, Buffer.alloc(10, 1), 0, 2000);
+    assert.equal(conflicting.status, 409);
+    assert.equal(((await conflicting.json()) as ErrorBody).error.code, 'CONFLICTING_LENGTH');
+    const past = await putChunk(t.url, Buffer.alloc(10, 1), 995, '*');
+    assert.equal(past.status, 413);
+    assert.equal(((await past.json()) as ErrorBody).error.code, 'CHUNK_PAST_END');
+    const malformed = await fetch(t.url, {
+      method: 'PUT',
+      headers: { 'content-range': 'bytes 5-1/1000' },
+      body: 'x',
+    });
+    assert.equal(malformed.status, 400);
+    assert.equal(((await malformed.json()) as ErrorBody).error.code, 'INVALID_CONTENT_RANGE');
+    await api(srv.url, 'DELETE', `/v1/transfers/${t.id}`);
+    const tooBig = await api<ErrorBody>(srv.url, 'POST', '/v1/transfers', {
+      vdi: vdi.id,
+      direction: 'upload',
+      size: 2 * MiB,
+    });
+    assert.equal(tooBig.status, 413);
+  });
+
+  test('one writer per VDI: a second upload session and deleting the VDI are refused with VDI_BUSY', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const t = await open({ vdi: vdi.id, direction: 'upload' });
+    const second = await api<ErrorBody>(srv.url, 'POST', '/v1/transfers', {
+      vdi: vdi.id,
+      direction: 'upload',
+    });
+    assert.equal(second.status, 409);
+    assert.equal(second.body.error.code, 'VDI_BUSY');
+    const del = await api<ErrorBody>(srv.url, 'DELETE', `/v1/vdis/${vdi.id}`);
+    assert.equal(del.status, 409);
+    assert.equal(del.body.error.code, 'VDI_BUSY');
+    const oneShot = await fetch(`${srv.url}/v1/vdis/${vdi.id}/contents`, { method: 'PUT', body: 'x' });
+    assert.equal(oneShot.status, 409);
+    const cancelled = await api<TransferJson>(srv.url, 'DELETE', `/v1/transfers/${t.id}?token=${t.token}`);
+    assert.equal(cancelled.body.state, 'cancelled');
+    const task = await api<Task>(srv.url, 'GET', `/v1/tasks/${t.task_id}`);
+    assert.equal(task.body.status, 'cancelled');
+    assert.equal((await api(srv.url, 'DELETE', `/v1/vdis/${vdi.id}`)).status, 204);
+  });
+
+  test('cancelling the task of an upload session cancels the session and removes its staging file', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const t = await open({ vdi: vdi.id, direction: 'upload', size: MiB });
+    await putChunk(t.url, seededBytes(1000, 9), 0, MiB);
+    await api(srv.url, 'POST', `/v1/tasks/${t.task_id}/cancel`);
+    await sleep(50);
+    const state = await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${t.id}`);
+    assert.equal(state.body.state, 'cancelled');
+    const late = await putChunk(t.url, seededBytes(1000, 9), 1000, MiB);
+    assert.equal(late.status, 409);
+    assert.equal(((await late.json()) as ErrorBody).error.code, 'TRANSFER_NOT_ACTIVE');
+  });
+
+  test("token scope: no token, another transfer's token and an expired token are refused; nothing is written", async () => {
+    const a = await createVdi(srv.url, MiB);
+    const b = await createVdi(srv.url, MiB);
+    const ta = await open({ vdi: a.id, direction: 'upload', size: MiB });
+    const tb = await open({ vdi: b.id, direction: 'upload', size: MiB, ttl_seconds: 1 });
+    const dataUrl = `${srv.url}/v1/transfers/${ta.id}/data`;
+    const none = await putChunk(dataUrl, Buffer.alloc(512, 1), 0, MiB);
+    assert.equal(none.status, 401);
+    assert.equal(((await none.json()) as ErrorBody).error.code, 'TOKEN_REQUIRED');
+    const other = await putChunk(`${dataUrl}?token=${tb.token}`, Buffer.alloc(512, 1), 0, MiB);
+    assert.equal(other.status, 403);
+    assert.equal(((await other.json()) as ErrorBody).error.code, 'TOKEN_INVALID');
+    const bearer = await putChunk(dataUrl, Buffer.alloc(512, 1), 0, MiB, {
+      authorization: `Bearer ${tb.token}`,
+    });
+    assert.equal(bearer.status, 403);
+    const unknown = await putChunk(`${srv.url}/v1/transfers/nope/data?token=x`, Buffer.alloc(512, 1), 0, MiB);
+    assert.equal(unknown.status, 404);
+    assert.equal(((await unknown.json()) as ErrorBody).error.code, 'TRANSFER_NOT_FOUND');
+    await sleep(1100);
+    const expired = await putChunk(tb.url, Buffer.alloc(512, 1), 0, MiB);
+    assert.equal(expired.status, 403);
+    assert.equal(((await expired.json()) as ErrorBody).error.code, 'TRANSFER_EXPIRED');
+    const state = await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${ta.id}`);
+    assert.equal(state.body.bytes_received, 0, 'nothing was written');
+    await srv.services.transfers.reapExpired();
+    const reaped = await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${tb.id}`);
+    assert.equal(reaped.body.state, 'expired');
+    const task = await api<Task>(srv.url, 'GET', `/v1/tasks/${tb.task_id}`);
+    assert.equal(task.body.status, 'failure');
+    assert.equal(task.body.error?.code, 'TRANSFER_EXPIRED');
+  });
+
+  test('a download session serves ranges without the management token and counts bytes on its task', async () => {
+    const vdi = await createVdi(srv.url, 4 * MiB);
+    const data = seededBytes(4 * MiB, 12);
+    await fetch(`${srv.url}/v1/vdis/${vdi.id}/contents`, { method: 'PUT', body: new Uint8Array(data) });
+    const t = await open({ vdi: vdi.id, direction: 'download', format: 'raw' });
+    const head = await fetch(t.url, { method: 'HEAD' });
+    const etag = head.headers.get('etag')!;
+    assert.equal(head.headers.get('content-length'), String(data.length));
+    const part = await fetch(t.url, { headers: { range: 'bytes=1000-1999', 'if-range': etag } });
+    assert.equal(part.status, 206);
+    assert.ok(Buffer.from(await part.arrayBuffer()).equals(data.subarray(1000, 2000)));
+    const task = await api<Task>(srv.url, 'GET', `/v1/tasks/${t.task_id}`);
+    assert.equal(task.body.bytes_done, 1000);
+    const write = await putChunk(t.url, Buffer.alloc(10), 0, 10);
+    assert.equal(write.status, 409);
+    const done = await api<TransferJson>(srv.url, 'DELETE', `/v1/transfers/${t.id}?token=${t.token}`);
+    assert.equal(done.body.state, 'committed');
+    assert.equal((await fetch(t.url)).status, 409, 'an ended download session serves nothing');
+  });
+});
+
+describe('transfer sessions with a management token', () => {
+  let srv: TestServer;
+  before(async () => {
+    srv = await startServer({ token: 'admin-secret' });
+  });
+  after(() => srv.close());
+
+  test('the holder of a transfer url never needs the management token', async () => {
+    const auth = { authorization: 'Bearer admin-secret' };
+    const vdi = (
+      await api<{ id: string }>(srv.url, 'POST', '/v1/vdis', { name_label: 'x', virtual_size: MiB }, auth)
+    ).body;
+    const t = (
+      await api<TransferJson>(srv.url, 'POST', '/v1/transfers', { vdi: vdi.id, direction: 'upload' }, auth)
+    ).body;
+    const data = seededBytes(MiB, 13);
+    assert.equal((await putChunk(t.url, data, 0, MiB)).status, 200);
+    assert.equal((await fetch(t.url, { method: 'HEAD' })).headers.get('upload-offset'), String(MiB));
+    const task = await api<Task>(srv.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=30`);
+    assert.equal(task.body.status, 'success');
+    const denied = await api<ErrorBody>(srv.url, 'GET', `/v1/vdis/${vdi.id}?token=${t.token}`);
+    assert.equal(denied.status, 401, 'a transfer token opens nothing else');
+  });
+});
