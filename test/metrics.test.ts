@@ -45,7 +45,10 @@ describe('GET /metrics', () => {
     const before = await scrape(srv.url);
     const vdi = await createVdi(srv.url, 8 * MiB);
     const body = seededBytes(8 * MiB, 5);
-    const put = await fetch(`${srv.url}/v1/vdis/${vdi.id}/contents?format=raw`, { method: 'PUT', body });
+    const put = await fetch(`${srv.url}/v1/vdis/${vdi.id}/contents?format=raw`, {
+      method: 'PUT',
+      body: new Uint8Array(body),
+    });
     assert.equal(put.status, 200, await put.text());
     await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents?format=raw`);
 
@@ -66,7 +69,7 @@ describe('GET /metrics', () => {
     const vdi = await createVdi(srv.url, MiB);
     const res = await fetch(`${srv.url}/v1/vdis/${vdi.id}/contents?format=raw`, {
       method: 'PUT',
-      body: seededBytes(2 * MiB, 6),
+      body: new Uint8Array(seededBytes(2 * MiB, 6)),
     });
     assert.equal(res.status, 413, await res.text());
     const text = await scrape(srv.url);

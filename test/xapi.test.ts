@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { promises as fsp } from 'node:fs';
+import http from 'node:http';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { availableFormats } from '../src/formats/index.js';
@@ -200,13 +201,21 @@ describe('xapi-compatible endpoints with a token', () => {
 
     const other = path.join(dir, 'other.raw');
     await writeImage(other, 3);
-    const refused = await api(
-      srv.url,
-      'PUT',
-      `/import_raw_vdi?session_id=OpaqueRef:abc&vdi=${vdi}&format=raw`,
-      await fsp.readFile(other),
-    );
-    assert.equal(refused.status, 403);
+    // The refusal comes from the headers alone: send a first piece of the body and wait for it.
+    const req = http.request(`${srv.url}/import_raw_vdi?session_id=OpaqueRef:abc&vdi=${vdi}&format=raw`, {
+      method: 'PUT',
+      headers: { 'content-length': String(SIZE) },
+    });
+    const refused = new Promise<number>((resolve, reject) => {
+      req.on('response', (r) => {
+        r.resume();
+        resolve(r.statusCode ?? 0);
+      });
+      req.on('error', reject);
+    });
+    req.write((await fsp.readFile(other)).subarray(0, 64 * 1024));
+    assert.equal(await refused, 403);
+    req.destroy();
     const out = path.join(dir, 'after-refusal.raw');
     await curl(['-o', out, `${srv.url}/export_raw_vdi?session_id=${token}&vdi=${vdi}`]);
     assert.equal(await sha256File(out), await sha256File(disk), 'the refused import changed nothing');
