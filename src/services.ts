@@ -45,6 +45,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     logger.info({ interrupted: interrupted.length, removed }, 'recovered from an unclean stop');
   }
 
+  const checksums = new ChecksumService(vdis, tasks);
   const observed = observeTasks(tasks);
 
   return {
@@ -55,12 +56,13 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     vdis,
     tasks,
     transfers,
-    checksums: new ChecksumService(vdis, tasks),
+    checksums,
     metrics: observed.metrics,
     async close() {
       // Operations in flight end with the process, as in a crash: recovery
       // fails plain tasks as INTERRUPTED and resumes transfer sessions.
       transfers.stop();
+      checksums.stop();
       observed.stop();
       db.close();
     },

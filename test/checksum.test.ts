@@ -157,6 +157,50 @@ describe('GET /v1/vdis/{vdi}/checksum', () => {
   });
 });
 
+describe('checksum tasks: cancel and shutdown', () => {
+  const GiB = 1024 * MiB;
+
+  test('a running checksum task can be cancelled', async () => {
+    const srv = await startServer();
+    try {
+      const vdi = await createVdi(srv.url, 4 * GiB);
+      const started = await api<Task>(srv.url, 'GET', `/v1/vdis/${vdi.id}/checksum?algorithm=md5&async=true`);
+      assert.equal(started.status, 202);
+      const cancel = await api<Task>(srv.url, 'POST', `/v1/tasks/${started.body.id}/cancel`);
+      assert.equal(cancel.status, 202);
+      const done = await api<Task>(srv.url, 'GET', `/v1/tasks/${started.body.id}?wait=30`);
+      assert.equal(done.body.status, 'cancelled');
+      assert.ok(done.body.bytes_done < 4 * GiB);
+      const again = await api<Task>(srv.url, 'GET', `/v1/vdis/${vdi.id}/checksum?algorithm=md5&async=true`);
+      assert.equal(again.status, 202, 'a cancelled checksum leaves nothing in the cache');
+      await api(srv.url, 'POST', `/v1/tasks/${again.body.id}/cancel`);
+    } finally {
+      await srv.close();
+    }
+  });
+
+  test('a checksum task running when the service stops is recorded as interrupted at restart', async () => {
+    const srv = await startServer();
+    const vdi = await createVdi(srv.url, 4 * GiB);
+    const started = await api<Task>(srv.url, 'GET', `/v1/vdis/${vdi.id}/checksum?async=true`);
+    assert.equal(started.status, 202);
+    await srv.close();
+    const again = await startServer({ dataDir: srv.dataDir });
+    try {
+      const task = await api<Task & { error: { code: string } }>(
+        again.url,
+        'GET',
+        `/v1/tasks/${started.body.id}`,
+      );
+      assert.equal(task.body.status, 'failure');
+      assert.equal(task.body.error.code, 'INTERRUPTED');
+    } finally {
+      await again.close();
+      await fsp.rm(srv.dataDir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('hashImage', () => {
   /** An in-memory disk that records what is read from it. */
   function memoryImage(bytes: Buffer, extents: Extent[]): BlockImage & { bytesRead: number } {

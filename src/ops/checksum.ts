@@ -111,11 +111,18 @@ export class ChecksumService {
   private readonly cache = new LRUCache<string, ChecksumResult>({ max: CACHE_ENTRIES });
   /** Checksum tasks still running, so a second request for the same content joins the first. */
   private readonly running = new Map<string, RunningTask>();
+  /** Aborted by stop(): the service is closing and its task store with it. */
+  private readonly stopping = new AbortController();
 
   constructor(
     private readonly vdis: VdiStore,
     private readonly tasks: TaskManager,
   ) {}
+
+  /** Ends the running checksum tasks without recording them (the service is closing). */
+  stop(): void {
+    this.stopping.abort();
+  }
 
   /**
    * The checksum of the VDI's current content: from the cache, computed
@@ -151,7 +158,7 @@ export class ChecksumService {
       this.running.set(key, task);
       handedToTask = true;
       this.runTask(task, key, vdi, image, extents, algorithm).catch(() => {
-        // Only when the service closed under the task (its store is gone): restart recovery records it.
+        // Only if the store closed under the task: restart recovery records it as interrupted.
       });
       return { kind: 'task', task: { ...task.record } };
     } finally {
@@ -169,14 +176,15 @@ export class ChecksumService {
   ): Promise<void> {
     try {
       const checksum = await hashImage(image, extents, algorithm, {
-        signal: task.signal,
+        signal: AbortSignal.any([task.signal, this.stopping.signal]),
         onBytes: (n) => task.addBytes(n),
       });
       const result = toResult(vdi, image, algorithm, checksum);
       this.cache.set(key, result);
       task.succeed({ ...result });
     } catch (err) {
-      task.fail(toApiError(err));
+      // Stopped with the service, as in a crash: restart recovery records the task as interrupted.
+      if (!this.stopping.signal.aborted) task.fail(toApiError(err));
     } finally {
       this.running.delete(key);
       await image.close().catch(() => undefined);
