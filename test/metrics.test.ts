@@ -65,15 +65,18 @@ describe('GET /metrics', () => {
     assert.equal(sample(text, 'diskport_active_transfers'), 0);
   });
 
-  test('a refused import counts as a failure', async () => {
-    const vdi = await createVdi(srv.url, MiB);
-    const res = await fetch(`${srv.url}/v1/vdis/${vdi.id}/contents?format=raw`, {
+  test('an import that fails counts as a failure', async () => {
+    const failures = (text: string) =>
+      sample(text, 'diskport_tasks_total', { type: 'import', status: 'failure' }) ?? 0;
+    const before = failures(await scrape(srv.url));
+    const vdi = await createVdi(srv.url, 4 * MiB);
+    const res = await fetch(`${srv.url}/v1/vdis/${vdi.id}/contents?format=vhd`, {
       method: 'PUT',
-      body: new Uint8Array(seededBytes(2 * MiB, 6)),
+      body: new Uint8Array(seededBytes(MiB, 6)),
     });
-    assert.equal(res.status, 413, await res.text());
-    const text = await scrape(srv.url);
-    assert.ok((sample(text, 'diskport_tasks_total', { type: 'import', status: 'failure' }) ?? 0) >= 1);
+    assert.equal(res.status, 400, 'random bytes are not a VHD');
+    assert.equal(((await res.json()) as { error: { code: string } }).error.code, 'MALFORMED_IMAGE');
+    assert.equal(failures(await scrape(srv.url)), before + 1);
   });
 
   test('an upload in progress is an active transfer until it ends', async () => {
