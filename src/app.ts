@@ -13,6 +13,7 @@ import { metricsRoutes } from './routes/metrics.js';
 import { srRoutes } from './routes/srs.js';
 import { taskRoutes } from './routes/tasks.js';
 import { transferRoutes } from './routes/transfers.js';
+import { tusRoutes } from './routes/tus.js';
 import { vdiRoutes } from './routes/vdis.js';
 import { xapiRoutes } from './routes/xapi.js';
 import type { Services } from './services.js';
@@ -54,6 +55,7 @@ export function createApp(s: Services): Express {
   app.use(checksumRoutes(s));
   app.use(taskRoutes(s));
   app.use(transferRoutes(s));
+  app.use(tusRoutes(s));
   app.use(xapiRoutes(s));
   app.use(notFoundHandler);
   app.use(errorHandler);

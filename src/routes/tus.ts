@@ -1,0 +1,107 @@
+/**
+ * tus 1.0 resumable uploads (https://tus.io/protocols/resumable-upload):
+ *   OPTIONS /v1/tus/        Tus-Version, Tus-Extension, Tus-Checksum-Algorithm
+ *   POST    /v1/tus/        create an upload (creation, creation-with-upload)
+ *   HEAD    /v1/tus/{id}    Upload-Offset, Upload-Length, Upload-Metadata
+ *   PATCH   /v1/tus/{id}    append at Upload-Offset (checksum: Upload-Checksum)
+ *   DELETE  /v1/tus/{id}    terminate: the VDI stays as it was
+ *
+ * The protocol is @tus/server's (one handler per method); the storage is
+ * TransferTusStore, over transfer sessions. This layer adds what @tus/server
+ * lacks: the checksum extension (Upload-Checksum, checked by the session as
+ * the body lands), errors as diskport's JSON, and the log of failures.
+ */
+import { Server } from '@tus/server';
+import type { ERRORS } from '@tus/utils';
+import type { Response as ExpressResponse, Request } from 'express';
+import { Router } from 'express';
+import { NodeRequest } from 'srvx/node';
+import { ApiError, toApiError } from '../errors.js';
+import { toErrorBody } from '../http/errors.js';
+import { parseUploadChecksum, TUS_CHECKSUM_ALGORITHMS } from '../http/tus-headers.js';
+import type { Services } from '../services.js';
+import { TransferTusStore, type TusRequestContext, tusRequest } from '../transfer/tus-store.js';
+
+export const TUS_PATH = '/v1/tus';
+const TUS_RESUMABLE = '1.0.0';
+
+type TusError = (typeof ERRORS)[keyof typeof ERRORS];
+
+/** Codes for the errors @tus/server answers itself, by status. */
+const CODE_OF_STATUS: Record<number, string> = {
+  400: 'INVALID_TUS_REQUEST',
+  403: 'INVALID_TUS_REQUEST',
+  404: 'NOT_FOUND',
+  409: 'OFFSET_MISMATCH',
+  410: 'UPLOAD_GONE',
+  412: 'TUS_VERSION_UNSUPPORTED',
+  413: 'TOO_LARGE',
+  501: 'NOT_IMPLEMENTED',
+};
+
+/** @tus/server's own errors are `{status_code, body}`: give them a code and diskport's shape. */
+function toTusApiError(err: unknown): ApiError {
+  const tus = err as Partial<TusError> | undefined;
+  if (!(err instanceof Error) && typeof tus?.status_code === 'number' && typeof tus.body === 'string') {
+    return new ApiError(tus.status_code, CODE_OF_STATUS[tus.status_code] ?? 'TUS_ERROR', tus.body.trim());
+  }
+  return toApiError(err);
+}
+
+export function tusRoutes(s: Services): Router {
+  const store = new TransferTusStore(s.transfers);
+  const tus = new Server({
+    path: TUS_PATH,
+    datastore: store,
+    // The API is for clients with the bearer token, not for browsers of other origins.
+    allowedOrigins: () => false,
+    async onUploadFinish(_req, upload) {
+      const task = await store.commit(upload.id);
+      return { headers: { 'X-Task-Id': task.id } };
+    },
+    onResponseError(_req, err) {
+      const context = tusRequest.getStore();
+      if (context) context.error = err;
+      const e = toTusApiError(err);
+      return { status_code: e.status, body: JSON.stringify(toErrorBody(e)) };
+    },
+  });
+
+  return Router().all(`${TUS_PATH}{/:id}`, async (req, res) => {
+    res.setHeader('Tus-Resumable', TUS_RESUMABLE);
+    const checksum = req.get('upload-checksum');
+    const context: TusRequestContext = { digest: checksum ? parseUploadChecksum(checksum) : undefined };
+    const answer = await tusRequest.run(context, () => tus.handleWeb(new NodeRequest({ req, res })));
+    if (answer.status >= 500) req.log?.error({ err: context.error }, 'tus request failed');
+    await send(req, res, answer);
+  });
+}
+
+/** Writes @tus/server's answer; errors become `{"error": {...}}` JSON like every other endpoint's. */
+async function send(req: Request, res: ExpressResponse, answer: globalThis.Response): Promise<void> {
+  const headers = new Headers(answer.headers);
+  // CORS is off (allowedOrigins), so @tus/server's Access-Control-* headers would only be noise.
+  for (const name of [...headers.keys()]) if (name.startsWith('access-control-')) headers.delete(name);
+  if (req.method === 'OPTIONS') headers.set('Tus-Checksum-Algorithm', TUS_CHECKSUM_ALGORITHMS.join(','));
+  let body: Buffer | null = Buffer.from(await answer.arrayBuffer());
+  if (body.length === 0) {
+    body = null;
+    headers.delete('Content-Type'); // the '' bodies of @tus/server's answers are no text
+  }
+  if (answer.status >= 400) {
+    const text = body?.toString() ?? '';
+    const json = text.startsWith('{"error"')
+      ? text
+      : JSON.stringify(toErrorBody(toTusApiError({ status_code: answer.status, body: text })));
+    body = Buffer.from(json);
+    headers.set('Content-Type', 'application/json; charset=utf-8');
+    headers.set('Content-Length', String(body.length));
+    if (!req.complete) headers.set('Connection', 'close');
+  }
+  res.status(answer.status);
+  headers.forEach((value, name) => {
+    res.setHeader(name, value);
+  });
+  if (body) res.end(body);
+  else res.end();
+}
