@@ -1,0 +1,201 @@
+#!/usr/bin/env node
+/**
+ * diskport: the command-line client of a diskport server.
+ *
+ *   diskport upload FILE --vdi ID [--format raw|vhd|qcow2] [--server URL] [--token T]
+ *   diskport download --vdi ID [--format F] -o FILE
+ *
+ * Both resume by themselves after network errors, with backoff. Exit status:
+ * 0 done, 1 failed (the reason, the server's message when it gave one, on stderr).
+ */
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { describeDownload, download } from './download.js';
+import { createClient, HttpError } from './http.js';
+import { DEFAULT_RETRY, type RetryPolicy } from './retry.js';
+import { describeUpload, upload } from './upload.js';
+
+const MiB = 1024 * 1024;
+const DEFAULT_SERVER = 'http://127.0.0.1:8080';
+const DEFAULT_CHUNK_BYTES = 8 * MiB;
+const FORMATS = ['raw', 'vhd', 'qcow2'];
+
+/** `8M`, `512k`, `1G`, or plain bytes. */
+export function parseSize(value: string): number {
+  const m = /^(\d+)\s*([kmgt]?)(i?b)?$/i.exec(value.trim());
+  if (!m) throw new InvalidArgumentError('expected a size such as 8M, 512K or 1048576');
+  const n = Number(m[1]) * 1024 ** ' kmgt'.indexOf((m[2] || ' ').toLowerCase());
+  if (!Number.isSafeInteger(n) || n < 4096) throw new InvalidArgumentError('at least 4K');
+  return n;
+}
+
+function positiveInt(min: number) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < min) throw new InvalidArgumentError(`expected an integer >= ${min}`);
+    return n;
+  };
+}
+
+interface CommonOptions {
+  server: string;
+  token?: string;
+  vdi: string;
+  format: string;
+  ttl?: number;
+  retries: number;
+  retryTime: number;
+  retryDelay: number;
+  progress: boolean;
+  json?: boolean;
+  verbose?: boolean;
+}
+
+function commonOptions(cmd: Command): Command {
+  return cmd
+    .requiredOption('--vdi <id>', 'the VDI to write or read')
+    .addOption(
+      new Option('-f, --format <format>', 'wire format of the image').choices(FORMATS).default('raw'),
+    )
+    .addOption(
+      new Option('-s, --server <url>', 'diskport server').env('DISKPORT_SERVER').default(DEFAULT_SERVER),
+    )
+    .addOption(
+      new Option('-t, --token <token>', 'management token (sent as Authorization: Bearer)').env(
+        'DISKPORT_TOKEN',
+      ),
+    )
+    .option('--ttl <seconds>', 'idle time before the server expires the session', positiveInt(1))
+    .option(
+      '--retries <n>',
+      'consecutive failed attempts before giving up (resets on progress)',
+      positiveInt(0),
+      DEFAULT_RETRY.retries,
+    )
+    .option(
+      '--retry-time <seconds>',
+      'give up after this long without progress',
+      positiveInt(1),
+      DEFAULT_RETRY.maxElapsedMs / 1000,
+    )
+    .option(
+      '--retry-delay <ms>',
+      'first backoff delay; doubles each attempt (with jitter), capped at 30 s',
+      positiveInt(1),
+      DEFAULT_RETRY.baseDelayMs,
+    )
+    .option('--no-progress', 'no progress bar (also off when stderr is not a terminal)')
+    .option('--json', 'print a JSON summary on stdout when done')
+    .option('-v, --verbose', 'log each request and retry on stderr');
+}
+
+function retryPolicy(o: CommonOptions): RetryPolicy {
+  return {
+    ...DEFAULT_RETRY,
+    retries: o.retries,
+    baseDelayMs: o.retryDelay,
+    maxElapsedMs: o.retryTime * 1000,
+  };
+}
+
+function showProgress(o: CommonOptions): boolean {
+  return o.progress && Boolean(process.stderr.isTTY);
+}
+
+export function buildProgram(): Command {
+  const program = new Command('diskport')
+    .description('Upload and download virtual disk images (raw, vhd, qcow2) to and from a diskport server')
+    .version('0.1.0')
+    .showHelpAfterError()
+    .addHelpText(
+      'after',
+      `
+Examples:
+  diskport upload disk.img --vdi 5f0c... --server http://host:8080 --token $TOKEN
+  diskport upload disk.qcow2 --vdi 5f0c... --format qcow2 --checksum
+  diskport download --vdi 5f0c... --format vhd -o disk.vhd
+
+Environment: DISKPORT_SERVER, DISKPORT_TOKEN. Exit status: 0 done, 1 failed.`,
+    );
+
+  commonOptions(
+    program
+      .command('upload')
+      .description(
+        'upload FILE into a VDI: resumable, holes and zero blocks not sent, parallel chunks for raw',
+      )
+      .argument('<file>', 'the image file to send'),
+  )
+    .option('--chunk-size <size>', 'bytes per request (K, M, G suffixes)', parseSize, DEFAULT_CHUNK_BYTES)
+    .option(
+      '-p, --parallel <n>',
+      'chunks in flight at once (default: 4 for raw, 1 otherwise)',
+      positiveInt(1),
+    )
+    .option('--checksum', 'compute the sha256 of FILE first; the server verifies it before committing')
+    .action(
+      async (
+        file: string,
+        o: CommonOptions & { chunkSize: number; parallel?: number; checksum?: boolean },
+      ) => {
+        const client = createClient(o.server, o.token);
+        try {
+          const summary = await upload(client, {
+            file,
+            vdi: o.vdi,
+            format: o.format,
+            chunkBytes: o.chunkSize,
+            parallel: o.parallel ?? (o.format === 'raw' ? 4 : 1),
+            checksum: Boolean(o.checksum),
+            ttlSeconds: o.ttl,
+            progress: showProgress(o),
+            retry: retryPolicy(o),
+            verbose: o.verbose,
+          });
+          if (o.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
+          else process.stderr.write(`${describeUpload(summary)}\n`);
+        } finally {
+          await client.agent.close();
+        }
+      },
+    );
+
+  commonOptions(
+    program
+      .command('download')
+      .description('download a VDI in a wire format to a file: resumable, written sparse')
+      .requiredOption('-o, --output <file>', 'the file to write (replaced)'),
+  ).action(async (o: CommonOptions & { output: string }) => {
+    const client = createClient(o.server, o.token);
+    try {
+      const summary = await download(client, {
+        vdi: o.vdi,
+        format: o.format,
+        output: o.output,
+        ttlSeconds: o.ttl,
+        progress: showProgress(o),
+        retry: retryPolicy(o),
+      });
+      if (o.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
+      else process.stderr.write(`${describeDownload(summary)}\n`);
+    } finally {
+      await client.agent.close();
+    }
+  });
+  return program;
+}
+
+function describeError(err: unknown): string {
+  if (err instanceof HttpError) return `${err.message} (${err.code})`;
+  if (err instanceof Error) {
+    const code = (err as { code?: string }).code;
+    return code && !err.message.includes(code) ? `${err.message} (${code})` : err.message;
+  }
+  return String(err);
+}
+
+buildProgram()
+  .parseAsync(process.argv)
+  .catch((err: unknown) => {
+    process.stderr.write(`diskport: ${describeError(err)}\n`);
+    process.exitCode = 1;
+  });

@@ -1,0 +1,79 @@
+/** The client side of a transfer session: create, state, and the shapes the server answers with. */
+import { type Client, callJson } from './http.js';
+
+export type Range = [start: number, end: number];
+
+export interface TransferJson {
+  id: string;
+  vdi: string;
+  direction: 'upload' | 'download';
+  format: string;
+  size: number | null;
+  state: string;
+  task_id: string;
+  received: Range[];
+  data_path: string;
+  url?: string;
+  token?: string;
+}
+
+export interface TaskJson {
+  id: string;
+  status: 'pending' | 'running' | 'success' | 'failure' | 'cancelled';
+  progress: number;
+  error: { code: string; message: string } | null;
+  result: unknown;
+}
+
+export interface Session {
+  id: string;
+  taskId: string;
+  token: string;
+  /** Absolute URL of the session's data, with its token. */
+  dataUrl: string;
+  /** Path of the session's JSON state, with its token. */
+  statePath: string;
+}
+
+export async function openSession(
+  client: Client,
+  body: Record<string, unknown>,
+): Promise<{ session: Session; transfer: TransferJson }> {
+  const t = await callJson<TransferJson>(client, {
+    method: 'POST',
+    path: '/v1/transfers',
+    body,
+    management: true,
+  });
+  const token = encodeURIComponent(t.token!);
+  return {
+    transfer: t,
+    session: {
+      id: t.id,
+      taskId: t.task_id,
+      token: t.token!,
+      // Built from --server rather than the returned url: the server may not know how it is reached.
+      dataUrl: `${client.server}${t.data_path}?token=${token}`,
+      statePath: `/v1/transfers/${encodeURIComponent(t.id)}?token=${token}`,
+    },
+  };
+}
+
+export function transferState(client: Client, s: Session): Promise<TransferJson> {
+  return callJson<TransferJson>(client, { method: 'GET', path: s.statePath });
+}
+
+/** The parts of [start, end) not covered by `ranges` (merged, ordered). */
+export function missingIn(ranges: readonly Range[], start: number, end: number): Range[] {
+  const out: Range[] = [];
+  let pos = start;
+  for (const [s, e] of ranges) {
+    if (e <= pos) continue;
+    if (s >= end) break;
+    if (s > pos) out.push([pos, Math.min(s, end)]);
+    pos = Math.max(pos, e);
+    if (pos >= end) break;
+  }
+  if (pos < end) out.push([pos, end]);
+  return out;
+}

@@ -1,0 +1,303 @@
+/**
+ * `diskport upload`: sends a file into a VDI through a resumable session.
+ *
+ * The file is cut into chunks on a grid of --chunk-size; holes (SEEK_HOLE)
+ * and all-zero blocks are not sent, since the server's staging file starts
+ * sparse. Chunks go up --parallel at a time, each with Content-Range. When a
+ * request fails on the network, the chunk is retried with backoff, and only
+ * its parts the server has not recorded (GET the session's `received`) are
+ * sent again. Finalize commits; if the server says ranges are missing (a
+ * server that wants every byte, zeros included), they are sent and finalize
+ * runs again.
+ */
+import { createHash } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import { type Client, callJson, errorOf, HttpError, request } from './http.js';
+import { createProgress, formatBytes, type Progress } from './progress.js';
+import { type RetryPolicy, withRetry } from './retry.js';
+import {
+  missingIn,
+  openSession,
+  type Range,
+  type Session,
+  type TaskJson,
+  type TransferJson,
+  transferState,
+} from './session.js';
+import { dataPieces, dataRuns, type Piece } from './sparse-reader.js';
+
+const HASH_BLOCK_BYTES = 4 * 1024 * 1024;
+const FINALIZE_WAIT_SECONDS = 300;
+/** Rounds of "finalize says bytes are missing, send them" before giving up. */
+const MAX_FILL_ROUNDS = 3;
+
+export interface UploadOptions {
+  file: string;
+  vdi: string;
+  format: string;
+  chunkBytes: number;
+  parallel: number;
+  checksum: boolean;
+  ttlSeconds?: number;
+  progress: boolean;
+  retry: RetryPolicy;
+  /** Logs each request on stderr. */
+  verbose?: boolean;
+}
+
+export interface UploadSummary {
+  transfer: string;
+  task: TaskJson;
+  size: number;
+  /** Payload bytes put on the wire (retries included; headers not). */
+  bytes_sent: number;
+  /** Bytes never sent: holes and zero blocks. */
+  bytes_skipped: number;
+  /** Zeros sent because finalize asked for them. */
+  zero_bytes_filled: number;
+  retries: number;
+}
+
+async function readFull(handle: fsp.FileHandle, start: number, end: number): Promise<Buffer> {
+  const buf = Buffer.allocUnsafe(end - start);
+  let got = 0;
+  while (got < buf.length) {
+    const { bytesRead } = await handle.read(buf, got, buf.length - got, start + got);
+    if (bytesRead === 0) throw new Error(`the source file shrank while it was read (at byte ${start + got})`);
+    got += bytesRead;
+  }
+  return buf;
+}
+
+async function sha256Of(handle: fsp.FileHandle, size: number): Promise<string> {
+  const hash = createHash('sha256');
+  for (let pos = 0; pos < size; pos += HASH_BLOCK_BYTES) {
+    hash.update(await readFull(handle, pos, Math.min(size, pos + HASH_BLOCK_BYTES)));
+  }
+  return hash.digest('hex');
+}
+
+export async function upload(client: Client, opts: UploadOptions): Promise<UploadSummary> {
+  const handle = await fsp.open(opts.file, 'r');
+  try {
+    const stat = await handle.stat();
+    if (!stat.isFile()) throw new Error(`${opts.file} is not a regular file`);
+    const size = stat.size;
+    const checksum = opts.checksum ? `sha256:${await sha256Of(handle, size)}` : undefined;
+    let retries = 0;
+    const retry: RetryPolicy = {
+      ...opts.retry,
+      onRetry: (err, attempt, delay) => {
+        retries++;
+        const line = `diskport: ${(err as Error).message || err}; retry ${attempt}/${opts.retry.retries} in ${(delay / 1000).toFixed(1)} s`;
+        if (progress) progress.log(line);
+        else process.stderr.write(`${line}\n`);
+      },
+    };
+    let progress: Progress | undefined;
+    const { session } = await withRetry(retry, () =>
+      openSession(client, {
+        vdi: opts.vdi,
+        direction: 'upload',
+        format: opts.format,
+        size,
+        ...(checksum && { checksum }),
+        ...(opts.ttlSeconds !== undefined && { ttl_seconds: opts.ttlSeconds }),
+      }),
+    );
+    progress = createProgress(`upload ${opts.format}`, size, opts.progress);
+    const sender = new ChunkSender(
+      client,
+      session,
+      size,
+      retry,
+      opts.verbose ? (l) => progress?.log(l) : undefined,
+    );
+    try {
+      const { pieces, holeBytes } = dataPieces(handle, size, opts.chunkBytes);
+      let done = holeBytes;
+      let skipped = holeBytes;
+      progress.set(done);
+      const queue = [...pieces];
+      const worker = async () => {
+        for (let p = queue.shift(); p; p = queue.shift()) {
+          const buf = await readFull(handle, p.start, p.end);
+          const runs = dataRuns(buf, p.start);
+          for (const r of runs) await sender.send(r, buf.subarray(r.start - p.start, r.end - p.start));
+          skipped += p.end - p.start - runs.reduce((n, r) => n + r.end - r.start, 0);
+          done += p.end - p.start;
+          progress?.set(done);
+        }
+      };
+      await Promise.all(Array.from({ length: Math.max(1, opts.parallel) }, worker));
+
+      let filled = 0;
+      let task: TaskJson | undefined;
+      for (let round = 0; !task; round++) {
+        try {
+          task = await finalize(client, session, retry);
+        } catch (err) {
+          if (!(err instanceof HttpError && err.code === 'TRANSFER_INCOMPLETE') || round >= MAX_FILL_ROUNDS) {
+            throw err;
+          }
+          // The server wants bytes we skipped (zeros), or a write it lost: send them as they are.
+          const state = await withRetry(retry, () => transferState(client, session));
+          const missing = missingIn(state.received, 0, size);
+          const chunks = missing.flatMap(([s, e]) => {
+            const out: Piece[] = [];
+            for (let pos = s; pos < e; pos += opts.chunkBytes) {
+              out.push({ start: pos, end: Math.min(e, pos + opts.chunkBytes) });
+            }
+            return out;
+          });
+          const fill = async () => {
+            for (let c = chunks.shift(); c; c = chunks.shift()) {
+              await sender.send(c, await readFull(handle, c.start, c.end));
+              filled += c.end - c.start;
+              skipped -= c.end - c.start;
+            }
+          };
+          await Promise.all(Array.from({ length: Math.max(1, opts.parallel) }, fill));
+        }
+      }
+      progress.set(size);
+      progress.stop();
+      if (task.status !== 'success') {
+        throw new HttpError(
+          500,
+          task.error?.code ?? 'IMPORT_FAILED',
+          task.error?.message ?? `the import ended as ${task.status}`,
+        );
+      }
+      return {
+        transfer: session.id,
+        task,
+        size,
+        bytes_sent: sender.bytesSent,
+        bytes_skipped: Math.max(0, skipped),
+        zero_bytes_filled: filled,
+        retries,
+      };
+    } catch (err) {
+      progress.stop();
+      // An open session holds the VDI (VDI_BUSY) until it expires: give it back.
+      await cancelSession(client, session);
+      throw err;
+    }
+  } finally {
+    await handle.close();
+  }
+}
+
+/** PUTs ranges of the stream, each retried until the server has all of it. */
+class ChunkSender {
+  bytesSent = 0;
+
+  constructor(
+    private readonly client: Client,
+    private readonly session: Session,
+    private readonly size: number,
+    private readonly retry: RetryPolicy,
+    private readonly log?: (line: string) => void,
+  ) {}
+
+  async send(range: Piece, data: Buffer): Promise<void> {
+    await withRetry(this.retry, async (attempt, progressed) => {
+      let todo: Range[] = [[range.start, range.end]];
+      // After a failure, ask what arrived: a cut connection keeps the bytes that made it.
+      if (attempt > 1) {
+        todo = missingIn((await transferState(this.client, this.session)).received, range.start, range.end);
+        this.log?.(`diskport: bytes ${range.start}-${range.end - 1}: missing ${JSON.stringify(todo)}`);
+      }
+      for (const [s, e] of todo) {
+        await this.put(s, e, data.subarray(s - range.start, e - range.start));
+        progressed();
+      }
+    });
+  }
+
+  private async put(start: number, end: number, body: Buffer): Promise<void> {
+    this.bytesSent += body.length;
+    this.log?.(`diskport: PUT bytes ${start}-${end - 1}/${this.size}`);
+    const res = await request(this.session.dataUrl, {
+      method: 'PUT',
+      headers: {
+        'content-type': 'application/octet-stream',
+        'content-range': `bytes ${start}-${end - 1}/${this.size}`,
+        'content-length': String(body.length),
+      },
+      body,
+      dispatcher: this.client.agent,
+    });
+    if (res.statusCode < 200 || res.statusCode >= 300) {
+      throw await errorOf(res, `PUT bytes ${start}-${end - 1}`);
+    }
+    await res.body.dump();
+  }
+}
+
+/** Commits the session and waits for its task; a lost answer is recovered from the session's state. */
+async function finalize(client: Client, session: Session, retry: RetryPolicy): Promise<TaskJson> {
+  return withRetry(retry, async () => {
+    let task: TaskJson;
+    try {
+      task = await callJson<TaskJson>(client, {
+        method: 'POST',
+        path: `/v1/transfers/${encodeURIComponent(session.id)}/finalize?token=${encodeURIComponent(session.token)}&wait=${FINALIZE_WAIT_SECONDS}`,
+      });
+    } catch (err) {
+      if (!(err instanceof HttpError)) throw err;
+      // A write the server has not yet seen end (a cut connection): finalize again shortly.
+      if (err.code === 'TRANSFER_BUSY') throw new HttpError(503, err.code, err.message);
+      // An earlier finalize whose answer was lost got there first.
+      if (err.code === 'TRANSFER_NOT_ACTIVE') return taskOf(client, session, err);
+      throw err;
+    }
+    if (task.status === 'pending' || task.status === 'running') {
+      // Still committing after the long poll: ask again (finalize of a finalizing session waits too).
+      throw new HttpError(503, 'STILL_RUNNING', 'the commit is still running');
+    }
+    return task;
+  });
+}
+
+async function taskOf(client: Client, session: Session, cause: HttpError): Promise<TaskJson> {
+  const state = (cause.details?.state as string | undefined) ?? '';
+  try {
+    return await callJson<TaskJson>(client, {
+      method: 'GET',
+      path: `/v1/tasks/${encodeURIComponent(session.taskId)}?wait=30`,
+      management: true,
+    });
+  } catch (err) {
+    // Tasks need the management token; the session's state says enough without it.
+    if (!(err instanceof HttpError) || (err.status !== 401 && err.status !== 403)) throw err;
+    if (state === 'committed') {
+      return { id: session.taskId, status: 'success', progress: 1, error: null, result: null };
+    }
+    throw new HttpError(409, cause.code, `the transfer ended as ${state || 'unknown'}: ${cause.message}`);
+  }
+}
+
+async function cancelSession(client: Client, session: Session): Promise<void> {
+  const path = `/v1/transfers/${encodeURIComponent(session.id)}?token=${encodeURIComponent(session.token)}`;
+  await request(client.server + path, {
+    method: 'DELETE',
+    dispatcher: client.agent,
+    headersTimeout: 5000,
+    bodyTimeout: 5000,
+  })
+    .then((r) => r.body.dump())
+    .catch(() => {});
+}
+
+export function describeUpload(s: UploadSummary): string {
+  return (
+    `uploaded ${formatBytes(s.size)}: sent ${formatBytes(s.bytes_sent)}, skipped ${formatBytes(s.bytes_skipped)} of zeros` +
+    (s.zero_bytes_filled ? ` (the server asked for ${formatBytes(s.zero_bytes_filled)} of zeros)` : '') +
+    (s.retries ? `, ${s.retries} retries` : '') +
+    `; task ${s.task.id}`
+  );
+}
+
+export type { TransferJson };

@@ -1,0 +1,351 @@
+/**
+ * The `diskport` CLI against a real server process, through a TCP proxy that
+ * cuts connections at seeded random points: uploads and downloads resume by
+ * themselves and the bytes come out the same.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { promises as fsp } from 'node:fs';
+import net, { type AddressInfo } from 'node:net';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { api, createVdi, curl, execFileP, sha256File, sha256Url } from './helpers/api.js';
+import { prng, ROOT, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
+
+const MiB = 1024 * 1024;
+const BLOCK = 512 * 1024;
+const CLI = path.join(ROOT, 'src/cli/main.ts');
+
+interface CliResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+function runCli(args: string[], env: Record<string, string> = {}): Promise<CliResult> {
+  const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], {
+    cwd: ROOT,
+    env: { ...process.env, DISKPORT_SERVER: '', DISKPORT_TOKEN: '', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => {
+    stdout += d;
+  });
+  child.stderr.on('data', (d) => {
+    stderr += d;
+  });
+  return new Promise((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+}
+
+interface CutProxy {
+  url: string;
+  /** Bytes forwarded client → server. */
+  bytesUp: number;
+  bytesDown: number;
+  cuts: number;
+  close(): Promise<void>;
+}
+
+/**
+ * A TCP proxy that cuts each of its first `cutConnections` connections after
+ * a seeded random number of bytes in one direction.
+ */
+async function cutProxy(
+  target: string,
+  opts: {
+    seed: number;
+    cutConnections: number;
+    direction: 'up' | 'down';
+    minBytes: number;
+    maxBytes: number;
+  },
+): Promise<CutProxy> {
+  const { hostname, port } = new URL(target);
+  const rnd = prng(opts.seed);
+  let connections = 0;
+  const sockets = new Set<net.Socket>();
+  const state: CutProxy = {
+    url: '',
+    bytesUp: 0,
+    bytesDown: 0,
+    cuts: 0,
+    async close() {
+      for (const s of sockets) s.destroy();
+      await new Promise((r) => server.close(r));
+    },
+  };
+  const server = net.createServer((client) => {
+    const index = connections++;
+    let budget =
+      index < opts.cutConnections
+        ? Math.floor(opts.minBytes + rnd() * (opts.maxBytes - opts.minBytes))
+        : Number.POSITIVE_INFINITY;
+    const upstream = net.connect(Number(port), hostname);
+    sockets.add(client).add(upstream);
+    const kill = () => {
+      client.destroy();
+      upstream.destroy();
+    };
+    const pipe = (from: net.Socket, to: net.Socket, up: boolean) => {
+      from.on('data', (buf: Buffer) => {
+        let out = buf;
+        const cutting = (opts.direction === 'up') === up;
+        if (cutting && out.length >= budget) {
+          out = out.subarray(0, budget);
+          budget = 0;
+        } else if (cutting) budget -= out.length;
+        if (up) state.bytesUp += out.length;
+        else state.bytesDown += out.length;
+        if (out.length && !to.write(out)) {
+          from.pause();
+          to.once('drain', () => from.resume());
+        }
+        if (cutting && budget === 0) {
+          state.cuts++;
+          // The sender's side breaks; the other side gets what was forwarded, then end of stream.
+          from.destroy();
+          to.end();
+          setTimeout(kill, 2000).unref();
+        }
+      });
+      from.on('end', () => to.end());
+      from.on('error', kill);
+      from.on('close', () => sockets.delete(from));
+    };
+    pipe(client, upstream, true);
+    pipe(upstream, client, false);
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  state.url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  return state;
+}
+
+/** A sparse file of 512 KiB blocks: seeded random data, holes, and allocated zeros. Returns its data bytes. */
+async function sparseSource(file: string, size: number, seed: number): Promise<number> {
+  const rnd = prng(seed);
+  const h = await fsp.open(file, 'w');
+  let data = 0;
+  try {
+    await h.truncate(size);
+    for (let off = 0; off < size; off += BLOCK) {
+      const r = rnd();
+      if (r < 0.6) {
+        await h.write(seededBytes(BLOCK, seed * 1000 + off / BLOCK), 0, BLOCK, off);
+        data += BLOCK;
+      } else if (r < 0.75) {
+        await h.write(Buffer.alloc(BLOCK), 0, BLOCK, off);
+      }
+    }
+  } finally {
+    await h.close();
+  }
+  return data;
+}
+
+const RETRY_FAST = [
+  '--retry-delay',
+  '300',
+  '--retries',
+  '8',
+  '--no-progress',
+  '--json',
+  ...(process.env.CLI_VERBOSE ? ['-v'] : []),
+];
+
+describe('the diskport CLI over a connection that breaks', () => {
+  let srv: ServerProcess;
+  let dir: string;
+  let source: string;
+  let dataBytes: number;
+  let rawVdi: string;
+  const rawNumbers = { sent: 0, filled: 0 };
+
+  before(async () => {
+    dir = await tempDir('diskport-cli-');
+    srv = await spawnServer(path.join(dir, 'data'));
+    source = path.join(dir, 'source.img');
+    dataBytes = await sparseSource(source, 32 * MiB, 7);
+  });
+  after(async () => {
+    await srv?.stop();
+    await fsp.rm(dir, { recursive: true, force: true });
+  });
+
+  test('uploads a 32 MiB raw file with holes through cuts, resumes, and the VDI holds the same bytes', async () => {
+    rawVdi = (await createVdi(srv.url, 32 * MiB)).id;
+    const proxy = await cutProxy(srv.url, {
+      seed: 11,
+      // Each cut costs up to 1 MiB resent: the server drops the part of its write buffer a broken body left.
+      cutConnections: 3,
+      direction: 'up',
+      minBytes: 256 * 1024,
+      maxBytes: 6 * MiB,
+    });
+    try {
+      const r = await runCli(['upload', source, '--vdi', rawVdi, '--server', proxy.url, ...RETRY_FAST]);
+      assert.equal(r.code, 0, r.stderr);
+      if (process.env.CLI_VERBOSE) process.stderr.write(r.stderr);
+      const summary = JSON.parse(r.stdout);
+      assert.equal(summary.task.status, 'success');
+      assert.ok(proxy.cuts >= 2, `only ${proxy.cuts} cuts happened`);
+      assert.ok(summary.retries >= 1, 'the CLI retried');
+      assert.equal(
+        await sha256Url(`${srv.url}/v1/vdis/${rawVdi}/contents?format=raw`),
+        await sha256File(source),
+      );
+      rawNumbers.sent = proxy.bytesUp;
+      rawNumbers.filled = summary.zero_bytes_filled;
+      // Whatever the server insisted on receiving (data, and zeros if it wants those too), sent about once.
+      const required = dataBytes + summary.zero_bytes_filled;
+      assert.ok(
+        proxy.bytesUp < 1.1 * required,
+        `sent ${proxy.bytesUp} bytes for ${required} required (${dataBytes} of data)`,
+      );
+      process.stderr.write(
+        `# raw upload: ${proxy.cuts} cuts, ${summary.retries} retries, sent ${proxy.bytesUp} bytes, data ${dataBytes}, zeros the server asked for ${summary.zero_bytes_filled}, file ${32 * MiB}\n`,
+      );
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  test('holes are not sent at all: bytes sent stay under 1.1 x the data', {
+    todo: 'the server counts unsent raw ranges as missing at finalize, so the CLI has to send them',
+  }, () => {
+    assert.ok(rawNumbers.sent > 0);
+    assert.equal(rawNumbers.filled, 0);
+    assert.ok(rawNumbers.sent < 1.1 * dataBytes, `sent ${rawNumbers.sent}, data ${dataBytes}`);
+  });
+
+  test('uploads a qcow2 written by qemu-img through cuts, with --checksum; qemu-img compare agrees', async () => {
+    const raw = path.join(dir, 'q-source.img');
+    const qcow2 = path.join(dir, 'q-source.qcow2');
+    await sparseSource(raw, 16 * MiB, 21);
+    await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, qcow2]);
+    const vdi = (await createVdi(srv.url, 16 * MiB)).id;
+    const proxy = await cutProxy(srv.url, {
+      seed: 23,
+      cutConnections: 3,
+      direction: 'up',
+      minBytes: 128 * 1024,
+      maxBytes: 3 * MiB,
+    });
+    try {
+      const r = await runCli([
+        'upload',
+        qcow2,
+        '--vdi',
+        vdi,
+        '--format',
+        'qcow2',
+        '--chunk-size',
+        '2M',
+        '--checksum',
+        '--server',
+        proxy.url,
+        ...RETRY_FAST,
+      ]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.ok(proxy.cuts >= 1);
+    } finally {
+      await proxy.close();
+    }
+    const exported = path.join(dir, 'q-exported.img');
+    await curl(['-o', exported, `${srv.url}/v1/vdis/${vdi}/contents?format=raw`]);
+    await execFileP('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', raw, exported]);
+  });
+
+  test('downloads through cuts with Range and If-Range; same bytes, and sparse where the disk has holes', async () => {
+    const proxy = await cutProxy(srv.url, {
+      seed: 31,
+      cutConnections: 4,
+      direction: 'down',
+      minBytes: 512 * 1024,
+      maxBytes: 8 * MiB,
+    });
+    const out = path.join(dir, 'downloaded.img');
+    try {
+      const r = await runCli(['download', '--vdi', rawVdi, '-o', out, '--server', proxy.url, ...RETRY_FAST]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.ok(proxy.cuts >= 3, `only ${proxy.cuts} cuts happened`);
+      assert.ok(JSON.parse(r.stdout).retries >= 1);
+    } finally {
+      await proxy.close();
+    }
+    assert.equal(await sha256File(out), await sha256File(source));
+    const st = await fsp.stat(out);
+    assert.equal(st.size, 32 * MiB);
+    assert.ok(
+      st.blocks * 512 <= dataBytes + MiB,
+      `${st.blocks * 512} bytes allocated for ${dataBytes} bytes of data`,
+    );
+  });
+
+  test('diskport --help and each command --help document every flag', async () => {
+    const top = await runCli(['--help']);
+    assert.equal(top.code, 0);
+    for (const word of ['upload', 'download', 'DISKPORT_SERVER', 'DISKPORT_TOKEN'])
+      assert.match(top.stdout, new RegExp(word));
+    const up = await runCli(['upload', '--help']);
+    assert.equal(up.code, 0);
+    for (const flag of [
+      '--vdi',
+      '--format',
+      '--server',
+      '--token',
+      '--chunk-size',
+      '--parallel',
+      '--retries',
+      '--retry-time',
+      '--retry-delay',
+      '--no-progress',
+      '--checksum',
+      '--ttl',
+      '--json',
+    ]) {
+      assert.ok(up.stdout.includes(flag), `upload --help lacks ${flag}`);
+    }
+    const down = await runCli(['download', '--help']);
+    for (const flag of [
+      '--vdi',
+      '--format',
+      '--output',
+      '--server',
+      '--token',
+      '--retries',
+      '--no-progress',
+      '--ttl',
+    ]) {
+      assert.ok(down.stdout.includes(flag), `download --help lacks ${flag}`);
+    }
+  });
+
+  test('an unknown VDI exits 1 with the server message', async () => {
+    const expected = await api<{ error: { message: string } }>(srv.url, 'POST', '/v1/transfers', {
+      vdi: 'no-such-vdi',
+      direction: 'upload',
+      format: 'raw',
+    });
+    assert.equal(expected.status, 404);
+    const r = await runCli(['upload', source, '--vdi', 'no-such-vdi', '--no-progress'], {
+      DISKPORT_SERVER: srv.url,
+    });
+    assert.equal(r.code, 1);
+    assert.ok(r.stderr.includes(expected.body.error.message), r.stderr);
+    const d = await runCli([
+      'download',
+      '--vdi',
+      'no-such-vdi',
+      '-o',
+      path.join(dir, 'x'),
+      '--server',
+      srv.url,
+    ]);
+    assert.equal(d.code, 1);
+    assert.ok(d.stderr.includes(expected.body.error.message), d.stderr);
+  });
+});
