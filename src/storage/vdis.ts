@@ -191,8 +191,11 @@ export class VdiStore {
 
   /**
    * Makes `stagedFile` (already in the VDI's format at rest and fsynced) the
-   * VDI's content: rename to the next generation's name, fsync the directory,
-   * then switch the row in one transaction. The old file is removed after.
+   * VDI's content: hard-link it as the next generation's file, fsync the
+   * directory, then switch the row in one transaction. The old generation and
+   * the staged name are removed after. A link rather than a rename keeps the
+   * staged file in place until the switch, so a commit cut by a crash can be
+   * run again from it (the orphan link is collected at startup).
    */
   async commitContent(
     id: string,
@@ -201,14 +204,16 @@ export class VdiStore {
       virtualSize?: number;
       touchContent?: boolean;
       /** More writes that must commit together with the switch (e.g. the transfer's state). */
-      inTransaction?: () => void;
+      inTransaction?: (generation: number) => void;
     } = {},
   ): Promise<Vdi> {
     const vdi = this.get(id);
     const sr = this.srOf(vdi);
     const generation = vdi.generation + 1;
     const fileName = generationFileName(vdi.id, generation, vdi.image_format);
-    await fsp.rename(stagedFile, path.join(sr.path, fileName));
+    const target = path.join(sr.path, fileName);
+    await fsp.rm(target, { force: true }); // an orphan of an earlier attempt
+    await fsp.link(stagedFile, target);
     await fsyncDir(sr.path);
     this.db.transaction(() => {
       this.db
@@ -223,9 +228,10 @@ export class VdiStore {
           virtualSize: opts.virtualSize ?? vdi.virtual_size,
           updatedAt: opts.touchContent === false ? vdi.content_updated_at : nowIso(),
         });
-      opts.inTransaction?.();
+      opts.inTransaction?.(generation);
     })();
     await fsp.rm(path.join(sr.path, vdi.file_name), { force: true });
+    await fsp.rm(stagedFile, { force: true });
     return this.get(id);
   }
 

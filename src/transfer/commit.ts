@@ -25,7 +25,7 @@ export async function commitStaged(
   stagedFile: string,
   wireFormat: string,
   task: RunningTask,
-  inTransaction?: () => void,
+  inTransaction?: (generation: number) => void,
 ): Promise<Vdi> {
   const image =
     wireFormat === 'raw'

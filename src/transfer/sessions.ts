@@ -32,7 +32,7 @@ import {
 import { codecFor } from '../formats/index.js';
 import { safeEqual } from '../http/auth.js';
 import { hashImage } from '../ops/checksum.js';
-import type { Db } from '../storage/db.js';
+import { type Db, nowIso } from '../storage/db.js';
 import { RawFileImage } from '../storage/raw-file-image.js';
 import { ResizedImage } from '../storage/resized-image.js';
 import { zeroRange } from '../storage/sparse.js';
@@ -523,17 +523,27 @@ export class TransferService {
       const vdi = this.vdis.get(t.vdi_id);
       if (t.format !== 'raw') await fsp.truncate(staged, t.size!);
       if (t.checksum) await verifyChecksum(staged, t.format === 'raw' ? vdi.virtual_size : t.size!, t, task);
-      const committed = await commitStaged(this.vdis, vdi, staged, t.format, task, () => {
-        t.state = 'committed';
-        this.store.save(t);
-      });
-      const done = task.succeed({
+      const result = (generation: number) => ({
         vdi: vdi.id,
         format: t.format,
-        generation: committed.generation,
+        generation,
         bytes_received: live.ranges.size(),
         transfer: t.id,
       });
+      // The content switch, the session's state and the task's outcome commit
+      // together: a crash cannot leave a committed VDI with a failed task.
+      const committed = await commitStaged(this.vdis, vdi, staged, t.format, task, (generation) => {
+        t.state = 'committed';
+        this.store.save(t);
+        this.tasks.persist({
+          ...task.record,
+          status: 'success',
+          progress: 1,
+          finished_at: nowIso(),
+          result: result(generation),
+        });
+      });
+      const done = task.succeed(result(committed.generation));
       await this.cleanup(live);
       return done;
     } catch (err) {
