@@ -1,8 +1,10 @@
 /** The HTTP application: middleware, routes, errors. Routes stay thin; services do the work. */
 import { randomUUID } from 'node:crypto';
+import http from 'node:http';
 import express, { type Express } from 'express';
 import { pinoHttp } from 'pino-http';
 import { requireToken } from './http/auth.js';
+import { continueUnlessUpload } from './http/continue.js';
 import { errorHandler, notFoundHandler } from './http/errors.js';
 import { transferTokenAuth } from './http/transfer-auth.js';
 import { checksumRoutes } from './routes/checksum.js';
@@ -40,6 +42,7 @@ export function createApp(s: Services): Express {
     }),
   );
 
+  app.use(continueUnlessUpload);
   app.use(healthRoutes());
   app.use(metricsRoutes(s));
   app.use('/v1/transfers/:id', transferTokenAuth(s.transfers, s.config.token));
@@ -60,4 +63,18 @@ export function createApp(s: Services): Express {
   app.use(notFoundHandler);
   app.use(errorHandler);
   return app;
+}
+
+/**
+ * The HTTP server for the app: no request timeout (images take long), and
+ * `Expect: 100-continue` left to the app (see src/http/continue.ts).
+ */
+export function createServer(s: Services): http.Server {
+  const app = createApp(s);
+  const server = http.createServer(app);
+  server.on('checkContinue', app);
+  server.requestTimeout = 0;
+  server.headersTimeout = 60_000;
+  server.keepAliveTimeout = 65_000;
+  return server;
 }

@@ -1,9 +1,8 @@
 #!/usr/bin/env node
 /** Entry point: parse settings, open the data directory, serve. */
-import http from 'node:http';
 import { CommanderError } from 'commander';
 import { pino } from 'pino';
-import { createApp } from './app.js';
+import { createServer } from './app.js';
 import { checkListenPolicy, parseConfig } from './config.js';
 import { createServices } from './services.js';
 
@@ -23,11 +22,7 @@ async function main(): Promise<void> {
     process.exit(2);
   }
   const services = await createServices(config, logger);
-  const server = http.createServer(createApp(services));
-  // Large images take long: never cut a transfer for being slow.
-  server.requestTimeout = 0;
-  server.headersTimeout = 60_000;
-  server.keepAliveTimeout = 65_000;
+  const server = createServer(services);
   server.listen(config.port, config.host, () => {
     const addr = server.address();
     const port = typeof addr === 'object' && addr ? addr.port : config.port;

@@ -6,7 +6,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { api, createVdi, sha256Url } from './helpers/api.js';
+import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
 import { seededBytes, startServer, type TestServer } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -57,6 +57,26 @@ describe('a failed, cancelled or refused import leaves the VDI as it was', () =>
     const body = (await res.json()) as ErrorBody;
     assert.equal(body.error.code, 'TOO_LARGE');
     assert.match(body.error.message, /larger than the VDI/);
+    await assertUnchanged();
+  });
+
+  test('curl (Expect: 100-continue) gets the 413 before sending its body, as JSON', async () => {
+    const big = path.join(srv.dataDir, 'too-big.img');
+    await fsp.writeFile(big, Buffer.alloc(32 * MiB, 7));
+    const { stdout } = await execFileP('curl', [
+      '-sS',
+      '-T',
+      big,
+      '-w',
+      '\n%{http_code} %{size_upload}',
+      contentsUrl(),
+    ]);
+    await fsp.rm(big);
+    const [json, tail] = stdout.split('\n');
+    const [status, uploaded] = tail.split(' ').map(Number);
+    assert.equal(status, 413);
+    assert.equal((JSON.parse(json) as ErrorBody).error.code, 'TOO_LARGE');
+    assert.ok(uploaded < MiB, `curl sent ${uploaded} bytes of a body that was refused up front`);
     await assertUnchanged();
   });
 

@@ -2,6 +2,7 @@
 import { type Request, type Response, Router } from 'express';
 import { BadRequestError, toApiError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
+import { continueNow } from '../http/continue.js';
 import { writeBody, writeHead } from '../http/ranges.js';
 import type { Services } from '../services.js';
 import { openExport } from '../transfer/export.js';
@@ -68,6 +69,7 @@ export function contentRoutes(s: Services): Router {
         format: formatParam(req),
         body: req,
         contentLength: contentLengthOf(req),
+        beforeBody: () => continueNow(res),
       });
       res.status(200).location(`/v1/tasks/${task.id}`).json(task);
     })

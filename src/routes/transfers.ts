@@ -10,6 +10,7 @@
  */
 import { type Request, type Response, Router } from 'express';
 import { BadRequestError, ConflictError } from '../errors.js';
+import { continueNow } from '../http/continue.js';
 import { validateBody } from '../http/openapi.js';
 import { requireTransferCredential } from '../http/transfer-auth.js';
 import { parseContentDigest, parseContentRange } from '../http/transfer-headers.js';
@@ -91,7 +92,7 @@ export function transferRoutes(s: Services): Router {
       const after =
         range && range.end < range.start
           ? await s.transfers.declareTotal(t.id, range.total!)
-          : await s.transfers.write(t.id, req, { range, digest });
+          : await s.transfers.write(t.id, req, { range, digest, beforeBody: () => continueNow(res) });
       const state = s.transfers.uploadState(after.id);
       res.setHeader('Upload-Offset', String(state.offset));
       if (state.length !== null) res.setHeader('Upload-Length', String(state.length));

@@ -11,6 +11,7 @@
 import { type Request, type RequestHandler, Router } from 'express';
 import { ApiError, BadRequestError } from '../errors.js';
 import { requireToken, safeEqual } from '../http/auth.js';
+import { continueNow } from '../http/continue.js';
 import type { Services } from '../services.js';
 import { contentLengthOf, formatParam, sendExport } from './contents.js';
 
@@ -68,6 +69,7 @@ export function xapiRoutes(s: Services): Router {
         format: formatParam(req),
         body: req,
         contentLength: contentLengthOf(req),
+        beforeBody: () => continueNow(res),
       });
       res.status(200).location(`/v1/tasks/${task.id}`).setHeader('X-Task-Id', task.id).json(task);
     })

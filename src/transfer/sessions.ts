@@ -94,6 +94,8 @@ export interface ChunkWrite {
   digest?: { algorithm: 'sha256' | 'sha512' | 'sha1' | 'md5'; value: Buffer };
   /** The one-shot import writes a fresh file from 0: zeros need no punching. */
   fresh?: boolean;
+  /** Called once every check has passed, just before the body is read (HTTP's 100 Continue). */
+  beforeBody?: () => void;
   /** A body shorter than `range` is fine: its bytes are kept (a tus PATCH may stop anywhere). */
   partial?: boolean;
 }
@@ -381,6 +383,7 @@ export class TransferService {
         ? null
         : setInterval(() => void record(start + progress.written).catch(() => {}), CHECKPOINT_INTERVAL_MS);
     try {
+      chunk.beforeBody?.();
       const received = await landStream(body, handle, {
         offset: start,
         limit: expected,
@@ -641,6 +644,7 @@ export class TransferService {
     format: string;
     body: Readable;
     contentLength?: number;
+    beforeBody?: () => void;
   }): Promise<Task> {
     const { transfer } = await this.create({
       vdi: req.vdi,
@@ -651,7 +655,7 @@ export class TransferService {
     });
     const live = this.live.get(transfer.id)!;
     try {
-      await this.write(transfer.id, req.body, { fresh: true });
+      await this.write(transfer.id, req.body, { fresh: true, beforeBody: req.beforeBody });
       this.finalize(transfer.id);
     } catch (err) {
       await this.end(live, 'failed', err);

@@ -2,12 +2,12 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { promises as fsp } from 'node:fs';
-import http from 'node:http';
+import type http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { pino } from 'pino';
-import { createApp } from '../../src/app.js';
+import { createServer } from '../../src/app.js';
 import type { Config } from '../../src/config.js';
 import { createServices, type Services } from '../../src/services.js';
 
@@ -29,8 +29,7 @@ export async function startServer(opts: { dataDir?: string; token?: string } = {
   const dataDir = opts.dataDir ?? (await tempDir());
   const config: Config = { host: '127.0.0.1', port: 0, dataDir, token: opts.token, logLevel: 'silent' };
   const services = await createServices(config, pino({ level: 'silent' }));
-  const server = http.createServer(createApp(services));
-  server.requestTimeout = 0;
+  const server = createServer(services);
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   const { port } = server.address() as AddressInfo;
