@@ -16,7 +16,6 @@ import { after, before, describe, it } from 'node:test';
 import { ApiError } from '../src/errors.js';
 import { parseHeader } from '../src/formats/qcow2/header.js';
 import { Qcow2Image, qcow2Codec } from '../src/formats/qcow2/index.js';
-import { rawCodec } from '../src/formats/raw/index.js';
 import type { SerializedImage } from '../src/formats/types.js';
 import type { BlockImage, Extent } from '../src/storage/block-image.js';
 import { RawFileImage } from '../src/storage/raw-file-image.js';
