@@ -1,6 +1,7 @@
 /**
  * Settings: every one has a CLI flag and an environment variable; flags win.
  */
+import { isIP } from 'node:net';
 import path from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 
@@ -10,9 +11,33 @@ export interface Config {
   dataDir: string;
   token?: string;
   logLevel: string;
+  /** CIDRs (or `*`) that pull and push may reach although the SSRF guard forbids them (loopback, link-local). */
+  allowFetch: string[];
 }
 
 export const DEFAULTS = { host: '127.0.0.1', port: 8080, dataDir: './data', logLevel: 'info' } as const;
+
+/** `--allow-fetch 127.0.0.0/8,::1`: comma-separated CIDRs or bare addresses, or `*` for any. */
+export function parseAllowFetch(value: string): string[] {
+  const list = value
+    .split(',')
+    .map((v) => v.trim())
+    .filter(Boolean);
+  for (const item of list) {
+    if (item === '*') continue;
+    const [addr, prefix, extra] = item.split('/');
+    const family = isIP(addr);
+    const bits = family === 4 ? 32 : 128;
+    if (
+      !family ||
+      extra !== undefined ||
+      (prefix !== undefined && !(/^\d+$/.test(prefix) && Number(prefix) <= bits))
+    ) {
+      throw new InvalidArgumentError(`'${item}' is not a CIDR (e.g. 127.0.0.0/8, fe80::/10) nor '*'`);
+    }
+  }
+  return list;
+}
 
 function parsePort(value: string): number {
   const n = Number(value);
@@ -38,9 +63,22 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     )
     .option('--token <token>', 'bearer token for management calls (env DISKPORT_TOKEN)')
     .option('--log-level <level>', 'pino log level (env LOG_LEVEL)', env.LOG_LEVEL ?? DEFAULTS.logLevel)
+    .option(
+      '--allow-fetch <cidr,...>',
+      'addresses pull/push may reach despite the SSRF guard (loopback, link-local): CIDRs or * (env DISKPORT_ALLOW_FETCH)',
+      parseAllowFetch,
+      env.DISKPORT_ALLOW_FETCH ? parseAllowFetch(env.DISKPORT_ALLOW_FETCH) : [],
+    )
     .exitOverride();
   program.parse(argv, { from: 'user' });
-  const o = program.opts<{ host: string; port: number; dataDir: string; token?: string; logLevel: string }>();
+  const o = program.opts<{
+    host: string;
+    port: number;
+    dataDir: string;
+    token?: string;
+    logLevel: string;
+    allowFetch: string[];
+  }>();
   return {
     host: o.host,
     port: o.port,
@@ -48,6 +86,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     // not a commander default: --help would print the secret
     token: o.token || env.DISKPORT_TOKEN || undefined,
     logLevel: o.logLevel,
+    allowFetch: o.allowFetch,
   };
 }
 

@@ -3,6 +3,7 @@
  *   POST   /v1/transfers                 open a session
  *   GET    /v1/transfers[/{id}]          state, with the ranges received
  *   PUT    /v1/transfers/{id}/data       a chunk (Content-Range) or the whole stream
+ *   PATCH  /v1/transfers/{id}/data       {"op": "zero"}: a range of zeros, no bytes sent
  *   HEAD   /v1/transfers/{id}/data       Upload-Offset / Upload-Length (or export headers)
  *   GET    /v1/transfers/{id}/data       a download session's bytes, with ranges
  *   POST   /v1/transfers/{id}/finalize   commit an upload, as a task
@@ -15,6 +16,8 @@ import { validateBody } from '../http/openapi.js';
 import { requireTransferCredential } from '../http/transfer-auth.js';
 import { parseContentDigest, parseContentRange } from '../http/transfer-headers.js';
 import type { Services } from '../services.js';
+import { startPull } from '../transfer/pull.js';
+import { startPush } from '../transfer/push.js';
 import type { CreateTransfer } from '../transfer/sessions.js';
 import type { Transfer } from '../transfer/transfer-store.js';
 import { sendExport } from './contents.js';
@@ -37,14 +40,14 @@ export function transferRoutes(s: Services): Router {
         'TransferCreate',
         req.body,
       );
-      if (body.source_url || body.target_url) {
-        throw new BadRequestError(
-          'source_url and target_url (pull and push) are not available yet; upload or download through the url instead',
-          undefined,
-          'NOT_IMPLEMENTED',
-        );
+      if (body.source_url && body.target_url) {
+        throw new BadRequestError('a transfer pulls (source_url) or pushes (target_url), not both');
       }
-      const { transfer, token } = await s.transfers.create(body);
+      const { transfer, token } = body.source_url
+        ? await startPull(s, { ...body, source_url: body.source_url })
+        : body.target_url
+          ? await startPush(s, { ...body, target_url: body.target_url })
+          : await s.transfers.create(body);
       res
         .status(201)
         .location(`/v1/transfers/${transfer.id}`)
@@ -93,6 +96,19 @@ export function transferRoutes(s: Services): Router {
         range && range.end < range.start
           ? await s.transfers.declareTotal(t.id, range.total!)
           : await s.transfers.write(t.id, req, { range, digest, beforeBody: () => continueNow(res) });
+      const state = s.transfers.uploadState(after.id);
+      res.setHeader('Upload-Offset', String(state.offset));
+      if (state.length !== null) res.setHeader('Upload-Length', String(state.length));
+      res.json(s.transfers.toJson(after));
+    })
+    .patch('/v1/transfers/:id/data', needCredential, async (req, res) => {
+      // ovirt-imageio's PATCH: {"op": "zero", "offset", "size"} marks a range as zeros, no bytes sent.
+      const op = validateBody<{ op: 'zero'; offset: number; size: number }>('TransferDataOp', req.body);
+      const t = transferOf(s, req, res);
+      const after =
+        op.size > 0
+          ? await s.transfers.zero(t.id, { start: op.offset, end: op.offset + op.size - 1, total: null })
+          : s.transfers.get(t.id);
       const state = s.transfers.uploadState(after.id);
       res.setHeader('Upload-Offset', String(state.offset));
       if (state.length !== null) res.setHeader('Upload-Length', String(state.length));

@@ -59,6 +59,10 @@ export interface CreateTransfer {
   checksum?: string;
   ttl_seconds?: number;
   metadata?: Record<string, string>;
+  /** Pull: where diskport fetches the image from (recorded on the row). */
+  source_url?: string;
+  /** Push: where diskport sends the disk (recorded on the row, without its token). */
+  target_url?: string;
 }
 
 export interface TransferJson {
@@ -238,8 +242,8 @@ export class TransferService {
       expires_at: new Date(now + ttl * 1000).toISOString(),
       created_at: new Date(now).toISOString(),
       received: [],
-      source_url: null,
-      target_url: null,
+      source_url: req.source_url ?? null,
+      target_url: req.target_url ?? null,
       metadata: req.metadata ?? null,
     };
     // One writer per VDI: take the lock before anything is created.
@@ -665,6 +669,89 @@ export class TransferService {
     if (task.status !== 'success')
       throw live.failure ?? new ApiError(500, 'IMPORT_FAILED', 'the import failed');
     return task;
+  }
+
+  /**
+   * Runs work done on an active session's behalf in the background (pull,
+   * push), bound to its task: cancelling the task aborts the task's signal. A
+   * job that throws ends the session as failed (the VDI stays as it was); a
+   * download session whose job returns ends with the job's result.
+   */
+  runJob(id: string, job: (task: RunningTask) => Promise<Record<string, unknown> | undefined>): void {
+    const live = this.active(id);
+    void job(live.task)
+      .then(
+        async (result) => {
+          if (this.live.get(id) !== live || live.t.direction !== 'download') return;
+          live.t.state = 'committed';
+          this.store.save(live.t);
+          live.task.succeed({
+            vdi: live.t.vdi_id,
+            format: live.t.format,
+            bytes_sent: live.task.record.bytes_done,
+            ...result,
+          });
+          await this.cleanup(live);
+        },
+        async (err) => {
+          if (this.live.get(id) === live && live.t.state === 'open') await this.end(live, 'failed', err);
+        },
+      )
+      .catch((err) => this.logger?.error({ err, transfer: id }, 'background transfer job failed'));
+  }
+
+  /** Forgets every byte an upload received (its source changed): the staging file reads as zeros again. */
+  async reset(id: string, size: number | null = null): Promise<Transfer> {
+    const live = this.active(id, 'upload');
+    if (live.t.state !== 'open' || live.writers > 0) {
+      throw new ConflictError(
+        'TRANSFER_BUSY',
+        `transfer ${id} is ${live.t.state} or being written; cannot reset`,
+      );
+    }
+    const vdi = this.vdis.get(live.t.vdi_id);
+    if (size !== null) checkDeclaredSize(size, live.t.format, vdi);
+    const handle = await this.handleOf(live);
+    await handle.truncate(0);
+    await handle.truncate(live.t.format === 'raw' ? vdi.virtual_size : (size ?? 0));
+    await handle.datasync();
+    live.ranges = new RangeSet();
+    live.t.size = size;
+    this.persistProgress(live);
+    return live.t;
+  }
+
+  /** Makes [start, end] of an upload zeros without their bytes crossing the wire (ovirt-imageio's zero op). */
+  async zero(id: string, range: ChunkRange): Promise<Transfer> {
+    const live = this.active(id, 'upload');
+    const t = live.t;
+    if (t.state !== 'open') {
+      throw new ConflictError('TRANSFER_NOT_OPEN', `transfer ${id} is ${t.state}; it takes no more data`);
+    }
+    const vdi = this.vdis.get(t.vdi_id);
+    await this.learnTotal(live, range.total, vdi);
+    const end = range.end + 1;
+    const limit = t.size ?? uploadLimit(t.format, vdi.virtual_size);
+    if (end > limit) {
+      throw new TooLargeError(
+        `zero range ${range.start}-${range.end} lands past the end of the upload (${limit} bytes)`,
+        { limit, chunk_end: range.end },
+        'CHUNK_PAST_END',
+      );
+    }
+    live.writers++;
+    try {
+      const handle = await this.handleOf(live);
+      const missing = live.ranges.missing(range.start, end);
+      for (const [s, e] of missing) await zeroRange(handle, s, e - s);
+      if (missing.length) await handle.datasync();
+      for (const [s, e] of missing) live.ranges.add(s, e);
+      return t;
+    } finally {
+      live.writers--;
+      this.touch(live);
+      this.persistProgress(live);
+    }
   }
 
   /** Are there active sessions on this VDI? (VDI deletion must wait.) */

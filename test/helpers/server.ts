@@ -25,9 +25,18 @@ export interface TestServer {
   close(): Promise<void>;
 }
 
-export async function startServer(opts: { dataDir?: string; token?: string } = {}): Promise<TestServer> {
+export async function startServer(
+  opts: { dataDir?: string; token?: string; allowFetch?: string[] } = {},
+): Promise<TestServer> {
   const dataDir = opts.dataDir ?? (await tempDir());
-  const config: Config = { host: '127.0.0.1', port: 0, dataDir, token: opts.token, logLevel: 'silent' };
+  const config: Config = {
+    host: '127.0.0.1',
+    port: 0,
+    dataDir,
+    token: opts.token,
+    logLevel: 'silent',
+    allowFetch: opts.allowFetch ?? [],
+  };
   const services = await createServices(config, pino({ level: 'silent' }));
   const server = createServer(services);
   server.listen(0, '127.0.0.1');

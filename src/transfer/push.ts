@@ -1,0 +1,434 @@
+/**
+ * Push (replication): `POST /v1/transfers {vdi, direction: "download", format, target_url}`
+ * where target_url is the upload `url` of a transfer opened on another
+ * diskport (it carries ?token=, the only credential needed). This side sends
+ * the disk there as the session's task, then finalizes the receiver and
+ * waits for its commit; the local task fails if the remote one does.
+ *
+ * - raw: only allocated extents cross the wire, as `Content-Range: bytes
+ *   a-b/total` chunks of at most CHUNK_BYTES (the first one's total fixes the
+ *   receiver's Upload-Length); holes, and chunks that read as zeros, are sent
+ *   as ovirt-imageio zero ops (`PATCH .../data {"op":"zero"}`): no byte of
+ *   them travels, and the receiver knows they are complete.
+ * - vhd, qcow2: the serialized stream (the export's layout, already compact),
+ *   in ranged chunks too.
+ * - After a broken connection (exponential backoff, bounded attempts without
+ *   progress) it asks the receiver what it holds (`GET /v1/transfers/{id}`
+ *   → `received`) and sends only what is missing.
+ *
+ * The receiver's session stays open when a push fails, so another push (or
+ * any client) can complete it.
+ */
+import { request } from 'undici';
+import { ApiError, BadRequestError } from '../errors.js';
+import type { Services } from '../services.js';
+import { isZero } from '../storage/zero.js';
+import type { RunningTask } from '../tasks/task-manager.js';
+import { backoff, describe, RETRY_LIMIT } from './backoff.js';
+import { openExport } from './export.js';
+import { FetchGuard, type FetchTarget, pinnedAgent } from './fetch-guard.js';
+import { redact } from './pull.js';
+import { type ByteRange, RangeSet } from './range-set.js';
+import type { CreateTransfer } from './sessions.js';
+import type { Transfer } from './transfer-store.js';
+
+/** Largest chunk in one PUT: what a broken connection can cost at most. */
+export const CHUNK_BYTES = 8 * 1024 * 1024;
+/** Long-poll of the receiver's finalize, per request. */
+const FINALIZE_WAIT_SECONDS = 30;
+/** Times the receiver may answer TRANSFER_INCOMPLETE to a finalize before the push gives up. */
+const MAX_FILL_ROUNDS = 3;
+
+export type PushRequest = CreateTransfer & { target_url: string };
+
+/** What the receiving transfer says about itself (`GET /v1/transfers/{id}`). */
+interface RemoteTransfer {
+  direction: string;
+  format: string;
+  size: number | null;
+  state: string;
+  received: ByteRange[];
+}
+
+interface RemoteTask {
+  id: string;
+  status: string;
+  error: { code: string; message: string } | null;
+}
+
+/** The receiver refused a request. */
+class RemoteError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+
+  get retryable(): boolean {
+    return (
+      this.status >= 500 ||
+      this.status === 408 ||
+      this.status === 429 ||
+      ['CHUNK_INCOMPLETE', 'CLIENT_DISCONNECTED', 'TRANSFER_BUSY'].includes(this.code)
+    );
+  }
+}
+
+/** Checks the target, opens the download session and starts sending in the background. */
+export async function startPush(
+  s: Services,
+  req: PushRequest,
+): Promise<{ transfer: Transfer; token: string }> {
+  if (req.direction !== 'download') {
+    throw new BadRequestError(
+      'target_url makes diskport send the VDI to another diskport: open it with direction "download"',
+    );
+  }
+  const ref = parseTargetUrl(req.target_url);
+  const target = await new FetchGuard(s.config.allowFetch).check(req.target_url, 'target_url');
+  const opened = await s.transfers.create({ ...req, target_url: redact(target.url) });
+  const id = opened.transfer.id;
+  s.transfers.runJob(id, (task) =>
+    new Push(s, id, opened.transfer, new Receiver(target, ref, task.signal), task).run(),
+  );
+  return opened;
+}
+
+/** `{base}/v1/transfers/{id}/data?token=...`: the receiver's base path, transfer id and token. */
+function parseTargetUrl(raw: string): { prefix: string; id: string; token: string } {
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    throw new BadRequestError(`target_url is not a URL: '${raw}'`, { field: 'target_url' }, 'INVALID_URL');
+  }
+  const m = /^(.*)\/v1\/transfers\/([^/]+)\/data$/.exec(url.pathname);
+  const token = url.searchParams.get('token');
+  if (!m || !token) {
+    throw new BadRequestError(
+      "target_url must be the `url` of an upload transfer opened on the receiving diskport: '.../v1/transfers/{id}/data?token=...'",
+      { field: 'target_url' },
+      'INVALID_URL',
+    );
+  }
+  return { prefix: m[1], id: decodeURIComponent(m[2]), token };
+}
+
+/** The receiving transfer, spoken to with its own token only. */
+class Receiver {
+  private readonly agent;
+
+  constructor(
+    private readonly target: FetchTarget,
+    private readonly ref: { prefix: string; id: string; token: string },
+    private readonly signal: AbortSignal,
+  ) {
+    this.agent = pinnedAgent(target);
+  }
+
+  get id(): string {
+    return this.ref.id;
+  }
+
+  private url(path: string, query: Record<string, string> = {}): URL {
+    const url = new URL(
+      `${this.ref.prefix}/v1/transfers/${encodeURIComponent(this.ref.id)}${path}`,
+      this.target.url,
+    );
+    url.search = new URLSearchParams({ token: this.ref.token, ...query }).toString();
+    return url;
+  }
+
+  private async call<T>(
+    method: 'GET' | 'PUT' | 'PATCH' | 'POST',
+    path: string,
+    opts: { query?: Record<string, string>; headers?: Record<string, string>; body?: Buffer | string } = {},
+  ): Promise<T> {
+    const res = await request(this.url(path, opts.query), {
+      method,
+      headers: { 'user-agent': 'diskport', ...opts.headers },
+      body: opts.body,
+      dispatcher: this.agent,
+      signal: this.signal,
+    });
+    const text = await res.body.text();
+    let json: unknown = null;
+    try {
+      json = text ? JSON.parse(text) : null;
+    } catch {
+      // not JSON: reported below by status
+    }
+    if (res.statusCode >= 400) {
+      const error = (json as { error?: { code?: string; message?: string } } | null)?.error;
+      throw new RemoteError(
+        res.statusCode,
+        error?.code ?? `HTTP_${res.statusCode}`,
+        error?.message ?? (text.slice(0, 200) || `HTTP ${res.statusCode}`),
+      );
+    }
+    return json as T;
+  }
+
+  state(): Promise<RemoteTransfer> {
+    return this.call('GET', '');
+  }
+
+  declareTotal(total: number): Promise<unknown> {
+    return this.call('PUT', '/data', { headers: { 'content-range': `bytes */${total}` } });
+  }
+
+  put(start: number, data: Buffer, total: number): Promise<unknown> {
+    return this.call('PUT', '/data', {
+      headers: {
+        'content-range': `bytes ${start}-${start + data.length - 1}/${total}`,
+        'content-type': 'application/octet-stream',
+      },
+      body: data,
+    });
+  }
+
+  zero(start: number, end: number): Promise<unknown> {
+    return this.call('PATCH', '/data', {
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ op: 'zero', offset: start, size: end - start }),
+    });
+  }
+
+  finalize(waitSeconds: number): Promise<RemoteTask> {
+    return this.call('POST', '/finalize', { query: { wait: String(waitSeconds) } });
+  }
+
+  close(): Promise<void> {
+    return this.agent.close();
+  }
+}
+
+/** The disk in the wire format: its size, where its data is, and the bytes of any range. */
+interface Source {
+  size: number;
+  data: ByteRange[];
+  zeros: ByteRange[];
+  read(start: number, end: number): Promise<Buffer>;
+  close(): Promise<void>;
+}
+
+async function openSource(s: Services, vdiId: string, format: string): Promise<Source> {
+  if (format === 'raw') {
+    // The raw stream is the disk itself: its extents say where the data is.
+    const image = await s.vdis.openImage(s.vdis.get(vdiId));
+    try {
+      const extents = await image.extents();
+      const ranges = (zero: boolean) =>
+        extents.filter((e) => e.zero === zero).map((e): ByteRange => [e.start, e.start + e.length]);
+      return {
+        size: image.virtualSize,
+        data: ranges(false),
+        zeros: ranges(true),
+        read: (start, end) => image.read(start, end - start),
+        close: () => image.close(),
+      };
+    } catch (err) {
+      await image.close();
+      throw err;
+    }
+  }
+  const exp = await openExport(s.vdis, vdiId, format);
+  return {
+    size: exp.size,
+    data: exp.size > 0 ? [[0, exp.size]] : [],
+    zeros: [],
+    async read(start, end) {
+      const parts: Buffer[] = [];
+      for await (const part of exp.read(start, end)) parts.push(part);
+      return Buffer.concat(parts);
+    },
+    close: () => exp.close(),
+  };
+}
+
+class Push {
+  private bytesSent = 0;
+  private bytesZeroed = 0;
+  private retries = 0;
+
+  constructor(
+    private readonly s: Services,
+    private readonly id: string,
+    private readonly t: Transfer,
+    private readonly remote: Receiver,
+    private readonly task: RunningTask,
+  ) {}
+
+  async run(): Promise<Record<string, unknown>> {
+    const { signal } = this.task;
+    const log = this.s.logger.child({ transfer: this.id, remote_transfer: this.remote.id });
+    const src = await openSource(this.s, this.t.vdi_id, this.t.format);
+    try {
+      this.task.setTotal(src.size);
+      let failures = 0;
+      let fillRounds = 0;
+      let lastError: unknown = null;
+      for (;;) {
+        signal.throwIfAborted();
+        const progressBefore = this.bytesSent + this.bytesZeroed;
+        try {
+          const remoteTask = await this.pass(src);
+          return {
+            remote_transfer: this.remote.id,
+            remote_task: remoteTask.id || null,
+            bytes_sent: this.bytesSent,
+            bytes_zeroed: this.bytesZeroed,
+            retries: this.retries,
+          };
+        } catch (err) {
+          if (signal.aborted) throw signal.reason;
+          if (
+            err instanceof RemoteError &&
+            err.code === 'TRANSFER_INCOMPLETE' &&
+            ++fillRounds <= MAX_FILL_ROUNDS
+          ) {
+            continue;
+          }
+          if (err instanceof RemoteError && !err.retryable) throw refused(err);
+          if (err instanceof ApiError) throw err;
+          lastError = err;
+        }
+        if (this.bytesSent + this.bytesZeroed > progressBefore) failures = 0;
+        else if (++failures > RETRY_LIMIT) {
+          throw new ApiError(
+            502,
+            'REMOTE_UNAVAILABLE',
+            `the receiver kept failing: ${RETRY_LIMIT + 1} attempts in a row moved no byte (last: ${describe(lastError)}); ` +
+              'its session stays open: push again to complete it',
+          );
+        }
+        this.retries++;
+        log.info({ failures, err: describe(lastError) }, 'push interrupted: asking the receiver what it has');
+        await backoff(Math.max(1, failures), signal);
+      }
+    } finally {
+      await src.close().catch(() => {});
+      await this.remote.close().catch(() => {});
+    }
+  }
+
+  /** Sends what the receiver misses, then finalizes it; resolves with its finished task. */
+  private async pass(src: Source): Promise<RemoteTask> {
+    const st = await this.remote.state();
+    if (st.state === 'open') {
+      this.checkReceiver(st, src);
+      const have = new RangeSet(st.received);
+      this.setDone(have.size());
+      if (st.size === null && src.data.length === 0) await this.remote.declareTotal(src.size);
+      for (const [a, b] of src.data) {
+        for (const [ma, mb] of have.missing(a, b)) {
+          for (let pos = ma; pos < mb; pos += CHUNK_BYTES) {
+            const end = Math.min(mb, pos + CHUNK_BYTES);
+            const buf = await src.read(pos, end);
+            // Allocated but zero (a raw disk's written zeros): as cheap as a hole.
+            if (this.t.format === 'raw' && isZero(buf)) {
+              await this.remote.zero(pos, end);
+              this.bytesZeroed += end - pos;
+            } else {
+              await this.remote.put(pos, buf, src.size);
+              this.bytesSent += buf.length;
+            }
+            this.task.addBytes(end - pos);
+            this.s.transfers.renew(this.id);
+          }
+        }
+      }
+      for (const [a, b] of src.zeros) {
+        for (const [ma, mb] of have.missing(a, b)) {
+          await this.remote.zero(ma, mb);
+          this.bytesZeroed += mb - ma;
+          this.task.addBytes(mb - ma);
+        }
+      }
+      this.s.transfers.renew(this.id);
+    } else if (st.state !== 'finalizing' && st.state !== 'committed') {
+      throw new ApiError(
+        502,
+        'REMOTE_TRANSFER_ENDED',
+        `the receiving transfer ${this.remote.id} is ${st.state}; open a new one there and push again`,
+        { state: st.state },
+      );
+    }
+    return this.commit();
+  }
+
+  private checkReceiver(st: RemoteTransfer, src: Source): void {
+    if (st.direction !== 'upload') {
+      throw new ApiError(
+        502,
+        'REMOTE_NOT_UPLOAD',
+        `the receiving transfer ${this.remote.id} is a download; push needs an upload`,
+      );
+    }
+    if (st.format !== this.t.format) {
+      throw new ApiError(
+        409,
+        'FORMAT_MISMATCH',
+        `the receiving transfer takes ${st.format}, this push sends ${this.t.format}; use the same format on both sides`,
+        { remote: st.format, local: this.t.format },
+      );
+    }
+    if (st.size !== null && st.size !== src.size) {
+      throw new ApiError(
+        409,
+        'CONFLICTING_LENGTH',
+        `the receiving transfer expects ${st.size} bytes, this disk in ${this.t.format} is ${src.size} bytes`,
+        { remote: st.size, local: src.size },
+      );
+    }
+  }
+
+  /** Finalizes the receiver and waits (long-polls) for its commit. */
+  private async commit(): Promise<RemoteTask> {
+    for (;;) {
+      let task: RemoteTask;
+      try {
+        task = await this.remote.finalize(FINALIZE_WAIT_SECONDS);
+      } catch (err) {
+        if (!(err instanceof RemoteError && err.code === 'TRANSFER_NOT_ACTIVE')) throw err;
+        // The session ended between two polls: its state says how.
+        const st = await this.remote.state();
+        if (st.state === 'committed') return { id: '', status: 'success', error: null };
+        throw new ApiError(
+          502,
+          'REMOTE_IMPORT_FAILED',
+          `the receiving transfer ${this.remote.id} ended ${st.state}; the local VDI is unaffected`,
+          { state: st.state },
+        );
+      }
+      if (task.status === 'success') return task;
+      if (task.status === 'failure' || task.status === 'cancelled') {
+        throw new ApiError(
+          502,
+          'REMOTE_IMPORT_FAILED',
+          `the receiver's import ${task.status === 'cancelled' ? 'was cancelled' : 'failed'}: ${task.error?.code ?? ''} ${task.error?.message ?? ''}`.trim(),
+          { remote_task: task.id, remote_error: task.error },
+        );
+      }
+    }
+  }
+
+  private setDone(bytes: number): void {
+    this.task.addBytes(bytes - this.task.record.bytes_done);
+  }
+}
+
+/** A receiver's definitive refusal, as the local task's error. */
+function refused(err: RemoteError): ApiError {
+  return new ApiError(
+    502,
+    'REMOTE_REJECTED',
+    `the receiver answered ${err.status} ${err.code}: ${err.message}`,
+    {
+      remote_status: err.status,
+      remote_code: err.code,
+    },
+  );
+}
