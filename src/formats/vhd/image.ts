@@ -372,19 +372,22 @@ class DynamicVhdImage extends VhdImageBase {
 
   async read(offset: number, length: number): Promise<Buffer> {
     const n = this.clamp(offset, length);
-    const out = Buffer.alloc(n);
+    // Not zero-filled up front: a fully present block is read over in full,
+    // and every other piece is zeroed below before (or instead of) reading.
+    const out = Buffer.allocUnsafe(n);
     let pos = offset;
     const end = offset + n;
     while (pos < end) {
       const b = Math.floor(pos / this.blockSizeBytes);
       const inBlock = pos - b * this.blockSizeBytes;
       const len = Math.min(this.blockSizeBytes - inBlock, end - pos);
-      if (this.bat[b] !== BAT_UNALLOCATED) {
-        const bits = await this.bitmap(b);
-        const base = this.dataOffset(b);
-        if (bits === BitmapState.Full) {
-          await readFully(this.handle, out, pos - offset, len, base + inBlock, `block ${b}`);
-        } else if (bits !== BitmapState.Empty) {
+      const bits = this.bat[b] === BAT_UNALLOCATED ? BitmapState.Empty : await this.bitmap(b);
+      if (bits === BitmapState.Full) {
+        await readFully(this.handle, out, pos - offset, len, this.dataOffset(b) + inBlock, `block ${b}`);
+      } else {
+        out.fill(0, pos - offset, pos - offset + len);
+        if (bits !== BitmapState.Empty) {
+          const base = this.dataOffset(b);
           // Only sectors whose bit is set are read; the rest stay zero.
           const first = Math.floor(inBlock / SECTOR_BYTES);
           const last = Math.ceil((inBlock + len) / SECTOR_BYTES);

@@ -1,0 +1,64 @@
+#!/usr/bin/env node
+/**
+ * Summarises bench/convert's measurements.
+ * Usage: node convert-summary.mjs RESULTS.tsv  (lines: target round seconds bytes cpu-seconds)
+ * Prints the median seconds per target with every run and the median CPU
+ * seconds (diskport's server process; qemu-img's own), then the ratios the
+ * targets are about: diskport / qemu-img per conversion, vhd and qcow2 export
+ * / raw export.
+ */
+import fs from 'node:fs';
+
+const rows = fs
+  .readFileSync(process.argv[2], 'utf8')
+  .split('\n')
+  .filter(Boolean)
+  .map((line) => {
+    const [target, round, seconds, bytes, cpu] = line.split('\t');
+    return { target, round: Number(round), seconds: Number(seconds), bytes: Number(bytes), cpu: Number(cpu) };
+  });
+
+const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+};
+
+const targets = [...new Set(rows.map((r) => r.target))];
+const med = {};
+const cpu = {};
+const lines = ['target                       median s   CPU s   stream MiB   MB/s   runs (s)'];
+for (const target of targets) {
+  const runs = rows.filter((r) => r.target === target);
+  med[target] = median(runs.map((r) => r.seconds));
+  cpu[target] = median(runs.map((r) => r.cpu));
+  // the wire stream: what curl moved, or for qemu-img the file it wrote (its apparent size)
+  const bytes = median(runs.map((r) => r.bytes));
+  lines.push(
+    `${target.padEnd(28)} ${med[target].toFixed(2).padStart(8)}  ${cpu[target].toFixed(2).padStart(6)}   ` +
+      `${(bytes / 2 ** 20).toFixed(0).padStart(10)}  ${(bytes / med[target] / 1e6).toFixed(0).padStart(5)}   ` +
+      runs.map((r) => r.seconds.toFixed(2)).join(' '),
+  );
+}
+
+const verdict = (ratio, limit) =>
+  `${ratio.toFixed(2)}x  (target <= ${limit}x: ${ratio <= limit ? 'met' : 'MISSED'})`;
+lines.push('');
+for (const op of ['export-vhd', 'export-qcow2', 'import-vhd', 'import-qcow2']) {
+  const d = med[`${op}/diskport`];
+  const q = med[`${op}/qemu-img`];
+  if (d && q) {
+    const cd = cpu[`${op}/diskport`];
+    const cq = cpu[`${op}/qemu-img`];
+    const cpuRatio = cd > 0 && cq > 0 ? `   CPU ${(cd / cq).toFixed(2)}x` : '';
+    lines.push(`${`${op} diskport/qemu-img`.padEnd(40)} ${verdict(d / q, 1.5)}${cpuRatio}`);
+  }
+  const qf = med[`${op}/qemu-img+flush`];
+  if (d && qf) lines.push(`${`${op} diskport/qemu-img+flush`.padEnd(40)} ${verdict(d / qf, 1.5)}`);
+}
+const raw = med['export-raw/diskport'];
+for (const f of ['vhd', 'qcow2']) {
+  const d = med[`export-${f}/diskport`];
+  if (d && raw) lines.push(`${`export ${f}/raw (diskport)`.padEnd(40)} ${verdict(d / raw, 1.1)}`);
+}
+console.log(lines.join('\n'));
