@@ -11,6 +11,7 @@ import { VdiLocks } from './storage/vdi-locks.js';
 import { VdiStore } from './storage/vdis.js';
 import { TaskManager } from './tasks/task-manager.js';
 import { TaskStore } from './tasks/task-store.js';
+import { resumePulls } from './transfer/pull.js';
 import { TransferService } from './transfer/sessions.js';
 
 export interface Services {
@@ -48,7 +49,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
   const checksums = new ChecksumService(vdis, tasks);
   const observed = observeTasks(tasks);
 
-  return {
+  const services: Services = {
     config,
     logger,
     db,
@@ -67,4 +68,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
       db.close();
     },
   };
+  // Pulls whose sessions survived a restart go on by themselves.
+  await resumePulls(services);
+  return services;
 }

@@ -46,6 +46,10 @@ interface Served {
   extra?: number;
   /** Called when a connection was cut (e.g. to change the file under the pull). */
   onCut?: () => void;
+  /** Stop sending after this many body bytes on the first request, and hold the connection... */
+  stallAfter?: number;
+  /** ...until this is called (set by the server once it stalls). */
+  release?: () => void;
   requests: { range?: string; ifRange?: string; status: number }[];
   bytesSent: number;
 }
@@ -101,6 +105,14 @@ async function fileServer() {
         entry.bytesSent += piece.length;
         if (!res.write(piece)) await once(res, 'drain');
         if (cut !== undefined && sent >= cut) break;
+        if (entry.stallAfter !== undefined && sent >= entry.stallAfter) {
+          entry.stallAfter = undefined;
+          await new Promise<void>((r) => {
+            entry.release = r;
+          });
+          res.socket?.destroy();
+          return;
+        }
       }
     }
     if (sent < end - start + 1) {
@@ -218,6 +230,28 @@ describe('pull: diskport fetches the image itself', () => {
       assert.equal(after.body.state, 'committed');
     });
   }
+
+  test('a pull cut by a kill -9 of diskport resumes after the restart from the bytes on disk, with If-Range', async () => {
+    const file = source('raw');
+    const size = (await fsp.stat(file)).size;
+    const served = files.serve('across-restart', file, { stallAfter: 16 * MiB });
+    const vdi = await createVdi(srv.url, VIRTUAL_SIZE);
+    const t = await pull({ vdi: vdi.id, format: 'raw', source_url: `${files.base}/across-restart` });
+    while (!served.release) await new Promise((r) => setTimeout(r, 50));
+    await new Promise((r) => setTimeout(r, 1500)); // a checkpoint makes the first bytes durable
+    const dataDir = path.join(dir, 'data');
+    await srv.stop('SIGKILL');
+    served.release();
+    srv = await spawnServer(dataDir, ['--allow-fetch', '127.0.0.0/8']);
+    const task = await waitTask(t.task_id);
+    assert.equal(task.status, 'success', JSON.stringify(task));
+    assert.equal(served.requests.length, 2);
+    const resumedAt = Number(/^bytes=(\d+)-$/.exec(served.requests[1].range ?? '')?.[1]);
+    assert.ok(resumedAt > 0 && resumedAt <= 16 * MiB, `resumed at ${served.requests[1].range}`);
+    assert.equal(served.requests[1].ifRange, served.etag, 'the validator survived the restart');
+    assert.ok(served.bytesSent < size * 1.1, `${served.bytesSent} bytes served for ${size}`);
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), await sha256File(file));
+  });
 
   test('a source that changes mid-way (new ETag) restarts from 0 and ends with the new image', async () => {
     const a = source('raw');

@@ -126,6 +126,13 @@ describe('resumable transfer sessions', () => {
     assert.equal(task.body.status, 'failure');
     assert.equal(task.body.error?.code, 'CHECKSUM_MISMATCH');
     assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), before);
+    const seenByHolder = await api<TransferJson & { error: { code: string } | null }>(
+      srv.url,
+      'GET',
+      `/v1/transfers/${t.id}?token=${t.token}`,
+    );
+    assert.equal(seenByHolder.body.state, 'failed');
+    assert.equal(seenByHolder.body.error?.code, 'CHECKSUM_MISMATCH', 'the token holder learns why');
   });
 
   test('a chunk whose Content-Digest does not match is discarded with 400; the right one counts', async () => {

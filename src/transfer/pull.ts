@@ -33,6 +33,9 @@ const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
 
 export type PullRequest = CreateTransfer & { source_url: string };
 
+/** The source's ETag or Last-Modified, kept on the session so a pull resumes safely after a restart. */
+const SOURCE_VALIDATOR_KEY = 'diskport.source-validator';
+
 /** A failure worth another attempt (a 5xx, a source that stopped short). */
 class RetryableError extends Error {}
 
@@ -54,6 +57,25 @@ export async function startPull(
   return opened;
 }
 
+/**
+ * Startup: pulls whose session survived a restart go on from the bytes
+ * already received, with the validator they had (If-Range keeps them safe).
+ */
+export async function resumePulls(s: Services): Promise<void> {
+  for (const t of s.transfers.list({ active: true })) {
+    if (t.direction !== 'upload' || t.state !== 'open' || !t.source_url) continue;
+    try {
+      const guard = new FetchGuard(s.config.allowFetch);
+      const source = await guard.check(t.source_url, 'source_url');
+      const validator = t.metadata?.[SOURCE_VALIDATOR_KEY] ?? null;
+      s.transfers.runJob(t.id, (task) => new Pull(s, t.id, guard, source, t.size, task, validator).run());
+      s.logger.info({ transfer: t.id }, 'resuming a pull interrupted by a restart');
+    } catch (err) {
+      s.logger.error({ err, transfer: t.id }, 'cannot resume pull');
+    }
+  }
+}
+
 class Pull {
   private readonly agents = new Map<string, Agent>();
   /** Strong ETag or Last-Modified of the representation being fetched. */
@@ -68,7 +90,10 @@ class Pull {
     /** The size the client declared, kept across restarts. */
     private readonly declaredSize: number | null,
     private readonly task: RunningTask,
-  ) {}
+    validator: string | null = null,
+  ) {
+    this.validator = validator;
+  }
 
   async run(): Promise<undefined> {
     const { signal } = this.task;
@@ -151,6 +176,7 @@ class Pull {
         // A full answer to a Range request: the source changed (If-Range) or ignores ranges.
         if (ranged) await this.restart('200 to a Range request');
         this.validator = validator;
+        if (validator) this.s.transfers.annotate(this.id, SOURCE_VALIDATOR_KEY, validator);
         const contentLength = numberOf(header(res.headers, 'content-length'));
         if (contentLength === 0) {
           await this.s.transfers.declareTotal(this.id, 0);

@@ -81,6 +81,7 @@ export interface TransferJson {
   bytes_received: number;
   received: ByteRange[];
   data_path: string;
+  error: { code: string; message: string } | null;
   url?: string;
   token?: string;
 }
@@ -309,6 +310,8 @@ export class TransferService {
       bytes_received: ranges.size(),
       received: ranges.toJSON(),
       data_path: dataPath(t.id),
+      // The holder of a transfer token cannot read tasks: say why it ended here.
+      error: ['failed', 'cancelled', 'expired'].includes(t.state) ? this.tasks.get(t.task_id).error : null,
       ...(secret && {
         url: `${secret.baseUrl}${dataPath(t.id)}?token=${secret.token}`,
         token: secret.token,
@@ -550,8 +553,9 @@ export class TransferService {
           result: result(generation),
         });
       });
+      const cleaned = this.cleanup(live);
       const done = task.succeed(result(committed.generation));
-      await this.cleanup(live);
+      await cleaned;
       return done;
     } catch (err) {
       const failed = await this.end(live, 'failed', err);
@@ -598,17 +602,20 @@ export class TransferService {
     live.failure = toApiError(reason);
     live.t.state = state;
     this.store.save(live.t);
+    const cleaned = this.cleanup(live);
     const task = live.task.fail(live.failure);
-    await this.cleanup(live);
+    await cleaned;
     return task;
   }
 
   private async cleanup(live: Live): Promise<void> {
+    // The VDI is free as soon as the session is over: whoever saw its task
+    // finish may open the next one at once. Its staging file has its own name.
     this.live.delete(live.t.id);
+    live.release();
     await live.handle?.close().catch(() => {});
     live.handle = null;
     if (live.t.staging_path) await fsp.rm(live.t.staging_path, { force: true });
-    live.release();
   }
 
   /** Counts bytes a download session served. */
@@ -669,6 +676,13 @@ export class TransferService {
     if (task.status !== 'success')
       throw live.failure ?? new ApiError(500, 'IMPORT_FAILED', 'the import failed');
     return task;
+  }
+
+  /** Records a note on a session that must outlive a restart (e.g. a pull's source validator). */
+  annotate(id: string, key: string, value: string): void {
+    const live = this.active(id);
+    live.t.metadata = { ...live.t.metadata, [key]: value };
+    this.store.save(live.t);
   }
 
   /**
