@@ -179,7 +179,6 @@ describe('the diskport CLI over a connection that breaks', () => {
     rawVdi = (await createVdi(srv.url, 32 * MiB)).id;
     const proxy = await cutProxy(srv.url, {
       seed: 11,
-      // Each cut costs up to 1 MiB resent: the server drops the part of its write buffer a broken body left.
       cutConnections: 3,
       direction: 'up',
       minBytes: 256 * 1024,
@@ -213,9 +212,7 @@ describe('the diskport CLI over a connection that breaks', () => {
     }
   });
 
-  test('holes are not sent at all: bytes sent stay under 1.1 x the data', {
-    todo: 'the server counts unsent raw ranges as missing at finalize, so the CLI has to send them',
-  }, () => {
+  test('holes are not sent at all: bytes sent stay under 1.1 x the data', () => {
     assert.ok(rawNumbers.sent > 0);
     assert.equal(rawNumbers.filled, 0);
     assert.ok(rawNumbers.sent < 1.1 * dataBytes, `sent ${rawNumbers.sent}, data ${dataBytes}`);

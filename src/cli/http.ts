@@ -62,7 +62,7 @@ export async function errorOf(res: Response, what: string): Promise<HttpError> {
 }
 
 export interface JsonRequest {
-  method: 'GET' | 'POST' | 'PUT' | 'DELETE';
+  method: 'GET' | 'POST' | 'PUT' | 'PATCH' | 'DELETE';
   path: string;
   body?: unknown;
   /** Send the management token (calls outside a transfer's own URL). */

@@ -33,6 +33,8 @@ export interface Session {
   dataUrl: string;
   /** Path of the session's JSON state, with its token. */
   statePath: string;
+  /** Path of the session's data, with its token (for zero operations). */
+  dataPath: string;
 }
 
 export async function openSession(
@@ -55,6 +57,7 @@ export async function openSession(
       // Built from --server rather than the returned url: the server may not know how it is reached.
       dataUrl: `${client.server}${t.data_path}?token=${token}`,
       statePath: `/v1/transfers/${encodeURIComponent(t.id)}?token=${token}`,
+      dataPath: `${t.data_path}?token=${token}`,
     },
   };
 }
@@ -76,4 +79,13 @@ export function missingIn(ranges: readonly Range[], start: number, end: number):
   }
   if (pos < end) out.push([pos, end]);
   return out;
+}
+
+/** Tells the server that [start, end) reads as zeros, without sending them (ovirt-imageio's zero op). */
+export function sendZeros(client: Client, s: Session, start: number, end: number): Promise<TransferJson> {
+  return callJson<TransferJson>(client, {
+    method: 'PATCH',
+    path: s.dataPath,
+    body: { op: 'zero', offset: start, size: end - start },
+  });
 }

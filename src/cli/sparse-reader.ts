@@ -2,10 +2,13 @@
  * Where a source file's data is: the pieces worth sending. The file system
  * tells where the holes are (SEEK_DATA/SEEK_HOLE, `fileExtents`); allocated
  * blocks that hold only zeros are found by reading them. Zeros are never
- * sent: the server's staging file starts sparse.
+ * sent: the server is told they are zeros (a `zero` operation).
  */
 import type { FileHandle } from 'node:fs/promises';
 import { fileExtents } from '../storage/sparse.js';
+import { isZero } from '../storage/zero.js';
+
+export { isZero };
 
 /** Granularity of zero detection inside a piece. */
 export const ZERO_BLOCK_BYTES = 64 * 1024;
@@ -41,20 +44,6 @@ export function dataPieces(
     }
   }
   return { pieces, holeBytes };
-}
-
-export function isZero(buf: Buffer, start = 0, end = buf.length): boolean {
-  // Compare 8 bytes at a time where aligned; it is what makes scanning cheap.
-  let i = start;
-  for (; i < end && (i & 7) !== 0; i++) if (buf[i] !== 0) return false;
-  const words = Math.floor((end - i) / 8);
-  if (words > 0 && (buf.byteOffset + i) % 8 === 0) {
-    const view = new BigUint64Array(buf.buffer, buf.byteOffset + i, words);
-    for (let w = 0; w < words; w++) if (view[w] !== 0n) return false;
-    i += words * 8;
-  }
-  for (; i < end; i++) if (buf[i] !== 0) return false;
-  return true;
 }
 
 /**

@@ -20,6 +20,7 @@ import {
   openSession,
   type Range,
   type Session,
+  sendZeros,
   type TaskJson,
   type TransferJson,
   transferState,
@@ -119,17 +120,24 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       let skipped = holeBytes;
       progress.set(done);
       const queue = [...pieces];
+      const sent: Range[] = [];
       const worker = async () => {
         for (let p = queue.shift(); p; p = queue.shift()) {
           const buf = await readFull(handle, p.start, p.end);
           const runs = dataRuns(buf, p.start);
           for (const r of runs) await sender.send(r, buf.subarray(r.start - p.start, r.end - p.start));
+          sent.push(...runs.map((r): Range => [r.start, r.end]));
           skipped += p.end - p.start - runs.reduce((n, r) => n + r.end - r.start, 0);
           done += p.end - p.start;
           progress?.set(done);
         }
       };
       await Promise.all(Array.from({ length: Math.max(1, opts.parallel) }, worker));
+      // Everything not sent reads as zeros: say so, a few requests for any number of holes.
+      sent.sort((x, y) => x[0] - y[0]);
+      for (const [s, e] of missingIn(sent, 0, size)) {
+        await withRetry(retry, () => sendZeros(client, session, s, e));
+      }
 
       let filled = 0;
       let task: TaskJson | undefined;
