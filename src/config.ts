@@ -71,14 +71,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     )
     .exitOverride();
   program.parse(argv, { from: 'user' });
-  const o = program.opts<{
-    host: string;
-    port: number;
-    dataDir: string;
-    token?: string;
-    logLevel: string;
-    allowFetch: string[];
-  }>();
+  const o = program.opts<Config>();
   return {
     host: o.host,
     port: o.port,

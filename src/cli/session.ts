@@ -1,4 +1,6 @@
 /** The client side of a transfer session: create, state, and the shapes the server answers with. */
+
+import { RangeSet } from '../transfer/range-set.js';
 import { type Client, callJson } from './http.js';
 
 export type Range = [start: number, end: number];
@@ -66,19 +68,9 @@ export function transferState(client: Client, s: Session): Promise<TransferJson>
   return callJson<TransferJson>(client, { method: 'GET', path: s.statePath });
 }
 
-/** The parts of [start, end) not covered by `ranges` (merged, ordered). */
+/** The parts of [start, end) not covered by `ranges` (in any order, overlapping or not). */
 export function missingIn(ranges: readonly Range[], start: number, end: number): Range[] {
-  const out: Range[] = [];
-  let pos = start;
-  for (const [s, e] of ranges) {
-    if (e <= pos) continue;
-    if (s >= end) break;
-    if (s > pos) out.push([pos, Math.min(s, end)]);
-    pos = Math.max(pos, e);
-    if (pos >= end) break;
-  }
-  if (pos < end) out.push([pos, end]);
-  return out;
+  return new RangeSet(ranges).missing(start, end);
 }
 
 /** Tells the server that [start, end) reads as zeros, without sending them (ovirt-imageio's zero op). */

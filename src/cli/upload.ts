@@ -134,7 +134,6 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       };
       await Promise.all(Array.from({ length: Math.max(1, opts.parallel) }, worker));
       // Everything not sent reads as zeros: say so, a few requests for any number of holes.
-      sent.sort((x, y) => x[0] - y[0]);
       for (const [s, e] of missingIn(sent, 0, size)) {
         await withRetry(retry, () => sendZeros(client, session, s, e));
       }

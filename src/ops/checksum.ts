@@ -77,7 +77,8 @@ export async function hashImage(
   const hash = createHash(algorithm);
   let lastYield = performance.now();
   const chunks = readVirtual(image, extents, 0, image.virtualSize, HASH_CHUNK_BYTES);
-  for await (const chunk of readAhead(chunks)) {
+  // readVirtual keeps the next read in flight while this chunk is hashed.
+  for await (const chunk of chunks) {
     progress.signal?.throwIfAborted();
     hash.update(chunk);
     progress.onBytes?.(chunk.length);
@@ -88,23 +89,6 @@ export async function hashImage(
   }
   progress.signal?.throwIfAborted();
   return hash.digest('hex');
-}
-
-/** Keeps the source's next item in flight while the consumer works on the current one. */
-async function* readAhead<T>(source: AsyncIterable<T>): AsyncGenerator<T> {
-  const it = source[Symbol.asyncIterator]();
-  let next = it.next();
-  try {
-    for (;;) {
-      const r = await next;
-      if (r.done) return;
-      next = it.next();
-      yield r.value;
-    }
-  } finally {
-    await next.catch(() => undefined);
-    await it.return?.();
-  }
 }
 
 export class ChecksumService {

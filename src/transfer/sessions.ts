@@ -574,14 +574,7 @@ export class TransferService {
     }
     if (live.t.direction === 'download') {
       // A download session ends when its holder is done with it.
-      live.t.state = 'committed';
-      this.store.save(live.t);
-      live.task.succeed({
-        vdi: live.t.vdi_id,
-        format: live.t.format,
-        bytes_sent: live.task.record.bytes_done,
-      });
-      await this.cleanup(live);
+      await this.completeDownload(live);
       return live.t;
     }
     await this.end(
@@ -590,6 +583,20 @@ export class TransferService {
       new CancelledError('the transfer was cancelled by its holder; the VDI is unchanged'),
     );
     return live.t;
+  }
+
+  /** Ends a download session as done: its task succeeds with the bytes it served. */
+  private async completeDownload(live: Live, result: Record<string, unknown> = {}): Promise<void> {
+    live.t.state = 'committed';
+    this.store.save(live.t);
+    const cleaned = this.cleanup(live);
+    live.task.succeed({
+      vdi: live.t.vdi_id,
+      format: live.t.format,
+      bytes_sent: live.task.record.bytes_done,
+      ...result,
+    });
+    await cleaned;
   }
 
   /** Ends a session without a commit: state, task outcome, staging removed, lock released. */
@@ -697,15 +704,7 @@ export class TransferService {
       .then(
         async (result) => {
           if (this.live.get(id) !== live || live.t.direction !== 'download') return;
-          live.t.state = 'committed';
-          this.store.save(live.t);
-          live.task.succeed({
-            vdi: live.t.vdi_id,
-            format: live.t.format,
-            bytes_sent: live.task.record.bytes_done,
-            ...result,
-          });
-          await this.cleanup(live);
+          await this.completeDownload(live, result);
         },
         async (err) => {
           if (this.live.get(id) === live && live.t.state === 'open') await this.end(live, 'failed', err);
