@@ -2,6 +2,7 @@
  * raw: the bytes of the virtual disk, nothing else. Holes are produced from a
  * shared zero buffer, never read from storage.
  */
+import fs from 'node:fs';
 import type { BlockImage, Extent } from '../../storage/block-image.js';
 import { RawFileImage } from '../../storage/raw-file-image.js';
 import { zeroBuffer } from '../../storage/zero.js';
@@ -37,6 +38,9 @@ function* piecesOf(
   }
 }
 
+/** Spare buffers a readVirtual keeps for reuse, at most. */
+const MAX_SPARE_BUFFERS = 4;
+
 /**
  * Yields the virtual-disk bytes of [start, end) given the image's extents:
  * zero extents from memory, data extents read in READ_CHUNK_BYTES pieces.
@@ -45,6 +49,14 @@ function* piecesOf(
  * One read ahead: the next data piece is being read while the consumer sends
  * or writes the one just yielded, so the storage and the consumer overlap
  * instead of taking turns. At most two pieces are held at once.
+ *
+ * Buffers can be handed back: a consumer done with a yielded buffer (say,
+ * its socket has flushed it) may pass it as the argument of a later `next()`,
+ * and a later piece of a raw file is read into it instead of into a new
+ * buffer. Only buffers this call yielded are taken back, each once, and
+ * `for await` passes nothing, so consumers that keep their chunks are safe.
+ * Without it an export allocates its whole size in fresh buffers, and V8
+ * answers that churn of external memory with back-to-back full GCs.
  */
 export async function* readVirtual(
   image: BlockImage,
@@ -52,9 +64,22 @@ export async function* readVirtual(
   start: number,
   end: number,
   chunkBytes = READ_CHUNK_BYTES,
-): AsyncGenerator<Buffer> {
+): AsyncGenerator<Buffer, void, Buffer | undefined> {
   const pieces = piecesOf(extents, start, end, chunkBytes);
-  const begin = (p: Piece): Promise<Buffer> | null => (p.zero ? null : image.read(p.offset, p.length));
+  const file = image instanceof RawFileImage ? image : null;
+  const wholeOf = new WeakMap<Buffer, Buffer>(); // a yielded view -> the buffer it lies in
+  const spare: Buffer[] = [];
+  const begin = (p: Piece): Promise<Buffer> | null => {
+    if (p.zero) return null;
+    if (!file) return image.read(p.offset, p.length);
+    let whole = spare.pop();
+    if (!whole || whole.length < p.length) whole = Buffer.allocUnsafe(p.length);
+    const into = whole;
+    return readFileInto(file, into, p.offset, p.length).then((view) => {
+      wholeOf.set(view, into);
+      return view;
+    });
+  };
   let current = pieces.next();
   let reading = current.done ? null : begin(current.value);
   try {
@@ -70,12 +95,48 @@ export async function* readVirtual(
         : zeroBuffer(piece.length);
       current = next;
       reading = nextReading;
-      yield buf;
+      const back = yield buf;
+      const whole = back && wholeOf.get(back);
+      if (whole) {
+        wholeOf.delete(back);
+        if (spare.length < MAX_SPARE_BUFFERS) spare.push(whole);
+      }
     }
   } finally {
     // Abandoned early (a client gone, a range served): the read ahead is nobody's.
     reading?.catch(() => {});
   }
+}
+
+/**
+ * RawFileImage.read(offset, length), but into `buf`; returns the view read.
+ * Through the file descriptor, as the image has no read-into: a read still
+ * running when the image closes fails (EBADF) or, pread having no side
+ * effects, fills a buffer nobody holds any more.
+ */
+async function readFileInto(
+  image: RawFileImage,
+  buf: Buffer,
+  offset: number,
+  length: number,
+): Promise<Buffer> {
+  const n = Math.max(0, Math.min(length, image.virtualSize - offset));
+  let done = 0;
+  while (done < n) {
+    const bytesRead = await pread(image.fd, buf, done, n - done, offset + done);
+    if (bytesRead === 0) {
+      buf.fill(0, done, n); // past the end of a short file: zeros
+      break;
+    }
+    done += bytesRead;
+  }
+  return buf.subarray(0, n);
+}
+
+function pread(fd: number, buf: Buffer, at: number, length: number, position: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.read(fd, buf, at, length, position, (err, bytesRead) => (err ? reject(err) : resolve(bytesRead)));
+  });
 }
 
 /** Index of the extent containing `offset` (binary search; extents are ordered and contiguous). */
