@@ -82,13 +82,31 @@ static napi_value punch_hole(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* dropCache(fd): posix_fadvise(DONTNEED) over the whole file. An import
+ * replaces a VDI's content, so the old generation's cached pages are dead
+ * weight that the kernel would otherwise reclaim while the new one lands. */
+static napi_value drop_cache(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int32_t fd;
+  if (argc < 1 || napi_get_value_int32(env, argv[0], &fd) != napi_ok) {
+    napi_throw_type_error(env, NULL, "expected (fd)");
+    return NULL;
+  }
+  napi_value result;
+  napi_get_boolean(env, posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0, &result);
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
+      {"dropCache", NULL, drop_cache, NULL, NULL, NULL, napi_default, NULL},
   };
-  napi_define_properties(env, exports, 3, props);
+  napi_define_properties(env, exports, 4, props);
   return exports;
 }
 

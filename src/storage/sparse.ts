@@ -10,6 +10,7 @@
  * slower, never wrong.
  */
 
+import { promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { type Extent, mergeExtents } from './block-image.js';
@@ -19,6 +20,7 @@ interface SeekAddon {
   seekData(fd: number, offset: number): number;
   seekHole(fd: number, offset: number): number;
   punchHole(fd: number, offset: number, length: number): boolean;
+  dropCache(fd: number): boolean;
 }
 
 function loadAddon(): SeekAddon | null {
@@ -72,5 +74,17 @@ export async function zeroRange(handle: FileHandle, offset: number, length: numb
     const n = Math.min(ZEROS.length, offset + length - pos);
     await handle.write(ZEROS, 0, n, pos);
     pos += n;
+  }
+}
+
+/** Asks the kernel to drop a file's cached pages (posix_fadvise DONTNEED); a hint, never an error. */
+export async function dropCachedPages(file: string): Promise<void> {
+  if (!addon) return;
+  const handle = await fsp.open(file, 'r').catch(() => null);
+  if (!handle) return;
+  try {
+    addon.dropCache(handle.fd);
+  } finally {
+    await handle.close();
   }
 }

@@ -230,8 +230,11 @@ export class VdiStore {
         });
       opts.inTransaction?.(generation);
     })();
-    await fsp.rm(path.join(sr.path, vdi.file_name), { force: true });
     await fsp.rm(stagedFile, { force: true });
+    // Unlinking a large old generation takes a while and nobody waits for it:
+    // not the client (readers still holding it keep their open file), not
+    // correctness (a file left by a crash is collected at startup).
+    void fsp.rm(path.join(sr.path, vdi.file_name), { force: true }).catch(() => {});
     return this.get(id);
   }
 

@@ -35,7 +35,7 @@ import { hashImage } from '../ops/checksum.js';
 import { type Db, nowIso } from '../storage/db.js';
 import { RawFileImage } from '../storage/raw-file-image.js';
 import { ResizedImage } from '../storage/resized-image.js';
-import { zeroRange } from '../storage/sparse.js';
+import { dropCachedPages, zeroRange } from '../storage/sparse.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
@@ -249,6 +249,8 @@ export class TransferService {
     };
     // One writer per VDI: take the lock before anything is created.
     const release = upload ? this.vdis.locks.acquire(vdi.id, `transfer ${id}`) : () => {};
+    // The content is about to be replaced: its cached pages only crowd the new ones out.
+    if (upload) await dropCachedPages(this.vdis.imagePath(vdi));
     try {
       if (staging) {
         const h = await fsp.open(staging, 'w');
