@@ -20,21 +20,10 @@ import type { SerializedImage } from '../src/formats/types.js';
 import type { BlockImage, Extent } from '../src/storage/block-image.js';
 import { RawFileImage } from '../src/storage/raw-file-image.js';
 import { isZero } from '../src/storage/zero.js';
+import { prng } from './helpers/random.js';
 
 const MiB = 1024 * 1024;
 const QEMU_IMG = '/usr/bin/qemu-img';
-
-/** mulberry32: a tiny seeded PRNG, so every run builds the same images. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Random bytes; every other block is low-entropy so that `qemu-img convert -c` really compresses. */
 function randomBytes(rand: () => number, length: number, compressible: boolean): Buffer {

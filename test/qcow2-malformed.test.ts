@@ -16,6 +16,7 @@ import { ApiError } from '../src/errors.js';
 import { qcow2Codec } from '../src/formats/qcow2/index.js';
 import type { BlockImage } from '../src/storage/block-image.js';
 import { isZero } from '../src/storage/zero.js';
+import { prng } from './helpers/random.js';
 
 const QEMU_IMG = '/usr/bin/qemu-img';
 const CASES_PER_BASE = 200;
@@ -24,18 +25,6 @@ const READ_BUDGET_BYTES = 4 * 1024 * 1024;
 /** A single case taking this long is a hang. */
 const CASE_TIMEOUT_MS = 5000;
 const ALLOWED_STATUSES = new Set([400, 413, 422]);
-
-/** mulberry32: a tiny seeded PRNG, so every run tries the same damage. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function makeRaw(path: string, size: number, seed: number): void {
   const rand = prng(seed);

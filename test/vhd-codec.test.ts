@@ -15,22 +15,10 @@ import { FOOTER_OFFSETS, vhdChecksum } from '../src/formats/vhd/format.js';
 import { vhdCodec } from '../src/formats/vhd/index.js';
 import type { BlockImage, Extent } from '../src/storage/block-image.js';
 import { RawFileImage } from '../src/storage/raw-file-image.js';
+import { prngU32 as prng } from './helpers/random.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
-
-/** xorshift32: tiny, seeded, good enough to scatter data and pick ranges. */
-function prng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
-}
 
 function randomBytes(next: () => number, length: number): Buffer {
   const buf = Buffer.allocUnsafe(length + 3);

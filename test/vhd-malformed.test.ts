@@ -23,21 +23,10 @@ import {
   vhdChecksum,
 } from '../src/formats/vhd/format.js';
 import { vhdCodec } from '../src/formats/vhd/index.js';
+import { prngU32 as prng } from './helpers/random.js';
 
 const CASES = 600;
 const CASE_TIME_LIMIT_MS = 2000;
-
-function prng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
-}
 
 function fill(next: () => number, buf: Buffer): Buffer {
   for (let i = 0; i < buf.length; i++) buf[i] = next() & 0xff;
