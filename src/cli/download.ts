@@ -10,7 +10,7 @@
 import { promises as fsp } from 'node:fs';
 import { type Client, errorOf, HttpError, request } from './http.js';
 import { createProgress, formatBytes, type Progress } from './progress.js';
-import { type RetryPolicy, withRetry } from './retry.js';
+import { announcedRetries, type RetryPolicy, withRetry } from './retry.js';
 import { openSession } from './session.js';
 import { isZero, ZERO_BLOCK_BYTES } from './sparse-reader.js';
 
@@ -97,17 +97,9 @@ class SparseWriter {
 const CONTENT_RANGE = /^bytes (\d+)-(\d+)\/(\d+)$/;
 
 export async function download(client: Client, opts: DownloadOptions): Promise<DownloadSummary> {
-  let retries = 0;
   let progress: Progress | undefined;
-  const retry: RetryPolicy = {
-    ...opts.retry,
-    onRetry: (err, attempt, delay) => {
-      retries++;
-      const line = `diskport: ${(err as Error).message || err}; retry ${attempt}/${opts.retry.retries} in ${(delay / 1000).toFixed(1)} s`;
-      if (progress) progress.log(line);
-      else process.stderr.write(`${line}\n`);
-    },
-  };
+  const announced = announcedRetries(opts.retry, () => progress);
+  const retry = announced.policy;
   const { session } = await withRetry(retry, () =>
     openSession(client, {
       vdi: opts.vdi,
@@ -202,7 +194,7 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
       bytes_received: received,
       bytes_sparse: sparse,
       restarts,
-      retries,
+      retries: announced.count(),
     };
   } catch (err) {
     progress?.stop();

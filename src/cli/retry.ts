@@ -98,3 +98,27 @@ export async function withRetry<T>(
     }
   }
 }
+
+/**
+ * The policy with each retry said on the progress bar (or stderr, before
+ * there is one) and counted, for the summary.
+ */
+export function announcedRetries(
+  policy: RetryPolicy,
+  progress: () => { log(line: string): void } | undefined,
+): { policy: RetryPolicy; count: () => number } {
+  let count = 0;
+  return {
+    count: () => count,
+    policy: {
+      ...policy,
+      onRetry: (err, attempt, delay) => {
+        count++;
+        const line = `diskport: ${(err as Error).message || err}; retry ${attempt}/${policy.retries} in ${(delay / 1000).toFixed(1)} s`;
+        const bar = progress();
+        if (bar) bar.log(line);
+        else process.stderr.write(`${line}\n`);
+      },
+    },
+  };
+}

@@ -14,7 +14,7 @@ import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import { type Client, callJson, errorOf, HttpError, request } from './http.js';
 import { createProgress, formatBytes, type Progress } from './progress.js';
-import { type RetryPolicy, withRetry } from './retry.js';
+import { announcedRetries, type RetryPolicy, withRetry } from './retry.js';
 import {
   missingIn,
   openSession,
@@ -85,16 +85,8 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
     if (!stat.isFile()) throw new Error(`${opts.file} is not a regular file`);
     const size = stat.size;
     const checksum = opts.checksum ? `sha256:${await sha256Of(handle, size)}` : undefined;
-    let retries = 0;
-    const retry: RetryPolicy = {
-      ...opts.retry,
-      onRetry: (err, attempt, delay) => {
-        retries++;
-        const line = `diskport: ${(err as Error).message || err}; retry ${attempt}/${opts.retry.retries} in ${(delay / 1000).toFixed(1)} s`;
-        if (progress) progress.log(line);
-        else process.stderr.write(`${line}\n`);
-      },
-    };
+    const announced = announcedRetries(opts.retry, () => progress);
+    const retry = announced.policy;
     let progress: Progress | undefined;
     const { session } = await withRetry(retry, () =>
       openSession(client, {
@@ -183,7 +175,7 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
         bytes_sent: sender.bytesSent,
         bytes_skipped: Math.max(0, skipped),
         zero_bytes_filled: filled,
-        retries,
+        retries: announced.count(),
       };
     } catch (err) {
       progress.stop();
