@@ -5,12 +5,11 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { once } from 'node:events';
 import { promises as fsp } from 'node:fs';
-import net, { type AddressInfo } from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi, curl, execFileP, sha256File, sha256Url } from './helpers/api.js';
+import { cutProxy } from './helpers/proxy.js';
 import { prng, ROOT, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -38,90 +37,6 @@ function runCli(args: string[], env: Record<string, string> = {}): Promise<CliRe
     stderr += d;
   });
   return new Promise((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
-}
-
-interface CutProxy {
-  url: string;
-  /** Bytes forwarded client → server. */
-  bytesUp: number;
-  bytesDown: number;
-  cuts: number;
-  close(): Promise<void>;
-}
-
-/**
- * A TCP proxy that cuts each of its first `cutConnections` connections after
- * a seeded random number of bytes in one direction.
- */
-async function cutProxy(
-  target: string,
-  opts: {
-    seed: number;
-    cutConnections: number;
-    direction: 'up' | 'down';
-    minBytes: number;
-    maxBytes: number;
-  },
-): Promise<CutProxy> {
-  const { hostname, port } = new URL(target);
-  const rnd = prng(opts.seed);
-  let connections = 0;
-  const sockets = new Set<net.Socket>();
-  const state: CutProxy = {
-    url: '',
-    bytesUp: 0,
-    bytesDown: 0,
-    cuts: 0,
-    async close() {
-      for (const s of sockets) s.destroy();
-      await new Promise((r) => server.close(r));
-    },
-  };
-  const server = net.createServer((client) => {
-    const index = connections++;
-    let budget =
-      index < opts.cutConnections
-        ? Math.floor(opts.minBytes + rnd() * (opts.maxBytes - opts.minBytes))
-        : Number.POSITIVE_INFINITY;
-    const upstream = net.connect(Number(port), hostname);
-    sockets.add(client).add(upstream);
-    const kill = () => {
-      client.destroy();
-      upstream.destroy();
-    };
-    const pipe = (from: net.Socket, to: net.Socket, up: boolean) => {
-      from.on('data', (buf: Buffer) => {
-        let out = buf;
-        const cutting = (opts.direction === 'up') === up;
-        if (cutting && out.length >= budget) {
-          out = out.subarray(0, budget);
-          budget = 0;
-        } else if (cutting) budget -= out.length;
-        if (up) state.bytesUp += out.length;
-        else state.bytesDown += out.length;
-        if (out.length && !to.write(out)) {
-          from.pause();
-          to.once('drain', () => from.resume());
-        }
-        if (cutting && budget === 0) {
-          state.cuts++;
-          // The sender's side breaks; the other side gets what was forwarded, then end of stream.
-          from.destroy();
-          to.end();
-          setTimeout(kill, 2000).unref();
-        }
-      });
-      from.on('end', () => to.end());
-      from.on('error', kill);
-      from.on('close', () => sockets.delete(from));
-    };
-    pipe(client, upstream, true);
-    pipe(upstream, client, false);
-  });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  state.url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-  return state;
 }
 
 /** A sparse file of 512 KiB blocks: seeded random data, holes, and allocated zeros. Returns its data bytes. */

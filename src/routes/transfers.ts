@@ -59,8 +59,10 @@ export function transferRoutes(s: Services): Router {
         s.transfers.list({ vdi, active: req.query.active === 'true' }).map((t) => s.transfers.toJson(t)),
       );
     })
-    .get('/v1/transfers/:id', (req, res) => {
-      res.json(s.transfers.toJson(transferOf(s, req, res)));
+    .get('/v1/transfers/:id', async (req, res) => {
+      const t = transferOf(s, req, res);
+      await s.transfers.settledUploadState(t.id);
+      res.json(s.transfers.toJson(t));
     })
     .delete('/v1/transfers/:id', async (req, res) => {
       res.json(s.transfers.toJson(await s.transfers.cancel(transferOf(s, req, res).id)));
@@ -117,7 +119,7 @@ export function transferRoutes(s: Services): Router {
     .head('/v1/transfers/:id/data', needCredential, async (req, res) => {
       const t = transferOf(s, req, res);
       if (t.direction === 'download') return serveDownload(s, req, res, t);
-      const state = s.transfers.uploadState(t.id);
+      const state = await s.transfers.settledUploadState(t.id);
       res.setHeader('Upload-Offset', String(state.offset));
       if (state.length !== null) res.setHeader('Upload-Length', String(state.length));
       res.setHeader('Cache-Control', 'no-store');

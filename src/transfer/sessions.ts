@@ -116,6 +116,8 @@ interface Live {
   finalizing: Promise<Task> | null;
   /** Why the session ended badly, with its HTTP status, for the one-shot import's answer. */
   failure: ApiError | null;
+  /** Called when the last write in progress ends. */
+  idleWaiters: (() => void)[];
 }
 
 /** Marks the internal session of a one-shot PUT, which no client can resume. */
@@ -195,6 +197,7 @@ export class TransferService {
       writers: 0,
       finalizing: null,
       failure: null,
+      idleWaiters: [],
     };
     this.live.set(t.id, live);
     // Cancelling the task (POST /v1/tasks/{id}/cancel) cancels the session; a
@@ -343,6 +346,26 @@ export class TransferService {
     live.t.expires_at = new Date(Date.now() + live.t.ttl_seconds * 1000).toISOString();
   }
 
+  /**
+   * Offset and length once the writes in progress have ended (at most
+   * `maxWaitMs`). A client that lost its connection asks at once; the server
+   * may not yet have seen the break and recorded the bytes that did arrive,
+   * and an offset read then would make the client send them again.
+   */
+  async settledUploadState(id: string, maxWaitMs = 2000): Promise<{ offset: number; length: number | null }> {
+    const live = this.live.get(id);
+    if (live && live.writers > 0) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, maxWaitMs);
+        live.idleWaiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+    return this.uploadState(id);
+  }
+
   /** Offset and length for HEAD. */
   uploadState(id: string): { offset: number; length: number | null } {
     const live = this.live.get(id);
@@ -441,15 +464,21 @@ export class TransferService {
       throw err;
     } finally {
       if (checkpoints) clearInterval(checkpoints);
-      live.writers--;
-      this.touch(live);
-      this.persistProgress(live);
+      this.doneWriting(live);
     }
   }
 
   private async handleOf(live: Live): Promise<fsp.FileHandle> {
     if (!live.handle) live.handle = await fsp.open(live.t.staging_path!, 'r+');
     return live.handle;
+  }
+
+  /** A write ends: the session is renewed, its progress saved, and waiters for quiet woken. */
+  private doneWriting(live: Live): void {
+    live.writers--;
+    this.touch(live);
+    this.persistProgress(live);
+    if (live.writers === 0) for (const wake of live.idleWaiters.splice(0)) wake();
   }
 
   /** Fixes the length of an upload without sending bytes (`Content-Range: bytes *\/total`). */
@@ -763,9 +792,7 @@ export class TransferService {
       for (const [s, e] of missing) live.ranges.add(s, e);
       return t;
     } finally {
-      live.writers--;
-      this.touch(live);
-      this.persistProgress(live);
+      this.doneWriting(live);
     }
   }
 
