@@ -197,6 +197,79 @@ describe('the diskport CLI over a connection that breaks', () => {
     );
   });
 
+  for (const format of ['vhd', 'qcow2'] as const) {
+    test(`downloads the disk as ${format} through cuts; qemu-img compare agrees with the source`, async () => {
+      const proxy = await cutProxy(srv.url, {
+        seed: 40 + format.length,
+        cutConnections: 3,
+        direction: 'down',
+        minBytes: 512 * 1024,
+        maxBytes: 6 * MiB,
+      });
+      const out = path.join(dir, `downloaded.${format}`);
+      try {
+        const r = await runCli([
+          'download',
+          '--vdi',
+          rawVdi,
+          '--format',
+          format,
+          '-o',
+          out,
+          '--server',
+          proxy.url,
+          ...RETRY_FAST,
+        ]);
+        assert.equal(r.code, 0, r.stderr);
+        assert.ok(proxy.cuts >= 2, `only ${proxy.cuts} cuts happened`);
+      } finally {
+        await proxy.close();
+      }
+      await execFileP('qemu-img', [
+        'compare',
+        '-f',
+        'raw',
+        '-F',
+        format === 'vhd' ? 'vpc' : 'qcow2',
+        source,
+        out,
+      ]);
+    });
+  }
+
+  test('uploads a vhd written by qemu-img through cuts; qemu-img compare agrees', async () => {
+    const vhd = path.join(dir, 'source.vhd');
+    await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', source, vhd]);
+    const vdi = (await createVdi(srv.url, 32 * MiB)).id;
+    const proxy = await cutProxy(srv.url, {
+      seed: 51,
+      cutConnections: 3,
+      direction: 'up',
+      minBytes: 256 * 1024,
+      maxBytes: 4 * MiB,
+    });
+    try {
+      const r = await runCli([
+        'upload',
+        vhd,
+        '--vdi',
+        vdi,
+        '--format',
+        'vhd',
+        '--server',
+        proxy.url,
+        ...RETRY_FAST,
+      ]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.ok(proxy.cuts >= 2, `only ${proxy.cuts} cuts happened`);
+    } finally {
+      await proxy.close();
+    }
+    const out = path.join(dir, 'uploaded-vhd.raw');
+    await execFileP('curl', ['-sS', '-o', out, `${srv.url}/v1/vdis/${vdi}/contents?format=raw`]);
+    await execFileP('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', source, out]);
+  });
+
   test('diskport --help and each command --help document every flag', async () => {
     const top = await runCli(['--help']);
     assert.equal(top.code, 0);
