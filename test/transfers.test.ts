@@ -152,6 +152,50 @@ describe('resumable transfer sessions', () => {
     assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), sha256(data));
   });
 
+  test('a bad-digest chunk racing a good one over the same bytes never undoes what the good one delivered', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const data = seededBytes(MiB, 21);
+    const t = await open({ vdi: vdi.id, direction: 'upload', size: MiB });
+    const bad = `sha-256=:${createHash('sha256').update('something else').digest('base64')}:`;
+    // The bad chunk starts first and stalls half-way...
+    let release: () => void = () => {};
+    const stalled = new Promise<void>((r) => {
+      release = r;
+    });
+    const slowBody = new ReadableStream<Uint8Array>({
+      async start(c) {
+        c.enqueue(new Uint8Array(data.subarray(0, MiB / 2)));
+        await stalled;
+        c.enqueue(new Uint8Array(data.subarray(MiB / 2)));
+        c.close();
+      },
+    });
+    const badPut = fetch(t.url, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes 0-${MiB - 1}/${MiB}`, 'content-digest': bad },
+      body: slowBody,
+      duplex: 'half',
+    } as RequestInit);
+    await sleep(100);
+    // ...while the good one lands whole and is recorded.
+    assert.equal((await putChunk(t.url, data, 0, MiB)).status, 200);
+    release();
+    const refused = await badPut;
+    assert.equal(refused.status, 400);
+    assert.equal(((await refused.json()) as ErrorBody).error.code, 'DIGEST_MISMATCH');
+    assert.equal((await finalize(t)).body.status, 'success');
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), sha256(data));
+  });
+
+  test('a chunk with an unknown total cannot land past what the VDI can hold', async () => {
+    const vdi = await createVdi(srv.url, 4 * MiB);
+    const t = await open({ vdi: vdi.id, direction: 'upload' });
+    const far = await putChunk(t.url, Buffer.alloc(4096, 1), 5 * 1024 ** 4, '*');
+    assert.equal(far.status, 413);
+    assert.equal(((await far.json()) as ErrorBody).error.code, 'CHUNK_PAST_END');
+    await api(srv.url, 'DELETE', `/v1/transfers/${t.id}?token=${t.token}`);
+  });
+
   test('chunks that contradict or overrun the declared total are refused', async () => {
     const vdi = await createVdi(srv.url, MiB);
     const t = await open({ vdi: vdi.id, direction: 'upload', size: 1000 });

@@ -113,6 +113,13 @@ function parseTargetUrl(raw: string): { prefix: string; id: string; token: strin
       'INVALID_URL',
     );
   }
+  if (/\/\/|\\/.test(m[1])) {
+    throw new BadRequestError(
+      'target_url has an empty or backslashed path segment',
+      { field: 'target_url' },
+      'INVALID_URL',
+    );
+  }
   return { prefix: m[1], id: decodeURIComponent(m[2]), token };
 }
 
@@ -133,11 +140,12 @@ class Receiver {
   }
 
   private url(path: string, query: Record<string, string> = {}): URL {
-    const url = new URL(
-      `${this.ref.prefix}/v1/transfers/${encodeURIComponent(this.ref.id)}${path}`,
-      this.target.url,
-    );
+    // Only the path changes on a copy of the checked URL: resolving a string
+    // against it would read a path starting with // as another host.
+    const url = new URL(this.target.url);
+    url.pathname = `${this.ref.prefix}/v1/transfers/${encodeURIComponent(this.ref.id)}${path}`;
     url.search = new URLSearchParams({ token: this.ref.token, ...query }).toString();
+    if (url.host !== this.target.url.host) throw new Error(`refusing to leave ${this.target.url.host}`);
     return url;
   }
 

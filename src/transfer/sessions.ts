@@ -30,6 +30,7 @@ import {
   toApiError,
 } from '../errors.js';
 import { codecFor } from '../formats/index.js';
+import { readVirtual } from '../formats/raw/index.js';
 import { safeEqual } from '../http/auth.js';
 import { hashImage } from '../ops/checksum.js';
 import { type Db, nowIso } from '../storage/db.js';
@@ -40,7 +41,7 @@ import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
 import { commitStaged } from './commit.js';
-import { landStream } from './land-stream.js';
+import { type LandOptions, landStream } from './land-stream.js';
 import { type ByteRange, RangeSet } from './range-set.js';
 import { type Direction, type Transfer, TransferStore } from './transfer-store.js';
 
@@ -387,7 +388,7 @@ export class TransferService {
     const start = range?.start ?? 0;
     const limit = uploadLimit(t.format, vdi.virtual_size);
     const total = t.size;
-    if (range && total !== null && range.end >= total) {
+    if (range && range.end >= (total ?? limit)) {
       throw new TooLargeError(
         `chunk bytes ${range.start}-${range.end} lands past the declared total of ${total} bytes`,
         { total, chunk_end: range.end },
@@ -395,31 +396,26 @@ export class TransferService {
       );
     }
     const expected = range ? range.end - range.start + 1 : (total ?? limit) - start;
-    const hash = chunk.digest ? createHash(chunk.digest.algorithm) : null;
-    const missingAtStart = live.ranges.missing(start, start + expected);
     const progress = { written: 0 };
     live.writers++;
-    const handle = await this.handleOf(live);
     let recorded = start;
     // The one-shot import's session has no holder to resume it: nothing to make durable early.
     const durable = !chunk.fresh;
+    let handle: fsp.FileHandle | null = null;
     const record = async (end: number) => {
-      if (end <= recorded) return;
+      if (end <= recorded || !handle) return;
       if (durable) await handle.datasync();
       live.ranges.add(recorded, end);
       recorded = end;
       this.persistProgress(live);
     };
-    const checkpoints =
-      hash || !durable
-        ? null
-        : setInterval(() => void record(start + progress.written).catch(() => {}), CHECKPOINT_INTERVAL_MS);
+    let checkpoints: NodeJS.Timeout | null = null;
     try {
-      chunk.beforeBody?.();
-      const received = await landStream(body, handle, {
+      handle = await this.handleOf(live);
+      const landing = {
         offset: start,
         limit: expected,
-        tooLarge: (n) =>
+        tooLarge: (n: number) =>
           range
             ? new BadRequestError(
                 `the body is longer than its Content-Range bytes ${range.start}-${range.end} (${n} bytes or more)`,
@@ -431,19 +427,25 @@ export class TransferService {
                 { limit: total ?? limit },
               ),
         signal: live.task.signal,
-        zeros: chunk.fresh ? 'skip' : 'punch',
-        writable: chunk.fresh ? undefined : (s, e) => live.ranges.missing(s, e),
-        onChunk: hash ? (c) => hash.update(c) : undefined,
+        zeros: chunk.fresh ? ('skip' as const) : ('punch' as const),
+        writable: chunk.fresh ? undefined : (s: number, e: number) => live.ranges.missing(s, e),
         progress,
-      });
-      if (hash && chunk.digest && !hash.digest().equals(chunk.digest.value)) {
-        // Only never-received parts were written: make them zeros again, as if the chunk never came.
-        for (const [s, e] of missingAtStart) await zeroRange(handle, s, Math.min(e, start + received) - s);
-        throw new BadRequestError(
-          'Content-Digest does not match the bytes received; the chunk was discarded, send it again',
-          undefined,
-          'DIGEST_MISMATCH',
-        );
+      };
+      chunk.beforeBody?.();
+      let received: number;
+      if (chunk.digest) {
+        // A chunk with a digest counts only if it matches, so it lands aside
+        // first and reaches the staging file only once verified: a bad one
+        // never touches bytes that a parallel chunk delivers.
+        received = await this.landVerified(live, body, handle!, landing, chunk.digest);
+      } else {
+        if (durable) {
+          checkpoints = setInterval(
+            () => void record(start + progress.written).catch(() => {}),
+            CHECKPOINT_INTERVAL_MS,
+          );
+        }
+        received = await landStream(body, handle!, landing);
       }
       if (range && received < expected && !chunk.partial) {
         await record(start + received);
@@ -458,13 +460,60 @@ export class TransferService {
       return t;
     } catch (err) {
       // A broken connection keeps what arrived (unless a digest must vouch for it first).
-      if (!hash && !(err instanceof ApiError && err.code === 'CHUNK_TOO_LONG')) {
+      if (!chunk.digest && !(err instanceof ApiError && err.code === 'CHUNK_TOO_LONG')) {
         await record(start + progress.written).catch(() => {});
       }
       throw err;
     } finally {
       if (checkpoints) clearInterval(checkpoints);
       this.doneWriting(live);
+    }
+  }
+
+  /**
+   * Lands a chunk in a file of its own, checks its digest, then copies it into
+   * the staging file (bytes not yet received only). Returns the bytes received.
+   */
+  private async landVerified(
+    live: Live,
+    body: AsyncIterable<Buffer>,
+    staging: fsp.FileHandle,
+    landing: LandOptions,
+    digest: NonNullable<ChunkWrite['digest']>,
+  ): Promise<number> {
+    const aside = `${live.t.staging_path}.chunk-${randomUUID()}`;
+    const hash = createHash(digest.algorithm);
+    const file = await fsp.open(aside, 'w+');
+    try {
+      const received = await landStream(body, file, {
+        ...landing,
+        offset: 0,
+        zeros: 'skip',
+        writable: undefined,
+        progress: undefined,
+        onChunk: (c) => hash.update(c),
+      });
+      if (!hash.digest().equals(digest.value)) {
+        throw new BadRequestError(
+          'Content-Digest does not match the bytes received; the chunk was discarded, send it again',
+          undefined,
+          'DIGEST_MISMATCH',
+        );
+      }
+      const verified = await RawFileImage.open(aside, { virtualSize: received });
+      try {
+        const extents = await verified.extents();
+        await landStream(readVirtual(verified, extents, 0, received), staging, {
+          ...landing,
+          signal: undefined,
+        });
+      } finally {
+        await verified.close();
+      }
+      return received;
+    } finally {
+      await file.close();
+      await fsp.rm(aside, { force: true });
     }
   }
 
