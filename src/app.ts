@@ -71,7 +71,8 @@ export function createApp(s: Services): Express {
  */
 export function createServer(s: Services): http.Server {
   const app = createApp(s);
-  const server = http.createServer(app);
+  // TCP keepalive finds peers that vanished without a word (then the idle timeout acts).
+  const server = http.createServer({ keepAlive: true, keepAliveInitialDelay: 30_000 }, app);
   server.on('checkContinue', app);
   server.requestTimeout = 0;
   server.headersTimeout = 60_000;

@@ -3,13 +3,47 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
+import { Readable } from 'node:stream';
 import { after, describe, test } from 'node:test';
 import { createVdi, sha256Url } from './helpers/api.js';
-import { seededBytes, spawnServer, tempDir } from './helpers/server.js';
+import { seededBytes, spawnServer, startServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
 const TUS = { 'tus-resumable': '1.0.0' };
 const b64 = (s: string) => Buffer.from(s).toString('base64');
+
+describe('tus: complete means committed', () => {
+  test('a HEAD on an upload whose bytes all arrived but whose commit never ran commits it before answering', async () => {
+    const srv = await startServer();
+    try {
+      const data = seededBytes(2 * MiB, 78);
+      const vdi = await createVdi(srv.url, 2 * MiB);
+      const created = await fetch(`${srv.url}/v1/tus/`, {
+        method: 'POST',
+        headers: {
+          ...TUS,
+          'upload-length': String(data.length),
+          'upload-metadata': `vdi ${b64(vdi.id)},format ${b64('raw')}`,
+        },
+      });
+      const location = new URL(created.headers.get('location')!, srv.url).pathname;
+      const id = location.split('/').pop()!;
+      // Every byte lands, as if the server died right after the last PATCH recorded it.
+      await srv.services.transfers.write(id, Readable.from([data]), {
+        range: { start: 0, end: data.length - 1, total: data.length },
+      });
+      const head = await fetch(`${srv.url}${location}`, { method: 'HEAD', headers: TUS });
+      assert.equal(head.headers.get('upload-offset'), String(data.length));
+      assert.equal(
+        await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`),
+        createHash('sha256').update(data).digest('hex'),
+        'offset == length was only said once the VDI held the bytes',
+      );
+    } finally {
+      await srv.close();
+    }
+  });
+});
 
 describe('tus across a crash', () => {
   const dirs: string[] = [];

@@ -5,6 +5,7 @@
  * the client started pushing gigabytes, which then die in a connection reset
  * instead of reaching the JSON error. So: uploads (PUT) get their 100 only
  * when the body is about to be read; every other request gets it at once.
+ * Uploads also get an idle timeout (see UPLOAD_IDLE_TIMEOUT_MS).
  */
 import type { RequestHandler, Response } from 'express';
 
@@ -20,7 +21,16 @@ export function continueNow(res: Response): void {
   }
 }
 
+/** An upload whose connection delivers nothing for this long is broken (a dropped NAT entry, a dead peer). */
+export const UPLOAD_IDLE_TIMEOUT_MS = 120_000;
+
 export const continueUnlessUpload: RequestHandler = (req, res, next) => {
   if (req.method !== 'PUT') continueNow(res);
+  // A half-open upload would otherwise hold its session (and the VDI) forever:
+  // the server only reads, so nothing ever fails. The bytes that did arrive
+  // are kept; the client resumes.
+  if (req.method === 'PUT' || req.method === 'PATCH') {
+    req.socket.setTimeout(UPLOAD_IDLE_TIMEOUT_MS, () => req.socket.destroy());
+  }
   next();
 };

@@ -44,12 +44,15 @@ function etagMatches(header: string, etag: string, weak: boolean): boolean {
   });
 }
 
-/** If-Range holds when it names the current strong ETag, or exactly the Last-Modified date. */
+/**
+ * If-Range holds only when it names the current strong ETag. A date is not
+ * trusted: two commits within one second share a Last-Modified, and a range
+ * of one generation spliced onto another would corrupt the client's copy
+ * (RFC 9110 lets us send the whole representation instead).
+ */
 function ifRangeHolds(value: string, rep: Representation): boolean {
   const v = value.trim();
-  if (v.startsWith('"') || v.startsWith('W/')) return etagMatches(v, rep.etag, false);
-  const date = Date.parse(v);
-  return !Number.isNaN(date) && Math.floor(rep.lastModified.getTime() / 1000) === Math.floor(date / 1000);
+  return (v.startsWith('"') || v.startsWith('W/')) && etagMatches(v, rep.etag, false);
 }
 
 /** Decides status and ranges; throws 416 for unsatisfiable ranges. */

@@ -168,7 +168,7 @@ export class VdiStore {
       } finally {
         await image.close();
       }
-      await this.commitContent(vdi.id, staged, { virtualSize: newSize, touchContent: false });
+      await this.commitContent(vdi.id, staged, { virtualSize: newSize });
     } finally {
       release();
     }
@@ -202,7 +202,6 @@ export class VdiStore {
     stagedFile: string,
     opts: {
       virtualSize?: number;
-      touchContent?: boolean;
       /** More writes that must commit together with the switch (e.g. the transfer's state). */
       inTransaction?: (generation: number) => void;
     } = {},
@@ -226,7 +225,7 @@ export class VdiStore {
           generation,
           fileName,
           virtualSize: opts.virtualSize ?? vdi.virtual_size,
-          updatedAt: opts.touchContent === false ? vdi.content_updated_at : nowIso(),
+          updatedAt: nowIso(),
         });
       opts.inTransaction?.(generation);
     })();

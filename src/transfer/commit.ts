@@ -19,6 +19,9 @@ import { isZeroFrom, ResizedImage } from '../storage/resized-image.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 
+/** One CHS cylinder at the largest geometry (16 heads x 255 sectors), with room to spare. */
+const CHS_ROUNDING_MAX_BYTES = 4 * 1024 * 1024;
+
 export async function commitStaged(
   vdis: VdiStore,
   vdi: Vdi,
@@ -33,8 +36,12 @@ export async function commitStaged(
       : await codecFor(wireFormat).open(stagedFile);
   let converted: string | null = null;
   try {
-    // qemu-img rounds VHD sizes up to a CHS geometry: a zero tail past the VDI's end is harmless.
-    if (image.virtualSize > vdi.virtual_size && !(await isZeroFrom(image, vdi.virtual_size))) {
+    // qemu-img rounds VHD sizes up to a CHS geometry (at most a cylinder):
+    // a zero tail that small past the VDI's end is harmless. Anything larger
+    // is refused outright, without reading what a hostile table claims.
+    const excess = image.virtualSize - vdi.virtual_size;
+    const chsRounding = wireFormat === 'vhd' && excess <= CHS_ROUNDING_MAX_BYTES;
+    if (excess > 0 && !(chsRounding && (await isZeroFrom(image, vdi.virtual_size)))) {
       throw new TooLargeError(
         `image virtual size ${formatBytes(image.virtualSize)} exceeds VDI virtual size ${formatBytes(vdi.virtual_size)}; ` +
           'resize the VDI (PATCH virtual_size) or import into a larger one',

@@ -396,6 +396,8 @@ class Push {
   /** Finalizes the receiver and waits (long-polls) for its commit. */
   private async commit(): Promise<RemoteTask> {
     for (;;) {
+      // Waiting on the receiver is activity: the local session must not expire meanwhile.
+      this.s.transfers.renew(this.id);
       let task: RemoteTask;
       try {
         task = await this.remote.finalize(FINALIZE_WAIT_SECONDS);

@@ -710,6 +710,9 @@ export class TransferService {
     const live = this.live.get(id);
     if (!live) return;
     live.task.addBytes(n);
+    // A long download is activity: it keeps the session alive (saved at most once a second).
+    const now = Date.now();
+    if (now - Date.parse(live.t.expires_at) + live.t.ttl_seconds * 1000 >= 1000) this.renew(id);
   }
 
   /** Sliding expiry for downloads too: each request renews the session. */
@@ -804,13 +807,15 @@ export class TransferService {
     }
     const vdi = this.vdis.get(live.t.vdi_id);
     if (size !== null) checkDeclaredSize(size, live.t.format, vdi);
+    // Forget the bytes first: a crash between the two must not leave zeroed
+    // bytes counted as received.
+    live.ranges = new RangeSet();
+    live.t.size = size;
+    this.persistProgress(live);
     const handle = await this.handleOf(live);
     await handle.truncate(0);
     await handle.truncate(live.t.format === 'raw' ? vdi.virtual_size : (size ?? 0));
     await handle.datasync();
-    live.ranges = new RangeSet();
-    live.t.size = size;
-    this.persistProgress(live);
     return live.t;
   }
 

@@ -82,7 +82,12 @@ export class TransferTusStore extends DataStore {
   /** HEAD (and every PATCH first): the offset is what is durably received, contiguously from 0. */
   override async getUpload(id: string): Promise<Upload> {
     const t = this.session(id);
-    const { offset, length } = this.transfers.uploadState(id);
+    const { offset, length } = await this.transfers.settledUploadState(id);
+    // A client that sees offset == length takes the upload as done, so that
+    // must mean committed: a complete upload whose commit never ran (a crash
+    // after its last byte) or is still running is committed first, and a
+    // failed commit is answered as such.
+    if (length !== null && offset === length && t.state !== 'committed') await this.commit(id);
     return new Upload({
       id,
       offset,
