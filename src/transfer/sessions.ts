@@ -689,6 +689,8 @@ export class TransferService {
     live.failure = toApiError(reason);
     live.t.state = state;
     this.store.save(live.t);
+    // Writes still landing stop now, with a clear answer, before their file is closed.
+    live.task.requestCancel(`the transfer is ${state}`);
     const cleaned = this.cleanup(live);
     const task = live.task.fail(live.failure);
     await cleaned;
