@@ -112,7 +112,7 @@ interface Live {
   ranges: RangeSet;
   task: RunningTask;
   release: () => void;
-  handle: fsp.FileHandle | null;
+  handle: Promise<fsp.FileHandle> | null;
   writers: number;
   finalizing: Promise<Task> | null;
   /** Why the session ended badly, with its HTTP status, for the one-shot import's answer. */
@@ -518,8 +518,21 @@ export class TransferService {
   }
 
   private async handleOf(live: Live): Promise<fsp.FileHandle> {
-    if (!live.handle) live.handle = await fsp.open(live.t.staging_path!, 'r+');
-    return live.handle;
+    // One open for all the writers of a session, however many ask at once.
+    live.handle ??= fsp.open(live.t.staging_path!, 'r+').catch((err) => {
+      live.handle = null; // a failed open is not cached: the next write tries again
+      throw err;
+    });
+    const handle = await live.handle;
+    // The session may have ended while the file opened: its handle is nobody's.
+    if (this.live.get(live.t.id) !== live) {
+      await handle.close().catch(() => {});
+      throw new ConflictError(
+        'TRANSFER_NOT_ACTIVE',
+        `transfer ${live.t.id} is ${live.t.state}; open a new one`,
+      );
+    }
+    return handle;
   }
 
   /** A write ends: the session is renewed, its progress saved, and waiters for quiet woken. */
@@ -607,7 +620,7 @@ export class TransferService {
   private async runFinalize(live: Live): Promise<Task> {
     const { t, task } = live;
     try {
-      await live.handle?.close();
+      await (await live.handle)?.close();
       live.handle = null;
       const staged = t.staging_path!;
       const vdi = this.vdis.get(t.vdi_id);
@@ -702,8 +715,9 @@ export class TransferService {
     // finish may open the next one at once. Its staging file has its own name.
     this.live.delete(live.t.id);
     live.release();
-    await live.handle?.close().catch(() => {});
+    const handle = live.handle;
     live.handle = null;
+    await handle?.then((h) => h.close()).catch(() => {});
     if (live.t.staging_path) await fsp.rm(live.t.staging_path, { force: true });
   }
 
