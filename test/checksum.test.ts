@@ -86,6 +86,27 @@ describe('GET /v1/vdis/{vdi}/checksum', () => {
     assert.equal(byDefault.body.checksum, await coreutilsSum('sha256sum', image));
   });
 
+  test('the same disk gives one sha256 whatever format it came in or is stored in, equal to sha256sum', async () => {
+    const expected = await coreutilsSum('sha256sum', image);
+    await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', image, `${image}.vhd`]);
+    await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-c', image, `${image}.qcow2`]);
+    const cases: [string, string, string][] = [
+      ['vhd', `${image}.vhd`, 'raw'],
+      ['qcow2', `${image}.qcow2`, 'raw'],
+      ['raw', image, 'vhd'],
+      ['qcow2', `${image}.qcow2`, 'qcow2'],
+    ];
+    for (const [wire, file, atRest] of cases) {
+      const vdi = (await createVdi(srv.url, size, { image_format: atRest })).id;
+      const task = JSON.parse(
+        (await curl(['-T', file, `${srv.url}/v1/vdis/${vdi}/contents?format=${wire}`])).toString(),
+      );
+      assert.equal(task.status, 'success');
+      const res = await api<Checksum>(srv.url, 'GET', `/v1/vdis/${vdi}/checksum?algorithm=sha256`);
+      assert.equal(res.body.checksum, expected, `imported as ${wire}, stored as ${atRest}`);
+    }
+  });
+
   test('the second request is a cache hit; a new import changes the value and the generation', async () => {
     const url = `/v1/vdis/${vdiId}/checksum?algorithm=sha256`;
     const first = await api<Checksum>(srv.url, 'GET', url);
