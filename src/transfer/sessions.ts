@@ -32,10 +32,8 @@ import {
 import { codecFor } from '../formats/index.js';
 import { readVirtual } from '../formats/raw/index.js';
 import { safeEqual } from '../http/auth.js';
-import { hashImage } from '../ops/checksum.js';
 import { type Db, nowIso } from '../storage/db.js';
 import { RawFileImage } from '../storage/raw-file-image.js';
-import { ResizedImage } from '../storage/resized-image.js';
 import { dropCachedPages, zeroRange } from '../storage/sparse.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
@@ -44,13 +42,12 @@ import { commitStaged } from './commit.js';
 import { type LandOptions, landStream } from './land-stream.js';
 import { type ByteRange, RangeSet } from './range-set.js';
 import { type Direction, type Transfer, TransferStore } from './transfer-store.js';
+import { checkDeclaredSize, parseChecksum, uploadLimit, verifyChecksum } from './upload-rules.js';
 
 export const DEFAULT_TTL_SECONDS = 3600;
 export const MAX_TTL_SECONDS = 7 * 24 * 3600;
 const CHECKPOINT_INTERVAL_MS = 1000;
 const REAP_INTERVAL_MS = 5000;
-const CHECKSUM_PATTERN = /^(sha256|sha1|md5):([0-9a-f]+)$/;
-const CHECKSUM_HEX_LENGTH: Record<string, number> = { sha256: 64, sha1: 40, md5: 32 };
 
 export interface CreateTransfer {
   vdi: string;
@@ -625,7 +622,10 @@ export class TransferService {
       const staged = t.staging_path!;
       const vdi = this.vdis.get(t.vdi_id);
       if (t.format !== 'raw') await fsp.truncate(staged, t.size!);
-      if (t.checksum) await verifyChecksum(staged, t.format === 'raw' ? vdi.virtual_size : t.size!, t, task);
+      if (t.checksum) {
+        const fileSize = t.format === 'raw' ? vdi.virtual_size : t.size!;
+        await verifyChecksum(staged, fileSize, t.size!, t.checksum, task.signal);
+      }
       const result = (generation: number) => ({
         vdi: vdi.id,
         format: t.format,
@@ -869,67 +869,5 @@ export class TransferService {
   /** Are there active sessions on this VDI? (VDI deletion must wait.) */
   activeOn(vdiId: string): Transfer[] {
     return [...this.live.values()].filter((l) => l.t.vdi_id === vdiId).map((l) => l.t);
-  }
-}
-
-/**
- * Largest upload accepted for a disk of `virtualSize` in `format`: the disk
- * itself plus room for the container's metadata (qcow2 with 512-byte clusters
- * spends 1/64 on L2 tables and a little on refcounts).
- */
-export function uploadLimit(format: string, virtualSize: number): number {
-  return format === 'raw' ? virtualSize : virtualSize + Math.ceil(virtualSize / 32) + 16 * 1024 * 1024;
-}
-
-function checkDeclaredSize(size: number, format: string, vdi: Vdi): void {
-  if (!Number.isSafeInteger(size) || size < 0)
-    throw new BadRequestError(`size must be a byte count, got ${size}`);
-  const limit = uploadLimit(format, vdi.virtual_size);
-  if (size > limit) {
-    throw new TooLargeError(
-      `upload is larger than the VDI: ${size} bytes declared, ${format === 'raw' ? 'VDI virtual size is' : 'a ' + format + ' image of this VDI can be at most'} ${limit} bytes`,
-      { size, limit, virtual_size: vdi.virtual_size },
-    );
-  }
-}
-
-export function parseChecksum(value: string): { algorithm: 'sha256' | 'sha1' | 'md5'; hex: string } {
-  const m = CHECKSUM_PATTERN.exec(value.toLowerCase());
-  if (!m || CHECKSUM_HEX_LENGTH[m[1]] !== m[2].length) {
-    throw new BadRequestError(
-      `checksum must be 'sha256:<64 hex digits>' (or sha1:/md5:), got '${value}'`,
-      undefined,
-      'INVALID_CHECKSUM',
-    );
-  }
-  return { algorithm: m[1] as 'sha256' | 'sha1' | 'md5', hex: m[2] };
-}
-
-/** Hashes the staged stream [0, length), holes from memory, and compares with the declared checksum. */
-async function verifyChecksum(
-  staged: string,
-  fileSize: number,
-  t: Transfer,
-  task: RunningTask,
-): Promise<void> {
-  const { algorithm, hex } = parseChecksum(t.checksum!);
-  const file = await RawFileImage.open(staged, { virtualSize: fileSize });
-  // The stream is [0, size); a raw staging file is as long as the whole disk.
-  const image = new ResizedImage(file, t.size!);
-  try {
-    const actual = await hashImage(image, await image.extents(), algorithm, { signal: task.signal });
-    if (actual !== hex) {
-      throw new ApiError(
-        400,
-        'CHECKSUM_MISMATCH',
-        `the upload's ${algorithm} is ${actual}, not the declared ${hex}; nothing was changed, send the image again`,
-        {
-          expected: hex,
-          actual,
-        },
-      );
-    }
-  } finally {
-    await image.close();
   }
 }
