@@ -71,12 +71,12 @@ export class RunningTask {
   fail(err: unknown): Task {
     if (err instanceof CancelledError || (this.abort.signal.aborted && !(err instanceof ApiError))) {
       const e = err instanceof CancelledError ? err : (this.abort.signal.reason as CancelledError);
-      return this.finish('cancelled', { code: e.code, message: e.message }, null);
+      return this.finish('cancelled', { code: e.code, message: e.message, status: e.status }, null);
     }
     const error =
       err instanceof ApiError
-        ? { code: err.code, message: err.message }
-        : { code: 'INTERNAL_ERROR', message: err instanceof Error ? err.message : String(err) };
+        ? { code: err.code, message: err.message, status: err.status }
+        : { code: 'INTERNAL_ERROR', message: err instanceof Error ? err.message : String(err), status: 500 };
     return this.finish('failure', error, null);
   }
 

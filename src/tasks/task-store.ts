@@ -15,7 +15,8 @@ export interface Task {
   created_at: string;
   started_at: string | null;
   finished_at: string | null;
-  error: { code: string; message: string } | null;
+  /** `status` is the HTTP status the failure would have had as an answer. */
+  error: { code: string; message: string; status?: number } | null;
   result: Record<string, unknown> | null;
 }
 

@@ -35,16 +35,6 @@ export interface TusRequestContext {
 }
 export const tusRequest = new AsyncLocalStorage<TusRequestContext>();
 
-/** A finished task's error has no HTTP status of its own: the status its code is answered with elsewhere. */
-const STATUS_OF_TASK_ERROR: Record<string, number> = {
-  MALFORMED_IMAGE: 400,
-  CHECKSUM_MISMATCH: 400,
-  TASK_CANCELLED: 409,
-  TOO_LARGE: 413,
-  UNSUPPORTED_IMAGE: 422,
-  INSUFFICIENT_SPACE: 507,
-};
-
 export class TransferTusStore extends DataStore {
   constructor(private readonly transfers: TransferService) {
     super();
@@ -142,7 +132,7 @@ export class TransferTusStore extends DataStore {
     const task = await this.transfers.completion(id);
     if (task.status === 'success') return task;
     const error = task.error ?? { code: 'IMPORT_FAILED', message: 'the import failed' };
-    throw new ApiError(STATUS_OF_TASK_ERROR[error.code] ?? 500, error.code, error.message, {
+    throw new ApiError(task.error?.status ?? 500, error.code, error.message, {
       task_id: task.id,
     });
   }
