@@ -5,6 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -307,6 +308,53 @@ describe('the diskport CLI over a connection that breaks', () => {
     ]) {
       assert.ok(down.stdout.includes(flag), `download --help lacks ${flag}`);
     }
+  });
+
+  test('Ctrl-C cancels the upload session, so the VDI is free at once', async () => {
+    const vdi = (await createVdi(srv.url, 32 * MiB)).id;
+    // Every connection breaks after a few KiB: the CLI is still retrying when it is interrupted.
+    const proxy = await cutProxy(srv.url, {
+      seed: 61,
+      cutConnections: 1000,
+      direction: 'up',
+      minBytes: 16 * 1024,
+      maxBytes: 32 * 1024,
+    });
+    try {
+      const child = spawn(
+        process.execPath,
+        [
+          '--import',
+          'tsx',
+          CLI,
+          'upload',
+          source,
+          '--vdi',
+          vdi,
+          '--server',
+          proxy.url,
+          '--no-progress',
+          '--retry-delay',
+          '500',
+        ],
+        { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
+      );
+      let stderr = '';
+      child.stderr.on('data', (d) => {
+        stderr += d;
+      });
+      while (!/retry/.test(stderr)) await new Promise((r) => setTimeout(r, 50));
+      const exited = once(child, 'exit');
+      child.kill('SIGINT');
+      const [code] = await exited;
+      assert.equal(code, 130, stderr);
+      assert.match(stderr, /cancelling the upload session/);
+    } finally {
+      await proxy.close();
+    }
+    const again = await api<{ id: string }>(srv.url, 'POST', '/v1/transfers', { vdi, direction: 'upload' });
+    assert.equal(again.status, 201, 'the VDI is not left busy');
+    await api(srv.url, 'DELETE', `/v1/transfers/${again.body.id}`);
   });
 
   test('an unknown VDI exits 1 with the server message', async () => {

@@ -99,6 +99,14 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       }),
     );
     progress = createProgress(`upload ${opts.format}`, size, opts.progress);
+    // Ctrl-C gives the VDI back at once instead of leaving it busy until the session expires.
+    const onInterrupt = () => {
+      progress?.stop();
+      process.stderr.write('diskport: interrupted; cancelling the upload session\n');
+      void cancelSession(client, session).finally(() => process.exit(130));
+    };
+    process.once('SIGINT', onInterrupt);
+    process.once('SIGTERM', onInterrupt);
     const sender = new ChunkSender(
       client,
       session,
@@ -182,6 +190,9 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       // An open session holds the VDI (VDI_BUSY) until it expires: give it back.
       await cancelSession(client, session);
       throw err;
+    } finally {
+      process.off('SIGINT', onInterrupt);
+      process.off('SIGTERM', onInterrupt);
     }
   } finally {
     await handle.close();
