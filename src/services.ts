@@ -12,6 +12,7 @@ import { VdiStore } from './storage/vdis.js';
 import { TaskManager } from './tasks/task-manager.js';
 import { TaskStore } from './tasks/task-store.js';
 import { resumePulls } from './transfer/pull.js';
+import { resumePushes } from './transfer/push.js';
 import { TransferService } from './transfer/sessions.js';
 
 export interface Services {
@@ -68,7 +69,8 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
       db.close();
     },
   };
-  // Pulls whose sessions survived a restart go on by themselves.
+  // Pulls and pushes whose sessions survived a restart go on by themselves.
   await resumePulls(services);
+  await resumePushes(services);
   return services;
 }

@@ -28,7 +28,7 @@ type ErrorBody = { error: { code: string; message: string } };
 
 /** A TCP proxy in front of `target` that counts the bytes it carries and can cut every connection once. */
 async function countingProxy(target: URL) {
-  const state = { bytes: 0, cutAt: Number.POSITIVE_INFINITY, cuts: 0 };
+  const state = { bytes: 0, cutAt: Number.POSITIVE_INFINITY, cuts: 0, stallAt: Number.POSITIVE_INFINITY };
   const sockets = new Set<net.Socket>();
   const server = net.createServer((client) => {
     const upstream = net.connect(Number(target.port), target.hostname);
@@ -41,6 +41,10 @@ async function countingProxy(target: URL) {
     };
     const relay = (from: net.Socket, to: net.Socket) =>
       from.on('data', (chunk: Buffer) => {
+        if (state.bytes >= state.stallAt) {
+          from.pause(); // a link that goes silent: nothing more passes
+          return;
+        }
         state.bytes += chunk.length;
         if (state.bytes >= state.cutAt) return cut();
         if (!to.write(chunk)) {
@@ -60,6 +64,10 @@ async function countingProxy(target: URL) {
   return {
     state,
     port: (server.address() as net.AddressInfo).port,
+    /** Breaks every connection, as a network that drops does. */
+    dropAll() {
+      for (const s of sockets) s.destroy();
+    },
     close() {
       for (const s of sockets) s.destroy();
       return new Promise((r) => server.close(r));
@@ -182,6 +190,49 @@ describe('push: one diskport sends a disk to another', () => {
       const local = await api<TransferJson>(a.url, 'GET', `/v1/transfers/${push.id}`);
       assert.equal(local.body.state, 'committed');
       assert.equal(await checksum(b.url, target.id), await checksum(a.url, source));
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  test('a push cut by a kill -9 of the sender resumes after its restart and sends only what is missing', async () => {
+    const size = GiB;
+    const regions: [number, number][] = [
+      [0, 24 * MiB],
+      [512 * MiB, 40 * MiB],
+    ];
+    const source = await diskOnA(size, regions);
+    const target = await createVdi(b.url, size);
+    const receiving = await open(b.url, { vdi: target.id, direction: 'upload', format: 'raw' });
+    const proxy = await countingProxy(new URL(b.url));
+    try {
+      proxy.state.stallAt = 30 * MiB;
+      const url = new URL(receiving.url);
+      url.host = `127.0.0.1:${proxy.port}`;
+      const push = await open(a.url, {
+        vdi: source,
+        direction: 'download',
+        format: 'raw',
+        target_url: url.href,
+      });
+      while (proxy.state.bytes < 30 * MiB) await new Promise((r) => setTimeout(r, 50));
+      const before = (
+        await api<TransferJson & { bytes_received: number }>(b.url, 'GET', `/v1/transfers/${receiving.id}`)
+      ).body.bytes_received;
+      assert.ok(before >= 16 * MiB, `the receiver had ${before} bytes when the sender died`);
+      await a.stop('SIGKILL');
+      proxy.dropAll();
+      proxy.state.stallAt = Number.POSITIVE_INFINITY;
+      a = await spawnServer(path.join(dir, 'a'), ['--allow-fetch', '127.0.0.0/8']);
+      const task = await waitTask(a.url, push.task_id);
+      assert.equal(task.status, 'success', JSON.stringify(task));
+      const remote = await api<TransferJson>(b.url, 'GET', `/v1/transfers/${receiving.id}`);
+      assert.equal(remote.body.state, 'committed');
+      assert.equal(await checksum(b.url, target.id), await checksum(a.url, source));
+      assert.ok(
+        proxy.state.bytes < 64 * MiB + 16 * MiB,
+        `${proxy.state.bytes} bytes crossed for 64 MiB of data`,
+      );
     } finally {
       await proxy.close();
     }

@@ -76,6 +76,29 @@ class RemoteError extends Error {
   }
 }
 
+const PUSH_TARGET_KEY = 'diskport.push-target';
+
+/**
+ * Startup: pushes whose session survived a restart go on; the receiver's
+ * ranges say what it already has, so nothing is sent twice.
+ */
+export async function resumePushes(s: Services): Promise<void> {
+  for (const t of s.transfers.list({ active: true })) {
+    const raw = t.metadata?.[PUSH_TARGET_KEY];
+    if (t.direction !== 'download' || t.state !== 'open' || !raw) continue;
+    try {
+      const ref = parseTargetUrl(raw);
+      const target = await new FetchGuard(s.config.allowFetch).check(raw, 'target_url');
+      s.transfers.runJob(t.id, (task) =>
+        new Push(s, t.id, t, new Receiver(target, ref, task.signal), task).run(),
+      );
+      s.logger.info({ transfer: t.id }, 'resuming a push interrupted by a restart');
+    } catch (err) {
+      s.logger.error({ err, transfer: t.id }, 'cannot resume push');
+    }
+  }
+}
+
 /** Checks the target, opens the download session and starts sending in the background. */
 export async function startPush(
   s: Services,
@@ -88,7 +111,13 @@ export async function startPush(
   }
   const ref = parseTargetUrl(req.target_url);
   const target = await new FetchGuard(s.config.allowFetch).check(req.target_url, 'target_url');
-  const opened = await s.transfers.create({ ...req, target_url: redact(target.url) });
+  // The receiver's URL, token included, stays private on the session (never in
+  // its JSON): it is what lets a push resume after this diskport restarts.
+  const opened = await s.transfers.create({
+    ...req,
+    target_url: redact(target.url),
+    metadata: { ...req.metadata, [PUSH_TARGET_KEY]: req.target_url },
+  });
   const id = opened.transfer.id;
   s.transfers.runJob(id, (task) =>
     new Push(s, id, opened.transfer, new Receiver(target, ref, task.signal), task).run(),
