@@ -137,6 +137,20 @@ describe('push: one diskport sends a disk to another', () => {
     return vdi.id;
   }
 
+  /** An upload session on B for a new VDI of `size`, reached through a counting proxy. */
+  async function receiverBehindProxy(size: number) {
+    const target = await createVdi(b.url, size);
+    const receiving = await open(b.url, { vdi: target.id, direction: 'upload', format: 'raw' });
+    return { target, receiving, proxy: await countingProxy(new URL(b.url)) };
+  }
+
+  /** Pushes `source` from A as raw to the receiving url, through the proxy on `port`. */
+  function pushRaw(source: string, receivingUrl: string, port: number) {
+    const url = new URL(receivingUrl);
+    url.host = `127.0.0.1:${port}`;
+    return open(a.url, { vdi: source, direction: 'download', format: 'raw', target_url: url.href });
+  }
+
   async function zeroOp(url: string, offset: number, size: number) {
     const res = await fetch(url, {
       method: 'PATCH',
@@ -158,19 +172,10 @@ describe('push: one diskport sends a disk to another', () => {
     assert.equal(dataBytes, 64 * MiB);
     const source = await diskOnA(size, regions);
 
-    const target = await createVdi(b.url, size);
-    const receiving = await open(b.url, { vdi: target.id, direction: 'upload', format: 'raw' });
-    const proxy = await countingProxy(new URL(b.url));
+    const { target, receiving, proxy } = await receiverBehindProxy(size);
     try {
       proxy.state.cutAt = 40 * MiB;
-      const url = new URL(receiving.url);
-      url.host = `127.0.0.1:${proxy.port}`;
-      const push = await open(a.url, {
-        vdi: source,
-        direction: 'download',
-        format: 'raw',
-        target_url: url.href,
-      });
+      const push = await pushRaw(source, receiving.url, proxy.port);
       const task = await waitTask(a.url, push.task_id);
       assert.equal(task.status, 'success', JSON.stringify(task));
       assert.equal(proxy.state.cuts, 1, 'the proxy cut the connection once');
@@ -202,19 +207,10 @@ describe('push: one diskport sends a disk to another', () => {
       [512 * MiB, 40 * MiB],
     ];
     const source = await diskOnA(size, regions);
-    const target = await createVdi(b.url, size);
-    const receiving = await open(b.url, { vdi: target.id, direction: 'upload', format: 'raw' });
-    const proxy = await countingProxy(new URL(b.url));
+    const { target, receiving, proxy } = await receiverBehindProxy(size);
     try {
       proxy.state.stallAt = 30 * MiB;
-      const url = new URL(receiving.url);
-      url.host = `127.0.0.1:${proxy.port}`;
-      const push = await open(a.url, {
-        vdi: source,
-        direction: 'download',
-        format: 'raw',
-        target_url: url.href,
-      });
+      const push = await pushRaw(source, receiving.url, proxy.port);
       while (proxy.state.bytes < 30 * MiB) await new Promise((r) => setTimeout(r, 50));
       const before = (
         await api<TransferJson & { bytes_received: number }>(b.url, 'GET', `/v1/transfers/${receiving.id}`)
