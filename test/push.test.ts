@@ -144,10 +144,10 @@ describe('push: one diskport sends a disk to another', () => {
     return { target, receiving, proxy: await countingProxy(new URL(b.url)) };
   }
 
-  /** Pushes `source` from A as raw to the receiving url, through the proxy on `port`. */
-  function pushRaw(source: string, receivingUrl: string, port: number) {
+  /** Pushes `source` from A as raw to the receiving url, through the proxy on `port` if one is given. */
+  function pushRaw(source: string, receivingUrl: string, port?: number) {
     const url = new URL(receivingUrl);
-    url.host = `127.0.0.1:${port}`;
+    if (port !== undefined) url.host = `127.0.0.1:${port}`;
     return open(a.url, { vdi: source, direction: 'download', format: 'raw', target_url: url.href });
   }
 
@@ -266,12 +266,7 @@ describe('push: one diskport sends a disk to another', () => {
       format: 'raw',
       checksum: `sha256:${'0'.repeat(64)}`,
     });
-    const push = await open(a.url, {
-      vdi: source,
-      direction: 'download',
-      format: 'raw',
-      target_url: receiving.url,
-    });
+    const push = await pushRaw(source, receiving.url);
     const task = await waitTask(a.url, push.task_id);
     assert.equal(task.status, 'failure');
     assert.equal(task.error?.code, 'REMOTE_IMPORT_FAILED');
@@ -283,12 +278,7 @@ describe('push: one diskport sends a disk to another', () => {
     const source = await diskOnA(4 * MiB, [[0, MiB]]);
     const target = await createVdi(b.url, 4 * MiB);
     const receiving = await open(b.url, { vdi: target.id, direction: 'upload', format: 'qcow2' });
-    const push = await open(a.url, {
-      vdi: source,
-      direction: 'download',
-      format: 'raw',
-      target_url: receiving.url,
-    });
+    const push = await pushRaw(source, receiving.url);
     const task = await waitTask(a.url, push.task_id);
     assert.equal(task.status, 'failure');
     assert.equal(task.error?.code, 'FORMAT_MISMATCH');
