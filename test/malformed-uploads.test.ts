@@ -1,13 +1,15 @@
 /**
  * Hostile images over HTTP: seeded mutations of small valid VHD and qcow2
  * files. Every upload ends in a 4xx JSON error or a successful import; never
- * a 5xx, a hang or a memory blow-up; and a refused one leaves the VDI as it was.
+ * a 5xx, a hang or a memory blow-up; a refused one leaves the VDI as it was,
+ * and an accepted one holds exactly what the codec reads from the whole file.
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { codecFor } from '../src/formats/index.js';
 import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
 import { prng, seededBytes, startServer, type TestServer, tempDir } from './helpers/server.js';
 
@@ -52,6 +54,21 @@ const MUTATIONS: Mutation[] = [
     return out;
   },
 ];
+
+/**
+ * The disk an image describes, as its codec reads it from a whole file, at
+ * the VDI's size: what an import must produce however its bytes arrived.
+ */
+async function diskOf(file: string, format: string, size: number): Promise<string> {
+  const image = await codecFor(format).open(file);
+  try {
+    const disk = Buffer.alloc(size);
+    (await image.read(0, Math.min(size, image.virtualSize))).copy(disk);
+    return createHash('sha256').update(disk).digest('hex');
+  } finally {
+    await image.close();
+  }
+}
 
 describe('malformed images over HTTP', () => {
   let srv: TestServer;
@@ -106,6 +123,11 @@ describe('malformed images over HTTP', () => {
           outcomes.imported++;
           assert.equal(after, before + 1);
           expected = await sha256Url(contents);
+          // Data streamed into place while the upload arrived, the rest converted
+          // at the end: together exactly what the codec reads from the whole file.
+          const file = path.join(dir, 'mutated');
+          await fsp.writeFile(file, mutated);
+          assert.equal(expected, await diskOf(file, format, 8 * MiB), `case ${i}: the VDI holds the image`);
         } else {
           outcomes.refused++;
           assert.ok(res.status >= 400 && res.status < 500);

@@ -80,15 +80,25 @@ describe('crash safety of resumable uploads', () => {
       const raw = seededBytes(SIZE, 1000 + i);
       raw.fill(0, 2 * MiB, 3 * MiB);
       const rawSha = createHash('sha256').update(raw).digest('hex');
-      // finalizes convert a qcow2 upload, which takes long enough to be hit mid-way
-      let format = 'raw';
+      // Finalizes convert a qcow2 upload, which takes long enough to be hit
+      // mid-way; uploads cut mid-way are raw, or vhd and qcow2 converting into
+      // the disk as they arrive.
+      const format = duringFinalize ? 'qcow2' : (['raw', 'vhd', 'qcow2'] as const)[(i / 2) % 3];
       let image = raw;
-      if (duringFinalize) {
+      if (format !== 'raw') {
         const rawFile = path.join(work, `case-${i}.raw`);
         await fsp.writeFile(rawFile, raw);
-        await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', rawFile, `${rawFile}.qcow2`]);
-        image = await fsp.readFile(`${rawFile}.qcow2`);
-        format = 'qcow2';
+        const out = `${rawFile}.${format}`;
+        await execFileP('qemu-img', [
+          'convert',
+          '-f',
+          'raw',
+          '-O',
+          format === 'vhd' ? 'vpc' : format,
+          rawFile,
+          out,
+        ]);
+        image = await fsp.readFile(out);
       }
       const created = await api<TransferJson>(server.url, 'POST', '/v1/transfers', {
         vdi: vdiId,

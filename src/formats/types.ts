@@ -3,6 +3,7 @@
  * bytes and extents out; they know nothing of HTTP, tasks or logging.
  */
 import type { BlockImage } from '../storage/block-image.js';
+import type { StreamLayout } from './stream-layout.js';
 
 export type WireFormat = 'raw' | 'vhd' | 'qcow2';
 export const WIRE_FORMATS: readonly WireFormat[] = ['raw', 'vhd', 'qcow2'];
@@ -28,4 +29,10 @@ export interface FormatCodec {
    * validating its metadata. Throws MalformedImageError / UnsupportedImageError.
    */
   open(path: string, opts?: { writable?: boolean }): Promise<BlockImage>;
+  /**
+   * A fresh layout reader for an upload of this format arriving in order
+   * (`fileSize`: its length, when known before its bytes). Formats without
+   * one are staged whole and converted at the end.
+   */
+  streamLayout?(fileSize: number | null): StreamLayout;
 }

@@ -32,7 +32,7 @@ export const WRITEBACK_BYTES = 512 * 1024 * 1024;
  * Writes to `handle` with write-back started early: at most one `fdatasync`
  * in flight, begun whenever WRITEBACK_BYTES more were written since the last.
  */
-class EarlyWriteback {
+export class EarlyWriteback {
   private dirty = 0;
   private inFlight: Promise<void> | null = null;
   private failure: unknown = null;
@@ -118,6 +118,27 @@ async function writeFully(
   }
 }
 
+/**
+ * Writes the non-zero data of `image` into a raw file at the same offsets,
+ * leaving everything else as it is. `parts`, when given, narrows each data
+ * extent to the pieces still to be written.
+ */
+export async function writeRawData(
+  image: BlockImage,
+  handle: fsp.FileHandle,
+  writeback: EarlyWriteback,
+  progress: CopyProgress = {},
+  parts: (start: number, end: number) => [number, number][] = (s, e) => [[s, e]],
+): Promise<void> {
+  const extents = await image.extents();
+  for (const e of extents) {
+    if (e.zero) continue;
+    for (const [s, end] of parts(e.start, e.start + e.length)) {
+      await writeSparse(handle, readVirtual(image, extents, s, end), s, progress, writeback);
+    }
+  }
+}
+
 export async function convertInto(
   image: BlockImage,
   format: string,
@@ -129,17 +150,7 @@ export async function convertInto(
   try {
     if (format === 'raw') {
       await handle.truncate(image.virtualSize);
-      const extents = await image.extents();
-      for (const e of extents) {
-        if (e.zero) continue;
-        await writeSparse(
-          handle,
-          readVirtual(image, extents, e.start, e.start + e.length),
-          e.start,
-          progress,
-          writeback,
-        );
-      }
+      await writeRawData(image, handle, writeback, progress);
     } else {
       const stream: SerializedImage = await codecFor(format).serialize(image);
       await handle.truncate(stream.size);

@@ -6,7 +6,9 @@
  * - same container format (vhd/qcow2) at rest, same virtual size: validated
  *   by opening it, then renamed without a copy.
  * - anything else: opened through its codec (which validates it) and
- *   converted into a new file of the at-rest format, then renamed.
+ *   converted into a new file of the at-rest format, then renamed; or, when
+ *   the upload streamed into its raw disk as it arrived, the rest of its data
+ *   copied into that disk file (see streaming-import.ts).
  * Until the rename the VDI keeps its previous content; on any error the
  * staging files are removed and the VDI is untouched.
  */
@@ -18,6 +20,7 @@ import { RawFileImage } from '../storage/raw-file-image.js';
 import { isZeroFrom, ResizedImage } from '../storage/resized-image.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
+import type { StreamingImport } from './streaming-import.js';
 
 /** One CHS cylinder at the largest geometry (16 heads x 255 sectors), with room to spare. */
 const CHS_ROUNDING_MAX_BYTES = 4 * 1024 * 1024;
@@ -28,6 +31,7 @@ export async function commitStaged(
   stagedFile: string,
   wireFormat: string,
   task: RunningTask,
+  streamed: StreamingImport | null,
   inTransaction?: (generation: number) => void,
 ): Promise<Vdi> {
   const image =
@@ -55,8 +59,17 @@ export async function commitStaged(
       await image.close();
       return await vdis.commitContent(vdi.id, stagedFile, { inTransaction });
     }
-    converted = `${stagedFile}.${vdi.image_format}`;
     const source = image.virtualSize === vdi.virtual_size ? image : new ResizedImage(image, vdi.virtual_size);
+    if (streamed) {
+      await streamed.finish(
+        source,
+        { path: stagedFile, virtualSize: image.virtualSize },
+        { signal: task.signal },
+      );
+      await image.close();
+      return await vdis.commitContent(vdi.id, streamed.destPath, { inTransaction });
+    }
+    converted = `${stagedFile}.${vdi.image_format}`;
     await convertInto(source, vdi.image_format, converted, { signal: task.signal });
     await image.close();
     const committed = await vdis.commitContent(vdi.id, converted, { inTransaction });

@@ -36,6 +36,16 @@ export interface LandOptions {
   onChunk?: (chunk: Buffer) => void;
   /** Updated as writes complete: every byte of [offset, offset + written) is in the file. */
   progress?: { written: number };
+  /**
+   * Takes over each gathered write (a streaming import sends some bytes
+   * elsewhere); `stage` is the ordinary write into the file.
+   */
+  route?: (
+    buf: Buffer,
+    length: number,
+    at: number,
+    stage: (b: Buffer, n: number, a: number) => Promise<void>,
+  ) => Promise<void>;
 }
 
 /**
@@ -78,16 +88,15 @@ async function writeRuns(handle: fsp.FileHandle, buf: Buffer, length: number, at
       writes.push(zero ? zeroRange(handle, ws, we - ws) : handle.write(buf, ws - at, we - ws, ws));
     }
   });
-  try {
-    await Promise.all(writes);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOSPC') {
-      throw new InsufficientSpaceError(
+  await Promise.all(writes);
+}
+
+function storageError(err: unknown): unknown {
+  return (err as NodeJS.ErrnoException).code === 'ENOSPC'
+    ? new InsufficientSpaceError(
         'the storage repository ran out of space while writing the upload; free space and retry',
-      );
-    }
-    throw err;
-  }
+      )
+    : err;
 }
 
 /** Returns the number of bytes received. */
@@ -111,12 +120,13 @@ export async function landStream(
     await inFlight;
     if (writeError) throw writeError;
     const [b, n, at] = [buf, fill, bufAt];
-    inFlight = writeRuns(handle, b, n, at, opts).then(
+    const stage = (sb: Buffer, sn: number, sa: number) => writeRuns(handle, sb, sn, sa, opts);
+    inFlight = (opts.route ? opts.route(b, n, at, stage) : stage(b, n, at)).then(
       () => {
         if (opts.progress) opts.progress.written = at + n - opts.offset;
       },
       (err) => {
-        writeError = err;
+        writeError = storageError(err);
       },
     );
     // `spare`'s write finished (awaited above), so it can take the next bytes.

@@ -41,6 +41,7 @@ import type { Task } from '../tasks/task-store.js';
 import { commitStaged } from './commit.js';
 import { type LandOptions, landStream } from './land-stream.js';
 import { type ByteRange, RangeSet } from './range-set.js';
+import { StreamingImport, streamingDestPath } from './streaming-import.js';
 import { type Direction, type Transfer, TransferStore } from './transfer-store.js';
 import { checkDeclaredSize, parseChecksum, uploadLimit, verifyChecksum } from './upload-rules.js';
 
@@ -116,6 +117,8 @@ interface Live {
   failure: ApiError | null;
   /** Called when the last write in progress ends. */
   idleWaiters: (() => void)[];
+  /** A vhd/qcow2 upload into a raw VDI converts as it arrives (opened at the first write). */
+  streaming: Promise<StreamingImport | null> | null;
 }
 
 /** Marks the internal session of a one-shot PUT, which no client can resume. */
@@ -152,7 +155,9 @@ export class TransferService {
     const active = this.store.list({ active: true }).filter((t) => !isOneShot(t));
     return {
       tasks: new Set(active.map((t) => t.task_id)),
-      staging: new Set(active.flatMap((t) => (t.staging_path ? [t.staging_path] : []))),
+      staging: new Set(
+        active.flatMap((t) => (t.staging_path ? [t.staging_path, streamingDestPath(t.staging_path)] : [])),
+      ),
     };
   }
 
@@ -196,6 +201,7 @@ export class TransferService {
       finalizing: null,
       failure: null,
       idleWaiters: [],
+      streaming: null,
     };
     this.live.set(t.id, live);
     // Cancelling the task (POST /v1/tasks/{id}/cancel) cancels the session; a
@@ -401,15 +407,22 @@ export class TransferService {
     let handle: fsp.FileHandle | null = null;
     const record = async (end: number) => {
       if (end <= recorded || !handle) return;
-      if (durable) await handle.datasync();
+      if (durable) {
+        await handle.datasync();
+        await (await live.streaming)?.sync();
+      }
       live.ranges.add(recorded, end);
       recorded = end;
       this.persistProgress(live);
     };
     let checkpoints: NodeJS.Timeout | null = null;
+    let streaming: StreamingImport | null = null;
     try {
       handle = await this.handleOf(live);
-      const landing = {
+      const candidate = await this.streamingOf(live, vdi);
+      if (candidate && (await candidate.claim(start, live.ranges, handle))) streaming = candidate;
+      const writable = chunk.fresh ? undefined : (s: number, e: number) => live.ranges.missing(s, e);
+      const landing: LandOptions = {
         offset: start,
         limit: expected,
         tooLarge: (n: number) =>
@@ -424,9 +437,12 @@ export class TransferService {
                 { limit: total ?? limit },
               ),
         signal: live.task.signal,
-        zeros: chunk.fresh ? ('skip' as const) : ('punch' as const),
-        writable: chunk.fresh ? undefined : (s: number, e: number) => live.ranges.missing(s, e),
+        zeros: chunk.fresh ? 'skip' : 'punch',
+        writable,
         progress,
+        route: streaming
+          ? (buf, n, at, stage) => streaming!.write(buf, n, at, stage, { writable, punchZeros: !chunk.fresh })
+          : undefined,
       };
       chunk.beforeBody?.();
       let received: number;
@@ -463,6 +479,7 @@ export class TransferService {
       throw err;
     } finally {
       if (checkpoints) clearInterval(checkpoints);
+      streaming?.release();
       this.doneWriting(live);
     }
   }
@@ -488,6 +505,7 @@ export class TransferService {
         zeros: 'skip',
         writable: undefined,
         progress: undefined,
+        route: undefined,
         onChunk: (c) => hash.update(c),
       });
       if (!hash.digest().equals(digest.value)) {
@@ -530,6 +548,28 @@ export class TransferService {
       );
     }
     return handle;
+  }
+
+  /**
+   * The session's streaming import, opened on first use: a vhd or qcow2
+   * upload into a raw VDI, unless a whole-upload checksum must be computed
+   * over the staged file.
+   */
+  private streamingOf(live: Live, vdi: Vdi): Promise<StreamingImport | null> {
+    const t = live.t;
+    if (t.format === 'raw' || vdi.image_format !== 'raw' || t.checksum || !t.staging_path) {
+      return Promise.resolve(null);
+    }
+    live.streaming ??= StreamingImport.open({
+      format: t.format,
+      fileSize: t.size,
+      destPath: streamingDestPath(t.staging_path),
+      diskSize: vdi.virtual_size,
+    }).catch((err) => {
+      live.streaming = null;
+      throw err;
+    });
+    return live.streaming;
   }
 
   /** A write ends: the session is renewed, its progress saved, and waiters for quiet woken. */
@@ -626,26 +666,36 @@ export class TransferService {
         const fileSize = t.format === 'raw' ? vdi.virtual_size : t.size!;
         await verifyChecksum(staged, fileSize, t.size!, t.checksum, task.signal);
       }
+      const streaming = await this.streamingOf(live, vdi);
       const result = (generation: number) => ({
         vdi: vdi.id,
         format: t.format,
         generation,
         bytes_received: live.ranges.size(),
+        ...(streaming && { bytes_streamed: streaming.streamedBytes }),
         transfer: t.id,
       });
       // The content switch, the session's state and the task's outcome commit
       // together: a crash cannot leave a committed VDI with a failed task.
-      const committed = await commitStaged(this.vdis, vdi, staged, t.format, task, (generation) => {
-        t.state = 'committed';
-        this.store.save(t);
-        this.tasks.persist({
-          ...task.record,
-          status: 'success',
-          progress: 1,
-          finished_at: nowIso(),
-          result: result(generation),
-        });
-      });
+      const committed = await commitStaged(
+        this.vdis,
+        vdi,
+        staged,
+        t.format,
+        task,
+        streaming,
+        (generation) => {
+          t.state = 'committed';
+          this.store.save(t);
+          this.tasks.persist({
+            ...task.record,
+            status: 'success',
+            progress: 1,
+            finished_at: nowIso(),
+            result: result(generation),
+          });
+        },
+      );
       const cleaned = this.cleanup(live);
       const done = task.succeed(result(committed.generation));
       await cleaned;
@@ -718,7 +768,13 @@ export class TransferService {
     const handle = live.handle;
     live.handle = null;
     await handle?.then((h) => h.close()).catch(() => {});
-    if (live.t.staging_path) await fsp.rm(live.t.staging_path, { force: true });
+    const streaming = live.streaming;
+    live.streaming = null;
+    await streaming?.then((s) => s?.close()).catch(() => {});
+    if (live.t.staging_path) {
+      await fsp.rm(live.t.staging_path, { force: true });
+      await fsp.rm(streamingDestPath(live.t.staging_path), { force: true });
+    }
   }
 
   /** Counts bytes a download session served. */
@@ -832,6 +888,11 @@ export class TransferService {
     await handle.truncate(0);
     await handle.truncate(live.t.format === 'raw' ? vdi.virtual_size : (size ?? 0));
     await handle.datasync();
+    // The layout was learned for the old size and bytes: start it again.
+    const streaming = live.streaming;
+    live.streaming = null;
+    await (await streaming)?.close();
+    if (live.t.staging_path) await fsp.rm(streamingDestPath(live.t.staging_path), { force: true });
     return live.t;
   }
 

@@ -251,9 +251,7 @@ export class Qcow2Image implements BlockImage {
 
   /** Host offset of the L2 table of L1 entry `i` (0: unallocated). */
   private l1Offset(i: number): number {
-    const hi = this.l1.readUInt32BE(i * 8) & HI_OFFSET_MASK;
-    const lo = (this.l1.readUInt32BE(i * 8 + 4) & LO_OFFSET_MASK) >>> 0;
-    return hi * TWO_POW_32 + lo;
+    return descriptorOffset(this.l1.readUInt32BE(i * 8), this.l1.readUInt32BE(i * 8 + 4));
   }
 
   /** The L2 table at `l2Offset`, from the cache when there (least recently used evicted first). */
@@ -294,7 +292,7 @@ export class Qcow2Image implements BlockImage {
       this.compressedBytes = sectors * COMPRESSED_SECTOR_BYTES - (this.hostOffset % COMPRESSED_SECTOR_BYTES);
       return KIND_COMPRESSED;
     }
-    const hostOffset = (hi & HI_OFFSET_MASK) * TWO_POW_32 + ((lo & LO_OFFSET_MASK) >>> 0);
+    const hostOffset = descriptorOffset(hi, lo);
     if (hostOffset % this.clusterSize !== 0) {
       throw badEntry(j, l2Offset, `host offset ${hostOffset} is not a cluster boundary`);
     }
@@ -486,6 +484,22 @@ export class Qcow2Image implements BlockImage {
   private assertOpen(): void {
     if (this.closed) throw new Error('qcow2 image is closed');
   }
+}
+
+/** The host offset in an L1 entry or a standard L2 descriptor, from its two 32-bit words. */
+export function descriptorOffset(hi: number, lo: number): number {
+  return (hi & HI_OFFSET_MASK) * TWO_POW_32 + ((lo & LO_OFFSET_MASK) >>> 0);
+}
+
+/**
+ * The host offset of a standard L2 descriptor's cluster when it holds plain
+ * data (as decode() reads it: not compressed, not zero, not unallocated),
+ * else -1.
+ */
+export function plainDataOffset(hi: number, lo: number): number {
+  if (hi & HI_COMPRESSED || lo & 1) return -1;
+  const offset = descriptorOffset(hi, lo);
+  return offset === 0 ? -1 : offset;
 }
 
 /**

@@ -9,6 +9,7 @@
 import type { FormatCodec } from '../types.js';
 import { Qcow2Image } from './image.js';
 import { serializeQcow2 } from './serialize.js';
+import { Qcow2StreamLayout } from './stream-layout.js';
 
 export { MAX_VIRTUAL_SIZE_BYTES } from './header.js';
 export { Qcow2Image } from './image.js';
@@ -17,6 +18,7 @@ export { computeLayout, EXPORT_CLUSTER_SIZE_BYTES, type Qcow2Layout } from './se
 export const qcow2Codec: FormatCodec = {
   name: 'qcow2',
   serialize: serializeQcow2,
+  streamLayout: (fileSize) => new Qcow2StreamLayout(fileSize),
   async open(path, opts) {
     if (opts?.writable) {
       // A caller's mistake, not an image problem: qcow2 at rest is produced

@@ -45,7 +45,7 @@ const BITMAP_CACHE_ENTRIES = 256;
 const BITMAP_READ_CONCURRENCY = 32;
 
 /** What is known of a block's sector bitmap. */
-const BitmapState = {
+export const BitmapState = {
   Unknown: 0,
   /** Every sector of the block (within the virtual size) is present. */
   Full: 1,
@@ -519,7 +519,7 @@ function bitSet(bits: Buffer, s: number): boolean {
 }
 
 /** Whether the first `sectors` bits are all set, all clear, or mixed; whole bytes at a time. */
-function classifyBitmap(bits: Buffer, sectors: number): Summary | typeof BitmapState.Partial {
+export function classifyBitmap(bits: Buffer, sectors: number): Summary | typeof BitmapState.Partial {
   let anySet = false;
   let anyClear = false;
   const wholeBytes = sectors >> 3;

@@ -11,6 +11,7 @@
 import type { FormatCodec } from '../types.js';
 import { openVhd } from './image.js';
 import { serializeVhd } from './serialize.js';
+import { VhdStreamLayout } from './stream-layout.js';
 
 export { MAX_VIRTUAL_SIZE_BYTES as VHD_MAX_VIRTUAL_SIZE_BYTES } from './format.js';
 export { EXPORT_BLOCK_SIZE_BYTES, layoutVhd } from './serialize.js';
@@ -18,6 +19,7 @@ export { EXPORT_BLOCK_SIZE_BYTES, layoutVhd } from './serialize.js';
 export const vhdCodec: FormatCodec = {
   name: 'vhd',
   serialize: serializeVhd,
+  streamLayout: (fileSize) => new VhdStreamLayout(fileSize),
   async open(path, opts) {
     if (opts?.writable) {
       // Not an image problem but a caller's: VHD at rest is produced by serialize, never patched in place.

@@ -1,0 +1,288 @@
+/**
+ * Converts a vhd or qcow2 upload into its raw VDI while the bytes arrive.
+ *
+ * Why: landing the whole image in a staging file and converting it at
+ * finalize wrote every byte twice and read it once more; on a 2 GiB image
+ * the finalize alone took longer than the upload.
+ *
+ * How: the format's StreamLayout reads the image's metadata as it streams in
+ * and announces where plain data goes in the disk. The writer that holds the
+ * in-order stream (the "frontier": every byte before it has arrived) sends
+ * each byte to exactly one place:
+ * - metadata, and anything the layout cannot vouch for, to the staging file,
+ *   at its offset in the image, as every upload did before;
+ * - announced data to the new disk file (`dest`), at its guest offset.
+ * Out-of-order chunks, and anything after a layout gives up, are staged.
+ *
+ * At finalize the codec opens the staged image as before, so every check of
+ * the metadata still runs on the very bytes the layout read. The staged image
+ * reads as zeros wherever data went to `dest` (those bytes were never written
+ * to staging), so copying its non-zero data into `dest` completes the disk
+ * and can never overwrite what streamed there.
+ *
+ * Durability is the staging file's: `sync()` makes `dest` durable together
+ * with it before received ranges are recorded, and after a restart the
+ * layout is learned again from the staged metadata up to what was recorded.
+ */
+import { constants, promises as fsp } from 'node:fs';
+import { codecFor } from '../formats/index.js';
+import { readVirtual } from '../formats/raw/index.js';
+import type { StreamLayout } from '../formats/stream-layout.js';
+import type { BlockImage } from '../storage/block-image.js';
+import { type CopyProgress, EarlyWriteback, writeRawData } from '../storage/convert.js';
+import { zeroRange } from '../storage/sparse.js';
+import { forEachRun } from '../storage/zero.js';
+import { type ByteRange, RangeSet } from './range-set.js';
+
+/** Writes buf[0, length) to staging at image offset `at` (the landing's ordinary write). */
+export type StageWrite = (buf: Buffer, length: number, at: number) => Promise<void>;
+
+export interface RouteOptions {
+  /** The parts of image range [start, end) not yet received; default: all. */
+  writable?: (start: number, end: number) => ByteRange[];
+  /** Zero runs must be written as zeros (a resumed upload may have left bytes there). */
+  punchZeros: boolean;
+}
+
+export function streamingDestPath(stagingPath: string): string {
+  return `${stagingPath}.raw`;
+}
+
+export class StreamingImport {
+  private frontier = 0;
+  private owner: FileHandle | null = null;
+  /** Guest ranges written to `dest` by this process: finalize need not copy them. */
+  private readonly sunk = new RangeSet();
+  private streamed = 0;
+  private readonly writeback: EarlyWriteback;
+
+  private constructor(
+    private readonly layout: StreamLayout,
+    private readonly dest: fsp.FileHandle,
+    readonly destPath: string,
+    private readonly diskSize: number,
+    /** `dest` was left by an earlier process: what streamed into it then is not in `sunk`. */
+    private readonly inherited: boolean,
+  ) {
+    this.writeback = new EarlyWriteback(dest);
+  }
+
+  /**
+   * The streaming import for an upload of `format` (null when the format has
+   * no layout). `dest` is created at `diskSize`, or kept if an earlier process
+   * left it.
+   */
+  static async open(opts: {
+    format: string;
+    fileSize: number | null;
+    destPath: string;
+    diskSize: number;
+  }): Promise<StreamingImport | null> {
+    const codec = codecFor(opts.format);
+    if (!codec.streamLayout) return null;
+    const dest = await fsp.open(opts.destPath, constants.O_RDWR | constants.O_CREAT);
+    let inherited: boolean;
+    try {
+      const size = (await dest.stat()).size;
+      inherited = size > 0;
+      if (size !== opts.diskSize) await dest.truncate(opts.diskSize);
+    } catch (err) {
+      await dest.close();
+      throw err;
+    }
+    return new StreamingImport(
+      codec.streamLayout(opts.fileSize),
+      dest,
+      opts.destPath,
+      opts.diskSize,
+      inherited,
+    );
+  }
+
+  /** Bytes of the image that went straight into the disk. */
+  get streamedBytes(): number {
+    return this.streamed;
+  }
+
+  /**
+   * Lets one writer carry the stream from `start`, when every byte before it
+   * has arrived; returns false (write to staging only) otherwise. Bytes the
+   * frontier skips over (sent out of order, or zeroed) were staged, so the
+   * layout reads what it needs of them from staging.
+   */
+  async claim(start: number, received: RangeSet, staging: FileHandle): Promise<boolean> {
+    if (this.owner || start < this.frontier || !received.covers(this.frontier, start)) return false;
+    this.owner = staging;
+    try {
+      this.frontier = start;
+      await this.learnReady();
+    } catch (err) {
+      this.owner = null;
+      throw err;
+    }
+    return true;
+  }
+
+  release(): void {
+    this.owner = null;
+  }
+
+  /** landStream's write for the claiming writer: buf[0, length) holds image bytes [at, at + length). */
+  async write(buf: Buffer, length: number, at: number, stage: StageWrite, opts: RouteOptions): Promise<void> {
+    if (!this.owner || at !== this.frontier) return stage(buf, length, at);
+    const end = at + length;
+    try {
+      let pos = at;
+      while (pos < end) {
+        await this.learnReady();
+        const need = this.layout.need();
+        const inNeed = need !== null && need[0] <= pos;
+        const stop = inNeed ? Math.min(end, need[1]) : need ? Math.min(end, need[0]) : end;
+        const slice = buf.subarray(pos - at, stop - at);
+        await (inNeed ? stage(slice, stop - pos, pos) : this.route(slice, pos, stage, opts));
+        pos = stop;
+        this.frontier = pos;
+      }
+      await this.learnReady();
+    } catch (err) {
+      // An error leaves it unknown which bytes landed where: stage everything from here on.
+      this.layout.disable();
+      this.owner = null;
+      throw err;
+    }
+  }
+
+  /** Image bytes [at, at + buf.length), none of them metadata still to be read: data to dest, the rest staged. */
+  private async route(buf: Buffer, at: number, stage: StageWrite, opts: RouteOptions): Promise<void> {
+    const end = at + buf.length;
+    const writes: Promise<void>[] = [];
+    const stageRange = (s: number, e: number) => {
+      if (e > s) writes.push(stage(buf.subarray(s - at, e - at), e - s, s));
+    };
+    let pos = at;
+    for (const piece of this.layout.take(at, end)) {
+      stageRange(pos, piece.host);
+      // Data past the VDI's end stays staged: open() decides whether it may be dropped.
+      const inside = Math.max(0, Math.min(piece.length, this.diskSize - piece.guest));
+      for (const [s, e] of opts.writable?.(piece.host, piece.host + inside) ?? [
+        [piece.host, piece.host + inside],
+      ]) {
+        writes.push(this.sink(buf.subarray(s - at, e - at), piece.guest + (s - piece.host), opts));
+      }
+      stageRange(piece.host + inside, piece.host + piece.length);
+      pos = piece.host + piece.length;
+    }
+    stageRange(pos, end);
+    await Promise.all(writes);
+  }
+
+  /** Writes image data to its guest offset in `dest`, zero blocks left as holes (or punched). */
+  private async sink(data: Buffer, guest: number, opts: RouteOptions): Promise<void> {
+    const writes: Promise<unknown>[] = [];
+    let written = 0;
+    forEachRun(data, data.length, guest, (s, e, zero) => {
+      if (zero) {
+        if (opts.punchZeros) writes.push(zeroRange(this.dest, guest + s, e - s));
+        return;
+      }
+      writes.push(writeFully(this.dest, data.subarray(s, e), guest + s));
+      written += e - s;
+    });
+    await Promise.all(writes);
+    this.writeback.wrote(written);
+    this.sunk.add(guest, guest + data.length);
+    this.streamed += data.length;
+  }
+
+  /** Feeds the layout every metadata range that has fully arrived, read back from staging. */
+  private async learnReady(): Promise<void> {
+    const staging = this.owner;
+    if (!staging) return;
+    for (let need = this.layout.need(); need && need[1] <= this.frontier; need = this.layout.need()) {
+      const bytes = Buffer.alloc(need[1] - need[0]);
+      let done = 0;
+      while (done < bytes.length) {
+        const { bytesRead } = await staging.read(bytes, done, bytes.length - done, need[0] + done);
+        if (bytesRead === 0) break; // past the staged length: zeros, as open() reads them too
+        done += bytesRead;
+      }
+      this.layout.learn(bytes);
+    }
+  }
+
+  /** Makes every byte written to `dest` durable (called with the staging file's fdatasync). */
+  async sync(): Promise<void> {
+    await this.writeback.settle();
+    await this.dest.datasync();
+  }
+
+  /**
+   * Completes `dest` from the staged image, opened and validated by its
+   * codec (`disk` is that image at the VDI's size): `verifyEnd` checks what
+   * only the complete file can tell, then the data that did not stream is
+   * copied and `dest` made durable.
+   */
+  async finish(
+    disk: BlockImage,
+    staged: { path: string; virtualSize: number },
+    progress: CopyProgress,
+  ): Promise<void> {
+    await this.verifyEnd(staged.path);
+    if (this.inherited) await this.overlay(disk, progress);
+    else await writeRawData(disk, this.dest, this.writeback, progress, (s, e) => this.sunk.missing(s, e));
+    // An image smaller than the VDI: nothing past its end may survive (a fixed VHD streams whole).
+    if (staged.virtualSize < this.diskSize) {
+      await zeroRange(this.dest, staged.virtualSize, this.diskSize - staged.virtualSize);
+    }
+    await this.writeback.settle();
+    await this.dest.sync();
+  }
+
+  /**
+   * Copies the staged image's non-zero bytes over `dest`, byte by byte. After
+   * a restart it is unknown which bytes streamed into `dest` before: staging
+   * reads as zeros there, but a 4 KiB block can hold both, so whole blocks
+   * cannot be copied. (The slow path: it reads `dest` too.)
+   */
+  private async overlay(disk: BlockImage, progress: CopyProgress): Promise<void> {
+    const extents = await disk.extents();
+    for (const e of extents) {
+      if (e.zero) continue;
+      let pos = e.start;
+      for await (const staged of readVirtual(disk, extents, e.start, e.start + e.length)) {
+        progress.signal?.throwIfAborted();
+        const { buffer: merged } = await this.dest.read(Buffer.alloc(staged.length), 0, staged.length, pos);
+        for (let i = 0; i < staged.length; i++) if (staged[i] !== 0) merged[i] = staged[i];
+        await writeFully(this.dest, merged, pos);
+        this.writeback.wrote(staged.length);
+        pos += staged.length;
+      }
+    }
+  }
+
+  private async verifyEnd(stagedPath: string): Promise<void> {
+    const h = await fsp.open(stagedPath, 'r');
+    try {
+      const size = (await h.stat()).size;
+      const { buffer } = await h.read(Buffer.alloc(512), 0, 512, Math.max(0, size - 512));
+      this.layout.verifyEnd(buffer);
+    } finally {
+      await h.close();
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.writeback.settle().catch(() => {});
+    await this.dest.close().catch(() => {});
+  }
+}
+
+type FileHandle = fsp.FileHandle;
+
+async function writeFully(handle: FileHandle, buf: Buffer, position: number): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const { bytesWritten } = await handle.write(buf, done, buf.length - done, position + done);
+    done += bytesWritten;
+  }
+}
