@@ -4,8 +4,8 @@
  * Usage: node convert-summary.mjs RESULTS.tsv  (lines: target round seconds bytes cpu-seconds)
  * Prints the median seconds per target with every run and the median CPU
  * seconds (diskport's server process; qemu-img's own), then the ratios the
- * targets are about: diskport / qemu-img per conversion, vhd and qcow2 export
- * / raw export.
+ * targets are about: diskport / qemu-img per conversion, diskport's import /
+ * the same upload into a plain Node server, vhd and qcow2 export / raw export.
  */
 import fs from 'node:fs';
 
@@ -55,6 +55,10 @@ for (const op of ['export-vhd', 'export-qcow2', 'import-vhd', 'import-qcow2']) {
   }
   const qf = med[`${op}/qemu-img+flush`];
   if (d && qf) lines.push(`${`${op} diskport/qemu-img+flush`.padEnd(40)} ${verdict(d / qf, 1.5)}`);
+  const pipe = med[`${op}/node-pipe+fsync`];
+  if (d && pipe) {
+    lines.push(`${`${op} diskport/node-pipe+fsync`.padEnd(40)} ${(d / pipe).toFixed(2)}x  (the same PUT, unconverted)`);
+  }
 }
 const raw = med['export-raw/diskport'];
 for (const f of ['vhd', 'qcow2']) {

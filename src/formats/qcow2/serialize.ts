@@ -24,7 +24,7 @@
  */
 import { type BlockImage, type Extent, mergeExtents } from '../../storage/block-image.js';
 import { zeroBuffer } from '../../storage/zero.js';
-import { readVirtual } from '../raw/index.js';
+import { READ_CHUNK_BYTES, ReadBuffers, readVirtual } from '../raw/index.js';
 import type { SerializedImage } from '../types.js';
 import { QCOW2_MAGIC } from './header.js';
 
@@ -291,6 +291,7 @@ export class Qcow2Serializer implements SerializedImage {
   private async *readData(s: number, e: number): AsyncGenerator<Buffer> {
     const C = EXPORT_CLUSTER_SIZE_BYTES;
     const { runs, virtualSizeBytes } = this.layout;
+    const buffers = new ReadBuffers();
     let pos = s;
     for (let r = findRun(runs, Math.floor(s / C), 'rank'); r < runs.length && pos < e; r++) {
       const run = runs[r];
@@ -300,7 +301,9 @@ export class Qcow2Serializer implements SerializedImage {
       const guestStart = run.guestCluster * C + (pos - runStart);
       const guestEnd = guestStart + (stop - pos);
       const readableEnd = Math.min(guestEnd, virtualSizeBytes);
-      if (readableEnd > guestStart) yield* readVirtual(this.image, this.extents, guestStart, readableEnd);
+      if (readableEnd > guestStart) {
+        yield* readVirtual(this.image, this.extents, guestStart, readableEnd, READ_CHUNK_BYTES, buffers);
+      }
       // The last cluster may extend past the end of the disk: zero padding.
       if (guestEnd > Math.max(guestStart, readableEnd)) {
         yield zeroBuffer(guestEnd - Math.max(guestStart, readableEnd));

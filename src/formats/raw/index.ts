@@ -42,6 +42,18 @@ function* piecesOf(
 const MAX_SPARE_BUFFERS = 4;
 
 /**
+ * The buffers readVirtual reuses (see there). A serializer that reads block
+ * by block, one readVirtual per block, passes the same ReadBuffers to every
+ * call, so a buffer handed back during one block serves the next: otherwise
+ * each block would allocate afresh.
+ */
+export class ReadBuffers {
+  readonly spare: Buffer[] = [];
+  /** A yielded view -> the buffer it lies in. */
+  readonly wholeOf = new WeakMap<Buffer, Buffer>();
+}
+
+/**
  * Yields the virtual-disk bytes of [start, end) given the image's extents:
  * zero extents from memory, data extents read in READ_CHUNK_BYTES pieces.
  * Shared by every serializer for the data part of its layout.
@@ -64,11 +76,11 @@ export async function* readVirtual(
   start: number,
   end: number,
   chunkBytes = READ_CHUNK_BYTES,
+  buffers = new ReadBuffers(),
 ): AsyncGenerator<Buffer, void, Buffer | undefined> {
   const pieces = piecesOf(extents, start, end, chunkBytes);
   const file = image instanceof RawFileImage ? image : null;
-  const wholeOf = new WeakMap<Buffer, Buffer>(); // a yielded view -> the buffer it lies in
-  const spare: Buffer[] = [];
+  const { wholeOf, spare } = buffers;
   const begin = (p: Piece): Promise<Buffer> | null => {
     if (p.zero) return null;
     if (!file) return image.read(p.offset, p.length);

@@ -33,7 +33,7 @@ import { createHash } from 'node:crypto';
 import { formatBytes, UnsupportedImageError } from '../../errors.js';
 import type { BlockImage, Extent } from '../../storage/block-image.js';
 import { zeroBuffer } from '../../storage/zero.js';
-import { readVirtual } from '../raw/index.js';
+import { READ_CHUNK_BYTES, ReadBuffers, readVirtual } from '../raw/index.js';
 import type { SerializedImage } from '../types.js';
 import {
   bitmapBytesOnDisk,
@@ -136,6 +136,8 @@ async function* readLayout(
 ): AsyncGenerator<Buffer> {
   const { head, footer, dataStart, blocks, virtualSize, size } = layout;
   const footerStart = size - FOOTER_BYTES;
+  // One block per readVirtual: its buffers must outlive each call to be reused.
+  const buffers = new ReadBuffers();
   let pos = start;
   while (pos < end) {
     if (pos < dataStart) {
@@ -163,7 +165,7 @@ async function* readLayout(
     const vStart = pos + diskBase;
     const vEnd = stop + diskBase;
     const vDataEnd = Math.min(vEnd, virtualSize);
-    if (vStart < vDataEnd) yield* readVirtual(image, extents, vStart, vDataEnd);
+    if (vStart < vDataEnd) yield* readVirtual(image, extents, vStart, vDataEnd, READ_CHUNK_BYTES, buffers);
     const tail = vEnd - Math.max(vStart, vDataEnd);
     if (tail > 0) yield zeroBuffer(tail);
     pos = stop;
