@@ -57,7 +57,9 @@ for (const op of ['export-vhd', 'export-qcow2', 'import-vhd', 'import-qcow2']) {
   if (d && qf) lines.push(`${`${op} diskport/qemu-img+flush`.padEnd(40)} ${verdict(d / qf, 1.5)}`);
   const pipe = med[`${op}/node-pipe+fsync`];
   if (d && pipe) {
-    lines.push(`${`${op} diskport/node-pipe+fsync`.padEnd(40)} ${(d / pipe).toFixed(2)}x  (the same PUT, unconverted)`);
+    lines.push(
+      `${`${op} diskport/node-pipe+fsync`.padEnd(40)} ${(d / pipe).toFixed(2)}x  (the same PUT, unconverted)`,
+    );
   }
 }
 const raw = med['export-raw/diskport'];
