@@ -10,6 +10,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { codecFor } from '../src/formats/index.js';
 import { vhdChecksum } from '../src/formats/vhd/format.js';
 import { api, createVdi, curl, execFileP, sha256Url } from './helpers/api.js';
 import { prng, seededBytes, spawnServer, startServer, type TestServer, tempDir } from './helpers/server.js';
@@ -336,4 +337,240 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
       }
     });
   }
+
+  /** What the codec reads from the whole file, at the VDI's size. */
+  async function codecDisk(file: string, format: 'vhd' | 'qcow2', size: number): Promise<Buffer> {
+    const image = await codecFor(format).open(file);
+    try {
+      const disk = Buffer.alloc(size);
+      (await image.read(0, Math.min(size, image.virtualSize))).copy(disk);
+      return disk;
+    } finally {
+      await image.close();
+    }
+  }
+
+  async function refusedUnchanged(vdiId: string, res: { status: number; body: TaskJson }, message: RegExp) {
+    assert.equal(res.status, 400, JSON.stringify(res.body));
+    assert.equal(res.body.error?.code, 'MALFORMED_IMAGE');
+    assert.match(res.body.error?.message ?? '', message);
+    const rec = (await api<{ generation: number }>(srv.url, 'GET', `/v1/vdis/${vdiId}`)).body;
+    assert.equal(rec.generation, 0, 'the VDI is unchanged');
+  }
+
+  test('a qcow2 data cluster used by two guest clusters is refused, even once it has streamed', async () => {
+    const file = await qemuImage('shared.qcow2', ['-O', 'qcow2', '-o', 'cluster_size=4096']);
+    const img = await fsp.readFile(file);
+    const MASK = 0x00fffffffffffe00n;
+    const l1 = Number(img.readBigUInt64BE(40));
+    const tableOf = (i: number) => Number(img.readBigUInt64BE(l1 + i * 8) & MASK);
+    const first = Number(img.readBigUInt64BE(tableOf(0)) & MASK);
+    // An unallocated entry of a table that arrives after `first` now maps it too.
+    let shared = false;
+    for (let i = 1; i < 8 && !shared; i++) {
+      const t = tableOf(i);
+      if (t < first) continue;
+      for (let j = 0; j < 512 && !shared; j++) {
+        if (img.readBigUInt64BE(t + j * 8) !== 0n) continue;
+        img.writeBigUInt64BE(0x8000000000000000n | BigInt(first), t + j * 8);
+        shared = true;
+      }
+    }
+    assert.ok(shared);
+    await fsp.writeFile(file, img);
+    const vdi = await createVdi(srv.url, SIZE);
+    await refusedUnchanged(
+      vdi.id,
+      await put(vdi.id, file, 'qcow2'),
+      /data cluster \d+ is used by two guest clusters/,
+    );
+  });
+
+  test('a dynamic VHD without its trailing footer, whose last sector looks like one, is refused', async () => {
+    const disk = Buffer.from(raw);
+    seededBytes(2 * MiB, 9).copy(disk, SIZE - 2 * MiB);
+    const fake = disk.subarray(SIZE - 512).fill(0);
+    fake.write('conectix', 0, 'latin1');
+    fake.write('win ', F.creator, 'latin1');
+    fake.writeBigUInt64BE(BigInt(MiB), F.currentSize);
+    fake.writeUInt32BE(2, F.diskType);
+    setFooterChecksum(fake);
+    const rawCopy = path.join(dir, 'fake-tail.raw');
+    await fsp.writeFile(rawCopy, disk);
+    const file = path.join(dir, 'fake-tail.vhd');
+    await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', rawCopy, file]);
+    const img = await fsp.readFile(file);
+    await fsp.writeFile(file, img.subarray(0, img.length - 512));
+    const vdi = await createVdi(srv.url, SIZE);
+    // Read whole, the file is a 1 MiB fixed disk; its blocks say otherwise.
+    await refusedUnchanged(
+      vdi.id,
+      await put(vdi.id, file, 'vhd'),
+      /footer at the end of the file and its copy at offset 0 disagree/,
+    );
+  });
+
+  test('a fixed VHD whose first sector holds a dynamic footer copy imports as the fixed disk it is', async () => {
+    const dynamic = await fsp.readFile(await qemuImage('dyn.vhd', ['-O', 'vpc']));
+    const disk = Buffer.from(raw);
+    dynamic.copy(disk, 0, 0, 512); // say, a guest disk holding a .vhd file at LBA 0
+    const rawCopy = path.join(dir, 'vhd-at-lba0.raw');
+    await fsp.writeFile(rawCopy, disk);
+    const file = path.join(dir, 'vhd-at-lba0.vhd');
+    await execFileP('qemu-img', [
+      'convert',
+      '-f',
+      'raw',
+      '-O',
+      'vpc',
+      '-o',
+      'subformat=fixed',
+      rawCopy,
+      file,
+    ]);
+    const vdi = await createVdi(srv.url, 2 * SIZE);
+    const { status, body } = await put(vdi.id, file, 'vhd');
+    assert.equal(status, 200, JSON.stringify(body));
+    assert.equal(sha256(await vdiBytes(vdi.id)), sha256(await codecDisk(file, 'vhd', 2 * SIZE)));
+  });
+
+  test('a body longer than its Content-Range streams nothing for good: the retry of those bytes wins', async () => {
+    const file = await qemuImage('too-long.qcow2', ['-O', 'qcow2', '-o', 'cluster_size=4096']);
+    const good = await fsp.readFile(file);
+    // The same image with other bytes in its data clusters below 2 MiB.
+    const bad = Buffer.from(good);
+    const MASK = 0x00fffffffffffe00n;
+    const l1 = Number(good.readBigUInt64BE(40));
+    for (let i = 0; i < 8; i++) {
+      const t = Number(good.readBigUInt64BE(l1 + i * 8) & MASK);
+      if (!t) continue;
+      for (let j = 0; j < 512; j++) {
+        const h = Number(good.readBigUInt64BE(t + j * 8) & MASK);
+        if (h >= 512 * 1024 && h + 4096 <= 2 * MiB) bad.fill(0x5a, h, h + 4096);
+      }
+    }
+    const vdi = await createVdi(srv.url, SIZE);
+    const t = (
+      await api<TransferJson>(srv.url, 'POST', '/v1/transfers', {
+        vdi: vdi.id,
+        direction: 'upload',
+        format: 'qcow2',
+        size: good.length,
+      })
+    ).body;
+    const url = t.url.replace(/^http:\/\/[^/]+/, srv.url);
+    const HALF = 2 * MiB;
+    const tooLong = new ReadableStream({
+      async start(c) {
+        c.enqueue(new Uint8Array(bad.subarray(0, HALF)));
+        await sleep(300); // the first 2 MiB have landed (and streamed) before the extra byte
+        c.enqueue(new Uint8Array([1]));
+        c.close();
+      },
+    });
+    const first = await fetch(url, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes 0-${HALF - 1}/${good.length}` },
+      body: tooLong,
+      duplex: 'half',
+    } as RequestInit);
+    assert.equal(first.status, 400);
+    assert.equal(((await first.json()) as TaskJson).error?.code, 'CHUNK_TOO_LONG');
+    for (let s = 0; s < good.length; s += HALF) {
+      const e = Math.min(good.length, s + HALF);
+      const res = await fetch(url, {
+        method: 'PUT',
+        headers: { 'content-range': `bytes ${s}-${e - 1}/${good.length}` },
+        body: new Uint8Array(good.subarray(s, e)),
+      });
+      assert.equal(res.status, 200, await res.text());
+    }
+    const fin = await api<TaskJson>(
+      srv.url,
+      'POST',
+      `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=60`,
+    );
+    assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
+    assert.equal(sha256(await vdiBytes(vdi.id)), sha256(raw));
+  });
+
+  test('a qcow2 of 512-byte clusters stored out of guest order streams whole and exact', async () => {
+    // Hand-made: v2, one L2 table per 64 guest clusters, even guest clusters stored first.
+    const n = 8192;
+    const C = 512;
+    const tables = n / 64;
+    const l1At = 1;
+    const l2At = l1At + Math.ceil((tables * 8) / C) + 1;
+    const dataAt = l2At + tables;
+    const img = Buffer.alloc((dataAt + n) * C);
+    img.write('QFI\xfb', 0, 'latin1');
+    img.writeUInt32BE(2, 4);
+    img.writeUInt32BE(9, 20);
+    img.writeBigUInt64BE(BigInt(n * C), 24);
+    img.writeUInt32BE(tables, 36);
+    img.writeBigUInt64BE(BigInt(l1At * C), 40);
+    img.writeBigUInt64BE(BigInt((l2At - 1) * C), 48);
+    img.writeUInt32BE(1, 56);
+    for (let t = 0; t < tables; t++)
+      img.writeBigUInt64BE((1n << 63n) | BigInt((l2At + t) * C), l1At * C + t * 8);
+    const expected = Buffer.alloc(n * C);
+    for (let g = 0; g < n; g++) {
+      const slot = g % 2 === 0 ? g / 2 : n / 2 + (g - 1) / 2;
+      img.writeBigUInt64BE((1n << 63n) | BigInt((dataAt + slot) * C), l2At * C + g * 8);
+      seededBytes(C, g).copy(img, (dataAt + slot) * C);
+      seededBytes(C, g).copy(expected, g * C);
+    }
+    const file = path.join(dir, 'interleaved.qcow2');
+    await fsp.writeFile(file, img);
+    assert.ok((await codecDisk(file, 'qcow2', n * C)).equals(expected), 'the codec reads what was written');
+    const vdi = await createVdi(srv.url, n * C);
+    const { status, body } = await put(vdi.id, file, 'qcow2');
+    assert.equal(status, 200, JSON.stringify(body));
+    assert.equal(body.result.bytes_streamed, n * C);
+    assert.equal(sha256(await vdiBytes(vdi.id)), sha256(expected));
+  });
+
+  test('a kill -9 between the last chunk and finalize still catches footers that disagree', async () => {
+    const file = await qemuImage('disagree-restart.vhd', ['-O', 'vpc']);
+    const img = await fsp.readFile(file);
+    const tail = img.subarray(img.length - 512);
+    tail.writeUInt32BE(2, F.diskType); // the trailing footer says fixed; the copy at 0 says dynamic
+    setFooterChecksum(tail);
+    const dataDir = await tempDir();
+    let server = await spawnServer(dataDir);
+    try {
+      const vdi = await createVdi(server.url, 2 * SIZE);
+      const t = (
+        await api<TransferJson>(server.url, 'POST', '/v1/transfers', {
+          vdi: vdi.id,
+          direction: 'upload',
+          format: 'vhd',
+          size: img.length,
+        })
+      ).body;
+      const res = await fetch(t.url.replace(/^http:\/\/[^/]+/, server.url), {
+        method: 'PUT',
+        headers: { 'content-range': `bytes 0-${img.length - 1}/${img.length}` },
+        body: new Uint8Array(img),
+      });
+      assert.equal(res.status, 200);
+      await server.stop('SIGKILL');
+      server = await spawnServer(dataDir);
+      const fin = await api<TaskJson>(
+        server.url,
+        'POST',
+        `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=60`,
+      );
+      assert.equal(fin.body.status, 'failure', JSON.stringify(fin.body));
+      assert.match(
+        fin.body.error?.message ?? '',
+        /footer at the end of the file and its copy at offset 0 disagree/,
+      );
+      const rec = (await api<{ generation: number }>(server.url, 'GET', `/v1/vdis/${vdi.id}`)).body;
+      assert.equal(rec.generation, 0);
+    } finally {
+      await server.stop();
+      await fsp.rm(dataDir, { recursive: true, force: true });
+    }
+  });
 });

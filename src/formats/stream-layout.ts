@@ -38,6 +38,8 @@ export abstract class StreamLayout {
   private disabled = false;
   /** The piece the current learn() announced last: the next may extend it. */
   private lastAnnounced: DataPiece | null = null;
+  /** Whether any piece was ever announced, so data may have been placed by this layout. */
+  protected announcedAny = false;
 
   /** The metadata range to read next, or null when nothing more is needed. */
   need(): HostRange | null {
@@ -93,6 +95,7 @@ export abstract class StreamLayout {
   /** Announces a piece (within one learn(), merged with the previous one when it continues it). */
   protected announce(host: number, guest: number, length: number): void {
     if (length <= 0) return;
+    this.announcedAny = true;
     const last = this.lastAnnounced;
     if (last && last.host + last.length === host && last.guest + last.length === guest) {
       last.length += length;

@@ -309,7 +309,7 @@ function checkVirtualSize(size: number): void {
   }
 }
 
-async function fsyncDir(dir: string): Promise<void> {
+export async function fsyncDir(dir: string): Promise<void> {
   const h = await fsp.open(dir, 'r');
   try {
     await h.sync();

@@ -121,6 +121,13 @@ interface Live {
   streaming: Promise<StreamingImport | null> | null;
 }
 
+/** Bumped by each reset: names the disk a streaming import builds (see streamingDestPath). */
+const STREAM_EPOCH_KEY = 'diskport.stream-epoch';
+
+function destOf(t: Transfer): string {
+  return streamingDestPath(t.staging_path!, Number(t.metadata?.[STREAM_EPOCH_KEY] ?? 0));
+}
+
 /** Marks the internal session of a one-shot PUT, which no client can resume. */
 const ONE_SHOT_KEY = 'diskport.one-shot';
 
@@ -155,9 +162,7 @@ export class TransferService {
     const active = this.store.list({ active: true }).filter((t) => !isOneShot(t));
     return {
       tasks: new Set(active.map((t) => t.task_id)),
-      staging: new Set(
-        active.flatMap((t) => (t.staging_path ? [t.staging_path, streamingDestPath(t.staging_path)] : [])),
-      ),
+      staging: new Set(active.flatMap((t) => (t.staging_path ? [t.staging_path, destOf(t)] : []))),
     };
   }
 
@@ -405,6 +410,7 @@ export class TransferService {
     // The one-shot import's session has no holder to resume it: nothing to make durable early.
     const durable = !chunk.fresh;
     let handle: fsp.FileHandle | null = null;
+    let streaming: StreamingImport | null = null;
     const record = async (end: number) => {
       if (end <= recorded || !handle) return;
       if (durable) {
@@ -412,11 +418,11 @@ export class TransferService {
         await (await live.streaming)?.sync();
       }
       live.ranges.add(recorded, end);
+      streaming?.recorded(end);
       recorded = end;
       this.persistProgress(live);
     };
     let checkpoints: NodeJS.Timeout | null = null;
-    let streaming: StreamingImport | null = null;
     try {
       handle = await this.handleOf(live);
       const candidate = await this.streamingOf(live, vdi);
@@ -476,6 +482,8 @@ export class TransferService {
       if (!chunk.digest && !(err instanceof ApiError && err.code === 'CHUNK_TOO_LONG')) {
         await record(start + progress.written).catch(() => {});
       }
+      // Bytes that streamed into the disk but do not count as received will come again, maybe otherwise.
+      if (streaming && recorded < start + progress.written) await streaming.abandon();
       throw err;
     } finally {
       if (checkpoints) clearInterval(checkpoints);
@@ -563,7 +571,7 @@ export class TransferService {
     live.streaming ??= StreamingImport.open({
       format: t.format,
       fileSize: t.size,
-      destPath: streamingDestPath(t.staging_path),
+      destPath: destOf(t),
       diskSize: vdi.virtual_size,
     }).catch((err) => {
       live.streaming = null;
@@ -773,7 +781,7 @@ export class TransferService {
     await streaming?.then((s) => s?.close()).catch(() => {});
     if (live.t.staging_path) {
       await fsp.rm(live.t.staging_path, { force: true });
-      await fsp.rm(streamingDestPath(live.t.staging_path), { force: true });
+      await fsp.rm(destOf(live.t), { force: true });
     }
   }
 
@@ -880,9 +888,13 @@ export class TransferService {
     const vdi = this.vdis.get(live.t.vdi_id);
     if (size !== null) checkDeclaredSize(size, live.t.format, vdi);
     // Forget the bytes first: a crash between the two must not leave zeroed
-    // bytes counted as received.
+    // bytes counted as received. A new epoch names a new disk for a streaming
+    // import, so the old one can never be taken for the new upload's.
+    const oldDest = live.t.staging_path ? destOf(live.t) : null;
     live.ranges = new RangeSet();
     live.t.size = size;
+    const epoch = Number(live.t.metadata?.[STREAM_EPOCH_KEY] ?? 0) + 1;
+    live.t.metadata = { ...live.t.metadata, [STREAM_EPOCH_KEY]: String(epoch) };
     this.persistProgress(live);
     const handle = await this.handleOf(live);
     await handle.truncate(0);
@@ -891,8 +903,8 @@ export class TransferService {
     // The layout was learned for the old size and bytes: start it again.
     const streaming = live.streaming;
     live.streaming = null;
-    await (await streaming)?.close();
-    if (live.t.staging_path) await fsp.rm(streamingDestPath(live.t.staging_path), { force: true });
+    await streaming?.then((s) => s?.close()).catch(() => {});
+    if (oldDest) await fsp.rm(oldDest, { force: true });
     return live.t;
   }
 

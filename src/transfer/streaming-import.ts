@@ -23,16 +23,21 @@
  * Durability is the staging file's: `sync()` makes `dest` durable together
  * with it before received ranges are recorded, and after a restart the
  * layout is learned again from the staged metadata up to what was recorded.
+ * What streamed before a restart, or during a write whose bytes were then
+ * not recorded, is no longer known exactly; finalize then overlays the
+ * staged bytes on `dest` byte by byte instead of copying whole blocks.
  */
 import { constants, promises as fsp } from 'node:fs';
+import path from 'node:path';
 import { codecFor } from '../formats/index.js';
 import { readVirtual } from '../formats/raw/index.js';
 import type { StreamLayout } from '../formats/stream-layout.js';
 import type { BlockImage } from '../storage/block-image.js';
 import { type CopyProgress, EarlyWriteback, writeRawData } from '../storage/convert.js';
 import { zeroRange } from '../storage/sparse.js';
+import { fsyncDir } from '../storage/vdis.js';
 import { forEachRun } from '../storage/zero.js';
-import { type ByteRange, RangeSet } from './range-set.js';
+import type { ByteRange, RangeSet } from './range-set.js';
 
 /** Writes buf[0, length) to staging at image offset `at` (the landing's ordinary write). */
 export type StageWrite = (buf: Buffer, length: number, at: number) => Promise<void>;
@@ -44,15 +49,73 @@ export interface RouteOptions {
   punchZeros: boolean;
 }
 
-export function streamingDestPath(stagingPath: string): string {
-  return `${stagingPath}.raw`;
+/**
+ * The disk being built for an upload's staging file. A reset starts a new
+ * epoch, so a crash around it can never mix the old disk with the new upload.
+ */
+export function streamingDestPath(stagingPath: string, epoch = 0): string {
+  return `${stagingPath}.raw${epoch ? `.${epoch}` : ''}`;
+}
+
+/** Beyond this many separate streamed pieces, the rest of an upload is staged (memory stays bounded). */
+const MAX_SUNK_RANGES = 1024 * 1024;
+
+/**
+ * Guest ranges streamed into `dest`, appended as they are written (mostly in
+ * order, so most appends extend the last range), sorted and merged once at
+ * finalize, then walked in order.
+ */
+class SunkRanges {
+  private starts: number[] = [];
+  private ends: number[] = [];
+
+  get count(): number {
+    return this.starts.length;
+  }
+
+  add(start: number, end: number): void {
+    const last = this.starts.length - 1;
+    if (last >= 0 && this.ends[last] === start) this.ends[last] = end;
+    else {
+      this.starts.push(start);
+      this.ends.push(end);
+    }
+  }
+
+  /**
+   * The parts of [start, end) not streamed, for calls in ascending order of
+   * `start` (extents, as writeRawData visits them).
+   */
+  complement(): (start: number, end: number) => ByteRange[] {
+    const order = this.starts.map((_, i) => i).sort((a, b) => this.starts[a] - this.starts[b]);
+    const merged: ByteRange[] = [];
+    for (const i of order) {
+      const last = merged[merged.length - 1];
+      if (last && this.starts[i] <= last[1]) last[1] = Math.max(last[1], this.ends[i]);
+      else merged.push([this.starts[i], this.ends[i]]);
+    }
+    let k = 0;
+    return (start, end) => {
+      while (k < merged.length && merged[k][1] <= start) k++;
+      const out: ByteRange[] = [];
+      let pos = start;
+      for (let j = k; j < merged.length && merged[j][0] < end; j++) {
+        if (merged[j][0] > pos) out.push([pos, merged[j][0]]);
+        pos = Math.max(pos, merged[j][1]);
+      }
+      if (pos < end) out.push([pos, end]);
+      return out;
+    };
+  }
 }
 
 export class StreamingImport {
   private frontier = 0;
   private owner: FileHandle | null = null;
-  /** Guest ranges written to `dest` by this process: finalize need not copy them. */
-  private readonly sunk = new RangeSet();
+  /** Guest ranges written to `dest`: finalize need not copy them (exact unless `sunkUnknown`). */
+  private readonly sunk = new SunkRanges();
+  /** Streamed by the current claim and not yet recorded: host end, guest range. */
+  private unrecorded: { hostEnd: number; guest: ByteRange }[] = [];
   private streamed = 0;
   private readonly writeback: EarlyWriteback;
 
@@ -61,8 +124,8 @@ export class StreamingImport {
     private readonly dest: fsp.FileHandle,
     readonly destPath: string,
     private readonly diskSize: number,
-    /** `dest` was left by an earlier process: what streamed into it then is not in `sunk`. */
-    private readonly inherited: boolean,
+    /** `dest` holds streamed bytes that `sunk` does not list (left by an earlier process). */
+    private sunkUnknown: boolean,
   ) {
     this.writeback = new EarlyWriteback(dest);
   }
@@ -86,6 +149,8 @@ export class StreamingImport {
       const size = (await dest.stat()).size;
       inherited = size > 0;
       if (size !== opts.diskSize) await dest.truncate(opts.diskSize);
+      // Its name must survive a power cut as long as the bytes streamed into it.
+      if (!inherited) await fsyncDir(path.dirname(opts.destPath));
     } catch (err) {
       await dest.close();
       throw err;
@@ -113,6 +178,7 @@ export class StreamingImport {
   async claim(start: number, received: RangeSet, staging: FileHandle): Promise<boolean> {
     if (this.owner || start < this.frontier || !received.covers(this.frontier, start)) return false;
     this.owner = staging;
+    this.unrecorded = [];
     try {
       this.frontier = start;
       await this.learnReady();
@@ -125,6 +191,20 @@ export class StreamingImport {
 
   release(): void {
     this.owner = null;
+  }
+
+  /**
+   * The claiming write ended without its bytes being recorded (a body longer
+   * than its Content-Range, a failed fdatasync): they will be sent again,
+   * maybe otherwise. What they streamed is zeroed, nothing more streams, and
+   * finalize overlays whatever arrives instead.
+   */
+  async abandon(): Promise<void> {
+    this.layout.disable();
+    this.owner = null;
+    this.sunkUnknown = true;
+    for (const { guest } of this.unrecorded.splice(0))
+      await zeroRange(this.dest, guest[0], guest[1] - guest[0]);
   }
 
   /** landStream's write for the claiming writer: buf[0, length) holds image bytes [at, at + length). */
@@ -167,7 +247,7 @@ export class StreamingImport {
       for (const [s, e] of opts.writable?.(piece.host, piece.host + inside) ?? [
         [piece.host, piece.host + inside],
       ]) {
-        writes.push(this.sink(buf.subarray(s - at, e - at), piece.guest + (s - piece.host), opts));
+        writes.push(this.sink(buf.subarray(s - at, e - at), piece.guest + (s - piece.host), e, opts));
       }
       stageRange(piece.host + inside, piece.host + piece.length);
       pos = piece.host + piece.length;
@@ -177,7 +257,7 @@ export class StreamingImport {
   }
 
   /** Writes image data to its guest offset in `dest`, zero blocks left as holes (or punched). */
-  private async sink(data: Buffer, guest: number, opts: RouteOptions): Promise<void> {
+  private async sink(data: Buffer, guest: number, hostEnd: number, opts: RouteOptions): Promise<void> {
     const writes: Promise<unknown>[] = [];
     let written = 0;
     forEachRun(data, data.length, guest, (s, e, zero) => {
@@ -191,14 +271,19 @@ export class StreamingImport {
     await Promise.all(writes);
     this.writeback.wrote(written);
     this.sunk.add(guest, guest + data.length);
+    this.unrecorded.push({ hostEnd, guest: [guest, guest + data.length] });
+    if (this.sunk.count >= MAX_SUNK_RANGES) this.layout.disable();
     this.streamed += data.length;
   }
 
   /** Feeds the layout every metadata range that has fully arrived, read back from staging. */
   private async learnReady(): Promise<void> {
-    const staging = this.owner;
-    if (!staging) return;
-    for (let need = this.layout.need(); need && need[1] <= this.frontier; need = this.layout.need()) {
+    if (this.owner) await this.learnFrom(this.owner, this.frontier);
+  }
+
+  /** Feeds the layout its needs that end by `limit`, read from `staging`. */
+  private async learnFrom(staging: FileHandle, limit: number): Promise<void> {
+    for (let need = this.layout.need(); need && need[1] <= limit; need = this.layout.need()) {
       const bytes = Buffer.alloc(need[1] - need[0]);
       let done = 0;
       while (done < bytes.length) {
@@ -210,10 +295,18 @@ export class StreamingImport {
     }
   }
 
-  /** Makes every byte written to `dest` durable (called with the staging file's fdatasync). */
+  /**
+   * Makes every byte written to `dest` durable (called with the staging
+   * file's fdatasync, before received ranges are recorded).
+   */
   async sync(): Promise<void> {
     await this.writeback.settle();
     await this.dest.datasync();
+  }
+
+  /** The upload's bytes before `hostEnd` are recorded as received: what they streamed stays. */
+  recorded(hostEnd: number): void {
+    this.unrecorded = this.unrecorded.filter((u) => u.hostEnd > hostEnd);
   }
 
   /**
@@ -227,9 +320,9 @@ export class StreamingImport {
     staged: { path: string; virtualSize: number },
     progress: CopyProgress,
   ): Promise<void> {
-    await this.verifyEnd(staged.path);
-    if (this.inherited) await this.overlay(disk, progress);
-    else await writeRawData(disk, this.dest, this.writeback, progress, (s, e) => this.sunk.missing(s, e));
+    await this.checkLayout(staged.path);
+    if (this.sunkUnknown) await this.overlay(disk, progress);
+    else await writeRawData(disk, this.dest, this.writeback, progress, this.sunk.complement());
     // An image smaller than the VDI: nothing past its end may survive (a fixed VHD streams whole).
     if (staged.virtualSize < this.diskSize) {
       await zeroRange(this.dest, staged.virtualSize, this.diskSize - staged.virtualSize);
@@ -260,10 +353,15 @@ export class StreamingImport {
     }
   }
 
-  private async verifyEnd(stagedPath: string): Promise<void> {
+  /**
+   * Learns the rest of the layout from the complete staged file (all of it,
+   * after a restart), then lets it check what only the whole file tells.
+   */
+  private async checkLayout(stagedPath: string): Promise<void> {
     const h = await fsp.open(stagedPath, 'r');
     try {
       const size = (await h.stat()).size;
+      await this.learnFrom(h, size);
       const { buffer } = await h.read(Buffer.alloc(512), 0, 512, Math.max(0, size - 512));
       this.layout.verifyEnd(buffer);
     } finally {

@@ -173,6 +173,10 @@ export class Qcow2Image implements BlockImage {
       }
       return false;
     };
+    // Host clusters of plain data, and compressed byte ranges, checked once all
+    // tables are read: no two guest clusters may share storage.
+    const dataClusters = new GrowableArray();
+    const compressed = new GrowableArray();
     const validateTable = (table: Buffer, l1Index: number, l2Offset: number) => {
       const count = Math.min(this.l2Entries, this.guestClusters() - l1Index * this.l2Entries);
       for (let j = 0; j < count; j++) {
@@ -191,6 +195,7 @@ export class Qcow2Image implements BlockImage {
           if (overlapsMetadata(this.hostOffset, clusterSize)) {
             throw badEntry(j, l2Offset, `data cluster ${this.hostOffset} holds the L1 or an L2 table`);
           }
+          dataClusters.push(this.hostOffset);
         } else if (kind === KIND_COMPRESSED) {
           if (this.hostOffset < clusterSize || this.hostOffset >= fileSize) {
             throw badEntry(
@@ -206,6 +211,10 @@ export class Qcow2Image implements BlockImage {
               `compressed data at ${this.hostOffset} overlaps the L1 or an L2 table`,
             );
           }
+          compressed.push(
+            this.hostOffset,
+            this.hostOffset + Math.min(this.compressedBytes, fileSize - this.hostOffset),
+          );
         }
       }
     };
@@ -243,6 +252,7 @@ export class Qcow2Image implements BlockImage {
         }
       }
     }
+    checkNoSharing(dataClusters.sorted(), compressed.values(), clusterSize);
   }
 
   private guestClusters(): number {
@@ -483,6 +493,60 @@ export class Qcow2Image implements BlockImage {
 
   private assertOpen(): void {
     if (this.closed) throw new Error('qcow2 image is closed');
+  }
+}
+
+/** A Float64Array that grows: millions of offsets without an object each. */
+class GrowableArray {
+  private data = new Float64Array(1024);
+  private length = 0;
+
+  push(...values: number[]): void {
+    if (this.length + values.length > this.data.length) {
+      const bigger = new Float64Array(this.data.length * 2);
+      bigger.set(this.data);
+      this.data = bigger;
+    }
+    for (const v of values) this.data[this.length++] = v;
+  }
+
+  values(): Float64Array {
+    return this.data.subarray(0, this.length);
+  }
+
+  sorted(): Float64Array {
+    return this.values().sort();
+  }
+}
+
+/**
+ * qemu never lets two guest clusters of the active table share a host
+ * cluster, nor compressed data overlap a data cluster: such an image is
+ * corrupt (its refcounts cannot be right), and an import that places data
+ * as it streams in relies on each host byte belonging to one guest place.
+ */
+function checkNoSharing(dataClusters: Float64Array, compressed: Float64Array, clusterSize: number): void {
+  for (let k = 1; k < dataClusters.length; k++) {
+    if (dataClusters[k] === dataClusters[k - 1]) {
+      throw malformed(`data cluster ${dataClusters[k]} is used by two guest clusters`);
+    }
+  }
+  for (let k = 0; k < compressed.length; k += 2) {
+    const [start, end] = [compressed[k], compressed[k + 1]];
+    // The last data cluster starting before `end`: does it reach past `start`?
+    let lo = 0;
+    let hi = dataClusters.length - 1;
+    let last = -1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (dataClusters[mid] < end) {
+        last = mid;
+        lo = mid + 1;
+      } else hi = mid - 1;
+    }
+    if (last >= 0 && dataClusters[last] + clusterSize > start) {
+      throw malformed(`compressed data at ${start} overlaps data cluster ${dataClusters[last]}`);
+    }
   }
 }
 

@@ -12,7 +12,9 @@
  * trailing footer is announced as is.
  *
  * open() trusts the trailing footer over the copy at 0, and the pieces were
- * announced from the copy, so `verifyEnd()` checks that both agree.
+ * announced from the copy, so `verifyEnd()` checks that both agree. For the
+ * same reason the file's size must be known up front: its last sector, which
+ * may be that footer, is never announced as data.
  */
 import { MalformedImageError } from '../../errors.js';
 import { affordable, type HostRange, StreamLayout } from '../stream-layout.js';
@@ -96,6 +98,12 @@ export class VhdStreamLayout extends StreamLayout {
 
   private learnFooter(footer: Footer): void {
     if (validFooter(footer) && footer.diskType === DISK_TYPE_DYNAMIC) {
+      // Without the file's size, its last sector is not known: it might be
+      // the trailing footer that open() prefers, and must then be staged.
+      if (this.fileSize === null) {
+        this.disable();
+        return;
+      }
       this.head = footer;
       this.virtualSize = Number(footerVirtualSize(footer));
       const headerOffset = Number(footer.dataOffset);
@@ -159,7 +167,10 @@ export class VhdStreamLayout extends StreamLayout {
     const guest = b * this.blockSize;
     const length = Math.min(this.blockSize, this.virtualSize - guest);
     if (classifyBitmap(bits, Math.ceil(length / SECTOR_BYTES)) !== BitmapState.Full) return;
-    this.announce(sector * SECTOR_BYTES + bitmapBytesOnDisk(this.blockSize), guest, length);
+    const host = sector * SECTOR_BYTES + bitmapBytesOnDisk(this.blockSize);
+    // The file's last sector stays staged: open() reads it as the footer if it is one.
+    const beforeFooter = (this.fileSize as number) - FOOTER_BYTES;
+    this.announce(host, guest, Math.min(length, beforeFooter - host));
   }
 
   /**
@@ -167,6 +178,7 @@ export class VhdStreamLayout extends StreamLayout {
    * the disk otherwise than the pieces announced here.
    */
   override verifyEnd(lastSector: Buffer): void {
+    if (!this.announcedAny) return; // nothing was placed by the copy at 0: open() decides alone
     const tail = parseFooter(lastSector);
     if (!validFooter(tail)) return; // open() falls back to the copy at 0, or fails by itself
     if (this.fixed) {
