@@ -288,7 +288,7 @@ export class Qcow2Serializer implements SerializedImage {
   }
 
   /** Bytes [s, e) of the data area: guest runs, read in large chunks. */
-  private async *readData(s: number, e: number): AsyncGenerator<Buffer> {
+  private async *readData(s: number, e: number): AsyncGenerator<Buffer, void, Buffer | undefined> {
     const C = EXPORT_CLUSTER_SIZE_BYTES;
     const { runs, virtualSizeBytes } = this.layout;
     const buffers = new ReadBuffers();
@@ -306,7 +306,7 @@ export class Qcow2Serializer implements SerializedImage {
       }
       // The last cluster may extend past the end of the disk: zero padding.
       if (guestEnd > Math.max(guestStart, readableEnd)) {
-        yield zeroBuffer(guestEnd - Math.max(guestStart, readableEnd));
+        buffers.giveBack(yield zeroBuffer(guestEnd - Math.max(guestStart, readableEnd)));
       }
       pos = stop;
     }

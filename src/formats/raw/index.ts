@@ -51,6 +51,18 @@ export class ReadBuffers {
   readonly spare: Buffer[] = [];
   /** A yielded view -> the buffer it lies in. */
   readonly wholeOf = new WeakMap<Buffer, Buffer>();
+
+  /**
+   * Takes back a buffer the consumer is done with, if one of ours. A
+   * serializer passes on what its own yields receive (the consumer hands
+   * buffers back with whatever `next()` comes), or they would be lost.
+   */
+  giveBack(view: Buffer | undefined): void {
+    const whole = view && this.wholeOf.get(view);
+    if (!whole) return;
+    this.wholeOf.delete(view);
+    if (this.spare.length < MAX_SPARE_BUFFERS) this.spare.push(whole);
+  }
 }
 
 /**
@@ -107,12 +119,7 @@ export async function* readVirtual(
         : zeroBuffer(piece.length);
       current = next;
       reading = nextReading;
-      const back = yield buf;
-      const whole = back && wholeOf.get(back);
-      if (whole) {
-        wholeOf.delete(back);
-        if (spare.length < MAX_SPARE_BUFFERS) spare.push(whole);
-      }
+      buffers.giveBack(yield buf);
     }
   } finally {
     // Abandoned early (a client gone, a range served): the read ahead is nobody's.

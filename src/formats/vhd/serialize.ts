@@ -133,21 +133,22 @@ async function* readLayout(
   layout: VhdLayout,
   start: number,
   end: number,
-): AsyncGenerator<Buffer> {
+): AsyncGenerator<Buffer, void, Buffer | undefined> {
   const { head, footer, dataStart, blocks, virtualSize, size } = layout;
   const footerStart = size - FOOTER_BYTES;
-  // One block per readVirtual: its buffers must outlive each call to be reused.
+  // One block per readVirtual: its buffers must outlive each call to be
+  // reused, and buffers handed back at our own yields (bitmaps) go to them too.
   const buffers = new ReadBuffers();
   let pos = start;
   while (pos < end) {
     if (pos < dataStart) {
       const stop = Math.min(end, dataStart);
-      yield head.subarray(pos, stop);
+      buffers.giveBack(yield head.subarray(pos, stop));
       pos = stop;
       continue;
     }
     if (pos >= footerStart) {
-      yield footer.subarray(pos - footerStart, end - footerStart);
+      buffers.giveBack(yield footer.subarray(pos - footerStart, end - footerStart));
       pos = end;
       continue;
     }
@@ -156,7 +157,7 @@ async function* readLayout(
     const stop = Math.min(end, blockStart + BLOCK_STRIDE_BYTES);
     if (pos < blockStart + BITMAP_BYTES) {
       const bitmapStop = Math.min(stop, blockStart + BITMAP_BYTES);
-      yield BITMAP_ALL_SET.subarray(pos - blockStart, bitmapStop - blockStart);
+      buffers.giveBack(yield BITMAP_ALL_SET.subarray(pos - blockStart, bitmapStop - blockStart));
       pos = bitmapStop;
       continue;
     }
@@ -167,7 +168,7 @@ async function* readLayout(
     const vDataEnd = Math.min(vEnd, virtualSize);
     if (vStart < vDataEnd) yield* readVirtual(image, extents, vStart, vDataEnd, READ_CHUNK_BYTES, buffers);
     const tail = vEnd - Math.max(vStart, vDataEnd);
-    if (tail > 0) yield zeroBuffer(tail);
+    if (tail > 0) buffers.giveBack(yield zeroBuffer(tail));
     pos = stop;
   }
 }
