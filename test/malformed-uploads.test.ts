@@ -9,8 +9,8 @@ import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { codecFor } from '../src/formats/index.js';
 import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
+import { codecDisk } from './helpers/images.js';
 import { prng, seededBytes, startServer, type TestServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -54,21 +54,6 @@ const MUTATIONS: Mutation[] = [
     return out;
   },
 ];
-
-/**
- * The disk an image describes, as its codec reads it from a whole file, at
- * the VDI's size: what an import must produce however its bytes arrived.
- */
-async function diskOf(file: string, format: string, size: number): Promise<string> {
-  const image = await codecFor(format).open(file);
-  try {
-    const disk = Buffer.alloc(size);
-    (await image.read(0, Math.min(size, image.virtualSize))).copy(disk);
-    return createHash('sha256').update(disk).digest('hex');
-  } finally {
-    await image.close();
-  }
-}
 
 describe('malformed images over HTTP', () => {
   let srv: TestServer;
@@ -127,7 +112,13 @@ describe('malformed images over HTTP', () => {
           // at the end: together exactly what the codec reads from the whole file.
           const file = path.join(dir, 'mutated');
           await fsp.writeFile(file, mutated);
-          assert.equal(expected, await diskOf(file, format, 8 * MiB), `case ${i}: the VDI holds the image`);
+          assert.equal(
+            expected,
+            createHash('sha256')
+              .update(await codecDisk(file, format, 8 * MiB))
+              .digest('hex'),
+            `case ${i}: the VDI holds the image`,
+          );
         } else {
           outcomes.refused++;
           assert.ok(res.status >= 400 && res.status < 500);

@@ -10,9 +10,9 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { codecFor } from '../src/formats/index.js';
 import { vhdChecksum } from '../src/formats/vhd/format.js';
 import { api, createVdi, curl, execFileP, sha256Url } from './helpers/api.js';
+import { codecDisk } from './helpers/images.js';
 import { prng, seededBytes, spawnServer, startServer, type TestServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -30,6 +30,24 @@ interface TransferJson {
   url: string;
   token: string;
   task_id: string;
+}
+
+/** `url` on the server at `base` (a restarted server listens elsewhere but keeps its sessions). */
+const at = (url: string, base: string) => url.replace(/^http:\/\/[^/]+/, base);
+
+async function openUpload(base: string, vdi: string, format: string, size: number) {
+  const res = await api<TransferJson>(base, 'POST', '/v1/transfers', {
+    vdi,
+    direction: 'upload',
+    format,
+    size,
+  });
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+  return { ...res.body, url: at(res.body.url, base) };
+}
+
+function finalize(base: string, t: TransferJson) {
+  return api<TaskJson>(base, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=60`);
 }
 
 /** Footer fields (VHD specification, "Hard Disk Footer Format"). */
@@ -179,15 +197,8 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
       const file = await qemuImage(`chunks.${format}`, ['-O', format === 'vhd' ? 'vpc' : 'qcow2']);
       const img = await fsp.readFile(file);
       const vdi = await createVdi(srv.url, 2 * SIZE);
-      const created = await api<TransferJson>(srv.url, 'POST', '/v1/transfers', {
-        vdi: vdi.id,
-        direction: 'upload',
-        format,
-        size: img.length,
-      });
-      assert.equal(created.status, 201);
-      const t = created.body;
-      const url = t.url.replace(/^http:\/\/[^/]+/, srv.url);
+      const t = await openUpload(srv.url, vdi.id, format, img.length);
+      const url = t.url;
       const CHUNK = 256 * 1024;
       const chunks: number[] = [];
       for (let s = 0; s < img.length; s += CHUNK) chunks.push(s);
@@ -219,11 +230,7 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
       };
       for (const s of chunks) await send(s);
       for (let i = 0; i < tail.length; i += 4) await Promise.all(tail.slice(i, i + 4).map(send));
-      const fin = await api<TaskJson>(
-        srv.url,
-        'POST',
-        `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=60`,
-      );
+      const fin = await finalize(srv.url, t);
       assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
       assert.ok((fin.body.result.bytes_streamed ?? 0) > 0, 'the in-order half streamed');
       assert.equal(sha256((await vdiBytes(vdi.id)).subarray(0, SIZE)), sha256(raw));
@@ -236,14 +243,8 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
     const file = await qemuImage('cancel.qcow2', ['-O', 'qcow2']);
     const img = await fsp.readFile(file);
     const vdi = await createVdi(srv.url, SIZE);
-    const created = await api<TransferJson>(srv.url, 'POST', '/v1/transfers', {
-      vdi: vdi.id,
-      direction: 'upload',
-      format: 'qcow2',
-      size: img.length,
-    });
-    const t = created.body;
-    const url = t.url.replace(/^http:\/\/[^/]+/, srv.url);
+    const t = await openUpload(srv.url, vdi.id, 'qcow2', img.length);
+    const url = t.url;
     const half = Math.floor(img.length / 2);
     const res = await fetch(url, {
       method: 'PUT',
@@ -294,14 +295,7 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
         for (const seed of [4, 7, 11]) {
           const rnd = prng(seed);
           const vdi = await createVdi(server.url, 2 * SIZE);
-          const t = (
-            await api<TransferJson>(server.url, 'POST', '/v1/transfers', {
-              vdi: vdi.id,
-              direction: 'upload',
-              format,
-              size: img.length,
-            })
-          ).body;
+          const t = await openUpload(server.url, vdi.id, format, img.length);
           const CHUNK = MiB;
           const order = [...Array(Math.ceil(img.length / CHUNK)).keys()].sort(() => rnd() - 0.5);
           const killAt = 1 + Math.floor(rnd() * (order.length - 2));
@@ -311,18 +305,14 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
               server = await spawnServer(dataDir);
             }
             const [s, e] = [k * CHUNK, Math.min(img.length, (k + 1) * CHUNK)];
-            const res = await fetch(t.url.replace(/^http:\/\/[^/]+/, server.url), {
+            const res = await fetch(at(t.url, server.url), {
               method: 'PUT',
               headers: { 'content-range': `bytes ${s}-${e - 1}/${img.length}` },
               body: new Uint8Array(img.subarray(s, e)),
             });
             assert.equal(res.status, 200, await res.text());
           }
-          const fin = await api<TaskJson>(
-            server.url,
-            'POST',
-            `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=60`,
-          );
+          const fin = await finalize(server.url, t);
           assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
           const disk = await curl([`${server.url}/v1/vdis/${vdi.id}/contents`]);
           assert.equal(
@@ -336,18 +326,6 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
         await fsp.rm(dataDir, { recursive: true, force: true });
       }
     });
-  }
-
-  /** What the codec reads from the whole file, at the VDI's size. */
-  async function codecDisk(file: string, format: 'vhd' | 'qcow2', size: number): Promise<Buffer> {
-    const image = await codecFor(format).open(file);
-    try {
-      const disk = Buffer.alloc(size);
-      (await image.read(0, Math.min(size, image.virtualSize))).copy(disk);
-      return disk;
-    } finally {
-      await image.close();
-    }
   }
 
   async function refusedUnchanged(vdiId: string, res: { status: number; body: TaskJson }, message: RegExp) {
@@ -450,15 +428,8 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
       }
     }
     const vdi = await createVdi(srv.url, SIZE);
-    const t = (
-      await api<TransferJson>(srv.url, 'POST', '/v1/transfers', {
-        vdi: vdi.id,
-        direction: 'upload',
-        format: 'qcow2',
-        size: good.length,
-      })
-    ).body;
-    const url = t.url.replace(/^http:\/\/[^/]+/, srv.url);
+    const t = await openUpload(srv.url, vdi.id, 'qcow2', good.length);
+    const url = t.url;
     const HALF = 2 * MiB;
     const tooLong = new ReadableStream({
       async start(c) {
@@ -485,11 +456,7 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
       });
       assert.equal(res.status, 200, await res.text());
     }
-    const fin = await api<TaskJson>(
-      srv.url,
-      'POST',
-      `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=60`,
-    );
+    const fin = await finalize(srv.url, t);
     assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
     assert.equal(sha256(await vdiBytes(vdi.id)), sha256(raw));
   });
@@ -540,15 +507,8 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
     let server = await spawnServer(dataDir);
     try {
       const vdi = await createVdi(server.url, 2 * SIZE);
-      const t = (
-        await api<TransferJson>(server.url, 'POST', '/v1/transfers', {
-          vdi: vdi.id,
-          direction: 'upload',
-          format: 'vhd',
-          size: img.length,
-        })
-      ).body;
-      const res = await fetch(t.url.replace(/^http:\/\/[^/]+/, server.url), {
+      const t = await openUpload(server.url, vdi.id, 'vhd', img.length);
+      const res = await fetch(at(t.url, server.url), {
         method: 'PUT',
         headers: { 'content-range': `bytes 0-${img.length - 1}/${img.length}` },
         body: new Uint8Array(img),
@@ -556,11 +516,7 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
       assert.equal(res.status, 200);
       await server.stop('SIGKILL');
       server = await spawnServer(dataDir);
-      const fin = await api<TaskJson>(
-        server.url,
-        'POST',
-        `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=60`,
-      );
+      const fin = await finalize(server.url, t);
       assert.equal(fin.body.status, 'failure', JSON.stringify(fin.body));
       assert.match(
         fin.body.error?.message ?? '',
