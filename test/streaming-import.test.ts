@@ -529,4 +529,82 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
       await fsp.rm(dataDir, { recursive: true, force: true });
     }
   });
+
+  test('a kill -9 after bytes streamed but before they counted: the other bytes sent after it win', async () => {
+    const file = await qemuImage('unrecorded.qcow2', ['-O', 'qcow2', '-o', 'cluster_size=4096']);
+    const good = await fsp.readFile(file);
+    // The first attempt carries other bytes in the data clusters of the second MiB.
+    const bad = Buffer.from(good);
+    const MASK = 0x00fffffffffffe00n;
+    const l1 = Number(good.readBigUInt64BE(40));
+    for (let i = 0; i < 8; i++) {
+      const table = Number(good.readBigUInt64BE(l1 + i * 8) & MASK);
+      for (let j = 0; table && j < 512; j++) {
+        const h = Number(good.readBigUInt64BE(table + j * 8) & MASK);
+        if (h >= MiB && h + 4096 <= 2 * MiB) bad.fill(0x5a, h, h + 4096);
+      }
+    }
+    const dataDir = await tempDir();
+    let server = await spawnServer(dataDir);
+    try {
+      const vdi = await createVdi(server.url, SIZE);
+      const t = await openUpload(server.url, vdi.id, 'qcow2', good.length);
+      const stalled = new ReadableStream({
+        async start(c) {
+          c.enqueue(new Uint8Array(bad.subarray(0, 2 * MiB)));
+          await sleep(60_000);
+        },
+      });
+      const first = fetch(t.url, {
+        method: 'PUT',
+        headers: { 'content-range': `bytes 0-${4 * MiB - 1}/${good.length}` },
+        body: stalled,
+        duplex: 'half',
+      } as RequestInit).catch((err) => err);
+      await sleep(400); // streamed, and not yet checkpointed (once a second)
+      await server.stop('SIGKILL');
+      await first;
+      server = await spawnServer(dataDir);
+      // The second MiB first, so it is staged rather than streamed again.
+      for (const [s, e] of [
+        [MiB, 2 * MiB],
+        [0, MiB],
+        [2 * MiB, good.length],
+      ]) {
+        const res = await fetch(at(t.url, server.url), {
+          method: 'PUT',
+          headers: { 'content-range': `bytes ${s}-${e - 1}/${good.length}` },
+          body: new Uint8Array(good.subarray(s, e)),
+        });
+        assert.equal(res.status, 200, await res.text());
+      }
+      const fin = await finalize(server.url, t);
+      assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
+      assert.equal(sha256(await curl([`${server.url}/v1/vdis/${vdi.id}/contents`])), sha256(raw));
+    } finally {
+      await server.stop();
+      await fsp.rm(dataDir, { recursive: true, force: true });
+    }
+  });
+
+  test('a chunked VHD upload (no length up front) is staged whole, since its last sector decides', async () => {
+    const file = await qemuImage('chunked.vhd', ['-O', 'vpc']);
+    const img = await fsp.readFile(file);
+    const vdi = await createVdi(srv.url, 2 * SIZE);
+    const body = new ReadableStream({
+      start(c) {
+        for (let s = 0; s < img.length; s += MiB) c.enqueue(new Uint8Array(img.subarray(s, s + MiB)));
+        c.close();
+      },
+    });
+    const res = await fetch(`${srv.url}/v1/vdis/${vdi.id}/contents?format=vhd`, {
+      method: 'PUT',
+      body,
+      duplex: 'half',
+    } as RequestInit);
+    const task = (await res.json()) as TaskJson;
+    assert.equal(res.status, 200, JSON.stringify(task));
+    assert.equal(task.result.bytes_streamed, 0);
+    assert.equal(sha256((await vdiBytes(vdi.id)).subarray(0, SIZE)), sha256(raw));
+  });
 });

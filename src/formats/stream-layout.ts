@@ -83,11 +83,12 @@ export abstract class StreamLayout {
   }
 
   /**
-   * Given the last 512 bytes of the complete file: throws when open() would
-   * read the disk otherwise than the pieces announced (say, a format whose
+   * Given the last 512 bytes of the complete file, and whether any announced
+   * data may actually have been placed: throws when open() would read the
+   * disk otherwise than the pieces announced (say, a format whose
    * authoritative header is at the end).
    */
-  verifyEnd(_lastSector: Buffer): void {}
+  verifyEnd(_lastSector: Buffer, _placed: boolean): void {}
 
   protected abstract nextNeed(): HostRange | null;
   protected abstract learnNeed(bytes: Buffer): void;

@@ -411,7 +411,10 @@ export class TransferService {
     const durable = !chunk.fresh;
     let handle: fsp.FileHandle | null = null;
     let streaming: StreamingImport | null = null;
-    const record = async (end: number) => {
+    // Records run one at a time (checkpoints and the end of the write), so
+    // `recorded` only grows and the catch below can wait for the last one.
+    let recording: Promise<void> = Promise.resolve();
+    const recordNow = async (end: number) => {
       if (end <= recorded || !handle) return;
       if (durable) {
         await handle.datasync();
@@ -421,6 +424,11 @@ export class TransferService {
       streaming?.recorded(end);
       recorded = end;
       this.persistProgress(live);
+    };
+    const record = (end: number): Promise<void> => {
+      const next = recording.then(() => recordNow(end));
+      recording = next.catch(() => {});
+      return next;
     };
     let checkpoints: NodeJS.Timeout | null = null;
     try {
@@ -483,7 +491,8 @@ export class TransferService {
         await record(start + progress.written).catch(() => {});
       }
       // Bytes that streamed into the disk but do not count as received will come again, maybe otherwise.
-      if (streaming && recorded < start + progress.written) await streaming.abandon();
+      await recording;
+      if (streaming?.hasUnrecorded()) await streaming.abandon();
       throw err;
     } finally {
       if (checkpoints) clearInterval(checkpoints);
@@ -573,6 +582,8 @@ export class TransferService {
       fileSize: t.size,
       destPath: destOf(t),
       diskSize: vdi.virtual_size,
+      stagingPath: t.staging_path,
+      received: live.ranges,
     }).catch((err) => {
       live.streaming = null;
       throw err;
@@ -896,15 +907,18 @@ export class TransferService {
     const epoch = Number(live.t.metadata?.[STREAM_EPOCH_KEY] ?? 0) + 1;
     live.t.metadata = { ...live.t.metadata, [STREAM_EPOCH_KEY]: String(epoch) };
     this.persistProgress(live);
-    const handle = await this.handleOf(live);
-    await handle.truncate(0);
-    await handle.truncate(live.t.format === 'raw' ? vdi.virtual_size : (size ?? 0));
-    await handle.datasync();
-    // The layout was learned for the old size and bytes: start it again.
-    const streaming = live.streaming;
+    const oldStreaming = live.streaming;
     live.streaming = null;
-    await streaming?.then((s) => s?.close()).catch(() => {});
-    if (oldDest) await fsp.rm(oldDest, { force: true });
+    try {
+      const handle = await this.handleOf(live);
+      await handle.truncate(0);
+      await handle.truncate(live.t.format === 'raw' ? vdi.virtual_size : (size ?? 0));
+      await handle.datasync();
+    } finally {
+      // The old epoch's disk and layout belong to bytes that no longer count.
+      await oldStreaming?.then((s) => s?.close()).catch(() => {});
+      if (oldDest) await fsp.rm(oldDest, { force: true });
+    }
     return live.t;
   }
 

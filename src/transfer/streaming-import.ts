@@ -140,6 +140,9 @@ export class StreamingImport {
     fileSize: number | null;
     destPath: string;
     diskSize: number;
+    /** The upload's staged image and what of it counts as received: to tidy a disk left by a crash. */
+    stagingPath: string;
+    received: RangeSet;
   }): Promise<StreamingImport | null> {
     const codec = codecFor(opts.format);
     if (!codec.streamLayout) return null;
@@ -151,6 +154,7 @@ export class StreamingImport {
       if (size !== opts.diskSize) await dest.truncate(opts.diskSize);
       // Its name must survive a power cut as long as the bytes streamed into it.
       if (!inherited) await fsyncDir(path.dirname(opts.destPath));
+      else await zeroUnrecorded(codec.streamLayout(opts.fileSize), dest, opts);
     } catch (err) {
       await dest.close();
       throw err;
@@ -191,6 +195,11 @@ export class StreamingImport {
 
   release(): void {
     this.owner = null;
+  }
+
+  /** Whether bytes streamed by the current claim are not (yet) recorded as received. */
+  hasUnrecorded(): boolean {
+    return this.unrecorded.length > 0;
   }
 
   /**
@@ -268,7 +277,14 @@ export class StreamingImport {
       writes.push(writeFully(this.dest, data.subarray(s, e), guest + s));
       written += e - s;
     });
-    await Promise.all(writes);
+    try {
+      await Promise.all(writes);
+    } catch (err) {
+      // Part of it may have landed; those bytes will be sent again, maybe otherwise.
+      await Promise.allSettled(writes);
+      await zeroRange(this.dest, guest, data.length).catch(() => {});
+      throw err;
+    }
     this.writeback.wrote(written);
     this.sunk.add(guest, guest + data.length);
     this.unrecorded.push({ hostEnd, guest: [guest, guest + data.length] });
@@ -278,21 +294,7 @@ export class StreamingImport {
 
   /** Feeds the layout every metadata range that has fully arrived, read back from staging. */
   private async learnReady(): Promise<void> {
-    if (this.owner) await this.learnFrom(this.owner, this.frontier);
-  }
-
-  /** Feeds the layout its needs that end by `limit`, read from `staging`. */
-  private async learnFrom(staging: FileHandle, limit: number): Promise<void> {
-    for (let need = this.layout.need(); need && need[1] <= limit; need = this.layout.need()) {
-      const bytes = Buffer.alloc(need[1] - need[0]);
-      let done = 0;
-      while (done < bytes.length) {
-        const { bytesRead } = await staging.read(bytes, done, bytes.length - done, need[0] + done);
-        if (bytesRead === 0) break; // past the staged length: zeros, as open() reads them too
-        done += bytesRead;
-      }
-      this.layout.learn(bytes);
-    }
+    if (this.owner) await learnFrom(this.layout, this.owner, this.frontier);
   }
 
   /**
@@ -361,9 +363,9 @@ export class StreamingImport {
     const h = await fsp.open(stagedPath, 'r');
     try {
       const size = (await h.stat()).size;
-      await this.learnFrom(h, size);
+      await learnFrom(this.layout, h, size);
       const { buffer } = await h.read(Buffer.alloc(512), 0, 512, Math.max(0, size - 512));
-      this.layout.verifyEnd(buffer);
+      this.layout.verifyEnd(buffer, this.streamed > 0 || this.sunkUnknown);
     } finally {
       await h.close();
     }
@@ -376,6 +378,47 @@ export class StreamingImport {
 }
 
 type FileHandle = fsp.FileHandle;
+
+/** Feeds `layout` its needs that end by `limit`, read from `staging`. */
+async function learnFrom(layout: StreamLayout, staging: FileHandle, limit: number): Promise<void> {
+  for (let need = layout.need(); need && need[1] <= limit; need = layout.need()) {
+    const bytes = Buffer.alloc(need[1] - need[0]);
+    let done = 0;
+    while (done < bytes.length) {
+      const { bytesRead } = await staging.read(bytes, done, bytes.length - done, need[0] + done);
+      if (bytesRead === 0) break; // past the staged length: zeros, as open() reads them too
+      done += bytesRead;
+    }
+    layout.learn(bytes);
+  }
+}
+
+/**
+ * A disk left by an earlier process may hold bytes that streamed in but
+ * were never recorded as received (a kill -9 between the two). They will be
+ * sent again, maybe otherwise, and a byte-wise overlay cannot undo a stale
+ * non-zero byte: zero every place the staged layout maps to bytes not
+ * received.
+ */
+async function zeroUnrecorded(
+  layout: StreamLayout,
+  dest: FileHandle,
+  opts: { stagingPath: string; received: RangeSet; diskSize: number },
+): Promise<void> {
+  const staging = await fsp.open(opts.stagingPath, 'r');
+  try {
+    await learnFrom(layout, staging, (await staging.stat()).size);
+  } finally {
+    await staging.close();
+  }
+  for (const piece of layout.take(0, Number.MAX_SAFE_INTEGER)) {
+    for (const [s, e] of opts.received.missing(piece.host, piece.host + piece.length)) {
+      const guest = piece.guest + (s - piece.host);
+      const end = Math.min(opts.diskSize, guest + (e - s));
+      if (end > guest) await zeroRange(dest, guest, end - guest);
+    }
+  }
+}
 
 async function writeFully(handle: FileHandle, buf: Buffer, position: number): Promise<void> {
   let done = 0;

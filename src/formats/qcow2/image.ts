@@ -173,10 +173,8 @@ export class Qcow2Image implements BlockImage {
       }
       return false;
     };
-    // Host clusters of plain data, and compressed byte ranges, checked once all
-    // tables are read: no two guest clusters may share storage.
-    const dataClusters = new GrowableArray();
-    const compressed = new GrowableArray();
+    // No two guest clusters may share storage (see HostClusters).
+    const storage = new HostClusters(fileSize, clusterSize);
     const validateTable = (table: Buffer, l1Index: number, l2Offset: number) => {
       const count = Math.min(this.l2Entries, this.guestClusters() - l1Index * this.l2Entries);
       for (let j = 0; j < count; j++) {
@@ -195,7 +193,7 @@ export class Qcow2Image implements BlockImage {
           if (overlapsMetadata(this.hostOffset, clusterSize)) {
             throw badEntry(j, l2Offset, `data cluster ${this.hostOffset} holds the L1 or an L2 table`);
           }
-          dataClusters.push(this.hostOffset);
+          storage.claimData(this.hostOffset, j, l2Offset);
         } else if (kind === KIND_COMPRESSED) {
           if (this.hostOffset < clusterSize || this.hostOffset >= fileSize) {
             throw badEntry(
@@ -211,9 +209,11 @@ export class Qcow2Image implements BlockImage {
               `compressed data at ${this.hostOffset} overlaps the L1 or an L2 table`,
             );
           }
-          compressed.push(
+          storage.claimCompressed(
             this.hostOffset,
             this.hostOffset + Math.min(this.compressedBytes, fileSize - this.hostOffset),
+            j,
+            l2Offset,
           );
         }
       }
@@ -252,7 +252,6 @@ export class Qcow2Image implements BlockImage {
         }
       }
     }
-    checkNoSharing(dataClusters.sorted(), compressed.values(), clusterSize);
   }
 
   private guestClusters(): number {
@@ -496,58 +495,59 @@ export class Qcow2Image implements BlockImage {
   }
 }
 
-/** A Float64Array that grows: millions of offsets without an object each. */
-class GrowableArray {
-  private data = new Float64Array(1024);
-  private length = 0;
+/**
+ * Which host clusters hold plain data, and which compressed data, one bit
+ * each (memory follows the file's size, not what its tables claim). qemu
+ * never lets two guest clusters of the active table share a host cluster,
+ * nor compressed data overlap a data cluster: such an image is corrupt (its
+ * refcounts cannot be right), and an import that places data as it streams
+ * in relies on each host byte belonging to one guest place.
+ */
+class HostClusters {
+  private readonly data: Uint8Array;
+  private readonly compressed: Uint8Array;
 
-  push(...values: number[]): void {
-    if (this.length + values.length > this.data.length) {
-      const bigger = new Float64Array(this.data.length * 2);
-      bigger.set(this.data);
-      this.data = bigger;
+  constructor(
+    fileSize: number,
+    private readonly clusterSize: number,
+  ) {
+    const bytes = Math.ceil(Math.ceil(fileSize / clusterSize) / 8);
+    this.data = new Uint8Array(bytes);
+    this.compressed = new Uint8Array(bytes);
+  }
+
+  claimData(hostOffset: number, j: number, l2Offset: number): void {
+    const c = hostOffset / this.clusterSize;
+    if (testBit(this.data, c)) {
+      throw badEntry(j, l2Offset, `data cluster ${hostOffset} is used by two guest clusters`);
     }
-    for (const v of values) this.data[this.length++] = v;
+    if (testBit(this.compressed, c)) {
+      throw badEntry(j, l2Offset, `data cluster ${hostOffset} overlaps compressed data`);
+    }
+    setBit(this.data, c);
   }
 
-  values(): Float64Array {
-    return this.data.subarray(0, this.length);
-  }
-
-  sorted(): Float64Array {
-    return this.values().sort();
+  claimCompressed(start: number, end: number, j: number, l2Offset: number): void {
+    for (let c = Math.floor(start / this.clusterSize); c * this.clusterSize < end; c++) {
+      if (testBit(this.data, c)) {
+        throw badEntry(
+          j,
+          l2Offset,
+          `compressed data at ${start} overlaps data cluster ${c * this.clusterSize}`,
+        );
+      }
+      setBit(this.compressed, c);
+    }
   }
 }
 
-/**
- * qemu never lets two guest clusters of the active table share a host
- * cluster, nor compressed data overlap a data cluster: such an image is
- * corrupt (its refcounts cannot be right), and an import that places data
- * as it streams in relies on each host byte belonging to one guest place.
- */
-function checkNoSharing(dataClusters: Float64Array, compressed: Float64Array, clusterSize: number): void {
-  for (let k = 1; k < dataClusters.length; k++) {
-    if (dataClusters[k] === dataClusters[k - 1]) {
-      throw malformed(`data cluster ${dataClusters[k]} is used by two guest clusters`);
-    }
-  }
-  for (let k = 0; k < compressed.length; k += 2) {
-    const [start, end] = [compressed[k], compressed[k + 1]];
-    // The last data cluster starting before `end`: does it reach past `start`?
-    let lo = 0;
-    let hi = dataClusters.length - 1;
-    let last = -1;
-    while (lo <= hi) {
-      const mid = (lo + hi) >> 1;
-      if (dataClusters[mid] < end) {
-        last = mid;
-        lo = mid + 1;
-      } else hi = mid - 1;
-    }
-    if (last >= 0 && dataClusters[last] + clusterSize > start) {
-      throw malformed(`compressed data at ${start} overlaps data cluster ${dataClusters[last]}`);
-    }
-  }
+// Division, not shifts: a large file of small clusters has more than 2^31 of them.
+function testBit(bits: Uint8Array, i: number): boolean {
+  return (bits[Math.floor(i / 8)] & (1 << (i % 8))) !== 0;
+}
+
+function setBit(bits: Uint8Array, i: number): void {
+  bits[Math.floor(i / 8)] |= 1 << (i % 8);
 }
 
 /** The host offset in an L1 entry or a standard L2 descriptor, from its two 32-bit words. */

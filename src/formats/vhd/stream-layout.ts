@@ -177,8 +177,8 @@ export class VhdStreamLayout extends StreamLayout {
    * Given the complete file's last sector: throws when open() would read
    * the disk otherwise than the pieces announced here.
    */
-  override verifyEnd(lastSector: Buffer): void {
-    if (!this.announcedAny) return; // nothing was placed by the copy at 0: open() decides alone
+  override verifyEnd(lastSector: Buffer, placed: boolean): void {
+    if (!placed || !this.announcedAny) return; // nothing was placed by the copy at 0: open() decides alone
     const tail = parseFooter(lastSector);
     if (!validFooter(tail)) return; // open() falls back to the copy at 0, or fails by itself
     if (this.fixed) {
