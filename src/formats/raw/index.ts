@@ -30,7 +30,9 @@ function* piecesOf(
     const e = extents[i];
     const stop = Math.min(end, e.start + e.length);
     while (pos < stop) {
-      const n = Math.min(chunkBytes, stop - pos);
+      // Cut at multiples of chunkBytes, so a serializer reading with its block
+      // size as chunkBytes never gets a piece spanning two blocks.
+      const n = Math.min(chunkBytes - (pos % chunkBytes), stop - pos);
       yield { offset: pos, length: n, zero: e.zero };
       pos += n;
     }

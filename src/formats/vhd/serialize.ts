@@ -33,7 +33,7 @@ import { createHash } from 'node:crypto';
 import { formatBytes, UnsupportedImageError } from '../../errors.js';
 import type { BlockImage, Extent } from '../../storage/block-image.js';
 import { zeroBuffer } from '../../storage/zero.js';
-import { READ_CHUNK_BYTES, ReadBuffers, readVirtual } from '../raw/index.js';
+import { ReadBuffers, readVirtual } from '../raw/index.js';
 import type { SerializedImage } from '../types.js';
 import {
   bitmapBytesOnDisk,
@@ -134,10 +134,10 @@ async function* readLayout(
   start: number,
   end: number,
 ): AsyncGenerator<Buffer, void, Buffer | undefined> {
-  const { head, footer, dataStart, blocks, virtualSize, size } = layout;
+  const { head, footer, dataStart, blocks, size } = layout;
   const footerStart = size - FOOTER_BYTES;
-  // One block per readVirtual: its buffers must outlive each call to be
-  // reused, and buffers handed back at our own yields (bitmaps) go to them too.
+  // Shared by every readVirtual of this read; buffers handed back at our own
+  // yields (bitmaps) go to them too.
   const buffers = new ReadBuffers();
   let pos = start;
   while (pos < end) {
@@ -152,24 +152,75 @@ async function* readLayout(
       pos = end;
       continue;
     }
-    const k = Math.floor((pos - dataStart) / BLOCK_STRIDE_BYTES);
-    const blockStart = dataStart + k * BLOCK_STRIDE_BYTES;
-    const stop = Math.min(end, blockStart + BLOCK_STRIDE_BYTES);
-    if (pos < blockStart + BITMAP_BYTES) {
-      const bitmapStop = Math.min(stop, blockStart + BITMAP_BYTES);
-      buffers.giveBack(yield BITMAP_ALL_SET.subarray(pos - blockStart, bitmapStop - blockStart));
-      pos = bitmapStop;
-      continue;
-    }
-    // Block data: disk bytes from the extents; past the disk's end (the last block) zeros.
-    const diskBase = blocks[k] * EXPORT_BLOCK_SIZE_BYTES - (blockStart + BITMAP_BYTES);
-    const vStart = pos + diskBase;
-    const vEnd = stop + diskBase;
-    const vDataEnd = Math.min(vEnd, virtualSize);
-    if (vStart < vDataEnd) yield* readVirtual(image, extents, vStart, vDataEnd, READ_CHUNK_BYTES, buffers);
-    const tail = vEnd - Math.max(vStart, vDataEnd);
-    if (tail > 0) buffers.giveBack(yield zeroBuffer(tail));
+    // A run of blocks that are consecutive in the disk too: one read of the disk serves it all.
+    const first = Math.floor((pos - dataStart) / BLOCK_STRIDE_BYTES);
+    let last = first;
+    while (last + 1 < blocks.length && blocks[last + 1] === blocks[last] + 1) last++;
+    const stop = Math.min(end, dataStart + (last + 1) * BLOCK_STRIDE_BYTES);
+    yield* readBlockRun(image, extents, layout, buffers, pos, stop);
     pos = stop;
+  }
+}
+
+/**
+ * Stream bytes [from, to) lying in emitted blocks that are consecutive in
+ * the disk: each block's bitmap, then its data. The data comes from one
+ * readVirtual over the whole guest range, in pieces cut at block boundaries,
+ * so the next block is read while this one is sent (a readVirtual per block
+ * would wait for the socket at every block).
+ */
+async function* readBlockRun(
+  image: BlockImage,
+  extents: readonly Extent[],
+  layout: VhdLayout,
+  buffers: ReadBuffers,
+  from: number,
+  to: number,
+): AsyncGenerator<Buffer, void, Buffer | undefined> {
+  const { dataStart, blocks, virtualSize } = layout;
+  const blockOf = (p: number) => Math.floor((p - dataStart) / BLOCK_STRIDE_BYTES);
+  // Guest range of the data in [from, to): the blocks are consecutive in the disk, so it is one range.
+  const fromIn = from - (dataStart + blockOf(from) * BLOCK_STRIDE_BYTES);
+  const guestFrom = blocks[blockOf(from)] * EXPORT_BLOCK_SIZE_BYTES + Math.max(0, fromIn - BITMAP_BYTES);
+  const lastIn = to - 1 - (dataStart + blockOf(to - 1) * BLOCK_STRIDE_BYTES);
+  const guestTo =
+    blocks[blockOf(to - 1)] * EXPORT_BLOCK_SIZE_BYTES +
+    (lastIn < BITMAP_BYTES ? 0 : lastIn - BITMAP_BYTES + 1);
+  const data = readVirtual(
+    image,
+    extents,
+    Math.min(guestFrom, virtualSize),
+    Math.min(guestTo, virtualSize),
+    EXPORT_BLOCK_SIZE_BYTES,
+    buffers,
+  );
+  try {
+    let pos = from;
+    while (pos < to) {
+      const k = Math.floor((pos - dataStart) / BLOCK_STRIDE_BYTES);
+      const blockStart = dataStart + k * BLOCK_STRIDE_BYTES;
+      const blockEnd = Math.min(to, blockStart + BLOCK_STRIDE_BYTES);
+      if (pos < blockStart + BITMAP_BYTES) {
+        const bitmapStop = Math.min(blockEnd, blockStart + BITMAP_BYTES);
+        buffers.giveBack(yield BITMAP_ALL_SET.subarray(pos - blockStart, bitmapStop - blockStart));
+        pos = bitmapStop;
+        continue;
+      }
+      const guest = blocks[k] * EXPORT_BLOCK_SIZE_BYTES + (pos - blockStart - BITMAP_BYTES);
+      if (guest >= virtualSize) {
+        // The last block reaches past the disk's end: zeros.
+        buffers.giveBack(yield zeroBuffer(blockEnd - pos));
+        pos = blockEnd;
+        continue;
+      }
+      // Pieces are cut at block boundaries, so one never spans two blocks.
+      const next = await data.next();
+      if (next.done) throw new Error(`VHD export: disk data ended at guest offset ${guest}`);
+      buffers.giveBack(yield next.value);
+      pos += next.value.length;
+    }
+  } finally {
+    await data.return(undefined);
   }
 }
 
