@@ -46,6 +46,16 @@ async function openUpload(base: string, vdi: string, format: string, size: numbe
   return { ...res.body, url: at(res.body.url, base) };
 }
 
+/** Sends bytes [s, e) of `img` as one chunk; it must be accepted. */
+async function putRange(url: string, img: Buffer, s: number, e: number): Promise<void> {
+  const res = await fetch(url, {
+    method: 'PUT',
+    headers: { 'content-range': `bytes ${s}-${e - 1}/${img.length}` },
+    body: new Uint8Array(img.subarray(s, e)),
+  });
+  assert.equal(res.status, 200, await res.text());
+}
+
 function finalize(base: string, t: TransferJson) {
   return api<TaskJson>(base, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=60`);
 }
@@ -221,12 +231,7 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
           assert.equal(res.status, 200, await res.text());
           return;
         }
-        const res = await fetch(url, {
-          method: 'PUT',
-          headers: { 'content-range': `bytes ${s}-${e - 1}/${img.length}` },
-          body: new Uint8Array(part),
-        });
-        assert.equal(res.status, 200, await res.text());
+        await putRange(url, img, s, e);
       };
       for (const s of chunks) await send(s);
       for (let i = 0; i < tail.length; i += 4) await Promise.all(tail.slice(i, i + 4).map(send));
@@ -305,12 +310,7 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
               server = await spawnServer(dataDir);
             }
             const [s, e] = [k * CHUNK, Math.min(img.length, (k + 1) * CHUNK)];
-            const res = await fetch(at(t.url, server.url), {
-              method: 'PUT',
-              headers: { 'content-range': `bytes ${s}-${e - 1}/${img.length}` },
-              body: new Uint8Array(img.subarray(s, e)),
-            });
-            assert.equal(res.status, 200, await res.text());
+            await putRange(at(t.url, server.url), img, s, e);
           }
           const fin = await finalize(server.url, t);
           assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
@@ -449,12 +449,7 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
     assert.equal(((await first.json()) as TaskJson).error?.code, 'CHUNK_TOO_LONG');
     for (let s = 0; s < good.length; s += HALF) {
       const e = Math.min(good.length, s + HALF);
-      const res = await fetch(url, {
-        method: 'PUT',
-        headers: { 'content-range': `bytes ${s}-${e - 1}/${good.length}` },
-        body: new Uint8Array(good.subarray(s, e)),
-      });
-      assert.equal(res.status, 200, await res.text());
+      await putRange(url, good, s, e);
     }
     const fin = await finalize(srv.url, t);
     assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
@@ -571,12 +566,7 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
         [0, MiB],
         [2 * MiB, good.length],
       ]) {
-        const res = await fetch(at(t.url, server.url), {
-          method: 'PUT',
-          headers: { 'content-range': `bytes ${s}-${e - 1}/${good.length}` },
-          body: new Uint8Array(good.subarray(s, e)),
-        });
-        assert.equal(res.status, 200, await res.text());
+        await putRange(at(t.url, server.url), good, s, e);
       }
       const fin = await finalize(server.url, t);
       assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
