@@ -10,6 +10,7 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { api, createVdi, curl, execFileP, sha256File, sha256Url } from './helpers/api.js';
 import {
   type ServerProcess,
@@ -274,6 +275,28 @@ describe('pull: diskport fetches the image itself', () => {
       ],
     );
     assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), await sha256File(b));
+  });
+
+  test('a vhd source that changes mid-way restarts from 0: the disk that streamed so far is thrown away', async () => {
+    const b = path.join(dir, 'other.vhd');
+    await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', path.join(dir, 'other.raw'), b]);
+    const served = files.serve('changing-vhd', source('vhd'), { cutAfter: 8 * MiB, cuts: 1 });
+    served.onCut = () => {
+      served.file = b;
+      served.etag = '"changing-vhd-2"';
+    };
+    const vdi = await createVdi(srv.url, VIRTUAL_SIZE);
+    const t = await pull({ vdi: vdi.id, format: 'vhd', source_url: `${files.base}/changing-vhd` });
+    const task = await waitTask(t.task_id);
+    assert.equal(task.status, 'success', JSON.stringify(task));
+    assert.equal(served.requests.length, 2, 'one cut, then the whole new file');
+    assert.equal(
+      await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`),
+      await sha256File(path.join(dir, 'other.raw')),
+    );
+    const staging = path.join(dir, 'data', 'srs', 'local', '.staging');
+    for (let i = 0; i < 40 && (await fsp.readdir(staging)).length; i++) await sleep(50);
+    assert.deepEqual(await fsp.readdir(staging), [], 'no disk of an earlier epoch is left behind');
   });
 
   test('a wrong checksum fails the task with CHECKSUM_MISMATCH and leaves the VDI unchanged', async () => {
