@@ -9,6 +9,7 @@ import { codecFor } from '../formats/index.js';
 import { readVirtual } from '../formats/raw/index.js';
 import type { SerializedImage } from '../formats/types.js';
 import type { BlockImage } from './block-image.js';
+import { writeFully } from './file-io.js';
 import { forEachDataRun } from './zero.js';
 
 export interface CopyProgress {
@@ -101,20 +102,6 @@ async function writeSparse(
     await Promise.resolve(next).catch(() => {});
     await it.return?.();
     throw err;
-  }
-}
-
-async function writeFully(
-  handle: fsp.FileHandle,
-  buf: Buffer,
-  offset: number,
-  length: number,
-  position: number,
-): Promise<void> {
-  let done = 0;
-  while (done < length) {
-    const { bytesWritten } = await handle.write(buf, offset + done, length - done, position + done);
-    done += bytesWritten;
   }
 }
 

@@ -124,8 +124,12 @@ interface Live {
 /** Bumped by each reset: names the disk a streaming import builds (see streamingDestPath). */
 const STREAM_EPOCH_KEY = 'diskport.stream-epoch';
 
+function epochOf(t: Transfer): number {
+  return Number(t.metadata?.[STREAM_EPOCH_KEY] ?? 0);
+}
+
 function destOf(t: Transfer): string {
-  return streamingDestPath(t.staging_path!, Number(t.metadata?.[STREAM_EPOCH_KEY] ?? 0));
+  return streamingDestPath(t.staging_path!, epochOf(t));
 }
 
 /** Marks the internal session of a one-shot PUT, which no client can resume. */
@@ -904,8 +908,7 @@ export class TransferService {
     const oldDest = live.t.staging_path ? destOf(live.t) : null;
     live.ranges = new RangeSet();
     live.t.size = size;
-    const epoch = Number(live.t.metadata?.[STREAM_EPOCH_KEY] ?? 0) + 1;
-    live.t.metadata = { ...live.t.metadata, [STREAM_EPOCH_KEY]: String(epoch) };
+    live.t.metadata = { ...live.t.metadata, [STREAM_EPOCH_KEY]: String(epochOf(live.t) + 1) };
     this.persistProgress(live);
     const oldStreaming = live.streaming;
     live.streaming = null;

@@ -34,6 +34,7 @@ import { readVirtual } from '../formats/raw/index.js';
 import type { StreamLayout } from '../formats/stream-layout.js';
 import type { BlockImage } from '../storage/block-image.js';
 import { type CopyProgress, EarlyWriteback, writeRawData } from '../storage/convert.js';
+import { readAt, writeFully } from '../storage/file-io.js';
 import { zeroRange } from '../storage/sparse.js';
 import { fsyncDir } from '../storage/vdis.js';
 import { forEachRun } from '../storage/zero.js';
@@ -274,7 +275,7 @@ export class StreamingImport {
         if (opts.punchZeros) writes.push(zeroRange(this.dest, guest + s, e - s));
         return;
       }
-      writes.push(writeFully(this.dest, data.subarray(s, e), guest + s));
+      writes.push(writeFully(this.dest, data, s, e - s, guest + s));
       written += e - s;
     });
     try {
@@ -346,9 +347,9 @@ export class StreamingImport {
       let pos = e.start;
       for await (const staged of readVirtual(disk, extents, e.start, e.start + e.length)) {
         progress.signal?.throwIfAborted();
-        const { buffer: merged } = await this.dest.read(Buffer.alloc(staged.length), 0, staged.length, pos);
+        const merged = await readAt(this.dest, Buffer.alloc(staged.length), pos);
         for (let i = 0; i < staged.length; i++) if (staged[i] !== 0) merged[i] = staged[i];
-        await writeFully(this.dest, merged, pos);
+        await writeFully(this.dest, merged, 0, merged.length, pos);
         this.writeback.wrote(staged.length);
         pos += staged.length;
       }
@@ -364,8 +365,8 @@ export class StreamingImport {
     try {
       const size = (await h.stat()).size;
       await learnFrom(this.layout, h, size);
-      const { buffer } = await h.read(Buffer.alloc(512), 0, 512, Math.max(0, size - 512));
-      this.layout.verifyEnd(buffer, this.streamed > 0 || this.sunkUnknown);
+      const lastSector = await readAt(h, Buffer.alloc(512), Math.max(0, size - 512));
+      this.layout.verifyEnd(lastSector, this.streamed > 0 || this.sunkUnknown);
     } finally {
       await h.close();
     }
@@ -382,14 +383,8 @@ type FileHandle = fsp.FileHandle;
 /** Feeds `layout` its needs that end by `limit`, read from `staging`. */
 async function learnFrom(layout: StreamLayout, staging: FileHandle, limit: number): Promise<void> {
   for (let need = layout.need(); need && need[1] <= limit; need = layout.need()) {
-    const bytes = Buffer.alloc(need[1] - need[0]);
-    let done = 0;
-    while (done < bytes.length) {
-      const { bytesRead } = await staging.read(bytes, done, bytes.length - done, need[0] + done);
-      if (bytesRead === 0) break; // past the staged length: zeros, as open() reads them too
-      done += bytesRead;
-    }
-    layout.learn(bytes);
+    // Past the staged length: zeros, as open() reads them too.
+    layout.learn(await readAt(staging, Buffer.alloc(need[1] - need[0]), need[0]));
   }
 }
 
@@ -403,8 +398,10 @@ async function learnFrom(layout: StreamLayout, staging: FileHandle, limit: numbe
 async function zeroUnrecorded(
   layout: StreamLayout,
   dest: FileHandle,
-  opts: { stagingPath: string; received: RangeSet; diskSize: number },
+  opts: { stagingPath: string; received: RangeSet; diskSize: number; fileSize: number | null },
 ): Promise<void> {
+  // Everything arrived (a finalize run again after a restart): nothing is stale.
+  if (opts.fileSize !== null && opts.received.covers(0, opts.fileSize)) return;
   const staging = await fsp.open(opts.stagingPath, 'r');
   try {
     await learnFrom(layout, staging, (await staging.stat()).size);
@@ -417,13 +414,5 @@ async function zeroUnrecorded(
       const end = Math.min(opts.diskSize, guest + (e - s));
       if (end > guest) await zeroRange(dest, guest, end - guest);
     }
-  }
-}
-
-async function writeFully(handle: FileHandle, buf: Buffer, position: number): Promise<void> {
-  let done = 0;
-  while (done < buf.length) {
-    const { bytesWritten } = await handle.write(buf, done, buf.length - done, position + done);
-    done += bytesWritten;
   }
 }

@@ -24,6 +24,7 @@ import { promises as fsp } from 'node:fs';
 import { inflateRawSync, constants as zlibConstants } from 'node:zlib';
 import { MalformedImageError } from '../../errors.js';
 import { type BlockImage, type Extent, mergeExtents } from '../../storage/block-image.js';
+import { readAt } from '../../storage/file-io.js';
 import { parseHeader, peekClusterBits, type Qcow2Header, V2_HEADER_LENGTH_BYTES } from './header.js';
 
 /** Upper bound on the bytes of L2 tables kept in memory per open image. */
@@ -564,21 +565,4 @@ export function plainDataOffset(hi: number, lo: number): number {
   if (hi & HI_COMPRESSED || lo & 1) return -1;
   const offset = descriptorOffset(hi, lo);
   return offset === 0 ? -1 : offset;
-}
-
-/**
- * Fills `buf` from the file at `offset`; bytes past the end of the file read
- * as zeros (qemu does the same for a data cluster cut short by the file's end).
- */
-async function readAt(handle: fsp.FileHandle, buf: Buffer, offset: number): Promise<Buffer> {
-  let done = 0;
-  while (done < buf.length) {
-    const { bytesRead } = await handle.read(buf, done, buf.length - done, offset + done);
-    if (bytesRead === 0) {
-      buf.fill(0, done);
-      break;
-    }
-    done += bytesRead;
-  }
-  return buf;
 }

@@ -1,0 +1,35 @@
+/** Whole reads and writes at a position: a pread or pwrite may move fewer bytes than asked. */
+import type { promises as fsp } from 'node:fs';
+
+/**
+ * Fills `buf` from the file at `offset`; bytes past the end of the file read
+ * as zeros (as qemu reads a qcow2 cluster cut short by the file's end, and as
+ * a staged upload reads where its bytes have not been written).
+ */
+export async function readAt(handle: fsp.FileHandle, buf: Buffer, offset: number): Promise<Buffer> {
+  let done = 0;
+  while (done < buf.length) {
+    const { bytesRead } = await handle.read(buf, done, buf.length - done, offset + done);
+    if (bytesRead === 0) {
+      buf.fill(0, done);
+      break;
+    }
+    done += bytesRead;
+  }
+  return buf;
+}
+
+/** Writes buf[offset, offset + length) at `position`, however many writes it takes. */
+export async function writeFully(
+  handle: fsp.FileHandle,
+  buf: Buffer,
+  offset: number,
+  length: number,
+  position: number,
+): Promise<void> {
+  let done = 0;
+  while (done < length) {
+    const { bytesWritten } = await handle.write(buf, offset + done, length - done, position + done);
+    done += bytesWritten;
+  }
+}
