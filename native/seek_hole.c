@@ -1,17 +1,21 @@
 /*
- * lseek(SEEK_DATA / SEEK_HOLE) and fallocate(PUNCH_HOLE) for Node.
+ * lseek(SEEK_DATA / SEEK_HOLE), fallocate(PUNCH_HOLE), posix_fadvise and
+ * aligned buffers (for O_DIRECT) for Node.
  *
  * Node's fs has no way to ask the file system where a sparse file's holes are,
  * and no npm package offers it. Without it, every export of a 2 TiB raw disk
- * would have to read 2 TiB of zeros. This addon exposes the two lseek whences
- * and nothing else; it is synchronous because both calls only consult the
- * file system's extent tree (no data I/O) and return in microseconds.
+ * would have to read 2 TiB of zeros. The two lseek whences are synchronous
+ * because both only consult the file system's extent tree (no data I/O) and
+ * return in microseconds.
  * punchHole turns a range back into a hole: a resumable upload uses it to
  * make zeros really zero where an earlier, discarded chunk wrote bytes.
+ * alignedBuffer gives the memory O_DIRECT writes need (Node's Buffers are
+ * only malloc-aligned); see src/storage/direct-writer.ts.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <node_api.h>
@@ -99,14 +103,49 @@ static napi_value drop_cache(napi_env env, napi_callback_info info) {
   return result;
 }
 
+static void free_aligned(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  free(data);
+}
+
+/* alignedBuffer(size, alignment): a Buffer whose memory starts at a multiple
+ * of `alignment`, as O_DIRECT I/O requires of its buffers. Node allocates
+ * Buffers where malloc does (16-byte aligned at best). */
+static napi_value aligned_buffer(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t size, alignment;
+  if (argc < 2 || napi_get_value_int64(env, argv[0], &size) != napi_ok ||
+      napi_get_value_int64(env, argv[1], &alignment) != napi_ok || size <= 0 || alignment <= 0) {
+    napi_throw_type_error(env, NULL, "expected (size, alignment), both positive");
+    return NULL;
+  }
+  void *mem = NULL;
+  int err = posix_memalign(&mem, (size_t)alignment, (size_t)size);
+  if (err != 0) {
+    napi_throw_error(env, "EALLOC", strerror(err));
+    return NULL;
+  }
+  napi_value result;
+  if (napi_create_external_buffer(env, (size_t)size, mem, free_aligned, NULL, &result) != napi_ok) {
+    free(mem);
+    napi_throw_error(env, "EALLOC", "could not wrap the aligned memory in a Buffer");
+    return NULL;
+  }
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
       {"dropCache", NULL, drop_cache, NULL, NULL, NULL, napi_default, NULL},
+      {"alignedBuffer", NULL, aligned_buffer, NULL, NULL, NULL, napi_default, NULL},
   };
-  napi_define_properties(env, exports, 4, props);
+  napi_define_properties(env, exports, 5, props);
   return exports;
 }
 

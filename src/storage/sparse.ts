@@ -12,30 +12,9 @@
 
 import { promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { createRequire } from 'node:module';
 import { type Extent, mergeExtents } from './block-image.js';
+import { addon } from './native.js';
 import { ZEROS } from './zero.js';
-
-interface SeekAddon {
-  seekData(fd: number, offset: number): number;
-  seekHole(fd: number, offset: number): number;
-  punchHole(fd: number, offset: number, length: number): boolean;
-  dropCache(fd: number): boolean;
-}
-
-function loadAddon(): SeekAddon | null {
-  const require = createRequire(import.meta.url);
-  for (const candidate of ['../../build/Release/seek_hole.node', '../../../build/Release/seek_hole.node']) {
-    try {
-      return require(candidate) as SeekAddon;
-    } catch {
-      // try the next layout (src/ under tsx, dist/ when built)
-    }
-  }
-  return null;
-}
-
-const addon = loadAddon();
 
 export const sparseSupported = addon !== null;
 

@@ -34,6 +34,7 @@ import { readVirtual } from '../formats/raw/index.js';
 import type { StreamLayout } from '../formats/stream-layout.js';
 import type { BlockImage } from '../storage/block-image.js';
 import { type CopyProgress, EarlyWriteback, writeRawData } from '../storage/convert.js';
+import { DirectWriter } from '../storage/direct-writer.js';
 import { readAt, writeFully } from '../storage/file-io.js';
 import { zeroRange } from '../storage/sparse.js';
 import { fsyncDir } from '../storage/vdis.js';
@@ -123,6 +124,8 @@ export class StreamingImport {
   private constructor(
     private readonly layout: StreamLayout,
     private readonly dest: fsp.FileHandle,
+    /** Streamed data goes through it: gathered, and past the page cache. */
+    private readonly writer: DirectWriter,
     readonly destPath: string,
     private readonly diskSize: number,
     /** `dest` holds streamed bytes that `sunk` does not list (left by an earlier process). */
@@ -149,6 +152,7 @@ export class StreamingImport {
     if (!codec.streamLayout) return null;
     const dest = await fsp.open(opts.destPath, constants.O_RDWR | constants.O_CREAT);
     let inherited: boolean;
+    let writer: DirectWriter;
     try {
       const size = (await dest.stat()).size;
       inherited = size > 0;
@@ -156,6 +160,7 @@ export class StreamingImport {
       // Its name must survive a power cut as long as the bytes streamed into it.
       if (!inherited) await fsyncDir(path.dirname(opts.destPath));
       else await zeroUnrecorded(codec.streamLayout(opts.fileSize), dest, opts);
+      writer = await DirectWriter.open(opts.destPath, dest);
     } catch (err) {
       await dest.close();
       throw err;
@@ -163,6 +168,7 @@ export class StreamingImport {
     return new StreamingImport(
       codec.streamLayout(opts.fileSize),
       dest,
+      writer,
       opts.destPath,
       opts.diskSize,
       inherited,
@@ -213,6 +219,8 @@ export class StreamingImport {
     this.layout.disable();
     this.owner = null;
     this.sunkUnknown = true;
+    // Bytes still gathered belong to unrecorded ranges: dropped, then zeroed with the rest.
+    await this.writer.discard();
     for (const { guest } of this.unrecorded.splice(0))
       await zeroRange(this.dest, guest[0], guest[1] - guest[0]);
   }
@@ -272,10 +280,10 @@ export class StreamingImport {
     let written = 0;
     forEachRun(data, data.length, guest, (s, e, zero) => {
       if (zero) {
-        if (opts.punchZeros) writes.push(zeroRange(this.dest, guest + s, e - s));
+        if (opts.punchZeros) writes.push(this.writer.zero(guest + s, e - s));
         return;
       }
-      writes.push(writeFully(this.dest, data, s, e - s, guest + s));
+      writes.push(this.writer.write(data.subarray(s, e), guest + s));
       written += e - s;
     });
     try {
@@ -283,6 +291,7 @@ export class StreamingImport {
     } catch (err) {
       // Part of it may have landed; those bytes will be sent again, maybe otherwise.
       await Promise.allSettled(writes);
+      await this.writer.discard();
       await zeroRange(this.dest, guest, data.length).catch(() => {});
       throw err;
     }
@@ -303,6 +312,7 @@ export class StreamingImport {
    * file's fdatasync, before received ranges are recorded).
    */
   async sync(): Promise<void> {
+    await this.writer.flush();
     await this.writeback.settle();
     await this.dest.datasync();
   }
@@ -323,6 +333,7 @@ export class StreamingImport {
     staged: { path: string; virtualSize: number },
     progress: CopyProgress,
   ): Promise<void> {
+    await this.writer.flush();
     await this.checkLayout(staged.path);
     if (this.sunkUnknown) await this.overlay(disk, progress);
     else await writeRawData(disk, this.dest, this.writeback, progress, this.sunk.complement());
@@ -373,6 +384,7 @@ export class StreamingImport {
   }
 
   async close(): Promise<void> {
+    await this.writer.close();
     await this.writeback.settle().catch(() => {});
     await this.dest.close().catch(() => {});
   }

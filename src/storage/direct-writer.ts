@@ -1,0 +1,202 @@
+/**
+ * Writes pieces of data into a file through O_DIRECT, gathered in aligned
+ * buffers: the disk sees few large writes, and the page cache none of it.
+ *
+ * Why: a buffered write of a page the file never had costs the kernel an
+ * allocation, a clear and a copy, and the final fsync then writes it all out
+ * while nothing else runs. On the reference VM, 2 GiB written with 1 MiB
+ * pwrites cost 1.6-3.6 CPU seconds of page-cache work and took 2.1-4.3 s with
+ * the fsync; with O_DIRECT, 0.1-0.2 CPU seconds and 0.9-1.3 s, on the disk
+ * when the writes return. An import writes data that nobody reads back soon,
+ * so caching it only evicts what others use. ovirt-imageio's file backend
+ * and xapi's sparse_dd write disks with O_DIRECT for the same reasons.
+ *
+ * O_DIRECT wants the memory, file offset and length of every write aligned
+ * to the device's block size: DIRECT_ALIGN (a page) covers 512-byte and 4 KiB
+ * sector disks alike. Pieces are copied into a DIRECT_ALIGN-aligned buffer at
+ * their place in the file. Whole blocks go out direct; a block the writer
+ * holds only part of (the first and last of a contiguous run) is written
+ * through the ordinary descriptor, with exactly the bytes given, so a writer
+ * never touches a byte it was not given. Linux keeps the two paths coherent:
+ * a direct write first writes back and drops cached pages in its range.
+ *
+ * Where the file system refuses O_DIRECT (or the addon that aligns memory is
+ * not built), every write goes through the ordinary descriptor, still
+ * gathered: slower, never wrong.
+ */
+import { constants, promises as fsp } from 'node:fs';
+import { writeFully } from './file-io.js';
+import { addon } from './native.js';
+import { zeroRange } from './sparse.js';
+
+/** Alignment of every direct write: memory, file offset and length. */
+export const DIRECT_ALIGN = 4096;
+
+/** Bytes gathered before a write; two such buffers, one filling while the other is written. */
+export const DIRECT_BUFFER_BYTES = 4 * 1024 * 1024;
+
+const alignDown = (n: number) => n - (n % DIRECT_ALIGN);
+const alignUp = (n: number) => alignDown(n + DIRECT_ALIGN - 1);
+
+type FileHandle = fsp.FileHandle;
+
+export class DirectWriter {
+  private pending: Buffer | null = null;
+  private spare: Buffer | null = null;
+  /** File offset of pending[0], aligned; the bytes given are [start, end). */
+  private base = 0;
+  private start = 0;
+  private end = 0;
+  /** The one write in flight and the file range it covers. */
+  private inFlight: Promise<void> = Promise.resolve();
+  private flying: [number, number] = [0, 0];
+  private failure: unknown = null;
+  /** Calls run one after another, in the order made, whoever makes them. */
+  private queue: Promise<unknown> = Promise.resolve();
+
+  private constructor(
+    private readonly handle: FileHandle,
+    private direct: FileHandle | null,
+  ) {}
+
+  /**
+   * A writer into the file at `path`, already open as `handle` (which stays
+   * the caller's). `direct: false` writes through `handle` only.
+   */
+  static async open(
+    path: string,
+    handle: FileHandle,
+    opts: { direct?: boolean } = {},
+  ): Promise<DirectWriter> {
+    let direct: FileHandle | null = null;
+    if (opts.direct !== false && addon && constants.O_DIRECT) {
+      // EINVAL: the file system has no O_DIRECT (some FUSE and network mounts).
+      direct = await fsp.open(path, constants.O_WRONLY | constants.O_DIRECT).catch(() => null);
+    }
+    return new DirectWriter(handle, direct);
+  }
+
+  /** Whether whole blocks bypass the page cache. */
+  get isDirect(): boolean {
+    return this.direct !== null;
+  }
+
+  /**
+   * Takes `data` for file range [position, position + data.length). It is
+   * copied before this resolves (the caller may reuse `data`), but may reach
+   * the file only at a later write, `flush()` or `close()`. A failed write
+   * is thrown by the next call.
+   */
+  write(data: Buffer, position: number): Promise<void> {
+    return this.serially(() => this.take(data, position));
+  }
+
+  /** Makes [position, position + length) read as zeros, after anything given earlier for it. */
+  zero(position: number, length: number): Promise<void> {
+    return this.serially(async () => {
+      const overlaps = (s: number, e: number) => s < position + length && position < e;
+      if (overlaps(this.start, this.end)) await this.drain();
+      else if (overlaps(...this.flying)) await this.inFlight;
+      this.throwIfFailed();
+      await zeroRange(this.handle, position, length);
+    });
+  }
+
+  /** Every byte given so far is in the file (written, not yet durable: fdatasync the file for that). */
+  flush(): Promise<void> {
+    return this.serially(() => this.drain());
+  }
+
+  /** Waits for the write in flight and drops what was not written yet, and any failure. */
+  discard(): Promise<void> {
+    return this.serially(async () => {
+      await this.inFlight;
+      this.start = this.end = 0;
+      this.failure = null;
+    });
+  }
+
+  /** Drops what was not written; closes the direct descriptor (never the caller's). */
+  async close(): Promise<void> {
+    await this.discard();
+    this.pending = this.spare = null;
+    await this.direct?.close().catch(() => {});
+    this.direct = null;
+  }
+
+  private serially<T>(op: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(op);
+    this.queue = run.catch(() => {});
+    return run;
+  }
+
+  private async take(data: Buffer, position: number): Promise<void> {
+    this.throwIfFailed();
+    if (this.end > this.start && position !== this.end) await this.submit();
+    let pos = 0;
+    while (pos < data.length) {
+      if (!this.pending) this.pending = alignedBuffer();
+      if (this.end === this.start) {
+        this.start = this.end = position + pos;
+        this.base = alignDown(this.start);
+      }
+      const n = Math.min(this.base + this.pending.length - this.end, data.length - pos);
+      data.copy(this.pending, this.end - this.base, pos, pos + n);
+      this.end += n;
+      pos += n;
+      if (this.end === this.base + this.pending.length) await this.submit();
+    }
+  }
+
+  private async drain(): Promise<void> {
+    if (this.end > this.start) await this.submit();
+    await this.inFlight;
+    this.throwIfFailed();
+  }
+
+  /** Starts the write of the pending bytes once the write in flight is done; the next bytes go to the other buffer. */
+  private async submit(): Promise<void> {
+    await this.inFlight;
+    this.throwIfFailed();
+    const [buf, base, start, end] = [this.pending!, this.base, this.start, this.end];
+    this.flying = [start, end];
+    this.inFlight = this.writeOut(buf, base, start, end).catch((err) => {
+      this.failure = err;
+    });
+    [this.pending, this.spare] = [this.spare, buf];
+    this.start = this.end = 0;
+  }
+
+  private async writeOut(buf: Buffer, base: number, start: number, end: number): Promise<void> {
+    const [a, b] = [alignUp(start), alignDown(end)];
+    const buffered = (s: number, e: number) => writeFully(this.handle, buf, s - base, e - s, s);
+    if (!this.direct || b <= a) return buffered(start, end);
+    const writes = [this.writeDirect(buf, base, a, b)];
+    if (start < a) writes.push(buffered(start, a));
+    if (b < end) writes.push(buffered(b, end));
+    await Promise.all(writes);
+  }
+
+  private async writeDirect(buf: Buffer, base: number, start: number, end: number): Promise<void> {
+    try {
+      await writeFully(this.direct!, buf, start - base, end - start, start);
+    } catch (err) {
+      // EINVAL: the device wants a larger alignment than DIRECT_ALIGN. Go on without O_DIRECT.
+      if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+      await this.direct?.close().catch(() => {});
+      this.direct = null;
+      await writeFully(this.handle, buf, start - base, end - start, start);
+    }
+  }
+
+  private throwIfFailed(): void {
+    if (this.failure) throw this.failure;
+  }
+}
+
+/** A DIRECT_BUFFER_BYTES buffer aligned for O_DIRECT (plain where the addon is missing: then nothing is direct). */
+function alignedBuffer(): Buffer {
+  return addon
+    ? addon.alignedBuffer(DIRECT_BUFFER_BYTES, DIRECT_ALIGN)
+    : Buffer.allocUnsafe(DIRECT_BUFFER_BYTES);
+}

@@ -1,0 +1,144 @@
+/**
+ * DirectWriter's contract, on real files, with O_DIRECT and without: after
+ * flush() the file holds exactly the bytes given, at their places, later
+ * ones over earlier ones; a byte never given keeps what the file had.
+ */
+import assert from 'node:assert/strict';
+import { constants, promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { DIRECT_ALIGN, DIRECT_BUFFER_BYTES, DirectWriter } from '../src/storage/direct-writer.js';
+import { sparseSupported } from '../src/storage/sparse.js';
+import { prng, seededBytes } from './helpers/random.js';
+import { tempDir } from './helpers/server.js';
+
+const MiB = 1024 * 1024;
+const FILE_BYTES = 3 * DIRECT_BUFFER_BYTES + 5 * DIRECT_ALIGN;
+/** What the file holds before a test writes: every byte a writer must not touch keeps it. */
+const BACKGROUND = 0xa5;
+
+let dir: string;
+let file = 0;
+
+/** A file of FILE_BYTES filled with BACKGROUND, open read-write, and the model of its bytes. */
+async function freshFile() {
+  const name = path.join(dir, `f${file++}`);
+  await fsp.writeFile(name, Buffer.alloc(FILE_BYTES, BACKGROUND));
+  return { name, handle: await fsp.open(name, 'r+'), model: Buffer.alloc(FILE_BYTES, BACKGROUND) };
+}
+
+/** Whether this file system takes O_DIRECT at all (then the writer must use it). */
+async function directPossible(name: string): Promise<boolean> {
+  const h = await fsp.open(name, constants.O_WRONLY | constants.O_DIRECT).catch(() => null);
+  await h?.close();
+  return h !== null && sparseSupported;
+}
+
+describe('DirectWriter', () => {
+  before(async () => {
+    dir = await tempDir('diskport-direct-');
+  });
+  after(async () => {
+    await fsp.rm(dir, { recursive: true, force: true });
+  });
+
+  for (const direct of [true, false]) {
+    const mode = direct ? 'with O_DIRECT' : 'through the page cache';
+
+    test(`${mode}: 300 seeded writes and zeroings, runs and jumps, land exactly as given`, async () => {
+      const { name, handle, model } = await freshFile();
+      const writer = await DirectWriter.open(name, handle, { direct });
+      assert.equal(writer.isDirect, direct && (await directPossible(name)));
+      const rnd = prng(direct ? 7 : 8);
+      const pick = (n: number) => Math.floor(rnd() * n);
+      let pos = pick(FILE_BYTES);
+      try {
+        for (let i = 0; i < 300; i++) {
+          // Mostly runs that continue the last write, as a stream gives them; sometimes a jump.
+          if (rnd() < 0.25)
+            pos = rnd() < 0.5 ? pick(FILE_BYTES) : pick(FILE_BYTES / DIRECT_ALIGN) * DIRECT_ALIGN;
+          const length = Math.min(
+            FILE_BYTES - pos,
+            rnd() < 0.1 ? pick(2 * DIRECT_BUFFER_BYTES) : pick(96 * 1024) + 1,
+          );
+          if (rnd() < 0.1) {
+            // Zeros after a write, or over it while it may still be gathered.
+            const at = rnd() < 0.5 ? pos : Math.max(0, pos - pick(64 * 1024));
+            await writer.zero(at, length);
+            model.fill(0, at, at + length);
+          } else {
+            const data = seededBytes(length, i);
+            await writer.write(data, pos);
+            // The writer copied it: the caller may reuse its buffer at once.
+            data.copy(model, pos);
+            data.fill(0xee);
+          }
+          pos = (pos + length) % FILE_BYTES;
+        }
+        await writer.flush();
+        assert.ok((await fsp.readFile(name)).equals(model), 'the file is what was given, and nothing else');
+      } finally {
+        await writer.close();
+        await handle.close();
+      }
+    });
+
+    test(`${mode}: writes made without waiting land in the order made`, async () => {
+      const { name, handle, model } = await freshFile();
+      const writer = await DirectWriter.open(name, handle, { direct });
+      const writes: Promise<void>[] = [];
+      for (let i = 0; i < 40; i++) {
+        // Overlapping pieces, each 100 KiB past the last start: the later one must win.
+        const at = 512 + i * 100 * 1024;
+        const data = seededBytes(300 * 1024, 100 + i);
+        writes.push(writer.write(data, at));
+        data.copy(model, at);
+      }
+      // Over the last piece, still gathered and not written: the zeros must come after it.
+      const zeroAt = 512 + 39 * 100 * 1024 + 7;
+      writes.push(writer.zero(zeroAt, 3 * DIRECT_ALIGN));
+      model.fill(0, zeroAt, zeroAt + 3 * DIRECT_ALIGN);
+      await Promise.all(writes);
+      await writer.flush();
+      assert.ok((await fsp.readFile(name)).equals(model));
+      await writer.close();
+      await handle.close();
+    });
+  }
+
+  test('discard() drops what was given but not yet written', async () => {
+    const { name, handle, model } = await freshFile();
+    const writer = await DirectWriter.open(name, handle);
+    await writer.write(seededBytes(DIRECT_ALIGN + 100, 1), 3 * DIRECT_ALIGN + 10);
+    await writer.discard();
+    await writer.flush();
+    assert.ok((await fsp.readFile(name)).equals(model), 'nothing reached the file');
+    // The writer goes on as new.
+    const data = seededBytes(2 * MiB, 2);
+    await writer.write(data, MiB + 3);
+    await writer.flush();
+    data.copy(model, MiB + 3);
+    assert.ok((await fsp.readFile(name)).equals(model));
+    await writer.close();
+    await handle.close();
+  });
+
+  test('a failed write is thrown by the next call, and discard() clears it', async () => {
+    const { name, handle: rw, model } = await freshFile();
+    await rw.close();
+    // The caller's descriptor is read-only: the unaligned edges that go through it fail (EBADF).
+    const handle = await fsp.open(name, 'r');
+    const writer = await DirectWriter.open(name, handle);
+    await writer.write(seededBytes(2 * DIRECT_ALIGN, 3), DIRECT_ALIGN / 2);
+    await assert.rejects(writer.flush(), { code: 'EBADF' });
+    await assert.rejects(writer.write(Buffer.alloc(1), 0), { code: 'EBADF' });
+    await writer.discard();
+    await writer.flush();
+    await writer.close();
+    await handle.close();
+    // Only aligned whole blocks could have landed (with O_DIRECT); every other byte is untouched.
+    const got = await fsp.readFile(name);
+    assert.ok(got.subarray(0, DIRECT_ALIGN).equals(model.subarray(0, DIRECT_ALIGN)));
+    assert.ok(got.subarray(2 * DIRECT_ALIGN).equals(model.subarray(2 * DIRECT_ALIGN)));
+  });
+});
