@@ -4,6 +4,7 @@
  *   PUT  -> req.pipe(fs.createWriteStream(file))   (default options)
  *   GET  -> fs.createReadStream(file).pipe(res)    (default options)
  * Usage: node pipe-server.mjs PORT FILE
+ * GET ?file=PATH serves PATH instead of FILE (a benchmark's other inputs).
  *
  * Two references that price what diskport's import promises on top:
  *   PUT ?fsync=1    fsync the file before answering (durability)
@@ -53,11 +54,12 @@ const server = http.createServer((req, res) => {
     });
     req.pipe(out);
   } else if (req.method === 'GET') {
-    fs.stat(file, (err, st) => {
+    const source = new URL(req.url, 'http://x').searchParams.get('file') ?? file;
+    fs.stat(source, (err, st) => {
       if (err) return answer(err);
       res.setHeader('Content-Length', st.size);
       res.setHeader('Content-Type', 'application/octet-stream');
-      fs.createReadStream(file).pipe(res);
+      fs.createReadStream(source).pipe(res);
     });
   } else {
     answer(null, 405);

@@ -7,6 +7,8 @@ export const ZERO_BLOCK_BYTES = 4096;
 export const ZEROS = Buffer.alloc(4 * 1024 * 1024);
 
 export function isZero(buf: Buffer, start = 0, end = buf.length): boolean {
+  // Data rarely starts or ends with a zero byte: most blocks are answered without a compare.
+  if (end > start && (buf[start] !== 0 || buf[end - 1] !== 0)) return false;
   let pos = start;
   while (pos < end) {
     const n = Math.min(end - pos, ZEROS.length);
