@@ -2,14 +2,16 @@
  * Writes a disk into a new file of a format at rest: the last step of every
  * import that is not a same-format rename. Only allocated data is copied;
  * zeros stay holes, so the cost follows the data, not the virtual size.
- * The caller owns the file's fate (rename or unlink).
+ * Data is written through a DirectWriter (O_DIRECT where the file system
+ * takes it), like a streaming import's. The caller owns the file's fate
+ * (rename or unlink).
  */
 import { promises as fsp } from 'node:fs';
 import { codecFor } from '../formats/index.js';
 import { readVirtual } from '../formats/raw/index.js';
 import type { SerializedImage } from '../formats/types.js';
 import type { BlockImage } from './block-image.js';
-import { writeFully } from './file-io.js';
+import { DirectWriter } from './direct-writer.js';
 import { forEachDataRun } from './zero.js';
 
 export interface CopyProgress {
@@ -64,12 +66,12 @@ export class EarlyWriteback {
 }
 
 /**
- * Writes the chunks of `stream` over [start, end) to `handle` at their offsets,
+ * Writes the chunks of `stream` over [start, end) to `writer` at their offsets,
  * leaving zero blocks as holes. The next chunk is read while this one is
  * scanned and written.
  */
 async function writeSparse(
-  handle: fsp.FileHandle,
+  writer: DirectWriter,
   chunks: AsyncIterable<Buffer>,
   start: number,
   progress: CopyProgress,
@@ -89,7 +91,7 @@ async function writeSparse(
       const writes: Promise<unknown>[] = [];
       let written = 0;
       forEachDataRun(chunk, chunk.length, base, (s, e) => {
-        writes.push(writeFully(handle, chunk, s, e - s, base + s));
+        writes.push(writer.write(chunk.subarray(s, e), base + s));
         written += e - s;
       });
       await Promise.all(writes);
@@ -108,11 +110,12 @@ async function writeSparse(
 /**
  * Writes the non-zero data of `image` into a raw file at the same offsets,
  * leaving everything else as it is. `parts`, when given, narrows each data
- * extent to the pieces still to be written.
+ * extent to the pieces still to be written. The last bytes may still be in
+ * `writer` when this returns: flush it.
  */
 export async function writeRawData(
   image: BlockImage,
-  handle: fsp.FileHandle,
+  writer: DirectWriter,
   writeback: EarlyWriteback,
   progress: CopyProgress = {},
   parts: (start: number, end: number) => [number, number][] = (s, e) => [[s, e]],
@@ -121,7 +124,7 @@ export async function writeRawData(
   for (const e of extents) {
     if (e.zero) continue;
     for (const [s, end] of parts(e.start, e.start + e.length)) {
-      await writeSparse(handle, readVirtual(image, extents, s, end), s, progress, writeback);
+      await writeSparse(writer, readVirtual(image, extents, s, end), s, progress, writeback);
     }
   }
 }
@@ -134,18 +137,24 @@ export async function convertInto(
 ): Promise<void> {
   const handle = await fsp.open(destPath, 'w');
   const writeback = new EarlyWriteback(handle);
+  const writer = await DirectWriter.open(destPath, handle).catch(async (err) => {
+    await handle.close();
+    throw err;
+  });
   try {
     if (format === 'raw') {
       await handle.truncate(image.virtualSize);
-      await writeRawData(image, handle, writeback, progress);
+      await writeRawData(image, writer, writeback, progress);
     } else {
       const stream: SerializedImage = await codecFor(format).serialize(image);
       await handle.truncate(stream.size);
-      await writeSparse(handle, stream.read(0, stream.size), 0, progress, writeback);
+      await writeSparse(writer, stream.read(0, stream.size), 0, progress, writeback);
     }
+    await writer.flush();
     await writeback.settle();
     await handle.sync();
   } finally {
+    await writer.close();
     await writeback.settle().catch(() => {});
     await handle.close();
   }

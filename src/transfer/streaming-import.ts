@@ -336,7 +336,8 @@ export class StreamingImport {
     await this.writer.flush();
     await this.checkLayout(staged.path);
     if (this.sunkUnknown) await this.overlay(disk, progress);
-    else await writeRawData(disk, this.dest, this.writeback, progress, this.sunk.complement());
+    else await writeRawData(disk, this.writer, this.writeback, progress, this.sunk.complement());
+    await this.writer.flush();
     // An image smaller than the VDI: nothing past its end may survive (a fixed VHD streams whole).
     if (staged.virtualSize < this.diskSize) {
       await zeroRange(this.dest, staged.virtualSize, this.diskSize - staged.virtualSize);
