@@ -62,6 +62,12 @@ for (const op of ['export-vhd', 'export-qcow2', 'import-vhd', 'import-qcow2']) {
       `${`${op} diskport/node-pipe+fsync`.padEnd(40)} ${(d / pipe).toFixed(2)}x  (the same PUT, unconverted)`,
     );
   }
+  const direct = med[`${op}/node-direct`];
+  if (d && direct) {
+    lines.push(
+      `${`${op} diskport/node-direct`.padEnd(40)} ${(d / direct).toFixed(2)}x  (the same PUT, written with O_DIRECT, unconverted)`,
+    );
+  }
   const served = med[`${op}/node-pipe`];
   if (d && served) {
     lines.push(

@@ -8,14 +8,17 @@
  *
  * Two references that price what diskport's import promises on top:
  *   PUT ?fsync=1    fsync the file before answering (durability)
+ *   PUT ?direct=1   the body written with O_DIRECT from aligned buffers, then
+ *                   fdatasync: the floor for a Node import that writes as diskport does
  *   PUT ?durable=1  what a crash-safe replace costs: write a new file beside
  *                   FILE, fsync it, rename it over FILE, fsync the directory
  *                   (diskport lands in a staging file and renames it likewise)
  * GET sets Content-Length from stat, as diskport does, so neither pays for
  * chunked encoding.
  */
-import fs from 'node:fs';
+import fs, { promises as fsp } from 'node:fs';
 import http from 'node:http';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 
 const [port, file] = [Number(process.argv[2]), process.argv[3]];
@@ -31,12 +34,54 @@ function fsyncPath(p, flags, cb) {
   });
 }
 
+/**
+ * The plainest receiver that writes as diskport's imports do: the body copied
+ * into 4 MiB aligned buffers, each written with O_DIRECT while the next
+ * fills, then one fdatasync. Needs the project's addon (npm ci builds it).
+ */
+const DIRECT_BYTES = 4 * 1024 * 1024;
+let directBuffers = null;
+async function putDirect(req) {
+  if (!directBuffers) {
+    const addon = createRequire(import.meta.url)('../../build/Release/seek_hole.node');
+    directBuffers = [0, 1].map(() => addon.alignedBuffer(DIRECT_BYTES, 4096));
+  }
+  const out = await fsp.open(
+    file,
+    fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_DIRECT,
+  );
+  try {
+    let [fill, turn, pos, inFlight] = [0, 0, 0, Promise.resolve()];
+    const submit = async (length) => {
+      await inFlight;
+      // O_DIRECT wants whole blocks: the file's tail is rounded up, then cut back.
+      inFlight = out.write(directBuffers[turn], 0, Math.ceil(length / 4096) * 4096, pos);
+      [pos, turn, fill] = [pos + length, 1 - turn, 0];
+    };
+    for await (const chunk of req) {
+      for (let at = 0; at < chunk.length; ) {
+        const n = chunk.copy(directBuffers[turn], fill, at);
+        [fill, at] = [fill + n, at + n];
+        if (fill === DIRECT_BYTES) await submit(fill);
+      }
+    }
+    if (fill > 0) await submit(fill);
+    await inFlight;
+    await out.truncate(pos);
+    await out.datasync();
+  } finally {
+    await out.close();
+  }
+}
+
 const server = http.createServer((req, res) => {
   const answer = (err, status = 201) => {
     res.statusCode = err ? 500 : status;
     res.end(err ? String(err) : undefined);
   };
-  if (req.method === 'PUT') {
+  if (req.method === 'PUT' && req.url.includes('direct=1')) {
+    putDirect(req).then(() => answer(), answer);
+  } else if (req.method === 'PUT') {
     const durable = req.url.includes('durable=1');
     const fsync = durable || req.url.includes('fsync=1');
     const target = durable ? `${file}.staging` : file;
