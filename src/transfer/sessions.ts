@@ -33,6 +33,7 @@ import { codecFor } from '../formats/index.js';
 import { readVirtual } from '../formats/raw/index.js';
 import { safeEqual } from '../http/auth.js';
 import { type Db, nowIso } from '../storage/db.js';
+import { DirectWriter } from '../storage/direct-writer.js';
 import { RawFileImage } from '../storage/raw-file-image.js';
 import { dropCachedPages, zeroRange } from '../storage/sparse.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
@@ -418,8 +419,11 @@ export class TransferService {
     // Records run one at a time (checkpoints and the end of the write), so
     // `recorded` only grows and the catch below can wait for the last one.
     let recording: Promise<void> = Promise.resolve();
+    let writer: DirectWriter | null = null;
     const recordNow = async (end: number) => {
       if (end <= recorded || !handle) return;
+      // What the writer still gathers is not in the file yet.
+      await writer?.flush();
       if (durable) {
         await handle.datasync();
         await (await live.streaming)?.sync();
@@ -439,6 +443,8 @@ export class TransferService {
       handle = await this.handleOf(live);
       const candidate = await this.streamingOf(live, vdi);
       if (candidate && (await candidate.claim(start, live.ranges, handle))) streaming = candidate;
+      // Not while streaming: the layout reads the staged metadata back as soon as it is written.
+      else if (!chunk.digest && t.staging_path) writer = await DirectWriter.open(t.staging_path, handle);
       const writable = chunk.fresh ? undefined : (s: number, e: number) => live.ranges.missing(s, e);
       const landing: LandOptions = {
         offset: start,
@@ -458,6 +464,7 @@ export class TransferService {
         zeros: chunk.fresh ? 'skip' : 'punch',
         writable,
         progress,
+        writer: writer ?? undefined,
         route: streaming
           ? (buf, n, at, stage) => streaming!.write(buf, n, at, stage, { writable, punchZeros: !chunk.fresh })
           : undefined,
@@ -500,6 +507,8 @@ export class TransferService {
       throw err;
     } finally {
       if (checkpoints) clearInterval(checkpoints);
+      // Bytes it still gathers were not recorded (a body longer than its range): dropped.
+      await writer?.close();
       streaming?.release();
       this.doneWriting(live);
     }
