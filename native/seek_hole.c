@@ -104,8 +104,8 @@ static napi_value drop_cache(napi_env env, napi_callback_info info) {
 }
 
 static void free_aligned(napi_env env, void *data, void *hint) {
-  (void)env;
-  (void)hint;
+  int64_t ignored;
+  napi_adjust_external_memory(env, -(int64_t)(size_t)hint, &ignored);
   free(data);
 }
 
@@ -129,11 +129,15 @@ static napi_value aligned_buffer(napi_env env, napi_callback_info info) {
     return NULL;
   }
   napi_value result;
-  if (napi_create_external_buffer(env, (size_t)size, mem, free_aligned, NULL, &result) != napi_ok) {
+  if (napi_create_external_buffer(env, (size_t)size, mem, free_aligned, (void *)(size_t)size, &result) !=
+      napi_ok) {
     free(mem);
     napi_throw_error(env, "EALLOC", "could not wrap the aligned memory in a Buffer");
     return NULL;
   }
+  /* Tell V8 the memory is there, so garbage collection frees unused buffers in time. */
+  int64_t ignored;
+  napi_adjust_external_memory(env, size, &ignored);
   return result;
 }
 

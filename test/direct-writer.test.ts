@@ -123,6 +123,27 @@ describe('DirectWriter', () => {
     await handle.close();
   });
 
+  test("a closed writer's buffers go to the next writer and carry none of its bytes", async () => {
+    const first = await freshFile();
+    const a = await DirectWriter.open(first.name, first.handle);
+    await a.write(seededBytes(2 * DIRECT_BUFFER_BYTES, 5), 0);
+    await a.flush();
+    await a.close();
+    await assert.rejects(a.write(Buffer.alloc(1), 0), /closed/);
+    await first.handle.close();
+
+    const second = await freshFile();
+    const b = await DirectWriter.open(second.name, second.handle);
+    const data = seededBytes(3 * DIRECT_ALIGN, 6);
+    const at = DIRECT_BUFFER_BYTES + 100;
+    await b.write(data, at);
+    await b.flush();
+    await b.close();
+    await second.handle.close();
+    data.copy(second.model, at);
+    assert.ok((await fsp.readFile(second.name)).equals(second.model));
+  });
+
   test('a failed write is thrown by the next call, and discard() clears it', async () => {
     const { name, handle: rw, model } = await freshFile();
     await rw.close();

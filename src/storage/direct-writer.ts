@@ -51,6 +51,7 @@ export class DirectWriter {
   private inFlight: Promise<void> = Promise.resolve();
   private flying: [number, number] = [0, 0];
   private failure: unknown = null;
+  private closed = false;
   /** Calls run one after another, in the order made, whoever makes them. */
   private queue: Promise<unknown> = Promise.resolve();
 
@@ -117,11 +118,18 @@ export class DirectWriter {
   }
 
   /** Drops what was not written; closes the direct descriptor (never the caller's). */
-  async close(): Promise<void> {
-    await this.discard();
-    this.pending = this.spare = null;
-    await this.direct?.close().catch(() => {});
-    this.direct = null;
+  close(): Promise<void> {
+    return this.serially(async () => {
+      await this.inFlight;
+      this.closed = true;
+      this.start = this.end = 0;
+      this.failure = null;
+      // No write is in flight and none can start: both buffers are free for the next writer.
+      for (const buf of [this.pending, this.spare]) if (buf && pool.length < POOLED_BUFFERS) pool.push(buf);
+      this.pending = this.spare = null;
+      await this.direct?.close().catch(() => {});
+      this.direct = null;
+    });
   }
 
   private serially<T>(op: () => Promise<T>): Promise<T> {
@@ -131,6 +139,7 @@ export class DirectWriter {
   }
 
   private async take(data: Buffer, position: number): Promise<void> {
+    if (this.closed) throw new Error('write to a closed DirectWriter');
     this.throwIfFailed();
     if (this.end > this.start && position !== this.end) await this.submit();
     let pos = 0;
@@ -194,8 +203,18 @@ export class DirectWriter {
   }
 }
 
+/**
+ * Buffers that closed writers gave back, for the next writers: a chunked
+ * upload opens a writer per chunk, and fresh 4 MiB buffers each time would
+ * cost page faults and leave memory to the garbage collector's timing.
+ */
+const pool: Buffer[] = [];
+const POOLED_BUFFERS = 8;
+
 /** A DIRECT_BUFFER_BYTES buffer aligned for O_DIRECT (plain where the addon is missing: then nothing is direct). */
 function alignedBuffer(): Buffer {
+  const pooled = pool.pop();
+  if (pooled) return pooled;
   return addon
     ? addon.alignedBuffer(DIRECT_BUFFER_BYTES, DIRECT_ALIGN)
     : Buffer.allocUnsafe(DIRECT_BUFFER_BYTES);
