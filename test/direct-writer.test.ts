@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { constants, promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { DIRECT_ALIGN, DIRECT_BUFFER_BYTES, DirectWriter } from '../src/storage/direct-writer.js';
 import { sparseSupported } from '../src/storage/sparse.js';
 import { prng, seededBytes } from './helpers/random.js';
@@ -142,6 +143,30 @@ describe('DirectWriter', () => {
     await second.handle.close();
     data.copy(second.model, at);
     assert.ok((await fsp.readFile(second.name)).equals(second.model));
+  });
+
+  test('a failed direct write settles only when its edge writes have: zeroing after it wins', async () => {
+    const { name, handle, model } = await freshFile();
+    if (!(await directPossible(name))) return;
+    // The caller's descriptor is slow (a busy disk) and the direct write fails (EIO): fault
+    // injection on the real writer, as neither can be arranged on a test machine.
+    const slow = {
+      fd: handle.fd,
+      write: (...args: Parameters<typeof handle.write>) => sleep(50).then(() => handle.write(...args)),
+    } as unknown as typeof handle;
+    const writer = await DirectWriter.open(name, slow);
+    (writer as unknown as { writeDirect: () => Promise<void> }).writeDirect = () =>
+      Promise.reject(Object.assign(new Error('EIO: i/o error, write'), { code: 'EIO' }));
+    await writer.write(seededBytes(3 * DIRECT_ALIGN, 4), 100);
+    await assert.rejects(writer.flush(), { code: 'EIO' });
+    // What an abandoned streaming import does: drop what is gathered, then zero the range.
+    await writer.discard();
+    await handle.write(Buffer.alloc(4 * DIRECT_ALIGN), 0, 4 * DIRECT_ALIGN, 0);
+    model.fill(0, 0, 4 * DIRECT_ALIGN);
+    await sleep(150);
+    await writer.close();
+    assert.ok((await fsp.readFile(name)).equals(model), 'no byte of the failed write landed after the zeros');
+    await handle.close();
   });
 
   test('a failed write is thrown by the next call, and discard() clears it', async () => {

@@ -12,6 +12,7 @@ import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { vhdChecksum } from '../src/formats/vhd/format.js';
 import { api, createVdi, curl, execFileP, sha256Url } from './helpers/api.js';
+import { failNthDirectWrite } from './helpers/faults.js';
 import { codecDisk } from './helpers/images.js';
 import { prng, seededBytes, spawnServer, startServer, type TestServer, tempDir } from './helpers/server.js';
 
@@ -575,6 +576,32 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
       await server.stop();
       await fsp.rm(dataDir, { recursive: true, force: true });
     }
+  });
+
+  test('a disk write failing while data streams (ENOSPC): no lost byte counts as received; the resent rest makes the disk exact', async () => {
+    const img = await fsp.readFile(await qemuImage('enospc.vhd', ['-O', 'vpc']));
+    const vdi = await createVdi(srv.url, SIZE);
+    const t = await openUpload(srv.url, vdi.id, 'vhd', img.length);
+    // The second gathered write fails as a full disk fails it.
+    const fault = failNthDirectWrite(2);
+    try {
+      const res = await fetch(t.url, {
+        method: 'PUT',
+        headers: { 'content-range': `bytes 0-${img.length - 1}/${img.length}` },
+        body: new Uint8Array(img),
+      });
+      assert.equal(res.status, 507, 'the client hears that the disk is full');
+      assert.equal(((await res.json()) as { error: { code: string } }).error.code, 'INSUFFICIENT_SPACE');
+    } finally {
+      fault.restore();
+    }
+    assert.ok(fault.writes >= 2, 'the failing write was reached');
+    const offset = Number((await fetch(t.url, { method: 'HEAD' })).headers.get('upload-offset'));
+    assert.ok(offset < img.length, `only what is on disk counts as received (offset ${offset})`);
+    await putRange(t.url, img, offset, img.length);
+    const fin = await finalize(srv.url, t);
+    assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
+    assert.equal(sha256(await vdiBytes(vdi.id)), sha256(raw), 'the disk is the image, byte for byte');
   });
 
   test('a chunked VHD upload (no length up front) is staged whole, since its last sector decides', async () => {

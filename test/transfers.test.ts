@@ -3,6 +3,7 @@ import { createHash } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { api, createVdi, sha256Url } from './helpers/api.js';
+import { failNthDirectWrite } from './helpers/faults.js';
 import { prng, seededBytes, startServer, type TestServer } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -50,6 +51,28 @@ describe('resumable transfer sessions', () => {
   };
   const finalize = async (t: TransferJson) =>
     api<Task>(srv.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=30`);
+
+  test('a disk that fills up mid-chunk (ENOSPC): 507, only bytes on disk count, and the resent rest finalizes exact', async () => {
+    const vdi = await createVdi(srv.url, 16 * MiB);
+    const data = seededBytes(16 * MiB, 11);
+    const t = await open({ vdi: vdi.id, direction: 'upload', format: 'raw', size: data.length });
+    // The second gathered 4 MiB write fails as a full disk fails it.
+    const fault = failNthDirectWrite(2);
+    let res: Response;
+    try {
+      res = await putChunk(t.url, data, 0, data.length);
+    } finally {
+      fault.restore();
+    }
+    assert.equal(res.status, 507);
+    assert.equal(((await res.json()) as ErrorBody).error.code, 'INSUFFICIENT_SPACE');
+    const offset = Number((await fetch(t.url, { method: 'HEAD' })).headers.get('upload-offset'));
+    assert.ok(offset <= 4 * MiB, `nothing past the failed write counts as received (offset ${offset})`);
+    const rest = await putChunk(t.url, data.subarray(offset), offset, data.length);
+    assert.equal(rest.status, 200, await rest.text());
+    assert.equal((await finalize(t)).body.status, 'success');
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), sha256(data));
+  });
 
   test('chunks in random order, in parallel, with overlapping resends, finalize to the exact bytes', async () => {
     const vdi = await createVdi(srv.url, 16 * MiB);

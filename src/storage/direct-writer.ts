@@ -183,7 +183,10 @@ export class DirectWriter {
     const writes = [this.writeDirect(buf, base, a, b)];
     if (start < a) writes.push(buffered(start, a));
     if (b < end) writes.push(buffered(b, end));
-    await Promise.all(writes);
+    // All of them settle before this does: after a failure, the caller zeroes the range
+    // or reuses the buffer, and no write of it may still be running then.
+    const failed = (await Promise.allSettled(writes)).find((r) => r.status === 'rejected');
+    if (failed) throw failed.reason;
   }
 
   private async writeDirect(buf: Buffer, base: number, start: number, end: number): Promise<void> {
@@ -209,7 +212,7 @@ export class DirectWriter {
  * cost page faults and leave memory to the garbage collector's timing.
  */
 const pool: Buffer[] = [];
-const POOLED_BUFFERS = 8;
+const POOLED_BUFFERS = 4;
 
 /** A DIRECT_BUFFER_BYTES buffer aligned for O_DIRECT (plain where the addon is missing: then nothing is direct). */
 function alignedBuffer(): Buffer {

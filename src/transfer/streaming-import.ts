@@ -289,10 +289,11 @@ export class StreamingImport {
     try {
       await Promise.all(writes);
     } catch (err) {
-      // Part of it may have landed; those bytes will be sent again, maybe otherwise.
+      // Part of it may be gathered or on disk, and it will be sent again, maybe otherwise:
+      // it counts as unrecorded, so abandon() drops and zeroes it with the rest. The
+      // writer keeps its failure until then, so no sync() can record what it lost.
       await Promise.allSettled(writes);
-      await this.writer.discard();
-      await zeroRange(this.dest, guest, data.length).catch(() => {});
+      this.unrecorded.push({ hostEnd, guest: [guest, guest + data.length] });
       throw err;
     }
     this.writeback.wrote(written);
