@@ -137,10 +137,7 @@ export async function convertInto(
 ): Promise<void> {
   const handle = await fsp.open(destPath, 'w');
   const writeback = new EarlyWriteback(handle);
-  const writer = await DirectWriter.open(destPath, handle).catch(async (err) => {
-    await handle.close();
-    throw err;
-  });
+  const writer = await DirectWriter.open(destPath, handle);
   try {
     if (format === 'raw') {
       await handle.truncate(image.virtualSize);

@@ -110,20 +110,14 @@ export class DirectWriter {
 
   /** Waits for the write in flight and drops what was not written yet, and any failure. */
   discard(): Promise<void> {
-    return this.serially(async () => {
-      await this.inFlight;
-      this.start = this.end = 0;
-      this.failure = null;
-    });
+    return this.serially(() => this.dropPending());
   }
 
   /** Drops what was not written; closes the direct descriptor (never the caller's). */
   close(): Promise<void> {
     return this.serially(async () => {
-      await this.inFlight;
+      await this.dropPending();
       this.closed = true;
-      this.start = this.end = 0;
-      this.failure = null;
       // No write is in flight and none can start: both buffers are free for the next writer.
       for (const buf of [this.pending, this.spare]) if (buf && pool.length < POOLED_BUFFERS) pool.push(buf);
       this.pending = this.spare = null;
@@ -155,6 +149,12 @@ export class DirectWriter {
       pos += n;
       if (this.end === this.base + this.pending.length) await this.submit();
     }
+  }
+
+  private async dropPending(): Promise<void> {
+    await this.inFlight;
+    this.start = this.end = 0;
+    this.failure = null;
   }
 
   private async drain(): Promise<void> {
