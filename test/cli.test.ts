@@ -7,10 +7,11 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { promises as fsp } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi, curl, execFileP, sha256File, sha256Url } from './helpers/api.js';
-import { cutProxy } from './helpers/proxy.js';
+import { type CutProxy, cutProxy } from './helpers/proxy.js';
 import { prng, ROOT, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -23,10 +24,14 @@ interface CliResult {
   stderr: string;
 }
 
+/** Where the CLI keeps what a later run resumes: this file's own, not the user's. */
+const STATE_DIR = path.join(os.tmpdir(), `diskport-cli-state-${process.pid}`);
+const CLI_ENV = { DISKPORT_SERVER: '', DISKPORT_TOKEN: '', DISKPORT_STATE_DIR: STATE_DIR };
+
 function runCli(args: string[], env: Record<string, string> = {}): Promise<CliResult> {
   const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], {
     cwd: ROOT,
-    env: { ...process.env, DISKPORT_SERVER: '', DISKPORT_TOKEN: '', ...env },
+    env: { ...process.env, ...CLI_ENV, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stdout = '';
@@ -89,6 +94,7 @@ describe('the diskport CLI over a connection that breaks', () => {
   after(async () => {
     await srv?.stop();
     await fsp.rm(dir, { recursive: true, force: true });
+    await fsp.rm(STATE_DIR, { recursive: true, force: true });
   });
 
   test('uploads a 32 MiB raw file with holes through cuts, resumes, and the VDI holds the same bytes', async () => {
@@ -271,10 +277,189 @@ describe('the diskport CLI over a connection that breaks', () => {
     await execFileP('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', source, out]);
   });
 
+  /** Runs the CLI through `proxy` and takes the link down for good once `bytes` have crossed it. */
+  async function runUntilLinkDies(args: string[], proxy: CutProxy, bytes: number): Promise<CliResult> {
+    const watch = setInterval(() => {
+      if (proxy.bytesUp + proxy.bytesDown >= bytes) proxy.down();
+    }, 5);
+    try {
+      return await runCli([
+        ...args,
+        '--server',
+        proxy.url,
+        '--retries',
+        '2',
+        '--retry-delay',
+        '100',
+        '--no-progress',
+        '--json',
+      ]);
+    } finally {
+      clearInterval(watch);
+      proxy.up();
+    }
+  }
+
+  const savedEntries = async () =>
+    (await fsp.readdir(STATE_DIR).catch(() => [])).filter((f) => f.endsWith('.json'));
+
+  test('an upload whose link stays down gives up, leaves the VDI as it was, and the same command resumes it', async () => {
+    const vdi = (await createVdi(srv.url, 32 * MiB)).id;
+    const zeros = await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`);
+    const proxy = await cutProxy(srv.url, {
+      seed: 71,
+      cutConnections: 0,
+      direction: 'up',
+      minBytes: 0,
+      maxBytes: 0,
+    });
+    const args = ['upload', source, '--vdi', vdi, '--chunk-size', '1M', '--parallel', '2'];
+    try {
+      const first = await runUntilLinkDies(args, proxy, 8 * MiB);
+      assert.equal(first.code, 1, first.stderr);
+      assert.match(first.stderr, /stays open for \d+ s; run the same command again to resume it/);
+      const [entry] = await savedEntries();
+      assert.ok(entry, 'the session was saved');
+      assert.equal(
+        (await fsp.stat(path.join(STATE_DIR, entry))).mode & 0o777,
+        0o600,
+        'a token is kept private',
+      );
+      assert.equal(
+        await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`),
+        zeros,
+        'the VDI is unchanged',
+      );
+
+      const upBefore = proxy.bytesUp;
+      const second = await runCli([...args, '--server', proxy.url, ...RETRY_FAST]);
+      assert.equal(second.code, 0, second.stderr);
+      assert.match(second.stderr, /resuming upload session/);
+      const summary = JSON.parse(second.stdout);
+      assert.equal(summary.task.status, 'success');
+      assert.ok(summary.bytes_resumed >= 4 * MiB, `resumed with ${summary.bytes_resumed} bytes`);
+      const resent = proxy.bytesUp - upBefore;
+      assert.ok(
+        resent < dataBytes - summary.bytes_resumed + 2 * MiB,
+        `the second run sent ${resent} bytes; ${dataBytes} of data, ${summary.bytes_resumed} already there`,
+      );
+    } finally {
+      await proxy.close();
+    }
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`), await sha256File(source));
+    assert.deepEqual(await savedEntries(), [], 'a finished upload leaves nothing saved');
+  });
+
+  test('--no-resume cancels the session an earlier run left, and sends everything', async () => {
+    const vdi = (await createVdi(srv.url, 32 * MiB)).id;
+    const proxy = await cutProxy(srv.url, {
+      seed: 73,
+      cutConnections: 0,
+      direction: 'up',
+      minBytes: 0,
+      maxBytes: 0,
+    });
+    const args = ['upload', source, '--vdi', vdi, '--chunk-size', '1M'];
+    try {
+      assert.equal((await runUntilLinkDies(args, proxy, 8 * MiB)).code, 1);
+      assert.equal((await savedEntries()).length, 1);
+      // Without --no-resume the earlier session would be continued; with it, that session no
+      // longer holds the VDI (no VDI_BUSY), and a new one starts from nothing.
+      const again = await runCli([...args, '--no-resume', '--server', proxy.url, ...RETRY_FAST]);
+      assert.equal(again.code, 0, again.stderr);
+      assert.equal(JSON.parse(again.stdout).bytes_resumed, 0);
+    } finally {
+      await proxy.close();
+    }
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`), await sha256File(source));
+    assert.deepEqual(await savedEntries(), []);
+  });
+
+  test('a download whose link stays down keeps what it wrote, and the same command continues it', async () => {
+    const out = path.join(dir, 'continued.vhd');
+    const proxy = await cutProxy(srv.url, {
+      seed: 79,
+      cutConnections: 0,
+      direction: 'down',
+      minBytes: 0,
+      maxBytes: 0,
+    });
+    const args = ['download', '--vdi', rawVdi, '--format', 'vhd', '-o', out];
+    try {
+      const first = await runUntilLinkDies(args, proxy, 6 * MiB);
+      assert.equal(first.code, 1, first.stderr);
+      assert.match(first.stderr, /are kept; run the same command again to resume/);
+      assert.equal((await savedEntries()).length, 1);
+
+      const downBefore = proxy.bytesDown;
+      const second = await runCli([...args, '--server', proxy.url, ...RETRY_FAST]);
+      assert.equal(second.code, 0, second.stderr);
+      const summary = JSON.parse(second.stdout);
+      assert.ok(summary.bytes_resumed >= 4 * MiB, `resumed at ${summary.bytes_resumed}`);
+      assert.equal(summary.restarts, 0);
+      const fetched = proxy.bytesDown - downBefore;
+      assert.ok(
+        fetched < summary.size - summary.bytes_resumed + MiB,
+        `the second run fetched ${fetched} bytes of ${summary.size}, ${summary.bytes_resumed} already written`,
+      );
+    } finally {
+      await proxy.close();
+    }
+    const whole = path.join(dir, 'whole.vhd');
+    await curl(['-o', whole, `${srv.url}/v1/vdis/${rawVdi}/contents?format=vhd`]);
+    assert.equal(await sha256File(out), await sha256File(whole), 'byte-identical to one whole export');
+    await execFileP('qemu-img', ['compare', '-f', 'raw', '-F', 'vpc', source, out]);
+    assert.deepEqual(await savedEntries(), []);
+  });
+
+  test('Ctrl-C during a download saves where it got to; the next run continues from there', async () => {
+    const out = path.join(dir, 'interrupted.img');
+    // The first connection breaks after 1-2 MiB: the CLI is waiting to retry when it is interrupted.
+    const proxy = await cutProxy(srv.url, {
+      seed: 83,
+      cutConnections: 1,
+      direction: 'down',
+      minBytes: MiB,
+      maxBytes: 2 * MiB,
+    });
+    const args = ['download', '--vdi', rawVdi, '-o', out, '--server', proxy.url, '--no-progress', '--json'];
+    try {
+      const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args, '--retry-delay', '5000'], {
+        cwd: ROOT,
+        env: { ...process.env, ...CLI_ENV },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let stderr = '';
+      child.stderr.on('data', (d) => {
+        stderr += d;
+      });
+      while (!/retry/.test(stderr)) await new Promise((r) => setTimeout(r, 20));
+      const exited = once(child, 'exit');
+      const interruptedAt = Date.now();
+      child.kill('SIGINT');
+      const [code] = await exited;
+      assert.equal(code, 130, stderr);
+      assert.match(stderr, /are kept; run the same command again to resume/);
+      // The backoff wait (2.5-5 s here) is cut short: Ctrl-C does not wait for the next attempt.
+      assert.ok(Date.now() - interruptedAt < 2000, `exited ${Date.now() - interruptedAt} ms after SIGINT`);
+
+      const downBefore = proxy.bytesDown;
+      const again = await runCli(args);
+      assert.equal(again.code, 0, again.stderr);
+      const summary = JSON.parse(again.stdout);
+      assert.ok(summary.bytes_resumed >= 512 * 1024, `resumed at ${summary.bytes_resumed}`);
+      assert.ok(proxy.bytesDown - downBefore < 32 * MiB - summary.bytes_resumed + MiB);
+    } finally {
+      await proxy.close();
+    }
+    assert.equal(await sha256File(out), await sha256File(source));
+    assert.deepEqual(await savedEntries(), []);
+  });
+
   test('diskport --help and each command --help document every flag', async () => {
     const top = await runCli(['--help']);
     assert.equal(top.code, 0);
-    for (const word of ['upload', 'download', 'DISKPORT_SERVER', 'DISKPORT_TOKEN'])
+    for (const word of ['upload', 'download', 'DISKPORT_SERVER', 'DISKPORT_TOKEN', 'DISKPORT_STATE_DIR'])
       assert.match(top.stdout, new RegExp(word));
     const up = await runCli(['upload', '--help']);
     assert.equal(up.code, 0);
@@ -292,6 +477,8 @@ describe('the diskport CLI over a connection that breaks', () => {
       '--checksum',
       '--ttl',
       '--json',
+      '--no-resume',
+      '--state-dir',
     ]) {
       assert.ok(up.stdout.includes(flag), `upload --help lacks ${flag}`);
     }
@@ -305,6 +492,8 @@ describe('the diskport CLI over a connection that breaks', () => {
       '--retries',
       '--no-progress',
       '--ttl',
+      '--no-resume',
+      '--state-dir',
     ]) {
       assert.ok(down.stdout.includes(flag), `download --help lacks ${flag}`);
     }
@@ -337,7 +526,7 @@ describe('the diskport CLI over a connection that breaks', () => {
           '--retry-delay',
           '500',
         ],
-        { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
+        { cwd: ROOT, env: { ...process.env, ...CLI_ENV }, stdio: ['ignore', 'pipe', 'pipe'] },
       );
       let stderr = '';
       child.stderr.on('data', (d) => {

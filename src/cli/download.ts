@@ -6,16 +6,33 @@
  * server then answers 200 with the whole new content). All-zero blocks are
  * not written: the output is sparse where the disk has holes, and is
  * truncated to its exact size at the end.
+ *
+ * Every CHECKPOINT_BYTES, and whenever a run stops short (the retries run
+ * out, Ctrl-C, a full disk), the output is synced and how far it is written
+ * is saved with the ETag (saved-sessions.ts). Running the same command again
+ * continues from there with `Range` + `If-Range`, the way `curl -C -` does;
+ * the file's own size cannot say how far it got, since holes are not written.
  */
 import { promises as fsp } from 'node:fs';
+import path from 'node:path';
 import { type Client, errorOf, HttpError, request } from './http.js';
 import { createProgress, formatBytes, type Progress } from './progress.js';
 import { announcedRetries, type RetryPolicy, withRetry } from './retry.js';
+import { type SavedDownload, SavedSessions } from './saved-sessions.js';
 import { openSession } from './session.js';
 import { isZero, ZERO_BLOCK_BYTES } from './sparse-reader.js';
 
 /** Bytes gathered before they are checked for zeros and written. */
 const WRITE_BATCH_BYTES = 1024 * 1024;
+/** How much a killed run can lose: the output is synced and its position saved this often. */
+const CHECKPOINT_BYTES = 256 * 1024 * 1024;
+
+/** Ctrl-C or SIGTERM: the run stops after saving where it got to. */
+export class Interrupted extends Error {
+  constructor() {
+    super('interrupted');
+  }
+}
 
 export interface DownloadOptions {
   vdi: string;
@@ -24,6 +41,10 @@ export interface DownloadOptions {
   ttlSeconds?: number;
   progress: boolean;
   retry: RetryPolicy;
+  /** Where the position of a stopped run is saved (saved-sessions.ts). */
+  stateDir: string;
+  /** Continue what an earlier run of the same command wrote (else start over). */
+  resume: boolean;
 }
 
 export interface DownloadSummary {
@@ -32,6 +53,8 @@ export interface DownloadSummary {
   bytes_received: number;
   /** Bytes of zeros not written (left as holes). */
   bytes_sparse: number;
+  /** Bytes an earlier run of the same command had written, not downloaded again. */
+  bytes_resumed: number;
   restarts: number;
   retries: number;
 }
@@ -108,15 +131,43 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
       ...(opts.ttlSeconds !== undefined && { ttl_seconds: opts.ttlSeconds }),
     }),
   );
-  const out = await fsp.open(opts.output, 'w');
-  let total: number | undefined;
-  let etag: string | undefined;
+  // The server's URL too: an ETag names a disk's generation on one server, and only there does
+  // it say that the bytes written so far are still the disk's.
+  const saved = new SavedSessions<SavedDownload>(opts.stateDir, 'download', [
+    client.server,
+    opts.vdi,
+    opts.format,
+    path.resolve(opts.output),
+  ]);
+  const { out, earlier } = await openOutput(opts.output, opts.resume ? await saved.load() : undefined);
+  let total = earlier?.total;
+  let etag = earlier?.etag;
+  const resumed = earlier?.written ?? 0;
+  if (earlier) {
+    process.stderr.write(
+      `diskport: resuming the download into ${opts.output} at ${formatBytes(resumed)} of ${formatBytes(earlier.total)}\n`,
+    );
+  }
   let received = 0;
   let restarts = 0;
   let sparse = 0;
-  const writer = { current: new SparseWriter(out, 0) };
+  const writer = { current: new SparseWriter(out, resumed) };
+  let checkpointed = resumed;
+  const checkpoint = async () => {
+    const written = writer.current.written;
+    if (etag === undefined || total === undefined || written === checkpointed) return;
+    await out.datasync();
+    await saved.save({ etag, total, written });
+    checkpointed = written;
+  };
+  // Ctrl-C: the GET is aborted, what arrived is flushed and saved, and the run ends.
+  const abort = new AbortController();
+  const onInterrupt = () => abort.abort();
+  process.once('SIGINT', onInterrupt);
+  process.once('SIGTERM', onInterrupt);
   try {
-    await withRetry(retry, async (_attempt, progressed) => {
+    await withRetry({ ...retry, signal: abort.signal }, async (_attempt, progressed) => {
+      if (abort.signal.aborted) throw new Interrupted();
       const w = writer.current;
       const from = w.written;
       if (total !== undefined && from >= total) return;
@@ -125,52 +176,63 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
         headers.range = `bytes=${from}-`;
         if (etag) headers['if-range'] = etag;
       }
-      const res = await request(session.dataUrl, { method: 'GET', headers, dispatcher: client.agent });
-      if (res.statusCode === 200) {
-        const length = Number(res.headers['content-length']);
-        if (!Number.isSafeInteger(length)) {
-          await res.body.dump();
-          throw new HttpError(502, 'NO_LENGTH', 'the server did not send a Content-Length');
-        }
-        if (from > 0) {
-          // If-Range did not match: the disk changed since the first byte. Start over.
-          progress?.log('diskport: the disk changed during the download (new ETag); starting over');
-          restarts++;
-          await out.truncate(0);
-          sparse = 0;
-          writer.current = new SparseWriter(out, 0);
-        }
-        total = length;
-        etag = typeof res.headers.etag === 'string' ? res.headers.etag : undefined;
-      } else if (res.statusCode === 206) {
-        const m = CONTENT_RANGE.exec(String(res.headers['content-range'] ?? ''));
-        if (!m || Number(m[1]) !== from) {
-          await res.body.dump();
-          throw new HttpError(
-            502,
-            'BAD_RANGE',
-            `asked for bytes ${from}- and got ${res.headers['content-range'] ?? 'no Content-Range'}`,
-          );
-        }
-        total = Number(m[3]);
-      } else {
-        throw await errorOf(res, 'GET data');
-      }
-      progress ??= createProgress(`download ${opts.format}`, total, opts.progress);
-      const cur = writer.current;
       try {
-        for await (const chunk of res.body) {
-          await cur.push(chunk as Buffer);
-          received += (chunk as Buffer).length;
-          progress.set(cur.pos);
-          progressed();
+        const res = await request(session.dataUrl, {
+          method: 'GET',
+          headers,
+          dispatcher: client.agent,
+          signal: abort.signal,
+        });
+        if (res.statusCode === 200) {
+          const length = Number(res.headers['content-length']);
+          if (!Number.isSafeInteger(length)) {
+            await res.body.dump();
+            throw new HttpError(502, 'NO_LENGTH', 'the server did not send a Content-Length');
+          }
+          if (from > 0) {
+            // If-Range did not match: the disk changed since the first byte. Start over.
+            progress?.log('diskport: the disk changed during the download (new ETag); starting over');
+            restarts++;
+            await out.truncate(0);
+            sparse = 0;
+            writer.current = new SparseWriter(out, 0);
+            checkpointed = 0;
+          }
+          total = length;
+          etag = typeof res.headers.etag === 'string' ? res.headers.etag : undefined;
+        } else if (res.statusCode === 206) {
+          const m = CONTENT_RANGE.exec(String(res.headers['content-range'] ?? ''));
+          if (!m || Number(m[1]) !== from) {
+            await res.body.dump();
+            throw new HttpError(
+              502,
+              'BAD_RANGE',
+              `asked for bytes ${from}- and got ${res.headers['content-range'] ?? 'no Content-Range'}`,
+            );
+          }
+          total = Number(m[3]);
+        } else {
+          throw await errorOf(res, 'GET data');
         }
-      } finally {
-        // What arrived is good: keep it, and resume after it.
-        await cur.flush();
-      }
-      if (cur.written < total) {
-        throw new HttpError(502, 'SHORT_BODY', `the body ended at byte ${cur.written} of ${total}`);
+        progress ??= createProgress(`download ${opts.format}`, total, opts.progress);
+        const cur = writer.current;
+        try {
+          for await (const chunk of res.body) {
+            await cur.push(chunk as Buffer);
+            received += (chunk as Buffer).length;
+            progress.set(cur.pos);
+            progressed();
+            if (cur.written - checkpointed >= CHECKPOINT_BYTES) await checkpoint();
+          }
+        } finally {
+          // What arrived is good: keep it, and resume after it.
+          await cur.flush();
+        }
+        if (cur.written < total) {
+          throw new HttpError(502, 'SHORT_BODY', `the body ended at byte ${cur.written} of ${total}`);
+        }
+      } catch (err) {
+        throw abort.signal.aborted ? new Interrupted() : err;
       }
     });
     const size = total ?? 0;
@@ -178,6 +240,7 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
     await out.datasync();
     sparse += writer.current.skipped;
     progress?.stop();
+    await saved.remove();
     // A download session ends when its holder is done with it.
     await request(
       `${client.server}/v1/transfers/${encodeURIComponent(session.id)}?token=${encodeURIComponent(session.token)}`,
@@ -193,20 +256,47 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
       size,
       bytes_received: received,
       bytes_sparse: sparse,
+      bytes_resumed: resumed,
       restarts,
       retries: announced.count(),
     };
   } catch (err) {
     progress?.stop();
+    // A refusal from the server (the VDI is gone, say) is final; anything else can be continued.
+    if (!(err instanceof HttpError && err.status < 500)) {
+      await checkpoint().catch(() => {});
+      if (checkpointed > 0) {
+        process.stderr.write(
+          `diskport: ${formatBytes(checkpointed)} of ${opts.output} are kept; run the same command again to resume\n`,
+        );
+      }
+    }
     throw err;
   } finally {
+    process.off('SIGINT', onInterrupt);
+    process.off('SIGTERM', onInterrupt);
     await out.close();
   }
+}
+
+/**
+ * The output file: continued where an earlier run saved it was written up to
+ * (anything after that is cut, as it was never synced), or created afresh.
+ */
+async function openOutput(
+  file: string,
+  saved: SavedDownload | undefined,
+): Promise<{ out: fsp.FileHandle; earlier?: SavedDownload }> {
+  const out = saved && (await fsp.open(file, 'r+').catch(() => undefined));
+  if (!out) return { out: await fsp.open(file, 'w') }; // nothing to continue: start over
+  await out.truncate(saved.written);
+  return { out, earlier: saved };
 }
 
 export function describeDownload(s: DownloadSummary): string {
   return (
     `downloaded ${formatBytes(s.size)} (${formatBytes(s.bytes_sparse)} left as holes), received ${formatBytes(s.bytes_received)}` +
+    (s.bytes_resumed ? ` after ${formatBytes(s.bytes_resumed)} from an earlier run` : '') +
     (s.retries ? `, ${s.retries} retries` : '') +
     (s.restarts ? `, ${s.restarts} restarts` : '')
   );

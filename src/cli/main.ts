@@ -5,13 +5,17 @@
  *   diskport upload FILE --vdi ID [--format raw|vhd|qcow2] [--server URL] [--token T]
  *   diskport download --vdi ID [--format F] -o FILE
  *
- * Both resume by themselves after network errors, with backoff. Exit status:
- * 0 done, 1 failed (the reason, the server's message when it gave one, on stderr).
+ * Both resume by themselves after network errors, with backoff, and a run
+ * that stopped (gave up, or was killed) is continued by running the same
+ * command again. Exit status:
+ * 0 done, 1 failed (the reason, the server's message when it gave one, on stderr),
+ * 130 interrupted.
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { describeDownload, download } from './download.js';
+import { describeDownload, download, Interrupted } from './download.js';
 import { createClient, HttpError } from './http.js';
 import { DEFAULT_RETRY, type RetryPolicy } from './retry.js';
+import { defaultStateDir } from './saved-sessions.js';
 import { describeUpload, upload } from './upload.js';
 
 const MiB = 1024 * 1024;
@@ -48,6 +52,8 @@ interface CommonOptions {
   progress: boolean;
   json?: boolean;
   verbose?: boolean;
+  resume: boolean;
+  stateDir: string;
 }
 
 function commonOptions(cmd: Command): Command {
@@ -83,6 +89,12 @@ function commonOptions(cmd: Command): Command {
       positiveInt(1),
       DEFAULT_RETRY.baseDelayMs,
     )
+    .option('--no-resume', 'start over instead of continuing what an earlier run of the same command left')
+    .addOption(
+      new Option('--state-dir <dir>', 'where runs keep what a later run needs to resume')
+        .env('DISKPORT_STATE_DIR')
+        .default(defaultStateDir(), '$XDG_STATE_HOME/diskport or ~/.local/state/diskport'),
+    )
     .option('--no-progress', 'no progress bar (also off when stderr is not a terminal)')
     .option('--json', 'print a JSON summary on stdout when done')
     .option('-v, --verbose', 'log each request and retry on stderr');
@@ -114,7 +126,11 @@ Examples:
   diskport upload disk.qcow2 --vdi 5f0c... --format qcow2 --checksum
   diskport download --vdi 5f0c... --format vhd -o disk.vhd
 
-Environment: DISKPORT_SERVER, DISKPORT_TOKEN. Exit status: 0 done, 1 failed.`,
+A run that stopped (the link stayed down, Ctrl-C during a download, a kill) is
+continued by running the same command again; --no-resume starts over.
+
+Environment: DISKPORT_SERVER, DISKPORT_TOKEN, DISKPORT_STATE_DIR. Exit status: 0 done,
+1 failed, 130 interrupted.`,
     );
 
   commonOptions(
@@ -150,6 +166,8 @@ Environment: DISKPORT_SERVER, DISKPORT_TOKEN. Exit status: 0 done, 1 failed.`,
             progress: showProgress(o),
             retry: retryPolicy(o),
             verbose: o.verbose,
+            stateDir: o.stateDir,
+            resume: o.resume,
           });
           if (o.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
           else process.stderr.write(`${describeUpload(summary)}\n`);
@@ -174,6 +192,8 @@ Environment: DISKPORT_SERVER, DISKPORT_TOKEN. Exit status: 0 done, 1 failed.`,
         ttlSeconds: o.ttl,
         progress: showProgress(o),
         retry: retryPolicy(o),
+        stateDir: o.stateDir,
+        resume: o.resume,
       });
       if (o.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
       else process.stderr.write(`${describeDownload(summary)}\n`);
@@ -197,5 +217,5 @@ buildProgram()
   .parseAsync(process.argv)
   .catch((err: unknown) => {
     process.stderr.write(`diskport: ${describeError(err)}\n`);
-    process.exitCode = 1;
+    process.exitCode = err instanceof Interrupted ? 130 : 1;
   });

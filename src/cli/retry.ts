@@ -17,6 +17,8 @@ export interface RetryPolicy {
   maxElapsedMs: number;
   /** Called before each wait, for a log line. */
   onRetry?: (err: unknown, attempt: number, delayMs: number) => void;
+  /** Ends a wait early (Ctrl-C), so the next attempt can see it and stop. */
+  signal?: AbortSignal;
 }
 
 export const DEFAULT_RETRY: RetryPolicy = {
@@ -62,7 +64,18 @@ export function backoffDelay(policy: RetryPolicy, attempt: number, random = Math
   return Math.round(ceiling / 2 + (random() * ceiling) / 2);
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    if (signal?.aborted) done();
+    else signal?.addEventListener('abort', done, { once: true });
+  });
+}
 
 /**
  * Runs `attempt` until it succeeds. Each call gets the attempt number; a
@@ -94,7 +107,7 @@ export async function withRetry<T>(
       }
       const delay = backoffDelay(policy, failures);
       policy.onRetry?.(err, failures, delay);
-      await sleep(delay);
+      await sleep(delay, policy.signal);
     }
   }
 }

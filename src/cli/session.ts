@@ -13,6 +13,7 @@ export interface TransferJson {
   size: number | null;
   state: string;
   task_id: string;
+  ttl_seconds: number;
   received: Range[];
   data_path: string;
   url?: string;
@@ -49,18 +50,26 @@ export async function openSession(
     body,
     management: true,
   });
-  const token = encodeURIComponent(t.token!);
   return {
     transfer: t,
-    session: {
-      id: t.id,
-      taskId: t.task_id,
-      token: t.token!,
-      // Built from --server rather than the returned url: the server may not know how it is reached.
-      dataUrl: `${client.server}${t.data_path}?token=${token}`,
-      statePath: `/v1/transfers/${encodeURIComponent(t.id)}?token=${token}`,
-      dataPath: `${t.data_path}?token=${token}`,
-    },
+    session: sessionOf(client, { id: t.id, task_id: t.task_id, token: t.token!, data_path: t.data_path }),
+  };
+}
+
+/** The URLs of a session known by its id and token (just opened, or saved by an earlier run). */
+export function sessionOf(
+  client: Client,
+  t: { id: string; task_id: string; token: string; data_path: string },
+): Session {
+  const token = encodeURIComponent(t.token);
+  return {
+    id: t.id,
+    taskId: t.task_id,
+    token: t.token,
+    // Built from --server rather than the returned url: the server may not know how it is reached.
+    dataUrl: `${client.server}${t.data_path}?token=${token}`,
+    statePath: `/v1/transfers/${encodeURIComponent(t.id)}?token=${token}`,
+    dataPath: `${t.data_path}?token=${token}`,
   };
 }
 

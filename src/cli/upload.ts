@@ -9,18 +9,27 @@
  * sent again. Finalize commits; if the server says ranges are missing (a
  * server that wants every byte, zeros included), they are sent and finalize
  * runs again.
+ *
+ * The session is saved (saved-sessions.ts) as soon as it is open. When the
+ * network or the server stays down past the retries, or the run is killed,
+ * the session is left open: running the same command again finds it, asks
+ * what the server already has, and sends only the rest. Ctrl-C and a
+ * refusal from the server end the session instead.
  */
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
+import { RangeSet } from '../transfer/range-set.js';
 import { type Client, callJson, errorOf, HttpError, request } from './http.js';
 import { createProgress, formatBytes, type Progress } from './progress.js';
-import { announcedRetries, type RetryPolicy, withRetry } from './retry.js';
+import { announcedRetries, isTransient, type RetryPolicy, withRetry } from './retry.js';
+import { SavedSessions, type SavedUpload } from './saved-sessions.js';
 import {
   missingIn,
   openSession,
   type Range,
   type Session,
   sendZeros,
+  sessionOf,
   type TaskJson,
   type TransferJson,
   transferState,
@@ -44,6 +53,10 @@ export interface UploadOptions {
   retry: RetryPolicy;
   /** Logs each request on stderr. */
   verbose?: boolean;
+  /** Where sessions are saved for a later run (saved-sessions.ts). */
+  stateDir: string;
+  /** Continue the session an earlier run of the same command left open (else cancel it and start over). */
+  resume: boolean;
 }
 
 export interface UploadSummary {
@@ -56,6 +69,8 @@ export interface UploadSummary {
   bytes_skipped: number;
   /** Zeros sent because finalize asked for them. */
   zero_bytes_filled: number;
+  /** Bytes the server already had from an earlier run of the same command. */
+  bytes_resumed: number;
   retries: number;
 }
 
@@ -84,26 +99,62 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
     const stat = await handle.stat();
     if (!stat.isFile()) throw new Error(`${opts.file} is not a regular file`);
     const size = stat.size;
-    const checksum = opts.checksum ? `sha256:${await sha256Of(handle, size)}` : undefined;
     const announced = announcedRetries(opts.retry, () => progress);
     const retry = announced.policy;
     let progress: Progress | undefined;
-    const { session } = await withRetry(retry, () =>
-      openSession(client, {
-        vdi: opts.vdi,
-        direction: 'upload',
-        format: opts.format,
-        size,
-        ...(checksum && { checksum }),
-        ...(opts.ttlSeconds !== undefined && { ttl_seconds: opts.ttlSeconds }),
-      }),
-    );
+    // "The same command": same VDI and format, and the same file, unchanged. Not the server's
+    // URL: another spelling of it must still find the session that holds the VDI.
+    const saved = new SavedSessions<SavedUpload>(opts.stateDir, 'upload', [
+      opts.vdi,
+      opts.format,
+      await fsp.realpath(opts.file),
+      size,
+      stat.mtimeMs,
+      opts.checksum,
+    ]);
+    const earlier = await savedSession(client, saved, size, retry, opts.resume);
+    let session: Session;
+    let received: Range[] = [];
+    let finalizing = false;
+    let ttlSeconds: number;
+    if (earlier) {
+      ({ session, ttlSeconds, finalizing } = earlier);
+      received = earlier.transfer.received;
+    } else {
+      const checksum = opts.checksum ? `sha256:${await sha256Of(handle, size)}` : undefined;
+      const opened = await withRetry(retry, () =>
+        openSession(client, {
+          vdi: opts.vdi,
+          direction: 'upload',
+          format: opts.format,
+          size,
+          ...(checksum && { checksum }),
+          ...(opts.ttlSeconds !== undefined && { ttl_seconds: opts.ttlSeconds }),
+        }),
+      );
+      session = opened.session;
+      ttlSeconds = opened.transfer.ttl_seconds;
+      await saved.save({
+        id: session.id,
+        task_id: session.taskId,
+        token: session.token,
+        data_path: opened.transfer.data_path,
+      });
+    }
+    const resumedBytes = new RangeSet(received).size();
+    if (earlier) {
+      process.stderr.write(
+        `diskport: resuming upload session ${session.id}: the server has ${formatBytes(resumedBytes)} of ${formatBytes(size)}\n`,
+      );
+    }
     progress = createProgress(`upload ${opts.format}`, size, opts.progress);
     // Ctrl-C gives the VDI back at once instead of leaving it busy until the session expires.
     const onInterrupt = () => {
       progress?.stop();
       process.stderr.write('diskport: interrupted; cancelling the upload session\n');
-      void cancelSession(client, session).finally(() => process.exit(130));
+      void cancelSession(client, session)
+        .then(() => saved.remove())
+        .finally(() => process.exit(130));
     };
     process.once('SIGINT', onInterrupt);
     process.once('SIGTERM', onInterrupt);
@@ -119,22 +170,30 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       let done = holeBytes;
       let skipped = holeBytes;
       progress.set(done);
-      const queue = [...pieces];
-      const sent: Range[] = [];
+      const queue = finalizing ? [] : [...pieces];
+      const sent: Range[] = [...received];
       const worker = async () => {
         for (let p = queue.shift(); p; p = queue.shift()) {
-          const buf = await readFull(handle, p.start, p.end);
-          const runs = dataRuns(buf, p.start);
-          for (const r of runs) await sender.send(r, buf.subarray(r.start - p.start, r.end - p.start));
-          sent.push(...runs.map((r): Range => [r.start, r.end]));
-          skipped += p.end - p.start - runs.reduce((n, r) => n + r.end - r.start, 0);
+          // What an earlier run already delivered is neither read nor sent again.
+          const todo = missingIn(received, p.start, p.end);
+          if (todo.length) {
+            const buf = await readFull(handle, p.start, p.end);
+            const runs = dataRuns(buf, p.start);
+            for (const r of runs) {
+              for (const [s, e] of missingIn(received, r.start, r.end)) {
+                await sender.send({ start: s, end: e }, buf.subarray(s - p.start, e - p.start));
+              }
+            }
+            sent.push(...runs.map((r): Range => [r.start, r.end]));
+            skipped += p.end - p.start - runs.reduce((n, r) => n + r.end - r.start, 0);
+          }
           done += p.end - p.start;
           progress?.set(done);
         }
       };
       await Promise.all(Array.from({ length: Math.max(1, opts.parallel) }, worker));
       // Everything not sent reads as zeros: say so, a few requests for any number of holes.
-      for (const [s, e] of missingIn(sent, 0, size)) {
+      for (const [s, e] of finalizing ? [] : missingIn(sent, 0, size)) {
         await withRetry(retry, () => sendZeros(client, session, s, e));
       }
 
@@ -169,6 +228,7 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       }
       progress.set(size);
       progress.stop();
+      await saved.remove();
       if (task.status !== 'success') {
         throw new HttpError(
           500,
@@ -183,12 +243,21 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
         bytes_sent: sender.bytesSent,
         bytes_skipped: Math.max(0, skipped),
         zero_bytes_filled: filled,
+        bytes_resumed: resumedBytes,
         retries: announced.count(),
       };
     } catch (err) {
       progress.stop();
-      // An open session holds the VDI (VDI_BUSY) until it expires: give it back.
-      await cancelSession(client, session);
+      if (isTransient(err)) {
+        // The link or the server is down for longer than the retries: what arrived stays, for the next run.
+        process.stderr.write(
+          `diskport: upload session ${session.id} stays open for ${ttlSeconds} s; run the same command again to resume it\n`,
+        );
+      } else {
+        // An open session holds the VDI (VDI_BUSY) until it expires: give it back.
+        await cancelSession(client, session);
+        await saved.remove();
+      }
       throw err;
     } finally {
       process.off('SIGINT', onInterrupt);
@@ -197,6 +266,42 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
   } finally {
     await handle.close();
   }
+}
+
+/**
+ * The session an earlier run of the same command saved, if the server still
+ * knows it as open, committing or committed. Without `resume`, it is cancelled.
+ */
+async function savedSession(
+  client: Client,
+  saved: SavedSessions<SavedUpload>,
+  size: number,
+  retry: RetryPolicy,
+  resume: boolean,
+): Promise<
+  { session: Session; transfer: TransferJson; ttlSeconds: number; finalizing: boolean } | undefined
+> {
+  const entry = await saved.load();
+  if (!entry) return undefined;
+  const session = sessionOf(client, entry);
+  if (resume) {
+    try {
+      const transfer = await withRetry(retry, () => transferState(client, session));
+      const known = ['open', 'finalizing', 'committed'].includes(transfer.state);
+      if (known && transfer.size === size) {
+        // All sent already (the earlier run stopped while committing, or before it heard the answer):
+        // finalize again, which waits for the commit or reports how it ended.
+        return { session, transfer, ttlSeconds: transfer.ttl_seconds, finalizing: transfer.state !== 'open' };
+      }
+    } catch (err) {
+      // Unreachable: opening a new session would fail the same way. Anything else: the session is gone.
+      if (isTransient(err)) throw err;
+    }
+  } else {
+    await cancelSession(client, session);
+  }
+  await saved.remove();
+  return undefined;
 }
 
 /** PUTs ranges of the stream, each retried until the server has all of it. */
@@ -305,6 +410,7 @@ export function describeUpload(s: UploadSummary): string {
   return (
     `uploaded ${formatBytes(s.size)}: sent ${formatBytes(s.bytes_sent)}, skipped ${formatBytes(s.bytes_skipped)} of zeros` +
     (s.zero_bytes_filled ? ` (the server asked for ${formatBytes(s.zero_bytes_filled)} of zeros)` : '') +
+    (s.bytes_resumed ? `, resumed with ${formatBytes(s.bytes_resumed)} already on the server` : '') +
     (s.retries ? `, ${s.retries} retries` : '') +
     `; task ${s.task.id}`
   );

@@ -10,6 +10,9 @@ export interface CutProxy {
   bytesUp: number;
   bytesDown: number;
   cuts: number;
+  /** The link goes down: open connections are cut, new ones reset at once, until `up()`. */
+  down(): void;
+  up(): void;
   close(): Promise<void>;
 }
 
@@ -30,18 +33,30 @@ export async function cutProxy(
   const { hostname, port } = new URL(target);
   const rnd = prng(opts.seed);
   let connections = 0;
+  let isDown = false;
   const sockets = new Set<net.Socket>();
   const state: CutProxy = {
     url: '',
     bytesUp: 0,
     bytesDown: 0,
     cuts: 0,
+    down() {
+      isDown = true;
+      for (const s of sockets) s.destroy();
+    },
+    up() {
+      isDown = false;
+    },
     async close() {
       for (const s of sockets) s.destroy();
       await new Promise((r) => server.close(r));
     },
   };
   const server = net.createServer((client) => {
+    if (isDown) {
+      client.resetAndDestroy();
+      return;
+    }
     const index = connections++;
     let budget =
       index < opts.cutConnections
