@@ -6,7 +6,8 @@
  * seconds (diskport's server process; qemu-img's own), then the ratios the
  * targets are about: diskport / qemu-img per conversion, diskport's import /
  * the same upload into a plain Node server, diskport's export / the same bytes
- * served by a plain Node server, vhd and qcow2 export / raw export.
+ * served by a plain Node server and / curl copying them from a local file
+ * (and that copy / qemu-img: what curl's file writes alone cost), vhd and qcow2 export / raw export.
  */
 import fs from 'node:fs';
 
@@ -73,6 +74,17 @@ for (const op of ['export-vhd', 'export-qcow2', 'import-vhd', 'import-qcow2']) {
     lines.push(
       `${`${op} diskport/node-pipe`.padEnd(40)} ${(d / served).toFixed(2)}x  (the same bytes, served from a file)`,
     );
+  }
+  // curl copying the same bytes from file:// to a file: no HTTP at all, only curl's writes
+  const curlFile = med[`${op}/curl-file`];
+  if (d && curlFile) {
+    lines.push(
+      `${`${op} diskport/curl-file`.padEnd(40)} ${(d / curlFile).toFixed(2)}x  (curl writing the same bytes from a local file)`,
+    );
+    if (q)
+      lines.push(
+        `${`${op} curl-file/qemu-img`.padEnd(40)} ${(curlFile / q).toFixed(2)}x  (no HTTP, no conversion)`,
+      );
   }
 }
 // The raw export goes to /dev/null (its 14 GiB of zeros would price curl's writes):
