@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
+import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { api, createVdi, sha256Url } from './helpers/api.js';
@@ -72,6 +73,50 @@ describe('resumable transfer sessions', () => {
     assert.equal(rest.status, 200, await rest.text());
     assert.equal((await finalize(t)).body.status, 'success');
     assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), sha256(data));
+  });
+
+  test('a chunk whose client went silent does not hold finalize once every byte has come another way', async () => {
+    const vdi = await createVdi(srv.url, 4 * MiB);
+    const data = seededBytes(4 * MiB, 23);
+    const t = await open({ vdi: vdi.id, direction: 'upload', format: 'raw', size: data.length });
+    // A client sends half of a 2 MiB chunk, then goes silent without closing its connection
+    // (a dropped link): the server cannot tell it from a slow one.
+    const { hostname, port, pathname, search } = new URL(t.url);
+    const silent = net.connect(Number(port), hostname);
+    let answer = '';
+    silent.on('data', (d) => {
+      answer += d;
+    });
+    silent.on('error', () => {});
+    silent.write(
+      `PUT ${pathname}${search} HTTP/1.1\r\nHost: ${hostname}\r\nContent-Range: bytes 0-${2 * MiB - 1}/${data.length}\r\n` +
+        `Content-Length: ${2 * MiB}\r\n\r\n`,
+    );
+    silent.write(data.subarray(0, MiB));
+    try {
+      await sleep(200);
+      // While bytes of its range are missing, the silent chunk may still bring them: busy.
+      const early = await finalize(t);
+      assert.equal(early.status, 409);
+      assert.equal((early.body as unknown as ErrorBody).error.code, 'TRANSFER_BUSY');
+      // The client comes back on a new connection and sends everything.
+      for (const start of [0, 2 * MiB]) {
+        const res = await putChunk(t.url, data.subarray(start, start + 2 * MiB), start, data.length);
+        assert.equal(res.status, 200, await res.text());
+      }
+      const started = Date.now();
+      const fin = await finalize(t);
+      assert.equal(fin.status, 202, JSON.stringify(fin.body));
+      assert.equal(fin.body.status, 'success');
+      assert.ok(Date.now() - started < 10_000, 'finalize did not wait for the idle timeout');
+      assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), sha256(data));
+      // The silent request is told why it was ended, should its client still be listening.
+      for (let i = 0; i < 50 && !answer.includes('\r\n\r\n{'); i++) await sleep(20);
+      assert.match(answer, /^HTTP\/1\.1 409/);
+      assert.match(answer, /CHUNK_SUPERSEDED/);
+    } finally {
+      silent.destroy();
+    }
   });
 
   test('chunks in random order, in parallel, with overlapping resends, finalize to the exact bytes', async () => {

@@ -69,6 +69,7 @@ export function transferRoutes(s: Services): Router {
     })
     .post('/v1/transfers/:id/finalize', async (req, res) => {
       const t = transferOf(s, req, res);
+      await s.transfers.endRedundantWrites(t.id);
       const started = s.transfers.finalize(t.id);
       const wait = Number(req.query.wait ?? 0);
       const task = wait > 0 ? await s.tasks.wait(started.id, Math.min(wait, 300)) : started;

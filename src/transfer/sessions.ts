@@ -118,6 +118,8 @@ interface Live {
   failure: ApiError | null;
   /** Called when the last write in progress ends. */
   idleWaiters: (() => void)[];
+  /** One per write in progress: ends it when its bytes are no longer needed (see endRedundantWrites). */
+  writeAborts: Set<AbortController>;
   /** A vhd/qcow2 upload into a raw VDI converts as it arrives (opened at the first write). */
   streaming: Promise<StreamingImport | null> | null;
 }
@@ -211,6 +213,7 @@ export class TransferService {
       finalizing: null,
       failure: null,
       idleWaiters: [],
+      writeAborts: new Set(),
       streaming: null,
     };
     this.live.set(t.id, live);
@@ -368,16 +371,27 @@ export class TransferService {
    */
   async settledUploadState(id: string, maxWaitMs = 2000): Promise<{ offset: number; length: number | null }> {
     const live = this.live.get(id);
-    if (live && live.writers > 0) {
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, maxWaitMs);
-        live.idleWaiters.push(() => {
-          clearTimeout(timer);
-          resolve();
-        });
-      });
-    }
+    if (live) await quiet(live, maxWaitMs);
     return this.uploadState(id);
+  }
+
+  /**
+   * Before a finalize: writes still running when every byte has arrived
+   * carry nothing the session needs. Typically their client vanished without
+   * closing the connection (a dropped link) and came back on another one;
+   * left alone, such a request would hold the session busy until the idle
+   * timeout. They are ended now, and told why.
+   */
+  async endRedundantWrites(id: string, maxWaitMs = 5000): Promise<void> {
+    const live = this.live.get(id);
+    if (!live || live.writers === 0 || live.finalizing || live.t.size === null) return;
+    if (live.ranges.missing(0, live.t.size).length) return;
+    const reason = new ConflictError(
+      'CHUNK_SUPERSEDED',
+      'the session was finalized while this chunk was still arriving; every byte of it had already arrived in other requests, so nothing was lost',
+    );
+    for (const c of live.writeAborts) c.abort(reason);
+    await quiet(live, maxWaitMs);
   }
 
   /** Offset and length for HEAD. */
@@ -411,6 +425,8 @@ export class TransferService {
     const expected = range ? range.end - range.start + 1 : (total ?? limit) - start;
     const progress = { written: 0 };
     live.writers++;
+    const superseded = new AbortController();
+    live.writeAborts.add(superseded);
     let recorded = start;
     // The one-shot import's session has no holder to resume it: nothing to make durable early.
     const durable = !chunk.fresh;
@@ -460,7 +476,7 @@ export class TransferService {
                 `upload is larger than ${total !== null ? `the declared ${total} bytes` : `the VDI allows (${formatBytes(limit)})`}`,
                 { limit: total ?? limit },
               ),
-        signal: live.task.signal,
+        signal: AbortSignal.any([live.task.signal, superseded.signal]),
         zeros: chunk.fresh ? 'skip' : 'punch',
         writable,
         progress,
@@ -510,6 +526,7 @@ export class TransferService {
       // Bytes it still gathers were not recorded (a body longer than its range): dropped.
       await writer?.close();
       streaming?.release();
+      live.writeAborts.delete(superseded);
       this.doneWriting(live);
     }
   }
@@ -969,4 +986,16 @@ export class TransferService {
   activeOn(vdiId: string): Transfer[] {
     return [...this.live.values()].filter((l) => l.t.vdi_id === vdiId).map((l) => l.t);
   }
+}
+
+/** Resolves when no write of the session is in progress, or after `maxWaitMs`. */
+function quiet(live: Live, maxWaitMs: number): Promise<void> {
+  if (live.writers === 0) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    const timer = setTimeout(resolve, maxWaitMs);
+    live.idleWaiters.push(() => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
 }
