@@ -1,14 +1,14 @@
 /**
  * Prometheus metrics (GET /metrics), in a registry of their own per service
  * instance. Everything is derived from tasks, so nothing in the transfer
- * paths knows about metrics: a finished task counts its outcome, duration
- * and bytes (import: received, export: sent), and the running transfers are
- * counted at scrape time.
+ * paths knows about metrics: a finished task counts its outcome and
+ * duration, the running transfers are counted at scrape time, and so are
+ * the bytes they have moved so far (import: received, export: sent), so a
+ * transfer of several hours shows its rate while it runs, not all at its end.
  */
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import { WIRE_FORMATS } from './formats/types.js';
-import type { TaskManager } from './tasks/task-manager.js';
-import type { Task } from './tasks/task-store.js';
+import type { RunningTask, TaskManager } from './tasks/task-manager.js';
 
 /** Which byte counter a task type moves; the types listed are transfers. */
 export const TRANSFER_DIRECTIONS: Readonly<Record<string, 'received' | 'sent'>> = {
@@ -23,13 +23,13 @@ export class Metrics {
   readonly registry = new Registry();
   readonly bytesReceived = new Counter({
     name: 'diskport_bytes_received_total',
-    help: 'Bytes received by finished imports, by wire format',
+    help: 'Bytes received by imports, by wire format (counted as they arrive)',
     labelNames: ['format'] as const,
     registers: [this.registry],
   });
   readonly bytesSent = new Counter({
     name: 'diskport_bytes_sent_total',
-    help: 'Bytes sent by finished exports, by wire format',
+    help: 'Bytes sent by exports, by wire format (counted as they leave)',
     labelNames: ['format'] as const,
     registers: [this.registry],
   });
@@ -47,8 +47,10 @@ export class Metrics {
     registers: [this.registry],
   });
   readonly activeTransfers: Gauge;
+  /** Per running transfer, how much of its bytes_done the byte counters already hold. */
+  private readonly counted = new Map<string, number>();
 
-  constructor(tasks: TaskManager) {
+  constructor(private readonly tasks: TaskManager) {
     this.activeTransfers = new Gauge({
       name: 'diskport_active_transfers',
       help: 'Imports and exports running now',
@@ -66,22 +68,39 @@ export class Metrics {
     }
   }
 
+  /** Brings the byte counters up to date with the transfers running now (before a scrape). */
+  countRunning(): void {
+    for (const task of this.tasks.running()) this.countBytes(task);
+  }
+
   /** Accounts for one finished task. */
-  recordFinished(task: Task): void {
-    this.tasksTotal.labels(task.type, task.status).inc();
-    const startedAt = Date.parse(task.started_at ?? task.created_at);
-    const finishedAt = Date.parse(task.finished_at ?? '');
+  recordFinished(task: RunningTask): void {
+    const record = task.record;
+    this.tasksTotal.labels(record.type, record.status).inc();
+    const startedAt = Date.parse(record.started_at ?? record.created_at);
+    const finishedAt = Date.parse(record.finished_at ?? '');
     if (Number.isFinite(startedAt) && Number.isFinite(finishedAt)) {
-      this.taskDuration.labels(task.type).observe(Math.max(0, finishedAt - startedAt) / 1000);
+      this.taskDuration.labels(record.type).observe(Math.max(0, finishedAt - startedAt) / 1000);
     }
-    const direction = TRANSFER_DIRECTIONS[task.type];
-    if (!direction || task.bytes_done <= 0) return;
-    // A task's format is only recorded in its result, which a failed task does not have.
-    const format = typeof task.result?.format === 'string' ? task.result.format : 'unknown';
-    (direction === 'received' ? this.bytesReceived : this.bytesSent).labels(format).inc(task.bytes_done);
+    this.countBytes(task);
+    this.counted.delete(record.id);
+  }
+
+  /** Adds what a transfer has moved since it was last counted (in this process). */
+  private countBytes(task: RunningTask): void {
+    const direction = TRANSFER_DIRECTIONS[task.record.type];
+    if (!direction) return;
+    const done = task.record.bytes_done;
+    const before = this.counted.get(task.record.id) ?? task.bytesBefore;
+    // Received ranges can shrink (bytes dropped by a failed write): counters only go up.
+    if (done <= before) return;
+    this.counted.set(task.record.id, done);
+    const format = task.format ?? 'unknown';
+    (direction === 'received' ? this.bytesReceived : this.bytesSent).labels(format).inc(done - before);
   }
 
   async render(): Promise<{ contentType: string; body: string }> {
+    this.countRunning();
     return { contentType: this.registry.contentType, body: await this.registry.metrics() };
   }
 }

@@ -79,7 +79,11 @@ describe('GET /metrics', () => {
     assert.equal(failures(await scrape(srv.url)), before + 1);
   });
 
-  test('an upload in progress is an active transfer until it ends', async () => {
+  test('an upload in progress is an active transfer, shows its progress, and its bytes count as they arrive, once', async () => {
+    const before = await scrape(srv.url);
+    const received = (text: string) =>
+      (sample(text, 'diskport_bytes_received_total', { format: 'raw' }) ?? 0) -
+      (sample(before, 'diskport_bytes_received_total', { format: 'raw' }) ?? 0);
     const vdi = await createVdi(srv.url, 8 * MiB);
     const { port } = new URL(srv.url);
     const req = http.request({
@@ -96,17 +100,48 @@ describe('GET /metrics', () => {
       });
       req.on('error', reject);
     });
-    req.write(seededBytes(MiB, 7));
-    let running = 0;
-    for (let i = 0; i < 100 && running === 0; i++) {
-      running = (await api<unknown[]>(srv.url, 'GET', `/v1/tasks?status=running&vdi=${vdi.id}`)).body.length;
-      if (running === 0) await new Promise((r) => setTimeout(r, 20));
+    req.write(seededBytes(3 * MiB, 7));
+    let running: { id: string; bytes_done: number }[] = [];
+    for (let i = 0; i < 100 && !(running[0]?.bytes_done >= 3 * MiB); i++) {
+      running = (await api<typeof running>(srv.url, 'GET', `/v1/tasks?status=running&vdi=${vdi.id}`)).body;
+      await new Promise((r) => setTimeout(r, 50));
     }
-    assert.equal(running, 1, 'the import task is running');
-    assert.equal(sample(await scrape(srv.url), 'diskport_active_transfers'), 1);
-    req.end(seededBytes(7 * MiB, 8));
+    assert.equal(running.length, 1, 'the import task is running');
+    assert.equal(running[0].bytes_done, 3 * MiB, 'the task shows the bytes that arrived, while it runs');
+    const during = await scrape(srv.url);
+    assert.equal(sample(during, 'diskport_active_transfers'), 1);
+    assert.equal(received(during), 3 * MiB, 'the byte counter moves while the upload runs');
+    req.end(seededBytes(5 * MiB, 8));
     assert.equal(await response, 200);
-    assert.equal(sample(await scrape(srv.url), 'diskport_active_transfers'), 0);
+    const after = await scrape(srv.url);
+    assert.equal(sample(after, 'diskport_active_transfers'), 0);
+    assert.equal(received(after), 8 * MiB, 'every byte counted once');
+  });
+
+  test('an export in progress counts the bytes it has sent', async () => {
+    const before = await scrape(srv.url);
+    const vdi = await createVdi(srv.url, 256 * MiB);
+    const { port } = new URL(srv.url);
+    // A client that stops reading: the export waits on the socket, mid-disk.
+    const res = await new Promise<http.IncomingMessage>((resolve, reject) =>
+      http
+        .get({ host: '127.0.0.1', port, path: `/v1/vdis/${vdi.id}/contents?format=raw` }, resolve)
+        .on('error', reject),
+    );
+    res.pause();
+    try {
+      let sent = 0;
+      for (let i = 0; i < 100 && sent === 0; i++) {
+        await new Promise((r) => setTimeout(r, 50));
+        const text = await scrape(srv.url);
+        sent =
+          (sample(text, 'diskport_bytes_sent_total', { format: 'raw' }) ?? 0) -
+          (sample(before, 'diskport_bytes_sent_total', { format: 'raw' }) ?? 0);
+      }
+      assert.ok(sent > 0 && sent < 256 * MiB, `${sent} bytes counted while the export waits`);
+    } finally {
+      res.destroy();
+    }
   });
 
   test('checksum tasks are counted by type', async () => {

@@ -47,7 +47,7 @@ export async function sendExport(
       await writeBody(res, rep, plan, session.onBytes).catch(() => res.destroy());
       return;
     }
-    const task = s.tasks.start('export', vdiId, { bytesTotal: plan.bodyLength });
+    const task = s.tasks.start('export', vdiId, { bytesTotal: plan.bodyLength, format });
     res.setHeader('X-Task-Id', task.id);
     try {
       await writeBody(res, rep, plan, (n) => task.addBytes(n), task.signal);

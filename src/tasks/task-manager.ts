@@ -19,11 +19,17 @@ const FINISHED_EVENT = Symbol('finished');
 export class RunningTask {
   private readonly abort = new AbortController();
   private lastPersist = 0;
+  /** Bytes done before this process took the task on (a transfer resumed after a restart). */
+  readonly bytesBefore: number;
 
   constructor(
     readonly record: Task,
     private readonly manager: TaskManager,
-  ) {}
+    /** The wire format a transfer moves, for the metrics' labels (not persisted). */
+    readonly format?: string,
+  ) {
+    this.bytesBefore = record.bytes_done;
+  }
 
   get id(): string {
     return this.record.id;
@@ -51,6 +57,11 @@ export class RunningTask {
       this.lastPersist = now;
       this.manager.persist(this.record);
     }
+  }
+
+  /** For an operation that knows how far it is rather than how much it just did. */
+  setBytesDone(n: number): void {
+    if (n > this.record.bytes_done) this.addBytes(n - this.record.bytes_done);
   }
 
   private updateProgress(): void {
@@ -100,7 +111,7 @@ export class TaskManager {
   start(
     type: string,
     vdi: string | null,
-    opts: { id?: string; bytesTotal?: number | null; stagingPath?: string } = {},
+    opts: { id?: string; bytesTotal?: number | null; stagingPath?: string; format?: string } = {},
   ): RunningTask {
     const now = nowIso();
     const record: Task = {
@@ -118,9 +129,14 @@ export class TaskManager {
       result: null,
     };
     this.store.insert(record, opts.stagingPath ?? null);
-    const task = new RunningTask(record, this);
+    const task = new RunningTask(record, this, opts.format);
     this.live.set(record.id, task);
     return task;
+  }
+
+  /** The tasks this process is running now. */
+  running(): RunningTask[] {
+    return [...this.live.values()];
   }
 
   persist(record: Task): void {
@@ -131,11 +147,11 @@ export class TaskManager {
     this.store.update(task.record);
     this.live.delete(task.id);
     this.events.emit(task.id, task.record);
-    this.events.emit(FINISHED_EVENT, task.record);
+    this.events.emit(FINISHED_EVENT, task);
   }
 
   /** Calls `listener` with every task as it finishes (any final status); returns the unsubscribe function. */
-  onFinished(listener: (task: Task) => void): () => void {
+  onFinished(listener: (task: RunningTask) => void): () => void {
     this.events.on(FINISHED_EVENT, listener);
     return () => this.events.off(FINISHED_EVENT, listener);
   }
@@ -198,11 +214,11 @@ export class TaskManager {
   }
 
   /** Takes a running task of a previous process back under live control (a resumed transfer). */
-  adopt(id: string): RunningTask {
+  adopt(id: string, format?: string): RunningTask {
     const live = this.live.get(id);
     if (live) return live;
     const record = this.get(id);
-    const task = new RunningTask(record, this);
+    const task = new RunningTask(record, this, format);
     this.live.set(id, task);
     return task;
   }

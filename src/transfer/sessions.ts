@@ -183,7 +183,7 @@ export class TransferService {
         continue;
       }
       try {
-        const live = this.attach(t, this.tasks.adopt(t.task_id));
+        const live = this.attach(t, this.tasks.adopt(t.task_id, t.format));
         if (t.state === 'finalizing') {
           this.logger?.info({ transfer: t.id }, 'finishing a finalize interrupted by a restart');
           live.finalizing = this.runFinalize(live);
@@ -280,6 +280,7 @@ export class TransferService {
       }
       const task = this.tasks.start(upload ? 'import' : 'export', vdi.id, {
         id: taskId,
+        format: t.format,
         bytesTotal: t.size,
         stagingPath: staging ?? undefined,
       });
@@ -493,12 +494,13 @@ export class TransferService {
         // never touches bytes that a parallel chunk delivers.
         received = await this.landVerified(live, body, handle!, landing, chunk.digest);
       } else {
-        if (durable) {
-          checkpoints = setInterval(
-            () => void record(start + progress.written).catch(() => {}),
-            CHECKPOINT_INTERVAL_MS,
-          );
-        }
+        checkpoints = setInterval(
+          durable
+            ? () => void record(start + progress.written).catch(() => {})
+            : // Nothing to make durable early, but the task still shows how far the upload is.
+              () => live.task.setBytesDone(live.ranges.size() + progress.written),
+          CHECKPOINT_INTERVAL_MS,
+        );
         received = await landStream(body, handle!, landing);
       }
       if (range && received < expected && !chunk.partial) {
