@@ -5,6 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import { promises as fsp } from 'node:fs';
 import os from 'node:os';
@@ -410,6 +411,138 @@ describe('the diskport CLI over a connection that breaks', () => {
     assert.equal(await sha256File(out), await sha256File(whole), 'byte-identical to one whole export');
     await execFileP('qemu-img', ['compare', '-f', 'raw', '-F', 'vpc', source, out]);
     assert.deepEqual(await savedEntries(), []);
+  });
+
+  /** Spawns the CLI; resolves once stderr matches `ready`, with the child and its stderr so far. */
+  async function spawnCliUntil(args: string[], ready: RegExp) {
+    const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], {
+      cwd: ROOT,
+      env: { ...process.env, ...CLI_ENV },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const out = { stderr: '' };
+    child.stderr.on('data', (d) => {
+      out.stderr += d;
+    });
+    while (!ready.test(out.stderr)) {
+      if (child.exitCode !== null) assert.fail(`the CLI exited ${child.exitCode}: ${out.stderr}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    return { child, out, exited: once(child, 'exit') };
+  }
+
+  test('a file started afresh forgets what an earlier run saved: a later resume never trusts stale bytes', async () => {
+    const out = path.join(dir, 'restarted.img');
+    // One proxy, so one server URL: all three runs are the same command as far as resuming goes.
+    const proxy = await cutProxy(srv.url, {
+      seed: 89,
+      cutConnections: 0,
+      direction: 'down',
+      minBytes: 0,
+      maxBytes: 0,
+    });
+    const args = ['download', '--vdi', rawVdi, '-o', out, '--server', proxy.url];
+    try {
+      // Run 1 stops with some 8 MiB written and saved.
+      assert.equal((await runUntilLinkDies(args.slice(0, -2), proxy, 8 * MiB)).code, 1);
+      assert.equal((await savedEntries()).length, 1);
+      // Run 2 starts the file over (--no-resume), and is killed (-9) after its first MiB, before any checkpoint.
+      const from = proxy.bytesDown;
+      const watch = setInterval(() => {
+        if (proxy.bytesDown - from >= MiB) proxy.down();
+      }, 5);
+      try {
+        const run2 = await spawnCliUntil(
+          [...args, '--no-resume', '--no-progress', '--retry-delay', '5000'],
+          /retry/,
+        );
+        run2.child.kill('SIGKILL');
+        await run2.exited;
+      } finally {
+        clearInterval(watch);
+        proxy.up();
+      }
+      // Run 3: what run 1 saved no longer describes the file, so it must not resume from there.
+      const run3 = await runCli([...args, ...RETRY_FAST]);
+      assert.equal(run3.code, 0, run3.stderr);
+      assert.equal(JSON.parse(run3.stdout).bytes_resumed, 0);
+    } finally {
+      await proxy.close();
+    }
+    assert.equal(await sha256File(out), await sha256File(source));
+    assert.deepEqual(await savedEntries(), []);
+  });
+
+  test('Ctrl-C while the link is down keeps the upload session it could not cancel; the next run resumes it', async () => {
+    const vdi = (await createVdi(srv.url, 32 * MiB)).id;
+    const proxy = await cutProxy(srv.url, {
+      seed: 101,
+      cutConnections: 0,
+      direction: 'up',
+      minBytes: 0,
+      maxBytes: 0,
+    });
+    const watch = setInterval(() => {
+      if (proxy.bytesUp >= 6 * MiB) proxy.down();
+    }, 5);
+    const args = ['upload', source, '--vdi', vdi, '--server', proxy.url, '--chunk-size', '1M'];
+    try {
+      const run = await spawnCliUntil([...args, '--no-progress', '--retry-delay', '2000'], /retry/);
+      run.child.kill('SIGINT');
+      const [code] = await run.exited;
+      assert.equal(code, 130, run.out.stderr);
+      assert.match(run.out.stderr, /could not be cancelled now; run the same command again to resume it/);
+      clearInterval(watch);
+      proxy.up();
+      const again = await runCli([...args, ...RETRY_FAST]);
+      assert.equal(again.code, 0, again.stderr);
+      assert.ok(JSON.parse(again.stdout).bytes_resumed > 0, 'the kept session was resumed');
+    } finally {
+      clearInterval(watch);
+      await proxy.close();
+    }
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`), await sha256File(source));
+  });
+
+  test('an upload of another file into the VDI ends the session an earlier run left for the first', async () => {
+    const vdi = (await createVdi(srv.url, 32 * MiB)).id;
+    const proxy = await cutProxy(srv.url, {
+      seed: 103,
+      cutConnections: 0,
+      direction: 'up',
+      minBytes: 0,
+      maxBytes: 0,
+    });
+    try {
+      const first = await runUntilLinkDies(
+        ['upload', source, '--vdi', vdi, '--chunk-size', '1M'],
+        proxy,
+        4 * MiB,
+      );
+      assert.equal(first.code, 1, first.stderr);
+    } finally {
+      await proxy.close();
+    }
+    const other = path.join(dir, 'other.img');
+    await fsp.writeFile(other, seededBytes(8 * MiB, 5));
+    const r = await runCli(['upload', other, '--vdi', vdi, '--server', srv.url, ...RETRY_FAST]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, /cancelling upload session \S+, which an earlier run left open for .*source\.img/);
+    const expected = Buffer.concat([seededBytes(8 * MiB, 5), Buffer.alloc(24 * MiB)]);
+    assert.equal(
+      await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`),
+      createHash('sha256').update(expected).digest('hex'),
+    );
+  });
+
+  test('a state directory that cannot be written costs resumability, not the upload', async () => {
+    const vdi = (await createVdi(srv.url, 32 * MiB)).id;
+    const r = await runCli(['upload', source, '--vdi', vdi, '--server', srv.url, ...RETRY_FAST], {
+      DISKPORT_STATE_DIR: '/dev/null/diskport',
+    });
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, /cannot save this run's state in \/dev\/null\/diskport/);
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`), await sha256File(source));
   });
 
   test('Ctrl-C during a download saves where it got to; the next run continues from there', async () => {

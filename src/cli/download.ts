@@ -19,7 +19,7 @@ import { type Client, errorOf, HttpError, request } from './http.js';
 import { createProgress, formatBytes, type Progress } from './progress.js';
 import { announcedRetries, type RetryPolicy, withRetry } from './retry.js';
 import { type SavedDownload, SavedSessions } from './saved-sessions.js';
-import { openSession } from './session.js';
+import { openSession, type Session } from './session.js';
 import { isZero, ZERO_BLOCK_BYTES } from './sparse-reader.js';
 
 /** Bytes gathered before they are checked for zeros and written. */
@@ -65,15 +65,20 @@ class SparseWriter {
   private pendingBytes = 0;
   skipped = 0;
 
+  /** Everything before this offset was written (or is a hole): moves only once the writes succeeded. */
+  private flushed: number;
+
   constructor(
     private readonly out: fsp.FileHandle,
     /** Offset of the next byte to arrive. */
     public pos: number,
-  ) {}
+  ) {
+    this.flushed = pos;
+  }
 
-  /** Everything before this offset is on disk (or a hole). */
+  /** Everything before this offset is in the file (or a hole there). */
   get written(): number {
-    return this.pos - this.pendingBytes;
+    return this.flushed;
   }
 
   async push(chunk: Buffer): Promise<void> {
@@ -107,6 +112,7 @@ class SparseWriter {
       b = next;
     }
     if (runStart >= 0) await this.write(buf, runStart, buf.length, base);
+    this.flushed = base + buf.length;
   }
 
   private async write(buf: Buffer, start: number, end: number, base: number): Promise<void> {
@@ -123,14 +129,6 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
   let progress: Progress | undefined;
   const announced = announcedRetries(opts.retry, () => progress);
   const retry = announced.policy;
-  const { session } = await withRetry(retry, () =>
-    openSession(client, {
-      vdi: opts.vdi,
-      direction: 'download',
-      format: opts.format,
-      ...(opts.ttlSeconds !== undefined && { ttl_seconds: opts.ttlSeconds }),
-    }),
-  );
   // The server's URL too: an ETag names a disk's generation on one server, and only there does
   // it say that the bytes written so far are still the disk's.
   const saved = new SavedSessions<SavedDownload>(opts.stateDir, 'download', [
@@ -139,10 +137,30 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
     opts.format,
     path.resolve(opts.output),
   ]);
-  const { out, earlier } = await openOutput(opts.output, opts.resume ? await saved.load() : undefined);
+  let session: Session;
+  try {
+    ({ session } = await withRetry(retry, () =>
+      openSession(client, {
+        vdi: opts.vdi,
+        direction: 'download',
+        format: opts.format,
+        ...(opts.ttlSeconds !== undefined && { ttl_seconds: opts.ttlSeconds }),
+      }),
+    ));
+  } catch (err) {
+    // Refused (the VDI is gone, say): nothing written so far will ever be continued.
+    if (err instanceof HttpError && err.status < 500) await saved.remove();
+    throw err;
+  }
+  const { out, fileId, earlier } = await openOutput(
+    opts.output,
+    opts.resume ? await saved.load() : undefined,
+  );
+  // A file started afresh: an entry left for an earlier one must not describe it.
+  if (!earlier) await saved.remove();
   let total = earlier?.total;
   let etag = earlier?.etag;
-  const resumed = earlier?.written ?? 0;
+  let resumed = earlier?.written ?? 0;
   if (earlier) {
     process.stderr.write(
       `diskport: resuming the download into ${opts.output} at ${formatBytes(resumed)} of ${formatBytes(earlier.total)}\n`,
@@ -157,7 +175,7 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
     const written = writer.current.written;
     if (etag === undefined || total === undefined || written === checkpointed) return;
     await out.datasync();
-    await saved.save({ etag, total, written });
+    await saved.save({ file_id: fileId, etag, total, written });
     checkpointed = written;
   };
   // Ctrl-C: the GET is aborted, what arrived is flushed and saved, and the run ends.
@@ -193,6 +211,8 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
             // If-Range did not match: the disk changed since the first byte. Start over.
             progress?.log('diskport: the disk changed during the download (new ETag); starting over');
             restarts++;
+            resumed = 0;
+            await saved.remove();
             await out.truncate(0);
             sparse = 0;
             writer.current = new SparseWriter(out, 0);
@@ -263,7 +283,8 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
   } catch (err) {
     progress?.stop();
     // A refusal from the server (the VDI is gone, say) is final; anything else can be continued.
-    if (!(err instanceof HttpError && err.status < 500)) {
+    if (err instanceof HttpError && err.status < 500) await saved.remove();
+    else {
       await checkpoint().catch(() => {});
       if (checkpointed > 0) {
         process.stderr.write(
@@ -281,16 +302,28 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
 
 /**
  * The output file: continued where an earlier run saved it was written up to
- * (anything after that is cut, as it was never synced), or created afresh.
+ * (anything after that is cut, as it was never synced), if it is still the
+ * file that run wrote; else created afresh.
  */
 async function openOutput(
   file: string,
   saved: SavedDownload | undefined,
-): Promise<{ out: fsp.FileHandle; earlier?: SavedDownload }> {
-  const out = saved && (await fsp.open(file, 'r+').catch(() => undefined));
-  if (!out) return { out: await fsp.open(file, 'w') }; // nothing to continue: start over
-  await out.truncate(saved.written);
-  return { out, earlier: saved };
+): Promise<{ out: fsp.FileHandle; fileId: string; earlier?: SavedDownload }> {
+  const kept = saved && (await fsp.open(file, 'r+').catch(() => undefined));
+  if (kept && saved) {
+    const fileId = idOf(await kept.stat());
+    if (fileId === saved.file_id) {
+      await kept.truncate(saved.written);
+      return { out: kept, fileId, earlier: saved };
+    }
+    await kept.close();
+  }
+  const out = await fsp.open(file, 'w');
+  return { out, fileId: idOf(await out.stat()) };
+}
+
+function idOf(st: { dev: number; ino: number }): string {
+  return `${st.dev}:${st.ino}`;
 }
 
 export function describeDownload(s: DownloadSummary): string {

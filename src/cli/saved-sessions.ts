@@ -22,15 +22,27 @@ export function defaultStateDir(env: NodeJS.ProcessEnv = process.env): string {
   return path.join(base, 'diskport');
 }
 
-/** An upload session, as `sessionOf` takes it. */
+/** An upload session, as `sessionOf` takes it, and what it was sending. */
 export interface SavedUpload {
   id: string;
   task_id: string;
   token: string;
   data_path: string;
+  source: UploadSource;
+}
+
+/** What makes a later upload into the same VDI "the same command": the same file, unchanged. */
+export interface UploadSource {
+  file: string;
+  format: string;
+  size: number;
+  mtime_ms: number;
+  checksum: boolean;
 }
 
 export interface SavedDownload {
+  /** The output file's identity (`dev:ino`): a file put in its place since is not continued. */
+  file_id: string;
   etag: string;
   /** Size of the whole download. */
   total: number;
@@ -40,8 +52,9 @@ export interface SavedDownload {
 
 export class SavedSessions<T extends object> {
   private readonly file: string;
+  private warned = false;
 
-  /** `identity`: everything that makes a later run "the same command" (server, VDI, format, file...). */
+  /** `identity`: what names the entry (an upload's VDI; a download's server, VDI, format and output). */
   constructor(dir: string, kind: 'upload' | 'download', identity: readonly (string | number | boolean)[]) {
     const key = createHash('sha256')
       .update(JSON.stringify([kind, ...identity]))
@@ -63,16 +76,31 @@ export class SavedSessions<T extends object> {
     }
   }
 
+  /**
+   * Saves the entry. Best effort: a state directory that cannot be written
+   * (a read-only home, say) costs the next run its head start, not this run
+   * its transfer, so the failure is said once on stderr and the run goes on.
+   */
   async save(value: T): Promise<void> {
-    await fsp.mkdir(path.dirname(this.file), { recursive: true, mode: 0o700 });
     const tmp = `${this.file}.${process.pid}.tmp`;
-    await fsp.writeFile(tmp, `${JSON.stringify({ ...value, saved_at: new Date().toISOString() })}\n`, {
-      mode: 0o600,
-    });
-    await fsp.rename(tmp, this.file);
+    try {
+      await fsp.mkdir(path.dirname(this.file), { recursive: true, mode: 0o700 });
+      await fsp.writeFile(tmp, `${JSON.stringify({ ...value, saved_at: new Date().toISOString() })}\n`, {
+        mode: 0o600,
+      });
+      await fsp.rename(tmp, this.file);
+    } catch (err) {
+      await fsp.rm(tmp, { force: true }).catch(() => {});
+      if (!this.warned) {
+        this.warned = true;
+        process.stderr.write(
+          `diskport: cannot save this run's state in ${path.dirname(this.file)} (${(err as Error).message}); a later run will not be able to resume it\n`,
+        );
+      }
+    }
   }
 
   async remove(): Promise<void> {
-    await fsp.rm(this.file, { force: true });
+    await fsp.rm(this.file, { force: true }).catch(() => {});
   }
 }

@@ -22,7 +22,7 @@ import { RangeSet } from '../transfer/range-set.js';
 import { type Client, callJson, errorOf, HttpError, request } from './http.js';
 import { createProgress, formatBytes, type Progress } from './progress.js';
 import { announcedRetries, isTransient, type RetryPolicy, withRetry } from './retry.js';
-import { SavedSessions, type SavedUpload } from './saved-sessions.js';
+import { SavedSessions, type SavedUpload, type UploadSource } from './saved-sessions.js';
 import {
   missingIn,
   openSession,
@@ -102,17 +102,17 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
     const announced = announcedRetries(opts.retry, () => progress);
     const retry = announced.policy;
     let progress: Progress | undefined;
-    // "The same command": same VDI and format, and the same file, unchanged. Not the server's
-    // URL: another spelling of it must still find the session that holds the VDI.
-    const saved = new SavedSessions<SavedUpload>(opts.stateDir, 'upload', [
-      opts.vdi,
-      opts.format,
-      await fsp.realpath(opts.file),
+    // One entry per VDI, as the server allows one upload session per VDI: a session an earlier
+    // run left for another file (or this one since changed) holds the VDI, and is ended here.
+    const saved = new SavedSessions<SavedUpload>(opts.stateDir, 'upload', [opts.vdi]);
+    const source: UploadSource = {
+      file: await fsp.realpath(opts.file),
+      format: opts.format,
       size,
-      stat.mtimeMs,
-      opts.checksum,
-    ]);
-    const earlier = await savedSession(client, saved, size, retry, opts.resume);
+      mtime_ms: stat.mtimeMs,
+      checksum: opts.checksum,
+    };
+    const earlier = await savedSession(client, saved, source, retry, opts.resume);
     let session: Session;
     let received: Range[] = [];
     let finalizing = false;
@@ -139,9 +139,11 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
         task_id: session.taskId,
         token: session.token,
         data_path: opened.transfer.data_path,
+        source,
       });
     }
-    const resumedBytes = new RangeSet(received).size();
+    const have = new RangeSet(received);
+    const resumedBytes = have.size();
     if (earlier) {
       process.stderr.write(
         `diskport: resuming upload session ${session.id}: the server has ${formatBytes(resumedBytes)} of ${formatBytes(size)}\n`,
@@ -152,12 +154,11 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
     const onInterrupt = () => {
       progress?.stop();
       process.stderr.write('diskport: interrupted; cancelling the upload session\n');
-      void cancelSession(client, session)
-        .then(() => saved.remove())
-        .finally(() => process.exit(130));
+      void endSession(client, session, saved).finally(() => process.exit(130));
     };
     process.once('SIGINT', onInterrupt);
     process.once('SIGTERM', onInterrupt);
+    let ended = false;
     const sender = new ChunkSender(
       client,
       session,
@@ -175,12 +176,11 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       const worker = async () => {
         for (let p = queue.shift(); p; p = queue.shift()) {
           // What an earlier run already delivered is neither read nor sent again.
-          const todo = missingIn(received, p.start, p.end);
-          if (todo.length) {
+          if (have.missing(p.start, p.end).length) {
             const buf = await readFull(handle, p.start, p.end);
             const runs = dataRuns(buf, p.start);
             for (const r of runs) {
-              for (const [s, e] of missingIn(received, r.start, r.end)) {
+              for (const [s, e] of have.missing(r.start, r.end)) {
                 await sender.send({ start: s, end: e }, buf.subarray(s - p.start, e - p.start));
               }
             }
@@ -228,6 +228,8 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       }
       progress.set(size);
       progress.stop();
+      // The session has ended, however its task did: nothing is left for a later run.
+      ended = true;
       await saved.remove();
       if (task.status !== 'success') {
         throw new HttpError(
@@ -248,15 +250,16 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       };
     } catch (err) {
       progress.stop();
-      if (isTransient(err)) {
+      if (ended) {
+        // the import task failed: the session is over, and said so
+      } else if (isTransient(err)) {
         // The link or the server is down for longer than the retries: what arrived stays, for the next run.
         process.stderr.write(
           `diskport: upload session ${session.id} stays open for ${ttlSeconds} s; run the same command again to resume it\n`,
         );
       } else {
         // An open session holds the VDI (VDI_BUSY) until it expires: give it back.
-        await cancelSession(client, session);
-        await saved.remove();
+        await endSession(client, session, saved);
       }
       throw err;
     } finally {
@@ -270,12 +273,13 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
 
 /**
  * The session an earlier run of the same command saved, if the server still
- * knows it as open, committing or committed. Without `resume`, it is cancelled.
+ * knows it as open, committing or committed. One an earlier run left for
+ * another file, or any with --no-resume, is cancelled: it holds the VDI.
  */
 async function savedSession(
   client: Client,
   saved: SavedSessions<SavedUpload>,
-  size: number,
+  source: UploadSource,
   retry: RetryPolicy,
   resume: boolean,
 ): Promise<
@@ -284,11 +288,11 @@ async function savedSession(
   const entry = await saved.load();
   if (!entry) return undefined;
   const session = sessionOf(client, entry);
-  if (resume) {
+  const same = JSON.stringify(entry.source) === JSON.stringify(source);
+  if (resume && same) {
     try {
       const transfer = await withRetry(retry, () => transferState(client, session));
-      const known = ['open', 'finalizing', 'committed'].includes(transfer.state);
-      if (known && transfer.size === size) {
+      if (['open', 'finalizing', 'committed'].includes(transfer.state) && transfer.size === source.size) {
         // All sent already (the earlier run stopped while committing, or before it heard the answer):
         // finalize again, which waits for the commit or reports how it ended.
         return { session, transfer, ttlSeconds: transfer.ttl_seconds, finalizing: transfer.state !== 'open' };
@@ -297,10 +301,15 @@ async function savedSession(
       // Unreachable: opening a new session would fail the same way. Anything else: the session is gone.
       if (isTransient(err)) throw err;
     }
-  } else {
-    await cancelSession(client, session);
+    await saved.remove();
+    return undefined;
   }
-  await saved.remove();
+  if (!same) {
+    process.stderr.write(
+      `diskport: cancelling upload session ${entry.id}, which an earlier run left open for ${entry.source?.file ?? 'another file'}\n`,
+    );
+  }
+  await endSession(client, session, saved);
   return undefined;
 }
 
@@ -394,16 +403,38 @@ async function taskOf(client: Client, session: Session, cause: HttpError): Promi
   }
 }
 
-async function cancelSession(client: Client, session: Session): Promise<void> {
+/**
+ * Cancels the session and forgets it, once the server says it has ended (or
+ * never knew it). If the server cannot be reached, or is committing it, the
+ * entry stays: the next run resumes it, or with --no-resume cancels it.
+ */
+async function endSession(
+  client: Client,
+  session: Session,
+  saved: SavedSessions<SavedUpload>,
+): Promise<void> {
   const path = `/v1/transfers/${encodeURIComponent(session.id)}?token=${encodeURIComponent(session.token)}`;
-  await request(client.server + path, {
-    method: 'DELETE',
-    dispatcher: client.agent,
-    headersTimeout: 5000,
-    bodyTimeout: 5000,
-  })
-    .then((r) => r.body.dump())
-    .catch(() => {});
+  let ended = false;
+  try {
+    const res = await request(client.server + path, {
+      method: 'DELETE',
+      dispatcher: client.agent,
+      headersTimeout: 5000,
+      bodyTimeout: 5000,
+    });
+    // 409 TRANSFER_NOT_ACTIVE: it ended already; TRANSFER_FINALIZING: it is being committed.
+    const code = res.statusCode < 300 ? '' : (await errorOf(res, 'DELETE')).code;
+    ended = res.statusCode < 300 || res.statusCode === 404 || code === 'TRANSFER_NOT_ACTIVE';
+    if (res.statusCode < 300) await res.body.dump();
+  } catch {
+    // unreachable: the entry stays
+  }
+  if (ended) await saved.remove();
+  else {
+    process.stderr.write(
+      `diskport: upload session ${session.id} could not be cancelled now; run the same command again to resume it, or with --no-resume to cancel it\n`,
+    );
+  }
 }
 
 export function describeUpload(s: UploadSummary): string {

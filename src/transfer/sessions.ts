@@ -994,10 +994,15 @@ export class TransferService {
 function quiet(live: Live, maxWaitMs: number): Promise<void> {
   if (live.writers === 0) return Promise.resolve();
   return new Promise<void>((resolve) => {
-    const timer = setTimeout(resolve, maxWaitMs);
-    live.idleWaiters.push(() => {
+    const wake = () => {
       clearTimeout(timer);
       resolve();
-    });
+    };
+    const timer = setTimeout(() => {
+      const i = live.idleWaiters.indexOf(wake);
+      if (i >= 0) live.idleWaiters.splice(i, 1);
+      resolve();
+    }, maxWaitMs);
+    live.idleWaiters.push(wake);
   });
 }
