@@ -278,6 +278,10 @@ describe('the diskport CLI over a connection that breaks', () => {
     await execFileP('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', source, out]);
   });
 
+  /** A proxy that never cuts by itself: a link for a test to take down (`down()`) and bring back. */
+  const linkProxy = () =>
+    cutProxy(srv.url, { seed: 0, cutConnections: 0, direction: 'up', minBytes: 0, maxBytes: 0 });
+
   /** Runs the CLI through `proxy` and takes the link down for good once `bytes` have crossed it. */
   async function runUntilLinkDies(args: string[], proxy: CutProxy, bytes: number): Promise<CliResult> {
     const watch = setInterval(() => {
@@ -307,13 +311,7 @@ describe('the diskport CLI over a connection that breaks', () => {
   test('an upload whose link stays down gives up, leaves the VDI as it was, and the same command resumes it', async () => {
     const vdi = (await createVdi(srv.url, 32 * MiB)).id;
     const zeros = await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`);
-    const proxy = await cutProxy(srv.url, {
-      seed: 71,
-      cutConnections: 0,
-      direction: 'up',
-      minBytes: 0,
-      maxBytes: 0,
-    });
+    const proxy = await linkProxy();
     const args = ['upload', source, '--vdi', vdi, '--chunk-size', '1M', '--parallel', '2'];
     try {
       const first = await runUntilLinkDies(args, proxy, 8 * MiB);
@@ -353,13 +351,7 @@ describe('the diskport CLI over a connection that breaks', () => {
 
   test('--no-resume cancels the session an earlier run left, and sends everything', async () => {
     const vdi = (await createVdi(srv.url, 32 * MiB)).id;
-    const proxy = await cutProxy(srv.url, {
-      seed: 73,
-      cutConnections: 0,
-      direction: 'up',
-      minBytes: 0,
-      maxBytes: 0,
-    });
+    const proxy = await linkProxy();
     const args = ['upload', source, '--vdi', vdi, '--chunk-size', '1M'];
     try {
       assert.equal((await runUntilLinkDies(args, proxy, 8 * MiB)).code, 1);
@@ -378,13 +370,7 @@ describe('the diskport CLI over a connection that breaks', () => {
 
   test('a download whose link stays down keeps what it wrote, and the same command continues it', async () => {
     const out = path.join(dir, 'continued.vhd');
-    const proxy = await cutProxy(srv.url, {
-      seed: 79,
-      cutConnections: 0,
-      direction: 'down',
-      minBytes: 0,
-      maxBytes: 0,
-    });
+    const proxy = await linkProxy();
     const args = ['download', '--vdi', rawVdi, '--format', 'vhd', '-o', out];
     try {
       const first = await runUntilLinkDies(args, proxy, 6 * MiB);
@@ -434,13 +420,7 @@ describe('the diskport CLI over a connection that breaks', () => {
   test('a file started afresh forgets what an earlier run saved: a later resume never trusts stale bytes', async () => {
     const out = path.join(dir, 'restarted.img');
     // One proxy, so one server URL: all three runs are the same command as far as resuming goes.
-    const proxy = await cutProxy(srv.url, {
-      seed: 89,
-      cutConnections: 0,
-      direction: 'down',
-      minBytes: 0,
-      maxBytes: 0,
-    });
+    const proxy = await linkProxy();
     const args = ['download', '--vdi', rawVdi, '-o', out, '--server', proxy.url];
     try {
       // Run 1 stops with some 8 MiB written and saved.
@@ -475,13 +455,7 @@ describe('the diskport CLI over a connection that breaks', () => {
 
   test('Ctrl-C while the link is down keeps the upload session it could not cancel; the next run resumes it', async () => {
     const vdi = (await createVdi(srv.url, 32 * MiB)).id;
-    const proxy = await cutProxy(srv.url, {
-      seed: 101,
-      cutConnections: 0,
-      direction: 'up',
-      minBytes: 0,
-      maxBytes: 0,
-    });
+    const proxy = await linkProxy();
     const watch = setInterval(() => {
       if (proxy.bytesUp >= 6 * MiB) proxy.down();
     }, 5);
@@ -506,13 +480,7 @@ describe('the diskport CLI over a connection that breaks', () => {
 
   test('an upload of another file into the VDI ends the session an earlier run left for the first', async () => {
     const vdi = (await createVdi(srv.url, 32 * MiB)).id;
-    const proxy = await cutProxy(srv.url, {
-      seed: 103,
-      cutConnections: 0,
-      direction: 'up',
-      minBytes: 0,
-      maxBytes: 0,
-    });
+    const proxy = await linkProxy();
     try {
       const first = await runUntilLinkDies(
         ['upload', source, '--vdi', vdi, '--chunk-size', '1M'],
