@@ -20,10 +20,8 @@ import { createProgress, formatBytes, type Progress } from './progress.js';
 import { announcedRetries, type RetryPolicy, withRetry } from './retry.js';
 import { type SavedDownload, SavedSessions } from './saved-sessions.js';
 import { openSession, type Session } from './session.js';
-import { isZero, ZERO_BLOCK_BYTES } from './sparse-reader.js';
+import { SparseWriter } from './sparse-writer.js';
 
-/** Bytes gathered before they are checked for zeros and written. */
-const WRITE_BATCH_BYTES = 1024 * 1024;
 /** How much a killed run can lose: the output is synced and its position saved this often. */
 const CHECKPOINT_BYTES = 256 * 1024 * 1024;
 
@@ -57,70 +55,6 @@ export interface DownloadSummary {
   bytes_resumed: number;
   restarts: number;
   retries: number;
-}
-
-/** Writes a stream at increasing offsets, skipping zero blocks (the file reads zeros there). */
-class SparseWriter {
-  private pending: Buffer[] = [];
-  private pendingBytes = 0;
-  skipped = 0;
-
-  /** Everything before this offset was written (or is a hole): moves only once the writes succeeded. */
-  private flushed: number;
-
-  constructor(
-    private readonly out: fsp.FileHandle,
-    /** Offset of the next byte to arrive. */
-    public pos: number,
-  ) {
-    this.flushed = pos;
-  }
-
-  /** Everything before this offset is in the file (or a hole there). */
-  get written(): number {
-    return this.flushed;
-  }
-
-  async push(chunk: Buffer): Promise<void> {
-    this.pending.push(chunk);
-    this.pendingBytes += chunk.length;
-    this.pos += chunk.length;
-    if (this.pendingBytes >= WRITE_BATCH_BYTES) await this.flush();
-  }
-
-  async flush(): Promise<void> {
-    if (!this.pendingBytes) return;
-    const buf = this.pending.length === 1 ? this.pending[0] : Buffer.concat(this.pending);
-    const base = this.pos - this.pendingBytes;
-    this.pending = [];
-    this.pendingBytes = 0;
-    // Blocks on the absolute grid, so that a hole is recognised wherever the batch starts.
-    let runStart = -1;
-    let b = 0;
-    while (b < buf.length) {
-      const next = Math.min(
-        buf.length,
-        (Math.floor((base + b) / ZERO_BLOCK_BYTES) + 1) * ZERO_BLOCK_BYTES - base,
-      );
-      if (isZero(buf, b, next)) {
-        if (runStart >= 0) await this.write(buf, runStart, b, base);
-        runStart = -1;
-        this.skipped += next - b;
-      } else if (runStart < 0) {
-        runStart = b;
-      }
-      b = next;
-    }
-    if (runStart >= 0) await this.write(buf, runStart, buf.length, base);
-    this.flushed = base + buf.length;
-  }
-
-  private async write(buf: Buffer, start: number, end: number, base: number): Promise<void> {
-    for (let off = start; off < end; ) {
-      const { bytesWritten } = await this.out.write(buf, off, end - off, base + off);
-      off += bytesWritten;
-    }
-  }
 }
 
 const CONTENT_RANGE = /^bytes (\d+)-(\d+)\/(\d+)$/;

@@ -1,0 +1,75 @@
+/**
+ * The download's side of sparseness: a stream written at increasing offsets,
+ * with all-zero blocks left as holes (the file reads zeros there), and a
+ * position (`written`) that a later run may resume from, so it moves only
+ * once the writes before it have succeeded.
+ */
+import type { FileHandle } from 'node:fs/promises';
+import { isZero, ZERO_BLOCK_BYTES } from './sparse-reader.js';
+
+/** Bytes gathered before they are checked for zeros and written. */
+const WRITE_BATCH_BYTES = 1024 * 1024;
+
+/** Writes a stream at increasing offsets, skipping zero blocks (the file reads zeros there). */
+export class SparseWriter {
+  private pending: Buffer[] = [];
+  private pendingBytes = 0;
+  skipped = 0;
+
+  /** Everything before this offset was written (or is a hole): moves only once the writes succeeded. */
+  private flushed: number;
+
+  constructor(
+    private readonly out: FileHandle,
+    /** Offset of the next byte to arrive. */
+    public pos: number,
+  ) {
+    this.flushed = pos;
+  }
+
+  /** Everything before this offset is in the file (or a hole there). */
+  get written(): number {
+    return this.flushed;
+  }
+
+  async push(chunk: Buffer): Promise<void> {
+    this.pending.push(chunk);
+    this.pendingBytes += chunk.length;
+    this.pos += chunk.length;
+    if (this.pendingBytes >= WRITE_BATCH_BYTES) await this.flush();
+  }
+
+  async flush(): Promise<void> {
+    if (!this.pendingBytes) return;
+    const buf = this.pending.length === 1 ? this.pending[0] : Buffer.concat(this.pending);
+    const base = this.pos - this.pendingBytes;
+    this.pending = [];
+    this.pendingBytes = 0;
+    // Blocks on the absolute grid, so that a hole is recognised wherever the batch starts.
+    let runStart = -1;
+    let b = 0;
+    while (b < buf.length) {
+      const next = Math.min(
+        buf.length,
+        (Math.floor((base + b) / ZERO_BLOCK_BYTES) + 1) * ZERO_BLOCK_BYTES - base,
+      );
+      if (isZero(buf, b, next)) {
+        if (runStart >= 0) await this.write(buf, runStart, b, base);
+        runStart = -1;
+        this.skipped += next - b;
+      } else if (runStart < 0) {
+        runStart = b;
+      }
+      b = next;
+    }
+    if (runStart >= 0) await this.write(buf, runStart, buf.length, base);
+    this.flushed = base + buf.length;
+  }
+
+  private async write(buf: Buffer, start: number, end: number, base: number): Promise<void> {
+    for (let off = start; off < end; ) {
+      const { bytesWritten } = await this.out.write(buf, off, end - off, base + off);
+      off += bytesWritten;
+    }
+  }
+}
