@@ -29,21 +29,38 @@ interface CliResult {
 const STATE_DIR = path.join(os.tmpdir(), `diskport-cli-state-${process.pid}`);
 const CLI_ENV = { DISKPORT_SERVER: '', DISKPORT_TOKEN: '', DISKPORT_STATE_DIR: STATE_DIR };
 
-function runCli(args: string[], env: Record<string, string> = {}): Promise<CliResult> {
+/** Starts the CLI; `out` fills as it writes, `exited` resolves with its exit code. */
+function startCli(args: string[], env: Record<string, string> = {}) {
   const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], {
     cwd: ROOT,
     env: { ...process.env, ...CLI_ENV, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
-  let stdout = '';
-  let stderr = '';
+  const out = { stdout: '', stderr: '' };
   child.stdout.on('data', (d) => {
-    stdout += d;
+    out.stdout += d;
   });
   child.stderr.on('data', (d) => {
-    stderr += d;
+    out.stderr += d;
   });
-  return new Promise((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+  const closed = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  return { child, out, exited: once(child, 'exit'), closed };
+}
+
+async function runCli(args: string[], env: Record<string, string> = {}): Promise<CliResult> {
+  const run = startCli(args, env);
+  const code = await run.closed;
+  return { code, ...run.out };
+}
+
+/** Starts the CLI and resolves once its stderr matches `ready` (it must not exit before). */
+async function spawnCliUntil(args: string[], ready: RegExp) {
+  const run = startCli(args);
+  while (!ready.test(run.out.stderr)) {
+    if (run.child.exitCode !== null) assert.fail(`the CLI exited ${run.child.exitCode}: ${run.out.stderr}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return run;
 }
 
 /** A sparse file of 512 KiB blocks: seeded random data, holes, and allocated zeros. Returns its data bytes. */
@@ -399,24 +416,6 @@ describe('the diskport CLI over a connection that breaks', () => {
     assert.deepEqual(await savedEntries(), []);
   });
 
-  /** Spawns the CLI; resolves once stderr matches `ready`, with the child and its stderr so far. */
-  async function spawnCliUntil(args: string[], ready: RegExp) {
-    const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], {
-      cwd: ROOT,
-      env: { ...process.env, ...CLI_ENV },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    const out = { stderr: '' };
-    child.stderr.on('data', (d) => {
-      out.stderr += d;
-    });
-    while (!ready.test(out.stderr)) {
-      if (child.exitCode !== null) assert.fail(`the CLI exited ${child.exitCode}: ${out.stderr}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
-    return { child, out, exited: once(child, 'exit') };
-  }
-
   test('a file started afresh forgets what an earlier run saved: a later resume never trusts stale bytes', async () => {
     const out = path.join(dir, 'restarted.img');
     // One proxy, so one server URL: all three runs are the same command as far as resuming goes.
@@ -525,20 +524,11 @@ describe('the diskport CLI over a connection that breaks', () => {
     });
     const args = ['download', '--vdi', rawVdi, '-o', out, '--server', proxy.url, '--no-progress', '--json'];
     try {
-      const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args, '--retry-delay', '5000'], {
-        cwd: ROOT,
-        env: { ...process.env, ...CLI_ENV },
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let stderr = '';
-      child.stderr.on('data', (d) => {
-        stderr += d;
-      });
-      while (!/retry/.test(stderr)) await new Promise((r) => setTimeout(r, 20));
-      const exited = once(child, 'exit');
+      const run = await spawnCliUntil([...args, '--retry-delay', '5000'], /retry/);
       const interruptedAt = Date.now();
-      child.kill('SIGINT');
-      const [code] = await exited;
+      run.child.kill('SIGINT');
+      const [code] = await run.exited;
+      const stderr = run.out.stderr;
       assert.equal(code, 130, stderr);
       assert.match(stderr, /are kept; run the same command again to resume/);
       // The backoff wait (2.5-5 s here) is cut short: Ctrl-C does not wait for the next attempt.
@@ -611,32 +601,13 @@ describe('the diskport CLI over a connection that breaks', () => {
       maxBytes: 32 * 1024,
     });
     try {
-      const child = spawn(
-        process.execPath,
-        [
-          '--import',
-          'tsx',
-          CLI,
-          'upload',
-          source,
-          '--vdi',
-          vdi,
-          '--server',
-          proxy.url,
-          '--no-progress',
-          '--retry-delay',
-          '500',
-        ],
-        { cwd: ROOT, env: { ...process.env, ...CLI_ENV }, stdio: ['ignore', 'pipe', 'pipe'] },
+      const run = await spawnCliUntil(
+        ['upload', source, '--vdi', vdi, '--server', proxy.url, '--no-progress', '--retry-delay', '500'],
+        /retry/,
       );
-      let stderr = '';
-      child.stderr.on('data', (d) => {
-        stderr += d;
-      });
-      while (!/retry/.test(stderr)) await new Promise((r) => setTimeout(r, 50));
-      const exited = once(child, 'exit');
-      child.kill('SIGINT');
-      const [code] = await exited;
+      run.child.kill('SIGINT');
+      const [code] = await run.exited;
+      const stderr = run.out.stderr;
       assert.equal(code, 130, stderr);
       assert.match(stderr, /cancelling the upload session/);
     } finally {
