@@ -92,9 +92,10 @@ export class Metrics {
     if (!direction) return;
     const done = task.record.bytes_done;
     const before = this.counted.get(task.record.id) ?? task.bytesBefore;
-    // Received ranges can shrink (bytes dropped by a failed write): counters only go up.
-    if (done <= before) return;
     this.counted.set(task.record.id, done);
+    // bytes_done can go back (a pull whose source changed starts over, a failed write's bytes
+    // are dropped): what comes again is moved again, and counts from there.
+    if (done <= before) return;
     const format = task.format ?? 'unknown';
     (direction === 'received' ? this.bytesReceived : this.bytesSent).labels(format).inc(done - before);
   }

@@ -301,9 +301,7 @@ describe('the diskport CLI over a connection that breaks', () => {
 
   /** Runs the CLI through `proxy` and takes the link down for good once `bytes` have crossed it. */
   async function runUntilLinkDies(args: string[], proxy: CutProxy, bytes: number): Promise<CliResult> {
-    const watch = setInterval(() => {
-      if (proxy.bytesUp + proxy.bytesDown >= bytes) proxy.down();
-    }, 5);
+    proxy.downAt = proxy.bytesUp + proxy.bytesDown + bytes;
     try {
       return await runCli([
         ...args,
@@ -317,7 +315,6 @@ describe('the diskport CLI over a connection that breaks', () => {
         '--json',
       ]);
     } finally {
-      clearInterval(watch);
       proxy.up();
     }
   }
@@ -426,10 +423,7 @@ describe('the diskport CLI over a connection that breaks', () => {
       assert.equal((await runUntilLinkDies(args.slice(0, -2), proxy, 8 * MiB)).code, 1);
       assert.equal((await savedEntries()).length, 1);
       // Run 2 starts the file over (--no-resume), and is killed (-9) after its first MiB, before any checkpoint.
-      const from = proxy.bytesDown;
-      const watch = setInterval(() => {
-        if (proxy.bytesDown - from >= MiB) proxy.down();
-      }, 5);
+      proxy.downAt = proxy.bytesUp + proxy.bytesDown + MiB;
       try {
         const run2 = await spawnCliUntil(
           [...args, '--no-resume', '--no-progress', '--retry-delay', '5000'],
@@ -438,7 +432,6 @@ describe('the diskport CLI over a connection that breaks', () => {
         run2.child.kill('SIGKILL');
         await run2.exited;
       } finally {
-        clearInterval(watch);
         proxy.up();
       }
       // Run 3: what run 1 saved no longer describes the file, so it must not resume from there.
@@ -455,9 +448,7 @@ describe('the diskport CLI over a connection that breaks', () => {
   test('Ctrl-C while the link is down keeps the upload session it could not cancel; the next run resumes it', async () => {
     const vdi = (await createVdi(srv.url, 32 * MiB)).id;
     const proxy = await linkProxy();
-    const watch = setInterval(() => {
-      if (proxy.bytesUp >= 6 * MiB) proxy.down();
-    }, 5);
+    proxy.downAt = 6 * MiB;
     const args = ['upload', source, '--vdi', vdi, '--server', proxy.url, '--chunk-size', '1M'];
     try {
       const run = await spawnCliUntil([...args, '--no-progress', '--retry-delay', '2000'], /retry/);
@@ -465,13 +456,11 @@ describe('the diskport CLI over a connection that breaks', () => {
       const [code] = await run.exited;
       assert.equal(code, 130, run.out.stderr);
       assert.match(run.out.stderr, /could not be cancelled now; run the same command again to resume it/);
-      clearInterval(watch);
       proxy.up();
       const again = await runCli([...args, ...RETRY_FAST]);
       assert.equal(again.code, 0, again.stderr);
       assert.ok(JSON.parse(again.stdout).bytes_resumed > 0, 'the kept session was resumed');
     } finally {
-      clearInterval(watch);
       await proxy.close();
     }
     assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`), await sha256File(source));
@@ -500,6 +489,83 @@ describe('the diskport CLI over a connection that breaks', () => {
       await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`),
       createHash('sha256').update(expected).digest('hex'),
     );
+  });
+
+  test('a download refused for a wrong token keeps its position for the run that has the right one', async () => {
+    const tokenDir = await tempDir('diskport-cli-token-');
+    const guarded = await spawnServer(path.join(tokenDir, 'data'), ['--token', 's3cret']);
+    try {
+      const auth = { authorization: 'Bearer s3cret' };
+      const created = await api<{ id: string }>(
+        guarded.url,
+        'POST',
+        '/v1/vdis',
+        { name_label: 'guarded', virtual_size: 32 * MiB },
+        auth,
+      );
+      const vdi = created.body.id;
+      const up = await runCli(['upload', source, '--vdi', vdi, '--server', guarded.url, ...RETRY_FAST], {
+        DISKPORT_TOKEN: 's3cret',
+      });
+      assert.equal(up.code, 0, up.stderr);
+      const out = path.join(tokenDir, 'guarded.img');
+      const proxy = await cutProxy(guarded.url, {
+        seed: 0,
+        cutConnections: 0,
+        direction: 'down',
+        minBytes: 0,
+        maxBytes: 0,
+      });
+      const args = ['download', '--vdi', vdi, '-o', out];
+      try {
+        const first = await runUntilLinkDies([...args, '--token', 's3cret'], proxy, 6 * MiB);
+        assert.equal(first.code, 1, first.stderr);
+        const wrong = await runCli([...args, '--token', 'nope', '--server', proxy.url, ...RETRY_FAST]);
+        assert.equal(wrong.code, 1, wrong.stderr);
+        assert.match(wrong.stderr, /403|token/i);
+        assert.equal((await savedEntries()).length, 1, 'the position is kept');
+        const right = await runCli([...args, '--token', 's3cret', '--server', proxy.url, ...RETRY_FAST]);
+        assert.equal(right.code, 0, right.stderr);
+        assert.ok(JSON.parse(right.stdout).bytes_resumed > 0);
+      } finally {
+        await proxy.close();
+      }
+      assert.equal(await sha256File(out), await sha256File(source));
+    } finally {
+      await guarded.stop();
+      await fsp.rm(tokenDir, { recursive: true, force: true });
+    }
+  });
+
+  test('a second run into a VDI that a live run is uploading into is refused, and leaves it alone', async () => {
+    const vdi = (await createVdi(srv.url, 32 * MiB)).id;
+    const proxy = await linkProxy();
+    proxy.downAt = 4 * MiB;
+    try {
+      // Run A: its link is down; it waits to retry, alive.
+      const a = await spawnCliUntil(
+        ['upload', source, '--vdi', vdi, '--server', proxy.url, '--no-progress', '--retry-delay', '20000'],
+        /retry/,
+      );
+      const other = path.join(dir, 'other-live.img');
+      await fsp.writeFile(other, seededBytes(MiB, 9));
+      const b = await runCli(['upload', other, '--vdi', vdi, '--server', srv.url, ...RETRY_FAST]);
+      assert.equal(b.code, 1, b.stderr);
+      assert.match(b.stderr, new RegExp(`another diskport run \\(pid ${a.child.pid}\\) is uploading`));
+      // A's session is still open: B did not cancel it.
+      const sessions = await api<{ state: string }[]>(srv.url, 'GET', `/v1/transfers?vdi=${vdi}`);
+      assert.ok(
+        sessions.body.some((t) => t.state === 'open'),
+        JSON.stringify(sessions.body),
+      );
+      // The link back, A's Ctrl-C cancels its session and forgets it.
+      proxy.up();
+      a.child.kill('SIGINT');
+      await a.exited;
+      assert.deepEqual(await savedEntries(), []);
+    } finally {
+      await proxy.close();
+    }
   });
 
   test('a state directory that cannot be written costs resumability, not the upload', async () => {

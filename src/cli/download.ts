@@ -82,8 +82,9 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
       }),
     ));
   } catch (err) {
-    // Refused (the VDI is gone, say): nothing written so far will ever be continued.
-    if (err instanceof HttpError && err.status < 500) await saved.remove();
+    // The VDI is gone: nothing written so far will ever be continued. Any other refusal (a
+    // missing token, say) leaves the position for a run that gets it right.
+    if (err instanceof HttpError && err.status === 404) await saved.remove();
     throw err;
   }
   const { out, fileId, earlier } = await openOutput(
@@ -216,15 +217,13 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
     };
   } catch (err) {
     progress?.stop();
-    // A refusal from the server (the VDI is gone, say) is final; anything else can be continued.
-    if (err instanceof HttpError && err.status < 500) await saved.remove();
-    else {
-      await checkpoint().catch(() => {});
-      if (checkpointed > 0) {
-        process.stderr.write(
-          `diskport: ${formatBytes(checkpointed)} of ${opts.output} are kept; run the same command again to resume\n`,
-        );
-      }
+    // Whatever stopped it (the link, Ctrl-C, a full disk, a session that expired while the
+    // laptop slept), the bytes written are good as long as the ETag still matches next time.
+    await checkpoint().catch(() => {});
+    if (checkpointed > 0) {
+      process.stderr.write(
+        `diskport: ${formatBytes(checkpointed)} of ${opts.output} are kept; run the same command again to resume\n`,
+      );
     }
     throw err;
   } finally {

@@ -29,6 +29,9 @@ export interface SavedUpload {
   token: string;
   data_path: string;
   source: UploadSource;
+  /** The run that holds it: another run of this host leaves a live one alone. */
+  pid: number;
+  host: string;
 }
 
 /** What makes a later upload into the same VDI "the same command": the same file, unchanged. */

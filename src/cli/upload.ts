@@ -18,6 +18,7 @@
  */
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
+import os from 'node:os';
 import { RangeSet } from '../transfer/range-set.js';
 import { type Client, callJson, errorOf, HttpError, request } from './http.js';
 import { createProgress, formatBytes, type Progress } from './progress.js';
@@ -117,9 +118,10 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
     let received: Range[] = [];
     let finalizing = false;
     let ttlSeconds: number;
+    let transfer: TransferJson;
     if (earlier) {
-      ({ session, ttlSeconds, finalizing } = earlier);
-      received = earlier.transfer.received;
+      ({ session, ttlSeconds, finalizing, transfer } = earlier);
+      received = transfer.received;
     } else {
       const checksum = opts.checksum ? `sha256:${await sha256Of(handle, size)}` : undefined;
       const opened = await withRetry(retry, () =>
@@ -132,16 +134,18 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
           ...(opts.ttlSeconds !== undefined && { ttl_seconds: opts.ttlSeconds }),
         }),
       );
-      session = opened.session;
-      ttlSeconds = opened.transfer.ttl_seconds;
-      await saved.save({
-        id: session.id,
-        task_id: session.taskId,
-        token: session.token,
-        data_path: opened.transfer.data_path,
-        source,
-      });
+      ({ session, transfer } = opened);
+      ttlSeconds = transfer.ttl_seconds;
     }
+    await saved.save({
+      id: session.id,
+      task_id: session.taskId,
+      token: session.token,
+      data_path: transfer.data_path,
+      source,
+      pid: process.pid,
+      host: os.hostname(),
+    });
     const have = new RangeSet(received);
     const resumedBytes = have.size();
     if (earlier) {
@@ -230,7 +234,7 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       progress.stop();
       // The session has ended, however its task did: nothing is left for a later run.
       ended = true;
-      await saved.remove();
+      await forget(saved, session);
       if (task.status !== 'success') {
         throw new HttpError(
           500,
@@ -287,6 +291,11 @@ async function savedSession(
 > {
   const entry = await saved.load();
   if (!entry) return undefined;
+  if (entry.pid !== process.pid && entry.host === os.hostname() && isRunning(entry.pid)) {
+    throw new Error(
+      `another diskport run (pid ${entry.pid}) is uploading ${entry.source?.file ?? 'a file'} into this VDI; let it finish, or stop it first`,
+    );
+  }
   const session = sessionOf(client, entry);
   const same = JSON.stringify(entry.source) === JSON.stringify(source);
   if (resume && same) {
@@ -429,11 +438,26 @@ async function endSession(
   } catch {
     // unreachable: the entry stays
   }
-  if (ended) await saved.remove();
+  if (ended) await forget(saved, session);
   else {
     process.stderr.write(
       `diskport: upload session ${session.id} could not be cancelled now; run the same command again to resume it, or with --no-resume to cancel it\n`,
     );
+  }
+}
+
+/** Removes the saved entry if it is still this session's (a later run may have saved its own). */
+async function forget(saved: SavedSessions<SavedUpload>, session: Session): Promise<void> {
+  if ((await saved.load())?.id === session.id) await saved.remove();
+}
+
+function isRunning(pid: unknown): boolean {
+  if (typeof pid !== 'number') return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

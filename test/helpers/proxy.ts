@@ -12,6 +12,8 @@ export interface CutProxy {
   cuts: number;
   /** The link goes down: open connections are cut, new ones reset at once, until `up()`. */
   down(): void;
+  /** The link goes down by itself once this many bytes (both ways) have crossed it. */
+  downAt?: number;
   up(): void;
   close(): Promise<void>;
 }
@@ -78,6 +80,11 @@ export async function cutProxy(
         } else if (cutting) budget -= out.length;
         if (up) state.bytesUp += out.length;
         else state.bytesDown += out.length;
+        if (state.downAt !== undefined && state.bytesUp + state.bytesDown >= state.downAt) {
+          state.downAt = undefined;
+          state.down();
+          return;
+        }
         if (out.length && !to.write(out)) {
           from.pause();
           to.once('drain', () => from.resume());
