@@ -90,7 +90,7 @@ export class Metrics {
   private countBytes(task: RunningTask): void {
     const direction = TRANSFER_DIRECTIONS[task.record.type];
     if (!direction) return;
-    const done = task.record.bytes_done;
+    const done = task.bytesMoved;
     const before = this.counted.get(task.record.id) ?? task.bytesBefore;
     this.counted.set(task.record.id, done);
     // bytes_done can go back (a pull whose source changed starts over, a failed write's bytes

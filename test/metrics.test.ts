@@ -2,27 +2,10 @@ import assert from 'node:assert/strict';
 import http from 'node:http';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi, sha256Url } from './helpers/api.js';
+import { sample, scrape } from './helpers/metrics.js';
 import { seededBytes, startServer, type TestServer } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
-
-/** The value of one sample in Prometheus text format, or undefined when absent. */
-function sample(text: string, name: string, labels: Record<string, string> = {}): number | undefined {
-  for (const line of text.split('\n')) {
-    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$/.exec(line);
-    if (!m || m[1] !== name) continue;
-    const have = Object.fromEntries([...(m[2] ?? '').matchAll(/(\w+)="([^"]*)"/g)].map((l) => [l[1], l[2]]));
-    if (Object.entries(labels).every(([k, v]) => have[k] === v)) return Number(m[3]);
-  }
-  return undefined;
-}
-
-async function scrape(base: string, headers: Record<string, string> = {}): Promise<string> {
-  const res = await fetch(`${base}/metrics`, { headers });
-  assert.equal(res.status, 200);
-  assert.match(res.headers.get('content-type') ?? '', /^text\/plain/);
-  return res.text();
-}
 
 describe('GET /metrics', () => {
   let srv: TestServer;
@@ -116,6 +99,42 @@ describe('GET /metrics', () => {
     const after = await scrape(srv.url);
     assert.equal(sample(after, 'diskport_active_transfers'), 0);
     assert.equal(received(after), 8 * MiB, 'every byte counted once');
+  });
+
+  test('zeros declared instead of sent are progress, not bytes received', async () => {
+    const before = await scrape(srv.url);
+    const vdi = await createVdi(srv.url, 8 * MiB);
+    const opened = await api<{ id: string; url: string; token: string }>(srv.url, 'POST', '/v1/transfers', {
+      vdi: vdi.id,
+      direction: 'upload',
+      format: 'raw',
+      size: 8 * MiB,
+    });
+    const t = opened.body;
+    const put = await fetch(t.url, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes 0-${3 * MiB - 1}/${8 * MiB}` },
+      body: new Uint8Array(seededBytes(3 * MiB, 12)),
+    });
+    assert.equal(put.status, 200, await put.text());
+    const zero = await fetch(t.url, {
+      method: 'PATCH',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ op: 'zero', offset: 3 * MiB, size: 5 * MiB }),
+    });
+    assert.equal(zero.status, 200, await zero.text());
+    const fin = await api<{ status: string; bytes_done: number }>(
+      srv.url,
+      'POST',
+      `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=30`,
+    );
+    assert.equal(fin.body.status, 'success');
+    assert.equal(fin.body.bytes_done, 8 * MiB, 'the task counts the zeros as done');
+    const text = await scrape(srv.url);
+    const received =
+      (sample(text, 'diskport_bytes_received_total', { format: 'raw' }) ?? 0) -
+      (sample(before, 'diskport_bytes_received_total', { format: 'raw' }) ?? 0);
+    assert.equal(received, 3 * MiB, 'only the bytes that crossed the wire');
   });
 
   test('an export in progress counts the bytes it has sent', async () => {

@@ -10,6 +10,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi } from './helpers/api.js';
+import { sample, scrape } from './helpers/metrics.js';
 import { type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -173,6 +174,7 @@ describe('push: one diskport sends a disk to another', () => {
     const source = await diskOnA(size, regions);
 
     const { target, receiving, proxy } = await receiverBehindProxy(size);
+    const metricsBefore = await scrape(a.url);
     try {
       proxy.state.cutAt = 40 * MiB;
       const push = await pushRaw(source, receiving.url, proxy.port);
@@ -190,6 +192,11 @@ describe('push: one diskport sends a disk to another', () => {
       t.diagnostic(
         `${(proxy.state.bytes / MiB).toFixed(2)} MiB through the proxy for ${dataBytes / MiB} MiB of data; result ${JSON.stringify(task.result)}`,
       );
+      // The byte metric says what crossed the wire, not the 4 GiB the receiver now holds.
+      const sent =
+        (sample(await scrape(a.url), 'diskport_bytes_sent_total', { format: 'raw' }) ?? 0) -
+        (sample(metricsBefore, 'diskport_bytes_sent_total', { format: 'raw' }) ?? 0);
+      assert.ok(sent >= dataBytes && sent < 1.1 * dataBytes, `bytes_sent_total rose by ${sent}`);
       const remote = await api<TransferJson>(b.url, 'GET', `/v1/transfers/${receiving.id}`);
       assert.equal(remote.body.state, 'committed');
       const local = await api<TransferJson>(a.url, 'GET', `/v1/transfers/${push.id}`);

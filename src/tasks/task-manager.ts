@@ -21,6 +21,8 @@ export class RunningTask {
   private lastPersist = 0;
   /** Bytes done before this process took the task on (a transfer resumed after a restart). */
   readonly bytesBefore: number;
+  /** Of the progress made here, what moved no byte over the wire (see markCovered). */
+  private covered = 0;
 
   constructor(
     readonly record: Task,
@@ -57,6 +59,20 @@ export class RunningTask {
       this.lastPersist = now;
       this.manager.persist(this.record);
     }
+  }
+
+  /**
+   * Says that `n` bytes of the progress made (or about to be made) moved no
+   * byte over the wire: zeros declared rather than sent, ranges a receiver
+   * already had. The task's progress counts them; the byte metrics do not.
+   */
+  markCovered(n: number): void {
+    this.covered += n;
+  }
+
+  /** Progress that crossed the wire, in this process and before it (what the byte metrics count). */
+  get bytesMoved(): number {
+    return this.record.bytes_done - this.covered;
   }
 
   /** For an operation that knows how far it is rather than how much it just did. */

@@ -288,6 +288,8 @@ async function openSource(s: Services, vdiId: string, format: string): Promise<S
 class Push {
   private bytesSent = 0;
   private bytesZeroed = 0;
+  /** A chunk whose PUT failed: the receiver may have kept part of it, which did cross the wire. */
+  private failedPutBytes = 0;
   private retries = 0;
 
   constructor(
@@ -368,8 +370,14 @@ class Push {
             if (this.t.format === 'raw' && isZero(buf)) {
               await this.remote.zero(pos, end);
               this.bytesZeroed += end - pos;
+              this.task.markCovered(end - pos);
             } else {
-              await this.remote.put(pos, buf, src.size);
+              try {
+                await this.remote.put(pos, buf, src.size);
+              } catch (err) {
+                this.failedPutBytes += buf.length;
+                throw err;
+              }
               this.bytesSent += buf.length;
             }
             this.task.addBytes(end - pos);
@@ -381,6 +389,7 @@ class Push {
         for (const [ma, mb] of have.missing(a, b)) {
           await this.remote.zero(ma, mb);
           this.bytesZeroed += mb - ma;
+          this.task.markCovered(mb - ma);
           this.task.addBytes(mb - ma);
         }
       }
@@ -454,8 +463,17 @@ class Push {
     }
   }
 
+  /**
+   * Progress as far as the receiver has the disk. What it holds beyond what
+   * was counted came from a PUT that failed part way (sent now), or was
+   * there already (not sent now: progress, not bytes moved).
+   */
   private setDone(bytes: number): void {
-    this.task.addBytes(bytes - this.task.record.bytes_done);
+    const jump = bytes - this.task.record.bytes_done;
+    const fromFailedPuts = Math.min(Math.max(0, jump), this.failedPutBytes);
+    this.failedPutBytes = 0;
+    this.task.markCovered(jump - fromFailedPuts);
+    this.task.addBytes(jump);
   }
 }
 

@@ -978,6 +978,7 @@ export class TransferService {
       for (const [s, e] of missing) await zeroRange(handle, s, e - s);
       if (missing.length) await handle.datasync();
       for (const [s, e] of missing) live.ranges.add(s, e);
+      live.task.markCovered(missing.reduce((n, [s, e]) => n + e - s, 0));
       return t;
     } finally {
       this.doneWriting(live);
