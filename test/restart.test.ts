@@ -6,6 +6,7 @@ import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { api, createVdi, sha256Url } from './helpers/api.js';
+import { sample, scrape } from './helpers/metrics.js';
 import { seededBytes, spawnServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -46,6 +47,49 @@ describe('the service survives restarts and kill -9', () => {
       assert.equal(await sha256Url(`${second.url}/v1/vdis/${vdiId}/contents`), expected);
       const task = await api<Task>(second.url, 'GET', `/v1/tasks/${taskId}`);
       assert.equal(task.body.status, 'success');
+    } finally {
+      await second.stop();
+    }
+  });
+
+  test('a session resumed after a restart counts in the byte metrics only what arrives after it', async () => {
+    const dataDir = await tempDir();
+    dirs.push(dataDir);
+    const data = seededBytes(8 * MiB, 22);
+    const putRange = (url: string, start: number, end: number) =>
+      fetch(url, {
+        method: 'PUT',
+        headers: { 'content-range': `bytes ${start}-${end - 1}/${data.length}` },
+        body: new Uint8Array(data.subarray(start, end)),
+      });
+    const first = await spawnServer(dataDir);
+    let t: { id: string; token: string; data_path: string };
+    try {
+      const vdi = await createVdi(first.url, data.length);
+      t = (
+        await api<typeof t>(first.url, 'POST', '/v1/transfers', {
+          vdi: vdi.id,
+          direction: 'upload',
+          format: 'raw',
+          size: data.length,
+        })
+      ).body;
+      assert.equal((await putRange(`${first.url}${t.data_path}?token=${t.token}`, 0, 3 * MiB)).status, 200);
+    } finally {
+      await first.stop();
+    }
+    const second = await spawnServer(dataDir);
+    try {
+      const url = `${second.url}${t.data_path}?token=${t.token}`;
+      assert.equal((await putRange(url, 3 * MiB, data.length)).status, 200);
+      const fin = await api<Task>(
+        second.url,
+        'POST',
+        `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=30`,
+      );
+      assert.equal(fin.body.status, 'success');
+      const text = await scrape(second.url);
+      assert.equal(sample(text, 'diskport_bytes_received_total', { format: 'raw' }), 5 * MiB);
     } finally {
       await second.stop();
     }
