@@ -10,32 +10,29 @@
  * server that wants every byte, zeros included), they are sent and finalize
  * runs again.
  *
- * The session is saved (saved-sessions.ts) as soon as it is open. When the
- * network or the server stays down past the retries, or the run is killed,
- * the session is left open: running the same command again finds it, asks
- * what the server already has, and sends only the rest. Ctrl-C and a
- * refusal from the server end the session instead.
+ * Which session a run uses is upload-session.ts's business: the one an
+ * earlier run of the same command left open (then only what the server
+ * lacks is sent), or a new one. When the network or the server stays down
+ * past the retries, or the run is killed, the session is left open for the
+ * next run; Ctrl-C and a refusal from the server end it instead.
  */
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
-import os from 'node:os';
 import { RangeSet } from '../transfer/range-set.js';
 import { type Client, callJson, errorOf, HttpError, request } from './http.js';
 import { createProgress, formatBytes, type Progress } from './progress.js';
 import { announcedRetries, isTransient, type RetryPolicy, withRetry } from './retry.js';
-import { SavedSessions, type SavedUpload, type UploadSource } from './saved-sessions.js';
 import {
   missingIn,
-  openSession,
   type Range,
   type Session,
   sendZeros,
-  sessionOf,
   type TaskJson,
   type TransferJson,
   transferState,
 } from './session.js';
 import { dataPieces, dataRuns, type Piece } from './sparse-reader.js';
+import { takeUploadSession } from './upload-session.js';
 
 const HASH_BLOCK_BYTES = 4 * 1024 * 1024;
 const FINALIZE_WAIT_SECONDS = 300;
@@ -103,52 +100,35 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
     const announced = announcedRetries(opts.retry, () => progress);
     const retry = announced.policy;
     let progress: Progress | undefined;
-    // One entry per VDI, as the server allows one upload session per VDI: a session an earlier
-    // run left for another file (or this one since changed) holds the VDI, and is ended here.
-    const saved = new SavedSessions<SavedUpload>(opts.stateDir, 'upload', [opts.vdi]);
-    const source: UploadSource = {
-      file: await fsp.realpath(opts.file),
-      format: opts.format,
-      size,
-      mtime_ms: stat.mtimeMs,
-      checksum: opts.checksum,
-    };
-    const earlier = await savedSession(client, saved, source, retry, opts.resume);
-    let session: Session;
-    let received: Range[] = [];
-    let finalizing = false;
-    let ttlSeconds: number;
-    let transfer: TransferJson;
-    if (earlier) {
-      ({ session, ttlSeconds, finalizing, transfer } = earlier);
-      received = transfer.received;
-    } else {
-      const checksum = opts.checksum ? `sha256:${await sha256Of(handle, size)}` : undefined;
-      const opened = await withRetry(retry, () =>
-        openSession(client, {
+    const run = await takeUploadSession(client, {
+      vdi: opts.vdi,
+      stateDir: opts.stateDir,
+      resume: opts.resume,
+      retry,
+      source: {
+        file: await fsp.realpath(opts.file),
+        format: opts.format,
+        size,
+        mtime_ms: stat.mtimeMs,
+        checksum: opts.checksum,
+      },
+      open: async () => {
+        const checksum = opts.checksum ? `sha256:${await sha256Of(handle, size)}` : undefined;
+        return {
           vdi: opts.vdi,
           direction: 'upload',
           format: opts.format,
           size,
           ...(checksum && { checksum }),
           ...(opts.ttlSeconds !== undefined && { ttl_seconds: opts.ttlSeconds }),
-        }),
-      );
-      ({ session, transfer } = opened);
-      ttlSeconds = transfer.ttl_seconds;
-    }
-    await saved.save({
-      id: session.id,
-      task_id: session.taskId,
-      token: session.token,
-      data_path: transfer.data_path,
-      source,
-      pid: process.pid,
-      host: os.hostname(),
+        };
+      },
     });
+    const { session, finalizing } = run;
+    const received = run.transfer.received;
     const have = new RangeSet(received);
     const resumedBytes = have.size();
-    if (earlier) {
+    if (run.resumed) {
       process.stderr.write(
         `diskport: resuming upload session ${session.id}: the server has ${formatBytes(resumedBytes)} of ${formatBytes(size)}\n`,
       );
@@ -158,7 +138,7 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
     const onInterrupt = () => {
       progress?.stop();
       process.stderr.write('diskport: interrupted; cancelling the upload session\n');
-      void endSession(client, session, saved).finally(() => process.exit(130));
+      void run.end().finally(() => process.exit(130));
     };
     process.once('SIGINT', onInterrupt);
     process.once('SIGTERM', onInterrupt);
@@ -234,7 +214,7 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       progress.stop();
       // The session has ended, however its task did: nothing is left for a later run.
       ended = true;
-      await forget(saved, session);
+      await run.forget();
       if (task.status !== 'success') {
         throw new HttpError(
           500,
@@ -259,11 +239,11 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       } else if (isTransient(err)) {
         // The link or the server is down for longer than the retries: what arrived stays, for the next run.
         process.stderr.write(
-          `diskport: upload session ${session.id} stays open for ${ttlSeconds} s; run the same command again to resume it\n`,
+          `diskport: upload session ${session.id} stays open for ${run.transfer.ttl_seconds} s; run the same command again to resume it\n`,
         );
       } else {
         // An open session holds the VDI (VDI_BUSY) until it expires: give it back.
-        await endSession(client, session, saved);
+        await run.end();
       }
       throw err;
     } finally {
@@ -273,53 +253,6 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
   } finally {
     await handle.close();
   }
-}
-
-/**
- * The session an earlier run of the same command saved, if the server still
- * knows it as open, committing or committed. One an earlier run left for
- * another file, or any with --no-resume, is cancelled: it holds the VDI.
- */
-async function savedSession(
-  client: Client,
-  saved: SavedSessions<SavedUpload>,
-  source: UploadSource,
-  retry: RetryPolicy,
-  resume: boolean,
-): Promise<
-  { session: Session; transfer: TransferJson; ttlSeconds: number; finalizing: boolean } | undefined
-> {
-  const entry = await saved.load();
-  if (!entry) return undefined;
-  if (entry.pid !== process.pid && entry.host === os.hostname() && isRunning(entry.pid)) {
-    throw new Error(
-      `another diskport run (pid ${entry.pid}) is uploading ${entry.source?.file ?? 'a file'} into this VDI; let it finish, or stop it first`,
-    );
-  }
-  const session = sessionOf(client, entry);
-  const same = JSON.stringify(entry.source) === JSON.stringify(source);
-  if (resume && same) {
-    try {
-      const transfer = await withRetry(retry, () => transferState(client, session));
-      if (['open', 'finalizing', 'committed'].includes(transfer.state) && transfer.size === source.size) {
-        // All sent already (the earlier run stopped while committing, or before it heard the answer):
-        // finalize again, which waits for the commit or reports how it ended.
-        return { session, transfer, ttlSeconds: transfer.ttl_seconds, finalizing: transfer.state !== 'open' };
-      }
-    } catch (err) {
-      // Unreachable: opening a new session would fail the same way. Anything else: the session is gone.
-      if (isTransient(err)) throw err;
-    }
-    await saved.remove();
-    return undefined;
-  }
-  if (!same) {
-    process.stderr.write(
-      `diskport: cancelling upload session ${entry.id}, which an earlier run left open for ${entry.source?.file ?? 'another file'}\n`,
-    );
-  }
-  await endSession(client, session, saved);
-  return undefined;
 }
 
 /** PUTs ranges of the stream, each retried until the server has all of it. */
@@ -409,55 +342,6 @@ async function taskOf(client: Client, session: Session, cause: HttpError): Promi
       return { id: session.taskId, status: 'success', progress: 1, error: null, result: null };
     }
     throw new HttpError(409, cause.code, `the transfer ended as ${state || 'unknown'}: ${cause.message}`);
-  }
-}
-
-/**
- * Cancels the session and forgets it, once the server says it has ended (or
- * never knew it). If the server cannot be reached, or is committing it, the
- * entry stays: the next run resumes it, or with --no-resume cancels it.
- */
-async function endSession(
-  client: Client,
-  session: Session,
-  saved: SavedSessions<SavedUpload>,
-): Promise<void> {
-  const path = `/v1/transfers/${encodeURIComponent(session.id)}?token=${encodeURIComponent(session.token)}`;
-  let ended = false;
-  try {
-    const res = await request(client.server + path, {
-      method: 'DELETE',
-      dispatcher: client.agent,
-      headersTimeout: 5000,
-      bodyTimeout: 5000,
-    });
-    // 409 TRANSFER_NOT_ACTIVE: it ended already; TRANSFER_FINALIZING: it is being committed.
-    const code = res.statusCode < 300 ? '' : (await errorOf(res, 'DELETE')).code;
-    ended = res.statusCode < 300 || res.statusCode === 404 || code === 'TRANSFER_NOT_ACTIVE';
-    if (res.statusCode < 300) await res.body.dump();
-  } catch {
-    // unreachable: the entry stays
-  }
-  if (ended) await forget(saved, session);
-  else {
-    process.stderr.write(
-      `diskport: upload session ${session.id} could not be cancelled now; run the same command again to resume it, or with --no-resume to cancel it\n`,
-    );
-  }
-}
-
-/** Removes the saved entry if it is still this session's (a later run may have saved its own). */
-async function forget(saved: SavedSessions<SavedUpload>, session: Session): Promise<void> {
-  if ((await saved.load())?.id === session.id) await saved.remove();
-}
-
-function isRunning(pid: unknown): boolean {
-  if (typeof pid !== 'number') return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 
