@@ -91,8 +91,8 @@ async function savedSession(
     try {
       const transfer = await withRetry(retry, () => transferState(client, session));
       if (['open', 'finalizing', 'committed'].includes(transfer.state) && transfer.size === source.size) {
-        // All sent already (the earlier run stopped while committing, or before it heard the answer):
-        // finalize again, which waits for the commit or reports how it ended.
+        // Open: what it lacks is sent. Committing or committed: the earlier run stopped there, or
+        // before it heard the answer; finalizing again waits for the commit or says how it ended.
         return { session, transfer };
       }
     } catch (err) {
