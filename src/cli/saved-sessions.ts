@@ -66,10 +66,6 @@ export class SavedSessions<T extends object> {
     this.file = path.join(dir, `${kind}-${key}.json`);
   }
 
-  get path(): string {
-    return this.file;
-  }
-
   /** The saved entry, or undefined when there is none (or it cannot be read: it is then ignored). */
   async load(): Promise<T | undefined> {
     try {

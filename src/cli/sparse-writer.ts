@@ -5,6 +5,7 @@
  * once the writes before it have succeeded.
  */
 import type { FileHandle } from 'node:fs/promises';
+import { writeFully } from '../storage/file-io.js';
 import { isZero, ZERO_BLOCK_BYTES } from './sparse-reader.js';
 
 /** Bytes gathered before they are checked for zeros and written. */
@@ -66,10 +67,7 @@ export class SparseWriter {
     this.flushed = base + buf.length;
   }
 
-  private async write(buf: Buffer, start: number, end: number, base: number): Promise<void> {
-    for (let off = start; off < end; ) {
-      const { bytesWritten } = await this.out.write(buf, off, end - off, base + off);
-      off += bytesWritten;
-    }
+  private write(buf: Buffer, start: number, end: number, base: number): Promise<void> {
+    return writeFully(this.out, buf, start, end - start, base + start);
   }
 }
