@@ -3,8 +3,8 @@ import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import type { BlockImage, Extent } from '../src/image/block-image.js';
 import { ASYNC_DATA_THRESHOLD_BYTES, hashImage } from '../src/ops/checksum.js';
-import type { BlockImage, Extent } from '../src/storage/block-image.js';
 import { api, createVdi, curl, execFileP } from './helpers/api.js';
 import { seededBytes, startServer, type TestServer, tempDir } from './helpers/server.js';
 

@@ -8,8 +8,8 @@ import { constants, promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { DIRECT_ALIGN, DIRECT_BUFFER_BYTES, DirectWriter } from '../src/storage/direct-writer.js';
-import { sparseSupported } from '../src/storage/sparse.js';
+import { DIRECT_ALIGN, DIRECT_BUFFER_BYTES, DirectWriter } from '../src/image/direct-writer.js';
+import { sparseSupported } from '../src/image/sparse.js';
 import { prng, seededBytes } from './helpers/random.js';
 import { tempDir } from './helpers/server.js';
 

@@ -17,9 +17,9 @@ import { ApiError } from '../src/errors.js';
 import { parseHeader } from '../src/formats/qcow2/header.js';
 import { Qcow2Image, qcow2Codec } from '../src/formats/qcow2/index.js';
 import type { SerializedImage } from '../src/formats/types.js';
-import type { BlockImage, Extent } from '../src/storage/block-image.js';
-import { RawFileImage } from '../src/storage/raw-file-image.js';
-import { isZero } from '../src/storage/zero.js';
+import type { BlockImage, Extent } from '../src/image/block-image.js';
+import { RawFileImage } from '../src/image/raw-file-image.js';
+import { isZero } from '../src/image/zero.js';
 import { prng } from './helpers/random.js';
 
 const MiB = 1024 * 1024;

@@ -14,8 +14,8 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { ApiError } from '../src/errors.js';
 import { qcow2Codec } from '../src/formats/qcow2/index.js';
-import type { BlockImage } from '../src/storage/block-image.js';
-import { isZero } from '../src/storage/zero.js';
+import type { BlockImage } from '../src/image/block-image.js';
+import { isZero } from '../src/image/zero.js';
 import { prng } from './helpers/random.js';
 
 const QEMU_IMG = '/usr/bin/qemu-img';

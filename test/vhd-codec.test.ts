@@ -13,8 +13,8 @@ import { after, before, describe, it } from 'node:test';
 import { ApiError } from '../src/errors.js';
 import { FOOTER_OFFSETS, vhdChecksum } from '../src/formats/vhd/format.js';
 import { vhdCodec } from '../src/formats/vhd/index.js';
-import type { BlockImage, Extent } from '../src/storage/block-image.js';
-import { RawFileImage } from '../src/storage/raw-file-image.js';
+import type { BlockImage, Extent } from '../src/image/block-image.js';
+import { RawFileImage } from '../src/image/raw-file-image.js';
 import { prngU32 as prng } from './helpers/random.js';
 
 const MiB = 1024 * 1024;

@@ -5,8 +5,8 @@
  * sent: the server is told they are zeros (a `zero` operation).
  */
 import type { FileHandle } from 'node:fs/promises';
-import { fileExtents } from '../storage/sparse.js';
-import { isZero } from '../storage/zero.js';
+import { fileExtents } from '../image/sparse.js';
+import { isZero } from '../image/zero.js';
 
 export { isZero };
 

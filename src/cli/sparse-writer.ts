@@ -5,7 +5,7 @@
  * once the writes before it have succeeded.
  */
 import type { FileHandle } from 'node:fs/promises';
-import { writeFully } from '../storage/file-io.js';
+import { writeFully } from '../image/file-io.js';
 import { isZero, ZERO_BLOCK_BYTES } from './sparse-reader.js';
 
 /** Bytes gathered before they are checked for zeros and written. */

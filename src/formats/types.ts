@@ -2,7 +2,7 @@
  * What every wire format provides. Codecs are pure: a BlockImage or file in,
  * bytes and extents out; they know nothing of HTTP, tasks or logging.
  */
-import type { BlockImage } from '../storage/block-image.js';
+import type { BlockImage } from '../image/block-image.js';
 import type { StreamLayout } from './stream-layout.js';
 
 export type WireFormat = 'raw' | 'vhd' | 'qcow2';

@@ -3,7 +3,7 @@
  * shape): merged, ordered, covering [0, virtual_size) exactly once. Reads
  * metadata only (SEEK_DATA/SEEK_HOLE or the format's tables), never data.
  */
-import type { BlockImage, Extent } from '../storage/block-image.js';
+import type { BlockImage, Extent } from '../image/block-image.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 
 const OPEN_ATTEMPTS = 3;

@@ -8,11 +8,11 @@
  */
 import { promises as fsp } from 'node:fs';
 import { codecFor } from '../formats/index.js';
-import { readVirtual } from '../formats/raw/index.js';
 import type { SerializedImage } from '../formats/types.js';
-import type { BlockImage } from './block-image.js';
-import { DirectWriter } from './direct-writer.js';
-import { forEachDataRun } from './zero.js';
+import type { BlockImage } from '../image/block-image.js';
+import { DirectWriter } from '../image/direct-writer.js';
+import { readVirtual } from '../image/read-virtual.js';
+import { forEachDataRun } from '../image/zero.js';
 
 export interface CopyProgress {
   signal?: AbortSignal;

@@ -13,12 +13,12 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { ApiError, BadRequestError, formatBytes, NotFoundError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
-import type { BlockImage } from './block-image.js';
+import type { BlockImage } from '../image/block-image.js';
+import { EmptyImage } from '../image/empty-image.js';
+import { RawFileImage } from '../image/raw-file-image.js';
+import { ResizedImage } from '../image/resized-image.js';
 import { convertInto } from './convert.js';
 import { type Db, nowIso } from './db.js';
-import { EmptyImage } from './empty-image.js';
-import { RawFileImage } from './raw-file-image.js';
-import { ResizedImage } from './resized-image.js';
 import { type Sr, type SrStore, STAGING_DIR_NAME } from './srs.js';
 import type { VdiLocks } from './vdi-locks.js';
 

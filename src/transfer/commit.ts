@@ -15,9 +15,9 @@
 import { promises as fsp } from 'node:fs';
 import { formatBytes, TooLargeError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
+import { RawFileImage } from '../image/raw-file-image.js';
+import { isZeroFrom, ResizedImage } from '../image/resized-image.js';
 import { convertInto } from '../storage/convert.js';
-import { RawFileImage } from '../storage/raw-file-image.js';
-import { isZeroFrom, ResizedImage } from '../storage/resized-image.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 import type { StreamingImport } from './streaming-import.js';

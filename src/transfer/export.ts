@@ -5,7 +5,7 @@
  */
 import { codecFor } from '../formats/index.js';
 import type { SerializedImage } from '../formats/types.js';
-import type { BlockImage } from '../storage/block-image.js';
+import type { BlockImage } from '../image/block-image.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 
 /** Bumped whenever a serializer's output for the same content changes, so old ETags stop matching. */

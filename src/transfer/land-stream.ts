@@ -11,10 +11,10 @@
  */
 import type { promises as fsp } from 'node:fs';
 import { InsufficientSpaceError, TooLargeError } from '../errors.js';
-import type { DirectWriter } from '../storage/direct-writer.js';
-import { writeFully } from '../storage/file-io.js';
-import { zeroRange } from '../storage/sparse.js';
-import { forEachRun } from '../storage/zero.js';
+import type { DirectWriter } from '../image/direct-writer.js';
+import { writeFully } from '../image/file-io.js';
+import { zeroRange } from '../image/sparse.js';
+import { forEachRun } from '../image/zero.js';
 import type { ByteRange } from './range-set.js';
 
 export const WRITE_CHUNK_BYTES = 1024 * 1024;

@@ -21,8 +21,8 @@
  */
 import { request } from 'undici';
 import { ApiError, BadRequestError } from '../errors.js';
+import { isZero } from '../image/zero.js';
 import type { Services } from '../services.js';
-import { isZero } from '../storage/zero.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 import { backoff, describe, RETRY_LIMIT } from './backoff.js';
 import { openExport } from './export.js';

@@ -30,12 +30,12 @@ import {
   toApiError,
 } from '../errors.js';
 import { codecFor } from '../formats/index.js';
-import { readVirtual } from '../formats/raw/index.js';
 import { safeEqual } from '../http/auth.js';
+import { DirectWriter } from '../image/direct-writer.js';
+import { RawFileImage } from '../image/raw-file-image.js';
+import { readVirtual } from '../image/read-virtual.js';
+import { dropCachedPages, zeroRange } from '../image/sparse.js';
 import { type Db, nowIso } from '../storage/db.js';
-import { DirectWriter } from '../storage/direct-writer.js';
-import { RawFileImage } from '../storage/raw-file-image.js';
-import { dropCachedPages, zeroRange } from '../storage/sparse.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';

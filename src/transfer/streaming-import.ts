@@ -30,15 +30,15 @@
 import { constants, promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { codecFor } from '../formats/index.js';
-import { readVirtual } from '../formats/raw/index.js';
 import type { StreamLayout } from '../formats/stream-layout.js';
-import type { BlockImage } from '../storage/block-image.js';
+import type { BlockImage } from '../image/block-image.js';
+import { DirectWriter } from '../image/direct-writer.js';
+import { readAt, writeFully } from '../image/file-io.js';
+import { readVirtual } from '../image/read-virtual.js';
+import { zeroRange } from '../image/sparse.js';
+import { forEachRun } from '../image/zero.js';
 import { type CopyProgress, EarlyWriteback, writeRawData } from '../storage/convert.js';
-import { DirectWriter } from '../storage/direct-writer.js';
-import { readAt, writeFully } from '../storage/file-io.js';
-import { zeroRange } from '../storage/sparse.js';
 import { fsyncDir } from '../storage/vdis.js';
-import { forEachRun } from '../storage/zero.js';
 import type { ByteRange, RangeSet } from './range-set.js';
 
 /** Writes buf[0, length) to staging at image offset `at` (the landing's ordinary write). */

@@ -3,9 +3,9 @@
  * it declares, checked at creation and verified at finalize.
  */
 import { ApiError, BadRequestError, TooLargeError } from '../errors.js';
+import { RawFileImage } from '../image/raw-file-image.js';
+import { ResizedImage } from '../image/resized-image.js';
 import { hashImage } from '../ops/checksum.js';
-import { RawFileImage } from '../storage/raw-file-image.js';
-import { ResizedImage } from '../storage/resized-image.js';
 import type { Vdi } from '../storage/vdis.js';
 
 const CHECKSUM_PATTERN = /^(sha256|sha1|md5):([0-9a-f]+)$/;

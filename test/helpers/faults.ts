@@ -2,7 +2,7 @@
  * Fault injection for what a test machine cannot arrange without root: a
  * disk that fills up. Everything else stays the real code path.
  */
-import { DirectWriter } from '../../src/storage/direct-writer.js';
+import { DirectWriter } from '../../src/image/direct-writer.js';
 
 /**
  * Makes the `nth` gathered write of any DirectWriter fail with ENOSPC, as a

@@ -23,8 +23,8 @@
 import { promises as fsp } from 'node:fs';
 import { inflateRawSync, constants as zlibConstants } from 'node:zlib';
 import { MalformedImageError } from '../../errors.js';
-import { type BlockImage, type Extent, mergeExtents } from '../../storage/block-image.js';
-import { readAt } from '../../storage/file-io.js';
+import { type BlockImage, type Extent, mergeExtents } from '../../image/block-image.js';
+import { readAt } from '../../image/file-io.js';
 import { parseHeader, peekClusterBits, type Qcow2Header, V2_HEADER_LENGTH_BYTES } from './header.js';
 
 /** Upper bound on the bytes of L2 tables kept in memory per open image. */

@@ -22,9 +22,9 @@
  * contiguous in the guest is contiguous in the file, so it is read from the
  * source in large chunks by readVirtual.
  */
-import { type BlockImage, type Extent, mergeExtents } from '../../storage/block-image.js';
-import { zeroBuffer } from '../../storage/zero.js';
-import { READ_CHUNK_BYTES, ReadBuffers, readVirtual } from '../raw/index.js';
+import { type BlockImage, type Extent, mergeExtents } from '../../image/block-image.js';
+import { READ_CHUNK_BYTES, ReadBuffers, readVirtual } from '../../image/read-virtual.js';
+import { zeroBuffer } from '../../image/zero.js';
 import type { SerializedImage } from '../types.js';
 import { QCOW2_MAGIC } from './header.js';
 

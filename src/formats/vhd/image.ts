@@ -17,8 +17,8 @@
  */
 import { promises as fsp } from 'node:fs';
 import { formatBytes, MalformedImageError, UnsupportedImageError } from '../../errors.js';
-import type { BlockImage, Extent } from '../../storage/block-image.js';
-import { fileExtents } from '../../storage/sparse.js';
+import type { BlockImage, Extent } from '../../image/block-image.js';
+import { fileExtents } from '../../image/sparse.js';
 import {
   BAT_UNALLOCATED,
   bitmapBytesOnDisk,

@@ -31,9 +31,9 @@
  */
 import { createHash } from 'node:crypto';
 import { formatBytes, UnsupportedImageError } from '../../errors.js';
-import type { BlockImage, Extent } from '../../storage/block-image.js';
-import { zeroBuffer } from '../../storage/zero.js';
-import { ReadBuffers, readVirtual } from '../raw/index.js';
+import type { BlockImage, Extent } from '../../image/block-image.js';
+import { ReadBuffers, readVirtual } from '../../image/read-virtual.js';
+import { zeroBuffer } from '../../image/zero.js';
 import type { SerializedImage } from '../types.js';
 import {
   bitmapBytesOnDisk,
