@@ -1,13 +1,7 @@
 /** Bearer-token check for management calls, when the service has a token. */
-import { timingSafeEqual } from 'node:crypto';
 import type { RequestHandler } from 'express';
 import { ApiError } from '../errors.js';
-
-export function safeEqual(a: string, b: string): boolean {
-  const ab = Buffer.from(a);
-  const bb = Buffer.from(b);
-  return ab.length === bb.length && timingSafeEqual(ab, bb);
-}
+import { safeEqual } from '../secrets.js';
 
 export function requireToken(token: string | undefined): RequestHandler {
   return (req, res, next) => {

@@ -5,8 +5,8 @@
  */
 import type { RequestHandler } from 'express';
 import { ApiError } from '../errors.js';
+import { safeEqual } from '../secrets.js';
 import type { TransferService } from '../transfer/sessions.js';
-import { safeEqual } from './auth.js';
 
 function presentedToken(query: unknown, authorization: string | undefined, managementToken?: string) {
   if (typeof query === 'string' && query !== '') return query;

@@ -10,8 +10,9 @@
  */
 import { type Request, type RequestHandler, Router } from 'express';
 import { ApiError, BadRequestError } from '../errors.js';
-import { requireToken, safeEqual } from '../http/auth.js';
+import { requireToken } from '../http/auth.js';
 import { continueNow } from '../http/continue.js';
+import { safeEqual } from '../secrets.js';
 import type { Services } from '../services.js';
 import { contentLengthOf, formatParam, sendExport } from './contents.js';
 

@@ -30,11 +30,11 @@ import {
   toApiError,
 } from '../errors.js';
 import { codecFor } from '../formats/index.js';
-import { safeEqual } from '../http/auth.js';
 import { DirectWriter } from '../image/direct-writer.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { readVirtual } from '../image/read-virtual.js';
 import { dropCachedPages, zeroRange } from '../image/sparse.js';
+import { safeEqual } from '../secrets.js';
 import { type Db, nowIso } from '../storage/db.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
