@@ -13,6 +13,7 @@ import { type Request, type Response, Router } from 'express';
 import { BadRequestError, ConflictError } from '../errors.js';
 import { continueNow } from '../http/continue.js';
 import { validateBody } from '../http/openapi.js';
+import { sendExport } from '../http/send-export.js';
 import { requireTransferCredential } from '../http/transfer-auth.js';
 import { parseContentDigest, parseContentRange } from '../http/transfer-headers.js';
 import type { Services } from '../services.js';
@@ -20,7 +21,6 @@ import { startPull } from '../transfer/pull.js';
 import { startPush } from '../transfer/push.js';
 import type { CreateTransfer } from '../transfer/sessions.js';
 import type { Transfer } from '../transfer/transfer-store.js';
-import { sendExport } from './contents.js';
 
 function baseUrl(req: Request): string {
   return `${req.protocol}://${req.get('host')}`;

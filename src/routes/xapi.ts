@@ -12,9 +12,10 @@ import { type Request, type RequestHandler, Router } from 'express';
 import { ApiError, BadRequestError } from '../errors.js';
 import { requireToken } from '../http/auth.js';
 import { continueNow } from '../http/continue.js';
+import { contentLengthOf, formatParam } from '../http/params.js';
+import { sendExport } from '../http/send-export.js';
 import { safeEqual } from '../secrets.js';
 import type { Services } from '../services.js';
-import { contentLengthOf, formatParam, sendExport } from './contents.js';
 
 /**
  * With a token, any of: `Authorization: Bearer <token>`, `session_id=<token>`

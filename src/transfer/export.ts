@@ -3,10 +3,12 @@
  * a validator. The layout comes from the extents, so the size is exact before
  * the first byte and any range can be produced on its own.
  */
+import { toApiError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
 import type { SerializedImage } from '../formats/types.js';
 import type { BlockImage } from '../image/block-image.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
+import type { TaskManager } from '../tasks/task-manager.js';
 
 /** Bumped whenever a serializer's output for the same content changes, so old ETags stop matching. */
 const EXPORT_LAYOUT_VERSION = 1;
@@ -55,4 +57,26 @@ function safeName(label: string): string {
     .replace(/[^A-Za-z0-9._-]+/g, '_')
     .replace(/^[._]+/, '')
     .slice(0, 100);
+}
+
+/**
+ * Runs the sending of an export as a task of its own: progress is what
+ * `send` reports, cancelling the task aborts `send`, and the outcome is
+ * persisted. How the bytes go out (an HTTP response, say) is the caller's.
+ */
+export async function runExportTask(
+  tasks: TaskManager,
+  source: ExportSource,
+  bytesTotal: number,
+  send: (task: { id: string; signal: AbortSignal; onBytes: (n: number) => void }) => Promise<void>,
+): Promise<void> {
+  const { vdi, format } = source;
+  const task = tasks.start('export', vdi.id, { bytesTotal, format });
+  try {
+    await send({ id: task.id, signal: task.signal, onBytes: (n) => task.addBytes(n) });
+    task.succeed({ vdi: vdi.id, format, bytes_sent: task.record.bytes_done, etag: source.etag });
+  } catch (err) {
+    task.fail(toApiError(err));
+    throw err;
+  }
 }

@@ -1,0 +1,20 @@
+/** Request parameters shared by the routes that import and export images. */
+import type { Request } from 'express';
+import { BadRequestError } from '../errors.js';
+import { codecFor } from '../formats/index.js';
+
+/** `?format=`: a wire format's name, raw when absent. */
+export function formatParam(req: Request): string {
+  const format = typeof req.query.format === 'string' && req.query.format !== '' ? req.query.format : 'raw';
+  return codecFor(format).name;
+}
+
+/** The declared body length, or undefined when the body is chunked or unannounced. */
+export function contentLengthOf(req: Request): number | undefined {
+  const header = req.get('content-length');
+  if (header === undefined || req.get('transfer-encoding')) return undefined;
+  const n = Number(header);
+  if (!Number.isSafeInteger(n) || n < 0)
+    throw new BadRequestError(`Content-Length '${header}' is not a byte count`);
+  return n;
+}
