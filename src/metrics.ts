@@ -9,6 +9,7 @@
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import { WIRE_FORMATS } from './formats/types.js';
 import type { RunningTask, TaskManager } from './tasks/task-manager.js';
+import type { ReadCounters } from './transfer/export.js';
 
 /** Which byte counter a task type moves; the types listed are transfers. */
 export const TRANSFER_DIRECTIONS: Readonly<Record<string, 'received' | 'sent'>> = {
@@ -46,11 +47,39 @@ export class Metrics {
     buckets: DURATION_BUCKETS_SECONDS,
     registers: [this.registry],
   });
+  readonly readRequests: Counter<'format'>;
+  readonly readBytes: Counter<'format'>;
   readonly activeTransfers: Gauge;
   /** Per running transfer, how much of its bytes_done the byte counters already hold. */
   private readonly counted = new Map<string, number>();
 
-  constructor(private readonly tasks: TaskManager) {
+  /** Per format, how much of the ranged reads' bytes bytesSent already holds. */
+  private readonly readBytesCounted = new Map<string, number>();
+
+  constructor(
+    private readonly tasks: TaskManager,
+    private readonly reads: ReadCounters,
+  ) {
+    // Ranged reads are not tasks; their counters are read at scrape time.
+    const fromTotals = (totals: Map<string, number>) =>
+      function (this: Counter<'format'>) {
+        this.reset();
+        for (const format of WIRE_FORMATS) this.labels(format).inc(totals.get(format) ?? 0);
+      };
+    this.readRequests = new Counter({
+      name: 'diskport_read_requests_total',
+      help: 'Ranged reads of exports (parts of a disk, not tasks), by wire format',
+      labelNames: ['format'] as const,
+      registers: [this.registry],
+      collect: fromTotals(reads.requests),
+    });
+    this.readBytes = new Counter({
+      name: 'diskport_read_bytes_total',
+      help: 'Bytes sent by ranged reads of exports, by wire format',
+      labelNames: ['format'] as const,
+      registers: [this.registry],
+      collect: fromTotals(reads.bytes),
+    });
     this.activeTransfers = new Gauge({
       name: 'diskport_active_transfers',
       help: 'Imports and exports running now',
@@ -71,6 +100,12 @@ export class Metrics {
   /** Brings the byte counters up to date with the transfers running now (before a scrape). */
   countRunning(): void {
     for (const task of this.tasks.running()) this.countBytes(task);
+    // Ranged reads send bytes too, without a task: bytes_sent counts them as well.
+    for (const [format, total] of this.reads.bytes) {
+      const before = this.readBytesCounted.get(format) ?? 0;
+      if (total > before) this.bytesSent.labels(format).inc(total - before);
+      this.readBytesCounted.set(format, total);
+    }
   }
 
   /** Accounts for one finished task. */
@@ -107,8 +142,11 @@ export class Metrics {
 }
 
 /** Creates the metrics of one service and feeds them every finished task; returns them and the unsubscribe. */
-export function observeTasks(tasks: TaskManager): { metrics: Metrics; stop: () => void } {
-  const metrics = new Metrics(tasks);
+export function observeTasks(
+  tasks: TaskManager,
+  reads: ReadCounters,
+): { metrics: Metrics; stop: () => void } {
+  const metrics = new Metrics(tasks, reads);
   const stop = tasks.onFinished((task) => {
     try {
       metrics.recordFinished(task);

@@ -11,6 +11,7 @@ import { VdiLocks } from './storage/vdi-locks.js';
 import { VdiStore } from './storage/vdis.js';
 import { TaskManager } from './tasks/task-manager.js';
 import { TaskStore } from './tasks/task-store.js';
+import { ReadCounters } from './transfer/export.js';
 import { resumePulls } from './transfer/pull.js';
 import { resumePushes } from './transfer/push.js';
 import { TransferService } from './transfer/sessions.js';
@@ -24,6 +25,8 @@ export interface Services {
   tasks: TaskManager;
   transfers: TransferService;
   checksums: ChecksumService;
+  /** Ranged reads, which are counted rather than tasks. */
+  reads: ReadCounters;
   metrics: Metrics;
   close(): Promise<void>;
 }
@@ -48,7 +51,8 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
   }
 
   const checksums = new ChecksumService(vdis, tasks);
-  const observed = observeTasks(tasks);
+  const reads = new ReadCounters();
+  const observed = observeTasks(tasks, reads);
 
   const services: Services = {
     config,
@@ -59,6 +63,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     tasks,
     transfers,
     checksums,
+    reads,
     metrics: observed.metrics,
     async close() {
       // Operations in flight end with the process, as in a crash: recovery

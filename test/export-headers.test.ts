@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import request from 'supertest';
 import { createVdi } from './helpers/api.js';
+import { sample, scrape } from './helpers/metrics.js';
 import { prng, seededBytes, startServer, type TestServer } from './helpers/server.js';
 
 const SIZE = 4 * 1024 * 1024;
@@ -111,12 +112,40 @@ describe('export validators, conditionals and ranges (RFC 9110)', () => {
     assert.match(res.body.error.message, /raw/);
   });
 
-  test('every GET is an export task with its bytes counted', async () => {
-    const res = await request(srv.url).get(url).set('Range', 'bytes=0-1023').buffer(true).expect(206);
+  test('a GET of the whole image is an export task with its bytes counted', async () => {
+    const res = await request(srv.url).get(url).buffer(true).expect(200);
     const taskId = res.headers['x-task-id'];
+    assert.ok(taskId, 'a whole-image export names its task');
     const task = await request(srv.url).get(`/v1/tasks/${taskId}?wait=5`).expect(200);
     assert.equal(task.body.type, 'export');
     assert.equal(task.body.status, 'success');
-    assert.equal(task.body.bytes_done, 1024);
+    assert.equal(task.body.bytes_done, SIZE);
+  });
+
+  test('a ranged GET is no task: no X-Task-Id, no task row, counted in /metrics instead', async () => {
+    const vdiId = url.split('/')[3];
+    const tasksBefore = (await request(srv.url).get(`/v1/tasks?vdi=${vdiId}&limit=1000`).expect(200)).body
+      .length;
+    const before = await scrape(srv.url);
+    for (const format of ['raw', 'vhd', 'qcow2']) {
+      const res = await request(srv.url)
+        .get(`${url}?format=${format}`)
+        .set('Range', 'bytes=0-1023')
+        .buffer(true)
+        .expect(206);
+      assert.equal(res.headers['x-task-id'], undefined, `${format}: no task, no X-Task-Id`);
+      assert.equal(res.body.length, 1024);
+    }
+    const after = await scrape(srv.url);
+    const tasksAfter = (await request(srv.url).get(`/v1/tasks?vdi=${vdiId}&limit=1000`).expect(200)).body
+      .length;
+    assert.equal(tasksAfter, tasksBefore, 'no task was recorded for a part of the disk');
+    for (const format of ['raw', 'vhd', 'qcow2']) {
+      const delta = (name: string) =>
+        (sample(after, name, { format }) ?? 0) - (sample(before, name, { format }) ?? 0);
+      assert.equal(delta('diskport_read_requests_total'), 1, `${format}: one read request`);
+      assert.equal(delta('diskport_read_bytes_total'), 1024, `${format}: its bytes`);
+      assert.equal(delta('diskport_bytes_sent_total'), 1024, `${format}: bytes sent include ranged reads`);
+    }
   });
 });

@@ -7,12 +7,13 @@
 import type { Request, Response } from 'express';
 import type { VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
-import { openExport, runExportTask } from '../transfer/export.js';
+import { openExport, type ReadCounters, runExportTask } from '../transfer/export.js';
 import { writeBody, writeHead } from './ranges.js';
 
 export interface ExportDeps {
   vdis: VdiStore;
   tasks: TaskManager;
+  reads: ReadCounters;
 }
 
 /** A download session's GET: its task counts the bytes of all its requests. */
@@ -22,8 +23,10 @@ export interface SessionExport {
 }
 
 /**
- * Streams an export of a VDI (GET) or just its headers (HEAD). Each GET is an
- * export task of its own, unless it serves a download session.
+ * Streams an export of a VDI (GET) or just its headers (HEAD). A GET of the
+ * whole image is an export task of its own; a ranged GET reads part of the
+ * disk, which is not a long operation: it is only counted (ReadCounters).
+ * A download session's GETs count toward the session's task.
  */
 export async function sendExport(
   deps: ExportDeps,
@@ -44,6 +47,11 @@ export async function sendExport(
     if (session) {
       res.setHeader('X-Task-Id', session.taskId);
       await writeBody(res, rep, plan, session.onBytes).catch(() => res.destroy());
+      return;
+    }
+    if (plan.status === 206) {
+      deps.reads.countRequest(format);
+      await writeBody(res, rep, plan, (n) => deps.reads.countBytes(format, n)).catch(() => res.destroy());
       return;
     }
     await runExportTask(deps.tasks, source, plan.bodyLength, (task) => {

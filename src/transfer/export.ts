@@ -60,6 +60,24 @@ function safeName(label: string): string {
 }
 
 /**
+ * Reads of part of a disk (ranged GETs) are not tasks: they are counted here,
+ * per wire format, and /metrics reports the totals. Plain counters, so a
+ * read costs no allocation and no database write.
+ */
+export class ReadCounters {
+  readonly requests = new Map<string, number>();
+  readonly bytes = new Map<string, number>();
+
+  countRequest(format: string): void {
+    this.requests.set(format, (this.requests.get(format) ?? 0) + 1);
+  }
+
+  countBytes(format: string, n: number): void {
+    this.bytes.set(format, (this.bytes.get(format) ?? 0) + n);
+  }
+}
+
+/**
  * Runs the sending of an export as a task of its own: progress is what
  * `send` reports, cancelling the task aborts `send`, and the outcome is
  * persisted. How the bytes go out (an HTTP response, say) is the caller's.
