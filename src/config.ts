@@ -13,9 +13,32 @@ export interface Config {
   logLevel: string;
   /** CIDRs (or `*`) that pull and push may reach although the SSRF guard forbids them (loopback, link-local). */
   allowFetch: string[];
+  /** Finished tasks are kept this long, and at most this many, then pruned. */
+  taskRetention: { maxAgeSeconds: number; maxCount: number };
 }
 
-export const DEFAULTS = { host: '127.0.0.1', port: 8080, dataDir: './data', logLevel: 'info' } as const;
+export const DEFAULTS = {
+  host: '127.0.0.1',
+  port: 8080,
+  dataDir: './data',
+  logLevel: 'info',
+  taskRetention: '7d',
+  taskRetentionCount: 10_000,
+} as const;
+
+const DURATION_UNITS_SECONDS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400 };
+
+/** `7d`, `12h`, `30m`, `90s` or a bare number of seconds. */
+export function parseDuration(value: string): number {
+  const m = /^(\d+)([smhd]?)$/.exec(value.trim());
+  if (!m) throw new InvalidArgumentError(`'${value}' is not a duration (e.g. 7d, 12h, 30m, 90s)`);
+  return Number(m[1]) * DURATION_UNITS_SECONDS[m[2] || 's'];
+}
+
+function parseCount(value: string): number {
+  if (!/^\d+$/.test(value.trim())) throw new InvalidArgumentError(`'${value}' is not a whole number`);
+  return Number(value);
+}
 
 /** `--allow-fetch 127.0.0.0/8,::1`: comma-separated CIDRs or bare addresses, or `*` for any. */
 export function parseAllowFetch(value: string): string[] {
@@ -69,9 +92,23 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       parseAllowFetch,
       env.DISKPORT_ALLOW_FETCH ? parseAllowFetch(env.DISKPORT_ALLOW_FETCH) : [],
     )
+    .option(
+      '--task-retention <duration>',
+      'how long finished tasks are kept, e.g. 7d, 12h (env DISKPORT_TASK_RETENTION)',
+      parseDuration,
+      parseDuration(env.DISKPORT_TASK_RETENTION ?? DEFAULTS.taskRetention),
+    )
+    .option(
+      '--task-retention-count <n>',
+      'how many finished tasks are kept at most (env DISKPORT_TASK_RETENTION_COUNT)',
+      parseCount,
+      env.DISKPORT_TASK_RETENTION_COUNT
+        ? parseCount(env.DISKPORT_TASK_RETENTION_COUNT)
+        : DEFAULTS.taskRetentionCount,
+    )
     .exitOverride();
   program.parse(argv, { from: 'user' });
-  const o = program.opts<Config>();
+  const o = program.opts<Config & { taskRetention: number; taskRetentionCount: number }>();
   return {
     host: o.host,
     port: o.port,
@@ -80,6 +117,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     token: o.token || env.DISKPORT_TOKEN || undefined,
     logLevel: o.logLevel,
     allowFetch: o.allowFetch,
+    taskRetention: { maxAgeSeconds: o.taskRetention, maxCount: o.taskRetentionCount },
   };
 }
 

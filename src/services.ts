@@ -50,6 +50,10 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     logger.info({ interrupted: interrupted.length, removed }, 'recovered from an unclean stop');
   }
 
+  const stopPruning = tasks.startPruning(config.taskRetention, (n) =>
+    logger.info({ removed: n }, 'removed finished tasks past their retention'),
+  );
+
   const checksums = new ChecksumService(vdis, tasks);
   const reads = new ReadCounters();
   const observed = observeTasks(tasks, reads);
@@ -68,6 +72,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     async close() {
       // Operations in flight end with the process, as in a crash: recovery
       // fails plain tasks as INTERRUPTED and resumes transfer sessions.
+      stopPruning();
       transfers.stop();
       checksums.stop();
       observed.stop();

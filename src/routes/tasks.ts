@@ -1,6 +1,7 @@
 /** GET /v1/tasks, GET /v1/tasks/{task}?wait=S, POST /v1/tasks/{task}/cancel */
 import { Router } from 'express';
 import { BadRequestError } from '../errors.js';
+import { pageParams, sendPage } from '../http/paging.js';
 import type { Services } from '../services.js';
 
 const TASK_STATUSES = ['pending', 'running', 'success', 'failure', 'cancelled'];
@@ -17,7 +18,8 @@ export function taskRoutes(s: Services): Router {
       if (status && !TASK_STATUSES.includes(status)) {
         throw new BadRequestError(`status must be one of ${TASK_STATUSES.join(', ')}, got '${status}'`);
       }
-      res.json(s.tasks.list({ status, vdi: queryString(req.query.vdi) }));
+      const filter = { status, vdi: queryString(req.query.vdi), type: queryString(req.query.type) };
+      sendPage(req, res, s.tasks.listPage(filter, pageParams(req)));
     })
     .get('/v1/tasks/:task', async (req, res) => {
       const waitParam = queryString(req.query.wait);

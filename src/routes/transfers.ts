@@ -13,6 +13,7 @@ import { type Request, type Response, Router } from 'express';
 import { BadRequestError, ConflictError } from '../errors.js';
 import { continueNow } from '../http/continue.js';
 import { validateBody } from '../http/openapi.js';
+import { pageParams, sendPage } from '../http/paging.js';
 import { sendExport } from '../http/send-export.js';
 import { requireTransferCredential } from '../http/transfer-auth.js';
 import { parseContentDigest, parseContentRange } from '../http/transfer-headers.js';
@@ -55,9 +56,8 @@ export function transferRoutes(s: Services): Router {
     })
     .get('/v1/transfers', (req, res) => {
       const vdi = typeof req.query.vdi === 'string' && req.query.vdi ? req.query.vdi : undefined;
-      res.json(
-        s.transfers.list({ vdi, active: req.query.active === 'true' }).map((t) => s.transfers.toJson(t)),
-      );
+      const page = s.transfers.listPage({ vdi, active: req.query.active === 'true' }, pageParams(req));
+      sendPage(req, res, { ...page, items: page.items.map((t) => s.transfers.toJson(t)) });
     })
     .get('/v1/transfers/:id', async (req, res) => {
       const t = transferOf(s, req, res);

@@ -2,13 +2,15 @@
 import { Router } from 'express';
 import { ConflictError } from '../errors.js';
 import { validateBody } from '../http/openapi.js';
+import { pageParams, sendPage } from '../http/paging.js';
 import type { Services } from '../services.js';
 import type { CreateVdi } from '../storage/vdis.js';
 
 export function vdiRoutes(s: Services): Router {
   return Router()
-    .get('/v1/vdis', async (_req, res) => {
-      res.json(await Promise.all(s.vdis.list().map((v) => s.vdis.toJson(v))));
+    .get('/v1/vdis', async (req, res) => {
+      const page = s.vdis.listPage(pageParams(req));
+      sendPage(req, res, { ...page, items: await Promise.all(page.items.map((v) => s.vdis.toJson(v))) });
     })
     .post('/v1/vdis', async (req, res) => {
       const vdi = await s.vdis.create(validateBody<CreateVdi>('VdiCreate', req.body));

@@ -69,6 +69,10 @@ const MIGRATIONS: readonly string[] = [
    );
    CREATE INDEX transfers_by_vdi ON transfers(vdi_id, state);
    CREATE INDEX transfers_by_state ON transfers(state, expires_at);`,
+  // Lists page newest first by (created_at, rowid).
+  `CREATE INDEX tasks_by_created ON tasks(created_at);
+   CREATE INDEX vdis_by_created ON vdis(created_at);
+   CREATE INDEX transfers_by_created ON transfers(created_at);`,
 ];
 
 export function openDb(file: string): Db {

@@ -19,6 +19,7 @@ import { RawFileImage } from '../image/raw-file-image.js';
 import { ResizedImage } from '../image/resized-image.js';
 import { convertInto } from './convert.js';
 import { type Db, nowIso } from './db.js';
+import { type Page, type PageRequest, selectPage } from './paging.js';
 import { type Sr, type SrStore, STAGING_DIR_NAME } from './srs.js';
 import type { VdiLocks } from './vdi-locks.js';
 
@@ -74,6 +75,11 @@ export class VdiStore {
 
   list(): Vdi[] {
     return this.db.prepare('SELECT * FROM vdis ORDER BY created_at, id').all() as Vdi[];
+  }
+
+  /** One page of VDIs, newest first. */
+  listPage(page: PageRequest): Page<Vdi> {
+    return selectPage<Vdi>(this.db, 'vdis', [], {}, page);
   }
 
   srOf(vdi: Vdi): Sr {

@@ -9,11 +9,20 @@ import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { ApiError, CancelledError, NotFoundError } from '../errors.js';
 import { nowIso } from '../storage/db.js';
-import { FINISHED_STATUSES, type Task, type TaskStore } from './task-store.js';
+import type { Page, PageRequest } from '../storage/paging.js';
+import { FINISHED_STATUSES, type Task, type TaskFilter, type TaskStore } from './task-store.js';
 
 const PERSIST_INTERVAL_MS = 1000;
 /** Not a string, so it cannot collide with the task ids the same emitter uses. */
 const FINISHED_EVENT = Symbol('finished');
+/** How often finished tasks past their retention are removed. */
+const PRUNE_INTERVAL_MS = 60_000;
+
+/** How long, and how many, finished tasks are kept. */
+export interface TaskRetention {
+  maxAgeSeconds: number;
+  maxCount: number;
+}
 
 /** The handle an operation holds while it runs: report bytes, watch for cancel, finish. */
 export class RunningTask {
@@ -182,6 +191,33 @@ export class TaskManager {
 
   list(filter: { status?: string; vdi?: string }): Task[] {
     return this.store.list(filter).map((t) => (this.live.has(t.id) ? { ...this.live.get(t.id)!.record } : t));
+  }
+
+  /** One page of tasks, newest first; running ones as they are now. */
+  listPage(filter: TaskFilter, page: PageRequest): Page<Task> {
+    const stored = this.store.listPage(filter, page);
+    return {
+      ...stored,
+      items: stored.items.map((t) => (this.live.has(t.id) ? { ...this.live.get(t.id)!.record } : t)),
+    };
+  }
+
+  /**
+   * Keeps finished tasks for `retention` (their outcome is what a client
+   * polls for) and then removes them, now and every PRUNE_INTERVAL_MS, so
+   * the store grows with what runs, not with the service's age. Returns the
+   * stop function.
+   */
+  startPruning(retention: TaskRetention, onPruned?: (n: number) => void): () => void {
+    const prune = () => {
+      const cutoff = new Date(Date.now() - retention.maxAgeSeconds * 1000).toISOString();
+      const n = this.store.prune(cutoff, retention.maxCount);
+      if (n > 0) onPruned?.(n);
+    };
+    prune();
+    const timer = setInterval(prune, PRUNE_INTERVAL_MS);
+    timer.unref();
+    return () => clearInterval(timer);
   }
 
   /** Resolves with the task once finished, or as it is after `seconds`. */

@@ -1,5 +1,6 @@
 /** Task records in the metadata store: the persisted outcome of every long operation. */
 import type { Db } from '../storage/db.js';
+import { type Page, type PageRequest, selectPage } from '../storage/paging.js';
 
 export type TaskStatus = 'pending' | 'running' | 'success' | 'failure' | 'cancelled';
 export const FINISHED_STATUSES: readonly TaskStatus[] = ['success', 'failure', 'cancelled'];
@@ -51,6 +52,12 @@ function fromRow(r: TaskRow): Task {
     error: r.error ? JSON.parse(r.error) : null,
     result: r.result ? JSON.parse(r.result) : null,
   };
+}
+
+export interface TaskFilter {
+  status?: string;
+  vdi?: string;
+  type?: string;
 }
 
 export class TaskStore {
@@ -110,6 +117,37 @@ export class TaskStore {
     const sql = `SELECT * FROM tasks ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
                  ORDER BY created_at DESC, rowid DESC LIMIT @limit`;
     return (this.db.prepare(sql).all(params) as TaskRow[]).map(fromRow);
+  }
+
+  /** One page of tasks, newest first, filtered by status, VDI and type. */
+  listPage(filter: TaskFilter, page: PageRequest): Page<Task> {
+    const where: string[] = [];
+    if (filter.status) where.push('status = @status');
+    if (filter.vdi) where.push('vdi_id = @vdi');
+    if (filter.type) where.push('type = @type');
+    const rows = selectPage<TaskRow>(this.db, 'tasks', where, { ...filter }, page);
+    return { ...rows, items: rows.items.map(fromRow) };
+  }
+
+  /**
+   * Removes finished tasks that finished before `finishedBefore`, and the
+   * oldest finished ones beyond `keepCount`. Pending and running tasks are
+   * never removed, whatever their age. Returns how many went.
+   */
+  prune(finishedBefore: string, keepCount: number): number {
+    return this.db.transaction(() => {
+      const finished = `status IN ('success','failure','cancelled')`;
+      const old = this.db
+        .prepare(`DELETE FROM tasks WHERE ${finished} AND finished_at < ?`)
+        .run(finishedBefore).changes;
+      const beyond = this.db
+        .prepare(
+          `DELETE FROM tasks WHERE rowid IN (
+             SELECT rowid FROM tasks WHERE ${finished} ORDER BY created_at DESC, rowid DESC LIMIT -1 OFFSET ?)`,
+        )
+        .run(keepCount).changes;
+      return old + beyond;
+    })();
   }
 
   /**

@@ -36,6 +36,7 @@ import { readVirtual } from '../image/read-virtual.js';
 import { dropCachedPages, zeroRange } from '../image/sparse.js';
 import { safeEqual } from '../secrets.js';
 import { type Db, nowIso } from '../storage/db.js';
+import type { Page, PageRequest } from '../storage/paging.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
@@ -304,6 +305,11 @@ export class TransferService {
 
   list(filter: { vdi?: string; active?: boolean }): Transfer[] {
     return this.store.list(filter).map((t) => this.live.get(t.id)?.t ?? t);
+  }
+
+  listPage(filter: { vdi?: string; active?: boolean }, page: PageRequest): Page<Transfer> {
+    const stored = this.store.listPage(filter, page);
+    return { ...stored, items: stored.items.map((t) => this.live.get(t.id)?.t ?? t) };
   }
 
   /** True when `token` is this transfer's own. */

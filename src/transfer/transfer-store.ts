@@ -1,5 +1,6 @@
 /** Transfer sessions in the metadata store: they outlive the process, as resumable uploads must. */
 import type { Db } from '../storage/db.js';
+import { type Page, type PageRequest, selectPage } from '../storage/paging.js';
 import type { ByteRange } from './range-set.js';
 
 export type Direction = 'upload' | 'download';
@@ -63,6 +64,15 @@ export class TransferStore {
     if (filter.active) where.push(`state IN ('open','finalizing')`);
     const sql = `SELECT * FROM transfers ${where.length ? `WHERE ${where.join(' AND ')}` : ''} ORDER BY created_at DESC`;
     return (this.db.prepare(sql).all({ vdi: filter.vdi }) as Row[]).map(fromRow);
+  }
+
+  /** One page of sessions, newest first. */
+  listPage(filter: { vdi?: string; active?: boolean }, page: PageRequest): Page<Transfer> {
+    const where: string[] = [];
+    if (filter.vdi) where.push('vdi_id = @vdi');
+    if (filter.active) where.push(`state IN ('open','finalizing')`);
+    const rows = selectPage<Row>(this.db, 'transfers', where, { vdi: filter.vdi }, page);
+    return { ...rows, items: rows.items.map(fromRow) };
   }
 
   /** Persists the mutable fields of a session. */

@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { pino } from 'pino';
 import { createServer } from '../../src/app.js';
-import type { Config } from '../../src/config.js';
+import { type Config, parseConfig } from '../../src/config.js';
 import { createServices, type Services } from '../../src/services.js';
 
 export const ROOT = path.resolve(import.meta.dirname, '../..');
@@ -26,10 +26,13 @@ export interface TestServer {
 }
 
 export async function startServer(
-  opts: { dataDir?: string; token?: string; allowFetch?: string[] } = {},
+  opts: { dataDir?: string; token?: string; allowFetch?: string[]; config?: Partial<Config> } = {},
 ): Promise<TestServer> {
   const dataDir = opts.dataDir ?? (await tempDir());
   const config: Config = {
+    // Every setting at its default (no environment), then what this test sets.
+    ...parseConfig([], {}),
+    ...opts.config,
     host: '127.0.0.1',
     port: 0,
     dataDir,
