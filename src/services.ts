@@ -73,6 +73,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
       // Operations in flight end with the process, as in a crash: recovery
       // fails plain tasks as INTERRUPTED and resumes transfer sessions.
       stopPruning();
+      vdis.images.clear();
       transfers.stop();
       checksums.stop();
       observed.stop();

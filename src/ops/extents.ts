@@ -27,11 +27,12 @@ export async function openCurrentImage(
   }
 }
 
+/** The VDI's extents, computed once per generation (VdiStore.images). */
 export async function vdiExtents(vdis: VdiStore, vdiId: string): Promise<Extent[]> {
-  const { image } = await openCurrentImage(vdis, vdiId);
+  const lease = await vdis.images.lease(vdiId);
   try {
-    return await image.extents();
+    return await lease.extents();
   } finally {
-    await image.close();
+    lease.release();
   }
 }

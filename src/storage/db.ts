@@ -95,6 +95,20 @@ function migrate(db: Db): void {
   }
 }
 
+const statements = new WeakMap<Db, Map<string, Database.Statement>>();
+
+/**
+ * A prepared statement, prepared once per database: for the lookups every
+ * request makes (a VDI, its SR), where preparing costs more than running.
+ */
+export function cachedStatement(db: Db, sql: string): Database.Statement {
+  let byText = statements.get(db);
+  if (!byText) statements.set(db, (byText = new Map()));
+  let stmt = byText.get(sql);
+  if (!stmt) byText.set(sql, (stmt = db.prepare(sql)));
+  return stmt;
+}
+
 export function nowIso(): string {
   return new Date().toISOString();
 }

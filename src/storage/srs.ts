@@ -3,7 +3,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { NotFoundError } from '../errors.js';
 import { availableFormats } from '../formats/index.js';
-import { type Db, nowIso } from './db.js';
+import { cachedStatement, type Db, nowIso } from './db.js';
 
 export interface Sr {
   id: string;
@@ -55,7 +55,7 @@ export class SrStore {
   }
 
   get(id: string): Sr {
-    const row = this.db.prepare('SELECT * FROM srs WHERE id = ?').get(id) as SrRow | undefined;
+    const row = cachedStatement(this.db, 'SELECT * FROM srs WHERE id = ?').get(id) as SrRow | undefined;
     if (!row) throw new NotFoundError('sr', id);
     return { ...row, supported_image_formats: JSON.parse(row.supported_image_formats) };
   }

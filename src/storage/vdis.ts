@@ -18,7 +18,8 @@ import { EmptyImage } from '../image/empty-image.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { ResizedImage } from '../image/resized-image.js';
 import { convertInto } from './convert.js';
-import { type Db, nowIso } from './db.js';
+import { cachedStatement, type Db, nowIso } from './db.js';
+import { ImageCache } from './image-cache.js';
 import { type Page, type PageRequest, selectPage } from './paging.js';
 import { type Sr, type SrStore, STAGING_DIR_NAME } from './srs.js';
 import type { VdiLocks } from './vdi-locks.js';
@@ -61,6 +62,9 @@ export interface CreateVdi {
 export const MAX_VIRTUAL_SIZE_BYTES = 64 * 1024 ** 4;
 
 export class VdiStore {
+  /** Images of committed generations, shared by the reads of one VDI. */
+  readonly images = new ImageCache(this);
+
   constructor(
     private readonly db: Db,
     private readonly srs: SrStore,
@@ -68,7 +72,7 @@ export class VdiStore {
   ) {}
 
   get(id: string): Vdi {
-    const row = this.db.prepare('SELECT * FROM vdis WHERE id = ?').get(id) as Vdi | undefined;
+    const row = cachedStatement(this.db, 'SELECT * FROM vdis WHERE id = ?').get(id) as Vdi | undefined;
     if (!row) throw new NotFoundError('vdi', id);
     return row;
   }
@@ -184,6 +188,7 @@ export class VdiStore {
     const vdi = this.get(id);
     this.locks.assertFree(id);
     this.db.prepare('DELETE FROM vdis WHERE id = ?').run(id);
+    this.images.drop(id);
     await fsp.rm(this.imagePath(vdi), { force: true });
   }
 
@@ -235,6 +240,7 @@ export class VdiStore {
         });
       opts.inTransaction?.(generation);
     })();
+    this.images.drop(id);
     await fsp.rm(stagedFile, { force: true });
     // Unlinking a large old generation takes a while and nobody waits for it:
     // not the client (readers still holding it keep their open file), not

@@ -6,7 +6,6 @@
 import { toApiError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
 import type { SerializedImage } from '../formats/types.js';
-import type { BlockImage } from '../image/block-image.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
 
@@ -29,13 +28,17 @@ export function exportEtag(vdi: Vdi, format: string): string {
   return `"${vdi.id}.g${vdi.generation}.${format}.v${EXPORT_LAYOUT_VERSION}"`;
 }
 
-/** Opens the VDI's current generation; the export keeps reading it even if an import commits meanwhile. */
+/**
+ * Opens the VDI's current generation, shared with the other reads of it
+ * (VdiStore.images); the export keeps reading that generation even if an
+ * import commits meanwhile. `close()` lets go of it.
+ */
 export async function openExport(vdis: VdiStore, vdiId: string, format: string): Promise<ExportSource> {
   const codec = codecFor(format);
-  const vdi = vdis.get(vdiId);
-  const image: BlockImage = await vdis.openImage(vdi);
+  const lease = await vdis.images.lease(vdiId);
   try {
-    const serialized = await codec.serialize(image);
+    const serialized = await lease.serialize(codec.name);
+    const { vdi } = lease;
     return {
       vdi,
       format,
@@ -44,10 +47,10 @@ export async function openExport(vdis: VdiStore, vdiId: string, format: string):
       etag: exportEtag(vdi, format),
       lastModified: new Date(vdi.content_updated_at),
       filename: `${safeName(vdi.name_label) || vdi.id}.${FILE_EXTENSIONS[format] ?? format}`,
-      close: () => image.close(),
+      close: async () => lease.release(),
     };
   } catch (err) {
-    await image.close();
+    lease.release();
     throw err;
   }
 }
