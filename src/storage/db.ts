@@ -103,9 +103,15 @@ const statements = new WeakMap<Db, Map<string, Database.Statement>>();
  */
 export function cachedStatement(db: Db, sql: string): Database.Statement {
   let byText = statements.get(db);
-  if (!byText) statements.set(db, (byText = new Map()));
+  if (!byText) {
+    byText = new Map();
+    statements.set(db, byText);
+  }
   let stmt = byText.get(sql);
-  if (!stmt) byText.set(sql, (stmt = db.prepare(sql)));
+  if (!stmt) {
+    stmt = db.prepare(sql);
+    byText.set(sql, stmt);
+  }
   return stmt;
 }
 
