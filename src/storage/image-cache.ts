@@ -120,7 +120,8 @@ export class ImageCache {
       vdi,
       image,
       extents: () => {
-        const extents = (entry.extents ??= image.extents());
+        entry.extents ??= image.extents();
+        const extents = entry.extents;
         return forget(extents, () => {
           if (entry.extents === extents) entry.extents = undefined;
         });
