@@ -25,7 +25,6 @@ import {
   CancelledError,
   ConflictError,
   formatBytes,
-  NotFoundError,
   TooLargeError,
   toApiError,
 } from '../errors.js';
@@ -34,7 +33,6 @@ import { DirectWriter } from '../image/direct-writer.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { readVirtual } from '../image/read-virtual.js';
 import { dropCachedPages, zeroRange } from '../image/sparse.js';
-import { safeEqual } from '../secrets.js';
 import { type Db, nowIso } from '../storage/db.js';
 import type { Page, PageRequest } from '../storage/paging.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
@@ -42,9 +40,23 @@ import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
 import { commitStaged } from './commit.js';
 import { type LandOptions, landStream } from './land-stream.js';
-import { type ByteRange, RangeSet } from './range-set.js';
-import { StreamingImport, streamingDestPath } from './streaming-import.js';
-import { type Direction, type Transfer, TransferStore } from './transfer-store.js';
+import { RangeSet } from './range-set.js';
+import {
+  hashToken,
+  isExpired,
+  isOneShot,
+  nextEpoch,
+  ONE_SHOT_KEY,
+  streamDestOf,
+  type TransferJson,
+  toJson,
+  tokenMatches,
+  touch,
+} from './session-record.js';
+import { type Live, SessionRegistry } from './session-registry.js';
+import { StreamingImport } from './streaming-import.js';
+import type { Direction, Transfer } from './transfer-store.js';
+
 import { checkDeclaredSize, parseChecksum, uploadLimit, verifyChecksum } from './upload-rules.js';
 
 export const DEFAULT_TTL_SECONDS = 3600;
@@ -66,27 +78,6 @@ export interface CreateTransfer {
   target_url?: string;
 }
 
-export interface TransferJson {
-  id: string;
-  vdi: string;
-  direction: Direction;
-  format: string;
-  size: number | null;
-  checksum: string | null;
-  state: string;
-  task_id: string;
-  created_at: string;
-  expires_at: string;
-  ttl_seconds: number;
-  upload_offset: number;
-  bytes_received: number;
-  received: ByteRange[];
-  data_path: string;
-  error: { code: string; message: string } | null;
-  url?: string;
-  token?: string;
-}
-
 /** A chunk's place: `bytes start-end/total` (end inclusive, total null for `*`). */
 export interface ChunkRange {
   start: number;
@@ -106,54 +97,8 @@ export interface ChunkWrite {
   partial?: boolean;
 }
 
-/** What lives in memory while a session is active. */
-interface Live {
-  t: Transfer;
-  ranges: RangeSet;
-  task: RunningTask;
-  release: () => void;
-  handle: Promise<fsp.FileHandle> | null;
-  writers: number;
-  finalizing: Promise<Task> | null;
-  /** Why the session ended badly, with its HTTP status, for the one-shot import's answer. */
-  failure: ApiError | null;
-  /** Called when the last write in progress ends. */
-  idleWaiters: (() => void)[];
-  /** One per write in progress: ends it when its bytes are no longer needed (see endRedundantWrites). */
-  writeAborts: Set<AbortController>;
-  /** A vhd/qcow2 upload into a raw VDI converts as it arrives (opened at the first write). */
-  streaming: Promise<StreamingImport | null> | null;
-}
-
-/** Bumped by each reset: names the disk a streaming import builds (see streamingDestPath). */
-const STREAM_EPOCH_KEY = 'diskport.stream-epoch';
-
-function epochOf(t: Transfer): number {
-  return Number(t.metadata?.[STREAM_EPOCH_KEY] ?? 0);
-}
-
-function destOf(t: Transfer): string {
-  return streamingDestPath(t.staging_path!, epochOf(t));
-}
-
-/** Marks the internal session of a one-shot PUT, which no client can resume. */
-const ONE_SHOT_KEY = 'diskport.one-shot';
-
-function isOneShot(t: Transfer): boolean {
-  return t.metadata?.[ONE_SHOT_KEY] === 'true';
-}
-
-function hashToken(token: string): string {
-  return createHash('sha256').update(token).digest('hex');
-}
-
-export function dataPath(id: string): string {
-  return `/v1/transfers/${id}/data`;
-}
-
 export class TransferService {
-  readonly store: TransferStore;
-  private readonly live = new Map<string, Live>();
+  private readonly sessions: SessionRegistry;
   private reaper: NodeJS.Timeout | null = null;
 
   constructor(
@@ -162,25 +107,25 @@ export class TransferService {
     private readonly tasks: TaskManager,
     private readonly logger?: Logger,
   ) {
-    this.store = new TransferStore(db);
+    this.sessions = new SessionRegistry(db);
   }
 
   /** Sessions a previous process left active: their tasks and staging files must survive recovery. */
   activeAtStartup(): { tasks: Set<string>; staging: Set<string> } {
-    const active = this.store.list({ active: true }).filter((t) => !isOneShot(t));
+    const active = this.sessions.store.list({ active: true }).filter((t) => !isOneShot(t));
     return {
       tasks: new Set(active.map((t) => t.task_id)),
-      staging: new Set(active.flatMap((t) => (t.staging_path ? [t.staging_path, destOf(t)] : []))),
+      staging: new Set(active.flatMap((t) => (t.staging_path ? [t.staging_path, streamDestOf(t)] : []))),
     };
   }
 
   /** Startup: takes active sessions back; a finalize that was running is run again from the staged bytes. */
   resume(): void {
-    for (const t of this.store.list({ active: true })) {
+    for (const t of this.sessions.store.list({ active: true })) {
       if (isOneShot(t)) {
         // Nobody holds a one-shot import's session: it died with its request.
         t.state = 'failed';
-        this.store.save(t);
+        this.sessions.store.save(t);
         continue;
       }
       try {
@@ -204,20 +149,7 @@ export class TransferService {
   private attach(t: Transfer, task: RunningTask): Live {
     const release =
       t.direction === 'upload' ? this.vdis.locks.acquire(t.vdi_id, `transfer ${t.id}`) : () => {};
-    const live: Live = {
-      t,
-      ranges: new RangeSet(t.received),
-      task,
-      release,
-      handle: null,
-      writers: 0,
-      finalizing: null,
-      failure: null,
-      idleWaiters: [],
-      writeAborts: new Set(),
-      streaming: null,
-    };
-    this.live.set(t.id, live);
+    const live = this.sessions.add(t, task, release);
     // Cancelling the task (POST /v1/tasks/{id}/cancel) cancels the session; a
     // finalize in progress sees the same signal and unwinds by itself.
     task.signal.addEventListener(
@@ -285,7 +217,7 @@ export class TransferService {
         bytesTotal: t.size,
         stagingPath: staging ?? undefined,
       });
-      this.store.insert(t);
+      this.sessions.store.insert(t);
       release();
       this.attach(t, task);
     } catch (err) {
@@ -298,76 +230,32 @@ export class TransferService {
 
   /** The session, if the id names one (any state). */
   get(id: string): Transfer {
-    const t = this.live.get(id)?.t ?? this.store.get(id);
-    if (!t) throw new NotFoundError('transfer', id);
-    return t;
+    return this.sessions.get(id);
   }
 
   list(filter: { vdi?: string; active?: boolean }): Transfer[] {
-    return this.store.list(filter).map((t) => this.live.get(t.id)?.t ?? t);
+    return this.sessions.list(filter);
   }
 
   listPage(filter: { vdi?: string; active?: boolean }, page: PageRequest): Page<Transfer> {
-    const stored = this.store.listPage(filter, page);
-    return { ...stored, items: stored.items.map((t) => this.live.get(t.id)?.t ?? t) };
+    return this.sessions.listPage(filter, page);
   }
 
   /** True when `token` is this transfer's own. */
   tokenMatches(t: Transfer, token: string): boolean {
-    return safeEqual(hashToken(token), t.token_hash);
+    return tokenMatches(t, token);
   }
 
   isExpired(t: Transfer): boolean {
-    return Date.parse(t.expires_at) <= Date.now();
+    return isExpired(t);
   }
 
   toJson(t: Transfer, secret?: { token: string; baseUrl: string }): TransferJson {
-    const ranges = this.live.get(t.id)?.ranges ?? new RangeSet(t.received);
-    return {
-      id: t.id,
-      vdi: t.vdi_id,
-      direction: t.direction,
-      format: t.format,
-      size: t.size,
-      checksum: t.checksum,
-      state: t.state,
-      task_id: t.task_id,
-      created_at: t.created_at,
-      expires_at: t.expires_at,
-      ttl_seconds: t.ttl_seconds,
-      upload_offset: ranges.contiguousFromZero(),
-      bytes_received: ranges.size(),
-      received: ranges.toJSON(),
-      data_path: dataPath(t.id),
-      // The holder of a transfer token cannot read tasks: say why it ended here.
-      error: ['failed', 'cancelled', 'expired'].includes(t.state) ? this.tasks.get(t.task_id).error : null,
-      ...(secret && {
-        url: `${secret.baseUrl}${dataPath(t.id)}?token=${secret.token}`,
-        token: secret.token,
-      }),
-    };
+    return toJson(t, this.sessions.rangesOf(t), () => this.tasks.get(t.task_id).error, secret);
   }
 
   private active(id: string, direction?: Direction): Live {
-    const live = this.live.get(id);
-    if (!live) {
-      const t = this.get(id);
-      throw new ConflictError('TRANSFER_NOT_ACTIVE', `transfer ${id} is ${t.state}; open a new one`, {
-        state: t.state,
-      });
-    }
-    if (direction && live.t.direction !== direction) {
-      throw new ConflictError(
-        'WRONG_DIRECTION',
-        `transfer ${id} is a${live.t.direction === 'upload' ? 'n upload' : ' download'}; it does not take ${direction === 'upload' ? 'writes' : 'reads'}`,
-      );
-    }
-    return live;
-  }
-
-  /** Sliding expiry: activity keeps a session alive for another ttl. */
-  private touch(live: Live): void {
-    live.t.expires_at = new Date(Date.now() + live.t.ttl_seconds * 1000).toISOString();
+    return this.sessions.active(id, direction);
   }
 
   /**
@@ -377,7 +265,7 @@ export class TransferService {
    * and an offset read then would make the client send them again.
    */
   async settledUploadState(id: string, maxWaitMs = 2000): Promise<{ offset: number; length: number | null }> {
-    const live = this.live.get(id);
+    const live = this.sessions.find(id);
     if (live) await quiet(live, maxWaitMs);
     return this.uploadState(id);
   }
@@ -390,7 +278,7 @@ export class TransferService {
    * timeout. They are ended now, and told why.
    */
   async endRedundantWrites(id: string, maxWaitMs = 5000): Promise<void> {
-    const live = this.live.get(id);
+    const live = this.sessions.find(id);
     if (!live || live.writers === 0 || live.finalizing || live.t.size === null) return;
     if (live.ranges.missing(0, live.t.size).length) return;
     const reason = new ConflictError(
@@ -403,7 +291,7 @@ export class TransferService {
 
   /** Offset and length for HEAD. */
   uploadState(id: string): { offset: number; length: number | null } {
-    const live = this.live.get(id);
+    const live = this.sessions.find(id);
     const t = live?.t ?? this.get(id);
     const ranges = live?.ranges ?? new RangeSet(t.received);
     return { offset: ranges.contiguousFromZero(), length: t.size };
@@ -595,7 +483,7 @@ export class TransferService {
     });
     const handle = await live.handle;
     // The session may have ended while the file opened: its handle is nobody's.
-    if (this.live.get(live.t.id) !== live) {
+    if (this.sessions.find(live.t.id) !== live) {
       await handle.close().catch(() => {});
       throw new ConflictError(
         'TRANSFER_NOT_ACTIVE',
@@ -618,7 +506,7 @@ export class TransferService {
     live.streaming ??= StreamingImport.open({
       format: t.format,
       fileSize: t.size,
-      destPath: destOf(t),
+      destPath: streamDestOf(t),
       diskSize: vdi.virtual_size,
       stagingPath: t.staging_path,
       received: live.ranges,
@@ -632,7 +520,7 @@ export class TransferService {
   /** A write ends: the session is renewed, its progress saved, and waiters for quiet woken. */
   private doneWriting(live: Live): void {
     live.writers--;
-    this.touch(live);
+    touch(live.t);
     this.persistProgress(live);
     if (live.writers === 0) for (const wake of live.idleWaiters.splice(0)) wake();
   }
@@ -660,7 +548,7 @@ export class TransferService {
       t.size = total;
       live.task.setTotal(total);
       if (t.format !== 'raw') await (await this.handleOf(live)).truncate(total);
-      this.store.save(t);
+      this.sessions.store.save(t);
     }
   }
 
@@ -668,7 +556,7 @@ export class TransferService {
     live.t.received = live.ranges.toJSON();
     live.task.record.bytes_done = live.ranges.size();
     live.task.setTotal(live.t.size);
-    this.store.save(live.t);
+    this.sessions.store.save(live.t);
     this.tasks.persist(live.task.record);
   }
 
@@ -699,14 +587,14 @@ export class TransferService {
       );
     }
     t.state = 'finalizing';
-    this.store.save(t);
+    this.sessions.store.save(t);
     live.finalizing = this.runFinalize(live);
     return { ...live.task.record };
   }
 
   /** Resolves when the session's finalize ends (success or failure). */
   async completion(id: string): Promise<Task> {
-    const live = this.live.get(id);
+    const live = this.sessions.find(id);
     if (live?.finalizing) return live.finalizing;
     return this.tasks.get(this.get(id).task_id);
   }
@@ -743,7 +631,7 @@ export class TransferService {
         streaming,
         (generation) => {
           t.state = 'committed';
-          this.store.save(t);
+          this.sessions.store.save(t);
           this.tasks.persist({
             ...task.record,
             status: 'success',
@@ -788,7 +676,7 @@ export class TransferService {
   /** Ends a download session as done: its task succeeds with the bytes it served. */
   private async completeDownload(live: Live, result: Record<string, unknown> = {}): Promise<void> {
     live.t.state = 'committed';
-    this.store.save(live.t);
+    this.sessions.store.save(live.t);
     const cleaned = this.cleanup(live);
     live.task.succeed({
       vdi: live.t.vdi_id,
@@ -805,10 +693,10 @@ export class TransferService {
     state: 'cancelled' | 'expired' | 'failed',
     reason: unknown,
   ): Promise<Task | null> {
-    if (!this.live.has(live.t.id)) return null;
+    if (!this.sessions.isCurrent(live)) return null;
     live.failure = toApiError(reason);
     live.t.state = state;
-    this.store.save(live.t);
+    this.sessions.store.save(live.t);
     // Writes still landing stop now, with a clear answer, before their file is closed.
     live.task.requestCancel(`the transfer is ${state}`);
     const cleaned = this.cleanup(live);
@@ -820,7 +708,7 @@ export class TransferService {
   private async cleanup(live: Live): Promise<void> {
     // The VDI is free as soon as the session is over: whoever saw its task
     // finish may open the next one at once. Its staging file has its own name.
-    this.live.delete(live.t.id);
+    this.sessions.remove(live);
     live.release();
     const handle = live.handle;
     live.handle = null;
@@ -830,13 +718,13 @@ export class TransferService {
     await streaming?.then((s) => s?.close()).catch(() => {});
     if (live.t.staging_path) {
       await fsp.rm(live.t.staging_path, { force: true });
-      await fsp.rm(destOf(live.t), { force: true });
+      await fsp.rm(streamDestOf(live.t), { force: true });
     }
   }
 
   /** Counts bytes a download session served. */
   countServed(id: string, n: number): void {
-    const live = this.live.get(id);
+    const live = this.sessions.find(id);
     if (!live) return;
     live.task.addBytes(n);
     // A long download is activity: it keeps the session alive (saved at most once a second).
@@ -846,15 +734,15 @@ export class TransferService {
 
   /** Sliding expiry for downloads too: each request renews the session. */
   renew(id: string): void {
-    const live = this.live.get(id);
+    const live = this.sessions.find(id);
     if (!live) return;
-    this.touch(live);
-    this.store.save(live.t);
+    touch(live.t);
+    this.sessions.store.save(live.t);
   }
 
   async reapExpired(): Promise<void> {
-    for (const live of [...this.live.values()]) {
-      if (live.t.state !== 'open' || live.writers > 0 || !this.isExpired(live.t)) continue;
+    for (const live of this.sessions.all()) {
+      if (live.t.state !== 'open' || live.writers > 0 || !isExpired(live.t)) continue;
       this.logger?.info({ transfer: live.t.id }, 'transfer expired');
       await this.end(
         live,
@@ -883,7 +771,7 @@ export class TransferService {
       size: req.contentLength,
       metadata: { [ONE_SHOT_KEY]: 'true' },
     });
-    const live = this.live.get(transfer.id)!;
+    const live = this.sessions.find(transfer.id)!;
     try {
       await this.write(transfer.id, req.body, { fresh: true, beforeBody: req.beforeBody });
       this.finalize(transfer.id);
@@ -901,7 +789,7 @@ export class TransferService {
   annotate(id: string, key: string, value: string): void {
     const live = this.active(id);
     live.t.metadata = { ...live.t.metadata, [key]: value };
-    this.store.save(live.t);
+    this.sessions.store.save(live.t);
   }
 
   /**
@@ -915,11 +803,11 @@ export class TransferService {
     void job(live.task)
       .then(
         async (result) => {
-          if (this.live.get(id) !== live || live.t.direction !== 'download') return;
+          if (this.sessions.find(id) !== live || live.t.direction !== 'download') return;
           await this.completeDownload(live, result);
         },
         async (err) => {
-          if (this.live.get(id) === live && live.t.state === 'open') await this.end(live, 'failed', err);
+          if (this.sessions.find(id) === live && live.t.state === 'open') await this.end(live, 'failed', err);
         },
       )
       .catch((err) => this.logger?.error({ err, transfer: id }, 'background transfer job failed'));
@@ -939,10 +827,10 @@ export class TransferService {
     // Forget the bytes first: a crash between the two must not leave zeroed
     // bytes counted as received. A new epoch names a new disk for a streaming
     // import, so the old one can never be taken for the new upload's.
-    const oldDest = live.t.staging_path ? destOf(live.t) : null;
+    const oldDest = live.t.staging_path ? streamDestOf(live.t) : null;
     live.ranges = new RangeSet();
     live.t.size = size;
-    live.t.metadata = { ...live.t.metadata, [STREAM_EPOCH_KEY]: String(epochOf(live.t) + 1) };
+    nextEpoch(live.t);
     this.persistProgress(live);
     const oldStreaming = live.streaming;
     live.streaming = null;
@@ -993,7 +881,10 @@ export class TransferService {
 
   /** Are there active sessions on this VDI? (VDI deletion must wait.) */
   activeOn(vdiId: string): Transfer[] {
-    return [...this.live.values()].filter((l) => l.t.vdi_id === vdiId).map((l) => l.t);
+    return this.sessions
+      .all()
+      .filter((l) => l.t.vdi_id === vdiId)
+      .map((l) => l.t);
   }
 }
 

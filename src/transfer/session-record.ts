@@ -1,0 +1,113 @@
+/**
+ * What a transfer session's record says, read without the process that runs
+ * it: its JSON for clients, its token, its expiry and the files it names.
+ * Pure functions of the persisted record (and of the ranges received).
+ */
+import { createHash } from 'node:crypto';
+import { safeEqual } from '../secrets.js';
+import type { Task } from '../tasks/task-store.js';
+import type { ByteRange, RangeSet } from './range-set.js';
+import { streamingDestPath } from './streaming-import.js';
+import type { Direction, Transfer } from './transfer-store.js';
+
+export interface TransferJson {
+  id: string;
+  vdi: string;
+  direction: Direction;
+  format: string;
+  size: number | null;
+  checksum: string | null;
+  state: string;
+  task_id: string;
+  created_at: string;
+  expires_at: string;
+  ttl_seconds: number;
+  upload_offset: number;
+  bytes_received: number;
+  received: ByteRange[];
+  data_path: string;
+  error: { code: string; message: string } | null;
+  url?: string;
+  token?: string;
+}
+
+export function dataPath(id: string): string {
+  return `/v1/transfers/${id}/data`;
+}
+
+/** Only the token's hash is stored: the database never holds a usable credential. */
+export function hashToken(token: string): string {
+  return createHash('sha256').update(token).digest('hex');
+}
+
+/** True when `token` is this transfer's own. */
+export function tokenMatches(t: Transfer, token: string): boolean {
+  return safeEqual(hashToken(token), t.token_hash);
+}
+
+export function isExpired(t: Transfer): boolean {
+  return Date.parse(t.expires_at) <= Date.now();
+}
+
+/** Sliding expiry: activity keeps a session alive for another ttl. */
+export function touch(t: Transfer): void {
+  t.expires_at = new Date(Date.now() + t.ttl_seconds * 1000).toISOString();
+}
+
+/** Bumped by each reset: names the disk a streaming import builds (see streamingDestPath). */
+const STREAM_EPOCH_KEY = 'diskport.stream-epoch';
+
+export function epochOf(t: Transfer): number {
+  return Number(t.metadata?.[STREAM_EPOCH_KEY] ?? 0);
+}
+
+/** Starts a new epoch: the next streaming import builds a disk of another name. */
+export function nextEpoch(t: Transfer): void {
+  t.metadata = { ...t.metadata, [STREAM_EPOCH_KEY]: String(epochOf(t) + 1) };
+}
+
+/** The raw disk a streaming import of this upload builds (its current epoch's). */
+export function streamDestOf(t: Transfer): string {
+  return streamingDestPath(t.staging_path!, epochOf(t));
+}
+
+/** Marks the internal session of a one-shot PUT, which no client can resume. */
+export const ONE_SHOT_KEY = 'diskport.one-shot';
+
+export function isOneShot(t: Transfer): boolean {
+  return t.metadata?.[ONE_SHOT_KEY] === 'true';
+}
+
+/**
+ * The session as clients see it. `error` is the task's: the holder of a
+ * transfer token cannot read tasks, so the session says why it ended.
+ */
+export function toJson(
+  t: Transfer,
+  ranges: RangeSet,
+  errorOf: () => Task['error'],
+  secret?: { token: string; baseUrl: string },
+): TransferJson {
+  return {
+    id: t.id,
+    vdi: t.vdi_id,
+    direction: t.direction,
+    format: t.format,
+    size: t.size,
+    checksum: t.checksum,
+    state: t.state,
+    task_id: t.task_id,
+    created_at: t.created_at,
+    expires_at: t.expires_at,
+    ttl_seconds: t.ttl_seconds,
+    upload_offset: ranges.contiguousFromZero(),
+    bytes_received: ranges.size(),
+    received: ranges.toJSON(),
+    data_path: dataPath(t.id),
+    error: ['failed', 'cancelled', 'expired'].includes(t.state) ? errorOf() : null,
+    ...(secret && {
+      url: `${secret.baseUrl}${dataPath(t.id)}?token=${secret.token}`,
+      token: secret.token,
+    }),
+  };
+}

@@ -1,0 +1,119 @@
+/**
+ * The sessions: their persisted records (TransferStore) and, for the active
+ * ones, what lives in memory beside the record (`Live`). A session is active
+ * exactly while it is registered here; reads prefer the live record, which
+ * may be ahead of the stored one between saves.
+ */
+import type { promises as fsp } from 'node:fs';
+import { type ApiError, ConflictError, NotFoundError } from '../errors.js';
+import type { Db } from '../storage/db.js';
+import type { Page, PageRequest } from '../storage/paging.js';
+import type { RunningTask } from '../tasks/task-manager.js';
+import type { Task } from '../tasks/task-store.js';
+import { RangeSet } from './range-set.js';
+import type { StreamingImport } from './streaming-import.js';
+import { type Direction, type Transfer, TransferStore } from './transfer-store.js';
+
+/** What lives in memory while a session is active. */
+export interface Live {
+  t: Transfer;
+  ranges: RangeSet;
+  task: RunningTask;
+  release: () => void;
+  handle: Promise<fsp.FileHandle> | null;
+  writers: number;
+  finalizing: Promise<Task> | null;
+  /** Why the session ended badly, with its HTTP status, for the one-shot import's answer. */
+  failure: ApiError | null;
+  /** Called when the last write in progress ends. */
+  idleWaiters: (() => void)[];
+  /** One per write in progress: ends it when its bytes are no longer needed (see endRedundantWrites). */
+  writeAborts: Set<AbortController>;
+  /** A vhd/qcow2 upload into a raw VDI converts as it arrives (opened at the first write). */
+  streaming: Promise<StreamingImport | null> | null;
+}
+
+export class SessionRegistry {
+  readonly store: TransferStore;
+  private readonly live = new Map<string, Live>();
+
+  constructor(db: Db) {
+    this.store = new TransferStore(db);
+  }
+
+  /** Registers an active session; it stays active until `remove`. */
+  add(t: Transfer, task: RunningTask, release: () => void): Live {
+    const live: Live = {
+      t,
+      ranges: new RangeSet(t.received),
+      task,
+      release,
+      handle: null,
+      writers: 0,
+      finalizing: null,
+      failure: null,
+      idleWaiters: [],
+      writeAborts: new Set(),
+      streaming: null,
+    };
+    this.live.set(t.id, live);
+    return live;
+  }
+
+  remove(live: Live): void {
+    this.live.delete(live.t.id);
+  }
+
+  /** The active session of this id, if there is one. */
+  find(id: string): Live | undefined {
+    return this.live.get(id);
+  }
+
+  /** True while `live` is still the active session of its id (it did not end meanwhile). */
+  isCurrent(live: Live): boolean {
+    return this.live.get(live.t.id) === live;
+  }
+
+  all(): Live[] {
+    return [...this.live.values()];
+  }
+
+  /** The session, if the id names one (any state). */
+  get(id: string): Transfer {
+    const t = this.live.get(id)?.t ?? this.store.get(id);
+    if (!t) throw new NotFoundError('transfer', id);
+    return t;
+  }
+
+  list(filter: { vdi?: string; active?: boolean }): Transfer[] {
+    return this.store.list(filter).map((t) => this.live.get(t.id)?.t ?? t);
+  }
+
+  listPage(filter: { vdi?: string; active?: boolean }, page: PageRequest): Page<Transfer> {
+    const stored = this.store.listPage(filter, page);
+    return { ...stored, items: stored.items.map((t) => this.live.get(t.id)?.t ?? t) };
+  }
+
+  /** What the session has received: live while it is active, as stored once it ended. */
+  rangesOf(t: Transfer): RangeSet {
+    return this.live.get(t.id)?.ranges ?? new RangeSet(t.received);
+  }
+
+  /** The active session of this id, or 409 TRANSFER_NOT_ACTIVE / WRONG_DIRECTION. */
+  active(id: string, direction?: Direction): Live {
+    const live = this.live.get(id);
+    if (!live) {
+      const t = this.get(id);
+      throw new ConflictError('TRANSFER_NOT_ACTIVE', `transfer ${id} is ${t.state}; open a new one`, {
+        state: t.state,
+      });
+    }
+    if (direction && live.t.direction !== direction) {
+      throw new ConflictError(
+        'WRONG_DIRECTION',
+        `transfer ${id} is a${live.t.direction === 'upload' ? 'n upload' : ' download'}; it does not take ${direction === 'upload' ? 'writes' : 'reads'}`,
+      );
+    }
+    return live;
+  }
+}
