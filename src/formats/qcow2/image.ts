@@ -47,12 +47,34 @@ const HI_OFFSET_MASK = 0x00ffffff;
 const LO_OFFSET_MASK = 0xfffffe00;
 const SUBCLUSTERS_PER_CLUSTER = 32;
 
-/** How a guest cluster is stored (the result of decode()). */
+/** How a guest cluster is stored (ClusterMapping.kind). */
 const KIND_ZERO = 0;
 const KIND_DATA = 1;
 const KIND_COMPRESSED = 2;
 /** Extended L2 standard cluster: bit i of allocMask says subcluster i is at hostOffset + i * subclusterSize. */
 const KIND_SUBCLUSTERS = 3;
+
+/**
+ * One L2 entry, decoded. Returned, never kept on the image: reads run
+ * concurrently, and each must see its own cluster's mapping.
+ */
+interface ClusterMapping {
+  readonly kind: typeof KIND_ZERO | typeof KIND_DATA | typeof KIND_COMPRESSED | typeof KIND_SUBCLUSTERS;
+  /** Where the data is (KIND_DATA, KIND_SUBCLUSTERS) or its compressed bytes start (KIND_COMPRESSED). */
+  readonly hostOffset: number;
+  /** KIND_COMPRESSED: how many bytes from hostOffset the compressed data may take. */
+  readonly compressedBytes: number;
+  /** KIND_SUBCLUSTERS: bit i set when subcluster i holds data. */
+  readonly allocMask: number;
+}
+
+/** Shared by every cluster that reads as zeros: the common case allocates nothing. */
+const ZERO_CLUSTER: ClusterMapping = Object.freeze({
+  kind: KIND_ZERO,
+  hostOffset: 0,
+  compressedBytes: 0,
+  allocMask: 0,
+});
 
 function malformed(message: string): MalformedImageError {
   return new MalformedImageError('qcow2', message);
@@ -73,10 +95,6 @@ export class Qcow2Image implements BlockImage {
   private readonly csizeShift: bigint;
   private readonly csizeMask: bigint;
   private readonly coffsetMask: bigint;
-  /** Filled by decode(): one lookup per cluster allocates nothing. */
-  private hostOffset = 0;
-  private compressedBytes = 0;
-  private allocMask = 0;
   private lastInflated: { hostOffset: number; data: Buffer } | null = null;
   private closed = false;
 
@@ -179,40 +197,35 @@ export class Qcow2Image implements BlockImage {
     const validateTable = (table: Buffer, l1Index: number, l2Offset: number) => {
       const count = Math.min(this.l2Entries, this.guestClusters() - l1Index * this.l2Entries);
       for (let j = 0; j < count; j++) {
-        const kind = this.decode(table, j, l2Offset);
+        const { kind, hostOffset, compressedBytes, allocMask } = this.decode(table, j, l2Offset);
         if (kind === KIND_DATA || kind === KIND_SUBCLUSTERS) {
           const lastUsed =
-            this.hostOffset +
-            (kind === KIND_DATA ? 0 : (31 - Math.clz32(this.allocMask)) * this.subclusterSize);
+            hostOffset + (kind === KIND_DATA ? 0 : (31 - Math.clz32(allocMask)) * this.subclusterSize);
           if (lastUsed >= fileSize) {
             throw badEntry(
               j,
               l2Offset,
-              `data cluster ${this.hostOffset} lies past the end of the ${fileSize}-byte file`,
+              `data cluster ${hostOffset} lies past the end of the ${fileSize}-byte file`,
             );
           }
-          if (overlapsMetadata(this.hostOffset, clusterSize)) {
-            throw badEntry(j, l2Offset, `data cluster ${this.hostOffset} holds the L1 or an L2 table`);
+          if (overlapsMetadata(hostOffset, clusterSize)) {
+            throw badEntry(j, l2Offset, `data cluster ${hostOffset} holds the L1 or an L2 table`);
           }
-          storage.claimData(this.hostOffset, j, l2Offset);
+          storage.claimData(hostOffset, j, l2Offset);
         } else if (kind === KIND_COMPRESSED) {
-          if (this.hostOffset < clusterSize || this.hostOffset >= fileSize) {
+          if (hostOffset < clusterSize || hostOffset >= fileSize) {
             throw badEntry(
               j,
               l2Offset,
-              `compressed data at ${this.hostOffset} lies outside the data area of the ${fileSize}-byte file`,
+              `compressed data at ${hostOffset} lies outside the data area of the ${fileSize}-byte file`,
             );
           }
-          if (overlapsMetadata(this.hostOffset, Math.min(this.compressedBytes, fileSize - this.hostOffset))) {
-            throw badEntry(
-              j,
-              l2Offset,
-              `compressed data at ${this.hostOffset} overlaps the L1 or an L2 table`,
-            );
+          if (overlapsMetadata(hostOffset, Math.min(compressedBytes, fileSize - hostOffset))) {
+            throw badEntry(j, l2Offset, `compressed data at ${hostOffset} overlaps the L1 or an L2 table`);
           }
           storage.claimCompressed(
-            this.hostOffset,
-            this.hostOffset + Math.min(this.compressedBytes, fileSize - this.hostOffset),
+            hostOffset,
+            hostOffset + Math.min(compressedBytes, fileSize - hostOffset),
             j,
             l2Offset,
           );
@@ -282,11 +295,8 @@ export class Qcow2Image implements BlockImage {
     return table;
   }
 
-  /**
-   * Decodes L2 entry `j` of `table` into this.hostOffset / compressedBytes /
-   * allocMask and returns its KIND_*, rejecting what the spec forbids.
-   */
-  private decode(table: Buffer, j: number, l2Offset: number): number {
+  /** Decodes L2 entry `j` of `table`, rejecting what the spec forbids. */
+  private decode(table: Buffer, j: number, l2Offset: number): ClusterMapping {
     const pos = j * this.header.l2EntryBytes;
     const hi = table.readUInt32BE(pos);
     const lo = table.readUInt32BE(pos + 4);
@@ -297,26 +307,28 @@ export class Qcow2Image implements BlockImage {
       if (allocMask !== 0 || zeroMask !== 0)
         throw badEntry(j, l2Offset, 'compressed cluster with a subcluster bitmap');
       const entry = (BigInt(hi) << 32n) | BigInt(lo);
-      this.hostOffset = Number(entry & this.coffsetMask);
+      const hostOffset = Number(entry & this.coffsetMask);
       const sectors = Number((entry >> this.csizeShift) & this.csizeMask) + 1;
-      this.compressedBytes = sectors * COMPRESSED_SECTOR_BYTES - (this.hostOffset % COMPRESSED_SECTOR_BYTES);
-      return KIND_COMPRESSED;
+      const compressedBytes = sectors * COMPRESSED_SECTOR_BYTES - (hostOffset % COMPRESSED_SECTOR_BYTES);
+      return { kind: KIND_COMPRESSED, hostOffset, compressedBytes, allocMask: 0 };
     }
     const hostOffset = descriptorOffset(hi, lo);
     if (hostOffset % this.clusterSize !== 0) {
       throw badEntry(j, l2Offset, `host offset ${hostOffset} is not a cluster boundary`);
     }
-    this.hostOffset = hostOffset;
     if (extended) {
       if ((allocMask & zeroMask) !== 0) throw badEntry(j, l2Offset, 'subclusters both allocated and zero');
       if (hostOffset === 0 && allocMask !== 0)
         throw badEntry(j, l2Offset, 'allocated subclusters without a cluster');
-      this.allocMask = allocMask;
-      return allocMask === 0 ? KIND_ZERO : KIND_SUBCLUSTERS;
+      return allocMask === 0
+        ? ZERO_CLUSTER
+        : { kind: KIND_SUBCLUSTERS, hostOffset, compressedBytes: 0, allocMask };
     }
     // Bit 0 reads as zeros (version 3; qemu honours it in version 2 too).
     // Offset 0 is "unallocated": without a backing file that reads as zeros.
-    return lo & 1 || hostOffset === 0 ? KIND_ZERO : KIND_DATA;
+    return lo & 1 || hostOffset === 0
+      ? ZERO_CLUSTER
+      : { kind: KIND_DATA, hostOffset, compressedBytes: 0, allocMask: 0 };
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
@@ -366,16 +378,17 @@ export class Qcow2Image implements BlockImage {
           l2Offset = this.l1Offset(l1Index);
           table = l2Offset === 0 ? null : await this.loadL2(l2Offset);
         }
-        const kind = table ? this.decode(table, guestCluster % l2Entries, l2Offset) : KIND_ZERO;
+        const mapping = table ? this.decode(table, guestCluster % l2Entries, l2Offset) : ZERO_CLUSTER;
+        const { kind, hostOffset } = mapping;
         if (kind === KIND_ZERO) {
           out.fill(0, pos - offset, stop - offset);
         } else if (kind === KIND_DATA) {
-          await addData(pos - offset, this.hostOffset + (pos - clusterStart), stop - pos);
+          await addData(pos - offset, hostOffset + (pos - clusterStart), stop - pos);
         } else if (kind === KIND_COMPRESSED) {
-          const data = await this.inflate(this.hostOffset, this.compressedBytes);
+          const data = await this.inflate(hostOffset, mapping.compressedBytes);
           data.copy(out, pos - offset, pos - clusterStart, stop - clusterStart);
         } else {
-          const { hostOffset, allocMask } = this;
+          const { allocMask } = mapping;
           for (let p = pos; p < stop; ) {
             const sub = Math.floor((p - clusterStart) / subclusterSize);
             const subStop = Math.min(stop, clusterStart + (sub + 1) * subclusterSize);
@@ -456,7 +469,7 @@ export class Qcow2Image implements BlockImage {
       const count = Math.min(l2Entries, Math.ceil((virtualSize - tableStart) / clusterSize));
       for (let j = 0; j < count; j++) {
         const start = tableStart + j * clusterSize;
-        const kind = this.decode(table, j, l2Offset);
+        const { kind, allocMask } = this.decode(table, j, l2Offset);
         if (kind !== KIND_SUBCLUSTERS) {
           push(start, Math.min(clusterSize, virtualSize - start), kind === KIND_ZERO);
           continue;
@@ -464,11 +477,7 @@ export class Qcow2Image implements BlockImage {
         for (let sub = 0; sub < SUBCLUSTERS_PER_CLUSTER; sub++) {
           const subStart = start + sub * subclusterSize;
           if (subStart >= virtualSize) break;
-          push(
-            subStart,
-            Math.min(subclusterSize, virtualSize - subStart),
-            ((this.allocMask >>> sub) & 1) === 0,
-          );
+          push(subStart, Math.min(subclusterSize, virtualSize - subStart), ((allocMask >>> sub) & 1) === 0);
         }
       }
     }
