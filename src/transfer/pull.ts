@@ -16,14 +16,15 @@
  * guard again. Every attempt starts from the URL the client gave, since
  * redirect targets are often short-lived (presigned URLs).
  */
+import type { Logger } from 'pino';
 import type { Agent, Dispatcher } from 'undici';
 import { request } from 'undici';
+import type { Config } from '../config.js';
 import { ApiError, BadRequestError, formatBytes } from '../errors.js';
-import type { Services } from '../services.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 import { backoff, describe, RETRY_LIMIT } from './backoff.js';
 import { FetchGuard, type FetchTarget, pinnedAgent } from './fetch-guard.js';
-import type { ChunkWrite, CreateTransfer } from './sessions.js';
+import type { ChunkWrite, CreateTransfer, TransferService } from './sessions.js';
 import type { Transfer } from './transfer-store.js';
 
 const MAX_REDIRECTS = 5;
@@ -33,6 +34,13 @@ const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
 
 export type PullRequest = CreateTransfer & { source_url: string };
 
+/** What a pull uses: the sessions it lands in, the log, and the fetch allow-list. */
+export interface PullDeps {
+  transfers: TransferService;
+  logger: Logger;
+  config: Pick<Config, 'allowFetch'>;
+}
+
 /** The source's ETag or Last-Modified, kept on the session so a pull resumes safely after a restart. */
 const SOURCE_VALIDATOR_KEY = 'diskport.source-validator';
 
@@ -41,7 +49,7 @@ class RetryableError extends Error {}
 
 /** Opens the upload session and starts fetching in the background; answers once the session exists. */
 export async function startPull(
-  s: Services,
+  s: PullDeps,
   req: PullRequest,
 ): Promise<{ transfer: Transfer; token: string }> {
   if (req.direction !== 'upload') {
@@ -61,7 +69,7 @@ export async function startPull(
  * Startup: pulls whose session survived a restart go on from the bytes
  * already received, with the validator they had (If-Range keeps them safe).
  */
-export async function resumePulls(s: Services): Promise<void> {
+export async function resumePulls(s: PullDeps): Promise<void> {
   for (const t of s.transfers.list({ active: true })) {
     if (t.direction !== 'upload' || t.state !== 'open' || !t.source_url) continue;
     try {
@@ -83,7 +91,7 @@ class Pull {
   private restarts = 0;
 
   constructor(
-    private readonly s: Services,
+    private readonly s: PullDeps,
     private readonly id: string,
     private readonly guard: FetchGuard,
     private readonly source: FetchTarget,

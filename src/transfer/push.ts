@@ -22,12 +22,12 @@
 import { request } from 'undici';
 import { ApiError, BadRequestError } from '../errors.js';
 import { isZero } from '../image/zero.js';
-import type { Services } from '../services.js';
+import type { VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 import { backoff, describe, RETRY_LIMIT } from './backoff.js';
 import { openExport } from './export.js';
 import { FetchGuard, type FetchTarget, pinnedAgent } from './fetch-guard.js';
-import { redact } from './pull.js';
+import { type PullDeps, redact } from './pull.js';
 import { type ByteRange, RangeSet } from './range-set.js';
 import type { CreateTransfer } from './sessions.js';
 import type { Transfer } from './transfer-store.js';
@@ -40,6 +40,11 @@ const FINALIZE_WAIT_SECONDS = 30;
 const MAX_FILL_ROUNDS = 3;
 
 export type PushRequest = CreateTransfer & { target_url: string };
+
+/** What a push uses: a pull's needs, and the VDIs it reads from. */
+export interface PushDeps extends PullDeps {
+  vdis: VdiStore;
+}
 
 /** What the receiving transfer says about itself (`GET /v1/transfers/{id}`). */
 interface RemoteTransfer {
@@ -82,7 +87,7 @@ const PUSH_TARGET_KEY = 'diskport.push-target';
  * Startup: pushes whose session survived a restart go on; the receiver's
  * ranges say what it already has, so nothing is sent twice.
  */
-export async function resumePushes(s: Services): Promise<void> {
+export async function resumePushes(s: PushDeps): Promise<void> {
   for (const t of s.transfers.list({ active: true })) {
     const raw = t.metadata?.[PUSH_TARGET_KEY];
     if (t.direction !== 'download' || t.state !== 'open' || !raw) continue;
@@ -101,7 +106,7 @@ export async function resumePushes(s: Services): Promise<void> {
 
 /** Checks the target, opens the download session and starts sending in the background. */
 export async function startPush(
-  s: Services,
+  s: PushDeps,
   req: PushRequest,
 ): Promise<{ transfer: Transfer; token: string }> {
   if (req.direction !== 'download') {
@@ -251,7 +256,7 @@ interface Source {
   close(): Promise<void>;
 }
 
-async function openSource(s: Services, vdiId: string, format: string): Promise<Source> {
+async function openSource(s: PushDeps, vdiId: string, format: string): Promise<Source> {
   if (format === 'raw') {
     // The raw stream is the disk itself: its extents say where the data is.
     const image = await s.vdis.openImage(s.vdis.get(vdiId));
@@ -293,7 +298,7 @@ class Push {
   private retries = 0;
 
   constructor(
-    private readonly s: Services,
+    private readonly s: PushDeps,
     private readonly id: string,
     private readonly t: Transfer,
     private readonly remote: Receiver,
