@@ -4,6 +4,7 @@
 import { isIP } from 'node:net';
 import path from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
+import { VERSION } from './version.js';
 
 export interface Config {
   host: string;
@@ -72,6 +73,7 @@ function parsePort(value: string): number {
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): Config {
   const program = new Command('diskport-server')
     .description('HTTP service that imports and exports virtual disk images (raw, vhd, qcow2)')
+    .version(VERSION)
     .option('--host <host>', 'address to listen on (env DISKPORT_HOST)', env.DISKPORT_HOST ?? DEFAULTS.host)
     .option(
       '--port <port>',

@@ -1,10 +1,58 @@
 #!/usr/bin/env node
 /** Entry point: parse settings, open the data directory, serve. */
+import net from 'node:net';
 import { CommanderError } from 'commander';
 import { pino } from 'pino';
 import { createServer } from './app.js';
-import { checkListenPolicy, parseConfig } from './config.js';
+import { type Config, checkListenPolicy, parseConfig } from './config.js';
 import { createServices } from './services.js';
+
+/** A listen error as one line for whoever started the server; null when it is not one we can explain. */
+function listenFailure(err: NodeJS.ErrnoException, host: string, port: number): string | null {
+  const where = `${host}:${port}`;
+  switch (err.code) {
+    case 'EADDRINUSE':
+      return `cannot listen on ${where}: the port is already in use (another diskport?); stop what holds it, or choose another port with --port or DISKPORT_PORT`;
+    case 'EACCES':
+      return `cannot listen on ${where}: permission denied (ports below 1024 need privileges); choose another port with --port or DISKPORT_PORT`;
+    case 'EADDRNOTAVAIL':
+      return `cannot listen on ${where}: ${host} is not an address of this machine; choose another with --host or DISKPORT_HOST`;
+    case 'ENOTFOUND':
+    case 'EAI_AGAIN':
+      return `cannot listen on ${where}: the host name ${host} does not resolve; choose another with --host or DISKPORT_HOST`;
+    default:
+      return null;
+  }
+}
+
+/**
+ * Fails early when the address cannot be listened on, before the data
+ * directory is opened: a second diskport started by mistake on the same port
+ * and data directory would otherwise run restart recovery over the first
+ * one's running transfers.
+ */
+function probeListen(config: Config): Promise<NodeJS.ErrnoException | null> {
+  if (config.port === 0) return Promise.resolve(null);
+  return new Promise((resolve) => {
+    const probe = net.createServer();
+    probe.once('error', (err) => resolve(err));
+    probe.listen({ port: config.port, host: config.host, exclusive: true }, () =>
+      probe.close(() => resolve(null)),
+    );
+  });
+}
+
+/** One line, exit status 1: a port that is taken is a setting to change, not a crash to debug. */
+function exitListenFailure(logger: pino.Logger, config: Config, err: NodeJS.ErrnoException): never {
+  const message = listenFailure(err, config.host, config.port);
+  if (message) {
+    logger.fatal({ code: err.code }, message);
+    console.error(`diskport: ${message}`);
+  } else {
+    console.error('diskport: failed to start:', err);
+  }
+  process.exit(1);
+}
 
 async function main(): Promise<void> {
   let config: ReturnType<typeof parseConfig>;
@@ -21,8 +69,14 @@ async function main(): Promise<void> {
     console.error(`diskport: ${refusal}`);
     process.exit(2);
   }
+  const busy = await probeListen(config);
+  if (busy) exitListenFailure(logger, config, busy);
   const services = await createServices(config, logger);
   const server = createServer(services);
+  // Taken between the probe and now: the same answer, after letting go of the data directory.
+  server.once('error', (err: NodeJS.ErrnoException) => {
+    void services.close().finally(() => exitListenFailure(logger, config, err));
+  });
   server.listen(config.port, config.host, () => {
     const addr = server.address();
     const port = typeof addr === 'object' && addr ? addr.port : config.port;

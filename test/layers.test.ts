@@ -16,6 +16,7 @@ const RANKS: Record<string, number> = {
   errors: 0,
   config: 0,
   secrets: 0,
+  version: 0,
   image: 1, // random-access disk images and file I/O
   formats: 2, // wire-format codecs over images
   storage: 3, // SRs, VDIs, the metadata store

@@ -12,6 +12,7 @@
  * 130 interrupted.
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
+import { VERSION } from '../version.js';
 import { describeDownload, download, Interrupted } from './download.js';
 import { createClient, HttpError } from './http.js';
 import { DEFAULT_RETRY, type RetryPolicy } from './retry.js';
@@ -116,7 +117,7 @@ function showProgress(o: CommonOptions): boolean {
 export function buildProgram(): Command {
   const program = new Command('diskport')
     .description('Upload and download virtual disk images (raw, vhd, qcow2) to and from a diskport server')
-    .version('0.1.0')
+    .version(VERSION)
     .showHelpAfterError()
     .addHelpText(
       'after',
