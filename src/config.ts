@@ -12,7 +12,7 @@ export interface Config {
   dataDir: string;
   token?: string;
   logLevel: string;
-  /** CIDRs (or `*`) that pull and push may reach although the SSRF guard forbids them (loopback, link-local). */
+  /** CIDRs (or `*`) that pull and push may reach although the SSRF guard forbids them (see transfer/ip-ranges.ts). */
   allowFetch: string[];
   /** Finished tasks are kept this long, and at most this many, then pruned. */
   taskRetention: { maxAgeSeconds: number; maxCount: number };
@@ -90,7 +90,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     .option('--log-level <level>', 'pino log level (env LOG_LEVEL)', env.LOG_LEVEL ?? DEFAULTS.logLevel)
     .option(
       '--allow-fetch <cidr,...>',
-      'addresses pull/push may reach despite the SSRF guard (loopback, link-local): CIDRs or * (env DISKPORT_ALLOW_FETCH)',
+      'addresses pull/push may reach despite the SSRF guard (loopback, link-local, unique-local, ...): CIDRs or * (env DISKPORT_ALLOW_FETCH)',
       parseAllowFetch,
       env.DISKPORT_ALLOW_FETCH ? parseAllowFetch(env.DISKPORT_ALLOW_FETCH) : [],
     )

@@ -2,9 +2,9 @@
  * The SSRF guard of pull and push: diskport connects to URLs its clients
  * name, so it must not be turned against its own host or the cloud metadata
  * service. A URL must be http or https; its host is resolved once (every
- * address) and refused if any address is loopback (127.0.0.0/8, ::1),
- * link-local (169.254.0.0/16, fe80::/10, where cloud metadata lives) or
- * unspecified (0.0.0.0/8, ::), unless `--allow-fetch` covers it. The
+ * address) and refused if any address is one that ip-ranges.ts refuses
+ * (loopback, link-local, unspecified, IPv6 unique-local, and IPv6 forms that
+ * carry such an IPv4 address), unless `--allow-fetch` covers it. The
  * connection then goes to the address that was checked (a pinned lookup),
  * never to a second resolution, so DNS rebinding cannot slip past the check.
  */
@@ -13,6 +13,7 @@ import type { LookupFunction } from 'node:net';
 import { BlockList, isIP } from 'node:net';
 import { Agent } from 'undici';
 import { BadRequestError } from '../errors.js';
+import { refusedBecause } from './ip-ranges.js';
 
 /** A URL whose host was resolved and checked: connect to `address`, nowhere else. */
 export interface FetchTarget {
@@ -20,14 +21,6 @@ export interface FetchTarget {
   address: string;
   family: 4 | 6;
 }
-
-const FORBIDDEN = new BlockList();
-FORBIDDEN.addSubnet('127.0.0.0', 8, 'ipv4');
-FORBIDDEN.addSubnet('169.254.0.0', 16, 'ipv4');
-FORBIDDEN.addSubnet('0.0.0.0', 8, 'ipv4');
-FORBIDDEN.addAddress('::1', 'ipv6');
-FORBIDDEN.addAddress('::', 'ipv6');
-FORBIDDEN.addSubnet('fe80::', 10, 'ipv6');
 
 /** Seconds without a byte (or without response headers) before a connection counts as broken. */
 const IDLE_TIMEOUT_MS = 60_000;
@@ -51,7 +44,7 @@ export class FetchGuard {
   /** True when diskport may connect to `address`. */
   permits(address: string): boolean {
     const type = isIP(address) === 6 ? 'ipv6' : 'ipv4';
-    return this.allowAll || !FORBIDDEN.check(address, type) || this.allowed.check(address, type);
+    return this.allowAll || refusedBecause(address) === null || this.allowed.check(address, type);
   }
 
   /** Parses `raw` (the request's `field`), resolves its host once and checks every address. */
@@ -83,7 +76,7 @@ export class FetchGuard {
     const refused = addresses.filter((a) => !this.permits(a.address));
     if (refused.length || addresses.length === 0) {
       throw new BadRequestError(
-        `${field}: host '${host}' resolves to ${refused.map((a) => a.address).join(', ')}, a loopback, link-local or unspecified address; ` +
+        `${field}: host '${host}' resolves to ${refused.map((a) => `${a.address} (${refusedBecause(a.address)})`).join(', ')}; ` +
           'diskport does not fetch from or send to those unless --allow-fetch (DISKPORT_ALLOW_FETCH) lists them',
         { field, host, addresses: refused.map((a) => a.address) },
         'FETCH_TARGET_FORBIDDEN',
