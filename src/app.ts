@@ -6,6 +6,7 @@ import { pinoHttp } from 'pino-http';
 import { requireToken } from './http/auth.js';
 import { continueUnlessUpload } from './http/continue.js';
 import { errorHandler, notFoundHandler } from './http/errors.js';
+import { rejectRepeatedQuery } from './http/query.js';
 import { transferTokenAuth } from './http/transfer-auth.js';
 import { checksumRoutes } from './routes/checksum.js';
 import { contentRoutes } from './routes/contents.js';
@@ -42,6 +43,7 @@ export function createApp(s: Services): Express {
     }),
   );
 
+  app.use(rejectRepeatedQuery);
   app.use(continueUnlessUpload);
   app.use(healthRoutes());
   app.use(metricsRoutes(s));
