@@ -82,6 +82,16 @@ describe('export validators, conditionals and ranges (RFC 9110)', () => {
     }
   });
 
+  test('a suffix longer than the image asks for all of it: 206 with every byte (RFC 9110 §14.1.3)', async () => {
+    // curl -r -1048576 on a smaller disk: its last MiB is all of it.
+    for (const range of [`bytes=-${SIZE + 1}`, `bytes=-${SIZE * 4}`]) {
+      const res = await fetch(srv.url + url, { headers: { range } });
+      assert.equal(res.status, 206, range);
+      assert.equal(res.headers.get('content-range'), `bytes 0-${SIZE - 1}/${SIZE}`);
+      assert.ok(Buffer.from(await res.arrayBuffer()).equals(data), range);
+    }
+  });
+
   test('a malformed Range header or unknown unit is ignored: the whole image is sent', async () => {
     for (const range of ['bytes=abc', 'items=0-5', 'bytes=1-2-3']) {
       const res = await request(srv.url).head(url).set('Range', range);

@@ -55,6 +55,24 @@ function ifRangeHolds(value: string, rep: Representation): boolean {
   return (v.startsWith('"') || v.startsWith('W/')) && etagMatches(v, rep.etag, false);
 }
 
+/**
+ * A suffix longer than the representation asks for all of it (RFC 9110
+ * §14.1.3: `bytes=-65536` of a 4 KiB export is the 4 KiB); range-parser 1.x
+ * calls it unsatisfiable (2.x, which needs Node 22, fixes it).
+ */
+function clampSuffixes(range: string, size: number): string {
+  const eq = range.indexOf('=');
+  if (eq < 0) return range;
+  const specs = range
+    .slice(eq + 1)
+    .split(',')
+    .map((spec) => {
+      const suffix = /^\s*-\s*(\d+)\s*$/.exec(spec);
+      return suffix && Number(suffix[1]) > size ? `-${size}` : spec;
+    });
+  return `${range.slice(0, eq + 1)}${specs.join(',')}`;
+}
+
 /** Decides status and ranges; throws 416 for unsatisfiable ranges. */
 export function planResponse(req: Request, rep: Representation, boundary: string): ResponsePlan {
   const full: ResponsePlan = {
@@ -71,7 +89,7 @@ export function planResponse(req: Request, rep: Representation, boundary: string
   const ifRange = req.get('if-range');
   if (ifRange && !ifRangeHolds(ifRange, rep)) return full;
 
-  const parsed = rangeParser(rep.size, range, { combine: true });
+  const parsed = rangeParser(rep.size, clampSuffixes(range, rep.size), { combine: true });
   if (parsed === -2) return full; // malformed: RFC 9110 says ignore the header
   if (parsed === -1 || parsed.type !== 'bytes' || parsed.length > MAX_RANGES) {
     if (parsed !== -1 && parsed.type !== 'bytes') return full; // a unit we do not know: ignore
