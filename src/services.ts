@@ -37,7 +37,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
   const srs = new SrStore(db);
   await srs.ensureDefault(config.dataDir);
   const vdis = new VdiStore(db, srs, new VdiLocks());
-  const tasks = new TaskManager(new TaskStore(db));
+  const tasks = new TaskManager(new TaskStore(db), logger);
 
   // Restart recovery: whatever was running died with the previous process,
   // except resumable transfers, which pick up where they were.

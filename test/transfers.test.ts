@@ -349,7 +349,7 @@ describe('resumable transfer sessions', () => {
     assert.equal(((await unknown.json()) as ErrorBody).error.code, 'TRANSFER_NOT_FOUND');
     await sleep(1100);
     const expired = await putChunk(tb.url, Buffer.alloc(512, 1), 0, MiB);
-    assert.equal(expired.status, 403);
+    assert.equal(expired.status, 410);
     assert.equal(((await expired.json()) as ErrorBody).error.code, 'TRANSFER_EXPIRED');
     const state = await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${ta.id}`);
     assert.equal(state.body.bytes_received, 0, 'nothing was written');

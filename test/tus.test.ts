@@ -232,7 +232,7 @@ describe('tus 1.0 uploads at /v1/tus/', () => {
       'upload-checksum': `sha256 ${digest('sha256', Buffer.from('not these bytes'))}`,
     });
     assert.equal(wrong.status, 460);
-    assert.equal(((await wrong.json()) as ErrorBody).error.code, 'CHECKSUM_MISMATCH');
+    assert.equal(((await wrong.json()) as ErrorBody).error.code, 'UPLOAD_CHECKSUM_MISMATCH');
     assert.equal(await headOffset(url), MiB, 'the mismatching body was discarded');
 
     const unknown = await tusPatch(url, MiB, second, { 'upload-checksum': 'crc32 AAAAAA==' });

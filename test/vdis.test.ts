@@ -154,11 +154,12 @@ describe('token', () => {
     assert.equal((await fetch(`${srv.url}/healthz`)).status, 200);
     const none = await api<{ error: { code: string } }>(srv.url, 'GET', '/v1/vdis');
     assert.equal(none.status, 401);
-    assert.equal(none.body.error.code, 'UNAUTHORIZED');
+    assert.equal(none.body.error.code, 'TOKEN_REQUIRED');
     const wrong = await api<{ error: { code: string } }>(srv.url, 'GET', '/v1/vdis', undefined, {
       authorization: 'Bearer nope',
     });
     assert.equal(wrong.status, 403);
+    assert.equal(wrong.body.error.code, 'TOKEN_INVALID');
     const right = await api(srv.url, 'GET', '/v1/vdis', undefined, { authorization: 'Bearer s3cret' });
     assert.equal(right.status, 200);
   });

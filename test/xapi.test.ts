@@ -185,11 +185,21 @@ describe('xapi-compatible endpoints with a token', () => {
   });
 
   test('no credential is 401; a wrong session_id, bearer or password is 403; nothing is changed', async () => {
-    const none = await api<{ error: { message: string } }>(srv.url, 'GET', `/export_raw_vdi?vdi=${vdi}`);
+    const none = await api<{ error: { code: string; message: string } }>(
+      srv.url,
+      'GET',
+      `/export_raw_vdi?vdi=${vdi}`,
+    );
     assert.equal(none.status, 401);
+    assert.equal(none.body.error.code, 'TOKEN_REQUIRED');
     assert.match(none.body.error.message, /session_id/);
-    const wrongSession = await api(srv.url, 'GET', `/export_raw_vdi?vdi=${vdi}&session_id=OpaqueRef:abc`);
+    const wrongSession = await api<{ error: { code: string } }>(
+      srv.url,
+      'GET',
+      `/export_raw_vdi?vdi=${vdi}&session_id=OpaqueRef:abc`,
+    );
     assert.equal(wrongSession.status, 403);
+    assert.equal(wrongSession.body.error.code, 'TOKEN_INVALID');
     const wrongBearer = await api(srv.url, 'GET', `/export_raw_vdi?vdi=${vdi}`, undefined, {
       authorization: 'Bearer nope',
     });

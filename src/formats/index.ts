@@ -1,5 +1,5 @@
 /** The codec for each wire format, by name. */
-import { BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import { qcow2Codec } from './qcow2/index.js';
 import { rawCodec } from './raw/index.js';
 import type { FormatCodec, WireFormat } from './types.js';
@@ -18,10 +18,10 @@ export function availableFormats(): WireFormat[] {
 export function codecFor(format: string): FormatCodec {
   const codec = CODECS.get(format);
   if (!codec) {
-    throw new BadRequestError(
+    throw new ApiError(
+      'FORMAT_NOT_SUPPORTED',
       `unknown format '${format}'; use one of: ${availableFormats().join(', ')}`,
       { format, supported: availableFormats() },
-      'FORMAT_NOT_SUPPORTED',
     );
   }
   return codec;

@@ -11,12 +11,12 @@ export function requireToken(token: string | undefined): RequestHandler {
     const header = req.get('authorization');
     if (!header) {
       return next(
-        new ApiError(401, 'UNAUTHORIZED', 'this call needs a token: send Authorization: Bearer <token>'),
+        new ApiError('TOKEN_REQUIRED', 'this call needs a token: send Authorization: Bearer <token>'),
       );
     }
     const match = /^Bearer\s+(.+)$/i.exec(header);
     if (!match || !safeEqual(match[1].trim(), token)) {
-      return next(new ApiError(403, 'FORBIDDEN', 'the bearer token is not valid for this service'));
+      return next(new ApiError('TOKEN_INVALID', 'the bearer token is not valid for this service'));
     }
     res.locals.managementAuthorized = true;
     next();

@@ -1,41 +1,80 @@
-/** The one place errors become responses: `{"error": {code, message, details?}}` with the right status. */
+/**
+ * The one place errors become responses: `{"error": {code, message, details?}}`
+ * with the status the registry (src/errors.ts) gives the code. A failure of
+ * diskport's own answers a generic message and the request id
+ * (`details.request_id`); its cause goes to the log, never to the client.
+ */
 import type { ErrorRequestHandler, RequestHandler } from 'express';
-import { ApiError } from '../errors.js';
+import { ApiError, INTERNAL_ERROR_MESSAGE } from '../errors.js';
 
-export function toErrorBody(err: ApiError) {
-  return { error: err.toJSON() };
+/** The response body; a 5xx names the request id the log files its cause under. */
+export function toErrorBody(err: ApiError, requestId?: string) {
+  const body = err.toJSON();
+  if (err.status >= 500 && requestId) body.details = { ...body.details, request_id: requestId };
+  return { error: body };
 }
 
-/** body-parser and friends mark their errors with a `type`. */
-function fromExpressError(err: { type?: string; status?: number; message?: string }): ApiError | null {
+/** What to log for a failure: the cause an INTERNAL_ERROR hides from the client. */
+export function logCause(err: unknown): unknown {
+  return err instanceof ApiError && err.code === 'INTERNAL_ERROR' && err.cause !== undefined
+    ? err.cause
+    : err;
+}
+
+interface ExpressError {
+  type?: string;
+  status?: number;
+  statusCode?: number;
+  expose?: boolean;
+  message?: string;
+}
+
+/**
+ * Errors express and body-parser raise for a bad request carry a 4xx
+ * `status` (and body-parser's a `type`); their text is zlib's or the
+ * router's, so the message is diskport's own.
+ */
+function fromExpressError(err: ExpressError): ApiError | null {
   switch (err.type) {
     case 'entity.parse.failed':
       return new ApiError(
-        400,
         'INVALID_JSON',
         `the request body is not valid JSON (${err.message}); send a JSON object`,
       );
     case 'entity.too.large':
       return new ApiError(
-        413,
         'BODY_TOO_LARGE',
         'the JSON body is too large; management requests are small objects',
       );
     case 'encoding.unsupported':
     case 'charset.unsupported':
-      return new ApiError(415, 'UNSUPPORTED_MEDIA_TYPE', err.message ?? 'unsupported body encoding');
-    default:
-      return null;
+      return new ApiError(
+        'UNSUPPORTED_MEDIA_TYPE',
+        `${err.message ?? 'unsupported body encoding'}; send the body as identity, gzip, deflate or br`,
+      );
   }
+  const status = err.status ?? err.statusCode;
+  if (typeof status !== 'number' || status < 400 || status > 499) return null;
+  if (err instanceof URIError) {
+    return new ApiError(
+      'INVALID_REQUEST',
+      'the path holds a malformed percent-encoding (a % not followed by two hex digits of UTF-8); encode ids with encodeURIComponent',
+    );
+  }
+  if (status === 413) return new ApiError('BODY_TOO_LARGE', 'the request body is too large');
+  if (status === 415)
+    return new ApiError('UNSUPPORTED_MEDIA_TYPE', 'the request body cannot be read as sent');
+  return new ApiError(
+    'INVALID_REQUEST',
+    err.type === undefined
+      ? 'the request body cannot be decoded as its Content-Encoding says; send it as identity, or encode it correctly'
+      : `the request body could not be read (${err.type}); send it again`,
+  );
 }
 
 export const notFoundHandler: RequestHandler = (req, _res, next) => {
   next(
-    new ApiError(
-      404,
-      'NOT_FOUND',
-      `no such endpoint: ${req.method} ${req.path}; see openapi.yaml for the API`,
-    ),
+    new ApiError('NOT_FOUND', `no such endpoint: ${req.method} ${req.path}; see openapi.yaml for the API`),
   );
 };
 
@@ -44,8 +83,8 @@ export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
     err instanceof ApiError
       ? err
       : (fromExpressError(err) ??
-        new ApiError(500, 'INTERNAL_ERROR', 'internal error; the request id is in X-Request-Id'));
-  if (apiError.status >= 500) req.log?.error({ err }, 'request failed');
+        new ApiError('INTERNAL_ERROR', INTERNAL_ERROR_MESSAGE, undefined, {}, { cause: err }));
+  if (apiError.status >= 500) req.log?.error({ err: logCause(apiError) }, 'request failed');
   else req.log?.info({ code: apiError.code, message: apiError.message }, 'request refused');
   if (res.headersSent || res.destroyed) {
     res.destroy();
@@ -54,5 +93,5 @@ export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
   // A refused upload may still be streaming its body: do not keep reading it.
   if (!req.complete) res.setHeader('Connection', 'close');
   for (const [name, value] of Object.entries(apiError.headers)) res.setHeader(name, value);
-  res.status(apiError.status).json(toErrorBody(apiError));
+  res.status(apiError.status).json(toErrorBody(apiError, String(req.id ?? '')));
 };

@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
 import addFormatsModule from 'ajv-formats';
 import { parse } from 'yaml';
-import { BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 
 // ajv-formats is CommonJS; its default export arrives one level down under ESM.
 type AddFormats = (ajv: Ajv) => Ajv;
@@ -52,7 +52,7 @@ export function validateBody<T>(name: string, body: unknown): T {
   if (body === undefined || body === null || !v(body)) {
     const message =
       body === undefined || body === null ? 'a JSON body is required' : describeErrors(v.errors);
-    throw new BadRequestError(`invalid request: ${message}`, { errors: v.errors ?? [] });
+    throw new ApiError('INVALID_REQUEST', `invalid request: ${message}`, { errors: v.errors ?? [] });
   }
   return body as T;
 }

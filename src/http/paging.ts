@@ -4,7 +4,7 @@
  * array, and a list that is cut says so in that header.
  */
 import type { Request, Response } from 'express';
-import { BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import { DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, type Page, type PageRequest } from '../storage/paging.js';
 
 export function pageParams(req: Request): PageRequest {
@@ -13,13 +13,14 @@ export function pageParams(req: Request): PageRequest {
   if (limit !== undefined) {
     n = typeof limit === 'string' && /^\d+$/.test(limit) ? Number(limit) : Number.NaN;
     if (!(n >= 1 && n <= MAX_PAGE_LIMIT)) {
-      throw new BadRequestError(
+      throw new ApiError(
+        'INVALID_REQUEST',
         `limit must be a whole number from 1 to ${MAX_PAGE_LIMIT}, got '${String(limit)}'`,
       );
     }
   }
   if (cursor !== undefined && (typeof cursor !== 'string' || cursor === '')) {
-    throw new BadRequestError('cursor must be the value of a next link, given once');
+    throw new ApiError('INVALID_REQUEST', 'cursor must be the value of a next link, given once');
   }
   return { limit: n, cursor: cursor as string | undefined };
 }

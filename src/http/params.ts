@@ -1,6 +1,6 @@
 /** Request parameters shared by the routes that import and export images. */
 import type { Request } from 'express';
-import { BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
 
 /** `?format=`: a wire format's name, raw when absent. */
@@ -15,6 +15,6 @@ export function contentLengthOf(req: Request): number | undefined {
   if (header === undefined || req.get('transfer-encoding')) return undefined;
   const n = Number(header);
   if (!Number.isSafeInteger(n) || n < 0)
-    throw new BadRequestError(`Content-Length '${header}' is not a byte count`);
+    throw new ApiError('INVALID_REQUEST', `Content-Length '${header}' is not a byte count`);
   return n;
 }

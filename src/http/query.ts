@@ -5,16 +5,20 @@
  * (a qcow2 image written as raw disk bytes). Refuse it instead, on every route.
  */
 import type { RequestHandler } from 'express';
-import { BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 
 export const rejectRepeatedQuery: RequestHandler = (req, _res, next) => {
   for (const [name, value] of Object.entries(req.query)) {
     if (Array.isArray(value)) {
       // The values are not echoed: the parameter may be a token or session_id.
       return next(
-        new BadRequestError(`the query parameter '${name}' is given ${value.length} times; give it once`, {
-          parameter: name,
-        }),
+        new ApiError(
+          'INVALID_REQUEST',
+          `the query parameter '${name}' is given ${value.length} times; give it once`,
+          {
+            parameter: name,
+          },
+        ),
       );
     }
   }

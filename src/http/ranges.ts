@@ -23,7 +23,7 @@ const MAX_RANGES = 256;
 
 export class ClientGoneError extends ApiError {
   constructor() {
-    super(400, 'CLIENT_DISCONNECTED', 'the client closed the connection before the response was complete');
+    super('CLIENT_DISCONNECTED', 'the client closed the connection before the response was complete');
   }
 }
 
@@ -94,7 +94,6 @@ export function planResponse(req: Request, rep: Representation, boundary: string
   if (parsed === -1 || parsed.type !== 'bytes' || parsed.length > MAX_RANGES) {
     if (parsed !== -1 && parsed.type !== 'bytes') return full; // a unit we do not know: ignore
     throw new ApiError(
-      416,
       'RANGE_NOT_SATISFIABLE',
       parsed === -1
         ? `range '${range}' is outside the ${rep.size}-byte representation; ask for bytes 0-${rep.size - 1}`

@@ -22,15 +22,11 @@ export function transferTokenAuth(transfers: TransferService, managementToken?: 
     if (!token) return next();
     const transfer = transfers.get(req.params.id as string);
     if (!transfers.tokenMatches(transfer, token)) {
-      return next(new ApiError(403, 'TOKEN_INVALID', 'this token is not valid for this transfer'));
+      return next(new ApiError('TOKEN_INVALID', 'this token is not valid for this transfer'));
     }
     if (transfers.isExpired(transfer)) {
       return next(
-        new ApiError(
-          403,
-          'TRANSFER_EXPIRED',
-          `the transfer expired at ${transfer.expires_at}; open a new one`,
-        ),
+        new ApiError('TRANSFER_EXPIRED', `the transfer expired at ${transfer.expires_at}; open a new one`),
       );
     }
     res.locals.transfer = transfer;
@@ -44,7 +40,6 @@ export function requireTransferCredential(managementToken?: string): RequestHand
     if (res.locals.transfer || (managementToken && res.locals.managementAuthorized)) return next();
     next(
       new ApiError(
-        401,
         'TOKEN_REQUIRED',
         "this transfer's data needs its token: use the url returned when the transfer was created (it carries ?token=)",
       ),

@@ -2,7 +2,7 @@
  * Parsing and checking of the headers a resumable upload sends: Content-Range
  * (RFC 9110 §14.4, in a request) and Content-Digest (RFC 9530).
  */
-import { BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import type { ChunkRange } from '../transfer/sessions.js';
 
 const CONTENT_RANGE = /^bytes\s+(?:(\d+)-(\d+)|\*)\/(\d+|\*)$/i;
@@ -15,27 +15,24 @@ export function parseContentRange(header: string): ChunkRange {
   const m = CONTENT_RANGE.exec(header.trim());
   const total = m?.[3] === '*' ? null : Number(m?.[3]);
   if (!m || (total !== null && !Number.isSafeInteger(total)) || (m[1] === undefined && total === null)) {
-    throw new BadRequestError(
-      `Content-Range '${header}' is not 'bytes <first>-<last>/<total>' (or /*): name the chunk's first and last byte`,
-      undefined,
+    throw new ApiError(
       'INVALID_CONTENT_RANGE',
+      `Content-Range '${header}' is not 'bytes <first>-<last>/<total>' (or /*): name the chunk's first and last byte`,
     );
   }
   if (m[1] === undefined) return { start: 0, end: -1, total };
   const start = Number(m[1]);
   const end = Number(m[2]);
   if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || end < start) {
-    throw new BadRequestError(
-      `Content-Range '${header}' has its last byte before its first`,
-      undefined,
+    throw new ApiError(
       'INVALID_CONTENT_RANGE',
+      `Content-Range '${header}' has its last byte before its first`,
     );
   }
   if (total !== null && end >= total) {
-    throw new BadRequestError(
-      `Content-Range '${header}' ends at or past its own total of ${total} bytes`,
-      undefined,
+    throw new ApiError(
       'INVALID_CONTENT_RANGE',
+      `Content-Range '${header}' ends at or past its own total of ${total} bytes`,
     );
   }
   return { start, end, total };
@@ -53,21 +50,16 @@ export function parseContentDigest(header: string): { algorithm: 'sha256' | 'sha
   for (const member of header.split(',')) {
     const m = /^\s*([a-z0-9-]+)\s*=\s*:([A-Za-z0-9+/=]*):\s*$/i.exec(member);
     if (!m) {
-      throw new BadRequestError(
-        `Content-Digest '${header}' is not a list of <algorithm>=:<base64>: entries`,
-        undefined,
+      throw new ApiError(
         'INVALID_CONTENT_DIGEST',
+        `Content-Digest '${header}' is not a list of <algorithm>=:<base64>: entries`,
       );
     }
     const algorithm = DIGEST_ALGORITHMS[m[1].toLowerCase() as keyof typeof DIGEST_ALGORITHMS];
     if (!algorithm) continue;
     const value = Buffer.from(m[2], 'base64');
     if (value.length !== (algorithm === 'sha256' ? 32 : 64)) {
-      throw new BadRequestError(
-        `Content-Digest ${m[1]} has the wrong length`,
-        undefined,
-        'INVALID_CONTENT_DIGEST',
-      );
+      throw new ApiError('INVALID_CONTENT_DIGEST', `Content-Digest ${m[1]} has the wrong length`);
     }
     if (!found || algorithm === 'sha512') found = { algorithm, value };
   }

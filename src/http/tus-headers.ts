@@ -3,7 +3,7 @@
  * (checksum extension, https://tus.io/protocols/resumable-upload#checksum):
  * `<algorithm> <base64 digest>` of the request body.
  */
-import { BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 
 export const TUS_CHECKSUM_ALGORITHMS = ['sha1', 'sha256', 'md5'] as const;
 export type TusChecksumAlgorithm = (typeof TUS_CHECKSUM_ALGORITHMS)[number];
@@ -15,26 +15,24 @@ const UPLOAD_CHECKSUM = /^([A-Za-z0-9-]+) +([A-Za-z0-9+/]+={0,2})$/;
 export function parseUploadChecksum(header: string): { algorithm: TusChecksumAlgorithm; value: Buffer } {
   const m = UPLOAD_CHECKSUM.exec(header.trim());
   if (!m) {
-    throw new BadRequestError(
-      `Upload-Checksum '${header}' is not '<algorithm> <base64 digest>', e.g. 'sha256 47DEQpj8...'`,
-      undefined,
+    throw new ApiError(
       'INVALID_UPLOAD_CHECKSUM',
+      `Upload-Checksum '${header}' is not '<algorithm> <base64 digest>', e.g. 'sha256 47DEQpj8...'`,
     );
   }
   const algorithm = m[1].toLowerCase() as TusChecksumAlgorithm;
   if (!TUS_CHECKSUM_ALGORITHMS.includes(algorithm)) {
-    throw new BadRequestError(
+    throw new ApiError(
+      'UNSUPPORTED_CHECKSUM_ALGORITHM',
       `Upload-Checksum algorithm '${m[1]}' is not supported; use one of ${TUS_CHECKSUM_ALGORITHMS.join(', ')}`,
       { supported: [...TUS_CHECKSUM_ALGORITHMS] },
-      'UNSUPPORTED_CHECKSUM_ALGORITHM',
     );
   }
   const value = Buffer.from(m[2], 'base64');
   if (value.length !== DIGEST_BYTES[algorithm]) {
-    throw new BadRequestError(
-      `Upload-Checksum: a ${algorithm} digest is ${DIGEST_BYTES[algorithm]} bytes, this one decodes to ${value.length}`,
-      undefined,
+    throw new ApiError(
       'INVALID_UPLOAD_CHECKSUM',
+      `Upload-Checksum: a ${algorithm} digest is ${DIGEST_BYTES[algorithm]} bytes, this one decodes to ${value.length}`,
     );
   }
   return { algorithm, value };

@@ -14,7 +14,7 @@
 import { createHash } from 'node:crypto';
 import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
 import { LRUCache } from 'lru-cache';
-import { BadRequestError, toApiError } from '../errors.js';
+import { ApiError, toApiError } from '../errors.js';
 import { allocatedBytes, type BlockImage, type Extent } from '../image/block-image.js';
 import { readVirtual } from '../image/read-virtual.js';
 import { ZEROS } from '../image/zero.js';
@@ -53,10 +53,10 @@ export function parseAlgorithm(value: unknown): ChecksumAlgorithm {
   if (value === undefined || value === '') return DEFAULT_CHECKSUM_ALGORITHM;
   const name = typeof value === 'string' ? value.toLowerCase() : String(value);
   if (!(CHECKSUM_ALGORITHMS as readonly string[]).includes(name)) {
-    throw new BadRequestError(
+    throw new ApiError(
+      'ALGORITHM_NOT_SUPPORTED',
       `unknown checksum algorithm '${String(value)}'; use one of: ${CHECKSUM_ALGORITHMS.join(', ')}`,
       { algorithm: String(value), supported: [...CHECKSUM_ALGORITHMS] },
-      'ALGORITHM_NOT_SUPPORTED',
     );
   }
   return name as ChecksumAlgorithm;

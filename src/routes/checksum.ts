@@ -1,6 +1,6 @@
 /** GET /v1/vdis/{vdi}/checksum?algorithm=sha256|sha1|md5[&async=true|false] */
 import { Router } from 'express';
-import { BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import { parseAlgorithm } from '../ops/checksum.js';
 import type { Services } from '../services.js';
 
@@ -8,7 +8,7 @@ function booleanParam(name: string, value: unknown): boolean | undefined {
   if (value === undefined || value === '') return undefined;
   if (value === 'true' || value === '1') return true;
   if (value === 'false' || value === '0') return false;
-  throw new BadRequestError(`${name} must be true or false, got '${String(value)}'`, {
+  throw new ApiError('INVALID_REQUEST', `${name} must be true or false, got '${String(value)}'`, {
     [name]: String(value),
   });
 }

@@ -1,6 +1,6 @@
 /** GET /v1/vdis/{vdi}/extents[?context=zero] */
 import { Router } from 'express';
-import { BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import { vdiExtents } from '../ops/extents.js';
 import type { Services } from '../services.js';
 
@@ -11,7 +11,8 @@ export function extentRoutes(s: Services): Router {
   return Router().get('/v1/vdis/:vdi/extents', async (req, res) => {
     const context = req.query.context;
     if (context !== undefined && (typeof context !== 'string' || !CONTEXTS.includes(context))) {
-      throw new BadRequestError(
+      throw new ApiError(
+        'INVALID_REQUEST',
         `context must be one of: ${CONTEXTS.join(', ')} (or left out), got '${String(context)}'`,
         { context: String(context), supported: CONTEXTS },
       );

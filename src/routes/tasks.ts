@@ -1,6 +1,6 @@
 /** GET /v1/tasks, GET /v1/tasks/{task}?wait=S, POST /v1/tasks/{task}/cancel */
 import { Router } from 'express';
-import { BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import { pageParams, sendPage } from '../http/paging.js';
 import type { Services } from '../services.js';
 
@@ -16,7 +16,10 @@ export function taskRoutes(s: Services): Router {
     .get('/v1/tasks', (req, res) => {
       const status = queryString(req.query.status);
       if (status && !TASK_STATUSES.includes(status)) {
-        throw new BadRequestError(`status must be one of ${TASK_STATUSES.join(', ')}, got '${status}'`);
+        throw new ApiError(
+          'INVALID_REQUEST',
+          `status must be one of ${TASK_STATUSES.join(', ')}, got '${status}'`,
+        );
       }
       const filter = { status, vdi: queryString(req.query.vdi), type: queryString(req.query.type) };
       sendPage(req, res, s.tasks.listPage(filter, pageParams(req)));
@@ -25,7 +28,8 @@ export function taskRoutes(s: Services): Router {
       const waitParam = queryString(req.query.wait);
       const wait = waitParam === undefined ? 0 : Number(waitParam);
       if (!Number.isFinite(wait) || wait < 0 || wait > MAX_WAIT_SECONDS) {
-        throw new BadRequestError(
+        throw new ApiError(
+          'INVALID_REQUEST',
           `wait must be a number of seconds between 0 and ${MAX_WAIT_SECONDS}, got '${waitParam}'`,
         );
       }

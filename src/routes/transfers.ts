@@ -10,7 +10,7 @@
  *   DELETE /v1/transfers/{id}            cancel
  */
 import { type Request, type Response, Router } from 'express';
-import { BadRequestError, ConflictError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import { continueNow } from '../http/continue.js';
 import { validateBody } from '../http/openapi.js';
 import { pageParams, sendPage } from '../http/paging.js';
@@ -42,7 +42,10 @@ export function transferRoutes(s: Services): Router {
         req.body,
       );
       if (body.source_url && body.target_url) {
-        throw new BadRequestError('a transfer pulls (source_url) or pushes (target_url), not both');
+        throw new ApiError(
+          'INVALID_REQUEST',
+          'a transfer pulls (source_url) or pushes (target_url), not both',
+        );
       }
       const { transfer, token } = body.source_url
         ? await startPull(s, { ...body, source_url: body.source_url })
@@ -88,10 +91,9 @@ export function transferRoutes(s: Services): Router {
         length !== undefined &&
         Number(length) !== range.end - range.start + 1
       ) {
-        throw new BadRequestError(
-          `Content-Length ${length} does not match Content-Range ${rangeHeader} (${range.end - range.start + 1} bytes)`,
-          undefined,
+        throw new ApiError(
           'INVALID_CONTENT_RANGE',
+          `Content-Length ${length} does not match Content-Range ${rangeHeader} (${range.end - range.start + 1} bytes)`,
         );
       }
       // `bytes */total` with no body only declares the length.
@@ -129,7 +131,7 @@ export function transferRoutes(s: Services): Router {
     .get('/v1/transfers/:id/data', needCredential, async (req, res) => {
       const t = transferOf(s, req, res);
       if (t.direction !== 'download') {
-        throw new ConflictError(
+        throw new ApiError(
           'WRONG_DIRECTION',
           `transfer ${t.id} is an upload; GET its state at /v1/transfers/${t.id}`,
         );
@@ -139,7 +141,7 @@ export function transferRoutes(s: Services): Router {
 }
 
 async function serveDownload(s: Services, req: Request, res: Response, t: Transfer): Promise<void> {
-  if (t.state !== 'open') throw new ConflictError('TRANSFER_NOT_ACTIVE', `transfer ${t.id} is ${t.state}`);
+  if (t.state !== 'open') throw new ApiError('TRANSFER_NOT_ACTIVE', `transfer ${t.id} is ${t.state}`);
   s.transfers.renew(t.id);
   await sendExport(s, req, res, t.vdi_id, t.format, {
     taskId: t.task_id,

@@ -12,11 +12,11 @@
  * the body lands), errors as diskport's JSON, and the log of failures.
  */
 import { Server } from '@tus/server';
-import type { ERRORS } from '@tus/utils';
+import { ERRORS as TUS_ERRORS } from '@tus/utils';
 import type { Response as ExpressResponse, Request } from 'express';
 import { Router } from 'express';
 import { NodeRequest } from 'srvx/node';
-import { ApiError, toApiError } from '../errors.js';
+import { ApiError, type ErrorCode, toApiError } from '../errors.js';
 import { toErrorBody } from '../http/errors.js';
 import { parseUploadChecksum, TUS_CHECKSUM_ALGORITHMS } from '../http/tus-headers.js';
 import type { Services } from '../services.js';
@@ -25,27 +25,46 @@ import { TransferTusStore, type TusRequestContext, tusRequest } from '../transfe
 export const TUS_PATH = '/v1/tus';
 const TUS_RESUMABLE = '1.0.0';
 
-type TusError = (typeof ERRORS)[keyof typeof ERRORS];
+type TusErrorName = keyof typeof TUS_ERRORS;
 
-/** Codes for the errors @tus/server answers itself, by status. */
-const CODE_OF_STATUS: Record<number, string> = {
+/**
+ * diskport's code for each error @tus/server raises itself. The status is the
+ * registry's: a missing Upload-Offset is a 400 and a wrong Content-Type a 415
+ * (tus 1.0's own answer), not @tus/server's 403s.
+ */
+const CODE_OF_TUS_ERROR: Record<TusErrorName, ErrorCode> = {
+  MISSING_OFFSET: 'INVALID_TUS_REQUEST',
+  ABORTED: 'INVALID_TUS_REQUEST',
+  INVALID_TERMINATION: 'INVALID_TUS_REQUEST',
+  ERR_LOCK_TIMEOUT: 'TRANSFER_BUSY',
+  INVALID_CONTENT_TYPE: 'UNSUPPORTED_MEDIA_TYPE',
+  FILE_NOT_FOUND: 'UPLOAD_NOT_FOUND',
+  INVALID_OFFSET: 'OFFSET_MISMATCH',
+  FILE_NO_LONGER_EXISTS: 'UPLOAD_GONE',
+  ERR_SIZE_EXCEEDED: 'TOO_LARGE',
+  ERR_MAX_SIZE_EXCEEDED: 'TOO_LARGE',
+  INVALID_LENGTH: 'INVALID_TUS_REQUEST',
+  INVALID_METADATA: 'INVALID_TUS_REQUEST',
+  UNKNOWN_ERROR: 'INTERNAL_ERROR',
+  FILE_WRITE_ERROR: 'INTERNAL_ERROR',
+  UNSUPPORTED_CONCATENATION_EXTENSION: 'NOT_IMPLEMENTED',
+  UNSUPPORTED_CREATION_DEFER_LENGTH_EXTENSION: 'NOT_IMPLEMENTED',
+  UNSUPPORTED_EXPIRATION_EXTENSION: 'NOT_IMPLEMENTED',
+};
+
+/** Codes for the answers @tus/server writes without an error (a bad header, no Tus-Resumable). */
+const CODE_OF_STATUS: Record<number, ErrorCode> = {
   400: 'INVALID_TUS_REQUEST',
-  403: 'INVALID_TUS_REQUEST',
   404: 'NOT_FOUND',
-  409: 'OFFSET_MISMATCH',
-  410: 'UPLOAD_GONE',
   412: 'TUS_VERSION_UNSUPPORTED',
-  413: 'TOO_LARGE',
-  501: 'NOT_IMPLEMENTED',
 };
 
 /** @tus/server's own errors are `{status_code, body}`: give them a code and diskport's shape. */
 function toTusApiError(err: unknown): ApiError {
-  const tus = err as Partial<TusError> | undefined;
-  if (!(err instanceof Error) && typeof tus?.status_code === 'number' && typeof tus.body === 'string') {
-    return new ApiError(tus.status_code, CODE_OF_STATUS[tus.status_code] ?? 'TUS_ERROR', tus.body.trim());
-  }
-  return toApiError(err);
+  const name = (Object.keys(TUS_ERRORS) as TusErrorName[]).find((k) => TUS_ERRORS[k] === err);
+  if (!name) return toApiError(err);
+  const code = CODE_OF_TUS_ERROR[name];
+  return code === 'INTERNAL_ERROR' ? toApiError(err) : new ApiError(code, TUS_ERRORS[name].body.trim());
 }
 
 export function tusRoutes(s: Services): Router {
@@ -63,14 +82,17 @@ export function tusRoutes(s: Services): Router {
       const context = tusRequest.getStore();
       if (context) context.error = err;
       const e = toTusApiError(err);
-      return { status_code: e.status, body: JSON.stringify(toErrorBody(e)) };
+      return { status_code: e.status, body: JSON.stringify(toErrorBody(e, context?.requestId)) };
     },
   });
 
   return Router().all(`${TUS_PATH}{/:id}`, async (req, res) => {
     res.setHeader('Tus-Resumable', TUS_RESUMABLE);
     const checksum = req.get('upload-checksum');
-    const context: TusRequestContext = { digest: checksum ? parseUploadChecksum(checksum) : undefined };
+    const context: TusRequestContext = {
+      digest: checksum ? parseUploadChecksum(checksum) : undefined,
+      requestId: String(req.id),
+    };
     const answer = await tusRequest.run(context, () => tus.handleWeb(new NodeRequest({ req, res })));
     if (answer.status >= 500) req.log?.error({ err: context.error }, 'tus request failed');
     await send(req, res, answer);
@@ -92,7 +114,9 @@ async function send(req: Request, res: ExpressResponse, answer: globalThis.Respo
     const text = body?.toString() ?? '';
     const json = text.startsWith('{"error"')
       ? text
-      : JSON.stringify(toErrorBody(toTusApiError({ status_code: answer.status, body: text })));
+      : JSON.stringify(
+          toErrorBody(new ApiError(CODE_OF_STATUS[answer.status] ?? 'INVALID_TUS_REQUEST', text.trim())),
+        );
     body = Buffer.from(json);
     headers.set('Content-Type', 'application/json; charset=utf-8');
     headers.set('Content-Length', String(body.length));

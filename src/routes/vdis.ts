@@ -1,6 +1,6 @@
 /** POST/GET /v1/vdis, GET/PATCH/DELETE /v1/vdis/{vdi} */
 import { Router } from 'express';
-import { ConflictError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import { validateBody } from '../http/openapi.js';
 import { pageParams, sendPage } from '../http/paging.js';
 import type { Services } from '../services.js';
@@ -32,7 +32,7 @@ export function vdiRoutes(s: Services): Router {
     .delete('/v1/vdis/:vdi', async (req, res) => {
       const open = s.transfers.activeOn(req.params.vdi);
       if (open.length) {
-        throw new ConflictError(
+        throw new ApiError(
           'VDI_BUSY',
           `VDI ${req.params.vdi} has ${open.length} open transfer(s) (${open[0].id}); cancel or finish them first`,
           { transfers: open.map((t) => t.id) },

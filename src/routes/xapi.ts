@@ -9,7 +9,7 @@
  * (X-Task-Id, and Location for imports).
  */
 import { type Request, type RequestHandler, Router } from 'express';
-import { ApiError, BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import { requireToken } from '../http/auth.js';
 import { continueNow } from '../http/continue.js';
 import { contentLengthOf, formatParam } from '../http/params.js';
@@ -31,7 +31,7 @@ export function xapiAuth(token: string | undefined): RequestHandler {
       const decoded = Buffer.from(header.replace(/^Basic\s+/i, ''), 'base64').toString('utf8');
       const password = decoded.slice(decoded.indexOf(':') + 1);
       if (safeEqual(password, token)) return next();
-      return next(new ApiError(403, 'FORBIDDEN', 'the password is not the token of this service'));
+      return next(new ApiError('TOKEN_INVALID', 'the password is not the token of this service'));
     }
     if (header) return bearer(req, res, next);
     const session = req.query.session_id;
@@ -39,16 +39,14 @@ export function xapiAuth(token: string | undefined): RequestHandler {
       if (safeEqual(session, token)) return next();
       return next(
         new ApiError(
-          403,
-          'FORBIDDEN',
+          'TOKEN_INVALID',
           'session_id is not valid for this service: pass the service token as session_id, or send Authorization: Bearer <token>',
         ),
       );
     }
     next(
       new ApiError(
-        401,
-        'UNAUTHORIZED',
+        'TOKEN_REQUIRED',
         'this call needs a token: pass it as session_id=<token>, or send Authorization: Bearer <token>',
       ),
     );
@@ -58,7 +56,7 @@ export function xapiAuth(token: string | undefined): RequestHandler {
 function vdiParam(req: Request): string {
   const vdi = req.query.vdi;
   if (typeof vdi !== 'string' || vdi === '')
-    throw new BadRequestError("the 'vdi' query parameter is required: the VDI's id (uuid)");
+    throw new ApiError('INVALID_REQUEST', "the 'vdi' query parameter is required: the VDI's id (uuid)");
   return vdi;
 }
 

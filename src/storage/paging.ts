@@ -5,7 +5,7 @@
  * rows are created or removed while it runs (an offset would skip or repeat
  * them). Cursors are opaque to clients: base64url of the key.
  */
-import { BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import type { Db } from './db.js';
 
 export const DEFAULT_PAGE_LIMIT = 100;
@@ -38,10 +38,9 @@ function decodeCursor(cursor: string): Key {
   } catch {
     // falls through to the error below
   }
-  throw new BadRequestError(
-    `cursor '${cursor.slice(0, 64)}' is not one this service gave; start again without it and follow the next link`,
-    undefined,
+  throw new ApiError(
     'INVALID_CURSOR',
+    `cursor '${cursor.slice(0, 64)}' is not one this service gave; start again without it and follow the next link`,
   );
 }
 

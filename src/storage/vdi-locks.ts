@@ -2,7 +2,7 @@
  * One writer per VDI. In memory on purpose: a lock's holder is an operation
  * of this process, and a restart ends every operation (see task recovery).
  */
-import { ConflictError } from '../errors.js';
+import { ApiError } from '../errors.js';
 
 export class VdiLocks {
   private readonly holders = new Map<string, string>();
@@ -11,7 +11,7 @@ export class VdiLocks {
   acquire(vdi: string, holder: string): () => void {
     const current = this.holders.get(vdi);
     if (current) {
-      throw new ConflictError(
+      throw new ApiError(
         'VDI_BUSY',
         `VDI ${vdi} is busy with another operation (${current}); wait for it to finish or cancel it`,
         { vdi, holder: current },

@@ -11,7 +11,7 @@
 import { randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { ApiError, BadRequestError, formatBytes, NotFoundError } from '../errors.js';
+import { ApiError, formatBytes, NotFoundError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
 import type { BlockImage } from '../image/block-image.js';
 import { EmptyImage } from '../image/empty-image.js';
@@ -103,10 +103,10 @@ export class VdiStore {
     const sr = this.srs.get(req.sr ?? 'local');
     const format = req.image_format ?? sr.default_image_format;
     if (!sr.supported_image_formats.includes(format)) {
-      throw new BadRequestError(
+      throw new ApiError(
+        'FORMAT_NOT_SUPPORTED',
         `SR '${sr.id}' cannot store images in format '${format}'; it supports: ${sr.supported_image_formats.join(', ')}`,
         { sr: sr.id, image_format: format, supported_image_formats: sr.supported_image_formats },
-        'FORMAT_NOT_SUPPORTED',
       );
     }
     checkVirtualSize(req.virtual_size);
@@ -147,10 +147,10 @@ export class VdiStore {
     if (patch.virtual_size !== undefined && patch.virtual_size !== vdi.virtual_size) {
       checkVirtualSize(patch.virtual_size);
       if (patch.virtual_size < vdi.virtual_size) {
-        throw new BadRequestError(
+        throw new ApiError(
+          'SHRINK_NOT_ALLOWED',
           `cannot shrink VDI from ${formatBytes(vdi.virtual_size)} to ${formatBytes(patch.virtual_size)}: data past the new end would be lost`,
           { virtual_size: vdi.virtual_size, requested: patch.virtual_size },
-          'SHRINK_NOT_ALLOWED',
         );
       }
       await this.resize(vdi, patch.virtual_size);
@@ -308,13 +308,16 @@ function generationFileName(id: string, generation: number, format: string): str
 
 function checkVirtualSize(size: number): void {
   if (!Number.isSafeInteger(size) || size <= 0 || size % 512 !== 0) {
-    throw new BadRequestError(`virtual_size must be a positive multiple of 512 bytes, got ${size}`, {
-      virtual_size: size,
-    });
+    throw new ApiError(
+      'INVALID_REQUEST',
+      `virtual_size must be a positive multiple of 512 bytes, got ${size}`,
+      {
+        virtual_size: size,
+      },
+    );
   }
   if (size > MAX_VIRTUAL_SIZE_BYTES) {
     throw new ApiError(
-      400,
       'INVALID_REQUEST',
       `virtual_size ${formatBytes(size)} is larger than the supported maximum of ${formatBytes(MAX_VIRTUAL_SIZE_BYTES)}`,
     );

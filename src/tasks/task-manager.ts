@@ -7,7 +7,8 @@
  */
 import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { ApiError, CancelledError, NotFoundError } from '../errors.js';
+import type { Logger } from 'pino';
+import { ApiError, CancelledError, NotFoundError, toApiError } from '../errors.js';
 import { nowIso } from '../storage/db.js';
 import type { Page, PageRequest } from '../storage/paging.js';
 import { FINISHED_STATUSES, type Task, type TaskFilter, type TaskStore } from './task-store.js';
@@ -109,11 +110,12 @@ export class RunningTask {
       const e = err instanceof CancelledError ? err : (this.abort.signal.reason as CancelledError);
       return this.finish('cancelled', { code: e.code, message: e.message, status: e.status }, null);
     }
-    const error =
-      err instanceof ApiError
-        ? { code: err.code, message: err.message, status: err.status }
-        : { code: 'INTERNAL_ERROR', message: err instanceof Error ? err.message : String(err), status: 500 };
-    return this.finish('failure', error, null);
+    const e = toApiError(err);
+    // Whoever reads the task gets the code and a message meant for them; the cause is logged.
+    if (e.status >= 500) {
+      this.manager.logger?.error({ task: this.id, type: this.record.type, err: e.cause ?? e }, 'task failed');
+    }
+    return this.finish('failure', { code: e.code, message: e.message, status: e.status }, null);
   }
 
   private finish(status: Task['status'], error: Task['error'], result: Task['result']): Task {
@@ -128,7 +130,10 @@ export class TaskManager {
   private readonly live = new Map<string, RunningTask>();
   private readonly events = new EventEmitter();
 
-  constructor(private readonly store: TaskStore) {
+  constructor(
+    private readonly store: TaskStore,
+    readonly logger?: Logger,
+  ) {
     this.events.setMaxListeners(0);
   }
 
@@ -242,7 +247,6 @@ export class TaskManager {
     if (!live) {
       const task = this.get(id);
       throw new ApiError(
-        409,
         'TASK_FINISHED',
         `task ${id} has already finished (${task.status}); nothing to cancel`,
       );

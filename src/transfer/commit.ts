@@ -13,7 +13,7 @@
  * staging files are removed and the VDI is untouched.
  */
 import { promises as fsp } from 'node:fs';
-import { formatBytes, TooLargeError } from '../errors.js';
+import { ApiError, formatBytes } from '../errors.js';
 import { codecFor } from '../formats/index.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { isZeroFrom, ResizedImage } from '../image/resized-image.js';
@@ -46,7 +46,8 @@ export async function commitStaged(
     const excess = image.virtualSize - vdi.virtual_size;
     const chsRounding = wireFormat === 'vhd' && excess <= CHS_ROUNDING_MAX_BYTES;
     if (excess > 0 && !(chsRounding && (await isZeroFrom(image, vdi.virtual_size)))) {
-      throw new TooLargeError(
+      throw new ApiError(
+        'TOO_LARGE',
         `image virtual size ${formatBytes(image.virtualSize)} exceeds VDI virtual size ${formatBytes(vdi.virtual_size)}; ` +
           'resize the VDI (PATCH virtual_size) or import into a larger one',
         { image_virtual_size: image.virtualSize, vdi_virtual_size: vdi.virtual_size },

@@ -12,7 +12,7 @@ import { lookup } from 'node:dns/promises';
 import type { LookupFunction } from 'node:net';
 import { BlockList, isIP } from 'node:net';
 import { Agent } from 'undici';
-import { BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import { refusedBecause } from './ip-ranges.js';
 
 /** A URL whose host was resolved and checked: connect to `address`, nowhere else. */
@@ -53,13 +53,13 @@ export class FetchGuard {
     try {
       url = new URL(raw);
     } catch {
-      throw new BadRequestError(`${field} is not a URL: '${raw}'`, { field }, 'INVALID_URL');
+      throw new ApiError('INVALID_URL', `${field} is not a URL: '${raw}'`, { field });
     }
     if (url.protocol !== 'http:' && url.protocol !== 'https:') {
-      throw new BadRequestError(
+      throw new ApiError(
+        'INVALID_URL',
         `${field} must be an http or https URL, not ${url.protocol.replace(/:$/, '')}`,
         { field },
-        'INVALID_URL',
       );
     }
     const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
@@ -67,19 +67,19 @@ export class FetchGuard {
     try {
       addresses = await lookup(host, { all: true, verbatim: true });
     } catch (err) {
-      throw new BadRequestError(
+      throw new ApiError(
+        'FETCH_TARGET_UNRESOLVABLE',
         `${field}: cannot resolve host '${host}' (${(err as NodeJS.ErrnoException).code ?? err})`,
         { field, host },
-        'FETCH_TARGET_UNRESOLVABLE',
       );
     }
     const refused = addresses.filter((a) => !this.permits(a.address));
     if (refused.length || addresses.length === 0) {
-      throw new BadRequestError(
+      throw new ApiError(
+        'FETCH_TARGET_FORBIDDEN',
         `${field}: host '${host}' resolves to ${refused.map((a) => `${a.address} (${refusedBecause(a.address)})`).join(', ')}; ` +
           'diskport does not fetch from or send to those unless --allow-fetch (DISKPORT_ALLOW_FETCH) lists them',
         { field, host, addresses: refused.map((a) => a.address) },
-        'FETCH_TARGET_FORBIDDEN',
       );
     }
     const first = addresses[0];

@@ -10,7 +10,7 @@
  * only when at most one write is in flight.
  */
 import type { promises as fsp } from 'node:fs';
-import { InsufficientSpaceError, TooLargeError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import type { DirectWriter } from '../image/direct-writer.js';
 import { writeFully } from '../image/file-io.js';
 import { zeroRange } from '../image/sparse.js';
@@ -114,7 +114,8 @@ async function writeRuns(sink: RunSink, buf: Buffer, length: number, at: number,
 
 function storageError(err: unknown): unknown {
   return (err as NodeJS.ErrnoException).code === 'ENOSPC'
-    ? new InsufficientSpaceError(
+    ? new ApiError(
+        'INSUFFICIENT_SPACE',
         'the storage repository ran out of space while writing the upload; free space and retry',
       )
     : err;
@@ -201,7 +202,8 @@ export async function landStream(
 
 export function tooLargeForVdi(virtualSize: number) {
   return (received: number) =>
-    new TooLargeError(
+    new ApiError(
+      'TOO_LARGE',
       `upload is larger than the VDI: ${received} bytes or more sent, VDI virtual size is ${virtualSize} bytes`,
       {
         received,

@@ -20,7 +20,7 @@ import type { Logger } from 'pino';
 import type { Agent, Dispatcher } from 'undici';
 import { request } from 'undici';
 import type { Config } from '../config.js';
-import { ApiError, BadRequestError, formatBytes } from '../errors.js';
+import { ApiError, formatBytes } from '../errors.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 import { backoff, describe, RETRY_LIMIT } from './backoff.js';
 import { FetchGuard, type FetchTarget, pinnedAgent } from './fetch-guard.js';
@@ -53,7 +53,8 @@ export async function startPull(
   req: PullRequest,
 ): Promise<{ transfer: Transfer; token: string }> {
   if (req.direction !== 'upload') {
-    throw new BadRequestError(
+    throw new ApiError(
+      'INVALID_REQUEST',
       'source_url makes diskport fetch an image into the VDI: open it with direction "upload"',
     );
   }
@@ -148,7 +149,6 @@ class Pull {
   private async restart(why: string): Promise<void> {
     if (++this.restarts > MAX_RESTARTS) {
       throw new ApiError(
-        502,
         'SOURCE_CHANGED',
         `the source changed ${this.restarts} times while it was being fetched (${why}); the VDI is unchanged, try again when it is stable`,
       );
@@ -174,7 +174,6 @@ class Pull {
       const encoding = header(res.headers, 'content-encoding');
       if (encoding && encoding !== 'identity') {
         throw new ApiError(
-          502,
           'SOURCE_UNUSABLE',
           `the source sent the image with Content-Encoding ${encoding}; diskport needs the bytes themselves`,
         );
@@ -227,7 +226,6 @@ class Pull {
         throw new RetryableError(`the source answered ${res.statusCode}`);
       }
       throw new ApiError(
-        502,
         'SOURCE_UNAVAILABLE',
         `the source answered ${res.statusCode} to GET ${redact(this.source.url)}; the VDI is unchanged`,
         { status: res.statusCode },
@@ -256,7 +254,6 @@ class Pull {
       const location = header(res.headers, 'location');
       if (!location || hop >= MAX_REDIRECTS) {
         throw new ApiError(
-          502,
           'SOURCE_UNAVAILABLE',
           location
             ? `the source redirected more than ${MAX_REDIRECTS} times`
@@ -289,14 +286,12 @@ function gaveUp(state: { offset: number; length: number | null }, lastError: unk
   const last = lastError ? ` (last: ${describe(lastError)})` : '';
   if (state.length !== null && state.offset > 0) {
     return new ApiError(
-      502,
       'SOURCE_INCOMPLETE',
       `the source sent ${formatBytes(state.offset)} of the ${formatBytes(state.length)} it announced, then failed ${RETRY_LIMIT + 1} times in a row${last}; the VDI is unchanged`,
       { received: state.offset, length: state.length },
     );
   }
   return new ApiError(
-    502,
     'SOURCE_UNAVAILABLE',
     `could not fetch the source after ${RETRY_LIMIT + 1} attempts${last}; the VDI is unchanged`,
   );

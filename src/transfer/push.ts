@@ -20,7 +20,7 @@
  * any client) can complete it.
  */
 import { request } from 'undici';
-import { ApiError, BadRequestError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import { isZero } from '../image/zero.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
@@ -110,7 +110,8 @@ export async function startPush(
   req: PushRequest,
 ): Promise<{ transfer: Transfer; token: string }> {
   if (req.direction !== 'download') {
-    throw new BadRequestError(
+    throw new ApiError(
+      'INVALID_REQUEST',
       'target_url makes diskport send the VDI to another diskport: open it with direction "download"',
     );
   }
@@ -136,23 +137,21 @@ function parseTargetUrl(raw: string): { prefix: string; id: string; token: strin
   try {
     url = new URL(raw);
   } catch {
-    throw new BadRequestError(`target_url is not a URL: '${raw}'`, { field: 'target_url' }, 'INVALID_URL');
+    throw new ApiError('INVALID_URL', `target_url is not a URL: '${raw}'`, { field: 'target_url' });
   }
   const m = /^(.*)\/v1\/transfers\/([^/]+)\/data$/.exec(url.pathname);
   const token = url.searchParams.get('token');
   if (!m || !token) {
-    throw new BadRequestError(
+    throw new ApiError(
+      'INVALID_URL',
       "target_url must be the `url` of an upload transfer opened on the receiving diskport: '.../v1/transfers/{id}/data?token=...'",
       { field: 'target_url' },
-      'INVALID_URL',
     );
   }
   if (/\/\/|\\/.test(m[1])) {
-    throw new BadRequestError(
-      'target_url has an empty or backslashed path segment',
-      { field: 'target_url' },
-      'INVALID_URL',
-    );
+    throw new ApiError('INVALID_URL', 'target_url has an empty or backslashed path segment', {
+      field: 'target_url',
+    });
   }
   return { prefix: m[1], id: decodeURIComponent(m[2]), token };
 }
@@ -342,7 +341,6 @@ class Push {
         if (this.bytesSent + this.bytesZeroed > progressBefore) failures = 0;
         else if (++failures > RETRY_LIMIT) {
           throw new ApiError(
-            502,
             'REMOTE_UNAVAILABLE',
             `the receiver kept failing: ${RETRY_LIMIT + 1} attempts in a row moved no byte (last: ${describe(lastError)}); ` +
               'its session stays open: push again to complete it',
@@ -401,7 +399,6 @@ class Push {
       this.s.transfers.renew(this.id);
     } else if (st.state !== 'finalizing' && st.state !== 'committed') {
       throw new ApiError(
-        502,
         'REMOTE_TRANSFER_ENDED',
         `the receiving transfer ${this.remote.id} is ${st.state}; open a new one there and push again`,
         { state: st.state },
@@ -413,14 +410,12 @@ class Push {
   private checkReceiver(st: RemoteTransfer, src: Source): void {
     if (st.direction !== 'upload') {
       throw new ApiError(
-        502,
         'REMOTE_NOT_UPLOAD',
         `the receiving transfer ${this.remote.id} is a download; push needs an upload`,
       );
     }
     if (st.format !== this.t.format) {
       throw new ApiError(
-        409,
         'FORMAT_MISMATCH',
         `the receiving transfer takes ${st.format}, this push sends ${this.t.format}; use the same format on both sides`,
         { remote: st.format, local: this.t.format },
@@ -428,7 +423,6 @@ class Push {
     }
     if (st.size !== null && st.size !== src.size) {
       throw new ApiError(
-        409,
         'CONFLICTING_LENGTH',
         `the receiving transfer expects ${st.size} bytes, this disk in ${this.t.format} is ${src.size} bytes`,
         { remote: st.size, local: src.size },
@@ -450,7 +444,6 @@ class Push {
         const st = await this.remote.state();
         if (st.state === 'committed') return { id: '', status: 'success', error: null };
         throw new ApiError(
-          502,
           'REMOTE_IMPORT_FAILED',
           `the receiving transfer ${this.remote.id} ended ${st.state}; the local VDI is unaffected`,
           { state: st.state },
@@ -459,7 +452,6 @@ class Push {
       if (task.status === 'success') return task;
       if (task.status === 'failure' || task.status === 'cancelled') {
         throw new ApiError(
-          502,
           'REMOTE_IMPORT_FAILED',
           `the receiver's import ${task.status === 'cancelled' ? 'was cancelled' : 'failed'}: ${task.error?.code ?? ''} ${task.error?.message ?? ''}`.trim(),
           { remote_task: task.id, remote_error: task.error },
@@ -484,13 +476,8 @@ class Push {
 
 /** A receiver's definitive refusal, as the local task's error. */
 function refused(err: RemoteError): ApiError {
-  return new ApiError(
-    502,
-    'REMOTE_REJECTED',
-    `the receiver answered ${err.status} ${err.code}: ${err.message}`,
-    {
-      remote_status: err.status,
-      remote_code: err.code,
-    },
-  );
+  return new ApiError('REMOTE_REJECTED', `the receiver answered ${err.status} ${err.code}: ${err.message}`, {
+    remote_status: err.status,
+    remote_code: err.code,
+  });
 }

@@ -5,7 +5,7 @@
  * may be ahead of the stored one between saves.
  */
 import type { promises as fsp } from 'node:fs';
-import { type ApiError, ConflictError, NotFoundError } from '../errors.js';
+import { ApiError, NotFoundError } from '../errors.js';
 import type { Db } from '../storage/db.js';
 import type { Page, PageRequest } from '../storage/paging.js';
 import type { RunningTask } from '../tasks/task-manager.js';
@@ -104,12 +104,12 @@ export class SessionRegistry {
     const live = this.live.get(id);
     if (!live) {
       const t = this.get(id);
-      throw new ConflictError('TRANSFER_NOT_ACTIVE', `transfer ${id} is ${t.state}; open a new one`, {
+      throw new ApiError('TRANSFER_NOT_ACTIVE', `transfer ${id} is ${t.state}; open a new one`, {
         state: t.state,
       });
     }
     if (direction && live.t.direction !== direction) {
-      throw new ConflictError(
+      throw new ApiError(
         'WRONG_DIRECTION',
         `transfer ${id} is a${live.t.direction === 'upload' ? 'n upload' : ' download'}; it does not take ${direction === 'upload' ? 'writes' : 'reads'}`,
       );

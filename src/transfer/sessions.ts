@@ -19,15 +19,7 @@ import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import type { Readable } from 'node:stream';
 import type { Logger } from 'pino';
-import {
-  ApiError,
-  BadRequestError,
-  CancelledError,
-  ConflictError,
-  formatBytes,
-  TooLargeError,
-  toApiError,
-} from '../errors.js';
+import { ApiError, CancelledError, formatBytes, toApiError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
 import { DirectWriter } from '../image/direct-writer.js';
 import { RawFileImage } from '../image/raw-file-image.js';
@@ -167,12 +159,18 @@ export class TransferService {
     const format = codecFor(req.format ?? 'raw').name;
     const ttl = req.ttl_seconds ?? DEFAULT_TTL_SECONDS;
     if (!Number.isInteger(ttl) || ttl < 1 || ttl > MAX_TTL_SECONDS) {
-      throw new BadRequestError(`ttl_seconds must be between 1 and ${MAX_TTL_SECONDS}, got ${ttl}`);
+      throw new ApiError(
+        'INVALID_REQUEST',
+        `ttl_seconds must be between 1 and ${MAX_TTL_SECONDS}, got ${ttl}`,
+      );
     }
     if (req.checksum !== undefined) parseChecksum(req.checksum);
     if (req.size !== undefined) checkDeclaredSize(req.size, format, vdi);
     if (req.direction === 'download' && (req.size !== undefined || req.checksum !== undefined)) {
-      throw new BadRequestError('size and checksum describe an upload; a download session takes neither');
+      throw new ApiError(
+        'INVALID_REQUEST',
+        'size and checksum describe an upload; a download session takes neither',
+      );
     }
 
     const id = randomUUID();
@@ -281,7 +279,7 @@ export class TransferService {
     const live = this.sessions.find(id);
     if (!live || live.writers === 0 || live.finalizing || live.t.size === null) return;
     if (live.ranges.missing(0, live.t.size).length) return;
-    const reason = new ConflictError(
+    const reason = new ApiError(
       'CHUNK_SUPERSEDED',
       'the session was finalized while this chunk was still arriving; every byte of it had already arrived in other requests, so nothing was lost',
     );
@@ -302,7 +300,7 @@ export class TransferService {
     const live = this.active(id, 'upload');
     const t = live.t;
     if (t.state !== 'open') {
-      throw new ConflictError('TRANSFER_NOT_OPEN', `transfer ${id} is ${t.state}; it takes no more data`);
+      throw new ApiError('TRANSFER_NOT_OPEN', `transfer ${id} is ${t.state}; it takes no more data`);
     }
     const vdi = this.vdis.get(t.vdi_id);
     const range = chunk.range;
@@ -311,10 +309,10 @@ export class TransferService {
     const limit = uploadLimit(t.format, vdi.virtual_size);
     const total = t.size;
     if (range && range.end >= (total ?? limit)) {
-      throw new TooLargeError(
+      throw new ApiError(
+        'CHUNK_PAST_END',
         `chunk bytes ${range.start}-${range.end} lands past the declared total of ${total} bytes`,
         { total, chunk_end: range.end },
-        'CHUNK_PAST_END',
       );
     }
     const expected = range ? range.end - range.start + 1 : (total ?? limit) - start;
@@ -362,12 +360,12 @@ export class TransferService {
         limit: expected,
         tooLarge: (n: number) =>
           range
-            ? new BadRequestError(
-                `the body is longer than its Content-Range bytes ${range.start}-${range.end} (${n} bytes or more)`,
-                undefined,
+            ? new ApiError(
                 'CHUNK_TOO_LONG',
+                `the body is longer than its Content-Range bytes ${range.start}-${range.end} (${n} bytes or more)`,
               )
-            : new TooLargeError(
+            : new ApiError(
+                'TOO_LARGE',
                 `upload is larger than ${total !== null ? `the declared ${total} bytes` : `the VDI allows (${formatBytes(limit)})`}`,
                 { limit: total ?? limit },
               ),
@@ -399,10 +397,10 @@ export class TransferService {
       }
       if (range && received < expected && !chunk.partial) {
         await record(start + received);
-        throw new BadRequestError(
+        throw new ApiError(
+          'CHUNK_INCOMPLETE',
           `the body ended after ${received} of the ${expected} bytes of its Content-Range; the bytes that arrived were kept, send the rest`,
           { received },
-          'CHUNK_INCOMPLETE',
         );
       }
       if (!range && total === null) await this.learnTotal(live, received, vdi);
@@ -452,10 +450,9 @@ export class TransferService {
         onChunk: (c) => hash.update(c),
       });
       if (!hash.digest().equals(digest.value)) {
-        throw new BadRequestError(
-          'Content-Digest does not match the bytes received; the chunk was discarded, send it again',
-          undefined,
+        throw new ApiError(
           'DIGEST_MISMATCH',
+          'Content-Digest does not match the bytes received; the chunk was discarded, send it again',
         );
       }
       const verified = await RawFileImage.open(aside, { virtualSize: received });
@@ -485,10 +482,7 @@ export class TransferService {
     // The session may have ended while the file opened: its handle is nobody's.
     if (this.sessions.find(live.t.id) !== live) {
       await handle.close().catch(() => {});
-      throw new ConflictError(
-        'TRANSFER_NOT_ACTIVE',
-        `transfer ${live.t.id} is ${live.t.state}; open a new one`,
-      );
+      throw new ApiError('TRANSFER_NOT_ACTIVE', `transfer ${live.t.id} is ${live.t.state}; open a new one`);
     }
     return handle;
   }
@@ -537,7 +531,7 @@ export class TransferService {
     if (total === null) return;
     const t = live.t;
     if (t.size !== null && t.size !== total) {
-      throw new ConflictError(
+      throw new ApiError(
         'CONFLICTING_LENGTH',
         `this chunk says the upload is ${total} bytes, but it was declared as ${t.size}`,
         { declared: t.size, chunk_total: total },
@@ -566,13 +560,13 @@ export class TransferService {
     if (live.finalizing) return { ...live.task.record };
     const t = live.t;
     if (t.size === null) {
-      throw new ConflictError(
+      throw new ApiError(
         'SIZE_UNKNOWN',
         'the upload length is not known yet: send a chunk with Content-Range bytes a-b/total, or declare size',
       );
     }
     if (live.writers > 0) {
-      throw new ConflictError(
+      throw new ApiError(
         'TRANSFER_BUSY',
         `${live.writers} chunk upload(s) still running; finalize when they have finished`,
       );
@@ -580,7 +574,7 @@ export class TransferService {
     const missing = live.ranges.missing(0, t.size);
     if (missing.length) {
       const bytes = missing.reduce((n, [s, e]) => n + e - s, 0);
-      throw new ConflictError(
+      throw new ApiError(
         'TRANSFER_INCOMPLETE',
         `${bytes} of ${t.size} bytes have not arrived (first gap at ${missing[0][0]}); send them, then finalize`,
         { missing: missing.slice(0, 16), missing_bytes: bytes },
@@ -655,7 +649,7 @@ export class TransferService {
   async cancel(id: string): Promise<Transfer> {
     const live = this.active(id);
     if (live.t.state === 'finalizing') {
-      throw new ConflictError(
+      throw new ApiError(
         'TRANSFER_FINALIZING',
         `transfer ${id} is being committed; it can no longer be cancelled`,
       );
@@ -748,7 +742,6 @@ export class TransferService {
         live,
         'expired',
         new ApiError(
-          410,
           'TRANSFER_EXPIRED',
           `the transfer expired after ${live.t.ttl_seconds} s without activity`,
         ),
@@ -780,8 +773,7 @@ export class TransferService {
       throw live.failure ?? toApiError(err);
     }
     const task = await this.completion(transfer.id);
-    if (task.status !== 'success')
-      throw live.failure ?? new ApiError(500, 'IMPORT_FAILED', 'the import failed');
+    if (task.status !== 'success') throw live.failure ?? new ApiError('IMPORT_FAILED', 'the import failed');
     return task;
   }
 
@@ -817,10 +809,7 @@ export class TransferService {
   async reset(id: string, size: number | null = null): Promise<Transfer> {
     const live = this.active(id, 'upload');
     if (live.t.state !== 'open' || live.writers > 0) {
-      throw new ConflictError(
-        'TRANSFER_BUSY',
-        `transfer ${id} is ${live.t.state} or being written; cannot reset`,
-      );
+      throw new ApiError('TRANSFER_BUSY', `transfer ${id} is ${live.t.state} or being written; cannot reset`);
     }
     const vdi = this.vdis.get(live.t.vdi_id);
     if (size !== null) checkDeclaredSize(size, live.t.format, vdi);
@@ -852,17 +841,17 @@ export class TransferService {
     const live = this.active(id, 'upload');
     const t = live.t;
     if (t.state !== 'open') {
-      throw new ConflictError('TRANSFER_NOT_OPEN', `transfer ${id} is ${t.state}; it takes no more data`);
+      throw new ApiError('TRANSFER_NOT_OPEN', `transfer ${id} is ${t.state}; it takes no more data`);
     }
     const vdi = this.vdis.get(t.vdi_id);
     await this.learnTotal(live, range.total, vdi);
     const end = range.end + 1;
     const limit = t.size ?? uploadLimit(t.format, vdi.virtual_size);
     if (end > limit) {
-      throw new TooLargeError(
+      throw new ApiError(
+        'CHUNK_PAST_END',
         `zero range ${range.start}-${range.end} lands past the end of the upload (${limit} bytes)`,
         { limit, chunk_end: range.end },
-        'CHUNK_PAST_END',
       );
     }
     live.writers++;

@@ -16,7 +16,7 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Readable } from 'node:stream';
 import { finished } from 'node:stream/promises';
 import { DataStore, Upload } from '@tus/utils';
-import { ApiError, BadRequestError } from '../errors.js';
+import { ApiError, isErrorCode } from '../errors.js';
 import type { Task } from '../tasks/task-store.js';
 import { type ChunkWrite, DEFAULT_TTL_SECONDS, type TransferService } from './sessions.js';
 import type { Transfer } from './transfer-store.js';
@@ -32,6 +32,8 @@ export interface TusRequestContext {
   digest?: ChunkWrite['digest'];
   /** The failure behind an error response, for the log. */
   error?: unknown;
+  /** The request's id, which a 5xx answer names (the log files its cause under it). */
+  requestId?: string;
 }
 export const tusRequest = new AsyncLocalStorage<TusRequestContext>();
 
@@ -45,10 +47,9 @@ export class TransferTusStore extends DataStore {
   override async create(upload: Upload): Promise<Upload> {
     const metadata = upload.metadata ?? {};
     if (!metadata.vdi) {
-      throw new BadRequestError(
-        "Upload-Metadata must name the VDI to import into: 'vdi <base64 of the VDI id>' (and optionally 'format', 'checksum')",
-        undefined,
+      throw new ApiError(
         'VDI_REQUIRED',
+        "Upload-Metadata must name the VDI to import into: 'vdi <base64 of the VDI id>' (and optionally 'format', 'checksum')",
       );
     }
     const kept: Record<string, string> = { [TUS_MARK_KEY]: 'true' };
@@ -106,8 +107,7 @@ export class TransferTusStore extends DataStore {
     } catch (err) {
       if (err instanceof ApiError && err.code === 'DIGEST_MISMATCH') {
         throw new ApiError(
-          460,
-          'CHECKSUM_MISMATCH',
+          'UPLOAD_CHECKSUM_MISMATCH',
           `the body does not match its Upload-Checksum (${digest?.algorithm}); its bytes were discarded: send them again from Upload-Offset ${offset}`,
         );
       }
@@ -132,7 +132,7 @@ export class TransferTusStore extends DataStore {
     const task = await this.transfers.completion(id);
     if (task.status === 'success') return task;
     const error = task.error ?? { code: 'IMPORT_FAILED', message: 'the import failed' };
-    throw new ApiError(task.error?.status ?? 500, error.code, error.message, {
+    throw new ApiError(isErrorCode(error.code) ? error.code : 'IMPORT_FAILED', error.message, {
       task_id: task.id,
     });
   }
@@ -154,10 +154,10 @@ export class TransferTusStore extends DataStore {
   private session(id: string): Transfer {
     const t = this.transfers.get(id);
     if (t.direction !== 'upload') {
-      throw new ApiError(404, 'UPLOAD_NOT_FOUND', `transfer ${id} is a download, not a tus upload`, { id });
+      throw new ApiError('UPLOAD_NOT_FOUND', `transfer ${id} is a download, not a tus upload`, { id });
     }
     if (t.state === 'cancelled' || t.state === 'expired' || t.state === 'failed') {
-      throw new ApiError(410, 'UPLOAD_GONE', `upload ${id} was ${t.state}; create a new one`, {
+      throw new ApiError('UPLOAD_GONE', `upload ${id} was ${t.state}; create a new one`, {
         state: t.state,
       });
     }

@@ -2,7 +2,7 @@
  * What an upload may be: how large for its VDI and format, and the checksum
  * it declares, checked at creation and verified at finalize.
  */
-import { ApiError, BadRequestError, TooLargeError } from '../errors.js';
+import { ApiError } from '../errors.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { ResizedImage } from '../image/resized-image.js';
 import { hashImage } from '../ops/checksum.js';
@@ -22,10 +22,11 @@ export function uploadLimit(format: string, virtualSize: number): number {
 
 export function checkDeclaredSize(size: number, format: string, vdi: Vdi): void {
   if (!Number.isSafeInteger(size) || size < 0)
-    throw new BadRequestError(`size must be a byte count, got ${size}`);
+    throw new ApiError('INVALID_REQUEST', `size must be a byte count, got ${size}`);
   const limit = uploadLimit(format, vdi.virtual_size);
   if (size > limit) {
-    throw new TooLargeError(
+    throw new ApiError(
+      'TOO_LARGE',
       `upload is larger than the VDI: ${size} bytes declared, ${format === 'raw' ? 'VDI virtual size is' : 'a ' + format + ' image of this VDI can be at most'} ${limit} bytes`,
       { size, limit, virtual_size: vdi.virtual_size },
     );
@@ -35,10 +36,9 @@ export function checkDeclaredSize(size: number, format: string, vdi: Vdi): void 
 export function parseChecksum(value: string): { algorithm: 'sha256' | 'sha1' | 'md5'; hex: string } {
   const m = CHECKSUM_PATTERN.exec(value.toLowerCase());
   if (!m || CHECKSUM_HEX_LENGTH[m[1]] !== m[2].length) {
-    throw new BadRequestError(
-      `checksum must be 'sha256:<64 hex digits>' (or sha1:/md5:), got '${value}'`,
-      undefined,
+    throw new ApiError(
       'INVALID_CHECKSUM',
+      `checksum must be 'sha256:<64 hex digits>' (or sha1:/md5:), got '${value}'`,
     );
   }
   return { algorithm: m[1] as 'sha256' | 'sha1' | 'md5', hex: m[2] };
@@ -60,7 +60,6 @@ export async function verifyChecksum(
     const actual = await hashImage(image, await image.extents(), algorithm, { signal });
     if (actual !== hex) {
       throw new ApiError(
-        400,
         'CHECKSUM_MISMATCH',
         `the upload's ${algorithm} is ${actual}, not the declared ${hex}; nothing was changed, send the image again`,
         {

@@ -14,7 +14,7 @@
  * hostile header must be refused before it can make us allocate or loop: every
  * size read here is checked against the file's real size first.
  */
-import { formatBytes, MalformedImageError, TooLargeError, UnsupportedImageError } from '../../errors.js';
+import { ApiError, formatBytes, MalformedImageError, UnsupportedImageError } from '../../errors.js';
 
 export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
 export const MIN_CLUSTER_BITS = 9;
@@ -268,7 +268,8 @@ export function parseHeader(head: Buffer, fileSizeBytes: number): Qcow2Header {
 
   const sizeBig = u64(head, 24);
   if (sizeBig > BigInt(MAX_VIRTUAL_SIZE_BYTES)) {
-    throw new TooLargeError(
+    throw new ApiError(
+      'TOO_LARGE',
       `qcow2 image virtual size ${sizeBig} bytes exceeds the ${formatBytes(MAX_VIRTUAL_SIZE_BYTES)} limit`,
       { virtual_size: sizeBig.toString() },
     );
