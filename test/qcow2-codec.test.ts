@@ -286,13 +286,12 @@ describe('opening images written by qemu-img', () => {
     }
   });
 
-  it('is read-only: write says qcow2 at rest is written by serialize', async () => {
+  it('opens read side only: no write, zero or flush to call (qcow2 at rest is written by serialize)', async () => {
     const img = join(dir, 'ro.qcow2');
     qemuImg('create', '-f', 'qcow2', img, '1M');
     const image = await qcow2Codec.open(img);
     try {
-      await assert.rejects(image.write(0, Buffer.alloc(512)), /serialize/);
-      await assert.rejects(qcow2Codec.open(img, { writable: true }), /read-only/);
+      for (const method of ['write', 'zero', 'flush']) assert.ok(!(method in image), method);
     } finally {
       await image.close();
     }

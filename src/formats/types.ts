@@ -25,10 +25,12 @@ export interface FormatCodec {
   /** Lays out the export of `image` in this format (reads metadata only). */
   serialize(image: BlockImage): Promise<SerializedImage>;
   /**
-   * Opens a file holding an image of this format as a random-access disk,
-   * validating its metadata. Throws MalformedImageError / UnsupportedImageError.
+   * Opens a file holding an image of this format as a random-access disk to
+   * read, validating its metadata. Throws MalformedImageError /
+   * UnsupportedImageError. (An image at rest changes by a new generation
+   * written whole, never in place.)
    */
-  open(path: string, opts?: { writable?: boolean }): Promise<BlockImage>;
+  open(path: string): Promise<BlockImage>;
   /**
    * A fresh layout reader for an upload of this format arriving in order
    * (`fileSize`: its length, when known before its bytes). Formats without

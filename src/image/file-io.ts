@@ -1,5 +1,5 @@
 /** Whole reads and writes at a position: a pread or pwrite may move fewer bytes than asked. */
-import type { promises as fsp } from 'node:fs';
+import { promises as fsp } from 'node:fs';
 
 /**
  * Fills `buf` from the file at `offset`; bytes past the end of the file read
@@ -31,5 +31,15 @@ export async function writeFully(
   while (done < length) {
     const { bytesWritten } = await handle.write(buf, offset + done, length - done, position + done);
     done += bytesWritten;
+  }
+}
+
+/** fsync by name: makes a file durable whoever wrote it, through whichever descriptor. */
+export async function syncFile(path: string): Promise<void> {
+  const handle = await fsp.open(path, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
   }
 }

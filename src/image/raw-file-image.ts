@@ -1,82 +1,119 @@
 /**
  * A virtual disk stored as a sparse raw file: byte N of the disk is byte N of
  * the file, holes are file-system holes (found with SEEK_DATA/SEEK_HOLE).
+ *
+ * Two classes, as the two sides of the interface: RawFileImage reads a file
+ * opened read-only (an export, a staged upload); WritableRawFileImage opens
+ * it for writing too and so also writes, zeroes and flushes.
  */
 import { constants as fsConstants, promises as fsp } from 'node:fs';
-import type { BlockImage, Extent } from './block-image.js';
-import { fileExtents } from './sparse.js';
+import {
+  type BlockImage,
+  checkWriteRange,
+  type Extent,
+  type ImageWriter,
+  readByInto,
+  readLength,
+} from './block-image.js';
+import { readAt, writeFully } from './file-io.js';
+import { fileExtents, zeroRange } from './sparse.js';
 
 export class RawFileImage implements BlockImage {
-  private constructor(
-    private readonly handle: fsp.FileHandle,
-    public readonly virtualSize: number,
+  private closed = false;
+
+  protected constructor(
+    protected readonly handle: fsp.FileHandle,
+    readonly virtualSize: number,
     readonly path: string,
   ) {}
 
-  /** Opens an existing raw file; its size is the virtual size unless one is given. */
-  static async open(
-    path: string,
-    opts: { writable?: boolean; virtualSize?: number } = {},
-  ): Promise<RawFileImage> {
-    const handle = await fsp.open(path, opts.writable ? fsConstants.O_RDWR : fsConstants.O_RDONLY);
-    const size = opts.virtualSize ?? (await handle.stat()).size;
-    return new RawFileImage(handle, size, path);
+  /** Opens an existing raw file read-only; its size is the virtual size unless one is given. */
+  static async open(path: string, opts: { virtualSize?: number } = {}): Promise<RawFileImage> {
+    const handle = await fsp.open(path, fsConstants.O_RDONLY);
+    return new RawFileImage(handle, await sizeOf(handle, opts.virtualSize), path);
   }
 
-  /** Creates (or truncates) a sparse file of `virtualSize` bytes: all hole. */
-  static async create(path: string, virtualSize: number): Promise<RawFileImage> {
-    const handle = await fsp.open(path, 'w+');
-    await handle.truncate(virtualSize);
-    return new RawFileImage(handle, virtualSize, path);
+  read(offset: number, length: number): Promise<Buffer> {
+    return readByInto(this, offset, length);
   }
 
-  get fd(): number {
-    return this.handle.fd;
-  }
-
-  async read(offset: number, length: number): Promise<Buffer> {
-    const n = Math.max(0, Math.min(length, this.virtualSize - offset));
-    const buf = Buffer.allocUnsafe(n);
-    let done = 0;
-    while (done < n) {
-      const { bytesRead } = await this.handle.read(buf, done, n - done, offset + done);
-      if (bytesRead === 0) {
-        buf.fill(0, done); // past the end of a short file: zeros
-        break;
-      }
-      done += bytesRead;
-    }
-    return buf;
-  }
-
-  async write(offset: number, data: Buffer): Promise<void> {
-    if (offset + data.length > this.virtualSize) {
-      throw new RangeError(
-        `write of ${data.length} bytes at ${offset} past virtual size ${this.virtualSize}`,
-      );
-    }
-    let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await this.handle.write(data, done, data.length - done, offset + done);
-      done += bytesWritten;
-    }
+  /** Past the end of a short file, zeros (as a staged upload reads where nothing was written). */
+  async readInto(buf: Buffer, offset: number): Promise<Buffer> {
+    const n = readLength(this.virtualSize, offset, buf.length);
+    this.assertOpen();
+    return readAt(this.handle, buf.subarray(0, n), offset);
   }
 
   async extents(): Promise<Extent[]> {
+    this.assertOpen();
     return fileExtents(this.handle.fd, this.virtualSize);
   }
 
-  async flush(): Promise<void> {
-    await this.handle.sync();
-  }
-
   async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    // Waits for reads still running on the handle (FileHandle.close does).
     await this.handle.close();
   }
 
   /** Bytes really allocated on disk. */
   async allocatedBytes(): Promise<number> {
+    this.assertOpen();
     const st = await this.handle.stat();
     return st.blocks * 512;
+  }
+
+  protected assertOpen(): void {
+    if (this.closed) throw new Error(`raw image ${this.path} is closed`);
+  }
+}
+
+export class WritableRawFileImage extends RawFileImage implements ImageWriter {
+  /** Opens an existing raw file for reading and writing; its size is the virtual size unless one is given. */
+  static async openWritable(
+    path: string,
+    opts: { virtualSize?: number } = {},
+  ): Promise<WritableRawFileImage> {
+    const handle = await fsp.open(path, fsConstants.O_RDWR);
+    return new WritableRawFileImage(handle, await sizeOf(handle, opts.virtualSize), path);
+  }
+
+  /** Creates (or truncates) a sparse file of `virtualSize` bytes: all hole. */
+  static async create(path: string, virtualSize: number): Promise<WritableRawFileImage> {
+    const handle = await fsp.open(path, 'w+');
+    try {
+      await handle.truncate(virtualSize);
+    } catch (err) {
+      await handle.close();
+      throw err;
+    }
+    return new WritableRawFileImage(handle, virtualSize, path);
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    checkWriteRange(this.virtualSize, offset, data.length);
+    this.assertOpen();
+    await writeFully(this.handle, data, 0, data.length, offset);
+  }
+
+  /** Whole file-system blocks become holes; the partial blocks at either end are written with zeros. */
+  async zero(offset: number, length: number): Promise<void> {
+    checkWriteRange(this.virtualSize, offset, length);
+    this.assertOpen();
+    await zeroRange(this.handle, offset, length);
+  }
+
+  async flush(): Promise<void> {
+    this.assertOpen();
+    await this.handle.sync();
+  }
+}
+
+async function sizeOf(handle: fsp.FileHandle, given: number | undefined): Promise<number> {
+  try {
+    return given ?? (await handle.stat()).size;
+  } catch (err) {
+    await handle.close();
+    throw err;
   }
 }

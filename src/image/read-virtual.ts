@@ -3,9 +3,7 @@
  * consumer that streams a whole range: serializers, checksums, conversions,
  * pushes. Holes come from a shared zero buffer, never from storage.
  */
-import fs from 'node:fs';
 import type { BlockImage, Extent } from './block-image.js';
-import { RawFileImage } from './raw-file-image.js';
 import { zeroBuffer } from './zero.js';
 
 /** Large reads: fewer syscalls and event-loop turns than fs streams' 64 KiB. */
@@ -78,8 +76,8 @@ export class ReadBuffers {
  *
  * Buffers can be handed back: a consumer done with a yielded buffer (say,
  * its socket has flushed it) may pass it as the argument of a later `next()`,
- * and a later piece of a raw file is read into it instead of into a new
- * buffer. Only buffers this call yielded are taken back, each once, and
+ * and a later piece is read into it (the image's readInto) instead of into
+ * a new buffer. Only buffers this call yielded are taken back, each once, and
  * `for await` passes nothing, so consumers that keep their chunks are safe.
  * Without it an export allocates its whole size in fresh buffers, and V8
  * answers that churn of external memory with back-to-back full GCs.
@@ -93,15 +91,13 @@ export async function* readVirtual(
   buffers = new ReadBuffers(),
 ): AsyncGenerator<Buffer, void, Buffer | undefined> {
   const pieces = piecesOf(extents, start, end, chunkBytes);
-  const file = image instanceof RawFileImage ? image : null;
   const { wholeOf, spare } = buffers;
   const begin = (p: Piece): Promise<Buffer> | null => {
     if (p.zero) return null;
-    if (!file) return image.read(p.offset, p.length);
     let whole = spare.pop();
     if (!whole || whole.length < p.length) whole = Buffer.allocUnsafe(p.length);
     const into = whole;
-    return readFileInto(file, into, p.offset, p.length).then((view) => {
+    return image.readInto(into.subarray(0, p.length), p.offset).then((view) => {
       wholeOf.set(view, into);
       return view;
     });
@@ -127,37 +123,6 @@ export async function* readVirtual(
     // Abandoned early (a client gone, a range served): the read ahead is nobody's.
     reading?.catch(() => {});
   }
-}
-
-/**
- * RawFileImage.read(offset, length), but into `buf`; returns the view read.
- * Through the file descriptor, as the image has no read-into: a read still
- * running when the image closes fails (EBADF) or, pread having no side
- * effects, fills a buffer nobody holds any more.
- */
-async function readFileInto(
-  image: RawFileImage,
-  buf: Buffer,
-  offset: number,
-  length: number,
-): Promise<Buffer> {
-  const n = Math.max(0, Math.min(length, image.virtualSize - offset));
-  let done = 0;
-  while (done < n) {
-    const bytesRead = await pread(image.fd, buf, done, n - done, offset + done);
-    if (bytesRead === 0) {
-      buf.fill(0, done, n); // past the end of a short file: zeros
-      break;
-    }
-    done += bytesRead;
-  }
-  return buf.subarray(0, n);
-}
-
-function pread(fd: number, buf: Buffer, at: number, length: number, position: number): Promise<number> {
-  return new Promise((resolve, reject) => {
-    fs.read(fd, buf, at, length, position, (err, bytesRead) => (err ? reject(err) : resolve(bytesRead)));
-  });
 }
 
 /** Index of the extent containing `offset` (binary search; extents are ordered and contiguous). */

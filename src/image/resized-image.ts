@@ -1,25 +1,34 @@
-import { type BlockImage, type Extent, mergeExtents } from './block-image.js';
+import { type BlockImage, type Extent, mergeExtents, readByInto, readLength } from './block-image.js';
 import { isZero } from './zero.js';
 
 /**
  * A view of a disk at another virtual size: a larger view reads its tail as
  * zeros, a smaller one hides the inner disk's tail (callers check it is zero).
+ * Read-only: it is how an image is imported into a VDI of another size.
+ * Closing the view closes the inner disk.
  */
 export class ResizedImage implements BlockImage {
+  private closed = false;
+
   constructor(
     private readonly inner: BlockImage,
     readonly virtualSize: number,
   ) {}
-  async read(offset: number, length: number): Promise<Buffer> {
-    const n = Math.max(0, Math.min(length, this.virtualSize - offset));
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return readByInto(this, offset, length);
+  }
+
+  async readInto(buf: Buffer, offset: number): Promise<Buffer> {
+    const n = readLength(this.virtualSize, offset, buf.length);
+    this.assertOpen();
     const inside = Math.max(0, Math.min(n, this.inner.virtualSize - offset));
-    const head = inside > 0 ? await this.inner.read(offset, inside) : Buffer.alloc(0);
-    return inside === n ? head : Buffer.concat([head, Buffer.alloc(n - inside)]);
+    if (inside > 0) await this.inner.readInto(buf.subarray(0, inside), offset);
+    return buf.fill(0, inside, n).subarray(0, n);
   }
-  write(): Promise<void> {
-    throw new Error('ResizedImage is read-only');
-  }
+
   async extents(): Promise<Extent[]> {
+    this.assertOpen();
     const clipped = (await this.inner.extents())
       .filter((e) => e.start < this.virtualSize)
       .map((e) => ({ ...e, length: Math.min(e.length, this.virtualSize - e.start) }));
@@ -28,11 +37,14 @@ export class ResizedImage implements BlockImage {
       tail > 0 ? [...clipped, { start: this.inner.virtualSize, length: tail, zero: true }] : clipped,
     );
   }
-  flush(): Promise<void> {
-    return this.inner.flush();
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.inner.close();
   }
-  close(): Promise<void> {
-    return this.inner.close();
+
+  private assertOpen(): void {
+    if (this.closed) throw new Error('resized image is closed');
   }
 }
 

@@ -13,6 +13,7 @@
 import { promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { type Extent, mergeExtents } from './block-image.js';
+import { writeFully } from './file-io.js';
 import { addon } from './native.js';
 import { ZEROS } from './zero.js';
 
@@ -51,7 +52,7 @@ export async function zeroRange(handle: FileHandle, offset: number, length: numb
   if (addon?.punchHole(handle.fd, offset, length)) return;
   for (let pos = offset; pos < offset + length; ) {
     const n = Math.min(ZEROS.length, offset + length - pos);
-    await handle.write(ZEROS, 0, n, pos);
+    await writeFully(handle, ZEROS, 0, n, pos);
     pos += n;
   }
 }

@@ -192,12 +192,15 @@ export class VdiStore {
     await fsp.rm(this.imagePath(vdi), { force: true });
   }
 
-  /** Opens the VDI's current content as a disk. The handle keeps this generation readable even after a commit. */
-  openImage(vdi: Vdi, opts: { writable?: boolean } = {}): Promise<BlockImage> {
+  /**
+   * Opens the VDI's current content as a disk to read. The handle keeps this
+   * generation readable even after a commit; content changes by committing a
+   * new generation, never by writing into this one.
+   */
+  openImage(vdi: Vdi): Promise<BlockImage> {
     const file = this.imagePath(vdi);
-    if (vdi.image_format === 'raw')
-      return RawFileImage.open(file, { writable: opts.writable, virtualSize: vdi.virtual_size });
-    return codecFor(vdi.image_format).open(file, opts);
+    if (vdi.image_format === 'raw') return RawFileImage.open(file, { virtualSize: vdi.virtual_size });
+    return codecFor(vdi.image_format).open(file);
   }
 
   /**

@@ -15,6 +15,7 @@
 import { promises as fsp } from 'node:fs';
 import { ApiError, formatBytes } from '../errors.js';
 import { codecFor } from '../formats/index.js';
+import { syncFile } from '../image/file-io.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { isZeroFrom, ResizedImage } from '../image/resized-image.js';
 import { convertInto } from '../storage/convert.js';
@@ -56,8 +57,9 @@ export async function commitStaged(
     task.throwIfCancelled();
     const renameAsIs = wireFormat === vdi.image_format && image.virtualSize === vdi.virtual_size;
     if (renameAsIs) {
-      await image.flush();
       await image.close();
+      // commitContent links the file in as it is: it must be durable first.
+      await syncFile(stagedFile);
       return await vdis.commitContent(vdi.id, stagedFile, { inTransaction });
     }
     const source = image.virtualSize === vdi.virtual_size ? image : new ResizedImage(image, vdi.virtual_size);

@@ -1,5 +1,6 @@
 /**
- * A qcow2 file opened as a read-only random-access virtual disk.
+ * A qcow2 file opened as a random-access virtual disk, read side only: qcow2
+ * at rest is written whole by serialize, never patched in place.
  *
  * Implements these sections of qemu's docs/interop/qcow2.txt:
  * - "Cluster mapping" (L1 table, L2 tables, standard and compressed cluster
@@ -23,7 +24,13 @@
 import { promises as fsp } from 'node:fs';
 import { inflateRawSync, constants as zlibConstants } from 'node:zlib';
 import { MalformedImageError } from '../../errors.js';
-import { type BlockImage, type Extent, mergeExtents } from '../../image/block-image.js';
+import {
+  type BlockImage,
+  type Extent,
+  mergeExtents,
+  readByInto,
+  readLength,
+} from '../../image/block-image.js';
 import { readAt } from '../../image/file-io.js';
 import { parseHeader, peekClusterBits, type Qcow2Header, V2_HEADER_LENGTH_BYTES } from './header.js';
 
@@ -331,10 +338,15 @@ export class Qcow2Image implements BlockImage {
       : { kind: KIND_DATA, hostOffset, compressedBytes: 0, allocMask: 0 };
   }
 
-  async read(offset: number, length: number): Promise<Buffer> {
+  read(offset: number, length: number): Promise<Buffer> {
+    return readByInto(this, offset, length);
+  }
+
+  async readInto(buf: Buffer, offset: number): Promise<Buffer> {
+    const n = readLength(this.virtualSize, offset, buf.length);
     this.assertOpen();
-    const n = Math.max(0, Math.min(length, this.virtualSize - offset));
-    const out = Buffer.allocUnsafe(n);
+    // Every byte of out is written below: zeros, data read over it, or inflated bytes.
+    const out = buf.subarray(0, n);
     const end = offset + n;
     const { clusterSize, subclusterSize, l2Entries } = this;
     // A pending host read, extended while consecutive pieces are contiguous
@@ -482,14 +494,6 @@ export class Qcow2Image implements BlockImage {
       }
     }
     return mergeExtents(out);
-  }
-
-  async write(): Promise<void> {
-    throw new Error('qcow2 images are opened read-only: qcow2 at rest is written by qcow2Codec.serialize');
-  }
-
-  async flush(): Promise<void> {
-    // Read-only: nothing to make durable.
   }
 
   async close(): Promise<void> {

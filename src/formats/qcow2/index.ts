@@ -19,12 +19,5 @@ export const qcow2Codec: FormatCodec = {
   name: 'qcow2',
   serialize: serializeQcow2,
   streamLayout: (fileSize) => new Qcow2StreamLayout(fileSize),
-  async open(path, opts) {
-    if (opts?.writable) {
-      // A caller's mistake, not an image problem: qcow2 at rest is produced
-      // whole by serialize, never patched in place (the VHD codec agrees).
-      throw new Error('qcow2 images open read-only; qcow2 at rest is written by serialize');
-    }
-    return Qcow2Image.open(path);
-  },
+  open: (path) => Qcow2Image.open(path),
 };

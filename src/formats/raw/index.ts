@@ -16,7 +16,5 @@ export const rawCodec: FormatCodec = {
       read: (start, end) => readVirtual(image, extents, start, end),
     };
   },
-  open(path, opts) {
-    return RawFileImage.open(path, { writable: opts?.writable });
-  },
+  open: (path) => RawFileImage.open(path),
 };

@@ -1,5 +1,6 @@
 /**
- * Opening a VHD file as a read-only random-access BlockImage.
+ * Opening a VHD file as a random-access BlockImage, read side only: VHD at
+ * rest is written whole by serialize, never patched in place.
  *
  * Implements, from Microsoft's "Virtual Hard Disk Image Format Specification":
  * "Hard Disk Footer Format" (where the footer is, its checksum, disk type and
@@ -17,7 +18,7 @@
  */
 import { promises as fsp } from 'node:fs';
 import { formatBytes, MalformedImageError, UnsupportedImageError } from '../../errors.js';
-import type { BlockImage, Extent } from '../../image/block-image.js';
+import { type BlockImage, type Extent, readByInto, readLength } from '../../image/block-image.js';
 import { fileExtents } from '../../image/sparse.js';
 import {
   BAT_UNALLOCATED,
@@ -207,23 +208,24 @@ abstract class VhdImageBase implements BlockImage {
     readonly virtualSize: number,
   ) {}
 
-  abstract read(offset: number, length: number): Promise<Buffer>;
-  abstract extents(): Promise<Extent[]>;
+  /** Fills out (already cut at virtualSize) with the disk's bytes from `offset`. */
+  protected abstract fill(out: Buffer, offset: number): Promise<void>;
+  protected abstract allocation(): Promise<Extent[]>;
 
-  /** Clamps a request to the disk, as RawFileImage does: reads never go past virtualSize. */
-  protected clamp(offset: number, length: number): number {
-    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
-      throw new RangeError(`invalid read of ${length} bytes at ${offset}`);
-    }
-    return Math.max(0, Math.min(length, this.virtualSize - offset));
+  read(offset: number, length: number): Promise<Buffer> {
+    return readByInto(this, offset, length);
   }
 
-  async write(): Promise<void> {
-    throw new Error('a VHD image opened for reading cannot be written: VHD at rest is written by serialize');
+  async readInto(buf: Buffer, offset: number): Promise<Buffer> {
+    const out = buf.subarray(0, readLength(this.virtualSize, offset, buf.length));
+    this.assertOpen();
+    await this.fill(out, offset);
+    return out;
   }
 
-  async flush(): Promise<void> {
-    // Read-only: nothing to make durable.
+  async extents(): Promise<Extent[]> {
+    this.assertOpen();
+    return this.allocation();
   }
 
   async close(): Promise<void> {
@@ -231,18 +233,20 @@ abstract class VhdImageBase implements BlockImage {
     this.closed = true;
     await this.handle.close();
   }
+
+  /** A dynamic disk serves unallocated blocks without the handle: closed must be checked here. */
+  private assertOpen(): void {
+    if (this.closed) throw new Error('VHD image is closed');
+  }
 }
 
 /** "Fixed hard disk image": the disk's bytes, then the footer. */
 class FixedVhdImage extends VhdImageBase {
-  async read(offset: number, length: number): Promise<Buffer> {
-    const n = this.clamp(offset, length);
-    const buf = Buffer.allocUnsafe(n);
-    await readFully(this.handle, buf, 0, n, offset, 'disk data');
-    return buf;
+  protected async fill(out: Buffer, offset: number): Promise<void> {
+    await readFully(this.handle, out, 0, out.length, offset, 'disk data');
   }
 
-  async extents(): Promise<Extent[]> {
+  protected async allocation(): Promise<Extent[]> {
     // Holes in the file are holes in the disk.
     return fileExtents(this.handle.fd, this.virtualSize);
   }
@@ -370,13 +374,11 @@ class DynamicVhdImage extends VhdImageBase {
     return bits;
   }
 
-  async read(offset: number, length: number): Promise<Buffer> {
-    const n = this.clamp(offset, length);
+  protected async fill(out: Buffer, offset: number): Promise<void> {
     // Not zero-filled up front: a fully present block is read over in full,
     // and every other piece is zeroed below before (or instead of) reading.
-    const out = Buffer.allocUnsafe(n);
     let pos = offset;
-    const end = offset + n;
+    const end = offset + out.length;
     while (pos < end) {
       const b = Math.floor(pos / this.blockSizeBytes);
       const inBlock = pos - b * this.blockSizeBytes;
@@ -407,10 +409,9 @@ class DynamicVhdImage extends VhdImageBase {
       }
       pos += len;
     }
-    return out;
   }
 
-  async extents(): Promise<Extent[]> {
+  protected async allocation(): Promise<Extent[]> {
     const blocks = Math.ceil(this.virtualSize / this.blockSizeBytes);
     // Load bitmaps a few at a time: the first call on a big disk reads thousands.
     const pending: number[] = [];

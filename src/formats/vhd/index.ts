@@ -20,11 +20,5 @@ export const vhdCodec: FormatCodec = {
   name: 'vhd',
   serialize: serializeVhd,
   streamLayout: (fileSize) => new VhdStreamLayout(fileSize),
-  async open(path, opts) {
-    if (opts?.writable) {
-      // Not an image problem but a caller's: VHD at rest is produced by serialize, never patched in place.
-      throw new Error('VHD images open read-only; VHD at rest is written by serialize');
-    }
-    return openVhd(path);
-  },
+  open: openVhd,
 };
