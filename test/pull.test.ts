@@ -10,7 +10,6 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { api, createVdi, curl, execFileP, sha256File, sha256Url } from './helpers/api.js';
 import {
   type ServerProcess,
@@ -20,13 +19,14 @@ import {
   type TestServer,
   tempDir,
 } from './helpers/server.js';
+import { waitFor } from './helpers/wait.js';
 
 const MiB = 1024 * 1024;
 /** Odd on purpose: not a multiple of any cluster or block size, nor a CHS geometry. */
 const VIRTUAL_SIZE = 40 * MiB + 7 * 512;
 const QEMU_FORMAT = { raw: 'raw', vhd: 'vpc', qcow2: 'qcow2' } as const;
 
-type TransferJson = { id: string; task_id: string; state: string; url: string };
+type TransferJson = { id: string; task_id: string; state: string; url: string; bytes_received: number };
 type Task = {
   id: string;
   status: string;
@@ -238,17 +238,22 @@ describe('pull: diskport fetches the image itself', () => {
     const served = files.serve('across-restart', file, { stallAfter: 16 * MiB });
     const vdi = await createVdi(srv.url, VIRTUAL_SIZE);
     const t = await pull({ vdi: vdi.id, format: 'raw', source_url: `${files.base}/across-restart` });
-    while (!served.release) await new Promise((r) => setTimeout(r, 50));
-    await new Promise((r) => setTimeout(r, 1500)); // a checkpoint makes the first bytes durable
+    const release = await waitFor('the source to stall after 16 MiB', () => served.release);
+    // A checkpoint (once a second while the body streams) makes the first bytes durable: wait for it.
+    // (The list, unlike GET /v1/transfers/{id}, answers without waiting for the stalled write to end.)
+    const durable = await waitFor('a checkpoint of the received bytes', async () => {
+      const list = await api<TransferJson[]>(srv.url, 'GET', `/v1/transfers?vdi=${vdi.id}`);
+      return list.body.find((x) => x.id === t.id)?.bytes_received;
+    });
     const dataDir = path.join(dir, 'data');
     await srv.stop('SIGKILL');
-    served.release();
+    release();
     srv = await spawnServer(dataDir, ['--allow-fetch', '127.0.0.0/8']);
     const task = await waitTask(t.task_id);
     assert.equal(task.status, 'success', JSON.stringify(task));
     assert.equal(served.requests.length, 2);
     const resumedAt = Number(/^bytes=(\d+)-$/.exec(served.requests[1].range ?? '')?.[1]);
-    assert.ok(resumedAt > 0 && resumedAt <= 16 * MiB, `resumed at ${served.requests[1].range}`);
+    assert.ok(resumedAt >= durable && resumedAt <= 16 * MiB, `resumed at ${served.requests[1].range}`);
     assert.equal(served.requests[1].ifRange, served.etag, 'the validator survived the restart');
     assert.ok(served.bytesSent < size * 1.1, `${served.bytesSent} bytes served for ${size}`);
     assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), await sha256File(file));
@@ -295,8 +300,11 @@ describe('pull: diskport fetches the image itself', () => {
       await sha256File(path.join(dir, 'other.raw')),
     );
     const staging = path.join(dir, 'data', 'srs', 'local', '.staging');
-    for (let i = 0; i < 40 && (await fsp.readdir(staging)).length; i++) await sleep(50);
-    assert.deepEqual(await fsp.readdir(staging), [], 'no disk of an earlier epoch is left behind');
+    // The files go right after the task ends.
+    await waitFor(
+      'no disk of an earlier epoch left behind',
+      async () => (await fsp.readdir(staging)).length === 0,
+    );
   });
 
   test('a wrong checksum fails the task with CHECKSUM_MISMATCH and leaves the VDI unchanged', async () => {

@@ -1,15 +1,21 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { api, createVdi, sha256Url } from './helpers/api.js';
 import { failNthDirectWrite } from './helpers/faults.js';
 import { prng, seededBytes, startServer, type TestServer } from './helpers/server.js';
+import { waitFor } from './helpers/wait.js';
 
 const MiB = 1024 * 1024;
 type TransferJson = {
   id: string;
+  vdi: string;
+  expires_at: string;
+  ttl_seconds: number;
   url: string;
   token: string;
   task_id: string;
@@ -52,6 +58,19 @@ describe('resumable transfer sessions', () => {
   };
   const finalize = async (t: TransferJson) =>
     api<Task>(srv.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=30`);
+  /** The error code of a finalize that is refused (409 while bytes are missing or a chunk is landing). */
+  const finalizeCode = async (t: TransferJson) => {
+    const res = await api<ErrorBody>(srv.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}`);
+    assert.equal(res.status, 409, JSON.stringify(res.body));
+    return res.body.error.code;
+  };
+  /** A session as the list shows it: reading it there renews nothing. */
+  const listed = async (t: TransferJson) => {
+    const res = await api<TransferJson[]>(srv.url, 'GET', `/v1/transfers?vdi=${t.vdi}`);
+    const found = res.body.find((x) => x.id === t.id);
+    assert.ok(found, `transfer ${t.id} is listed`);
+    return found;
+  };
 
   test('a disk that fills up mid-chunk (ENOSPC): 507, only bytes on disk count, and the resent rest finalizes exact', async () => {
     const vdi = await createVdi(srv.url, 16 * MiB);
@@ -249,9 +268,11 @@ describe('resumable transfer sessions', () => {
       body: slowBody,
       duplex: 'half',
     } as RequestInit);
-    await sleep(100);
-    // ...while the good one lands whole and is recorded.
+    // Finalize says TRANSFER_BUSY while a chunk is being received: the bad one has begun.
+    await waitFor('the bad chunk to be landing', async () => (await finalizeCode(t)) === 'TRANSFER_BUSY');
+    // ...while the good one lands whole and is recorded...
     assert.equal((await putChunk(t.url, data, 0, MiB)).status, 200);
+    // ...and the bad one cannot have ended: half its body is held back until now.
     release();
     const refused = await badPut;
     assert.equal(refused.status, 400);
@@ -318,11 +339,18 @@ describe('resumable transfer sessions', () => {
   test('cancelling the task of an upload session cancels the session and removes its staging file', async () => {
     const vdi = await createVdi(srv.url, MiB);
     const t = await open({ vdi: vdi.id, direction: 'upload', size: MiB });
-    await putChunk(t.url, seededBytes(1000, 9), 0, MiB);
-    await api(srv.url, 'POST', `/v1/tasks/${t.task_id}/cancel`);
-    await sleep(50);
-    const state = await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${t.id}`);
-    assert.equal(state.body.state, 'cancelled');
+    assert.equal((await putChunk(t.url, seededBytes(1000, 9), 0, MiB)).status, 200);
+    const stagingDir = path.join(srv.dataDir, 'srs', 'local', '.staging');
+    const staged = async () =>
+      (await fsp.readdir(stagingDir)).filter((n) => n.startsWith(`transfer-${t.id}.`));
+    assert.deepEqual(await staged(), [`transfer-${t.id}.raw`], 'the chunk is in the staging file');
+    assert.equal((await api(srv.url, 'POST', `/v1/tasks/${t.task_id}/cancel`)).status, 202);
+    await waitFor(
+      'the session to be cancelled',
+      async () =>
+        (await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${t.id}`)).body.state === 'cancelled',
+    );
+    await waitFor('the staging file to be removed', async () => (await staged()).length === 0);
     const late = await putChunk(t.url, seededBytes(1000, 9), 1000, MiB);
     assert.equal(late.status, 409);
     assert.equal(((await late.json()) as ErrorBody).error.code, 'TRANSFER_NOT_ACTIVE');
@@ -347,7 +375,8 @@ describe('resumable transfer sessions', () => {
     const unknown = await putChunk(`${srv.url}/v1/transfers/nope/data?token=x`, Buffer.alloc(512, 1), 0, MiB);
     assert.equal(unknown.status, 404);
     assert.equal(((await unknown.json()) as ErrorBody).error.code, 'TRANSFER_NOT_FOUND');
-    await sleep(1100);
+    const expiresAt = Date.parse(tb.expires_at);
+    await waitFor('the 1-second session to pass its expiry', () => Date.now() > expiresAt);
     const expired = await putChunk(tb.url, Buffer.alloc(512, 1), 0, MiB);
     assert.equal(expired.status, 410);
     assert.equal(((await expired.json()) as ErrorBody).error.code, 'TRANSFER_EXPIRED');
@@ -379,6 +408,74 @@ describe('resumable transfer sessions', () => {
     const done = await api<TransferJson>(srv.url, 'DELETE', `/v1/transfers/${t.id}?token=${t.token}`);
     assert.equal(done.body.state, 'committed');
     assert.equal((await fetch(t.url)).status, 409, 'an ended download session serves nothing');
+  });
+
+  /** Sends `request` and checks that it moved the session's expiry to its own time plus the ttl. */
+  async function assertRenews(t: TransferJson, what: string, request: () => Promise<Response>) {
+    const earlier = Date.parse((await listed(t)).expires_at);
+    // A renewal must show: the clock moves past the last one first.
+    await waitFor('the clock to move', () => Date.now() > earlier - t.ttl_seconds * 1000);
+    const sent = Date.now();
+    const res = await request();
+    assert.ok(res.ok, `${what}: ${res.status} ${await res.text()}`);
+    const answered = Date.now();
+    const expires = Date.parse((await listed(t)).expires_at);
+    assert.ok(
+      expires >= sent + t.ttl_seconds * 1000 && expires <= answered + t.ttl_seconds * 1000,
+      `${what} renews the session: it expires at ${new Date(expires).toISOString()}, ` +
+        `${t.ttl_seconds} s after a request sent at ${new Date(sent).toISOString()}`,
+    );
+  }
+
+  test('every request renews an upload session: it expires ttl_seconds after the last one', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const t = await open({ vdi: vdi.id, direction: 'upload', size: MiB, ttl_seconds: 600 });
+    const data = seededBytes(8192, 31);
+    const state = `${srv.url}/v1/transfers/${t.id}?token=${t.token}`;
+    await assertRenews(t, 'a chunk', () => putChunk(t.url, data.subarray(0, 4096), 0, MiB));
+    await assertRenews(t, 'HEAD for the offset', () => fetch(t.url, { method: 'HEAD' }));
+    await assertRenews(t, 'GET of its state', () => fetch(state));
+    await assertRenews(t, 'a zero op', () =>
+      fetch(t.url, {
+        method: 'PATCH',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ op: 'zero', offset: 8192, size: MiB - 8192 }),
+      }),
+    );
+    await assertRenews(t, 'the next chunk', () => putChunk(t.url, data.subarray(4096), 4096, MiB));
+    await srv.services.transfers.reapExpired();
+    assert.equal((await listed(t)).state, 'open', 'a renewed session is not reaped');
+    assert.equal((await finalize(t)).body.status, 'success');
+  });
+
+  test('a download session is renewed by each request, and by a long download as it streams', async () => {
+    // An empty 256 MiB disk: its raw export is 256 MiB of zeros, far more than the socket buffers hold.
+    const vdi = await createVdi(srv.url, 256 * MiB);
+    const t = await open({ vdi: vdi.id, direction: 'download', format: 'raw', ttl_seconds: 600 });
+    await assertRenews(t, 'HEAD', () => fetch(t.url, { method: 'HEAD' }));
+    await assertRenews(t, 'a range', () => fetch(t.url, { headers: { range: 'bytes=0-4095' } }));
+    // A download read slowly: the session is renewed while it streams (at most once a second).
+    const res = await fetch(t.url);
+    assert.equal(res.status, 200);
+    const reader = (res.body as ReadableStream<Uint8Array>).getReader();
+    try {
+      assert.equal((await reader.read()).done, false);
+      const started = Date.parse((await listed(t)).expires_at);
+      let read = 0;
+      const renewed = await waitFor(
+        'the session to be renewed by the download in progress',
+        async () => {
+          const chunk = await reader.read();
+          assert.equal(chunk.done, false, 'the download ended before a renewal');
+          read += chunk.value?.length ?? 0;
+          return Date.parse((await listed(t)).expires_at) > started;
+        },
+        { intervalMs: 50 },
+      );
+      assert.ok(renewed && read < 200 * MiB, `renewed after ${read} bytes`);
+    } finally {
+      await reader.cancel();
+    }
   });
 });
 

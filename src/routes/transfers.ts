@@ -65,6 +65,8 @@ export function transferRoutes(s: Services): Router {
     .get('/v1/transfers/:id', async (req, res) => {
       const t = transferOf(s, req, res);
       await s.transfers.settledUploadState(t.id);
+      // Every request renews the session, a look at its state too.
+      s.transfers.renew(t.id);
       res.json(s.transfers.toJson(t));
     })
     .delete('/v1/transfers/:id', async (req, res) => {
@@ -123,6 +125,8 @@ export function transferRoutes(s: Services): Router {
       const t = transferOf(s, req, res);
       if (t.direction === 'download') return serveDownload(s, req, res, t);
       const state = await s.transfers.settledUploadState(t.id);
+      // A client asking where to resume is active: the session must still be there for its next chunk.
+      s.transfers.renew(t.id);
       res.setHeader('Upload-Offset', String(state.offset));
       if (state.length !== null) res.setHeader('Upload-Length', String(state.length));
       res.setHeader('Cache-Control', 'no-store');
