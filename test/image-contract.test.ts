@@ -1,9 +1,10 @@
 /**
- * Every disk image diskport has, through one contract (test/contracts/block-image.ts):
- * raw files, memory images, VHD and qcow2 files as qemu-img writes them,
- * the empty image of a new VDI and the resized views an import reads
- * through. Images that write (raw files opened for writing, memory images)
- * also pass the write side.
+ * The disk images stored in files, through the one contract every image
+ * keeps (test/contracts/block-image.ts): raw files, VHD and qcow2 files as
+ * qemu-img writes them, and the resized views an import reads them through.
+ * Raw files opened for writing also pass the write side. The images that
+ * live in memory (memory, empty) run the same contract in the unit tier
+ * (test/unit/memory-image.test.ts).
  */
 import { execFileSync } from 'node:child_process';
 import { closeSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
@@ -12,8 +13,6 @@ import { join } from 'node:path';
 import { after, before } from 'node:test';
 import { qcow2Codec } from '../src/formats/qcow2/index.js';
 import { vhdCodec } from '../src/formats/vhd/index.js';
-import { EmptyImage } from '../src/image/empty-image.js';
-import { MemoryImage } from '../src/image/memory-image.js';
 import { RawFileImage, WritableRawFileImage } from '../src/image/raw-file-image.js';
 import { ResizedImage } from '../src/image/resized-image.js';
 import { sparseSupported } from '../src/image/sparse.js';
@@ -62,15 +61,6 @@ function qemuImg(...args: string[]): void {
   execFileSync('/usr/bin/qemu-img', args, { stdio: ['ignore', 'ignore', 'pipe'] });
 }
 
-async function memoryOf(disk: Buffer, blockBytes: number): Promise<MemoryImage> {
-  const image = new MemoryImage(disk.length, blockBytes);
-  for (let pos = 0; pos < disk.length; pos += blockBytes) {
-    const block = disk.subarray(pos, pos + blockBytes);
-    if (block.some((b) => b !== 0)) await image.write(pos, block);
-  }
-  return image;
-}
-
 const dir = mkdtempSync(join(tmpdir(), 'diskport-contract-'));
 const disk = makeDisk(DISK_BYTES, 1);
 const oddDisk = makeDisk(ODD_DISK_BYTES, 2);
@@ -112,18 +102,6 @@ blockImageReadContract('raw file opened for writing', async () => ({
   blockBytes: 4 * KiB,
 }));
 
-blockImageReadContract('memory image (4 KiB blocks)', async () => ({
-  image: await memoryOf(oddDisk, 4 * KiB),
-  expected: oddDisk,
-  blockBytes: 4 * KiB,
-}));
-
-blockImageReadContract('memory image (64 KiB blocks)', async () => ({
-  image: await memoryOf(oddDisk, 64 * KiB),
-  expected: oddDisk,
-  blockBytes: 64 * KiB,
-}));
-
 blockImageReadContract('dynamic VHD written by qemu-img', async () => ({
   image: await vhdCodec.open(file('dynamic.vhd')),
   expected: disk,
@@ -160,12 +138,6 @@ blockImageReadContract('qcow2 version 2 (512-byte clusters)', async () => ({
   blockBytes: 512,
 }));
 
-blockImageReadContract('empty image', async () => ({
-  image: new EmptyImage(ODD_DISK_BYTES),
-  expected: Buffer.alloc(ODD_DISK_BYTES),
-  blockBytes: 64 * KiB,
-}));
-
 blockImageReadContract('resized image, larger than a raw file', async () => ({
   image: new ResizedImage(await RawFileImage.open(file('odd.raw')), ODD_DISK_BYTES + MiB + 3),
   expected: Buffer.concat([oddDisk, Buffer.alloc(MiB + 3)]),
@@ -175,12 +147,6 @@ blockImageReadContract('resized image, larger than a raw file', async () => ({
 blockImageReadContract('resized image, smaller than a qcow2 file', async () => ({
   image: new ResizedImage(await qcow2Codec.open(file('plain.qcow2')), 4 * MiB + 100),
   expected: disk.subarray(0, 4 * MiB + 100),
-  blockBytes: 64 * KiB,
-}));
-
-blockImageReadContract('resized image, larger than a memory image', async () => ({
-  image: new ResizedImage(await memoryOf(oddDisk, 64 * KiB), ODD_DISK_BYTES + 70_000),
-  expected: Buffer.concat([oddDisk, Buffer.alloc(70_000)]),
   blockBytes: 64 * KiB,
 }));
 
@@ -197,15 +163,3 @@ writableImageContract('raw file', async (size) => {
     dispose: async () => rmSync(path, { force: true }),
   };
 });
-
-writableImageContract('memory image (4 KiB blocks)', async (size) => ({
-  image: new MemoryImage(size, 4 * KiB),
-  blockBytes: 4 * KiB,
-  freesZeroedBlocks: true,
-}));
-
-writableImageContract('memory image (64 KiB blocks)', async (size) => ({
-  image: new MemoryImage(size, 64 * KiB),
-  blockBytes: 64 * KiB,
-  freesZeroedBlocks: true,
-}));
