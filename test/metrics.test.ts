@@ -1,11 +1,12 @@
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import { after, before, describe, test } from 'node:test';
-import { api, createVdi, sha256Url } from './helpers/api.js';
+import { api, createVdi } from './helpers/api.js';
 import { sample, scrape } from './helpers/metrics.js';
 import { seededBytes, startServer, type TestServer } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
+type Timed = { started_at: string; finished_at: string };
 
 describe('GET /metrics', () => {
   let srv: TestServer;
@@ -32,8 +33,12 @@ describe('GET /metrics', () => {
       method: 'PUT',
       body: new Uint8Array(body),
     });
-    assert.equal(put.status, 200, await put.text());
-    await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents?format=raw`);
+    const imported = (await put.json()) as Timed;
+    assert.equal(put.status, 200, JSON.stringify(imported));
+    const exported = await fetch(`${srv.url}/v1/vdis/${vdi.id}/contents?format=raw`);
+    assert.equal(exported.status, 200);
+    assert.ok(Buffer.from(await exported.arrayBuffer()).equals(body));
+    const exportTask = await api<Timed>(srv.url, 'GET', `/v1/tasks/${exported.headers.get('x-task-id')}`);
 
     const text = await scrape(srv.url);
     const delta = (name: string, labels: Record<string, string>) =>
@@ -44,7 +49,19 @@ describe('GET /metrics', () => {
     assert.equal(delta('diskport_tasks_total', { type: 'export', status: 'success' }), 1);
     assert.equal(delta('diskport_task_duration_seconds_count', { type: 'import' }), 1);
     assert.equal(delta('diskport_task_duration_seconds_count', { type: 'export' }), 1);
-    assert.ok(delta('diskport_task_duration_seconds_sum', { type: 'import' }) >= 0);
+    // Each duration is its task's own, from started_at to finished_at (ms in the records).
+    for (const [type, task] of [
+      ['import', imported],
+      ['export', exportTask.body],
+    ] as const) {
+      const seconds = (Date.parse(task.finished_at) - Date.parse(task.started_at)) / 1000;
+      assert.ok(seconds > 0, `${type} took ${seconds} s`);
+      const sum = delta('diskport_task_duration_seconds_sum', { type });
+      assert.ok(
+        Math.abs(sum - seconds) < 1e-6,
+        `${type}: ${sum} s in the histogram, ${seconds} s in the task`,
+      );
+    }
     assert.equal(sample(text, 'diskport_active_transfers'), 0);
   });
 
