@@ -2,42 +2,29 @@
  * Resumable transfer sessions: the unit of authority (a token for one VDI,
  * one direction, one format, until it expires) and of resumption.
  *
- * An upload session owns a staging file. Chunks land at their offsets, in any
- * order, in parallel, repeating bytes already sent; only bytes not yet
- * received are written, so a resend can never damage what arrived. Finalize
- * checks that every byte arrived, verifies the checksum, then validates,
- * converts and commits in one step that a crash either completes or undoes.
- *
- * Durability (the fsync policy): a range counts as received only after
- * fdatasync of the staging file, and is then recorded in SQLite. So the
- * Upload-Offset that HEAD reports is always on disk. A long stream sent
- * without Content-Range is checkpointed every CHECKPOINT_INTERVAL_MS the same
- * way, and a broken connection keeps the bytes that arrived. The cost is one
- * fdatasync per chunk and per second of streaming.
+ * An upload session owns a staging file; its bytes land through
+ * ActiveUploads (active-upload.ts). Finalize checks that every byte arrived,
+ * verifies the checksum, then validates, converts and commits in one step
+ * that a crash either completes or undoes.
  */
-import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import type { Readable } from 'node:stream';
 import type { Logger } from 'pino';
-import { ApiError, CancelledError, formatBytes, toApiError } from '../errors.js';
+import { ApiError, CancelledError, toApiError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
-import { DirectWriter } from '../image/direct-writer.js';
-import { RawFileImage } from '../image/raw-file-image.js';
-import { readVirtual } from '../image/read-virtual.js';
-import { dropCachedPages, zeroRange } from '../image/sparse.js';
+import { dropCachedPages } from '../image/sparse.js';
 import { type Db, nowIso } from '../storage/db.js';
 import type { Page, PageRequest } from '../storage/paging.js';
-import type { Vdi, VdiStore } from '../storage/vdis.js';
+import type { VdiStore } from '../storage/vdis.js';
 import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
+import { ActiveUploads, type ChunkRange, type ChunkWrite } from './active-upload.js';
 import { commitStaged } from './commit.js';
-import { type LandOptions, landStream } from './land-stream.js';
-import { RangeSet } from './range-set.js';
 import {
   hashToken,
   isExpired,
   isOneShot,
-  nextEpoch,
   ONE_SHOT_KEY,
   streamDestOf,
   type TransferJson,
@@ -46,14 +33,13 @@ import {
   touch,
 } from './session-record.js';
 import { type Live, SessionRegistry } from './session-registry.js';
-import { StreamingImport } from './streaming-import.js';
 import type { Direction, Transfer } from './transfer-store.js';
+import { checkDeclaredSize, parseChecksum, verifyChecksum } from './upload-rules.js';
 
-import { checkDeclaredSize, parseChecksum, uploadLimit, verifyChecksum } from './upload-rules.js';
+export type { ChunkRange, ChunkWrite } from './active-upload.js';
 
 export const DEFAULT_TTL_SECONDS = 3600;
 export const MAX_TTL_SECONDS = 7 * 24 * 3600;
-const CHECKPOINT_INTERVAL_MS = 1000;
 const REAP_INTERVAL_MS = 5000;
 
 export interface CreateTransfer {
@@ -70,27 +56,9 @@ export interface CreateTransfer {
   target_url?: string;
 }
 
-/** A chunk's place: `bytes start-end/total` (end inclusive, total null for `*`). */
-export interface ChunkRange {
-  start: number;
-  end: number;
-  total: number | null;
-}
-
-export interface ChunkWrite {
-  range?: ChunkRange;
-  /** Digest of the request body (`Content-Digest`, tus `Upload-Checksum`): algorithm and raw digest. */
-  digest?: { algorithm: 'sha256' | 'sha512' | 'sha1' | 'md5'; value: Buffer };
-  /** The one-shot import writes a fresh file from 0: zeros need no punching. */
-  fresh?: boolean;
-  /** Called once every check has passed, just before the body is read (HTTP's 100 Continue). */
-  beforeBody?: () => void;
-  /** A body shorter than `range` is fine: its bytes are kept (a tus PATCH may stop anywhere). */
-  partial?: boolean;
-}
-
 export class TransferService {
   private readonly sessions: SessionRegistry;
+  private readonly uploads: ActiveUploads;
   private reaper: NodeJS.Timeout | null = null;
 
   constructor(
@@ -100,6 +68,7 @@ export class TransferService {
     private readonly logger?: Logger,
   ) {
     this.sessions = new SessionRegistry(db);
+    this.uploads = new ActiveUploads(this.sessions, vdis, tasks);
   }
 
   /** Sessions a previous process left active: their tasks and staging files must survive recovery. */
@@ -256,302 +225,39 @@ export class TransferService {
     return this.sessions.active(id, direction);
   }
 
-  /**
-   * Offset and length once the writes in progress have ended (at most
-   * `maxWaitMs`). A client that lost its connection asks at once; the server
-   * may not yet have seen the break and recorded the bytes that did arrive,
-   * and an offset read then would make the client send them again.
-   */
-  async settledUploadState(id: string, maxWaitMs = 2000): Promise<{ offset: number; length: number | null }> {
-    const live = this.sessions.find(id);
-    if (live) await quiet(live, maxWaitMs);
-    return this.uploadState(id);
+  /** Lands one chunk (or the whole stream) of an upload; returns the session after it. */
+  write(id: string, body: Readable, chunk: ChunkWrite = {}): Promise<Transfer> {
+    return this.uploads.write(id, body, chunk);
   }
 
-  /**
-   * Before a finalize: writes still running when every byte has arrived
-   * carry nothing the session needs. Typically their client vanished without
-   * closing the connection (a dropped link) and came back on another one;
-   * left alone, such a request would hold the session busy until the idle
-   * timeout. They are ended now, and told why.
-   */
-  async endRedundantWrites(id: string, maxWaitMs = 5000): Promise<void> {
-    const live = this.sessions.find(id);
-    if (!live || live.writers === 0 || live.finalizing || live.t.size === null) return;
-    if (live.ranges.missing(0, live.t.size).length) return;
-    const reason = new ApiError(
-      'CHUNK_SUPERSEDED',
-      'the session was finalized while this chunk was still arriving; every byte of it had already arrived in other requests, so nothing was lost',
-    );
-    for (const c of live.writeAborts) c.abort(reason);
-    await quiet(live, maxWaitMs);
+  /** Makes [start, end] of an upload zeros without their bytes crossing the wire. */
+  zero(id: string, range: ChunkRange): Promise<Transfer> {
+    return this.uploads.zero(id, range);
+  }
+
+  /** Forgets every byte an upload received (its source changed). */
+  reset(id: string, size: number | null = null): Promise<Transfer> {
+    return this.uploads.reset(id, size);
+  }
+
+  /** Fixes the length of an upload without sending bytes (`Content-Range: bytes *\/total`). */
+  declareTotal(id: string, total: number): Promise<Transfer> {
+    return this.uploads.declareTotal(id, total);
   }
 
   /** Offset and length for HEAD. */
   uploadState(id: string): { offset: number; length: number | null } {
-    const live = this.sessions.find(id);
-    const t = live?.t ?? this.get(id);
-    const ranges = live?.ranges ?? new RangeSet(t.received);
-    return { offset: ranges.contiguousFromZero(), length: t.size };
+    return this.uploads.uploadState(id);
   }
 
-  /** Lands one chunk (or the whole stream) of an upload; returns the session after it. */
-  async write(id: string, body: Readable, chunk: ChunkWrite = {}): Promise<Transfer> {
-    const live = this.active(id, 'upload');
-    const t = live.t;
-    if (t.state !== 'open') {
-      throw new ApiError('TRANSFER_NOT_OPEN', `transfer ${id} is ${t.state}; it takes no more data`);
-    }
-    const vdi = this.vdis.get(t.vdi_id);
-    const range = chunk.range;
-    if (range) await this.learnTotal(live, range.total, vdi);
-    const start = range?.start ?? 0;
-    const limit = uploadLimit(t.format, vdi.virtual_size);
-    const total = t.size;
-    if (range && range.end >= (total ?? limit)) {
-      throw new ApiError(
-        'CHUNK_PAST_END',
-        `chunk bytes ${range.start}-${range.end} lands past the declared total of ${total} bytes`,
-        { total, chunk_end: range.end },
-      );
-    }
-    const expected = range ? range.end - range.start + 1 : (total ?? limit) - start;
-    const progress = { written: 0 };
-    live.writers++;
-    const superseded = new AbortController();
-    live.writeAborts.add(superseded);
-    let recorded = start;
-    // The one-shot import's session has no holder to resume it: nothing to make durable early.
-    const durable = !chunk.fresh;
-    let handle: fsp.FileHandle | null = null;
-    let streaming: StreamingImport | null = null;
-    // Records run one at a time (checkpoints and the end of the write), so
-    // `recorded` only grows and the catch below can wait for the last one.
-    let recording: Promise<void> = Promise.resolve();
-    let writer: DirectWriter | null = null;
-    const recordNow = async (end: number) => {
-      if (end <= recorded || !handle) return;
-      // What the writer still gathers is not in the file yet.
-      await writer?.flush();
-      if (durable) {
-        await handle.datasync();
-        await (await live.streaming)?.sync();
-      }
-      live.ranges.add(recorded, end);
-      streaming?.recorded(end);
-      recorded = end;
-      this.persistProgress(live);
-    };
-    const record = (end: number): Promise<void> => {
-      const next = recording.then(() => recordNow(end));
-      recording = next.catch(() => {});
-      return next;
-    };
-    let checkpoints: NodeJS.Timeout | null = null;
-    try {
-      handle = await this.handleOf(live);
-      const candidate = await this.streamingOf(live, vdi);
-      if (candidate && (await candidate.claim(start, live.ranges, handle))) streaming = candidate;
-      // Not while streaming: the layout reads the staged metadata back as soon as it is written.
-      else if (!chunk.digest && t.staging_path) writer = await DirectWriter.open(t.staging_path, handle);
-      const writable = chunk.fresh ? undefined : (s: number, e: number) => live.ranges.missing(s, e);
-      const landing: LandOptions = {
-        offset: start,
-        limit: expected,
-        tooLarge: (n: number) =>
-          range
-            ? new ApiError(
-                'CHUNK_TOO_LONG',
-                `the body is longer than its Content-Range bytes ${range.start}-${range.end} (${n} bytes or more)`,
-              )
-            : new ApiError(
-                'TOO_LARGE',
-                `upload is larger than ${total !== null ? `the declared ${total} bytes` : `the VDI allows (${formatBytes(limit)})`}`,
-                { limit: total ?? limit },
-              ),
-        signal: AbortSignal.any([live.task.signal, superseded.signal]),
-        zeros: chunk.fresh ? 'skip' : 'punch',
-        writable,
-        progress,
-        writer: writer ?? undefined,
-        route: streaming
-          ? (buf, n, at, stage) => streaming!.write(buf, n, at, stage, { writable, punchZeros: !chunk.fresh })
-          : undefined,
-      };
-      chunk.beforeBody?.();
-      let received: number;
-      if (chunk.digest) {
-        // A chunk with a digest counts only if it matches, so it lands aside
-        // first and reaches the staging file only once verified: a bad one
-        // never touches bytes that a parallel chunk delivers.
-        received = await this.landVerified(live, body, handle!, landing, chunk.digest);
-      } else {
-        checkpoints = setInterval(
-          durable
-            ? () => void record(start + progress.written).catch(() => {})
-            : // Nothing to make durable early, but the task still shows how far the upload is.
-              () => live.task.setBytesDone(live.ranges.size() + progress.written),
-          CHECKPOINT_INTERVAL_MS,
-        );
-        received = await landStream(body, handle!, landing);
-      }
-      if (range && received < expected && !chunk.partial) {
-        await record(start + received);
-        throw new ApiError(
-          'CHUNK_INCOMPLETE',
-          `the body ended after ${received} of the ${expected} bytes of its Content-Range; the bytes that arrived were kept, send the rest`,
-          { received },
-        );
-      }
-      if (!range && total === null) await this.learnTotal(live, received, vdi);
-      await record(start + received);
-      return t;
-    } catch (err) {
-      // A broken connection keeps what arrived (unless a digest must vouch for it first).
-      if (!chunk.digest && !(err instanceof ApiError && err.code === 'CHUNK_TOO_LONG')) {
-        await record(start + progress.written).catch(() => {});
-      }
-      // Bytes that streamed into the disk but do not count as received will come again, maybe otherwise.
-      await recording;
-      if (streaming?.hasUnrecorded()) await streaming.abandon();
-      throw err;
-    } finally {
-      if (checkpoints) clearInterval(checkpoints);
-      // Bytes it still gathers were not recorded (a body longer than its range): dropped.
-      await writer?.close();
-      streaming?.release();
-      live.writeAborts.delete(superseded);
-      this.doneWriting(live);
-    }
+  /** Offset and length once the writes in progress have ended (at most `maxWaitMs`). */
+  settledUploadState(id: string, maxWaitMs?: number): Promise<{ offset: number; length: number | null }> {
+    return this.uploads.settledUploadState(id, maxWaitMs);
   }
 
-  /**
-   * Lands a chunk in a file of its own, checks its digest, then copies it into
-   * the staging file (bytes not yet received only). Returns the bytes received.
-   */
-  private async landVerified(
-    live: Live,
-    body: AsyncIterable<Buffer>,
-    staging: fsp.FileHandle,
-    landing: LandOptions,
-    digest: NonNullable<ChunkWrite['digest']>,
-  ): Promise<number> {
-    const aside = `${live.t.staging_path}.chunk-${randomUUID()}`;
-    const hash = createHash(digest.algorithm);
-    const file = await fsp.open(aside, 'w+');
-    try {
-      const received = await landStream(body, file, {
-        ...landing,
-        offset: 0,
-        zeros: 'skip',
-        writable: undefined,
-        progress: undefined,
-        route: undefined,
-        onChunk: (c) => hash.update(c),
-      });
-      if (!hash.digest().equals(digest.value)) {
-        throw new ApiError(
-          'DIGEST_MISMATCH',
-          'Content-Digest does not match the bytes received; the chunk was discarded, send it again',
-        );
-      }
-      const verified = await RawFileImage.open(aside, { virtualSize: received });
-      try {
-        const extents = await verified.extents();
-        await landStream(readVirtual(verified, extents, 0, received), staging, {
-          ...landing,
-          signal: undefined,
-        });
-      } finally {
-        await verified.close();
-      }
-      return received;
-    } finally {
-      await file.close();
-      await fsp.rm(aside, { force: true });
-    }
-  }
-
-  private async handleOf(live: Live): Promise<fsp.FileHandle> {
-    // One open for all the writers of a session, however many ask at once.
-    live.handle ??= fsp.open(live.t.staging_path!, 'r+').catch((err) => {
-      live.handle = null; // a failed open is not cached: the next write tries again
-      throw err;
-    });
-    const handle = await live.handle;
-    // The session may have ended while the file opened: its handle is nobody's.
-    if (this.sessions.find(live.t.id) !== live) {
-      await handle.close().catch(() => {});
-      throw new ApiError('TRANSFER_NOT_ACTIVE', `transfer ${live.t.id} is ${live.t.state}; open a new one`);
-    }
-    return handle;
-  }
-
-  /**
-   * The session's streaming import, opened on first use: a vhd or qcow2
-   * upload into a raw VDI, unless a whole-upload checksum must be computed
-   * over the staged file.
-   */
-  private streamingOf(live: Live, vdi: Vdi): Promise<StreamingImport | null> {
-    const t = live.t;
-    if (t.format === 'raw' || vdi.image_format !== 'raw' || t.checksum || !t.staging_path) {
-      return Promise.resolve(null);
-    }
-    live.streaming ??= StreamingImport.open({
-      format: t.format,
-      fileSize: t.size,
-      destPath: streamDestOf(t),
-      diskSize: vdi.virtual_size,
-      stagingPath: t.staging_path,
-      received: live.ranges,
-    }).catch((err) => {
-      live.streaming = null;
-      throw err;
-    });
-    return live.streaming;
-  }
-
-  /** A write ends: the session is renewed, its progress saved, and waiters for quiet woken. */
-  private doneWriting(live: Live): void {
-    live.writers--;
-    touch(live.t);
-    this.persistProgress(live);
-    if (live.writers === 0) for (const wake of live.idleWaiters.splice(0)) wake();
-  }
-
-  /** Fixes the length of an upload without sending bytes (`Content-Range: bytes *\/total`). */
-  async declareTotal(id: string, total: number): Promise<Transfer> {
-    const live = this.active(id, 'upload');
-    await this.learnTotal(live, total, this.vdis.get(live.t.vdi_id));
-    return live.t;
-  }
-
-  /** The first chunk naming a total fixes it; later ones must agree. */
-  private async learnTotal(live: Live, total: number | null, vdi: Vdi): Promise<void> {
-    if (total === null) return;
-    const t = live.t;
-    if (t.size !== null && t.size !== total) {
-      throw new ApiError(
-        'CONFLICTING_LENGTH',
-        `this chunk says the upload is ${total} bytes, but it was declared as ${t.size}`,
-        { declared: t.size, chunk_total: total },
-      );
-    }
-    if (t.size === null) {
-      checkDeclaredSize(total, t.format, vdi);
-      t.size = total;
-      live.task.setTotal(total);
-      if (t.format !== 'raw') await (await this.handleOf(live)).truncate(total);
-      this.sessions.store.save(t);
-    }
-  }
-
-  private persistProgress(live: Live): void {
-    live.t.received = live.ranges.toJSON();
-    live.task.record.bytes_done = live.ranges.size();
-    live.task.setTotal(live.t.size);
-    this.sessions.store.save(live.t);
-    this.tasks.persist(live.task.record);
+  /** Before a finalize: ends writes whose bytes have all arrived another way. */
+  endRedundantWrites(id: string, maxWaitMs?: number): Promise<void> {
+    return this.uploads.endRedundantWrites(id, maxWaitMs);
   }
 
   /** Starts the commit of a complete upload; resolves with the task once started (see `completion`). */
@@ -605,7 +311,7 @@ export class TransferService {
         const fileSize = t.format === 'raw' ? vdi.virtual_size : t.size!;
         await verifyChecksum(staged, fileSize, t.size!, t.checksum, task.signal);
       }
-      const streaming = await this.streamingOf(live, vdi);
+      const streaming = await this.uploads.streamingOf(live, vdi);
       const result = (generation: number) => ({
         vdi: vdi.id,
         format: t.format,
@@ -805,69 +511,6 @@ export class TransferService {
       .catch((err) => this.logger?.error({ err, transfer: id }, 'background transfer job failed'));
   }
 
-  /** Forgets every byte an upload received (its source changed): the staging file reads as zeros again. */
-  async reset(id: string, size: number | null = null): Promise<Transfer> {
-    const live = this.active(id, 'upload');
-    if (live.t.state !== 'open' || live.writers > 0) {
-      throw new ApiError('TRANSFER_BUSY', `transfer ${id} is ${live.t.state} or being written; cannot reset`);
-    }
-    const vdi = this.vdis.get(live.t.vdi_id);
-    if (size !== null) checkDeclaredSize(size, live.t.format, vdi);
-    // Forget the bytes first: a crash between the two must not leave zeroed
-    // bytes counted as received. A new epoch names a new disk for a streaming
-    // import, so the old one can never be taken for the new upload's.
-    const oldDest = live.t.staging_path ? streamDestOf(live.t) : null;
-    live.ranges = new RangeSet();
-    live.t.size = size;
-    nextEpoch(live.t);
-    this.persistProgress(live);
-    const oldStreaming = live.streaming;
-    live.streaming = null;
-    try {
-      const handle = await this.handleOf(live);
-      await handle.truncate(0);
-      await handle.truncate(live.t.format === 'raw' ? vdi.virtual_size : (size ?? 0));
-      await handle.datasync();
-    } finally {
-      // The old epoch's disk and layout belong to bytes that no longer count.
-      await oldStreaming?.then((s) => s?.close()).catch(() => {});
-      if (oldDest) await fsp.rm(oldDest, { force: true });
-    }
-    return live.t;
-  }
-
-  /** Makes [start, end] of an upload zeros without their bytes crossing the wire (ovirt-imageio's zero op). */
-  async zero(id: string, range: ChunkRange): Promise<Transfer> {
-    const live = this.active(id, 'upload');
-    const t = live.t;
-    if (t.state !== 'open') {
-      throw new ApiError('TRANSFER_NOT_OPEN', `transfer ${id} is ${t.state}; it takes no more data`);
-    }
-    const vdi = this.vdis.get(t.vdi_id);
-    await this.learnTotal(live, range.total, vdi);
-    const end = range.end + 1;
-    const limit = t.size ?? uploadLimit(t.format, vdi.virtual_size);
-    if (end > limit) {
-      throw new ApiError(
-        'CHUNK_PAST_END',
-        `zero range ${range.start}-${range.end} lands past the end of the upload (${limit} bytes)`,
-        { limit, chunk_end: range.end },
-      );
-    }
-    live.writers++;
-    try {
-      const handle = await this.handleOf(live);
-      const missing = live.ranges.missing(range.start, end);
-      for (const [s, e] of missing) await zeroRange(handle, s, e - s);
-      if (missing.length) await handle.datasync();
-      for (const [s, e] of missing) live.ranges.add(s, e);
-      live.task.markCovered(missing.reduce((n, [s, e]) => n + e - s, 0));
-      return t;
-    } finally {
-      this.doneWriting(live);
-    }
-  }
-
   /** Are there active sessions on this VDI? (VDI deletion must wait.) */
   activeOn(vdiId: string): Transfer[] {
     return this.sessions
@@ -875,21 +518,4 @@ export class TransferService {
       .filter((l) => l.t.vdi_id === vdiId)
       .map((l) => l.t);
   }
-}
-
-/** Resolves when no write of the session is in progress, or after `maxWaitMs`. */
-function quiet(live: Live, maxWaitMs: number): Promise<void> {
-  if (live.writers === 0) return Promise.resolve();
-  return new Promise<void>((resolve) => {
-    const wake = () => {
-      clearTimeout(timer);
-      resolve();
-    };
-    const timer = setTimeout(() => {
-      const i = live.idleWaiters.indexOf(wake);
-      if (i >= 0) live.idleWaiters.splice(i, 1);
-      resolve();
-    }, maxWaitMs);
-    live.idleWaiters.push(wake);
-  });
 }
