@@ -7,6 +7,7 @@ import { requireToken } from './http/auth.js';
 import { continueUnlessUpload } from './http/continue.js';
 import { errorHandler, notFoundHandler } from './http/errors.js';
 import { rejectRepeatedQuery } from './http/query.js';
+import { endBodyAtEof, onClientError } from './http/read-to-eof.js';
 import { transferTokenAuth } from './http/transfer-auth.js';
 import { checksumRoutes } from './routes/checksum.js';
 import { contentRoutes } from './routes/contents.js';
@@ -18,7 +19,7 @@ import { taskRoutes } from './routes/tasks.js';
 import { transferRoutes } from './routes/transfers.js';
 import { tusRoutes } from './routes/tus.js';
 import { vdiRoutes } from './routes/vdis.js';
-import { xapiRoutes } from './routes/xapi.js';
+import { readsToEndOfConnection, xapiRoutes } from './routes/xapi.js';
 import type { Services } from './services.js';
 
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
@@ -76,6 +77,11 @@ export function createServer(s: Services): http.Server {
   // TCP keepalive finds peers that vanished without a word (then the idle timeout acts).
   const server = http.createServer({ keepAlive: true, keepAliveInitialDelay: 30_000 }, app);
   server.on('checkContinue', app);
+  // Before the app: the connection may end in the same read as the headers.
+  server.prependListener('request', (req, res) => {
+    if (readsToEndOfConnection(req)) endBodyAtEof(req, res);
+  });
+  server.on('clientError', onClientError);
   server.requestTimeout = 0;
   server.headersTimeout = 60_000;
   server.keepAliveTimeout = 65_000;

@@ -1,6 +1,6 @@
 /** PUT (import) and GET/HEAD (export) of /v1/vdis/{vdi}/contents?format=F */
 import { Router } from 'express';
-import { continueNow } from '../http/continue.js';
+import { importOneShot } from '../http/one-shot-import.js';
 import { contentLengthOf, formatParam } from '../http/params.js';
 import { sendExport } from '../http/send-export.js';
 import type { Services } from '../services.js';
@@ -8,12 +8,10 @@ import type { Services } from '../services.js';
 export function contentRoutes(s: Services): Router {
   return Router()
     .put('/v1/vdis/:vdi/contents', async (req, res) => {
-      const task = await s.transfers.importWhole({
+      const task = await importOneShot(s, req, res, {
         vdi: req.params.vdi,
         format: formatParam(req),
-        body: req,
         contentLength: contentLengthOf(req),
-        beforeBody: () => continueNow(res),
       });
       res.status(200).location(`/v1/tasks/${task.id}`).json(task);
     })

@@ -7,15 +7,40 @@
  * one. `task_id` names a task the caller created in xapi; diskport cannot
  * adopt it, so it is ignored and the transfer runs as its own diskport task
  * (X-Task-Id, and Location for imports).
+ *
+ * Xen Orchestra's ways are honoured: the empty probe it sends before each
+ * upload changes nothing (see http/one-shot-import.ts), and a declared length
+ * larger than any disk means "unknown": the body is read to the end of the
+ * connection (see http/read-to-eof.ts) and refused only if it turns out
+ * larger than the VDI takes.
  */
+import type { IncomingMessage } from 'node:http';
 import { type Request, type RequestHandler, Router } from 'express';
 import { ApiError } from '../errors.js';
+import { MAX_VIRTUAL_SIZE_BYTES as QCOW2_MAX_VIRTUAL_SIZE_BYTES } from '../formats/qcow2/index.js';
 import { requireToken } from '../http/auth.js';
-import { continueNow } from '../http/continue.js';
+import { importOneShot } from '../http/one-shot-import.js';
 import { contentLengthOf, formatParam } from '../http/params.js';
 import { sendExport } from '../http/send-export.js';
 import { safeEqual } from '../secrets.js';
 import type { Services } from '../services.js';
+import { uploadLimit } from '../transfer/upload-rules.js';
+
+/**
+ * The largest upload any VDI can take: a qcow2 image of the largest disk the
+ * formats describe (qcow2's 64 TiB). A declared length past it is no length:
+ * Xen Orchestra declares 1 PiB when it does not know one.
+ */
+const LARGEST_UPLOAD_BYTES = uploadLimit('qcow2', QCOW2_MAX_VIRTUAL_SIZE_BYTES);
+
+/** An xapi import whose Content-Length says "unknown": its body ends with the connection. */
+export function readsToEndOfConnection(req: IncomingMessage): boolean {
+  if (req.method !== 'PUT' || req.headers['transfer-encoding'] !== undefined) return false;
+  const pathname = (req.url ?? '').split('?')[0];
+  if (pathname !== '/import_raw_vdi' && pathname !== '/import_raw_vdi/') return false;
+  const declared = req.headers['content-length'] ?? '';
+  return /^\d+$/.test(declared) && Number(declared) > LARGEST_UPLOAD_BYTES;
+}
 
 /**
  * With a token, any of: `Authorization: Bearer <token>`, `session_id=<token>`
@@ -64,12 +89,10 @@ export function xapiRoutes(s: Services): Router {
   const auth = xapiAuth(s.config.token);
   return Router()
     .put('/import_raw_vdi', auth, async (req, res) => {
-      const task = await s.transfers.importWhole({
+      const task = await importOneShot(s, req, res, {
         vdi: vdiParam(req),
         format: formatParam(req),
-        body: req,
-        contentLength: contentLengthOf(req),
-        beforeBody: () => continueNow(res),
+        contentLength: readsToEndOfConnection(req) ? undefined : contentLengthOf(req),
       });
       res.status(200).location(`/v1/tasks/${task.id}`).setHeader('X-Task-Id', task.id).json(task);
     })
