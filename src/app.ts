@@ -4,6 +4,7 @@ import http from 'node:http';
 import express, { type Express } from 'express';
 import { pinoHttp } from 'pino-http';
 import { requireToken } from './http/auth.js';
+import { ConnectionGuard } from './http/connections.js';
 import { continueUnlessUpload } from './http/continue.js';
 import { errorHandler, notFoundHandler } from './http/errors.js';
 import { rejectRepeatedQuery } from './http/query.js';
@@ -69,21 +70,34 @@ export function createApp(s: Services): Express {
 }
 
 /**
- * The HTTP server for the app: no request timeout (images take long), and
- * `Expect: 100-continue` left to the app (see src/http/continue.ts).
+ * The HTTP server for the app: no request timeout (an upload takes hours;
+ * a stalled one is ended by the upload idle timeout, src/http/continue.ts),
+ * a headers timeout, connections that never send a request closed, a limit
+ * on connections (src/http/connections.ts), and `Expect: 100-continue` left
+ * to the app.
  */
 export function createServer(s: Services): http.Server {
   const app = createApp(s);
-  // TCP keepalive finds peers that vanished without a word (then the idle timeout acts).
-  const server = http.createServer({ keepAlive: true, keepAliveInitialDelay: 30_000 }, app);
-  server.on('checkContinue', app);
-  // Before the app: the connection may end in the same read as the headers.
-  server.prependListener('request', (req, res) => {
-    if (readsToEndOfConnection(req)) endBodyAtEof(req, res);
+  const { headersTimeoutMs } = s.config;
+  const server = http.createServer({
+    // TCP keepalive finds peers that vanished without a word (then the idle timeout acts).
+    keepAlive: true,
+    keepAliveInitialDelay: 30_000,
+    // How often Node looks for requests past headersTimeout (30 s by default).
+    connectionsCheckingInterval: Math.min(30_000, Math.max(100, Math.floor(headersTimeoutMs / 2))),
   });
+  const connections = new ConnectionGuard(server, s.config);
+  const handle = (req: http.IncomingMessage, res: http.ServerResponse) => {
+    if (connections.refuse(req, res)) return;
+    // Before the app: the connection may end in the same read as the headers.
+    if (readsToEndOfConnection(req)) endBodyAtEof(req, res);
+    app(req, res);
+  };
+  server.on('request', handle);
+  server.on('checkContinue', handle);
   server.on('clientError', onClientError);
   server.requestTimeout = 0;
-  server.headersTimeout = 60_000;
+  server.headersTimeout = headersTimeoutMs;
   server.keepAliveTimeout = 65_000;
   return server;
 }

@@ -16,6 +16,12 @@ export interface Config {
   allowFetch: string[];
   /** Finished tasks are kept this long, and at most this many, then pruned. */
   taskRetention: { maxAgeSeconds: number; maxCount: number };
+  /** Connections open at once; past it, requests are answered 503. */
+  maxConnections: number;
+  /** A connection that sends no request this long after it opened is closed. */
+  firstRequestTimeoutMs: number;
+  /** A request whose headers take longer than this to arrive is answered 408 and closed. */
+  headersTimeoutMs: number;
 }
 
 export const DEFAULTS = {
@@ -25,6 +31,9 @@ export const DEFAULTS = {
   logLevel: 'info',
   taskRetention: '7d',
   taskRetentionCount: 10_000,
+  maxConnections: 4096,
+  firstRequestTimeout: '30s',
+  headersTimeout: '60s',
 } as const;
 
 const DURATION_UNITS_SECONDS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400 };
@@ -36,9 +45,23 @@ export function parseDuration(value: string): number {
   return Number(m[1]) * DURATION_UNITS_SECONDS[m[2] || 's'];
 }
 
+/** `30s`, `500ms`, `2m` or a bare number of seconds, in milliseconds; never 0 (that would mean no limit). */
+export function parseDurationMs(value: string): number {
+  const m = /^(\d+)ms$/.exec(value.trim());
+  const ms = m ? Number(m[1]) : parseDuration(value) * 1000;
+  if (ms <= 0) throw new InvalidArgumentError(`'${value}' must be longer than 0`);
+  return ms;
+}
+
 function parseCount(value: string): number {
   if (!/^\d+$/.test(value.trim())) throw new InvalidArgumentError(`'${value}' is not a whole number`);
   return Number(value);
+}
+
+function parsePositiveCount(value: string): number {
+  const n = parseCount(value);
+  if (n < 1) throw new InvalidArgumentError(`'${value}' must be 1 or more`);
+  return n;
 }
 
 /** `--allow-fetch 127.0.0.0/8,::1`: comma-separated CIDRs or bare addresses, or `*` for any. */
@@ -108,9 +131,34 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
         ? parseCount(env.DISKPORT_TASK_RETENTION_COUNT)
         : DEFAULTS.taskRetentionCount,
     )
+    .option(
+      '--max-connections <n>',
+      'connections open at once; past it, requests get 503 (env DISKPORT_MAX_CONNECTIONS)',
+      parsePositiveCount,
+      parsePositiveCount(env.DISKPORT_MAX_CONNECTIONS ?? String(DEFAULTS.maxConnections)),
+    )
+    .option(
+      '--first-request-timeout <duration>',
+      'a connection that sends no request for this long after opening is closed, e.g. 30s, 500ms (env DISKPORT_FIRST_REQUEST_TIMEOUT)',
+      parseDurationMs,
+      parseDurationMs(env.DISKPORT_FIRST_REQUEST_TIMEOUT ?? DEFAULTS.firstRequestTimeout),
+    )
+    .option(
+      '--headers-timeout <duration>',
+      "a request's headers must all arrive within this, e.g. 60s (env DISKPORT_HEADERS_TIMEOUT)",
+      parseDurationMs,
+      parseDurationMs(env.DISKPORT_HEADERS_TIMEOUT ?? DEFAULTS.headersTimeout),
+    )
     .exitOverride();
   program.parse(argv, { from: 'user' });
-  const o = program.opts<Config & { taskRetention: number; taskRetentionCount: number }>();
+  const o = program.opts<
+    Config & {
+      taskRetention: number;
+      taskRetentionCount: number;
+      firstRequestTimeout: number;
+      headersTimeout: number;
+    }
+  >();
   return {
     host: o.host,
     port: o.port,
@@ -120,6 +168,9 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     logLevel: o.logLevel,
     allowFetch: o.allowFetch,
     taskRetention: { maxAgeSeconds: o.taskRetention, maxCount: o.taskRetentionCount },
+    maxConnections: o.maxConnections,
+    firstRequestTimeoutMs: o.firstRequestTimeout,
+    headersTimeoutMs: o.headersTimeout,
   };
 }
 

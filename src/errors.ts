@@ -130,6 +130,10 @@ export const ERRORS = {
   REMOTE_NOT_UPLOAD: { status: 502, meaning: 'the receiving transfer of a push is a download' },
   REMOTE_TRANSFER_ENDED: { status: 502, meaning: 'the receiving transfer of a push has ended' },
   REMOTE_IMPORT_FAILED: { status: 502, meaning: "the receiver's import of a push failed" },
+  TOO_MANY_CONNECTIONS: {
+    status: 503,
+    meaning: 'diskport has --max-connections connections open; retry after Retry-After seconds',
+  },
   INSUFFICIENT_SPACE: { status: 507, meaning: 'the storage repository ran out of space' },
 } as const satisfies Record<string, ErrorSpec>;
 
