@@ -5,7 +5,6 @@ import express, { type Express } from 'express';
 import { pinoHttp } from 'pino-http';
 import { requireToken } from './http/auth.js';
 import { ConnectionGuard } from './http/connections.js';
-import { refuseEncodedUploads } from './http/content-encoding.js';
 import { continueUnlessUpload } from './http/continue.js';
 import { errorHandler, notFoundHandler } from './http/errors.js';
 import { rejectRepeatedQuery } from './http/query.js';
@@ -47,7 +46,6 @@ export function createApp(s: Services): Express {
   );
 
   app.use(rejectRepeatedQuery);
-  app.use(refuseEncodedUploads);
   app.use(continueUnlessUpload);
   app.use(healthRoutes());
   app.use(metricsRoutes(s));

@@ -12,8 +12,17 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi, curl, execFileP, sha256File, sha256Url } from './helpers/api.js';
+import { failNthDirectWrite } from './helpers/faults.js';
 import { type CutProxy, cutProxy } from './helpers/proxy.js';
-import { prng, ROOT, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
+import {
+  prng,
+  ROOT,
+  type ServerProcess,
+  seededBytes,
+  spawnServer,
+  startServer,
+  tempDir,
+} from './helpers/server.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 512 * 1024;
@@ -445,17 +454,23 @@ describe('the diskport CLI over a connection that breaks', () => {
     assert.deepEqual(await savedEntries(), []);
   });
 
-  test('Ctrl-C while the link is down keeps the upload session it could not cancel; the next run resumes it', async () => {
+  test('Ctrl-C while the link is down stops at once and keeps the upload session; the next run resumes it', async () => {
     const vdi = (await createVdi(srv.url, 32 * MiB)).id;
     const proxy = await linkProxy();
     proxy.downAt = 6 * MiB;
     const args = ['upload', source, '--vdi', vdi, '--server', proxy.url, '--chunk-size', '1M'];
     try {
-      const run = await spawnCliUntil([...args, '--no-progress', '--retry-delay', '2000'], /retry/);
+      const run = await spawnCliUntil([...args, '--no-progress', '--retry-delay', '5000'], /retry/);
+      const interruptedAt = Date.now();
       run.child.kill('SIGINT');
       const [code] = await run.exited;
       assert.equal(code, 130, run.out.stderr);
-      assert.match(run.out.stderr, /could not be cancelled now; run the same command again to resume it/);
+      assert.match(
+        run.out.stderr,
+        /interrupted; upload session \S+ stays open for \d+ s: run the same command again to resume it, or add --cancel/,
+      );
+      // The backoff wait (2.5-5 s here) is cut short: Ctrl-C does not wait for the next attempt.
+      assert.ok(Date.now() - interruptedAt < 2000, `exited ${Date.now() - interruptedAt} ms after SIGINT`);
       proxy.up();
       const again = await runCli([...args, ...RETRY_FAST]);
       assert.equal(again.code, 0, again.stderr);
@@ -558,10 +573,13 @@ describe('the diskport CLI over a connection that breaks', () => {
         sessions.body.some((t) => t.state === 'open'),
         JSON.stringify(sessions.body),
       );
-      // The link back, A's Ctrl-C cancels its session and forgets it.
+      // A's Ctrl-C keeps its session for a later run; --cancel ends it and forgets it.
       proxy.up();
       a.child.kill('SIGINT');
-      await a.exited;
+      assert.equal((await a.exited)[0], 130);
+      assert.equal((await savedEntries()).length, 1);
+      const cancel = await runCli(['upload', source, '--vdi', vdi, '--server', srv.url, '--cancel']);
+      assert.equal(cancel.code, 0, cancel.stderr);
       assert.deepEqual(await savedEntries(), []);
     } finally {
       await proxy.close();
@@ -636,6 +654,7 @@ describe('the diskport CLI over a connection that breaks', () => {
       '--json',
       '--no-resume',
       '--state-dir',
+      '--cancel',
     ]) {
       assert.ok(up.stdout.includes(flag), `upload --help lacks ${flag}`);
     }
@@ -656,9 +675,9 @@ describe('the diskport CLI over a connection that breaks', () => {
     }
   });
 
-  test('Ctrl-C cancels the upload session, so the VDI is free at once', async () => {
+  test('Ctrl-C stops an upload and keeps its session, without a word of TRANSFER_NOT_ACTIVE; the same command resumes it', async () => {
     const vdi = (await createVdi(srv.url, 32 * MiB)).id;
-    // Every connection breaks after a few KiB: the CLI is still retrying when it is interrupted.
+    // Every connection breaks after a few KiB: the CLI is retrying, chunks in flight, when it is interrupted.
     const proxy = await cutProxy(srv.url, {
       seed: 61,
       cutConnections: 1000,
@@ -666,22 +685,74 @@ describe('the diskport CLI over a connection that breaks', () => {
       minBytes: 16 * 1024,
       maxBytes: 32 * 1024,
     });
+    const args = ['upload', source, '--vdi', vdi];
     try {
       const run = await spawnCliUntil(
-        ['upload', source, '--vdi', vdi, '--server', proxy.url, '--no-progress', '--retry-delay', '500'],
+        [...args, '--server', proxy.url, '--no-progress', '--retry-delay', '500'],
         /retry/,
       );
       run.child.kill('SIGINT');
       const [code] = await run.exited;
       const stderr = run.out.stderr;
       assert.equal(code, 130, stderr);
-      assert.match(stderr, /cancelling the upload session/);
+      assert.match(stderr, /interrupted; upload session \S+ stays open/);
+      assert.doesNotMatch(stderr, /TRANSFER_NOT_ACTIVE|cancelling/);
     } finally {
       await proxy.close();
     }
-    const again = await api<{ id: string }>(srv.url, 'POST', '/v1/transfers', { vdi, direction: 'upload' });
-    assert.equal(again.status, 201, 'the VDI is not left busy');
-    await api(srv.url, 'DELETE', `/v1/transfers/${again.body.id}`);
+    const [entry] = await savedEntries();
+    assert.ok(entry, 'the session is saved for the next run');
+    const sessions = await api<{ state: string }[]>(srv.url, 'GET', `/v1/transfers?vdi=${vdi}`);
+    assert.deepEqual(
+      sessions.body.map((t) => t.state),
+      ['open'],
+    );
+    // The same command, on a good link this time, continues that session rather than starting over.
+    const again = await runCli([...args, '--server', srv.url, ...RETRY_FAST]);
+    assert.equal(again.code, 0, again.stderr);
+    assert.match(again.stderr, /resuming upload session/);
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`), await sha256File(source));
+    assert.deepEqual(await savedEntries(), []);
+  });
+
+  test('upload --cancel ends the session an interrupted run kept: the VDI is free and as it was', async () => {
+    const vdi = (await createVdi(srv.url, 32 * MiB)).id;
+    const zeros = await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`);
+    const args = ['upload', source, '--vdi', vdi, '--server', srv.url];
+    const none = await runCli([...args, '--cancel']);
+    assert.equal(none.code, 1, 'nothing to cancel yet');
+    assert.match(none.stderr, /no upload into VDI \S+ was left open by an earlier run/);
+
+    const proxy = await linkProxy();
+    proxy.downAt = 4 * MiB;
+    try {
+      const run = await spawnCliUntil(
+        ['upload', source, '--vdi', vdi, '--server', proxy.url, '--no-progress', '--retry-delay', '5000'],
+        /retry/,
+      );
+      run.child.kill('SIGTERM');
+      assert.equal((await run.exited)[0], 130, run.out.stderr);
+    } finally {
+      await proxy.close();
+    }
+    const busy = await api<{ error: { code: string } }>(srv.url, 'POST', '/v1/transfers', {
+      vdi,
+      direction: 'upload',
+    });
+    assert.equal(busy.status, 409, 'the kept session holds the VDI');
+    assert.equal(busy.body.error.code, 'VDI_BUSY');
+
+    const cancel = await runCli([...args, '--cancel']);
+    assert.equal(cancel.code, 0, cancel.stderr);
+    assert.match(
+      cancel.stderr,
+      /cancelled upload session \S+ \(.*source\.img\); VDI \S+ is as it was, and free/,
+    );
+    assert.deepEqual(await savedEntries(), []);
+    const free = await api<{ id: string }>(srv.url, 'POST', '/v1/transfers', { vdi, direction: 'upload' });
+    assert.equal(free.status, 201, 'the VDI is not left busy');
+    await api(srv.url, 'DELETE', `/v1/transfers/${free.body.id}`);
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`), zeros);
   });
 
   test('an unknown VDI exits 1 with the server message', async () => {
@@ -707,5 +778,54 @@ describe('the diskport CLI over a connection that breaks', () => {
     ]);
     assert.equal(d.code, 1);
     assert.ok(d.stderr.includes(expected.body.error.message), d.stderr);
+  });
+});
+
+describe('the diskport CLI and a server out of space', () => {
+  test('a 507 is an answer, not retried: the run stops, its session stays, and the same command resumes once there is room', async () => {
+    const dir = await tempDir('diskport-cli-full-');
+    // In this process, so that a write can fail as a full disk fails it.
+    const srv = await startServer({ dataDir: path.join(dir, 'data') });
+    try {
+      const file = path.join(dir, 'full.img');
+      await fsp.writeFile(file, seededBytes(16 * MiB, 77));
+      const vdi = (await createVdi(srv.url, 16 * MiB)).id;
+      const args = [
+        'upload',
+        file,
+        '--vdi',
+        vdi,
+        '--server',
+        srv.url,
+        '--chunk-size',
+        '8M',
+        '--parallel',
+        '1',
+      ];
+      // A write of the second chunk fails as a full disk fails it.
+      const fault = failNthDirectWrite(3);
+      let first: CliResult;
+      try {
+        first = await runCli([...args, ...RETRY_FAST]);
+      } finally {
+        fault.restore();
+      }
+      assert.equal(first.code, 1, first.stderr);
+      assert.match(
+        first.stderr,
+        /the server is out of space; upload session \S+ stays open for \d+ s: free space there/,
+      );
+      assert.match(first.stderr, /INSUFFICIENT_SPACE/);
+      assert.equal(fault.writes, 3, 'the chunk was not sent again');
+      const again = await runCli([...args, ...RETRY_FAST]);
+      assert.equal(again.code, 0, again.stderr);
+      // What landed before the disk filled up is not sent again.
+      assert.ok(JSON.parse(again.stdout).bytes_resumed > 0, again.stdout);
+      assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi}/contents?format=raw`), await sha256File(file));
+    } finally {
+      await srv.close();
+      await fsp.rm(dir, { recursive: true, force: true });
+      await fsp.rm(STATE_DIR, { recursive: true, force: true });
+    }
   });
 });

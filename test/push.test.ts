@@ -10,8 +10,9 @@ import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi } from './helpers/api.js';
+import { failNthDirectWrite } from './helpers/faults.js';
 import { sample, scrape } from './helpers/metrics.js';
-import { type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
+import { type ServerProcess, seededBytes, spawnServer, startServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -279,6 +280,35 @@ describe('push: one diskport sends a disk to another', () => {
     assert.equal(task.error?.code, 'REMOTE_IMPORT_FAILED');
     assert.match(task.error?.message ?? '', /CHECKSUM_MISMATCH/);
     assert.equal(await checksum(b.url, target.id), before);
+  });
+
+  test('a receiver out of space (507) is an answer: the push fails at once with REMOTE_REJECTED, its session stays open', async () => {
+    const size = 24 * MiB;
+    const source = await diskOnA(size, [[0, 16 * MiB]]);
+    // The receiver runs in this process, so a write can fail as a full disk fails it: the first
+    // 4 MiB write of the second 8 MiB chunk.
+    const receiver = await startServer({ dataDir: path.join(dir, 'full') });
+    const fault = failNthDirectWrite(3);
+    try {
+      const target = await createVdi(receiver.url, size);
+      const receiving = await open(receiver.url, { vdi: target.id, direction: 'upload', format: 'raw' });
+      const push = await pushRaw(source, receiving.url);
+      const task = await waitTask(a.url, push.task_id);
+      // A retry would find the space back (only one write fails) and succeed: out of space is not retried.
+      assert.equal(task.status, 'failure', JSON.stringify(task));
+      assert.equal(task.error?.code, 'REMOTE_REJECTED');
+      assert.match(task.error?.message ?? '', /507 INSUFFICIENT_SPACE/);
+      assert.equal(fault.writes, 3, 'the failed write was not tried again: the 507 was not retried');
+      const remote = await api<TransferJson>(receiver.url, 'GET', `/v1/transfers/${receiving.id}`);
+      assert.equal(remote.body.state, 'open', 'the receiving session stays open for another push');
+      // Space made, a second push of the same disk completes the same receiving session.
+      const again = await pushRaw(source, receiving.url);
+      assert.equal((await waitTask(a.url, again.task_id)).status, 'success');
+      assert.equal(await checksum(receiver.url, target.id), await checksum(a.url, source));
+    } finally {
+      fault.restore();
+      await receiver.close();
+    }
   });
 
   test('a receiver that takes another format fails the push with FORMAT_MISMATCH before a byte is sent', async () => {

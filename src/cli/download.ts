@@ -15,22 +15,15 @@
  */
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { type Client, errorOf, HttpError, request } from './http.js';
+import { HttpError, type RetryPolicy, withRetry } from '../transfer/retry-policy.js';
+import { type Endpoint, openTransfer, type TransferSession } from '../transfer/transfer-client.js';
 import { createProgress, formatBytes, type Progress } from './progress.js';
-import { announcedRetries, type RetryPolicy, withRetry } from './retry.js';
+import { announcedRetries, Interrupted, interruptible } from './run.js';
 import { type SavedDownload, SavedSessions } from './saved-sessions.js';
-import { openSession, type Session } from './session.js';
 import { SparseWriter } from './sparse-writer.js';
 
 /** How much a killed run can lose: the output is synced and its position saved this often. */
 const CHECKPOINT_BYTES = 256 * 1024 * 1024;
-
-/** Ctrl-C or SIGTERM: the run stops after saving where it got to. */
-export class Interrupted extends Error {
-  constructor() {
-    super('interrupted');
-  }
-}
 
 export interface DownloadOptions {
   vdi: string;
@@ -59,22 +52,38 @@ export interface DownloadSummary {
 
 const CONTENT_RANGE = /^bytes (\d+)-(\d+)\/(\d+)$/;
 
-export async function download(client: Client, opts: DownloadOptions): Promise<DownloadSummary> {
+export async function download(server: Endpoint, opts: DownloadOptions): Promise<DownloadSummary> {
+  // Ctrl-C: the GET is aborted, what arrived is flushed and saved, and the run ends.
+  const interrupt = interruptible();
+  try {
+    return await downloadTo({ ...server, signal: interrupt.signal }, interrupt.signal, opts);
+  } catch (err) {
+    throw interrupt.signal.aborted ? new Interrupted() : err;
+  } finally {
+    interrupt.dispose();
+  }
+}
+
+async function downloadTo(
+  ep: Endpoint,
+  signal: AbortSignal,
+  opts: DownloadOptions,
+): Promise<DownloadSummary> {
   let progress: Progress | undefined;
-  const announced = announcedRetries(opts.retry, () => progress);
+  const announced = announcedRetries(opts.retry, signal, () => progress);
   const retry = announced.policy;
   // The server's URL too: an ETag names a disk's generation on one server, and only there does
   // it say that the bytes written so far are still the disk's.
   const saved = new SavedSessions<SavedDownload>(opts.stateDir, 'download', [
-    client.server,
+    ep.base.href,
     opts.vdi,
     opts.format,
     path.resolve(opts.output),
   ]);
-  let session: Session;
+  let session: TransferSession;
   try {
     ({ session } = await withRetry(retry, () =>
-      openSession(client, {
+      openTransfer(ep, {
         vdi: opts.vdi,
         direction: 'download',
         format: opts.format,
@@ -113,14 +122,8 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
     await saved.save({ file_id: fileId, etag, total, written });
     checkpointed = written;
   };
-  // Ctrl-C: the GET is aborted, what arrived is flushed and saved, and the run ends.
-  const abort = new AbortController();
-  const onInterrupt = () => abort.abort();
-  process.once('SIGINT', onInterrupt);
-  process.once('SIGTERM', onInterrupt);
   try {
-    await withRetry({ ...retry, signal: abort.signal }, async (_attempt, progressed) => {
-      if (abort.signal.aborted) throw new Interrupted();
+    await withRetry(retry, async (_attempt, progressed) => {
       const w = writer.current;
       const from = w.written;
       if (total !== undefined && from >= total) return;
@@ -130,12 +133,7 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
         if (etag) headers['if-range'] = etag;
       }
       try {
-        const res = await request(session.dataUrl, {
-          method: 'GET',
-          headers,
-          dispatcher: client.agent,
-          signal: abort.signal,
-        });
+        const res = await session.read(headers);
         if (res.statusCode === 200) {
           const length = Number(res.headers['content-length']);
           if (!Number.isSafeInteger(length)) {
@@ -155,7 +153,7 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
           }
           total = length;
           etag = typeof res.headers.etag === 'string' ? res.headers.etag : undefined;
-        } else if (res.statusCode === 206) {
+        } else {
           const m = CONTENT_RANGE.exec(String(res.headers['content-range'] ?? ''));
           if (!m || Number(m[1]) !== from) {
             await res.body.dump();
@@ -166,8 +164,6 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
             );
           }
           total = Number(m[3]);
-        } else {
-          throw await errorOf(res, 'GET data');
         }
         progress ??= createProgress(`download ${opts.format}`, total, opts.progress);
         const cur = writer.current;
@@ -187,7 +183,7 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
           throw new HttpError(502, 'SHORT_BODY', `the body ended at byte ${cur.written} of ${total}`);
         }
       } catch (err) {
-        throw abort.signal.aborted ? new Interrupted() : err;
+        throw signal.aborted ? new Interrupted() : err;
       }
     });
     const size = total ?? 0;
@@ -197,15 +193,7 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
     progress?.stop();
     await saved.remove();
     // A download session ends when its holder is done with it.
-    await request(
-      `${client.server}/v1/transfers/${encodeURIComponent(session.id)}?token=${encodeURIComponent(session.token)}`,
-      {
-        method: 'DELETE',
-        dispatcher: client.agent,
-      },
-    )
-      .then((r) => r.body.dump())
-      .catch(() => {});
+    await session.cancel().catch(() => {});
     return {
       transfer: session.id,
       size,
@@ -227,8 +215,6 @@ export async function download(client: Client, opts: DownloadOptions): Promise<D
     }
     throw err;
   } finally {
-    process.off('SIGINT', onInterrupt);
-    process.off('SIGTERM', onInterrupt);
     await out.close();
   }
 }

@@ -3,26 +3,59 @@
  * diskport: the command-line client of a diskport server.
  *
  *   diskport upload FILE --vdi ID [--format raw|vhd|qcow2] [--server URL] [--token T]
+ *   diskport upload FILE --vdi ID --cancel
  *   diskport download --vdi ID [--format F] -o FILE
  *
  * Both resume by themselves after network errors, with backoff, and a run
- * that stopped (gave up, or was killed) is continued by running the same
- * command again. Exit status:
+ * that stopped (gave up, Ctrl-C, or was killed) is continued by running the
+ * same command again; `--cancel` ends the upload session a run left. Exit status:
  * 0 done, 1 failed (the reason, the server's message when it gave one, on stderr),
  * 130 interrupted.
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
+import { Agent } from 'undici';
+import { HttpError, type RetryPolicy } from '../transfer/retry-policy.js';
+import type { Endpoint } from '../transfer/transfer-client.js';
 import { VERSION } from '../version.js';
-import { describeDownload, download, Interrupted } from './download.js';
-import { createClient, HttpError } from './http.js';
-import { DEFAULT_RETRY, type RetryPolicy } from './retry.js';
+import { describeDownload, download } from './download.js';
+import { Interrupted } from './run.js';
 import { defaultStateDir } from './saved-sessions.js';
 import { describeUpload, upload } from './upload.js';
+import { cancelSavedUpload } from './upload-session.js';
 
 const MiB = 1024 * 1024;
 const DEFAULT_SERVER = 'http://127.0.0.1:8080';
 const DEFAULT_CHUNK_BYTES = 8 * MiB;
 const FORMATS = ['raw', 'vhd', 'qcow2'];
+/** A finalize may wait up to 300 s for its task before answering. */
+const HEADERS_TIMEOUT_MS = 330_000;
+const BODY_TIMEOUT_MS = 60_000;
+const CONNECT_TIMEOUT_MS = 15_000;
+
+/** A person at a terminal, or a script: patient, since a run given up on must be started again by hand. */
+export const DEFAULT_RETRY: RetryPolicy = {
+  retries: 10,
+  baseDelayMs: 500,
+  maxDelayMs: 30_000,
+  maxElapsedMs: 10 * 60_000,
+};
+
+/** The server, reached through one keep-alive agent. */
+function endpointOf(server: string, token: string | undefined): Endpoint & { dispatcher: Agent } {
+  let base: URL;
+  try {
+    base = new URL(server);
+  } catch {
+    throw new InvalidArgumentError(`--server: '${server}' is not a URL (e.g. http://host:8080)`);
+  }
+  const dispatcher = new Agent({
+    keepAliveTimeout: 10_000,
+    headersTimeout: HEADERS_TIMEOUT_MS,
+    bodyTimeout: BODY_TIMEOUT_MS,
+    connect: { timeout: CONNECT_TIMEOUT_MS },
+  });
+  return { base, dispatcher, token };
+}
 
 /** `8M`, `512k`, `1G`, or plain bytes. */
 export function parseSize(value: string): number {
@@ -127,8 +160,10 @@ Examples:
   diskport upload disk.qcow2 --vdi 5f0c... --format qcow2 --checksum
   diskport download --vdi 5f0c... --format vhd -o disk.vhd
 
-A run that stopped (the link stayed down, Ctrl-C during a download, a kill) is
-continued by running the same command again; --no-resume starts over.
+A run that stopped (the link stayed down, Ctrl-C, a kill) is continued by
+running the same command again; --no-resume starts over. An upload's session
+stays open on the server (holding the VDI) until it expires, or until
+the same upload command with --cancel ends it.
 
 Environment: DISKPORT_SERVER, DISKPORT_TOKEN, DISKPORT_STATE_DIR. Exit status: 0 done,
 1 failed, 130 interrupted.`,
@@ -149,13 +184,22 @@ Environment: DISKPORT_SERVER, DISKPORT_TOKEN, DISKPORT_STATE_DIR. Exit status: 0
       positiveInt(1),
     )
     .option('--checksum', 'compute the sha256 of FILE first; the server verifies it before committing')
+    .option(
+      '--cancel',
+      'cancel the upload session an earlier run into this VDI left open (the VDI stays as it was); send nothing',
+    )
     .action(
       async (
         file: string,
-        o: CommonOptions & { chunkSize: number; parallel?: number; checksum?: boolean },
+        o: CommonOptions & { chunkSize: number; parallel?: number; checksum?: boolean; cancel?: boolean },
       ) => {
-        const client = createClient(o.server, o.token);
+        const client = endpointOf(o.server, o.token);
         try {
+          if (o.cancel) {
+            const said = await cancelSavedUpload(client, { vdi: o.vdi, stateDir: o.stateDir });
+            process.stderr.write(`diskport: ${said}\n`);
+            return;
+          }
           const summary = await upload(client, {
             file,
             vdi: o.vdi,
@@ -173,7 +217,7 @@ Environment: DISKPORT_SERVER, DISKPORT_TOKEN, DISKPORT_STATE_DIR. Exit status: 0
           if (o.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
           else process.stderr.write(`${describeUpload(summary)}\n`);
         } finally {
-          await client.agent.close();
+          await client.dispatcher.close();
         }
       },
     );
@@ -184,7 +228,7 @@ Environment: DISKPORT_SERVER, DISKPORT_TOKEN, DISKPORT_STATE_DIR. Exit status: 0
       .description('download a VDI in a wire format to a file: resumable, written sparse')
       .requiredOption('-o, --output <file>', 'the file to write (replaced)'),
   ).action(async (o: CommonOptions & { output: string }) => {
-    const client = createClient(o.server, o.token);
+    const client = endpointOf(o.server, o.token);
     try {
       const summary = await download(client, {
         vdi: o.vdi,
@@ -199,7 +243,7 @@ Environment: DISKPORT_SERVER, DISKPORT_TOKEN, DISKPORT_STATE_DIR. Exit status: 0
       if (o.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
       else process.stderr.write(`${describeDownload(summary)}\n`);
     } finally {
-      await client.agent.close();
+      await client.dispatcher.close();
     }
   });
   return program;

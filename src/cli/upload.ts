@@ -13,24 +13,18 @@
  * Which session a run uses is upload-session.ts's business: the one an
  * earlier run of the same command left open (then only what the server
  * lacks is sent), or a new one. When the network or the server stays down
- * past the retries, or the run is killed, the session is left open for the
- * next run; Ctrl-C and a refusal from the server end it instead.
+ * past the retries, the server is out of space, or the run is stopped
+ * (Ctrl-C, SIGTERM, a kill), the session is left open for the next run of
+ * the same command; a refusal from the server ends it, and so does
+ * `--cancel`.
  */
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
-import { RangeSet } from '../transfer/range-set.js';
-import { type Client, callJson, errorOf, HttpError, request } from './http.js';
+import { type ByteRange as Range, RangeSet } from '../transfer/range-set.js';
+import { HttpError, isTransient, type RetryPolicy, withRetry } from '../transfer/retry-policy.js';
+import { type Endpoint, getTask, type TaskJson, type TransferSession } from '../transfer/transfer-client.js';
 import { createProgress, formatBytes, type Progress } from './progress.js';
-import { announcedRetries, isTransient, type RetryPolicy, withRetry } from './retry.js';
-import {
-  missingIn,
-  type Range,
-  type Session,
-  sendZeros,
-  type TaskJson,
-  type TransferJson,
-  transferState,
-} from './session.js';
+import { announcedRetries, Interrupted, interruptible } from './run.js';
 import { dataPieces, dataRuns, type Piece } from './sparse-reader.js';
 import { takeUploadSession } from './upload-session.js';
 
@@ -83,24 +77,43 @@ async function readFull(handle: fsp.FileHandle, start: number, end: number): Pro
   return buf;
 }
 
-async function sha256Of(handle: fsp.FileHandle, size: number): Promise<string> {
+/** The parts of [start, end) not covered by `ranges` (in any order, overlapping or not). */
+function missingIn(ranges: readonly Range[], start: number, end: number): Range[] {
+  return new RangeSet(ranges).missing(start, end);
+}
+
+async function sha256Of(handle: fsp.FileHandle, size: number, signal: AbortSignal): Promise<string> {
   const hash = createHash('sha256');
   for (let pos = 0; pos < size; pos += HASH_BLOCK_BYTES) {
+    signal.throwIfAborted();
     hash.update(await readFull(handle, pos, Math.min(size, pos + HASH_BLOCK_BYTES)));
   }
   return hash.digest('hex');
 }
 
-export async function upload(client: Client, opts: UploadOptions): Promise<UploadSummary> {
+export async function upload(server: Endpoint, opts: UploadOptions): Promise<UploadSummary> {
+  // Ctrl-C aborts every request and wait of the run; the session stays for the next one.
+  const interrupt = interruptible();
+  const ep: Endpoint = { ...server, signal: interrupt.signal };
+  try {
+    return await uploadFile(ep, interrupt.signal, opts);
+  } catch (err) {
+    throw interrupt.signal.aborted ? new Interrupted() : err;
+  } finally {
+    interrupt.dispose();
+  }
+}
+
+async function uploadFile(ep: Endpoint, signal: AbortSignal, opts: UploadOptions): Promise<UploadSummary> {
   const handle = await fsp.open(opts.file, 'r');
   try {
     const stat = await handle.stat();
     if (!stat.isFile()) throw new Error(`${opts.file} is not a regular file`);
     const size = stat.size;
-    const announced = announcedRetries(opts.retry, () => progress);
-    const retry = announced.policy;
     let progress: Progress | undefined;
-    const run = await takeUploadSession(client, {
+    const announced = announcedRetries(opts.retry, signal, () => progress);
+    const retry = announced.policy;
+    const run = await takeUploadSession(ep, {
       vdi: opts.vdi,
       stateDir: opts.stateDir,
       resume: opts.resume,
@@ -113,7 +126,7 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
         checksum: opts.checksum,
       },
       open: async () => {
-        const checksum = opts.checksum ? `sha256:${await sha256Of(handle, size)}` : undefined;
+        const checksum = opts.checksum ? `sha256:${await sha256Of(handle, size, signal)}` : undefined;
         return {
           vdi: opts.vdi,
           direction: 'upload',
@@ -134,23 +147,11 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       );
     }
     progress = createProgress(`upload ${opts.format}`, size, opts.progress);
-    // Ctrl-C gives the VDI back at once instead of leaving it busy until the session expires.
-    const onInterrupt = () => {
-      progress?.stop();
-      process.stderr.write('diskport: interrupted; cancelling the upload session\n');
-      void run.end().finally(() => process.exit(130));
-    };
-    process.once('SIGINT', onInterrupt);
-    process.once('SIGTERM', onInterrupt);
     let ended = false;
-    const sender = new ChunkSender(
-      client,
-      session,
-      size,
-      retry,
-      opts.verbose ? (l) => progress?.log(l) : undefined,
-    );
+    const sender = new ChunkSender(session, size, retry, opts.verbose ? (l) => progress?.log(l) : undefined);
     try {
+      // Stopped while the session was being opened: it is saved, and kept.
+      signal.throwIfAborted();
       const { pieces, holeBytes } = dataPieces(handle, size, opts.chunkBytes);
       let done = holeBytes;
       let skipped = holeBytes;
@@ -159,6 +160,7 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       const sent: Range[] = [...received];
       const worker = async () => {
         for (let p = queue.shift(); p; p = queue.shift()) {
+          signal.throwIfAborted();
           // What an earlier run already delivered is neither read nor sent again.
           if (have.missing(p.start, p.end).length) {
             const buf = await readFull(handle, p.start, p.end);
@@ -178,20 +180,20 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       await Promise.all(Array.from({ length: Math.max(1, opts.parallel) }, worker));
       // Everything not sent reads as zeros: say so, a few requests for any number of holes.
       for (const [s, e] of finalizing ? [] : missingIn(sent, 0, size)) {
-        await withRetry(retry, () => sendZeros(client, session, s, e));
+        await withRetry(retry, () => session.zero(s, e));
       }
 
       let filled = 0;
       let task: TaskJson | undefined;
       for (let round = 0; !task; round++) {
         try {
-          task = await finalize(client, session, retry);
+          task = await finalize(ep, session, run.transfer.task_id, retry);
         } catch (err) {
           if (!(err instanceof HttpError && err.code === 'TRANSFER_INCOMPLETE') || round >= MAX_FILL_ROUNDS) {
             throw err;
           }
           // The server wants bytes we skipped (zeros), or a write it lost: send them as they are.
-          const state = await withRetry(retry, () => transferState(client, session));
+          const state = await withRetry(retry, () => session.state());
           const missing = missingIn(state.received, 0, size);
           const chunks = missing.flatMap(([s, e]) => {
             const out: Piece[] = [];
@@ -234,21 +236,25 @@ export async function upload(client: Client, opts: UploadOptions): Promise<Uploa
       };
     } catch (err) {
       progress.stop();
+      const kept = `upload session ${session.id} stays open for ${run.transfer.ttl_seconds} s`;
+      const next = 'run the same command again to resume it, or add --cancel to cancel it';
       if (ended) {
         // the import task failed: the session is over, and said so
+      } else if (signal.aborted) {
+        process.stderr.write(`diskport: interrupted; ${kept}: ${next}\n`);
+      } else if (err instanceof HttpError && err.status === 507) {
+        // Out of space is an answer, not an accident; what arrived waits for room to be made.
+        process.stderr.write(
+          `diskport: the server is out of space; ${kept}: free space there, then ${next}\n`,
+        );
       } else if (isTransient(err)) {
         // The link or the server is down for longer than the retries: what arrived stays, for the next run.
-        process.stderr.write(
-          `diskport: upload session ${session.id} stays open for ${run.transfer.ttl_seconds} s; run the same command again to resume it\n`,
-        );
+        process.stderr.write(`diskport: ${kept}; ${next}\n`);
       } else {
-        // An open session holds the VDI (VDI_BUSY) until it expires: give it back.
+        // A refusal: the session is of no further use, and an open one holds the VDI (VDI_BUSY).
         await run.end();
       }
       throw err;
-    } finally {
-      process.off('SIGINT', onInterrupt);
-      process.off('SIGTERM', onInterrupt);
     }
   } finally {
     await handle.close();
@@ -260,8 +266,7 @@ class ChunkSender {
   bytesSent = 0;
 
   constructor(
-    private readonly client: Client,
-    private readonly session: Session,
+    private readonly session: TransferSession,
     private readonly size: number,
     private readonly retry: RetryPolicy,
     private readonly log?: (line: string) => void,
@@ -272,51 +277,34 @@ class ChunkSender {
       let todo: Range[] = [[range.start, range.end]];
       // After a failure, ask what arrived: a cut connection keeps the bytes that made it.
       if (attempt > 1) {
-        todo = missingIn((await transferState(this.client, this.session)).received, range.start, range.end);
+        todo = missingIn((await this.session.state()).received, range.start, range.end);
         this.log?.(`diskport: bytes ${range.start}-${range.end - 1}: missing ${JSON.stringify(todo)}`);
       }
       for (const [s, e] of todo) {
-        await this.put(s, e, data.subarray(s - range.start, e - range.start));
+        const body = data.subarray(s - range.start, e - range.start);
+        this.bytesSent += body.length;
+        this.log?.(`diskport: PUT bytes ${s}-${e - 1}/${this.size}`);
+        await this.session.put(s, body, this.size);
         progressed();
       }
     });
   }
-
-  private async put(start: number, end: number, body: Buffer): Promise<void> {
-    this.bytesSent += body.length;
-    this.log?.(`diskport: PUT bytes ${start}-${end - 1}/${this.size}`);
-    const res = await request(this.session.dataUrl, {
-      method: 'PUT',
-      headers: {
-        'content-type': 'application/octet-stream',
-        'content-range': `bytes ${start}-${end - 1}/${this.size}`,
-        'content-length': String(body.length),
-      },
-      body,
-      dispatcher: this.client.agent,
-    });
-    if (res.statusCode < 200 || res.statusCode >= 300) {
-      throw await errorOf(res, `PUT bytes ${start}-${end - 1}`);
-    }
-    await res.body.dump();
-  }
 }
 
 /** Commits the session and waits for its task; a lost answer is recovered from the session's state. */
-async function finalize(client: Client, session: Session, retry: RetryPolicy): Promise<TaskJson> {
+async function finalize(
+  ep: Endpoint,
+  session: TransferSession,
+  taskId: string,
+  retry: RetryPolicy,
+): Promise<TaskJson> {
   return withRetry(retry, async () => {
     let task: TaskJson;
     try {
-      task = await callJson<TaskJson>(client, {
-        method: 'POST',
-        path: `/v1/transfers/${encodeURIComponent(session.id)}/finalize?token=${encodeURIComponent(session.token)}&wait=${FINALIZE_WAIT_SECONDS}`,
-      });
+      task = await session.finalize(FINALIZE_WAIT_SECONDS);
     } catch (err) {
-      if (!(err instanceof HttpError)) throw err;
-      // A write the server has not yet seen end (a cut connection): finalize again shortly.
-      if (err.code === 'TRANSFER_BUSY') throw new HttpError(503, err.code, err.message);
       // An earlier finalize whose answer was lost got there first.
-      if (err.code === 'TRANSFER_NOT_ACTIVE') return taskOf(client, session, err);
+      if (err instanceof HttpError && err.code === 'TRANSFER_NOT_ACTIVE') return taskOf(ep, taskId, err);
       throw err;
     }
     if (task.status === 'pending' || task.status === 'running') {
@@ -327,19 +315,15 @@ async function finalize(client: Client, session: Session, retry: RetryPolicy): P
   });
 }
 
-async function taskOf(client: Client, session: Session, cause: HttpError): Promise<TaskJson> {
+async function taskOf(ep: Endpoint, taskId: string, cause: HttpError): Promise<TaskJson> {
   const state = (cause.details?.state as string | undefined) ?? '';
   try {
-    return await callJson<TaskJson>(client, {
-      method: 'GET',
-      path: `/v1/tasks/${encodeURIComponent(session.taskId)}?wait=30`,
-      management: true,
-    });
+    return await getTask(ep, taskId, 30);
   } catch (err) {
     // Tasks need the management token; the session's state says enough without it.
     if (!(err instanceof HttpError) || (err.status !== 401 && err.status !== 403)) throw err;
     if (state === 'committed') {
-      return { id: session.taskId, status: 'success', progress: 1, error: null, result: null };
+      return { id: taskId, status: 'success', progress: 1, error: null, result: null };
     }
     throw new HttpError(409, cause.code, `the transfer ended as ${state || 'unknown'}: ${cause.message}`);
   }
@@ -354,5 +338,3 @@ export function describeUpload(s: UploadSummary): string {
     `; task ${s.task.id}`
   );
 }
-
-export type { TransferJson };

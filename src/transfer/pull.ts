@@ -6,7 +6,7 @@
  *
  * A dropped connection resumes where the session's Upload-Offset stands, with
  * `Range: bytes=N-` and `If-Range: <ETag or Last-Modified>`, after an
- * exponential backoff; attempts that bring no byte are bounded (RETRY_LIMIT).
+ * exponential backoff; attempts that bring no byte are bounded (retry-policy.ts, SERVER_RETRY).
  * A source that changed meanwhile (another validator, or 200 where 206 was
  * asked for) restarts cleanly from 0: the session forgets what it had. At the
  * end the session is finalized, which verifies the checksum, validates and
@@ -22,8 +22,8 @@ import { request } from 'undici';
 import type { Config } from '../config.js';
 import { ApiError, formatBytes } from '../errors.js';
 import type { RunningTask } from '../tasks/task-manager.js';
-import { backoff, describe, RETRY_LIMIT } from './backoff.js';
 import { FetchGuard, type FetchTarget, pinnedAgent } from './fetch-guard.js';
+import { backoff, describe, isTransientStatus, SERVER_RETRY } from './retry-policy.js';
 import type { ChunkWrite, CreateTransfer, TransferService } from './sessions.js';
 import type { Transfer } from './transfer-store.js';
 
@@ -130,12 +130,12 @@ class Pull {
           continue;
         }
         if (after.offset > before.offset) failures = 0;
-        else if (++failures > RETRY_LIMIT) throw gaveUp(after, lastError);
+        else if (++failures > SERVER_RETRY.retries) throw gaveUp(after, lastError);
         log.info(
           { offset: after.offset, length: after.length, failures, err: describe(lastError) },
           'pull interrupted: resuming',
         );
-        await backoff(Math.max(1, failures), signal);
+        await backoff(SERVER_RETRY, Math.max(1, failures), signal);
       }
       this.s.transfers.finalize(this.id);
       await this.s.transfers.completion(this.id);
@@ -222,7 +222,7 @@ class Pull {
           `the source refused bytes ${offset}- with 416 (it has fewer bytes than it announced)`,
         );
       }
-      if (res.statusCode >= 500 || res.statusCode === 408 || res.statusCode === 429) {
+      if (isTransientStatus(res.statusCode)) {
         throw new RetryableError(`the source answered ${res.statusCode}`);
       }
       throw new ApiError(
@@ -287,13 +287,13 @@ function gaveUp(state: { offset: number; length: number | null }, lastError: unk
   if (state.length !== null && state.offset > 0) {
     return new ApiError(
       'SOURCE_INCOMPLETE',
-      `the source sent ${formatBytes(state.offset)} of the ${formatBytes(state.length)} it announced, then failed ${RETRY_LIMIT + 1} times in a row${last}; the VDI is unchanged`,
+      `the source sent ${formatBytes(state.offset)} of the ${formatBytes(state.length)} it announced, then failed ${SERVER_RETRY.retries + 1} times in a row${last}; the VDI is unchanged`,
       { received: state.offset, length: state.length },
     );
   }
   return new ApiError(
     'SOURCE_UNAVAILABLE',
-    `could not fetch the source after ${RETRY_LIMIT + 1} attempts${last}; the VDI is unchanged`,
+    `could not fetch the source after ${SERVER_RETRY.retries + 1} attempts${last}; the VDI is unchanged`,
   );
 }
 

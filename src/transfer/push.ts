@@ -19,17 +19,17 @@
  * The receiver's session stays open when a push fails, so another push (or
  * any client) can complete it.
  */
-import { request } from 'undici';
 import { ApiError } from '../errors.js';
 import { isZero } from '../image/zero.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
-import { backoff, describe, RETRY_LIMIT } from './backoff.js';
 import { openExport } from './export.js';
 import { FetchGuard, type FetchTarget, pinnedAgent } from './fetch-guard.js';
 import { type PullDeps, redact } from './pull.js';
 import { type ByteRange, RangeSet } from './range-set.js';
+import { backoff, describe, HttpError, isTransient, SERVER_RETRY } from './retry-policy.js';
 import type { CreateTransfer } from './sessions.js';
+import { type TaskJson, type TransferJson, TransferSession } from './transfer-client.js';
 import type { Transfer } from './transfer-store.js';
 
 /** Largest chunk in one PUT: what a broken connection can cost at most. */
@@ -46,41 +46,6 @@ export interface PushDeps extends PullDeps {
   vdis: VdiStore;
 }
 
-/** What the receiving transfer says about itself (`GET /v1/transfers/{id}`). */
-interface RemoteTransfer {
-  direction: string;
-  format: string;
-  size: number | null;
-  state: string;
-  received: ByteRange[];
-}
-
-interface RemoteTask {
-  id: string;
-  status: string;
-  error: { code: string; message: string } | null;
-}
-
-/** The receiver refused a request. */
-class RemoteError extends Error {
-  constructor(
-    readonly status: number,
-    readonly code: string,
-    message: string,
-  ) {
-    super(message);
-  }
-
-  get retryable(): boolean {
-    return (
-      this.status >= 500 ||
-      this.status === 408 ||
-      this.status === 429 ||
-      ['CHUNK_INCOMPLETE', 'CLIENT_DISCONNECTED', 'TRANSFER_BUSY'].includes(this.code)
-    );
-  }
-}
-
 const PUSH_TARGET_KEY = 'diskport.push-target';
 
 /**
@@ -95,7 +60,7 @@ export async function resumePushes(s: PushDeps): Promise<void> {
       const ref = parseTargetUrl(raw);
       const target = await new FetchGuard(s.config.allowFetch).check(raw, 'target_url');
       s.transfers.runJob(t.id, (task) =>
-        new Push(s, t.id, t, new Receiver(target, ref, task.signal), task).run(),
+        new Push(s, t.id, t, receiverOf(target, ref, task.signal), task).run(),
       );
       s.logger.info({ transfer: t.id }, 'resuming a push interrupted by a restart');
     } catch (err) {
@@ -126,7 +91,7 @@ export async function startPush(
   });
   const id = opened.transfer.id;
   s.transfers.runJob(id, (task) =>
-    new Push(s, id, opened.transfer, new Receiver(target, ref, task.signal), task).run(),
+    new Push(s, id, opened.transfer, receiverOf(target, ref, task.signal), task).run(),
   );
   return opened;
 }
@@ -156,94 +121,23 @@ function parseTargetUrl(raw: string): { prefix: string; id: string; token: strin
   return { prefix: m[1], id: decodeURIComponent(m[2]), token };
 }
 
-/** The receiving transfer, spoken to with its own token only. */
-class Receiver {
-  private readonly agent;
-
-  constructor(
-    private readonly target: FetchTarget,
-    private readonly ref: { prefix: string; id: string; token: string },
-    private readonly signal: AbortSignal,
-  ) {
-    this.agent = pinnedAgent(target);
-  }
-
-  get id(): string {
-    return this.ref.id;
-  }
-
-  private url(path: string, query: Record<string, string> = {}): URL {
-    // Only the path changes on a copy of the checked URL: resolving a string
-    // against it would read a path starting with // as another host.
-    const url = new URL(this.target.url);
-    url.pathname = `${this.ref.prefix}/v1/transfers/${encodeURIComponent(this.ref.id)}${path}`;
-    url.search = new URLSearchParams({ token: this.ref.token, ...query }).toString();
-    if (url.host !== this.target.url.host) throw new Error(`refusing to leave ${this.target.url.host}`);
-    return url;
-  }
-
-  private async call<T>(
-    method: 'GET' | 'PUT' | 'PATCH' | 'POST',
-    path: string,
-    opts: { query?: Record<string, string>; headers?: Record<string, string>; body?: Buffer | string } = {},
-  ): Promise<T> {
-    const res = await request(this.url(path, opts.query), {
-      method,
-      headers: { 'user-agent': 'diskport', ...opts.headers },
-      body: opts.body,
-      dispatcher: this.agent,
-      signal: this.signal,
-    });
-    const text = await res.body.text();
-    let json: unknown = null;
-    try {
-      json = text ? JSON.parse(text) : null;
-    } catch {
-      // not JSON: reported below by status
-    }
-    if (res.statusCode >= 400) {
-      const error = (json as { error?: { code?: string; message?: string } } | null)?.error;
-      throw new RemoteError(
-        res.statusCode,
-        error?.code ?? `HTTP_${res.statusCode}`,
-        error?.message ?? (text.slice(0, 200) || `HTTP ${res.statusCode}`),
-      );
-    }
-    return json as T;
-  }
-
-  state(): Promise<RemoteTransfer> {
-    return this.call('GET', '');
-  }
-
-  declareTotal(total: number): Promise<unknown> {
-    return this.call('PUT', '/data', { headers: { 'content-range': `bytes */${total}` } });
-  }
-
-  put(start: number, data: Buffer, total: number): Promise<unknown> {
-    return this.call('PUT', '/data', {
-      headers: {
-        'content-range': `bytes ${start}-${start + data.length - 1}/${total}`,
-        'content-type': 'application/octet-stream',
-      },
-      body: data,
-    });
-  }
-
-  zero(start: number, end: number): Promise<unknown> {
-    return this.call('PATCH', '/data', {
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ op: 'zero', offset: start, size: end - start }),
-    });
-  }
-
-  finalize(waitSeconds: number): Promise<RemoteTask> {
-    return this.call('POST', '/finalize', { query: { wait: String(waitSeconds) } });
-  }
-
-  close(): Promise<void> {
-    return this.agent.close();
-  }
+/**
+ * The receiving transfer, spoken to with its own token only, through an agent
+ * pinned to the address the fetch guard checked.
+ */
+function receiverOf(
+  target: FetchTarget,
+  ref: { prefix: string; id: string; token: string },
+  signal: AbortSignal,
+): { remote: TransferSession; close: () => Promise<void> } {
+  const agent = pinnedAgent(target);
+  const base = new URL(target.url);
+  base.pathname = ref.prefix || '/';
+  base.search = '';
+  return {
+    remote: new TransferSession({ base, dispatcher: agent, signal }, { id: ref.id, token: ref.token }),
+    close: () => agent.close(),
+  };
 }
 
 /** The disk in the wire format: its size, where its data is, and the bytes of any range. */
@@ -300,9 +194,13 @@ class Push {
     private readonly s: PushDeps,
     private readonly id: string,
     private readonly t: Transfer,
-    private readonly remote: Receiver,
+    private readonly receiver: { remote: TransferSession; close: () => Promise<void> },
     private readonly task: RunningTask,
-  ) {}
+  ) {
+    this.remote = receiver.remote;
+  }
+
+  private readonly remote: TransferSession;
 
   async run(): Promise<Record<string, unknown>> {
     const { signal } = this.task;
@@ -328,36 +226,36 @@ class Push {
         } catch (err) {
           if (signal.aborted) throw signal.reason;
           if (
-            err instanceof RemoteError &&
+            err instanceof HttpError &&
             err.code === 'TRANSFER_INCOMPLETE' &&
             ++fillRounds <= MAX_FILL_ROUNDS
           ) {
             continue;
           }
-          if (err instanceof RemoteError && !err.retryable) throw refused(err);
           if (err instanceof ApiError) throw err;
+          if (!isTransient(err)) throw err instanceof HttpError ? refused(err) : err;
           lastError = err;
         }
         if (this.bytesSent + this.bytesZeroed > progressBefore) failures = 0;
-        else if (++failures > RETRY_LIMIT) {
+        else if (++failures > SERVER_RETRY.retries) {
           throw new ApiError(
             'REMOTE_UNAVAILABLE',
-            `the receiver kept failing: ${RETRY_LIMIT + 1} attempts in a row moved no byte (last: ${describe(lastError)}); ` +
+            `the receiver kept failing: ${SERVER_RETRY.retries + 1} attempts in a row moved no byte (last: ${describe(lastError)}); ` +
               'its session stays open: push again to complete it',
           );
         }
         this.retries++;
         log.info({ failures, err: describe(lastError) }, 'push interrupted: asking the receiver what it has');
-        await backoff(Math.max(1, failures), signal);
+        await backoff(SERVER_RETRY, Math.max(1, failures), signal);
       }
     } finally {
       await src.close().catch(() => {});
-      await this.remote.close().catch(() => {});
+      await this.receiver.close().catch(() => {});
     }
   }
 
   /** Sends what the receiver misses, then finalizes it; resolves with its finished task. */
-  private async pass(src: Source): Promise<RemoteTask> {
+  private async pass(src: Source): Promise<TaskJson> {
     const st = await this.remote.state();
     if (st.state === 'open') {
       this.checkReceiver(st, src);
@@ -407,7 +305,7 @@ class Push {
     return this.commit();
   }
 
-  private checkReceiver(st: RemoteTransfer, src: Source): void {
+  private checkReceiver(st: TransferJson, src: Source): void {
     if (st.direction !== 'upload') {
       throw new ApiError(
         'REMOTE_NOT_UPLOAD',
@@ -431,18 +329,19 @@ class Push {
   }
 
   /** Finalizes the receiver and waits (long-polls) for its commit. */
-  private async commit(): Promise<RemoteTask> {
+  private async commit(): Promise<TaskJson> {
     for (;;) {
       // Waiting on the receiver is activity: the local session must not expire meanwhile.
       this.s.transfers.renew(this.id);
-      let task: RemoteTask;
+      let task: TaskJson;
       try {
         task = await this.remote.finalize(FINALIZE_WAIT_SECONDS);
       } catch (err) {
-        if (!(err instanceof RemoteError && err.code === 'TRANSFER_NOT_ACTIVE')) throw err;
+        if (!(err instanceof HttpError && err.code === 'TRANSFER_NOT_ACTIVE')) throw err;
         // The session ended between two polls: its state says how.
         const st = await this.remote.state();
-        if (st.state === 'committed') return { id: '', status: 'success', error: null };
+        if (st.state === 'committed')
+          return { id: '', status: 'success', progress: 1, error: null, result: null };
         throw new ApiError(
           'REMOTE_IMPORT_FAILED',
           `the receiving transfer ${this.remote.id} ended ${st.state}; the local VDI is unaffected`,
@@ -475,7 +374,7 @@ class Push {
 }
 
 /** A receiver's definitive refusal, as the local task's error. */
-function refused(err: RemoteError): ApiError {
+function refused(err: HttpError): ApiError {
   return new ApiError('REMOTE_REJECTED', `the receiver answered ${err.status} ${err.code}: ${err.message}`, {
     remote_status: err.status,
     remote_code: err.code,
