@@ -221,6 +221,16 @@ export function toApiError(err: unknown): ApiError {
       'the client closed the connection before the whole image arrived; nothing was changed: send it again, or use a resumable transfer',
     );
   }
+  // A full disk, wherever it surfaced (a write, or the flush that gathered it): the client's answer is 507.
+  if (code === 'ENOSPC') {
+    return new ApiError(
+      'INSUFFICIENT_SPACE',
+      'the storage repository ran out of space; free space there and retry',
+      undefined,
+      {},
+      { cause: err },
+    );
+  }
   return new ApiError('INTERNAL_ERROR', INTERNAL_ERROR_MESSAGE, undefined, {}, { cause: err });
 }
 

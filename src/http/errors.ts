@@ -5,7 +5,7 @@
  * (`details.request_id`); its cause goes to the log, never to the client.
  */
 import type { ErrorRequestHandler, RequestHandler } from 'express';
-import { ApiError, INTERNAL_ERROR_MESSAGE } from '../errors.js';
+import { ApiError, toApiError } from '../errors.js';
 
 /** The response body; a 5xx names the request id the log files its cause under. */
 export function toErrorBody(err: ApiError, requestId?: string) {
@@ -79,11 +79,7 @@ export const notFoundHandler: RequestHandler = (req, _res, next) => {
 };
 
 export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
-  const apiError =
-    err instanceof ApiError
-      ? err
-      : (fromExpressError(err) ??
-        new ApiError('INTERNAL_ERROR', INTERNAL_ERROR_MESSAGE, undefined, {}, { cause: err }));
+  const apiError = err instanceof ApiError ? err : (fromExpressError(err) ?? toApiError(err));
   if (apiError.status >= 500) req.log?.error({ err: logCause(apiError) }, 'request failed');
   else req.log?.info({ code: apiError.code, message: apiError.message }, 'request refused');
   if (res.headersSent || res.destroyed) {
