@@ -52,7 +52,10 @@ describe('the commands from a checkout', () => {
     }
   });
 
-  test('npm ci builds the bins, and npx diskport / npx diskport-server run them', async () => {
+  // A checkout where `npm ci` has not run since the bins' build was added builds them here: tsc takes a while.
+  test('npm ci builds the bins, and npx diskport / npx diskport-server run them', {
+    timeout: 300_000,
+  }, async () => {
     // `prepare` runs at the end of `npm ci`: a fresh checkout has its bins built.
     assert.match(pkg.scripts.prepare ?? '', /npm run build/);
     if (!existsSync(path.join(ROOT, pkg.bin.diskport))) {

@@ -14,7 +14,7 @@ import {
   type RetryPolicy,
   SERVER_RETRY,
   withRetry,
-} from '../src/transfer/retry-policy.js';
+} from '../../src/transfer/retry-policy.js';
 
 describe('which answers are tried again', () => {
   const cases: [status: number, code: string | undefined, transient: boolean, why: string][] = [
