@@ -22,6 +22,8 @@ export interface Config {
   firstRequestTimeoutMs: number;
   /** A request whose headers take longer than this to arrive is answered 408 and closed. */
   headersTimeoutMs: number;
+  /** Bytes kept free on each SR for the metadata store: data writes that would eat into them are refused (507). */
+  spaceReserveBytes: number;
 }
 
 export const DEFAULTS = {
@@ -34,6 +36,7 @@ export const DEFAULTS = {
   maxConnections: 4096,
   firstRequestTimeout: '30s',
   headersTimeout: '60s',
+  spaceReserve: '32M',
 } as const;
 
 const DURATION_UNITS_SECONDS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400 };
@@ -51,6 +54,15 @@ export function parseDurationMs(value: string): number {
   const ms = m ? Number(m[1]) : parseDuration(value) * 1000;
   if (ms <= 0) throw new InvalidArgumentError(`'${value}' must be longer than 0`);
   return ms;
+}
+
+const SIZE_UNITS_BYTES: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 };
+
+/** `32M`, `1G`, `512K` (binary units) or a bare number of bytes. */
+export function parseSize(value: string): number {
+  const m = /^(\d+)([KMG]?)(?:i?B)?$/i.exec(value.trim());
+  if (!m) throw new InvalidArgumentError(`'${value}' is not a size (e.g. 32M, 1G, or bytes)`);
+  return Number(m[1]) * SIZE_UNITS_BYTES[m[2].toUpperCase()];
 }
 
 function parseCount(value: string): number {
@@ -149,6 +161,12 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       parseDurationMs,
       parseDurationMs(env.DISKPORT_HEADERS_TIMEOUT ?? DEFAULTS.headersTimeout),
     )
+    .option(
+      '--space-reserve <size>',
+      "space kept free on each SR for diskport's metadata, e.g. 32M, 1G (env DISKPORT_SPACE_RESERVE)",
+      parseSize,
+      parseSize(env.DISKPORT_SPACE_RESERVE ?? DEFAULTS.spaceReserve),
+    )
     .exitOverride();
   program.parse(argv, { from: 'user' });
   const o = program.opts<
@@ -157,6 +175,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       taskRetentionCount: number;
       firstRequestTimeout: number;
       headersTimeout: number;
+      spaceReserve: number;
     }
   >();
   return {
@@ -171,6 +190,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     maxConnections: o.maxConnections,
     firstRequestTimeoutMs: o.firstRequestTimeout,
     headersTimeoutMs: o.headersTimeout,
+    spaceReserveBytes: o.spaceReserve,
   };
 }
 

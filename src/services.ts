@@ -3,12 +3,14 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import type { Config } from './config.js';
+import { PRIVATE_DIR_MODE } from './image/file-io.js';
+import { isOutOfSpace } from './image/space.js';
 import { type Metrics, observeTasks } from './metrics.js';
 import { ChecksumService } from './ops/checksum.js';
 import { type Db, openDb } from './storage/db.js';
 import { SrStore } from './storage/srs.js';
 import { VdiLocks } from './storage/vdi-locks.js';
-import { VdiStore } from './storage/vdis.js';
+import { MAX_VIRTUAL_SIZE_BYTES, VdiStore } from './storage/vdis.js';
 import { TaskManager } from './tasks/task-manager.js';
 import { TaskStore } from './tasks/task-store.js';
 import { ReadCounters } from './transfer/export.js';
@@ -32,26 +34,40 @@ export interface Services {
 }
 
 export async function createServices(config: Config, logger: Logger): Promise<Services> {
-  await fsp.mkdir(config.dataDir, { recursive: true });
+  await fsp.mkdir(config.dataDir, { recursive: true, mode: PRIVATE_DIR_MODE });
   const db = openDb(path.join(config.dataDir, 'diskport.sqlite'));
-  const srs = new SrStore(db);
-  await srs.ensureDefault(config.dataDir);
+  const srs = new SrStore(db, { spaceReserveBytes: config.spaceReserveBytes });
+  await srs.ensureDefault(config.dataDir, MAX_VIRTUAL_SIZE_BYTES);
   const vdis = new VdiStore(db, srs, new VdiLocks());
   const tasks = new TaskManager(new TaskStore(db), logger);
 
   // Restart recovery: whatever was running died with the previous process,
-  // except resumable transfers, which pick up where they were.
+  // except resumable transfers, which pick up where they were. Files are
+  // freed before anything is written: on a disk that an upload filled, its
+  // staging file is the space that recording its end needs.
   const transfers = new TransferService(db, vdis, tasks, logger);
   const keep = transfers.activeAtStartup();
-  const interrupted = tasks.recover(keep.tasks);
   const removed = await vdis.collectGarbage(keep.staging);
+  let interrupted: string[] = [];
+  try {
+    interrupted = tasks.recover(keep.tasks);
+  } catch (err) {
+    // Still full (of what is not diskport's to free): serve anyway, and record it at the next start.
+    if (!isOutOfSpace(err)) throw err;
+    logger.error(
+      { err },
+      'the disk is full: tasks of the previous process stay marked running until a restart',
+    );
+  }
   transfers.resume();
   if (interrupted.length || removed.length) {
     logger.info({ interrupted: interrupted.length, removed }, 'recovered from an unclean stop');
   }
 
-  const stopPruning = tasks.startPruning(config.taskRetention, (n) =>
-    logger.info({ removed: n }, 'removed finished tasks past their retention'),
+  const stopPruning = tasks.startPruning(
+    config.taskRetention,
+    (n) => logger.info({ removed: n }, 'removed finished tasks past their retention'),
+    (err) => logger.error({ err }, 'could not remove finished tasks past their retention'),
   );
 
   const checksums = new ChecksumService(vdis, tasks);

@@ -27,6 +27,7 @@
 import { constants, promises as fsp } from 'node:fs';
 import { writeFully } from './file-io.js';
 import { addon } from './native.js';
+import { type SpaceGuard, spaceError, spaceGuardOf } from './space.js';
 import { zeroRange } from './sparse.js';
 
 /** Alignment of every direct write: memory, file offset and length. */
@@ -58,6 +59,8 @@ export class DirectWriter {
   private constructor(
     private readonly handle: FileHandle,
     private direct: FileHandle | null,
+    /** Keeps the reserve of the file's storage repository (space.ts). */
+    private readonly space: SpaceGuard | null,
   ) {}
 
   /**
@@ -74,7 +77,7 @@ export class DirectWriter {
       // EINVAL: the file system has no O_DIRECT (some FUSE and network mounts).
       direct = await fsp.open(path, constants.O_WRONLY | constants.O_DIRECT).catch(() => null);
     }
-    return new DirectWriter(handle, direct);
+    return new DirectWriter(handle, direct, spaceGuardOf(path));
   }
 
   /** Whether whole blocks bypass the page cache. */
@@ -169,11 +172,23 @@ export class DirectWriter {
     this.throwIfFailed();
     const [buf, base, start, end] = [this.pending!, this.base, this.start, this.end];
     this.flying = [start, end];
-    this.inFlight = this.writeOut(buf, base, start, end).catch((err) => {
-      this.failure = err;
+    this.inFlight = this.guarded(end - start, () => this.writeOut(buf, base, start, end)).catch((err) => {
+      // A full file system is the client's 507, not an errno.
+      this.failure = spaceError(err, 'the write');
     });
     [this.pending, this.spare] = [this.spare, buf];
     this.start = this.end = 0;
+  }
+
+  /** Runs `write` of `bytes` once the SR's reserve allows it. */
+  private async guarded(bytes: number, write: () => Promise<void>): Promise<void> {
+    if (!this.space) return write();
+    await this.space.claim(bytes);
+    try {
+      await write();
+    } finally {
+      this.space.release(bytes);
+    }
   }
 
   private async writeOut(buf: Buffer, base: number, start: number, end: number): Promise<void> {

@@ -43,3 +43,12 @@ export async function syncFile(path: string): Promise<void> {
     await handle.close();
   }
 }
+
+/**
+ * Mode of every file diskport creates (images, staging, the metadata store):
+ * disks hold their owners' data, and the store holds secrets (push receivers,
+ * session state), so nobody but the service's user reads them.
+ */
+export const PRIVATE_FILE_MODE = 0o600;
+/** Mode of the directories diskport creates (data directory, SRs, staging). */
+export const PRIVATE_DIR_MODE = 0o700;

@@ -15,7 +15,7 @@ import {
   readByInto,
   readLength,
 } from './block-image.js';
-import { readAt, writeFully } from './file-io.js';
+import { PRIVATE_FILE_MODE, readAt, writeFully } from './file-io.js';
 import { fileExtents, zeroRange } from './sparse.js';
 
 export class RawFileImage implements BlockImage {
@@ -80,7 +80,7 @@ export class WritableRawFileImage extends RawFileImage implements ImageWriter {
 
   /** Creates (or truncates) a sparse file of `virtualSize` bytes: all hole. */
   static async create(path: string, virtualSize: number): Promise<WritableRawFileImage> {
-    const handle = await fsp.open(path, 'w+');
+    const handle = await fsp.open(path, 'w+', PRIVATE_FILE_MODE);
     try {
       await handle.truncate(virtualSize);
     } catch (err) {

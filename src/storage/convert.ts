@@ -11,6 +11,7 @@ import { codecFor } from '../formats/index.js';
 import type { SerializedImage } from '../formats/types.js';
 import type { BlockImage } from '../image/block-image.js';
 import { DirectWriter } from '../image/direct-writer.js';
+import { PRIVATE_FILE_MODE } from '../image/file-io.js';
 import { readVirtual } from '../image/read-virtual.js';
 import { forEachDataRun } from '../image/zero.js';
 
@@ -135,7 +136,7 @@ export async function convertInto(
   destPath: string,
   progress: CopyProgress = {},
 ): Promise<void> {
-  const handle = await fsp.open(destPath, 'w');
+  const handle = await fsp.open(destPath, 'w', PRIVATE_FILE_MODE);
   const writeback = new EarlyWriteback(handle);
   const writer = await DirectWriter.open(destPath, handle);
   try {

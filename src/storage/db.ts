@@ -5,7 +5,9 @@
  * cut; the write rate here (a few rows per transfer, progress throttled to
  * once a second) makes the extra fsync cheap.
  */
+import { chmodSync, closeSync, openSync } from 'node:fs';
 import Database from 'better-sqlite3';
+import { PRIVATE_FILE_MODE } from '../image/file-io.js';
 
 export type Db = Database.Database;
 
@@ -76,6 +78,17 @@ const MIGRATIONS: readonly string[] = [
 ];
 
 export function openDb(file: string): Db {
+  // SQLite creates its file world-readable, and its -wal and -shm files with
+  // the database's mode: create it private first (and make an older one so).
+  closeSync(openSync(file, 'a', PRIVATE_FILE_MODE));
+  chmodSync(file, PRIVATE_FILE_MODE);
+  for (const companion of [`${file}-wal`, `${file}-shm`]) {
+    try {
+      chmodSync(companion, PRIVATE_FILE_MODE);
+    } catch {
+      // not there: SQLite creates it with the database's mode
+    }
+  }
   const db = new Database(file);
   db.pragma('journal_mode = WAL');
   db.pragma('synchronous = FULL');

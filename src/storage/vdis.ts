@@ -17,11 +17,13 @@ import type { BlockImage } from '../image/block-image.js';
 import { EmptyImage } from '../image/empty-image.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { ResizedImage } from '../image/resized-image.js';
+import { freeBytes, humanBytes, insufficientSpace, spaceError, spaceGuardOf } from '../image/space.js';
 import { convertInto } from './convert.js';
 import { cachedStatement, type Db, nowIso } from './db.js';
+import { PROBE_PREFIX } from './file-limits.js';
 import { ImageCache } from './image-cache.js';
 import { type Page, type PageRequest, selectPage } from './paging.js';
-import { type Sr, type SrStore, STAGING_DIR_NAME } from './srs.js';
+import type { Sr, SrStore } from './srs.js';
 import type { VdiLocks } from './vdi-locks.js';
 
 export interface Vdi {
@@ -110,10 +112,10 @@ export class VdiStore {
       );
     }
     checkVirtualSize(req.virtual_size);
+    this.checkFileSize(sr, format, req.virtual_size);
     const id = randomUUID();
     const fileName = generationFileName(id, 0, format);
     const file = path.join(sr.path, fileName);
-    await convertInto(new EmptyImage(req.virtual_size), format, file);
     const now = nowIso();
     const vdi: Vdi = {
       id,
@@ -127,15 +129,51 @@ export class VdiStore {
       created_at: now,
       content_updated_at: now,
     };
-    this.db
-      .prepare(
-        `INSERT INTO vdis (id, sr_id, name_label, name_description, virtual_size, image_format, generation, file_name,
-           created_at, content_updated_at)
-         VALUES (@id, @sr_id, @name_label, @name_description, @virtual_size, @image_format, @generation, @file_name,
-           @created_at, @content_updated_at)`,
-      )
-      .run(vdi);
+    // A failed create leaves nothing: neither a file nor a row.
+    try {
+      await convertInto(new EmptyImage(req.virtual_size), format, file);
+      this.db
+        .prepare(
+          `INSERT INTO vdis (id, sr_id, name_label, name_description, virtual_size, image_format, generation, file_name,
+             created_at, content_updated_at)
+           VALUES (@id, @sr_id, @name_label, @name_description, @virtual_size, @image_format, @generation, @file_name,
+             @created_at, @content_updated_at)`,
+        )
+        .run(vdi);
+    } catch (err) {
+      await fsp.rm(file, { force: true });
+      throw spaceError(err, `a ${format} VDI`);
+    }
     return vdi;
+  }
+
+  /**
+   * A raw VDI is one file of its virtual size: refused when the SR's file
+   * system cannot hold a file that large (ext4: 16 TiB), which would fail
+   * only later, or with an errno.
+   */
+  private checkFileSize(sr: Sr, format: string, virtualSize: number): void {
+    const max = this.srs.maxFileSize(sr, MAX_VIRTUAL_SIZE_BYTES);
+    if (format !== 'raw' || max === null || virtualSize <= max) return;
+    throw new ApiError(
+      'INVALID_REQUEST',
+      `a raw VDI of ${formatBytes(virtualSize)} cannot be stored in SR '${sr.id}': its file system holds files of at most ` +
+        `${humanBytes(max)} (${max} bytes); make it smaller, or use image_format qcow2 or vhd, whose files grow with the data`,
+      { virtual_size: virtualSize, max_file_size: max, sr: sr.id },
+    );
+  }
+
+  /**
+   * Throws 507 unless `bytes` more fit in the VDI's SR above its reserve
+   * (a declared upload, before its first byte).
+   */
+  async ensureSpace(vdi: Vdi, bytes: number, what: string): Promise<void> {
+    if (bytes <= 0) return;
+    const dir = this.srOf(vdi).path;
+    const guard = spaceGuardOf(path.join(dir, vdi.file_name));
+    if (guard) return guard.ensure(bytes, what);
+    const free = await freeBytes(dir);
+    if (bytes > free) throw insufficientSpace(what, { needed: bytes, free, reserve: 0 });
   }
 
   /** Renames and/or grows a VDI. Shrinking would destroy data, so it is refused. */
@@ -146,6 +184,7 @@ export class VdiStore {
     const vdi = this.get(id);
     if (patch.virtual_size !== undefined && patch.virtual_size !== vdi.virtual_size) {
       checkVirtualSize(patch.virtual_size);
+      this.checkFileSize(this.srOf(vdi), vdi.image_format, patch.virtual_size);
       if (patch.virtual_size < vdi.virtual_size) {
         throw new ApiError(
           'SHRINK_NOT_ALLOWED',
@@ -174,11 +213,14 @@ export class VdiStore {
         await convertInto(new ResizedImage(image, newSize), vdi.image_format, staged);
       } catch (err) {
         await fsp.rm(staged, { force: true });
-        throw err;
+        throw spaceError(err, 'the resize');
       } finally {
         await image.close();
       }
-      await this.commitContent(vdi.id, staged, { virtualSize: newSize });
+      await this.commitContent(vdi.id, staged, { virtualSize: newSize }).catch(async (err) => {
+        await fsp.rm(staged, { force: true });
+        throw err;
+      });
     } finally {
       release();
     }
@@ -227,7 +269,30 @@ export class VdiStore {
     const target = path.join(sr.path, fileName);
     await fsp.rm(target, { force: true }); // an orphan of an earlier attempt
     await fsp.link(stagedFile, target);
-    await fsyncDir(sr.path);
+    try {
+      await fsyncDir(sr.path);
+      this.switchGeneration(id, vdi, generation, fileName, opts);
+    } catch (err) {
+      // Nothing points at the new name: the VDI keeps its content.
+      await fsp.rm(target, { force: true });
+      throw spaceError(err, 'the commit');
+    }
+    this.images.drop(id);
+    await fsp.rm(stagedFile, { force: true });
+    // Unlinking a large old generation takes a while and nobody waits for it:
+    // not the client (readers still holding it keep their open file), not
+    // correctness (a file left by a crash is collected at startup).
+    void fsp.rm(path.join(sr.path, vdi.file_name), { force: true }).catch(() => {});
+    return this.get(id);
+  }
+
+  private switchGeneration(
+    id: string,
+    vdi: Vdi,
+    generation: number,
+    fileName: string,
+    opts: { virtualSize?: number; inTransaction?: (generation: number) => void },
+  ): void {
     this.db.transaction(() => {
       this.db
         .prepare(
@@ -243,13 +308,6 @@ export class VdiStore {
         });
       opts.inTransaction?.(generation);
     })();
-    this.images.drop(id);
-    await fsp.rm(stagedFile, { force: true });
-    // Unlinking a large old generation takes a while and nobody waits for it:
-    // not the client (readers still holding it keep their open file), not
-    // correctness (a file left by a crash is collected at startup).
-    void fsp.rm(path.join(sr.path, vdi.file_name), { force: true }).catch(() => {});
-    return this.get(id);
   }
 
   async physicalUtilisation(vdi: Vdi): Promise<number> {
@@ -278,7 +336,9 @@ export class VdiStore {
   /**
    * Startup: removes image files no VDI points at (a crash between writing a
    * generation and committing it, or between committing and unlinking the old
-   * one) and every staging file not listed in `keepStaging`.
+   * one) and every staging file not listed in `keepStaging`. Only names
+   * diskport gives its files are touched: an SR may be a mount point of its
+   * own (with `lost+found`), or hold what someone put there.
    */
   async collectGarbage(keepStaging: ReadonlySet<string> = new Set()): Promise<string[]> {
     const removed: string[] = [];
@@ -289,15 +349,15 @@ export class VdiStore {
         ).map((r) => r.file_name),
       );
       for (const name of await fsp.readdir(sr.path)) {
-        if (name === STAGING_DIR_NAME || live.has(name)) continue;
+        if (!GENERATION_FILE_NAME.test(name) || live.has(name)) continue;
         await fsp.rm(path.join(sr.path, name), { force: true });
         removed.push(name);
       }
       const staging = this.srs.stagingDir(sr);
       for (const name of await fsp.readdir(staging)) {
         const file = path.join(staging, name);
-        if (keepStaging.has(file)) continue;
-        await fsp.rm(file, { force: true, recursive: true });
+        if (!STAGING_FILE_NAME.test(name) || keepStaging.has(file)) continue;
+        await fsp.rm(file, { force: true });
         removed.push(file);
       }
     }
@@ -308,6 +368,18 @@ export class VdiStore {
 function generationFileName(id: string, generation: number, format: string): string {
   return `${id}.g${generation}.${format}`;
 }
+
+const UUID = '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}';
+/** What generationFileName makes. */
+const GENERATION_FILE_NAME = new RegExp(`^${UUID}\\.g\\d+\\.[a-z0-9]+$`);
+/**
+ * Staging files: an upload's (`transfer-<id>.<format>`, and beside it its
+ * chunks landed aside, its converted image, a streaming import's disk), a
+ * resize's, a file-size probe's.
+ */
+const STAGING_FILE_NAME = new RegExp(
+  `^(transfer|resize|${PROBE_PREFIX.slice(0, -1)})-${UUID}(\\.[A-Za-z0-9.-]+)?$`,
+);
 
 function checkVirtualSize(size: number): void {
   if (!Number.isSafeInteger(size) || size <= 0 || size % 512 !== 0) {

@@ -9,6 +9,7 @@ import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import { ApiError, CancelledError, NotFoundError, toApiError } from '../errors.js';
+import { spaceError } from '../image/space.js';
 import { nowIso } from '../storage/db.js';
 import type { Page, PageRequest } from '../storage/paging.js';
 import { FINISHED_STATUSES, type Task, type TaskFilter, type TaskStore } from './task-store.js';
@@ -110,7 +111,7 @@ export class RunningTask {
       const e = err instanceof CancelledError ? err : (this.abort.signal.reason as CancelledError);
       return this.finish('cancelled', { code: e.code, message: e.message, status: e.status }, null);
     }
-    const e = toApiError(err);
+    const e = toApiError(spaceError(err));
     // Whoever reads the task gets the code and a message meant for them; the cause is logged.
     if (e.status >= 500) {
       this.manager.logger?.error({ task: this.id, type: this.record.type, err: e.cause ?? e }, 'task failed');
@@ -213,11 +214,21 @@ export class TaskManager {
    * the store grows with what runs, not with the service's age. Returns the
    * stop function.
    */
-  startPruning(retention: TaskRetention, onPruned?: (n: number) => void): () => void {
+  startPruning(
+    retention: TaskRetention,
+    onPruned?: (n: number) => void,
+    onError?: (err: unknown) => void,
+  ): () => void {
     const prune = () => {
       const cutoff = new Date(Date.now() - retention.maxAgeSeconds * 1000).toISOString();
-      const n = this.store.prune(cutoff, retention.maxCount);
-      if (n > 0) onPruned?.(n);
+      try {
+        const n = this.store.prune(cutoff, retention.maxCount);
+        if (n > 0) onPruned?.(n);
+      } catch (err) {
+        // A delete writes too (SQLite's journal): on a full disk it waits for the next round.
+        if (!onError) throw err;
+        onError(err);
+      }
     };
     prune();
     const timer = setInterval(prune, PRUNE_INTERVAL_MS);

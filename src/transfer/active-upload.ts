@@ -16,8 +16,10 @@ import { promises as fsp } from 'node:fs';
 import type { Readable } from 'node:stream';
 import { ApiError, formatBytes } from '../errors.js';
 import { DirectWriter } from '../image/direct-writer.js';
+import { PRIVATE_FILE_MODE } from '../image/file-io.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { readVirtual } from '../image/read-virtual.js';
+import { spaceGuardOf } from '../image/space.js';
 import { zeroRange } from '../image/sparse.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
@@ -27,7 +29,7 @@ import { nextEpoch, streamDestOf, touch } from './session-record.js';
 import type { Live, SessionRegistry } from './session-registry.js';
 import { StreamingImport } from './streaming-import.js';
 import type { Transfer } from './transfer-store.js';
-import { checkDeclaredSize, uploadLimit } from './upload-rules.js';
+import { checkDeclaredSize, spaceNeeded, uploadLimit } from './upload-rules.js';
 
 const CHECKPOINT_INTERVAL_MS = 1000;
 
@@ -175,6 +177,7 @@ export class ActiveUploads {
         writable,
         progress,
         writer: writer ?? undefined,
+        space: t.staging_path ? spaceGuardOf(t.staging_path) : null,
         route: streaming
           ? (buf, n, at, stage) => streaming!.write(buf, n, at, stage, { writable, punchZeros: !chunk.fresh })
           : undefined,
@@ -204,7 +207,7 @@ export class ActiveUploads {
           { received },
         );
       }
-      if (!range && total === null) await this.learnTotal(live, received, vdi);
+      if (!range && total === null) await this.learnTotal(live, received, vdi, received);
       await record(start + received);
       return t;
     } catch (err) {
@@ -239,7 +242,7 @@ export class ActiveUploads {
   ): Promise<number> {
     const aside = `${live.t.staging_path}.chunk-${randomUUID()}`;
     const hash = createHash(digest.algorithm);
-    const file = await fsp.open(aside, 'w+');
+    const file = await fsp.open(aside, 'w+', PRIVATE_FILE_MODE);
     try {
       const received = await landStream(body, file, {
         ...landing,
@@ -327,8 +330,8 @@ export class ActiveUploads {
     return live.t;
   }
 
-  /** The first chunk naming a total fixes it; later ones must agree. */
-  private async learnTotal(live: Live, total: number | null, vdi: Vdi): Promise<void> {
+  /** The first chunk naming a total fixes it; later ones must agree. `landed`: bytes written, not yet recorded. */
+  private async learnTotal(live: Live, total: number | null, vdi: Vdi, landed = 0): Promise<void> {
     if (total === null) return;
     const t = live.t;
     if (t.size !== null && t.size !== total) {
@@ -340,6 +343,8 @@ export class ActiveUploads {
     }
     if (t.size === null) {
       checkDeclaredSize(total, t.format, vdi);
+      const have = live.ranges.size() + landed;
+      await this.vdis.ensureSpace(vdi, spaceNeeded(total, have, t.format, vdi, t.checksum), 'the upload');
       t.size = total;
       live.task.setTotal(total);
       if (t.format !== 'raw') await (await this.handleOf(live)).truncate(total);

@@ -10,7 +10,8 @@
  *   the upload streamed into its raw disk as it arrived, the rest of its data
  *   copied into that disk file (see streaming-import.ts).
  * Until the rename the VDI keeps its previous content; on any error the
- * staging files are removed and the VDI is untouched.
+ * staging files are removed and the VDI is untouched. A file system that
+ * fills up on the way is a 507 INSUFFICIENT_SPACE, never an errno.
  */
 import { promises as fsp } from 'node:fs';
 import { ApiError, formatBytes } from '../errors.js';
@@ -18,6 +19,7 @@ import { codecFor } from '../formats/index.js';
 import { syncFile } from '../image/file-io.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { isZeroFrom, ResizedImage } from '../image/resized-image.js';
+import { spaceError } from '../image/space.js';
 import { convertInto } from '../storage/convert.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
@@ -78,6 +80,8 @@ export async function commitStaged(
     const committed = await vdis.commitContent(vdi.id, converted, { inTransaction });
     converted = null;
     return committed;
+  } catch (err) {
+    throw spaceError(err, 'the conversion into the VDI');
   } finally {
     await image.close().catch(() => {});
     if (converted) await fsp.rm(converted, { force: true });

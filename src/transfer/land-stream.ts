@@ -13,6 +13,7 @@ import type { promises as fsp } from 'node:fs';
 import { ApiError } from '../errors.js';
 import type { DirectWriter } from '../image/direct-writer.js';
 import { writeFully } from '../image/file-io.js';
+import { type SpaceGuard, spaceError } from '../image/space.js';
 import { zeroRange } from '../image/sparse.js';
 import { forEachRun } from '../image/zero.js';
 import type { ByteRange } from './range-set.js';
@@ -47,6 +48,11 @@ export interface LandOptions {
    * Its owner flushes it before it records what landed.
    */
   writer?: DirectWriter;
+  /**
+   * Keeps the SR's reserve for the writes made here without `writer` (a
+   * DirectWriter keeps it itself): see image/space.ts.
+   */
+  space?: SpaceGuard | null;
   /**
    * Takes over each gathered write (a streaming import sends some bytes
    * elsewhere); `stage` is the ordinary write into the file.
@@ -93,9 +99,17 @@ async function* untilAborted(body: AsyncIterable<Buffer>, signal?: AbortSignal):
 /** Where writeRuns puts its runs: a DirectWriter, or the file itself. */
 type RunSink = Pick<DirectWriter, 'write' | 'zero'>;
 
-function fileSink(handle: fsp.FileHandle): RunSink {
+function fileSink(handle: fsp.FileHandle, space: SpaceGuard | null | undefined): RunSink {
   return {
-    write: (data, position) => writeFully(handle, data, 0, data.length, position),
+    write: async (data, position) => {
+      if (!space) return writeFully(handle, data, 0, data.length, position);
+      await space.claim(data.length);
+      try {
+        await writeFully(handle, data, 0, data.length, position);
+      } finally {
+        space.release(data.length);
+      }
+    },
     zero: (position, length) => zeroRange(handle, position, length),
   };
 }
@@ -110,15 +124,6 @@ async function writeRuns(sink: RunSink, buf: Buffer, length: number, at: number,
     }
   });
   await Promise.all(writes);
-}
-
-function storageError(err: unknown): unknown {
-  return (err as NodeJS.ErrnoException).code === 'ENOSPC'
-    ? new ApiError(
-        'INSUFFICIENT_SPACE',
-        'the storage repository ran out of space while writing the upload; free space and retry',
-      )
-    : err;
 }
 
 /** Returns the number of bytes received. */
@@ -142,7 +147,7 @@ export async function landStream(
   let inFlight: Promise<void> = Promise.resolve();
   let writeError: unknown = null;
 
-  const sink = opts.writer ?? fileSink(handle);
+  const sink = opts.writer ?? fileSink(handle, opts.space);
   const stage = (sb: Buffer, sn: number, sa: number) => writeRuns(sink, sb, sn, sa, opts);
   /** Starts the write of b[0, n) at `at` once the one in flight is done. */
   const land = async (b: Buffer, n: number, at: number) => {
@@ -153,7 +158,7 @@ export async function landStream(
         if (opts.progress) opts.progress.written = at + n - opts.offset;
       },
       (err) => {
-        writeError = storageError(err);
+        writeError = spaceError(err, 'the upload');
       },
     );
   };

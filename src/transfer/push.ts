@@ -19,8 +19,10 @@
  * The receiver's session stays open when a push fails, so another push (or
  * any client) can complete it.
  */
+import type { Config } from '../config.js';
 import { ApiError } from '../errors.js';
 import { isZero } from '../image/zero.js';
+import { openSecret, sealSecret } from '../secrets.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 import { openExport } from './export.js';
@@ -44,6 +46,8 @@ export type PushRequest = CreateTransfer & { target_url: string };
 /** What a push uses: a pull's needs, and the VDIs it reads from. */
 export interface PushDeps extends PullDeps {
   vdis: VdiStore;
+  /** The token seals the receiver's URL kept for a resume (secrets.ts). */
+  config: Pick<Config, 'allowFetch' | 'token'>;
 }
 
 const PUSH_TARGET_KEY = 'diskport.push-target';
@@ -54,8 +58,20 @@ const PUSH_TARGET_KEY = 'diskport.push-target';
  */
 export async function resumePushes(s: PushDeps): Promise<void> {
   for (const t of s.transfers.list({ active: true })) {
-    const raw = t.metadata?.[PUSH_TARGET_KEY];
-    if (t.direction !== 'download' || t.state !== 'open' || !raw) continue;
+    const kept = t.metadata?.[PUSH_TARGET_KEY];
+    if (t.direction !== 'download' || t.state !== 'open' || !kept) continue;
+    let raw: string;
+    try {
+      raw = openSecret(kept, s.config.token);
+    } catch (err) {
+      // Nothing can reach the receiver now: the push ends, and its receiver's session stays open for another.
+      const reason = `the push cannot resume: its receiver's URL was ${(err as Error).message}; start the push again`;
+      s.transfers.runJob(t.id, async () => {
+        throw new ApiError('INTERRUPTED', reason);
+      });
+      s.logger.error({ transfer: t.id }, reason);
+      continue;
+    }
     try {
       const ref = parseTargetUrl(raw);
       const target = await new FetchGuard(s.config.allowFetch).check(raw, 'target_url');
@@ -84,10 +100,12 @@ export async function startPush(
   const target = await new FetchGuard(s.config.allowFetch).check(req.target_url, 'target_url');
   // The receiver's URL, token included, stays private on the session (never in
   // its JSON): it is what lets a push resume after this diskport restarts.
+  // Sealed with the service's token when it has one (secrets.ts).
+  const kept = s.config.token ? sealSecret(req.target_url, s.config.token) : req.target_url;
   const opened = await s.transfers.create({
     ...req,
     target_url: redact(target.url),
-    metadata: { ...req.metadata, [PUSH_TARGET_KEY]: req.target_url },
+    metadata: { ...req.metadata, [PUSH_TARGET_KEY]: kept },
   });
   const id = opened.transfer.id;
   s.transfers.runJob(id, (task) =>

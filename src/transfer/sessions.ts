@@ -13,6 +13,8 @@ import type { Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import { ApiError, CancelledError, toApiError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
+import { PRIVATE_FILE_MODE } from '../image/file-io.js';
+import { isOutOfSpace, spaceError } from '../image/space.js';
 import { dropCachedPages } from '../image/sparse.js';
 import { type Db, nowIso } from '../storage/db.js';
 import type { Page, PageRequest } from '../storage/paging.js';
@@ -34,7 +36,7 @@ import {
 } from './session-record.js';
 import { type Live, SessionRegistry } from './session-registry.js';
 import type { Direction, Transfer } from './transfer-store.js';
-import { checkDeclaredSize, parseChecksum, verifyChecksum } from './upload-rules.js';
+import { checkDeclaredSize, parseChecksum, spaceNeeded, verifyChecksum } from './upload-rules.js';
 
 export type { ChunkRange, ChunkWrite } from './active-upload.js';
 
@@ -83,13 +85,13 @@ export class TransferService {
   /** Startup: takes active sessions back; a finalize that was running is run again from the staged bytes. */
   resume(): void {
     for (const t of this.sessions.store.list({ active: true })) {
-      if (isOneShot(t)) {
-        // Nobody holds a one-shot import's session: it died with its request.
-        t.state = 'failed';
-        this.sessions.store.save(t);
-        continue;
-      }
       try {
+        if (isOneShot(t)) {
+          // Nobody holds a one-shot import's session: it died with its request.
+          t.state = 'failed';
+          this.sessions.store.save(t);
+          continue;
+        }
         const live = this.attach(t, this.tasks.adopt(t.task_id, t.format));
         if (t.state === 'finalizing') {
           this.logger?.info({ transfer: t.id }, 'finishing a finalize interrupted by a restart');
@@ -134,7 +136,10 @@ export class TransferService {
       );
     }
     if (req.checksum !== undefined) parseChecksum(req.checksum);
-    if (req.size !== undefined) checkDeclaredSize(req.size, format, vdi);
+    if (req.size !== undefined) {
+      checkDeclaredSize(req.size, format, vdi);
+      await this.vdis.ensureSpace(vdi, spaceNeeded(req.size, 0, format, vdi, req.checksum), 'the upload');
+    }
     if (req.direction === 'download' && (req.size !== undefined || req.checksum !== undefined)) {
       throw new ApiError(
         'INVALID_REQUEST',
@@ -173,7 +178,7 @@ export class TransferService {
     if (upload) await dropCachedPages(this.vdis.imagePath(vdi));
     try {
       if (staging) {
-        const h = await fsp.open(staging, 'w');
+        const h = await fsp.open(staging, 'w', PRIVATE_FILE_MODE);
         // A raw stream is the disk itself: its unsent parts are holes of the right size.
         await h.truncate(format === 'raw' ? vdi.virtual_size : (t.size ?? 0));
         await h.close();
@@ -225,9 +230,19 @@ export class TransferService {
     return this.sessions.active(id, direction);
   }
 
-  /** Lands one chunk (or the whole stream) of an upload; returns the session after it. */
-  write(id: string, body: Readable, chunk: ChunkWrite = {}): Promise<Transfer> {
-    return this.uploads.write(id, body, chunk);
+  /**
+   * Lands one chunk (or the whole stream) of an upload; returns the session
+   * after it. A full SR is not waited out: the session ends (507), and its
+   * staged bytes are freed for everyone else at once.
+   */
+  async write(id: string, body: Readable, chunk: ChunkWrite = {}): Promise<Transfer> {
+    try {
+      return await this.uploads.write(id, body, chunk);
+    } catch (err) {
+      const live = isOutOfSpace(err) ? this.sessions.find(id) : undefined;
+      if (live) await this.end(live, 'failed', err);
+      throw spaceError(err, 'the upload');
+    }
   }
 
   /** Makes [start, end] of an upload zeros without their bytes crossing the wire. */
@@ -394,9 +409,17 @@ export class TransferService {
     reason: unknown,
   ): Promise<Task | null> {
     if (!this.sessions.isCurrent(live)) return null;
-    live.failure = toApiError(reason);
+    live.failure = toApiError(spaceError(reason, 'the upload'));
     live.t.state = state;
-    this.sessions.store.save(live.t);
+    try {
+      this.sessions.store.save(live.t);
+    } catch (err) {
+      if (!isOutOfSpace(err)) throw err;
+      // The disk is full: free the staged bytes first, so that the record of the end fits.
+      live.task.requestCancel(`the transfer is ${state}`);
+      await this.cleanup(live);
+      this.sessions.store.save(live.t);
+    }
     // Writes still landing stop now, with a clear answer, before their file is closed.
     live.task.requestCancel(`the transfer is ${state}`);
     const cleaned = this.cleanup(live);

@@ -33,7 +33,7 @@ import { codecFor } from '../formats/index.js';
 import type { StreamLayout } from '../formats/stream-layout.js';
 import type { BlockImage } from '../image/block-image.js';
 import { DirectWriter } from '../image/direct-writer.js';
-import { readAt, writeFully } from '../image/file-io.js';
+import { PRIVATE_FILE_MODE, readAt, writeFully } from '../image/file-io.js';
 import { readVirtual } from '../image/read-virtual.js';
 import { zeroRange } from '../image/sparse.js';
 import { forEachRun } from '../image/zero.js';
@@ -150,7 +150,7 @@ export class StreamingImport {
   }): Promise<StreamingImport | null> {
     const codec = codecFor(opts.format);
     if (!codec.streamLayout) return null;
-    const dest = await fsp.open(opts.destPath, constants.O_RDWR | constants.O_CREAT);
+    const dest = await fsp.open(opts.destPath, constants.O_RDWR | constants.O_CREAT, PRIVATE_FILE_MODE);
     let inherited: boolean;
     let writer: DirectWriter;
     try {

@@ -33,6 +33,28 @@ export function checkDeclaredSize(size: number, format: string, vdi: Vdi): void 
   }
 }
 
+/**
+ * Space an upload of `total` bytes must find free up front, `have` of them
+ * already staged. A raw stream is the disk itself: its zeros are never
+ * stored, so its length says nothing of the space it takes (a 100 GiB disk
+ * holding 2 GiB of data imports into 5 GiB), and it is not refused before it
+ * runs out. vhd and qcow2 streams are compact (only allocated blocks), so
+ * their length is the space they take staged, and as much again when
+ * finalize converts them by a copy rather than a link or a streamed import.
+ */
+export function spaceNeeded(
+  total: number,
+  have: number,
+  format: string,
+  vdi: Vdi,
+  checksum: string | null | undefined,
+): number {
+  if (format === 'raw') return 0;
+  const linked = format === vdi.image_format;
+  const streamed = vdi.image_format === 'raw' && !checksum;
+  return Math.max(0, total - have) + (linked || streamed ? 0 : total);
+}
+
 export function parseChecksum(value: string): { algorithm: 'sha256' | 'sha1' | 'md5'; hex: string } {
   const m = CHECKSUM_PATTERN.exec(value.toLowerCase());
   if (!m || CHECKSUM_HEX_LENGTH[m[1]] !== m[2].length) {
