@@ -2,9 +2,11 @@
  * A full disk is an error, not a wedge: on a 64 MiB tmpfs the test mounts,
  * every way an import can fill the SR (one-shot PUT, session chunks, tus, a
  * streaming import, a conversion at finalize, create, resize) answers 507
- * INSUFFICIENT_SPACE naming the space needed and free, frees what it staged,
- * releases the VDI and fails its task; the metadata keeps its reserve, so
- * everything else goes on; and a server killed with the disk full starts again.
+ * INSUFFICIENT_SPACE naming the space needed and free. What no client can
+ * resume (a one-shot PUT, a failed finalize) frees what it staged, releases
+ * the VDI and fails its task; a resumable session keeps what landed and goes
+ * on once there is room. The metadata keeps its reserve, so everything else
+ * goes on; and a server killed with the disk full starts again.
  */
 import assert from 'node:assert/strict';
 import { promises as fsp } from 'node:fs';
@@ -134,12 +136,26 @@ describe('a full disk is an error, not a wedge', { skip: skip ?? false }, () => 
     }
   });
 
-  test('session chunks that fill the SR: 507, the session fails and frees its staging, the VDI is free', async () => {
+  /** While an SR is full (above its reserve), the rest of the service answers: metadata, creates, exports. */
+  async function assertServiceGoesOn() {
+    const other = await createVdi(srv.url, 4 * MiB, { image_format: 'qcow2' });
+    assert.equal((await api(srv.url, 'GET', '/v1/vdis')).status, 200);
+    const exported = await fetch(`${srv.url}/v1/vdis/${other.id}/contents?format=vhd`);
+    assert.equal(exported.status, 200);
+    await exported.arrayBuffer();
+  }
+
+  const uploadOffset = async (url: string, headers: Record<string, string> = {}) =>
+    Number((await fetch(url, { method: 'HEAD', headers })).headers.get('upload-offset'));
+
+  test('session chunks that fill the SR: 507 naming the space; the session keeps what landed and resumes once there is room', async () => {
     await smallServer();
     try {
-      const vdi = await createVdi(srv.url, 128 * MiB);
-      const freeBefore = await fs.free();
-      const size = 96 * MiB;
+      const vdi = await createVdi(srv.url, 64 * MiB);
+      // Someone else's file leaves room for 20 MiB of the 48 MiB upload.
+      const filler = await fs.fill(RESERVE + 20 * MiB);
+      await sleep(SPACE_RECHECK_INTERVAL_MS + 1);
+      const size = 48 * MiB;
       const t = (
         await api<TransferJson>(srv.url, 'POST', '/v1/transfers', {
           vdi: vdi.id,
@@ -148,7 +164,7 @@ describe('a full disk is an error, not a wedge', { skip: skip ?? false }, () => 
           size,
         })
       ).body;
-      const data = await fsp.readFile(raw100);
+      const data = (await fsp.readFile(raw100)).subarray(0, size);
       let refused: Response | null = null;
       for (let at = 0; at < size && !refused; at += 8 * MiB) {
         const res = await fetch(t.url, {
@@ -161,60 +177,97 @@ describe('a full disk is an error, not a wedge', { skip: skip ?? false }, () => 
       }
       assert.ok(refused, 'a chunk was refused');
       assertSpaceError(await refused.json(), 'session chunk');
-      const state = await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${t.id}`);
-      assert.equal(state.body.state, 'failed');
-      assert.equal(state.body.error?.code, 'INSUFFICIENT_SPACE');
-      await assertNotWedged(vdi.id, t.task_id, freeBefore);
+      const offset = await uploadOffset(t.url);
+      assert.ok(offset >= 16 * MiB, `what landed counts (offset ${offset})`);
+      assert.equal((await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${t.id}`)).body.state, 'open');
+      await assertServiceGoesOn();
+      // Room is made: the client sends the rest, and the import commits exact.
+      await fsp.rm(filler);
+      const rest = await fetch(t.url, {
+        method: 'PUT',
+        headers: { 'content-range': `bytes ${offset}-${size - 1}/${size}` },
+        body: new Uint8Array(data.subarray(offset)),
+      });
+      assert.equal(rest.status, 200, await rest.text());
+      const fin = await api<Task>(srv.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=60`);
+      assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
+      const want = (await execFileP('sh', ['-c', `head -c ${size} ${raw100} | sha256sum`])).stdout.split(
+        ' ',
+      )[0];
+      assert.equal(
+        await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`, { range: `bytes=0-${size - 1}` }),
+        want,
+      );
+      assert.deepEqual(await fsp.readdir(stagingDir()), []);
     } finally {
       await teardown();
     }
   });
 
-  test('a tus PATCH that fills the SR: 507, the upload is gone, its staging freed', async () => {
+  test('a tus PATCH that fills the SR: 507; HEAD says what landed, and the upload completes once there is room', async () => {
     await smallServer();
     try {
-      const vdi = await createVdi(srv.url, 128 * MiB);
-      const freeBefore = await fs.free();
-      const size = 96 * MiB;
+      const vdi = await createVdi(srv.url, 64 * MiB);
+      const filler = await fs.fill(RESERVE + 20 * MiB);
+      await sleep(SPACE_RECHECK_INTERVAL_MS + 1);
+      const size = 48 * MiB;
+      const tus = { 'tus-resumable': '1.0.0' };
       const created = await fetch(`${srv.url}/v1/tus/`, {
         method: 'POST',
         headers: {
-          'tus-resumable': '1.0.0',
+          ...tus,
           'upload-length': String(size),
           'upload-metadata': `vdi ${Buffer.from(vdi.id).toString('base64')},format ${Buffer.from('raw').toString('base64')}`,
         },
       });
       assert.equal(created.status, 201, await created.text());
       const location = new URL(created.headers.get('location')!, srv.url).href;
-      const id = location.split('/').pop()!;
-      const data = await fsp.readFile(raw100);
-      const patch = await fetch(location, {
-        method: 'PATCH',
-        headers: {
-          'tus-resumable': '1.0.0',
-          'upload-offset': '0',
-          'content-type': 'application/offset+octet-stream',
-        },
-        body: new Uint8Array(data.subarray(0, size)),
-      });
-      assert.equal(patch.status, 507, await patch.clone().text());
-      assertSpaceError(await patch.json(), 'tus PATCH');
-      const head = await fetch(location, { method: 'HEAD', headers: { 'tus-resumable': '1.0.0' } });
-      assert.ok([404, 410].includes(head.status), `HEAD after the refusal: ${head.status}`);
-      const t = await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${id}`);
-      await assertNotWedged(vdi.id, t.body.task_id, freeBefore);
+      const data = (await fsp.readFile(raw100)).subarray(0, size);
+      const patch = (offset: number) =>
+        fetch(location, {
+          method: 'PATCH',
+          headers: {
+            ...tus,
+            'upload-offset': String(offset),
+            'content-type': 'application/offset+octet-stream',
+          },
+          body: new Uint8Array(data.subarray(offset)),
+        });
+      const first = await patch(0);
+      assert.equal(first.status, 507, await first.clone().text());
+      assertSpaceError(await first.json(), 'tus PATCH');
+      // Only bytes written before the refused write can count (none, when the writer's flush failed).
+      const offset = await uploadOffset(location, tus);
+      assert.ok(offset < size, `HEAD: ${offset}`);
+      await assertServiceGoesOn();
+      await fsp.rm(filler);
+      const second = await patch(offset);
+      assert.equal(second.status, 204, await second.text());
+      const want = (await execFileP('sh', ['-c', `head -c ${size} ${raw100} | sha256sum`])).stdout.split(
+        ' ',
+      )[0];
+      assert.equal(
+        await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`, { range: `bytes=0-${size - 1}` }),
+        want,
+      );
+      assert.deepEqual(await fsp.readdir(stagingDir()), []);
     } finally {
       await teardown();
     }
   });
 
-  test('a qcow2 streaming into its raw VDI (length unknown up front) that fills the SR: 507, disk and staging freed', async () => {
-    const qcow2 = path.join(work, 'random.qcow2');
-    await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw100, qcow2]);
+  test('a qcow2 streaming into its raw VDI (length unknown up front) that fills the SR: 507, and the rest resumes into the same disk', async () => {
+    // 24 MiB of data: more than the room left; once the room is made, staged and copied (an
+    // interrupted streaming import stages the rest), it fits.
+    const raw24 = path.join(work, 'random-24m.raw');
+    await fsp.writeFile(raw24, (await fsp.readFile(raw100)).subarray(0, 24 * MiB));
+    const qcow2 = path.join(work, 'random-24m.qcow2');
+    await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw24, qcow2]);
     await smallServer();
     try {
-      const vdi = await createVdi(srv.url, 128 * MiB);
-      const freeBefore = await fs.free();
+      const vdi = await createVdi(srv.url, 64 * MiB);
+      const filler = await fs.fill(RESERVE + 12 * MiB);
+      await sleep(SPACE_RECHECK_INTERVAL_MS + 1);
       const t = (
         await api<TransferJson>(srv.url, 'POST', '/v1/transfers', {
           vdi: vdi.id,
@@ -226,9 +279,24 @@ describe('a full disk is an error, not a wedge', { skip: skip ?? false }, () => 
       const [body, status] = out.stdout.split('\n');
       assert.equal(status, '507', body);
       assertSpaceError(JSON.parse(body), 'streaming import');
-      const state = await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${t.id}`);
-      assert.equal(state.body.state, 'failed');
-      await assertNotWedged(vdi.id, t.task_id, freeBefore);
+      const offset = await uploadOffset(t.url);
+      assert.ok(offset < (await fsp.stat(qcow2)).size, `HEAD: ${offset}`);
+      await fsp.rm(filler);
+      const img = await fsp.readFile(qcow2);
+      const rest = await fetch(t.url, {
+        method: 'PUT',
+        headers: { 'content-range': `bytes ${offset}-${img.length - 1}/${img.length}` },
+        body: new Uint8Array(img.subarray(offset)),
+      });
+      assert.equal(rest.status, 200, await rest.text());
+      const fin = await api<Task>(srv.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=60`);
+      assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
+      const want = (await execFileP('sha256sum', [raw24])).stdout.split(' ')[0];
+      assert.equal(
+        await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`, { range: `bytes=0-${24 * MiB - 1}` }),
+        want,
+      );
+      assert.deepEqual(await fsp.readdir(stagingDir()), []);
     } finally {
       await teardown();
     }

@@ -640,20 +640,20 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
     }
   });
 
-  test('a disk write failing while data streams (EIO): no lost byte counts as received; the resent rest makes the disk exact', async () => {
-    const img = await fsp.readFile(await qemuImage('eio.vhd', ['-O', 'vpc']));
+  test('a disk write failing while data streams (ENOSPC): no lost byte counts as received; the resent rest makes the disk exact', async () => {
+    const img = await fsp.readFile(await qemuImage('enospc.vhd', ['-O', 'vpc']));
     const vdi = await createVdi(srv.url, SIZE);
     const t = await openUpload(srv.url, vdi.id, 'vhd', img.length);
-    // The second gathered write fails as a failing disk fails it.
-    const fault = failNthDirectWrite(2, 'EIO');
+    // The second gathered write fails as a full disk fails it.
+    const fault = failNthDirectWrite(2);
     try {
       const res = await fetch(t.url, {
         method: 'PUT',
         headers: { 'content-range': `bytes 0-${img.length - 1}/${img.length}` },
         body: new Uint8Array(img),
       });
-      assert.equal(res.status, 500, 'the client hears that the write failed');
-      assert.equal(((await res.json()) as { error: { code: string } }).error.code, 'INTERNAL_ERROR');
+      assert.equal(res.status, 507, 'the client hears that the disk is full');
+      assert.equal(((await res.json()) as { error: { code: string } }).error.code, 'INSUFFICIENT_SPACE');
     } finally {
       fault.restore();
     }

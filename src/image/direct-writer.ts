@@ -27,7 +27,7 @@
 import { constants, promises as fsp } from 'node:fs';
 import { writeFully } from './file-io.js';
 import { addon } from './native.js';
-import { type SpaceGuard, spaceError, spaceGuardOf } from './space.js';
+import { guarded, type SpaceGuard, spaceError, spaceGuardOf } from './space.js';
 import { zeroRange } from './sparse.js';
 
 /** Alignment of every direct write: memory, file offset and length. */
@@ -172,23 +172,14 @@ export class DirectWriter {
     this.throwIfFailed();
     const [buf, base, start, end] = [this.pending!, this.base, this.start, this.end];
     this.flying = [start, end];
-    this.inFlight = this.guarded(end - start, () => this.writeOut(buf, base, start, end)).catch((err) => {
-      // A full file system is the client's 507, not an errno.
-      this.failure = spaceError(err, 'the write');
-    });
+    this.inFlight = guarded(this.space, end - start, () => this.writeOut(buf, base, start, end)).catch(
+      (err) => {
+        // A full file system is the client's 507, not an errno.
+        this.failure = spaceError(err, 'the write');
+      },
+    );
     [this.pending, this.spare] = [this.spare, buf];
     this.start = this.end = 0;
-  }
-
-  /** Runs `write` of `bytes` once the SR's reserve allows it. */
-  private async guarded(bytes: number, write: () => Promise<void>): Promise<void> {
-    if (!this.space) return write();
-    await this.space.claim(bytes);
-    try {
-      await write();
-    } finally {
-      this.space.release(bytes);
-    }
   }
 
   private async writeOut(buf: Buffer, base: number, start: number, end: number): Promise<void> {

@@ -51,12 +51,12 @@ export function insufficientSpace(
 ): ApiError {
   const free =
     space.free === null
-      ? 'it has run out of space'
-      : `it has ${humanBytes(Math.max(0, space.free))} free, of which ${humanBytes(space.reserve)} is kept for diskport's metadata`;
+      ? `${what} ran out of space`
+      : `${what} needs ${humanBytes(space.needed)} more, and it has ${humanBytes(Math.max(0, space.free))} free, ` +
+        `of which ${humanBytes(space.reserve)} is kept for diskport's metadata`;
   return new ApiError(
     'INSUFFICIENT_SPACE',
-    `not enough space in the storage repository: ${what} needs ${humanBytes(space.needed)} more, and ${free}; ` +
-      'free space in the SR (or import into a larger one), then try again',
+    `not enough space in the storage repository: ${free}; free space in the SR (or import into a larger one), then try again`,
     { needed_bytes: space.needed, free_bytes: space.free, reserve_bytes: space.reserve },
   );
 }
@@ -124,6 +124,21 @@ export class SpaceGuard {
     this.budget = this.lastFree - this.reserveBytes - this.inFlight;
     this.claimedSince = 0;
     this.learnedAt = Date.now();
+  }
+}
+
+/** Runs `write` of `bytes` once `guard` (if any) allows it. */
+export async function guarded<T>(
+  guard: SpaceGuard | null | undefined,
+  bytes: number,
+  write: () => Promise<T>,
+): Promise<T> {
+  if (!guard) return write();
+  await guard.claim(bytes);
+  try {
+    return await write();
+  } finally {
+    guard.release(bytes);
   }
 }
 

@@ -13,7 +13,7 @@ import type { promises as fsp } from 'node:fs';
 import { ApiError } from '../errors.js';
 import type { DirectWriter } from '../image/direct-writer.js';
 import { writeFully } from '../image/file-io.js';
-import { type SpaceGuard, spaceError } from '../image/space.js';
+import { guarded, type SpaceGuard, spaceError } from '../image/space.js';
 import { zeroRange } from '../image/sparse.js';
 import { forEachRun } from '../image/zero.js';
 import type { ByteRange } from './range-set.js';
@@ -101,15 +101,8 @@ type RunSink = Pick<DirectWriter, 'write' | 'zero'>;
 
 function fileSink(handle: fsp.FileHandle, space: SpaceGuard | null | undefined): RunSink {
   return {
-    write: async (data, position) => {
-      if (!space) return writeFully(handle, data, 0, data.length, position);
-      await space.claim(data.length);
-      try {
-        await writeFully(handle, data, 0, data.length, position);
-      } finally {
-        space.release(data.length);
-      }
-    },
+    write: (data, position) =>
+      guarded(space, data.length, () => writeFully(handle, data, 0, data.length, position)),
     zero: (position, length) => zeroRange(handle, position, length),
   };
 }

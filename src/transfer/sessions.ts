@@ -232,15 +232,13 @@ export class TransferService {
 
   /**
    * Lands one chunk (or the whole stream) of an upload; returns the session
-   * after it. A full SR is not waited out: the session ends (507), and its
-   * staged bytes are freed for everyone else at once.
+   * after it. A full SR is a 507; the session keeps what landed, for its
+   * client to resume once there is room (or to cancel, which frees it).
    */
   async write(id: string, body: Readable, chunk: ChunkWrite = {}): Promise<Transfer> {
     try {
       return await this.uploads.write(id, body, chunk);
     } catch (err) {
-      const live = isOutOfSpace(err) ? this.sessions.find(id) : undefined;
-      if (live) await this.end(live, 'failed', err);
       throw spaceError(err, 'the upload');
     }
   }

@@ -35,6 +35,7 @@ import type { BlockImage } from '../image/block-image.js';
 import { DirectWriter } from '../image/direct-writer.js';
 import { PRIVATE_FILE_MODE, readAt, writeFully } from '../image/file-io.js';
 import { readVirtual } from '../image/read-virtual.js';
+import { guarded, spaceGuardOf } from '../image/space.js';
 import { zeroRange } from '../image/sparse.js';
 import { forEachRun } from '../image/zero.js';
 import { type CopyProgress, EarlyWriteback, writeRawData } from '../storage/convert.js';
@@ -362,7 +363,9 @@ export class StreamingImport {
         progress.signal?.throwIfAborted();
         const merged = await readAt(this.dest, Buffer.alloc(staged.length), pos);
         for (let i = 0; i < staged.length; i++) if (staged[i] !== 0) merged[i] = staged[i];
-        await writeFully(this.dest, merged, 0, merged.length, pos);
+        await guarded(spaceGuardOf(this.destPath), merged.length, () =>
+          writeFully(this.dest, merged, 0, merged.length, pos),
+        );
         this.writeback.wrote(staged.length);
         pos += staged.length;
       }
