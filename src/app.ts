@@ -7,6 +7,7 @@ import { requireToken } from './http/auth.js';
 import { ConnectionGuard } from './http/connections.js';
 import { continueUnlessUpload } from './http/continue.js';
 import { errorHandler, notFoundHandler } from './http/errors.js';
+import { redactError, redactRequest, redactResponse } from './http/log-redaction.js';
 import { rejectRepeatedQuery } from './http/query.js';
 import { endBodyAtEof, onClientError } from './http/read-to-eof.js';
 import { transferTokenAuth } from './http/transfer-auth.js';
@@ -42,6 +43,7 @@ export function createApp(s: Services): Express {
         return id;
       },
       customLogLevel: (_req, res, err) => (err || res.statusCode >= 500 ? 'error' : 'info'),
+      serializers: { req: redactRequest, res: redactResponse, err: redactError },
     }),
   );
 

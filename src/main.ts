@@ -2,9 +2,10 @@
 /** Entry point: parse settings, open the data directory, serve. */
 import net from 'node:net';
 import { CommanderError } from 'commander';
-import { pino } from 'pino';
+import type { pino } from 'pino';
 import { createServer } from './app.js';
 import { type Config, checkListenPolicy, parseConfig } from './config.js';
+import { createLogger } from './http/log-redaction.js';
 import { createServices } from './services.js';
 
 /** A listen error as one line for whoever started the server; null when it is not one we can explain. */
@@ -62,7 +63,7 @@ async function main(): Promise<void> {
     if (err instanceof CommanderError) process.exit(err.exitCode);
     throw err;
   }
-  const logger = pino({ level: config.logLevel });
+  const logger = createLogger(config.logLevel);
   const refusal = checkListenPolicy(config);
   if (refusal) {
     logger.fatal(refusal);

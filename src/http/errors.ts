@@ -7,6 +7,7 @@
 import type { ErrorRequestHandler, RequestHandler } from 'express';
 import { ApiError, toApiError } from '../errors.js';
 import { spaceError } from '../image/space.js';
+import { redactSecrets } from './log-redaction.js';
 
 /** The response body; a 5xx names the request id the log files its cause under. */
 export function toErrorBody(err: ApiError, requestId?: string) {
@@ -83,7 +84,7 @@ export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
   // spaceError: SQLite's SQLITE_FULL and EDQUOT are a full disk too, with the SR's reserve in the details.
   const apiError = err instanceof ApiError ? err : (fromExpressError(err) ?? toApiError(spaceError(err)));
   if (apiError.status >= 500) req.log?.error({ err: logCause(apiError) }, 'request failed');
-  else req.log?.info({ code: apiError.code, message: apiError.message }, 'request refused');
+  else req.log?.info({ code: apiError.code, message: redactSecrets(apiError.message) }, 'request refused');
   if (res.headersSent || res.destroyed) {
     res.destroy();
     return;

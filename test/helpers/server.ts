@@ -6,9 +6,10 @@ import type http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { pino } from 'pino';
+import { type DestinationStream, pino } from 'pino';
 import { createServer } from '../../src/app.js';
 import { type Config, parseConfig } from '../../src/config.js';
+import { createLogger } from '../../src/http/log-redaction.js';
 import { createServices, type Services } from '../../src/services.js';
 
 export const ROOT = path.resolve(import.meta.dirname, '../..');
@@ -26,7 +27,14 @@ export interface TestServer {
 }
 
 export async function startServer(
-  opts: { dataDir?: string; token?: string; allowFetch?: string[]; config?: Partial<Config> } = {},
+  opts: {
+    dataDir?: string;
+    token?: string;
+    allowFetch?: string[];
+    config?: Partial<Config>;
+    /** Where the server's log goes (at info), as `diskport-server` writes it; silent without. */
+    log?: DestinationStream;
+  } = {},
 ): Promise<TestServer> {
   const dataDir = opts.dataDir ?? (await tempDir());
   const config: Config = {
@@ -40,7 +48,8 @@ export async function startServer(
     logLevel: 'silent',
     allowFetch: opts.allowFetch ?? [],
   };
-  const services = await createServices(config, pino({ level: 'silent' }));
+  const logger = opts.log ? createLogger('info', opts.log) : pino({ level: 'silent' });
+  const services = await createServices(config, logger);
   const server = createServer(services);
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
