@@ -36,7 +36,7 @@ const LARGEST_UPLOAD_BYTES = uploadLimit('qcow2', QCOW2_MAX_VIRTUAL_SIZE_BYTES);
 /** An xapi import whose Content-Length says "unknown": its body ends with the connection. */
 export function readsToEndOfConnection(req: IncomingMessage): boolean {
   if (req.method !== 'PUT' || req.headers['transfer-encoding'] !== undefined) return false;
-  const pathname = (req.url ?? '').split('?')[0];
+  const pathname = (req.url ?? '').split('?')[0].toLowerCase();
   if (pathname !== '/import_raw_vdi' && pathname !== '/import_raw_vdi/') return false;
   const declared = req.headers['content-length'] ?? '';
   return /^\d+$/.test(declared) && Number(declared) > LARGEST_UPLOAD_BYTES;
