@@ -1,0 +1,310 @@
+/**
+ * A session's life: opened (the VDI locked for an upload, its staging file
+ * and task created), taken back after a restart, and ended: committed,
+ * cancelled, expired or failed, each leaving the VDI as the commit left it
+ * or as it was. Background jobs (pull, push) are bound to it here.
+ */
+import { randomBytes, randomUUID } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import type { Logger } from 'pino';
+import { ApiError, CancelledError, toApiError } from '../errors.js';
+import { codecFor } from '../formats/index.js';
+import { PRIVATE_FILE_MODE } from '../image/file-io.js';
+import { isOutOfSpace, spaceError } from '../image/space.js';
+import { dropCachedPages } from '../image/sparse.js';
+import type { VdiStore } from '../storage/vdis.js';
+import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
+import type { Task } from '../tasks/task-store.js';
+import { hashToken, isExpired, isOneShot, streamDestOf, touch } from './session-record.js';
+import type { Live, SessionRegistry } from './session-registry.js';
+import type { Direction, Transfer } from './transfer-store.js';
+import { checkDeclaredSize, parseChecksum, spaceNeeded } from './upload-rules.js';
+
+export const DEFAULT_TTL_SECONDS = 3600;
+export const MAX_TTL_SECONDS = 7 * 24 * 3600;
+const REAP_INTERVAL_MS = 5000;
+
+export interface CreateTransfer {
+  vdi: string;
+  direction: Direction;
+  format?: string;
+  size?: number;
+  checksum?: string;
+  ttl_seconds?: number;
+  metadata?: Record<string, string>;
+  /** Pull: where diskport fetches the image from (recorded on the row). */
+  source_url?: string;
+  /** Push: where diskport sends the disk (recorded on the row, without its token). */
+  target_url?: string;
+}
+
+export class SessionLifecycle {
+  private reaper: NodeJS.Timeout | null = null;
+
+  constructor(
+    private readonly sessions: SessionRegistry,
+    private readonly vdis: VdiStore,
+    private readonly tasks: TaskManager,
+    private readonly logger?: Logger,
+  ) {}
+
+  /** Sessions a previous process left active: their tasks and staging files must survive recovery. */
+  activeAtStartup(): { tasks: Set<string>; staging: Set<string> } {
+    const active = this.sessions.store.list({ active: true }).filter((t) => !isOneShot(t));
+    return {
+      tasks: new Set(active.map((t) => t.task_id)),
+      staging: new Set(active.flatMap((t) => (t.staging_path ? [t.staging_path, streamDestOf(t)] : []))),
+    };
+  }
+
+  /**
+   * Startup: takes active sessions back. A finalize that was running is
+   * handed to `finishFinalize`, to be run again from the staged bytes.
+   */
+  resume(finishFinalize: (live: Live) => void): void {
+    for (const t of this.sessions.store.list({ active: true })) {
+      try {
+        if (isOneShot(t)) {
+          // Nobody holds a one-shot import's session: it died with its request.
+          t.state = 'failed';
+          this.sessions.store.save(t);
+          continue;
+        }
+        const live = this.attach(t, this.tasks.adopt(t.task_id, t.format));
+        if (t.state === 'finalizing') {
+          this.logger?.info({ transfer: t.id }, 'finishing a finalize interrupted by a restart');
+          finishFinalize(live);
+        }
+      } catch (err) {
+        this.logger?.error({ err, transfer: t.id }, 'could not resume transfer');
+      }
+    }
+    this.reaper = setInterval(() => void this.reapExpired(), REAP_INTERVAL_MS);
+    this.reaper.unref();
+  }
+
+  stop(): void {
+    if (this.reaper) clearInterval(this.reaper);
+  }
+
+  private attach(t: Transfer, task: RunningTask): Live {
+    const release =
+      t.direction === 'upload' ? this.vdis.locks.acquire(t.vdi_id, `transfer ${t.id}`) : () => {};
+    const live = this.sessions.add(t, task, release);
+    // Cancelling the task (POST /v1/tasks/{id}/cancel) cancels the session; a
+    // finalize in progress sees the same signal and unwinds by itself.
+    task.signal.addEventListener(
+      'abort',
+      () => {
+        if (live.t.state === 'open') void this.end(live, 'cancelled', task.signal.reason);
+      },
+      { once: true },
+    );
+    return live;
+  }
+
+  async create(req: CreateTransfer): Promise<{ transfer: Transfer; token: string }> {
+    const vdi = this.vdis.get(req.vdi);
+    const format = codecFor(req.format ?? 'raw').name;
+    const ttl = req.ttl_seconds ?? DEFAULT_TTL_SECONDS;
+    if (!Number.isInteger(ttl) || ttl < 1 || ttl > MAX_TTL_SECONDS) {
+      throw new ApiError(
+        'INVALID_REQUEST',
+        `ttl_seconds must be between 1 and ${MAX_TTL_SECONDS}, got ${ttl}`,
+      );
+    }
+    if (req.checksum !== undefined) parseChecksum(req.checksum);
+    if (req.size !== undefined) {
+      checkDeclaredSize(req.size, format, vdi);
+      await this.vdis.ensureSpace(vdi, spaceNeeded(req.size, 0, format, vdi, req.checksum), 'the upload');
+    }
+    if (req.direction === 'download' && (req.size !== undefined || req.checksum !== undefined)) {
+      throw new ApiError(
+        'INVALID_REQUEST',
+        'size and checksum describe an upload; a download session takes neither',
+      );
+    }
+
+    const id = randomUUID();
+    const token = randomBytes(32).toString('base64url');
+    const taskId = randomUUID();
+    const upload = req.direction === 'upload';
+    const staging = upload ? this.vdis.stagingPath(vdi, `transfer-${id}.${format}`) : null;
+    const now = Date.now();
+    const t: Transfer = {
+      id,
+      vdi_id: vdi.id,
+      direction: req.direction,
+      format,
+      size: req.size ?? null,
+      checksum: req.checksum ?? null,
+      token_hash: hashToken(token),
+      task_id: taskId,
+      staging_path: staging,
+      state: 'open',
+      ttl_seconds: ttl,
+      expires_at: new Date(now + ttl * 1000).toISOString(),
+      created_at: new Date(now).toISOString(),
+      received: [],
+      source_url: req.source_url ?? null,
+      target_url: req.target_url ?? null,
+      metadata: req.metadata ?? null,
+    };
+    // One writer per VDI: take the lock before anything is created.
+    const release = upload ? this.vdis.locks.acquire(vdi.id, `transfer ${id}`) : () => {};
+    // The content is about to be replaced: its cached pages only crowd the new ones out.
+    if (upload) await dropCachedPages(this.vdis.imagePath(vdi));
+    try {
+      if (staging) {
+        const h = await fsp.open(staging, 'w', PRIVATE_FILE_MODE);
+        // A raw stream is the disk itself: its unsent parts are holes of the right size.
+        await h.truncate(format === 'raw' ? vdi.virtual_size : (t.size ?? 0));
+        await h.close();
+      }
+      const task = this.tasks.start(upload ? 'import' : 'export', vdi.id, {
+        id: taskId,
+        format: t.format,
+        bytesTotal: t.size,
+        stagingPath: staging ?? undefined,
+      });
+      this.sessions.store.insert(t);
+      release();
+      this.attach(t, task);
+    } catch (err) {
+      release();
+      if (staging) await fsp.rm(staging, { force: true });
+      throw err;
+    }
+    return { transfer: t, token };
+  }
+
+  /** Cancels an active session: the VDI stays as it was. */
+  async cancel(id: string): Promise<Transfer> {
+    const live = this.sessions.active(id);
+    if (live.t.state === 'finalizing') {
+      throw new ApiError(
+        'TRANSFER_FINALIZING',
+        `transfer ${id} is being committed; it can no longer be cancelled`,
+      );
+    }
+    if (live.t.direction === 'download') {
+      // A download session ends when its holder is done with it.
+      await this.completeDownload(live);
+      return live.t;
+    }
+    await this.end(
+      live,
+      'cancelled',
+      new CancelledError('the transfer was cancelled by its holder; the VDI is unchanged'),
+    );
+    return live.t;
+  }
+
+  /** Ends a download session as done: its task succeeds with the bytes it served. */
+  async completeDownload(live: Live, result: Record<string, unknown> = {}): Promise<void> {
+    live.t.state = 'committed';
+    this.sessions.store.save(live.t);
+    const cleaned = this.cleanup(live);
+    live.task.succeed({
+      vdi: live.t.vdi_id,
+      format: live.t.format,
+      bytes_sent: live.task.record.bytes_done,
+      ...result,
+    });
+    await cleaned;
+  }
+
+  /** Ends a session without a commit: state, task outcome, staging removed, lock released. */
+  async end(live: Live, state: 'cancelled' | 'expired' | 'failed', reason: unknown): Promise<Task | null> {
+    if (!this.sessions.isCurrent(live)) return null;
+    live.failure = toApiError(spaceError(reason, 'the upload'));
+    live.t.state = state;
+    try {
+      this.sessions.store.save(live.t);
+    } catch (err) {
+      if (!isOutOfSpace(err)) throw err;
+      // The disk is full: free the staged bytes first, so that the record of the end fits.
+      live.task.requestCancel(`the transfer is ${state}`);
+      await this.cleanup(live);
+      this.sessions.store.save(live.t);
+    }
+    // Writes still landing stop now, with a clear answer, before their file is closed.
+    live.task.requestCancel(`the transfer is ${state}`);
+    const cleaned = this.cleanup(live);
+    const task = live.task.fail(live.failure);
+    await cleaned;
+    return task;
+  }
+
+  /** Lets go of everything an ended session held: the registry, the VDI's lock, its files. */
+  async cleanup(live: Live): Promise<void> {
+    // The VDI is free as soon as the session is over: whoever saw its task
+    // finish may open the next one at once. Its staging file has its own name.
+    this.sessions.remove(live);
+    live.release();
+    const handle = live.handle;
+    live.handle = null;
+    await handle?.then((h) => h.close()).catch(() => {});
+    const streaming = live.streaming;
+    live.streaming = null;
+    await streaming?.then((s) => s?.close()).catch(() => {});
+    if (live.t.staging_path) {
+      await fsp.rm(live.t.staging_path, { force: true });
+      await fsp.rm(streamDestOf(live.t), { force: true });
+    }
+  }
+
+  /** Counts bytes a download session served. */
+  countServed(id: string, n: number): void {
+    const live = this.sessions.find(id);
+    if (!live) return;
+    live.task.addBytes(n);
+    // A long download is activity: it keeps the session alive (saved at most once a second).
+    const now = Date.now();
+    if (now - Date.parse(live.t.expires_at) + live.t.ttl_seconds * 1000 >= 1000) this.renew(id);
+  }
+
+  /** Sliding expiry for downloads too: each request renews the session. */
+  renew(id: string): void {
+    const live = this.sessions.find(id);
+    if (!live) return;
+    touch(live.t);
+    this.sessions.store.save(live.t);
+  }
+
+  async reapExpired(): Promise<void> {
+    for (const live of this.sessions.all()) {
+      if (live.t.state !== 'open' || live.writers > 0 || !isExpired(live.t)) continue;
+      this.logger?.info({ transfer: live.t.id }, 'transfer expired');
+      await this.end(
+        live,
+        'expired',
+        new ApiError(
+          'TRANSFER_EXPIRED',
+          `the transfer expired after ${live.t.ttl_seconds} s without activity`,
+        ),
+      );
+    }
+  }
+
+  /**
+   * Runs work done on an active session's behalf in the background (pull,
+   * push), bound to its task: cancelling the task aborts the task's signal. A
+   * job that throws ends the session as failed (the VDI stays as it was); a
+   * download session whose job returns ends with the job's result.
+   */
+  runJob(id: string, job: (task: RunningTask) => Promise<Record<string, unknown> | undefined>): void {
+    const live = this.sessions.active(id);
+    void job(live.task)
+      .then(
+        async (result) => {
+          if (this.sessions.find(id) !== live || live.t.direction !== 'download') return;
+          await this.completeDownload(live, result);
+        },
+        async (err) => {
+          if (this.sessions.find(id) === live && live.t.state === 'open') await this.end(live, 'failed', err);
+        },
+      )
+      .catch((err) => this.logger?.error({ err, transfer: id }, 'background transfer job failed'));
+  }
+}
