@@ -119,6 +119,10 @@ export const ERRORS = {
   // 5xx: diskport or a peer failed
   INTERNAL_ERROR: { status: 500, meaning: 'diskport failed; the log has the cause under details.request_id' },
   INTERRUPTED: { status: 500, meaning: 'the service stopped while the task ran' },
+  IMAGE_CORRUPT: {
+    status: 500,
+    meaning: "the VDI's stored image was damaged at rest and cannot be read; import its content again",
+  },
   IMPORT_FAILED: { status: 500, meaning: 'the import ended without a success and without a recorded cause' },
   NOT_IMPLEMENTED: { status: 501, meaning: 'a tus extension diskport does not offer' },
   SOURCE_UNAVAILABLE: { status: 502, meaning: 'the source of a pull could not be fetched' },

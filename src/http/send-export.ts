@@ -5,9 +5,11 @@
  * layer.
  */
 import type { Request, Response } from 'express';
+import { toApiError } from '../errors.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
 import { openExport, type ReadCounters, runExportTask } from '../transfer/export.js';
+import { logCause } from './errors.js';
 import { writeBody, writeHead } from './ranges.js';
 
 export interface ExportDeps {
@@ -44,21 +46,51 @@ export async function sendExport(
       res.end();
       return;
     }
+    const failed = (err: unknown) => bodyFailed(req, res, err);
     if (session) {
       res.setHeader('X-Task-Id', session.taskId);
-      await writeBody(res, rep, plan, session.onBytes).catch(() => res.destroy());
+      await writeBody(res, rep, plan, session.onBytes).catch(failed);
       return;
     }
     if (plan.status === 206) {
       deps.reads.countRequest(format);
-      await writeBody(res, rep, plan, (n) => deps.reads.countBytes(format, n)).catch(() => res.destroy());
+      await writeBody(res, rep, plan, (n) => deps.reads.countBytes(format, n)).catch(failed);
       return;
     }
     await runExportTask(deps.tasks, source, plan.bodyLength, (task) => {
       res.setHeader('X-Task-Id', task.id);
       return writeBody(res, rep, plan, task.onBytes, task.signal);
-    }).catch(() => res.destroy());
+    }).catch(failed);
   } finally {
     await source.close();
   }
+}
+
+/** The headers writeHead set for the body that will not come. */
+const REPRESENTATION_HEADERS = [
+  'Content-Length',
+  'Content-Type',
+  'Content-Range',
+  'Content-Disposition',
+  'ETag',
+  'Last-Modified',
+  'Accept-Ranges',
+];
+
+/**
+ * An export whose body failed. Before its first byte the client can still
+ * be told why: the error is rethrown for the error middleware to answer in
+ * JSON. After it, the status and Content-Length are gone: the connection is
+ * cut, so the client sees a short body (never a wrong one), and the cause is
+ * logged.
+ */
+function bodyFailed(req: Request, res: Response, err: unknown): void {
+  if (!res.headersSent && !res.destroyed) {
+    for (const name of REPRESENTATION_HEADERS) res.removeHeader(name);
+    throw err;
+  }
+  const e = toApiError(err);
+  if (e.status >= 500) req.log?.error({ err: logCause(e) }, 'export failed mid-stream; connection cut');
+  else req.log?.info({ code: e.code, message: e.message }, 'export ended early');
+  res.destroy();
 }

@@ -92,8 +92,7 @@ export async function* readVirtual(
 ): AsyncGenerator<Buffer, void, Buffer | undefined> {
   const pieces = piecesOf(extents, start, end, chunkBytes);
   const { wholeOf, spare } = buffers;
-  const begin = (p: Piece): Promise<Buffer> | null => {
-    if (p.zero) return null;
+  const startRead = (p: Piece): Promise<Buffer> => {
     let whole = spare.pop();
     if (!whole || whole.length < p.length) whole = Buffer.allocUnsafe(p.length);
     const into = whole;
@@ -102,26 +101,26 @@ export async function* readVirtual(
       return view;
     });
   };
+  const begin = (p: Piece): Promise<Buffer> | null => {
+    if (p.zero) return null;
+    const read = startRead(p);
+    // A read ahead may fail while we are suspended at a yield (a slow client,
+    // a corrupt cluster) or be abandoned (a client gone, a range served, an
+    // earlier read failed): marked as handled now, it still rejects where it
+    // is awaited, and is never an unhandled rejection that ends the process.
+    read.catch(() => {});
+    return read;
+  };
   let current = pieces.next();
   let reading = current.done ? null : begin(current.value);
-  try {
-    while (!current.done) {
-      const piece = current.value;
-      const next = pieces.next();
-      const nextReading = next.done ? null : begin(next.value);
-      const buf = reading
-        ? await reading.catch((err) => {
-            nextReading?.catch(() => {}); // nobody will await it: no unhandled rejection
-            throw err;
-          })
-        : zeroBuffer(piece.length);
-      current = next;
-      reading = nextReading;
-      buffers.giveBack(yield buf);
-    }
-  } finally {
-    // Abandoned early (a client gone, a range served): the read ahead is nobody's.
-    reading?.catch(() => {});
+  while (!current.done) {
+    const piece = current.value;
+    const next = pieces.next();
+    const nextReading = next.done ? null : begin(next.value);
+    const buf = reading ? await reading : zeroBuffer(piece.length);
+    current = next;
+    reading = nextReading;
+    buffers.giveBack(yield buf);
   }
 }
 

@@ -80,14 +80,22 @@ async function writeSparse(
 ): Promise<void> {
   let pos = start;
   const it = chunks[Symbol.asyncIterator]();
-  let next = it.next();
+  // The next chunk is read while this one is written; if that read fails
+  // while a write is awaited, it must not be an unhandled rejection (which
+  // ends the process): marked as handled, it still rejects where awaited.
+  const ahead = () => {
+    const p = it.next();
+    p.catch(() => {});
+    return p;
+  };
+  let next = ahead();
   try {
     for (;;) {
       const r = await next;
       if (r.done) break;
       const chunk = r.value;
       progress.signal?.throwIfAborted();
-      next = it.next();
+      next = ahead();
       const base = pos;
       const writes: Promise<unknown>[] = [];
       let written = 0;

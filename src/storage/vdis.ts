@@ -24,6 +24,7 @@ import { PROBE_PREFIX } from './file-limits.js';
 import { ImageCache } from './image-cache.js';
 import { type Page, type PageRequest, selectPage } from './paging.js';
 import type { Sr, SrStore } from './srs.js';
+import { corruptAtRest, StoredImage } from './stored-image.js';
 import type { VdiLocks } from './vdi-locks.js';
 
 export interface Vdi {
@@ -242,7 +243,13 @@ export class VdiStore {
   openImage(vdi: Vdi): Promise<BlockImage> {
     const file = this.imagePath(vdi);
     if (vdi.image_format === 'raw') return RawFileImage.open(file, { virtualSize: vdi.virtual_size });
-    return codecFor(vdi.image_format).open(file);
+    // A container at rest that no longer decodes was damaged there: IMAGE_CORRUPT (see StoredImage).
+    return codecFor(vdi.image_format)
+      .open(file)
+      .then(
+        (image) => new StoredImage(image, vdi.id),
+        (err) => Promise.reject(corruptAtRest(vdi.id, err)),
+      );
   }
 
   /**

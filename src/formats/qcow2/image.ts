@@ -358,7 +358,9 @@ export class Qcow2Image implements BlockImage {
     let runLength = 0;
     let inFlight: Promise<Buffer>[] = [];
     const startRun = async () => {
-      inFlight.push(readAt(this.handle, out.subarray(runOut, runOut + runLength), runHost));
+      const read = readAt(this.handle, out.subarray(runOut, runOut + runLength), runHost);
+      read.catch(() => {}); // awaited later, maybe after another await has thrown: never unhandled
+      inFlight.push(read);
       if (inFlight.length >= READS_IN_FLIGHT) {
         const reads = inFlight;
         inFlight = [];
