@@ -6,27 +6,23 @@
  * routes each call to the module whose job it is: the sessions and their
  * records (session-registry.ts, session-record.ts), their life from open to
  * end (session-lifecycle.ts), the bytes of an active upload
- * (active-upload.ts), and finalize. Finalize checks that every byte arrived,
- * verifies the checksum, then validates, converts and commits in one step
- * that a crash either completes or undoes.
+ * (active-upload.ts) and the commit (finalize.ts).
  */
-import { promises as fsp } from 'node:fs';
 import type { Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import { ApiError, toApiError } from '../errors.js';
 import { spaceError } from '../image/space.js';
-import { type Db, nowIso } from '../storage/db.js';
+import type { Db } from '../storage/db.js';
 import type { Page, PageRequest } from '../storage/paging.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
 import { ActiveUploads, type ChunkRange, type ChunkWrite } from './active-upload.js';
-import { commitStaged } from './commit.js';
+import { Finalizer } from './finalize.js';
 import { type CreateTransfer, SessionLifecycle } from './session-lifecycle.js';
 import { isExpired, ONE_SHOT_KEY, type TransferJson, toJson, tokenMatches } from './session-record.js';
 import { type Live, SessionRegistry } from './session-registry.js';
 import type { Direction, Transfer } from './transfer-store.js';
-import { verifyChecksum } from './upload-rules.js';
 
 export type { ChunkRange, ChunkWrite } from './active-upload.js';
 export { type CreateTransfer, DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS } from './session-lifecycle.js';
@@ -35,16 +31,18 @@ export class TransferService {
   private readonly sessions: SessionRegistry;
   private readonly uploads: ActiveUploads;
   private readonly lifecycle: SessionLifecycle;
+  private readonly finalizer: Finalizer;
 
   constructor(
     db: Db,
-    private readonly vdis: VdiStore,
+    vdis: VdiStore,
     private readonly tasks: TaskManager,
     logger?: Logger,
   ) {
     this.sessions = new SessionRegistry(db);
     this.uploads = new ActiveUploads(this.sessions, vdis, tasks);
     this.lifecycle = new SessionLifecycle(this.sessions, vdis, tasks, logger);
+    this.finalizer = new Finalizer(this.sessions, vdis, tasks, this.uploads, this.lifecycle);
   }
 
   /** Sessions a previous process left active: their tasks and staging files must survive recovery. */
@@ -55,7 +53,7 @@ export class TransferService {
   /** Startup: takes active sessions back; a finalize that was running is run again from the staged bytes. */
   resume(): void {
     this.lifecycle.resume((live) => {
-      live.finalizing = this.runFinalize(live);
+      live.finalizing = this.finalizer.run(live);
     });
   }
 
@@ -143,93 +141,12 @@ export class TransferService {
 
   /** Starts the commit of a complete upload; resolves with the task once started (see `completion`). */
   finalize(id: string): Task {
-    const live = this.active(id, 'upload');
-    if (live.finalizing) return { ...live.task.record };
-    const t = live.t;
-    if (t.size === null) {
-      throw new ApiError(
-        'SIZE_UNKNOWN',
-        'the upload length is not known yet: send a chunk with Content-Range bytes a-b/total, or declare size',
-      );
-    }
-    if (live.writers > 0) {
-      throw new ApiError(
-        'TRANSFER_BUSY',
-        `${live.writers} chunk upload(s) still running; finalize when they have finished`,
-      );
-    }
-    const missing = live.ranges.missing(0, t.size);
-    if (missing.length) {
-      const bytes = missing.reduce((n, [s, e]) => n + e - s, 0);
-      throw new ApiError(
-        'TRANSFER_INCOMPLETE',
-        `${bytes} of ${t.size} bytes have not arrived (first gap at ${missing[0][0]}); send them, then finalize`,
-        { missing: missing.slice(0, 16), missing_bytes: bytes },
-      );
-    }
-    t.state = 'finalizing';
-    this.sessions.store.save(t);
-    live.finalizing = this.runFinalize(live);
-    return { ...live.task.record };
+    return this.finalizer.finalize(id);
   }
 
   /** Resolves when the session's finalize ends (success or failure). */
-  async completion(id: string): Promise<Task> {
-    const live = this.sessions.find(id);
-    if (live?.finalizing) return live.finalizing;
-    return this.tasks.get(this.get(id).task_id);
-  }
-
-  private async runFinalize(live: Live): Promise<Task> {
-    const { t, task } = live;
-    try {
-      await (await live.handle)?.close();
-      live.handle = null;
-      const staged = t.staging_path!;
-      const vdi = this.vdis.get(t.vdi_id);
-      if (t.format !== 'raw') await fsp.truncate(staged, t.size!);
-      if (t.checksum) {
-        const fileSize = t.format === 'raw' ? vdi.virtual_size : t.size!;
-        await verifyChecksum(staged, fileSize, t.size!, t.checksum, task.signal);
-      }
-      const streaming = await this.uploads.streamingOf(live, vdi);
-      const result = (generation: number) => ({
-        vdi: vdi.id,
-        format: t.format,
-        generation,
-        bytes_received: live.ranges.size(),
-        ...(streaming && { bytes_streamed: streaming.streamedBytes }),
-        transfer: t.id,
-      });
-      // The content switch, the session's state and the task's outcome commit
-      // together: a crash cannot leave a committed VDI with a failed task.
-      const committed = await commitStaged(
-        this.vdis,
-        vdi,
-        staged,
-        t.format,
-        task,
-        streaming,
-        (generation) => {
-          t.state = 'committed';
-          this.sessions.store.save(t);
-          this.tasks.persist({
-            ...task.record,
-            status: 'success',
-            progress: 1,
-            finished_at: nowIso(),
-            result: result(generation),
-          });
-        },
-      );
-      const cleaned = this.lifecycle.cleanup(live);
-      const done = task.succeed(result(committed.generation));
-      await cleaned;
-      return done;
-    } catch (err) {
-      const failed = await this.lifecycle.end(live, 'failed', err);
-      return failed ?? task.record;
-    }
+  completion(id: string): Promise<Task> {
+    return this.finalizer.completion(id);
   }
 
   /** Cancels an active session: the VDI stays as it was (a download session ends as done). */
