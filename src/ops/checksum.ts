@@ -18,10 +18,10 @@ import { ApiError, toApiError } from '../errors.js';
 import { allocatedBytes, type BlockImage, type Extent } from '../image/block-image.js';
 import { readVirtual } from '../image/read-virtual.js';
 import { ZEROS } from '../image/zero.js';
+import type { ImageLease } from '../storage/image-cache.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
-import { openCurrentImage } from './extents.js';
 
 export const CHECKSUM_ALGORITHMS = ['sha256', 'sha1', 'md5'] as const;
 export type ChecksumAlgorithm = (typeof CHECKSUM_ALGORITHMS)[number];
@@ -122,13 +122,14 @@ export class ChecksumService {
     const hit = this.cache.get(cacheKey(current, algorithm));
     if (hit) return { kind: 'done', result: hit, cached: true };
 
-    const { vdi, image } = await openCurrentImage(this.vdis, vdiId);
+    const lease = await this.vdis.images.lease(vdiId);
+    const { vdi, image } = lease;
     const key = cacheKey(vdi, algorithm);
     let handedToTask = false;
     try {
       const joined = this.running.get(key);
       if (joined) return { kind: 'task', task: this.tasks.get(joined.id) };
-      const extents = await image.extents();
+      const extents = await lease.extents();
       const runAsync =
         opts.async ??
         (allocatedBytes(extents) > ASYNC_DATA_THRESHOLD_BYTES ||
@@ -141,23 +142,23 @@ export class ChecksumService {
       const task = this.tasks.start('checksum', vdi.id, { bytesTotal: image.virtualSize });
       this.running.set(key, task);
       handedToTask = true;
-      this.runTask(task, key, vdi, image, extents, algorithm).catch(() => {
+      this.runTask(task, key, lease, extents, algorithm).catch(() => {
         // Only if the store closed under the task: restart recovery records it as interrupted.
       });
       return { kind: 'task', task: { ...task.record } };
     } finally {
-      if (!handedToTask) await image.close();
+      if (!handedToTask) lease.release();
     }
   }
 
   private async runTask(
     task: RunningTask,
     key: string,
-    vdi: Vdi,
-    image: BlockImage,
+    lease: ImageLease,
     extents: readonly Extent[],
     algorithm: ChecksumAlgorithm,
   ): Promise<void> {
+    const { vdi, image } = lease;
     try {
       const checksum = await hashImage(image, extents, algorithm, {
         signal: AbortSignal.any([task.signal, this.stopping.signal]),
@@ -171,7 +172,7 @@ export class ChecksumService {
       if (!this.stopping.signal.aborted) task.fail(toApiError(err));
     } finally {
       this.running.delete(key);
-      await image.close().catch(() => undefined);
+      lease.release();
     }
   }
 }
