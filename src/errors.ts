@@ -31,7 +31,6 @@ export const ERRORS = {
     status: 400,
     meaning: 'the wire or at-rest format is not one diskport or the SR supports',
   },
-  ALGORITHM_NOT_SUPPORTED: { status: 400, meaning: 'the checksum algorithm is not sha256, sha1 or md5' },
   SHRINK_NOT_ALLOWED: { status: 400, meaning: 'a VDI cannot be made smaller' },
   INVALID_CHECKSUM: { status: 400, meaning: "a transfer's checksum is not '<algorithm>:<hex>'" },
   CHECKSUM_MISMATCH: { status: 400, meaning: 'the whole upload does not match its declared checksum' },
@@ -55,7 +54,7 @@ export const ERRORS = {
   INVALID_UPLOAD_CHECKSUM: { status: 400, meaning: "a tus Upload-Checksum is not '<algorithm> <base64>'" },
   UNSUPPORTED_CHECKSUM_ALGORITHM: {
     status: 400,
-    meaning: 'a tus Upload-Checksum names an algorithm diskport lacks',
+    meaning: 'a checksum algorithm (?algorithm=, tus Upload-Checksum) other than sha256, sha1 or md5',
   },
   INVALID_TUS_REQUEST: { status: 400, meaning: 'a tus request lacks or misuses a tus header' },
   // 401, 403: authentication (management bearer token, xapi session_id, transfer token)

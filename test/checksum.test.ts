@@ -170,7 +170,7 @@ describe('GET /v1/vdis/{vdi}/checksum', () => {
       `/v1/vdis/${vdiId}/checksum?algorithm=crc32`,
     );
     assert.equal(bad.status, 400);
-    assert.equal(bad.body.error.code, 'ALGORITHM_NOT_SUPPORTED');
+    assert.equal(bad.body.error.code, 'UNSUPPORTED_CHECKSUM_ALGORITHM');
     assert.match(bad.body.error.message, /sha256, sha1, md5/);
     const badAsync = await api(srv.url, 'GET', `/v1/vdis/${vdiId}/checksum?async=maybe`);
     assert.equal(badAsync.status, 400);

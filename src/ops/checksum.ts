@@ -54,7 +54,7 @@ export function parseAlgorithm(value: unknown): ChecksumAlgorithm {
   const name = typeof value === 'string' ? value.toLowerCase() : String(value);
   if (!(CHECKSUM_ALGORITHMS as readonly string[]).includes(name)) {
     throw new ApiError(
-      'ALGORITHM_NOT_SUPPORTED',
+      'UNSUPPORTED_CHECKSUM_ALGORITHM',
       `unknown checksum algorithm '${String(value)}'; use one of: ${CHECKSUM_ALGORITHMS.join(', ')}`,
       { algorithm: String(value), supported: [...CHECKSUM_ALGORITHMS] },
     );
