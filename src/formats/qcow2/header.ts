@@ -43,6 +43,8 @@ const EXT_BACKING_FORMAT = 0xe2792aca;
 const EXT_FEATURE_NAME_TABLE = 0x6803f857;
 const EXT_DATA_FILE_NAME = 0x44415441;
 const FEATURE_NAME_ENTRY_BYTES = 48;
+/** qemu's unit of disk size (BDRV_SECTOR_SIZE). */
+const SECTOR_BYTES = 512;
 
 export interface Qcow2Header {
   version: 2 | 3;
@@ -274,16 +276,20 @@ export function parseHeader(head: Buffer, fileSizeBytes: number): Qcow2Header {
       { virtual_size: sizeBig.toString() },
     );
   }
-  const virtualSizeBytes = Number(sizeBig);
+  // qemu counts the disk in whole 512-byte sectors (total_sectors = size /
+  // 512): a last partial sector is not part of the disk it reads, so it is
+  // not part of ours either.
+  const headerSizeBytes = Number(sizeBig);
+  const virtualSizeBytes = headerSizeBytes - (headerSizeBytes % SECTOR_BYTES);
 
   const l2EntryBytes = extendedL2 ? 16 : 8;
   const l2Entries = clusterSizeBytes / l2EntryBytes;
   const l1Entries = head.readUInt32BE(36);
-  const neededL1Entries = Math.ceil(virtualSizeBytes / (clusterSizeBytes * l2Entries));
+  const neededL1Entries = Math.ceil(headerSizeBytes / (clusterSizeBytes * l2Entries));
   if (l1Entries < neededL1Entries) {
     throw new MalformedImageError(
       'qcow2',
-      `L1 table of ${l1Entries} entries is too small for a ${virtualSizeBytes}-byte disk (needs ${neededL1Entries})`,
+      `L1 table of ${l1Entries} entries is too small for a ${headerSizeBytes}-byte disk (needs ${neededL1Entries})`,
     );
   }
   // Entries past what the disk needs are never read (they can only hold VM
@@ -317,7 +323,8 @@ export function parseHeader(head: Buffer, fileSizeBytes: number): Qcow2Header {
     clusterBits,
     clusterSizeBytes,
     virtualSizeBytes,
-    l1Entries: neededL1Entries,
+    // The entries read: those of the disk qemu reads (at most neededL1Entries).
+    l1Entries: Math.ceil(virtualSizeBytes / (clusterSizeBytes * l2Entries)),
     l1TableOffset,
     l2Entries,
     l2EntryBytes,

@@ -331,7 +331,12 @@ export class Qcow2Image implements BlockImage {
         ? ZERO_CLUSTER
         : { kind: KIND_SUBCLUSTERS, hostOffset, compressedBytes: 0, allocMask };
     }
-    // Bit 0 reads as zeros (version 3; qemu honours it in version 2 too).
+    // Bit 0 reads as zeros in version 3. Version 2 has no zero clusters: qemu
+    // refuses to read such an entry ("Zero cluster entry found in pre-v3
+    // image"), and so do we, rather than read as zeros what qemu cannot read.
+    if (lo & 1 && this.header.version === 2) {
+      throw badEntry(j, l2Offset, 'the zero flag (bit 0) is set, which version 2 images do not have');
+    }
     // Offset 0 is "unallocated": without a backing file that reads as zeros.
     return lo & 1 || hostOffset === 0
       ? ZERO_CLUSTER
