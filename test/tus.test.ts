@@ -292,6 +292,9 @@ describe('tus 1.0 uploads at /v1/tus/', () => {
     assert.equal(del.status, 204);
     const gone = await fetch(url, { method: 'HEAD', headers: TUS });
     assert.equal(gone.status, 410);
+    const late = await tusPatch(url, MiB / 2, seededBytes(MiB / 2, 10));
+    assert.equal(late.status, 410);
+    assert.equal(((await late.json()) as ErrorBody).error.code, 'UPLOAD_GONE');
     const id = url.split('/').pop()!;
     const transfer = await api<{ state: string }>(srv.url, 'GET', `/v1/transfers/${id}`);
     assert.equal(transfer.body.state, 'cancelled');
@@ -350,9 +353,121 @@ describe('tus 1.0 uploads at /v1/tus/', () => {
       'upload-metadata': metadataHeader({ vdi: vdi.id }),
     });
     assert.equal(noVersion.status, 412);
+    assert.equal(noVersion.body.error.code, 'TUS_VERSION_UNSUPPORTED');
+    assert.equal(noVersion.headers.get('tus-version'), '1.0.0');
 
     const unknownUpload = await api<ErrorBody>(srv.url, 'HEAD', '/v1/tus/no-such-upload', undefined, TUS);
     assert.equal(unknownUpload.status, 404);
+  });
+});
+
+describe('tus requests framed against tus 1.0 are refused, and nothing lands', () => {
+  let srv: TestServer;
+  let url: string;
+  before(async () => {
+    srv = await startServer();
+    const vdi = await createVdi(srv.url, MiB);
+    url = await tusPost(srv.url, MiB, { vdi: vdi.id });
+  });
+  after(() => srv.close());
+
+  const body = seededBytes(4096, 13);
+  async function refused(res: Response, status: number, code: string): Promise<ErrorBody> {
+    const text = await res.text();
+    assert.equal(res.status, status, text);
+    const parsed = JSON.parse(text) as ErrorBody;
+    assert.equal(parsed.error.code, code);
+    assert.equal(await headOffset(url), 0, 'the refused request wrote nothing');
+    return parsed;
+  }
+
+  test('another Tus-Resumable, or none, is 412 TUS_VERSION_UNSUPPORTED naming the version spoken', async () => {
+    const framing = { 'upload-offset': '0', 'content-type': 'application/offset+octet-stream' };
+    for (const version of ['0.2.2', '2.0.0', null]) {
+      const res = await fetch(url, {
+        method: 'PATCH',
+        headers: version === null ? framing : { ...framing, 'tus-resumable': version },
+        body: new Uint8Array(body),
+      });
+      assert.equal(res.headers.get('tus-version'), '1.0.0', String(version));
+      const err = await refused(res, 412, 'TUS_VERSION_UNSUPPORTED');
+      assert.match(err.error.message, /Tus-Resumable: 1\.0\.0/);
+    }
+    const create = await fetch(`${srv.url}/v1/tus/`, {
+      method: 'POST',
+      headers: { 'tus-resumable': '0.2.2', 'upload-length': String(MiB) },
+    });
+    await refused(create, 412, 'TUS_VERSION_UNSUPPORTED');
+  });
+
+  test('a PATCH body of another Content-Type is 415 UNSUPPORTED_MEDIA_TYPE', async () => {
+    const res = await tusPatch(url, 0, body, { 'content-type': 'application/octet-stream' });
+    const err = await refused(res, 415, 'UNSUPPORTED_MEDIA_TYPE');
+    assert.match(err.error.message, /application\/offset\+octet-stream/);
+  });
+
+  test('a PATCH without Upload-Offset, or a POST with a bad Upload-Length or Upload-Metadata, is 400 INVALID_TUS_REQUEST', async () => {
+    const noOffset = await fetch(url, {
+      method: 'PATCH',
+      headers: { ...TUS, 'content-type': 'application/offset+octet-stream' },
+      body: new Uint8Array(body),
+    });
+    await refused(noOffset, 400, 'INVALID_TUS_REQUEST');
+    for (const headers of [
+      { 'upload-length': 'ten', 'upload-metadata': metadataHeader({ vdi: 'x' }) },
+      { 'upload-length': '-1', 'upload-metadata': metadataHeader({ vdi: 'x' }) },
+      { 'upload-length': String(MiB), 'upload-metadata': 'vdi !!not-base64!!' },
+    ]) {
+      const res = await fetch(`${srv.url}/v1/tus/`, { method: 'POST', headers: { ...TUS, ...headers } });
+      await refused(res, 400, 'INVALID_TUS_REQUEST');
+    }
+  });
+
+  test('an Upload-Checksum that is not <algorithm> <base64 digest> is 400 INVALID_UPLOAD_CHECKSUM', async () => {
+    for (const header of [
+      'sha256',
+      `sha256 ${digest('sha1', body)}`,
+      'sha256 not*base64',
+      `${digest('sha256', body)}`,
+    ]) {
+      const res = await tusPatch(url, 0, body, { 'upload-checksum': header });
+      await refused(res, 400, 'INVALID_UPLOAD_CHECKSUM');
+    }
+    const right = await tusPatch(url, 0, body, { 'upload-checksum': `sha256 ${digest('sha256', body)}` });
+    assert.equal(right.status, 204, 'the same body with a well-formed Upload-Checksum lands');
+    assert.equal(await headOffset(url), body.length);
+    // Back to the state the other tests expect: a fresh upload at offset 0.
+    const vdi = await createVdi(srv.url, MiB);
+    url = await tusPost(srv.url, MiB, { vdi: vdi.id });
+  });
+
+  test('Upload-Concat and Upload-Defer-Length are 501 NOT_IMPLEMENTED', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const metadata = metadataHeader({ vdi: vdi.id });
+    const refusedHeaders: Record<string, string>[] = [
+      { 'upload-concat': 'partial', 'upload-length': String(MiB), 'upload-metadata': metadata },
+      { 'upload-defer-length': '1', 'upload-metadata': metadata },
+    ];
+    for (const headers of refusedHeaders) {
+      const res = await fetch(`${srv.url}/v1/tus/`, { method: 'POST', headers: { ...TUS, ...headers } });
+      await refused(res, 501, 'NOT_IMPLEMENTED');
+    }
+    // Nothing was created: the VDI is free for an upload.
+    await tusPost(srv.url, MiB, { vdi: vdi.id });
+  });
+
+  test("a download transfer's id is no tus upload: 404 UPLOAD_NOT_FOUND", async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const download = await api<{ id: string }>(srv.url, 'POST', '/v1/transfers', {
+      vdi: vdi.id,
+      direction: 'download',
+    });
+    assert.equal(download.status, 201, JSON.stringify(download.body));
+    const res = await tusPatch(`${srv.url}/v1/tus/${download.body.id}`, 0, body);
+    assert.equal(res.status, 404);
+    assert.equal(((await res.json()) as ErrorBody).error.code, 'UPLOAD_NOT_FOUND');
+    const head = await fetch(`${srv.url}/v1/tus/${download.body.id}`, { method: 'HEAD', headers: TUS });
+    assert.equal(head.status, 404);
   });
 });
 

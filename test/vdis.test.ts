@@ -90,6 +90,36 @@ describe('SRs and VDIs', () => {
     assert.equal(res.body.error.code, 'INVALID_JSON');
   });
 
+  test('a JSON body over 1 MiB is 413 BODY_TOO_LARGE, and no VDI is made', async () => {
+    const before = await api<unknown[]>(srv.url, 'GET', '/v1/vdis');
+    const res = await api<{ error: { code: string } }>(srv.url, 'POST', '/v1/vdis', {
+      name_label: 'x'.repeat(1024 * 1024 + 1),
+      virtual_size: 1024,
+    });
+    assert.equal(res.status, 413);
+    assert.equal(res.body.error.code, 'BODY_TOO_LARGE');
+    const after = await api<unknown[]>(srv.url, 'GET', '/v1/vdis');
+    assert.equal(after.body.length, before.body.length);
+  });
+
+  test('a JSON body in a charset or Content-Encoding diskport does not read is 415 UNSUPPORTED_MEDIA_TYPE saying what to send', async () => {
+    const body = JSON.stringify({ name_label: 'x', virtual_size: 1024 });
+    for (const [headers, hint] of [
+      [{ 'content-type': 'application/json; charset=latin1' }, /UTF-8/],
+      [
+        { 'content-type': 'application/json', 'content-encoding': 'compress' },
+        /identity, gzip, deflate or br/,
+      ],
+    ] as const) {
+      const res = await api<{ error: { code: string; message: string } }>(srv.url, 'POST', '/v1/vdis', body, {
+        ...headers,
+      });
+      assert.equal(res.status, 415, JSON.stringify(headers));
+      assert.equal(res.body.error.code, 'UNSUPPORTED_MEDIA_TYPE');
+      assert.match(res.body.error.message, hint);
+    }
+  });
+
   test('a body without a JSON content type is refused with a hint', async () => {
     const res = await fetch(`${srv.url}/v1/vdis`, { method: 'POST', body: 'name_label=x' });
     assert.equal(res.status, 400);

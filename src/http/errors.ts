@@ -49,10 +49,14 @@ function fromExpressError(err: ExpressError): ApiError | null {
         'the JSON body is too large; management requests are small objects',
       );
     case 'encoding.unsupported':
-    case 'charset.unsupported':
       return new ApiError(
         'UNSUPPORTED_MEDIA_TYPE',
         `${err.message ?? 'unsupported body encoding'}; send the body as identity, gzip, deflate or br`,
+      );
+    case 'charset.unsupported':
+      return new ApiError(
+        'UNSUPPORTED_MEDIA_TYPE',
+        `${err.message ?? 'unsupported charset'}; send the JSON body as UTF-8 (Content-Type: application/json)`,
       );
   }
   const status = err.status ?? err.statusCode;

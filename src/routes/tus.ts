@@ -88,6 +88,7 @@ export function tusRoutes(s: Services): Router {
 
   return Router().all(`${TUS_PATH}{/:id}`, async (req, res) => {
     res.setHeader('Tus-Resumable', TUS_RESUMABLE);
+    checkTusFraming(req);
     const checksum = req.get('upload-checksum');
     const context: TusRequestContext = {
       digest: checksum ? parseUploadChecksum(checksum) : undefined,
@@ -97,6 +98,36 @@ export function tusRoutes(s: Services): Router {
     if (answer.status >= 500) req.log?.error({ err: context.error }, 'tus request failed');
     await send(req, res, answer);
   });
+}
+
+const TUS_BODY_TYPE = 'application/offset+octet-stream';
+
+/**
+ * What tus 1.0 answers and @tus/server does not: a request without
+ * Tus-Resumable 1.0.0 is 412 with Tus-Version (@tus/server says 400 to
+ * another version), and a PATCH body of another Content-Type is 415 (it says
+ * 400). OPTIONS needs no version; GET is no tus method.
+ */
+function checkTusFraming(req: Request): void {
+  if (req.method === 'OPTIONS' || req.method === 'GET') return;
+  const version = req.get('tus-resumable');
+  if (version !== TUS_RESUMABLE) {
+    throw new ApiError(
+      'TUS_VERSION_UNSUPPORTED',
+      version === undefined
+        ? `the request has no Tus-Resumable header; send Tus-Resumable: ${TUS_RESUMABLE}`
+        : `Tus-Resumable '${version}' is not a version diskport speaks; send Tus-Resumable: ${TUS_RESUMABLE}`,
+      { supported: [TUS_RESUMABLE] },
+      { 'Tus-Version': TUS_RESUMABLE },
+    );
+  }
+  const type = req.get('content-type');
+  if (req.method === 'PATCH' && type !== TUS_BODY_TYPE) {
+    throw new ApiError(
+      'UNSUPPORTED_MEDIA_TYPE',
+      `a tus PATCH body is sent as Content-Type: ${TUS_BODY_TYPE}${type === undefined ? '' : `, not '${type}'`}`,
+    );
+  }
 }
 
 /** Writes @tus/server's answer; errors become `{"error": {...}}` JSON like every other endpoint's. */
