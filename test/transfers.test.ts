@@ -405,9 +405,68 @@ describe('resumable transfer sessions', () => {
     assert.equal(task.body.bytes_done, 1000);
     const write = await putChunk(t.url, Buffer.alloc(10), 0, 10);
     assert.equal(write.status, 409);
+    assert.equal(((await write.json()) as ErrorBody).error.code, 'WRONG_DIRECTION');
     const done = await api<TransferJson>(srv.url, 'DELETE', `/v1/transfers/${t.id}?token=${t.token}`);
     assert.equal(done.body.state, 'committed');
     assert.equal((await fetch(t.url)).status, 409, 'an ended download session serves nothing');
+  });
+
+  test("an upload session's data cannot be read: 409 WRONG_DIRECTION", async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const t = await open({ vdi: vdi.id, direction: 'upload', size: MiB });
+    const read = await api<ErrorBody>(srv.url, 'GET', new URL(t.url).pathname + new URL(t.url).search);
+    assert.equal(read.status, 409);
+    assert.equal(read.body.error.code, 'WRONG_DIRECTION');
+    assert.match(read.body.error.message, /upload/);
+    await api(srv.url, 'DELETE', `/v1/transfers/${t.id}?token=${t.token}`);
+  });
+
+  test('finalize before the upload length is known is 409 SIZE_UNKNOWN; once a chunk names the total it commits', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const t = await open({ vdi: vdi.id, direction: 'upload' });
+    const data = seededBytes(64 * 1024, 31);
+    const partial = await putChunk(t.url, data.subarray(0, 4096), 0, '*');
+    assert.equal(partial.status, 200, await partial.text());
+    assert.equal(await finalizeCode(t), 'SIZE_UNKNOWN');
+    const rest = await putChunk(t.url, data.subarray(4096), 4096, data.length);
+    assert.equal(rest.status, 200, await rest.text());
+    assert.equal((await finalize(t)).body.status, 'success');
+    assert.equal(
+      await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`),
+      sha256(Buffer.concat([data, Buffer.alloc(MiB - data.length)])),
+    );
+  });
+
+  test('while a session is being committed it takes no data (TRANSFER_NOT_OPEN) and cannot be cancelled (TRANSFER_FINALIZING)', async () => {
+    // A 1 GiB upload of zeros (no bytes cross the wire) whose declared checksum is verified at
+    // finalize: hashing it keeps the session in `finalizing` long enough to send two requests.
+    const size = 1024 * MiB;
+    const vdi = await createVdi(srv.url, size);
+    const t = await open({ vdi: vdi.id, direction: 'upload', size, checksum: `sha256:${'0'.repeat(64)}` });
+    const zero = await api(srv.url, 'PATCH', new URL(t.url).pathname + new URL(t.url).search, {
+      op: 'zero',
+      offset: 0,
+      size,
+    });
+    assert.equal(zero.status, 200, JSON.stringify(zero.body));
+    const finalizing = finalize(t);
+    await waitFor('the session to be finalizing', async () => (await listed(t)).state !== 'open');
+    const write = await putChunk(t.url, Buffer.alloc(512, 1), 0, size);
+    const writeBody = (await write.json()) as ErrorBody;
+    assert.equal(
+      writeBody.error.code,
+      'TRANSFER_NOT_OPEN',
+      `the write reached the session while it was committed: ${JSON.stringify(writeBody)}`,
+    );
+    assert.equal(write.status, 409);
+    const cancel = await api<ErrorBody>(srv.url, 'DELETE', `/v1/transfers/${t.id}?token=${t.token}`);
+    assert.equal(cancel.status, 409);
+    assert.equal(cancel.body.error.code, 'TRANSFER_FINALIZING');
+    assert.equal((await listed(t)).state, 'finalizing', 'both were answered while the commit ran');
+    // The commit is cut short by cancelling its task, which the holder of the session cannot do.
+    assert.equal((await api(srv.url, 'POST', `/v1/tasks/${t.task_id}/cancel`)).status, 202);
+    assert.equal((await finalizing).body.status, 'cancelled');
+    assert.notEqual((await listed(t)).state, 'committed');
   });
 
   /** Sends `request` and checks that it moved the session's expiry to its own time plus the ttl. */
