@@ -281,25 +281,45 @@ describe('an image damaged at rest never takes the server down', () => {
     await assertHealthy();
   });
 
-  test('the xapi alias and a download session are cut short the same way', async () => {
+  test('the xapi alias and a download session are cut short the same way; the session fails with its task', async () => {
     const xapi = await slowGet(`${a.url}/export_raw_vdi?vdi=${damaged}&format=raw`);
     assert.equal(xapi.status, 200);
     assertShortPrefix(xapi, source);
     await assertHealthy();
 
-    const t = await api<TransferJson>(a.url, 'POST', '/v1/transfers', {
-      vdi: damaged,
-      direction: 'download',
-      format: 'raw',
-    });
-    assert.equal(t.status, 201, JSON.stringify(t.body));
-    const session = await slowGet(t.body.url);
+    const openSession = async () => {
+      const t = await api<TransferJson>(a.url, 'POST', '/v1/transfers', {
+        vdi: damaged,
+        direction: 'download',
+        format: 'raw',
+      });
+      assert.equal(t.status, 201, JSON.stringify(t.body));
+      return t.body;
+    };
+    /** A session that met the damage is over: its task failed, its url serves no more. */
+    const assertSessionFailed = async (t: TransferJson) => {
+      const task = await waitTask(t.task_id);
+      assert.equal(task.status, 'failure');
+      assert.equal(task.error?.code, 'IMAGE_CORRUPT');
+      const state = await api<{ state: string }>(a.url, 'GET', `/v1/transfers/${t.id}`);
+      assert.equal(state.body.state, 'failed');
+      const again = await api<ErrorBody>(a.url, 'GET', new URL(t.url).pathname + new URL(t.url).search);
+      assert.equal(again.status, 409, JSON.stringify(again.body));
+      await assertHealthy();
+    };
+
+    // Mid-stream: the body is cut short, then the session ends as failed.
+    const midStream = await openSession();
+    const session = await slowGet(midStream.url);
     assert.equal(session.status, 200);
     assertShortPrefix(session, source);
-    const at = await fetch(t.body.url, { headers: { range: `bytes=${DEEP_DAMAGE_AT}-` } });
+    await assertSessionFailed(midStream);
+
+    // Before the first byte: a JSON error, and the same end.
+    const atDamage = await openSession();
+    const at = await fetch(atDamage.url, { headers: { range: `bytes=${DEEP_DAMAGE_AT}-` } });
     assertCorruptError(at.status, await at.json());
-    await api(a.url, 'DELETE', `/v1/transfers/${t.body.id}`);
-    await assertHealthy();
+    await assertSessionFailed(atDamage);
   });
 
   test('checksums, inline and as a task, fail with IMAGE_CORRUPT', async () => {

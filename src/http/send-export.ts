@@ -22,6 +22,8 @@ export interface ExportDeps {
 export interface SessionExport {
   taskId: string;
   onBytes: (n: number) => void;
+  /** A read for it failed (before or after the first byte): the session decides whether it ends. */
+  onReadFailed: (err: unknown) => void;
 }
 
 /**
@@ -38,7 +40,10 @@ export async function sendExport(
   format: string,
   session?: SessionExport,
 ): Promise<void> {
-  const source = await openExport(deps.vdis, vdiId, format);
+  const source = await openExport(deps.vdis, vdiId, format).catch((err) => {
+    session?.onReadFailed(err);
+    throw err;
+  });
   try {
     const rep = { ...source, contentType: 'application/octet-stream' };
     const plan = writeHead(req, res, rep);
@@ -49,7 +54,10 @@ export async function sendExport(
     const failed = (err: unknown) => bodyFailed(req, res, err);
     if (session) {
       res.setHeader('X-Task-Id', session.taskId);
-      await writeBody(res, rep, plan, session.onBytes).catch(failed);
+      await writeBody(res, rep, plan, session.onBytes).catch((err) => {
+        session.onReadFailed(err);
+        failed(err);
+      });
       return;
     }
     if (plan.status === 206) {

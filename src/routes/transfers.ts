@@ -150,5 +150,10 @@ async function serveDownload(s: Services, req: Request, res: Response, t: Transf
   await sendExport(s, req, res, t.vdi_id, t.format, {
     taskId: t.task_id,
     onBytes: (n) => s.transfers.countServed(t.id, n),
+    onReadFailed: (err) => {
+      s.transfers
+        .failDownload(t.id, err)
+        .catch((e) => req.log?.error({ err: e, transfer: t.id }, 'ending a failed download session failed'));
+    },
   });
 }

@@ -254,6 +254,18 @@ export class SessionLifecycle {
     }
   }
 
+  /**
+   * A download session whose image could not be read (IMAGE_CORRUPT: damaged
+   * at rest) can serve nothing more: it ends as failed, and so does its task.
+   * Any other failure of a read (a client gone mid-body) leaves it open.
+   */
+  async failDownload(id: string, err: unknown): Promise<void> {
+    const live = this.sessions.find(id);
+    if (live?.t.direction !== 'download' || live.t.state !== 'open') return;
+    if (toApiError(err).code !== 'IMAGE_CORRUPT') return;
+    await this.end(live, 'failed', err);
+  }
+
   /** Counts bytes a download session served. */
   countServed(id: string, n: number): void {
     const live = this.sessions.find(id);

@@ -159,6 +159,11 @@ export class TransferService {
     this.lifecycle.countServed(id, n);
   }
 
+  /** A read for a download session failed: an image damaged at rest ends the session and fails its task. */
+  failDownload(id: string, err: unknown): Promise<void> {
+    return this.lifecycle.failDownload(id, err);
+  }
+
   /** Sliding expiry for downloads too: each request renews the session. */
   renew(id: string): void {
     this.lifecycle.renew(id);
