@@ -6,6 +6,7 @@ COPY package.json package-lock.json binding.gyp tsconfig.json tsconfig.build.jso
 COPY native ./native
 RUN npm ci
 COPY src ./src
+COPY scripts ./scripts
 COPY openapi.yaml ./
 RUN npm run build && npm prune --omit=dev
 

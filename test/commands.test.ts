@@ -1,17 +1,19 @@
 /**
  * The two commands as a newcomer runs them from a checkout: `npx diskport`
  * and `npx diskport-server` (the package's bins, built by `npm ci`), their
- * `--version`, and a server started on a port that is already taken.
+ * `--version`, `npm start` (which runs the build, never compiles), and a
+ * server started on a port that is already taken.
  */
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { existsSync, promises as fsp } from 'node:fs';
+import { existsSync, promises as fsp, statSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import { ROOT, tempDir } from './helpers/server.js';
+import { waitFor } from './helpers/wait.js';
 
 const execFileP = promisify(execFile);
 
@@ -69,6 +71,42 @@ describe('the commands from a checkout', () => {
     const help = await run('npx', ['--no-install', 'diskport', 'upload', '--help']);
     assert.equal(help.code, 0, help.stderr);
     assert.match(help.stdout, /--vdi/);
+  });
+
+  // `npm start` once compiled TypeScript before every start (12.8 s to the first /healthz on
+  // 2 cores); the build is `npm ci`'s (prepare) and `npm run build`'s job.
+  test('npm start serves /healthz from the build without compiling', { timeout: 300_000 }, async () => {
+    const main = path.join(ROOT, 'dist/main.js');
+    if (!existsSync(main)) await execFileP('npm', ['run', 'build'], { cwd: ROOT });
+    const builtAt = statSync(main).mtimeMs;
+    const dir = await tempDir('diskport-start-');
+    const probe = net.createServer().listen(0, '127.0.0.1');
+    await once(probe, 'listening');
+    const port = (probe.address() as net.AddressInfo).port;
+    await new Promise((r) => probe.close(r));
+    // its own process group: npm, its shell and the server end together
+    const child = spawn(
+      'npm',
+      ['start', '--silent', '--', '--port', String(port), '--data-dir', path.join(dir, 'data')],
+      { cwd: ROOT, detached: true, stdio: 'ignore' },
+    );
+    const exited = once(child, 'exit');
+    try {
+      await waitFor(
+        'npm start to answer /healthz',
+        async () => {
+          assert.equal(child.exitCode, null, 'npm start exited');
+          const res = await fetch(`http://127.0.0.1:${port}/healthz`).catch(() => null);
+          return res?.status === 200;
+        },
+        { timeoutMs: 120_000 },
+      );
+      assert.equal(statSync(main).mtimeMs, builtAt, 'npm start rewrote dist/main.js: it compiled');
+    } finally {
+      if (child.exitCode === null) process.kill(-child.pid!, 'SIGTERM');
+      await exited;
+      await fsp.rm(dir, { recursive: true, force: true });
+    }
   });
 
   describe('a port already in use', () => {

@@ -3,32 +3,66 @@
  * schemas rather than against a second copy written in code. Tests validate
  * responses against the same document (test/helpers/openapi.ts).
  */
+import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
-import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
-import addFormatsModule from 'ajv-formats';
-import { parse } from 'yaml';
+import type { Ajv, ErrorObject, ValidateFunction } from 'ajv';
 import { ApiError } from '../errors.js';
-
-// ajv-formats is CommonJS; its default export arrives one level down under ESM.
-type AddFormats = (ajv: Ajv) => Ajv;
-const addFormats = ((addFormatsModule as unknown as { default?: AddFormats }).default ??
-  addFormatsModule) as unknown as AddFormats;
 
 export const OPENAPI_PATH = fileURLToPath(new URL('../../openapi.yaml', import.meta.url));
 
-export const openapiDocument = parse(readFileSync(OPENAPI_PATH, 'utf8')) as Record<string, unknown>;
+/** Written by `npm run build` (scripts/openapi-json.mjs): dist/openapi.json beside dist/http/. */
+const BUILT_PATH = fileURLToPath(new URL('../openapi.json', import.meta.url));
 
-export const ajv = new Ajv({ strict: false, allErrors: true });
-addFormats(ajv);
-ajv.addSchema(openapiDocument, 'openapi');
+/**
+ * The parsed document: the build's JSON copy when it was made from this very
+ * text (start-up skips the YAML parser, a quarter of it), else the YAML parsed
+ * here (under tsx, or openapi.yaml edited since the build).
+ */
+function loadDocument(): Record<string, unknown> {
+  const text = readFileSync(OPENAPI_PATH, 'utf8');
+  const sha256 = createHash('sha256').update(text).digest('hex');
+  try {
+    const built = JSON.parse(readFileSync(BUILT_PATH, 'utf8')) as {
+      sha256?: string;
+      document?: Record<string, unknown>;
+    };
+    if (built.sha256 === sha256 && built.document) return built.document;
+  } catch {
+    // no build beside this module (tsx runs src/): parse the YAML
+  }
+  const { parse } = createRequire(import.meta.url)('yaml') as typeof import('yaml');
+  return parse(text) as Record<string, unknown>;
+}
+
+export const openapiDocument = loadDocument();
+
+let ajv: Ajv | undefined;
+
+/**
+ * The validator of the document, made at the first request body it checks:
+ * loading ajv and adding the document took a third of the server's start-up,
+ * and most starts serve transfers long before anyone creates a VDI.
+ */
+function openapiAjv(): Ajv {
+  if (!ajv) {
+    const require = createRequire(import.meta.url);
+    const { Ajv } = require('ajv') as typeof import('ajv');
+    const addFormats = require('ajv-formats') as (ajv: Ajv) => Ajv;
+    ajv = new Ajv({ strict: false, allErrors: true });
+    addFormats(ajv);
+    ajv.addSchema(openapiDocument, 'openapi');
+  }
+  return ajv;
+}
 
 const compiled = new Map<string, ValidateFunction>();
 
 export function schemaValidator(ref: string): ValidateFunction {
   let v = compiled.get(ref);
   if (!v) {
-    v = ajv.compile({ $ref: `openapi${ref}` });
+    v = openapiAjv().compile({ $ref: `openapi${ref}` });
     compiled.set(ref, v);
   }
   return v;

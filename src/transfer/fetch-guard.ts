@@ -11,9 +11,10 @@
 import { lookup } from 'node:dns/promises';
 import type { LookupFunction } from 'node:net';
 import { BlockList, isIP } from 'node:net';
-import { Agent } from 'undici';
+import type { Agent } from 'undici';
 import { ApiError } from '../errors.js';
 import { refusedBecause } from './ip-ranges.js';
+import { undici } from './undici.js';
 
 /** A URL whose host was resolved and checked: connect to `address`, nowhere else. */
 export interface FetchTarget {
@@ -106,7 +107,7 @@ export function pinnedAgent(target: FetchTarget): Agent {
       callback(null, target.address, target.family);
     }
   };
-  return new Agent({
+  return new (undici().Agent)({
     connect: { lookup: pinned },
     headersTimeout: IDLE_TIMEOUT_MS,
     bodyTimeout: IDLE_TIMEOUT_MS,

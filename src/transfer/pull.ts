@@ -18,7 +18,6 @@
  */
 import type { Logger } from 'pino';
 import type { Agent, Dispatcher } from 'undici';
-import { request } from 'undici';
 import type { Config } from '../config.js';
 import { ApiError, formatBytes } from '../errors.js';
 import type { RunningTask } from '../tasks/task-manager.js';
@@ -26,6 +25,7 @@ import { FetchGuard, type FetchTarget, pinnedAgent } from './fetch-guard.js';
 import { backoff, describe, isTransientStatus, SERVER_RETRY } from './retry-policy.js';
 import type { ChunkWrite, CreateTransfer, TransferService } from './sessions.js';
 import type { Transfer } from './transfer-store.js';
+import { undici } from './undici.js';
 
 const MAX_REDIRECTS = 5;
 /** Times the source may change under a pull before it fails with SOURCE_CHANGED. */
@@ -243,7 +243,7 @@ class Pull {
   private async get(headers: Record<string, string>): Promise<Dispatcher.ResponseData> {
     let target = this.source;
     for (let hop = 0; ; hop++) {
-      const res = await request(target.url, {
+      const res = await undici().request(target.url, {
         method: 'GET',
         headers,
         dispatcher: this.agentFor(target),

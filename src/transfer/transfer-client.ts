@@ -6,9 +6,10 @@
  * A non-2xx answer is an HttpError carrying the server's JSON error; whether
  * it is worth another attempt is retry-policy.ts's business.
  */
-import { type Dispatcher, request } from 'undici';
+import type { Dispatcher } from 'undici';
 import type { ByteRange } from './range-set.js';
 import { HttpError } from './retry-policy.js';
+import { undici } from './undici.js';
 
 /** Where a server is, and how to reach it. */
 export interface Endpoint {
@@ -80,7 +81,7 @@ export async function send(ep: Endpoint, call: Call): Promise<Dispatcher.Respons
     headers['content-type'] ??= 'application/json';
   }
   if (call.management && ep.token) headers.authorization = `Bearer ${ep.token}`;
-  const res = await request(urlOf(ep, call.path, call.query), {
+  const res = await undici().request(urlOf(ep, call.path, call.query), {
     method: call.method,
     headers,
     body,
