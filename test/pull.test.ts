@@ -45,6 +45,8 @@ interface Served {
   cuts?: number;
   /** Announce this many bytes more than the file has, and hang up when it runs out. */
   extra?: number;
+  /** Send this Content-Encoding with the (unencoded) bytes. */
+  encoding?: string;
   /** Called when a connection was cut (e.g. to change the file under the pull). */
   onCut?: () => void;
   /** Stop sending after this many body bytes on the first request, and hold the connection... */
@@ -88,6 +90,7 @@ async function fileServer() {
       'content-type': 'application/octet-stream',
       'accept-ranges': 'bytes',
       etag: entry.etag,
+      ...(entry.encoding && { 'content-encoding': entry.encoding }),
       ...(status === 206 && { 'content-range': `bytes ${start}-${end}/${declared}` }),
     });
     const cut = entry.cuts && entry.cuts > 0 ? entry.cutAfter : undefined;
@@ -307,6 +310,41 @@ describe('pull: diskport fetches the image itself', () => {
     );
   });
 
+  test('a source that changes on every resume fails with SOURCE_CHANGED after bounded restarts; the VDI is unchanged', async () => {
+    const vdi = await createVdi(srv.url, VIRTUAL_SIZE);
+    const before = await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`);
+    let version = 1;
+    const served = files.serve('unstable', source('raw'), { cutAfter: MiB, cuts: 100 });
+    served.onCut = () => {
+      served.etag = `"unstable-${++version}"`;
+    };
+    const t = await pull({ vdi: vdi.id, format: 'raw', source_url: `${files.base}/unstable` });
+    const task = await waitTask(t.task_id);
+    assert.equal(task.status, 'failure', JSON.stringify(task));
+    assert.equal(task.error?.code, 'SOURCE_CHANGED', task.error?.message);
+    // Each resume carried the validator of the answer before it, and got the whole (changed) file.
+    assert.ok(served.requests.length >= 4, `${served.requests.length} requests`);
+    assert.ok(
+      served.requests.slice(1).every((r, i) => r.status === 200 && r.ifRange === `"unstable-${i + 1}"`),
+      JSON.stringify(served.requests),
+    );
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), before);
+    assert.equal((await api<TransferJson>(srv.url, 'GET', `/v1/transfers/${t.id}`)).body.state, 'failed');
+  });
+
+  test('a source that sends the image encoded (Content-Encoding: gzip) fails at once with SOURCE_UNUSABLE', async () => {
+    const vdi = await createVdi(srv.url, VIRTUAL_SIZE);
+    const before = await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`);
+    const served = files.serve('encoded', source('raw'), { encoding: 'gzip' });
+    const t = await pull({ vdi: vdi.id, format: 'raw', source_url: `${files.base}/encoded` });
+    const task = await waitTask(t.task_id);
+    assert.equal(task.status, 'failure', JSON.stringify(task));
+    assert.equal(task.error?.code, 'SOURCE_UNUSABLE');
+    assert.match(task.error?.message ?? '', /gzip/);
+    assert.equal(served.requests.length, 1, 'no retry: the source will send the same again');
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), before);
+  });
+
   test('a wrong checksum fails the task with CHECKSUM_MISMATCH and leaves the VDI unchanged', async () => {
     const vdi = await createVdi(srv.url, VIRTUAL_SIZE);
     const before = await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`);
@@ -397,6 +435,29 @@ describe('pull: the SSRF guard', () => {
       assert.equal(ok.status, 201);
     });
   }
+
+  test('a host that does not resolve is 400 FETCH_TARGET_UNRESOLVABLE, for a pull and a push', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    for (const [direction, field] of [
+      ['upload', 'source_url'],
+      ['download', 'target_url'],
+    ] as const) {
+      const res = await api<ErrorBody>(srv.url, 'POST', '/v1/transfers', {
+        vdi: vdi.id,
+        direction,
+        // .invalid never resolves (RFC 6761).
+        [field]: 'http://no-such-host.invalid/v1/transfers/x/data?token=y',
+      });
+      assert.equal(res.status, 400, field);
+      assert.equal(res.body.error.code, 'FETCH_TARGET_UNRESOLVABLE', field);
+      assert.match(res.body.error.message, /no-such-host\.invalid/);
+    }
+    // Nothing was opened: the VDI takes another session.
+    assert.equal(
+      (await api(srv.url, 'POST', '/v1/transfers', { vdi: vdi.id, direction: 'upload' })).status,
+      201,
+    );
+  });
 
   test('only http and https URLs', async () => {
     const vdi = await createVdi(srv.url, MiB);
