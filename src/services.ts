@@ -89,6 +89,8 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
       // Operations in flight end with the process, as in a crash: recovery
       // fails plain tasks as INTERRUPTED and resumes transfer sessions.
       stopPruning();
+      // Bytes written with flush=n are made durable now: a graceful stop loses none of them.
+      await transfers.flushAll().catch(() => {});
       vdis.images.clear();
       transfers.stop();
       checksums.stop();

@@ -18,3 +18,16 @@ export function contentLengthOf(req: Request): number | undefined {
     throw new ApiError('INVALID_REQUEST', `Content-Length '${header}' is not a byte count`);
   return n;
 }
+
+/**
+ * `?flush=`: ovirt-imageio's y|n (true|false and 1|0 too). n writes a chunk
+ * without making it durable; absent means y.
+ */
+export function flushParam(value: unknown): boolean {
+  if (value === undefined || value === '') return true;
+  if (value === 'y' || value === 'yes' || value === 'true' || value === '1') return true;
+  if (value === 'n' || value === 'no' || value === 'false' || value === '0') return false;
+  throw new ApiError('INVALID_REQUEST', `flush must be y or n, got '${String(value)}'`, {
+    flush: String(value),
+  });
+}

@@ -2,8 +2,8 @@
  * Resumable transfer sessions:
  *   POST   /v1/transfers                 open a session
  *   GET    /v1/transfers[/{id}]          state, with the ranges received
- *   PUT    /v1/transfers/{id}/data       a chunk (Content-Range) or the whole stream
- *   PATCH  /v1/transfers/{id}/data       {"op": "zero"}: a range of zeros, no bytes sent
+ *   PUT    /v1/transfers/{id}/data       a chunk (Content-Range) or the whole stream; ?flush=n defers durability
+ *   PATCH  /v1/transfers/{id}/data       {"op": "zero"}: a range of zeros, no bytes sent; {"op": "flush"}
  *   HEAD   /v1/transfers/{id}/data       Upload-Offset / Upload-Length (or export headers)
  *   GET    /v1/transfers/{id}/data       a download session's bytes, with ranges
  *   POST   /v1/transfers/{id}/finalize   commit an upload, as a task
@@ -14,6 +14,7 @@ import { ApiError } from '../errors.js';
 import { continueNow } from '../http/continue.js';
 import { validateBody } from '../http/openapi.js';
 import { pageParams, sendPage } from '../http/paging.js';
+import { flushParam } from '../http/params.js';
 import { sendExport } from '../http/send-export.js';
 import { requireTransferCredential } from '../http/transfer-auth.js';
 import { parseContentDigest, parseContentRange } from '../http/transfer-headers.js';
@@ -74,7 +75,7 @@ export function transferRoutes(s: Services): Router {
     })
     .post('/v1/transfers/:id/finalize', async (req, res) => {
       const t = transferOf(s, req, res);
-      await s.transfers.endRedundantWrites(t.id);
+      await s.transfers.beforeFinalize(t.id);
       const started = s.transfers.finalize(t.id);
       const wait = Number(req.query.wait ?? 0);
       const task = wait > 0 ? await s.tasks.wait(started.id, Math.min(wait, 300)) : started;
@@ -82,6 +83,7 @@ export function transferRoutes(s: Services): Router {
     })
     .put('/v1/transfers/:id/data', needCredential, async (req, res) => {
       const t = transferOf(s, req, res);
+      const flush = flushParam(req.query.flush);
       const rangeHeader = req.get('content-range');
       const range = rangeHeader ? parseContentRange(rangeHeader) : undefined;
       const digestHeader = req.get('content-digest');
@@ -102,20 +104,39 @@ export function transferRoutes(s: Services): Router {
       const after =
         range && range.end < range.start
           ? await s.transfers.declareTotal(t.id, range.total!)
-          : await s.transfers.write(t.id, req, { range, digest, beforeBody: () => continueNow(res) });
+          : await s.transfers.write(t.id, req, { range, digest, flush, beforeBody: () => continueNow(res) });
       const state = s.transfers.uploadState(after.id);
       res.setHeader('Upload-Offset', String(state.offset));
       if (state.length !== null) res.setHeader('Upload-Length', String(state.length));
       res.json(s.transfers.toJson(after));
     })
     .patch('/v1/transfers/:id/data', needCredential, async (req, res) => {
-      // ovirt-imageio's PATCH: {"op": "zero", "offset", "size"} marks a range as zeros, no bytes sent.
-      const op = validateBody<{ op: 'zero'; offset: number; size: number }>('TransferDataOp', req.body);
+      // ovirt-imageio's PATCH: {"op": "zero", "offset", "size"} marks a range as zeros, no bytes
+      // sent; {"op": "flush"} makes every byte written so far durable (a flush point).
+      const op = validateBody<{ op: 'zero' | 'flush'; offset?: number; size?: number; flush?: boolean }>(
+        'TransferDataOp',
+        req.body,
+      );
       const t = transferOf(s, req, res);
-      const after =
-        op.size > 0
-          ? await s.transfers.zero(t.id, { start: op.offset, end: op.offset + op.size - 1, total: null })
-          : s.transfers.get(t.id);
+      let after: Transfer;
+      if (op.op === 'flush') after = await s.transfers.flush(t.id);
+      else {
+        if (op.size === undefined) {
+          throw new ApiError(
+            'INVALID_REQUEST',
+            'invalid request: a zero operation needs size (and offset, default 0)',
+          );
+        }
+        const offset = op.offset ?? 0;
+        after =
+          op.size > 0
+            ? await s.transfers.zero(
+                t.id,
+                { start: offset, end: offset + op.size - 1, total: null },
+                op.flush ?? true,
+              )
+            : s.transfers.get(t.id);
+      }
       const state = s.transfers.uploadState(after.id);
       res.setHeader('Upload-Offset', String(state.offset));
       if (state.length !== null) res.setHeader('Upload-Length', String(state.length));

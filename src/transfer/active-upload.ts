@@ -9,7 +9,9 @@
  * Upload-Offset that HEAD reports is always on disk. A long stream sent
  * without Content-Range is checkpointed every CHECKPOINT_INTERVAL_MS the same
  * way, and a broken connection keeps the bytes that arrived. The cost is one
- * fdatasync per chunk and per second of streaming.
+ * fdatasync per chunk and per second of streaming, unless the client defers
+ * it (`flush=n`): then the bytes wait for the session's next flush point
+ * (flush.ts).
  */
 import { createHash, randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
@@ -23,6 +25,7 @@ import { spaceGuardOf } from '../image/space.js';
 import { zeroRange } from '../image/sparse.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
+import { Flusher } from './flush.js';
 import { type LandOptions, landStream } from './land-stream.js';
 import { RangeSet } from './range-set.js';
 import { nextEpoch, streamDestOf, touch } from './session-record.js';
@@ -50,14 +53,35 @@ export interface ChunkWrite {
   beforeBody?: () => void;
   /** A body shorter than `range` is fine: its bytes are kept (a tus PATCH may stop anywhere). */
   partial?: boolean;
+  /**
+   * false (`flush=n`): the bytes are written, not made durable; they count as
+   * received at the session's next flush point. Default true.
+   */
+  flush?: boolean;
 }
 
 export class ActiveUploads {
+  private readonly flusher: Flusher;
+
   constructor(
     private readonly sessions: SessionRegistry,
     private readonly vdis: VdiStore,
     private readonly tasks: TaskManager,
-  ) {}
+  ) {
+    this.flusher = new Flusher(sessions, (live) => this.persistProgress(live));
+  }
+
+  /** A flush point: what the session's writes left unflushed becomes durable, then counts as received. */
+  async flush(id: string): Promise<Transfer> {
+    const live = this.sessions.active(id, 'upload');
+    await this.flusher.flush(live);
+    return live.t;
+  }
+
+  /** Every active session's flush point (a graceful shutdown). */
+  async flushAll(): Promise<void> {
+    await Promise.allSettled(this.sessions.all().map((live) => this.flusher.flush(live)));
+  }
 
   /**
    * Offset and length once the writes in progress have ended (at most
@@ -81,7 +105,8 @@ export class ActiveUploads {
   async endRedundantWrites(id: string, maxWaitMs = 5000): Promise<void> {
     const live = this.sessions.find(id);
     if (!live || live.writers === 0 || live.finalizing || live.t.size === null) return;
-    if (live.ranges.missing(0, live.t.size).length) return;
+    const arrived = live.ranges.missing(0, live.t.size).every(([s, e]) => live.unflushed.covers(s, e));
+    if (!arrived) return;
     const reason = new ApiError(
       'CHUNK_SUPERSEDED',
       'the session was finalized while this chunk was still arriving; every byte of it had already arrived in other requests, so nothing was lost',
@@ -96,6 +121,11 @@ export class ActiveUploads {
     const t = live?.t ?? this.sessions.get(id);
     const ranges = live?.ranges ?? new RangeSet(t.received);
     return { offset: ranges.contiguousFromZero(), length: t.size };
+  }
+
+  /** Bytes written with `flush=n` that no flush point has made durable yet. */
+  unflushedBytes(id: string): number {
+    return this.sessions.find(id)?.unflushed.size() ?? 0;
   }
 
   /** Lands one chunk (or the whole stream) of an upload; returns the session after it. */
@@ -126,6 +156,8 @@ export class ActiveUploads {
     let recorded = start;
     // The one-shot import's session has no holder to resume it: nothing to make durable early.
     const durable = !chunk.fresh;
+    // Deferred (flush=n): set once the stream is claimed or not, below.
+    let deferred = false;
     let handle: fsp.FileHandle | null = null;
     let streaming: StreamingImport | null = null;
     // Records run one at a time (checkpoints and the end of the write), so
@@ -136,14 +168,18 @@ export class ActiveUploads {
       if (end <= recorded || !handle) return;
       // What the writer still gathers is not in the file yet.
       await writer?.flush();
-      if (durable) {
-        await handle.datasync();
-        await (await live.streaming)?.sync();
+      if (!durable) {
+        live.ranges.add(recorded, end);
+        this.persistProgress(live);
+      } else if (deferred) {
+        this.flusher.wrote(live, recorded, end);
+      } else {
+        // A flush point: these bytes and every unflushed one before them, in one fdatasync.
+        live.unflushed.add(recorded, end);
+        await this.flusher.flush(live);
       }
-      live.ranges.add(recorded, end);
       streaming?.recorded(end);
       recorded = end;
-      this.persistProgress(live);
     };
     const record = (end: number): Promise<void> => {
       const next = recording.then(() => recordNow(end));
@@ -157,6 +193,10 @@ export class ActiveUploads {
       if (candidate && (await candidate.claim(start, live.ranges, handle))) streaming = candidate;
       // Not while streaming: the layout reads the staged metadata back as soon as it is written.
       else if (!chunk.digest && t.staging_path) writer = await DirectWriter.open(t.staging_path, handle);
+      // What streams into the disk being built is made durable at the end of
+      // its request whatever the client asked (ovirt-imageio allows a flush
+      // anyway): its bookkeeping (streaming-import.ts) spans one claim only.
+      deferred = durable && chunk.flush === false && !streaming;
       const writable = chunk.fresh ? undefined : (s: number, e: number) => live.ranges.missing(s, e);
       const landing: LandOptions = {
         offset: start,
@@ -225,7 +265,7 @@ export class ActiveUploads {
       await writer?.close();
       streaming?.release();
       live.writeAborts.delete(superseded);
-      this.doneWriting(live);
+      this.doneWriting(live, !deferred);
     }
   }
 
@@ -315,11 +355,14 @@ export class ActiveUploads {
     return live.streaming;
   }
 
-  /** A write ends: the session is renewed, its progress saved, and waiters for quiet woken. */
-  private doneWriting(live: Live): void {
+  /**
+   * A write ends: the session is renewed, its progress saved (a deferred
+   * write's at its flush point), and waiters for quiet woken.
+   */
+  private doneWriting(live: Live, save = true): void {
     live.writers--;
     touch(live.t);
-    this.persistProgress(live);
+    if (save) this.persistProgress(live);
     if (live.writers === 0) for (const wake of live.idleWaiters.splice(0)) wake();
   }
 
@@ -372,6 +415,9 @@ export class ActiveUploads {
     // bytes counted as received. A new epoch names a new disk for a streaming
     // import, so the old one can never be taken for the new upload's.
     const oldDest = live.t.staging_path ? streamDestOf(live.t) : null;
+    // Unflushed bytes are forgotten too, and a flush that took some already must not record them after.
+    live.unflushed = new RangeSet();
+    await (live.nextFlush ?? live.flushing)?.catch(() => {});
     live.ranges = new RangeSet();
     live.t.size = size;
     nextEpoch(live.t);
@@ -391,8 +437,12 @@ export class ActiveUploads {
     return live.t;
   }
 
-  /** Makes [start, end] of an upload zeros without their bytes crossing the wire (ovirt-imageio's zero op). */
-  async zero(id: string, range: ChunkRange): Promise<Transfer> {
+  /**
+   * Makes [start, end] of an upload zeros without their bytes crossing the
+   * wire (ovirt-imageio's zero op); `flush: false` leaves them for the next
+   * flush point.
+   */
+  async zero(id: string, range: ChunkRange, flush = true): Promise<Transfer> {
     const live = this.sessions.active(id, 'upload');
     const t = live.t;
     if (t.state !== 'open') {
@@ -414,12 +464,16 @@ export class ActiveUploads {
       const handle = await this.handleOf(live);
       const missing = live.ranges.missing(range.start, end);
       for (const [s, e] of missing) await zeroRange(handle, s, e - s);
-      if (missing.length) await handle.datasync();
-      for (const [s, e] of missing) live.ranges.add(s, e);
       live.task.markCovered(missing.reduce((n, [s, e]) => n + e - s, 0));
+      if (flush) {
+        for (const [s, e] of missing) live.unflushed.add(s, e);
+        await this.flusher.flush(live);
+      } else {
+        for (const [s, e] of missing) this.flusher.wrote(live, s, e);
+      }
       return t;
     } finally {
-      this.doneWriting(live);
+      this.doneWriting(live, flush);
     }
   }
 }

@@ -25,6 +25,8 @@ export interface TransferJson {
   upload_offset: number;
   bytes_received: number;
   received: ByteRange[];
+  /** Written with flush=n, not durable yet: not in `received` until a flush point. */
+  unflushed_bytes: number;
   data_path: string;
   error: { code: string; message: string } | null;
   url?: string;
@@ -87,6 +89,7 @@ export function toJson(
   ranges: RangeSet,
   errorOf: () => Task['error'],
   secret?: { token: string; baseUrl: string },
+  unflushedBytes = 0,
 ): TransferJson {
   return {
     id: t.id,
@@ -103,6 +106,7 @@ export function toJson(
     upload_offset: ranges.contiguousFromZero(),
     bytes_received: ranges.size(),
     received: ranges.toJSON(),
+    unflushed_bytes: unflushedBytes,
     data_path: dataPath(t.id),
     error: ['failed', 'cancelled', 'expired'].includes(t.state) ? errorOf() : null,
     ...(secret && {

@@ -17,7 +17,18 @@ import { type Direction, type Transfer, TransferStore } from './transfer-store.j
 /** What lives in memory while a session is active. */
 export interface Live {
   t: Transfer;
+  /** What is durable and recorded: all that a client is told was received. */
   ranges: RangeSet;
+  /**
+   * Written with `flush=n`, not yet durable: becomes `ranges` at the next
+   * flush point (flush.ts). Lost, as it may be, with the process.
+   */
+  unflushed: RangeSet;
+  /** The flush running, and the one queued behind it (group commit). */
+  flushing: Promise<void> | null;
+  nextFlush: Promise<void> | null;
+  /** The timer of the group commit that makes `unflushed` durable without a client asking. */
+  flushTimer: NodeJS.Timeout | null;
   task: RunningTask;
   release: () => void;
   handle: Promise<fsp.FileHandle> | null;
@@ -46,6 +57,10 @@ export class SessionRegistry {
     const live: Live = {
       t,
       ranges: new RangeSet(t.received),
+      unflushed: new RangeSet(),
+      flushing: null,
+      nextFlush: null,
+      flushTimer: null,
       task,
       release,
       handle: null,
@@ -61,6 +76,8 @@ export class SessionRegistry {
   }
 
   remove(live: Live): void {
+    if (live.flushTimer) clearTimeout(live.flushTimer);
+    live.flushTimer = null;
     this.live.delete(live.t.id);
   }
 

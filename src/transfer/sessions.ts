@@ -89,7 +89,13 @@ export class TransferService {
   }
 
   toJson(t: Transfer, secret?: { token: string; baseUrl: string }): TransferJson {
-    return toJson(t, this.sessions.rangesOf(t), () => this.tasks.get(t.task_id).error, secret);
+    return toJson(
+      t,
+      this.sessions.rangesOf(t),
+      () => this.tasks.get(t.task_id).error,
+      secret,
+      this.uploads.unflushedBytes(t.id),
+    );
   }
 
   private active(id: string, direction?: Direction): Live {
@@ -109,9 +115,19 @@ export class TransferService {
     }
   }
 
-  /** Makes [start, end] of an upload zeros without their bytes crossing the wire. */
-  zero(id: string, range: ChunkRange): Promise<Transfer> {
-    return this.uploads.zero(id, range);
+  /** Makes [start, end] of an upload zeros without their bytes crossing the wire; `flush: false` defers durability. */
+  zero(id: string, range: ChunkRange, flush = true): Promise<Transfer> {
+    return this.uploads.zero(id, range, flush);
+  }
+
+  /** A flush point: bytes written with `flush=n` become durable, then count as received. */
+  flush(id: string): Promise<Transfer> {
+    return this.uploads.flush(id);
+  }
+
+  /** Every active session's flush point (a graceful shutdown). */
+  flushAll(): Promise<void> {
+    return this.uploads.flushAll();
   }
 
   /** Forgets every byte an upload received (its source changed). */
@@ -134,9 +150,17 @@ export class TransferService {
     return this.uploads.settledUploadState(id, maxWaitMs);
   }
 
-  /** Before a finalize: ends writes whose bytes have all arrived another way. */
-  endRedundantWrites(id: string, maxWaitMs?: number): Promise<void> {
-    return this.uploads.endRedundantWrites(id, maxWaitMs);
+  /**
+   * Before a finalize: makes every byte written durable (finalize is a flush
+   * point), and ends writes whose bytes have all arrived another way.
+   */
+  async beforeFinalize(id: string, maxWaitMs?: number): Promise<void> {
+    const live = this.sessions.find(id);
+    if (live?.t.direction !== 'upload' || live.t.state !== 'open') return;
+    await this.uploads.flush(id);
+    await this.uploads.endRedundantWrites(id, maxWaitMs);
+    // The writes just ended may have left bytes unflushed.
+    await this.uploads.flush(id);
   }
 
   /** Starts the commit of a complete upload; resolves with the task once started (see `completion`). */
