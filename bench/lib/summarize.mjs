@@ -3,8 +3,9 @@
  * Summarises bench/raw-throughput's measurements.
  * Usage: node summarize.mjs RESULTS.tsv
  *   (lines: op, target, round, bytes, seconds, server CPU seconds; tab-separated)
- * Prints per op and target the median MB/s (10^6 bytes/s), seconds and server
- * CPU seconds with every run, then diskport's ratios to the references.
+ * Prints per op and target the median MB/s (10^6 bytes/s), seconds, server
+ * CPU seconds and server CPU seconds per GiB moved with every run, then
+ * diskport's ratios to the references.
  */
 import fs from 'node:fs';
 
@@ -31,9 +32,11 @@ const median = (xs) => {
 };
 
 const TARGETS = ['diskport', 'node', 'nginx', 'node+fsync', 'node+durable'];
-const med = { PUT: {}, GET: {} };
-const out = ['op   target        MB/s   seconds  server CPU s   every run (MB/s)'];
-for (const op of ['PUT', 'GET']) {
+const OPS = ['PUT', 'GET', 'GET-cached'];
+const med = Object.fromEntries(OPS.map((op) => [op, {}]));
+const GIB = 2 ** 30;
+const out = ['op          target        MB/s   seconds  server CPU s  CPU s/GiB   every run (MB/s)'];
+for (const op of OPS) {
   for (const target of TARGETS) {
     const runs = rows.filter((r) => r.op === op && r.target === target);
     if (!runs.length) continue;
@@ -42,21 +45,29 @@ for (const op of ['PUT', 'GET']) {
       mbps: median(mbps),
       seconds: median(runs.map((r) => r.seconds)),
       cpu: median(runs.map((r) => r.cpu)),
+      cpuPerGib: median(runs.map((r) => r.cpu / (r.bytes / GIB))),
     };
     med[op][target] = m;
     out.push(
-      `${op.padEnd(4)} ${target.padEnd(12)} ${m.mbps.toFixed(0).padStart(5)}  ${m.seconds.toFixed(2).padStart(8)}` +
-        `  ${m.cpu.toFixed(2).padStart(12)}   ${mbps.map((x) => x.toFixed(0)).join(' ')}`,
+      `${op.padEnd(11)} ${target.padEnd(12)} ${m.mbps.toFixed(0).padStart(5)}  ${m.seconds.toFixed(2).padStart(8)}` +
+        `  ${m.cpu.toFixed(2).padStart(12)}  ${m.cpuPerGib.toFixed(2).padStart(9)}   ${mbps.map((x) => x.toFixed(0)).join(' ')}`,
     );
   }
 }
 out.push('');
-for (const op of ['PUT', 'GET']) {
+for (const op of OPS) {
   const d = med[op].diskport?.mbps;
   const parts = ['node', 'nginx', 'node+durable']
     .filter((ref) => d && med[op][ref])
     .map((ref) => `diskport/${ref} ${(d / med[op][ref].mbps).toFixed(2)}x`);
   out.push(`${op}: ${parts.join('   ') || 'n/a'}`);
+}
+for (const op of OPS) {
+  const d = med[op].diskport?.cpuPerGib;
+  const refs = ['node', 'nginx']
+    .filter((ref) => d !== undefined && med[op][ref])
+    .map((ref) => `${ref} ${med[op][ref].cpuPerGib.toFixed(2)}`);
+  if (d !== undefined) out.push(`${op} server CPU s/GiB: diskport ${d.toFixed(2)}   ${refs.join('   ')}`);
 }
 const plain = med.PUT.node?.seconds;
 for (const [ref, what] of [
