@@ -69,6 +69,11 @@ export const ERRORS = {
   UPLOAD_NOT_FOUND: { status: 404, meaning: 'no tus upload with this id' },
   // 409: the request conflicts with the state of a resource
   VDI_BUSY: { status: 409, meaning: 'another transfer or operation holds the VDI' },
+  VDI_READ_ONLY: { status: 409, meaning: 'the VDI is a snapshot: its content cannot change' },
+  VDI_IS_SNAPSHOT: {
+    status: 409,
+    meaning: 'a snapshot cannot itself be snapshotted; clone it for a writable copy',
+  },
   TASK_FINISHED: { status: 409, meaning: 'the task has already finished; nothing to cancel' },
   TASK_CANCELLED: { status: 409, meaning: 'the task was cancelled' },
   TRANSFER_NOT_ACTIVE: {

@@ -8,6 +8,7 @@ import { isOutOfSpace } from './image/space.js';
 import { type Metrics, observeTasks } from './metrics.js';
 import { ChecksumService } from './ops/checksum.js';
 import { type Db, openDb } from './storage/db.js';
+import { Snapshots } from './storage/snapshots.js';
 import { SrStore } from './storage/srs.js';
 import { VdiLocks } from './storage/vdi-locks.js';
 import { MAX_VIRTUAL_SIZE_BYTES, VdiStore } from './storage/vdis.js';
@@ -24,6 +25,7 @@ export interface Services {
   db: Db;
   srs: SrStore;
   vdis: VdiStore;
+  snapshots: Snapshots;
   tasks: TaskManager;
   transfers: TransferService;
   checksums: ChecksumService;
@@ -80,6 +82,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     db,
     srs,
     vdis,
+    snapshots: new Snapshots(vdis, srs),
     tasks,
     transfers,
     checksums,

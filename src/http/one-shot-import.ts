@@ -34,6 +34,7 @@ export async function importOneShot(
 ): Promise<Task> {
   if (opts.contentLength === 0 || opts.contentLength === undefined) {
     const vdi = deps.vdis.get(opts.vdi);
+    deps.vdis.assertWritable(vdi, 'an import');
     deps.vdis.locks.assertFree(vdi.id);
     let empty = opts.contentLength === 0;
     if (!empty) {

@@ -4,11 +4,7 @@ import type { Services } from '../services.js';
 import type { Sr } from '../storage/srs.js';
 
 export function srRoutes(s: Services): Router {
-  const srJson = async (sr: Sr) => {
-    let used = 0;
-    for (const vdi of s.vdis.list()) if (vdi.sr_id === sr.id) used += await s.vdis.physicalUtilisation(vdi);
-    return s.srs.toJson(sr, used);
-  };
+  const srJson = async (sr: Sr) => s.srs.toJson(sr, await s.vdis.srUtilisation(sr));
   return Router()
     .get('/v1/srs', async (_req, res) => {
       res.json(await Promise.all(s.srs.list().map(srJson)));

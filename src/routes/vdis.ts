@@ -1,23 +1,27 @@
-/** POST/GET /v1/vdis, GET/PATCH/DELETE /v1/vdis/{vdi} */
-import { Router } from 'express';
+/** POST/GET /v1/vdis, GET/PATCH/DELETE /v1/vdis/{vdi}, its snapshots and clones */
+import { type Request, type Response, Router } from 'express';
 import { ApiError } from '../errors.js';
 import { validateBody } from '../http/openapi.js';
 import { pageParams, sendPage } from '../http/paging.js';
 import type { Services } from '../services.js';
-import type { CreateVdi } from '../storage/vdis.js';
+import type { Page } from '../storage/paging.js';
+import type { CloneRequest, SnapshotRequest } from '../storage/snapshots.js';
+import type { CreateVdi, Vdi, VdiFilter } from '../storage/vdis.js';
 
 export function vdiRoutes(s: Services): Router {
+  const sendVdis = async (req: Request, res: Response, page: Page<Vdi>) =>
+    sendPage(req, res, { ...page, items: await Promise.all(page.items.map((v) => s.vdis.toJson(v))) });
+  const created = async (res: Response, vdi: Vdi) =>
+    res
+      .status(201)
+      .location(`/v1/vdis/${vdi.id}`)
+      .json(await s.vdis.toJson(vdi));
   return Router()
     .get('/v1/vdis', async (req, res) => {
-      const page = s.vdis.listPage(pageParams(req));
-      sendPage(req, res, { ...page, items: await Promise.all(page.items.map((v) => s.vdis.toJson(v))) });
+      await sendVdis(req, res, s.vdis.listPage(vdiFilter(req), pageParams(req)));
     })
     .post('/v1/vdis', async (req, res) => {
-      const vdi = await s.vdis.create(validateBody<CreateVdi>('VdiCreate', req.body));
-      res
-        .status(201)
-        .location(`/v1/vdis/${vdi.id}`)
-        .json(await s.vdis.toJson(vdi));
+      await created(res, await s.vdis.create(validateBody<CreateVdi>('VdiCreate', req.body)));
     })
     .get('/v1/vdis/:vdi', async (req, res) => {
       res.json(await s.vdis.toJson(s.vdis.get(req.params.vdi)));
@@ -40,5 +44,37 @@ export function vdiRoutes(s: Services): Router {
       }
       await s.vdis.delete(req.params.vdi);
       res.status(204).end();
+    })
+    .post('/v1/vdis/:vdi/snapshots', async (req, res) => {
+      const body = validateBody<SnapshotRequest>('SnapshotCreate', req.body ?? {});
+      await created(res, await s.snapshots.snapshot(req.params.vdi, body));
+    })
+    .get('/v1/vdis/:vdi/snapshots', async (req, res) => {
+      await sendVdis(req, res, s.snapshots.listOf(req.params.vdi, pageParams(req)));
+    })
+    .post('/v1/vdis/:vdi/clone', async (req, res) => {
+      const body = validateBody<CloneRequest>('VdiClone', req.body ?? {});
+      await created(res, await s.snapshots.clone(req.params.vdi, body));
     });
+}
+
+function vdiFilter(req: Request): VdiFilter {
+  const filter: VdiFilter = {};
+  const { is_snapshot, snapshot_of } = req.query;
+  if (is_snapshot !== undefined) {
+    if (is_snapshot !== 'true' && is_snapshot !== 'false') {
+      throw new ApiError(
+        'INVALID_REQUEST',
+        `is_snapshot must be 'true' or 'false', got '${String(is_snapshot)}'`,
+      );
+    }
+    filter.is_snapshot = is_snapshot === 'true';
+  }
+  if (snapshot_of !== undefined) {
+    if (typeof snapshot_of !== 'string' || snapshot_of === '') {
+      throw new ApiError('INVALID_REQUEST', 'snapshot_of must name a VDI id');
+    }
+    filter.snapshot_of = snapshot_of;
+  }
+  return filter;
 }

@@ -75,6 +75,11 @@ const MIGRATIONS: readonly string[] = [
   `CREATE INDEX tasks_by_created ON tasks(created_at);
    CREATE INDEX vdis_by_created ON vdis(created_at);
    CREATE INDEX transfers_by_created ON transfers(created_at);`,
+  // Snapshots: read-only VDIs sharing their source's generation file (storage/snapshots.ts).
+  `ALTER TABLE vdis ADD COLUMN is_snapshot INTEGER NOT NULL DEFAULT 0;
+   ALTER TABLE vdis ADD COLUMN snapshot_of TEXT;
+   ALTER TABLE vdis ADD COLUMN snapshot_time TEXT;
+   CREATE INDEX vdis_by_snapshot_of ON vdis(snapshot_of, created_at);`,
 ];
 
 export function openDb(file: string): Db {

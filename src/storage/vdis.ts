@@ -38,6 +38,11 @@ export interface Vdi {
   file_name: string;
   created_at: string;
   content_updated_at: string;
+  /** 1 for a snapshot: read-only, its file a link of its source's generation at snapshot_time. */
+  is_snapshot: number;
+  /** The VDI a snapshot was taken of; kept when that VDI is deleted. */
+  snapshot_of: string | null;
+  snapshot_time: string | null;
 }
 
 export interface VdiJson {
@@ -51,6 +56,16 @@ export interface VdiJson {
   generation: number;
   created_at: string;
   content_updated_at: string;
+  read_only: boolean;
+  is_snapshot: boolean;
+  snapshot_of: string | null;
+  snapshot_time: string | null;
+}
+
+/** List filters of GET /v1/vdis. */
+export interface VdiFilter {
+  is_snapshot?: boolean;
+  snapshot_of?: string;
 }
 
 export interface CreateVdi {
@@ -85,8 +100,32 @@ export class VdiStore {
   }
 
   /** One page of VDIs, newest first. */
-  listPage(page: PageRequest): Page<Vdi> {
-    return selectPage<Vdi>(this.db, 'vdis', [], {}, page);
+  listPage(filter: VdiFilter, page: PageRequest): Page<Vdi> {
+    const where: string[] = [];
+    const params: Record<string, unknown> = {};
+    if (filter.is_snapshot !== undefined) {
+      where.push('is_snapshot = @is_snapshot');
+      params.is_snapshot = filter.is_snapshot ? 1 : 0;
+    }
+    if (filter.snapshot_of !== undefined) {
+      where.push('snapshot_of = @snapshot_of');
+      params.snapshot_of = filter.snapshot_of;
+    }
+    return selectPage<Vdi>(this.db, 'vdis', where, params, page);
+  }
+
+  /**
+   * Throws 409 VDI_READ_ONLY unless the VDI's content may change: a snapshot
+   * keeps the content it was taken with (`what` says what was refused).
+   */
+  assertWritable(vdi: Vdi, what: string): void {
+    if (!vdi.is_snapshot) return;
+    throw new ApiError(
+      'VDI_READ_ONLY',
+      `VDI ${vdi.id} is a snapshot and read-only: ${what} would change its content; ` +
+        `clone it (POST /v1/vdis/${vdi.id}/clone) for a writable copy`,
+      { vdi: vdi.id, snapshot_of: vdi.snapshot_of },
+    );
   }
 
   srOf(vdi: Vdi): Sr {
@@ -129,23 +168,31 @@ export class VdiStore {
       file_name: fileName,
       created_at: now,
       content_updated_at: now,
+      is_snapshot: 0,
+      snapshot_of: null,
+      snapshot_time: null,
     };
     // A failed create leaves nothing: neither a file nor a row.
     try {
       await convertInto(new EmptyImage(req.virtual_size), format, file);
-      this.db
-        .prepare(
-          `INSERT INTO vdis (id, sr_id, name_label, name_description, virtual_size, image_format, generation, file_name,
-             created_at, content_updated_at)
-           VALUES (@id, @sr_id, @name_label, @name_description, @virtual_size, @image_format, @generation, @file_name,
-             @created_at, @content_updated_at)`,
-        )
-        .run(vdi);
+      this.insert(vdi);
     } catch (err) {
       await fsp.rm(file, { force: true });
       throw spaceError(err, `a ${format} VDI`);
     }
     return vdi;
+  }
+
+  /** Records a VDI whose file is already in place (and its directory fsynced). */
+  insert(vdi: Vdi): void {
+    this.db
+      .prepare(
+        `INSERT INTO vdis (id, sr_id, name_label, name_description, virtual_size, image_format, generation, file_name,
+           created_at, content_updated_at, is_snapshot, snapshot_of, snapshot_time)
+         VALUES (@id, @sr_id, @name_label, @name_description, @virtual_size, @image_format, @generation, @file_name,
+           @created_at, @content_updated_at, @is_snapshot, @snapshot_of, @snapshot_time)`,
+      )
+      .run(vdi);
   }
 
   /**
@@ -184,6 +231,7 @@ export class VdiStore {
   ): Promise<Vdi> {
     const vdi = this.get(id);
     if (patch.virtual_size !== undefined && patch.virtual_size !== vdi.virtual_size) {
+      this.assertWritable(vdi, 'a resize');
       checkVirtualSize(patch.virtual_size);
       this.checkFileSize(this.srOf(vdi), vdi.image_format, patch.virtual_size);
       if (patch.virtual_size < vdi.virtual_size) {
@@ -270,6 +318,8 @@ export class VdiStore {
     } = {},
   ): Promise<Vdi> {
     const vdi = this.get(id);
+    // Every write path refuses a snapshot before its first byte; this is the last line.
+    this.assertWritable(vdi, 'an import');
     const sr = this.srOf(vdi);
     const generation = vdi.generation + 1;
     const fileName = generationFileName(vdi.id, generation, vdi.image_format);
@@ -325,6 +375,31 @@ export class VdiStore {
     }
   }
 
+  /**
+   * Bytes allocated for the SR's VDIs, each file counted once: a snapshot or
+   * a clone shares its source's file (one inode, several names) until either
+   * changes, and costs nothing until then.
+   */
+  async srUtilisation(sr: Sr): Promise<number> {
+    const seen = new Set<string>();
+    let used = 0;
+    const rows = this.db.prepare('SELECT file_name FROM vdis WHERE sr_id = ?').all(sr.id) as {
+      file_name: string;
+    }[];
+    for (const { file_name } of rows) {
+      try {
+        const st = await fsp.stat(path.join(sr.path, file_name), { bigint: true });
+        const inode = `${st.dev}:${st.ino}`;
+        if (seen.has(inode)) continue;
+        seen.add(inode);
+        used += Number(st.blocks) * 512;
+      } catch {
+        // deleted meanwhile
+      }
+    }
+    return used;
+  }
+
   async toJson(vdi: Vdi): Promise<VdiJson> {
     return {
       id: vdi.id,
@@ -337,6 +412,10 @@ export class VdiStore {
       generation: vdi.generation,
       created_at: vdi.created_at,
       content_updated_at: vdi.content_updated_at,
+      read_only: vdi.is_snapshot === 1,
+      is_snapshot: vdi.is_snapshot === 1,
+      snapshot_of: vdi.snapshot_of,
+      snapshot_time: vdi.snapshot_time,
     };
   }
 
@@ -372,7 +451,7 @@ export class VdiStore {
   }
 }
 
-function generationFileName(id: string, generation: number, format: string): string {
+export function generationFileName(id: string, generation: number, format: string): string {
   return `${id}.g${generation}.${format}`;
 }
 

@@ -105,6 +105,7 @@ export class SessionLifecycle {
 
   async create(req: CreateTransfer): Promise<{ transfer: Transfer; token: string }> {
     const vdi = this.vdis.get(req.vdi);
+    if (req.direction === 'upload') this.vdis.assertWritable(vdi, 'an upload');
     const format = codecFor(req.format ?? 'raw').name;
     const ttl = req.ttl_seconds ?? DEFAULT_TTL_SECONDS;
     if (!Number.isInteger(ttl) || ttl < 1 || ttl > MAX_TTL_SECONDS) {
