@@ -12,7 +12,7 @@ import { PRIVATE_FILE_MODE } from '../image/file-io.js';
 export type Db = Database.Database;
 
 /** Each entry moves the schema from version i to i+1; never edit one that has shipped. */
-const MIGRATIONS: readonly string[] = [
+export const MIGRATIONS: readonly string[] = [
   `CREATE TABLE srs (
      id TEXT PRIMARY KEY,
      name_label TEXT NOT NULL,
@@ -80,6 +80,25 @@ const MIGRATIONS: readonly string[] = [
    ALTER TABLE vdis ADD COLUMN snapshot_of TEXT;
    ALTER TABLE vdis ADD COLUMN snapshot_time TEXT;
    CREATE INDEX vdis_by_snapshot_of ON vdis(snapshot_of, created_at);`,
+  // A session's own fields leave the client's metadata, where they were "diskport.*" keys.
+  `ALTER TABLE transfers ADD COLUMN origin TEXT NOT NULL DEFAULT 'api'
+     CHECK (origin IN ('api', 'one-shot', 'tus'));
+   ALTER TABLE transfers ADD COLUMN stream_epoch INTEGER NOT NULL DEFAULT 0;
+   ALTER TABLE transfers ADD COLUMN push_target TEXT;
+   ALTER TABLE transfers ADD COLUMN source_validator TEXT;
+   UPDATE transfers SET
+     origin = CASE
+       WHEN json_extract(metadata, '$."diskport.one-shot"') = 'true' THEN 'one-shot'
+       WHEN json_extract(metadata, '$."diskport.tus"') = 'true' THEN 'tus'
+       ELSE 'api' END,
+     stream_epoch = CAST(COALESCE(json_extract(metadata, '$."diskport.stream-epoch"'), '0') AS INTEGER),
+     push_target = json_extract(metadata, '$."diskport.push-target"'),
+     source_validator = json_extract(metadata, '$."diskport.source-validator"'),
+     metadata = NULLIF(
+       json_remove(metadata, '$."diskport.one-shot"', '$."diskport.tus"', '$."diskport.stream-epoch"',
+         '$."diskport.push-target"', '$."diskport.source-validator"'),
+       '{}')
+   WHERE json_valid(metadata);`,
 ];
 
 export function openDb(file: string): Db {

@@ -41,9 +41,6 @@ export interface PullDeps {
   config: Pick<Config, 'allowFetch'>;
 }
 
-/** The source's ETag or Last-Modified, kept on the session so a pull resumes safely after a restart. */
-const SOURCE_VALIDATOR_KEY = 'diskport.source-validator';
-
 /** A failure worth another attempt (a 5xx, a source that stopped short). */
 class RetryableError extends Error {}
 
@@ -76,7 +73,7 @@ export async function resumePulls(s: PullDeps): Promise<void> {
     try {
       const guard = new FetchGuard(s.config.allowFetch);
       const source = await guard.check(t.source_url, 'source_url');
-      const validator = t.metadata?.[SOURCE_VALIDATOR_KEY] ?? null;
+      const validator = t.source_validator;
       s.transfers.runJob(t.id, (task) => new Pull(s, t.id, guard, source, t.size, task, validator).run());
       s.logger.info({ transfer: t.id }, 'resuming a pull interrupted by a restart');
     } catch (err) {
@@ -183,7 +180,8 @@ class Pull {
         // A full answer to a Range request: the source changed (If-Range) or ignores ranges.
         if (ranged) await this.restart('200 to a Range request');
         this.validator = validator;
-        if (validator) this.s.transfers.annotate(this.id, SOURCE_VALIDATOR_KEY, validator);
+        // Kept on the session, so a pull resumed after a restart asks If-Range with it.
+        if (validator) this.s.transfers.keepSourceValidator(this.id, validator);
         const contentLength = numberOf(header(res.headers, 'content-length'));
         if (contentLength === 0) {
           await this.s.transfers.declareTotal(this.id, 0);

@@ -50,15 +50,13 @@ export interface PushDeps extends PullDeps {
   config: Pick<Config, 'allowFetch' | 'token'>;
 }
 
-const PUSH_TARGET_KEY = 'diskport.push-target';
-
 /**
  * Startup: pushes whose session survived a restart go on; the receiver's
  * ranges say what it already has, so nothing is sent twice.
  */
 export async function resumePushes(s: PushDeps): Promise<void> {
   for (const t of s.transfers.list({ active: true })) {
-    const kept = t.metadata?.[PUSH_TARGET_KEY];
+    const kept = t.push_target;
     if (t.direction !== 'download' || t.state !== 'open' || !kept) continue;
     let raw: string;
     try {
@@ -102,11 +100,7 @@ export async function startPush(
   // its JSON): it is what lets a push resume after this diskport restarts.
   // Sealed with the service's token when it has one (secrets.ts).
   const kept = s.config.token ? sealSecret(req.target_url, s.config.token) : req.target_url;
-  const opened = await s.transfers.create({
-    ...req,
-    target_url: redact(target.url),
-    metadata: { ...req.metadata, [PUSH_TARGET_KEY]: kept },
-  });
+  const opened = await s.transfers.create({ ...req, target_url: redact(target.url) }, { push_target: kept });
   const id = opened.transfer.id;
   s.transfers.runJob(id, (task) =>
     new Push(s, id, opened.transfer, receiverOf(target, ref, task.signal), task).run(),

@@ -17,7 +17,7 @@ import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
 import { hashToken, isExpired, isOneShot, streamDestOf, touch } from './session-record.js';
 import type { Live, SessionRegistry } from './session-registry.js';
-import type { Direction, Transfer } from './transfer-store.js';
+import type { Direction, Transfer, TransferOrigin } from './transfer-store.js';
 import { checkDeclaredSize, parseChecksum, spaceNeeded } from './upload-rules.js';
 
 export const DEFAULT_TTL_SECONDS = 3600;
@@ -31,11 +31,19 @@ export interface CreateTransfer {
   size?: number;
   checksum?: string;
   ttl_seconds?: number;
-  metadata?: Record<string, string>;
   /** Pull: where diskport fetches the image from (recorded on the row). */
   source_url?: string;
   /** Push: where diskport sends the disk (recorded on the row, without its token). */
   target_url?: string;
+}
+
+/** What diskport itself says of a session it opens; no client sets these. */
+export interface SessionOptions {
+  origin?: TransferOrigin;
+  /** The client's own metadata (tus). */
+  metadata?: Record<string, string>;
+  /** A push's receiver URL with its token (sealed when the service has a token). */
+  push_target?: string;
 }
 
 export class SessionLifecycle {
@@ -103,7 +111,10 @@ export class SessionLifecycle {
     return live;
   }
 
-  async create(req: CreateTransfer): Promise<{ transfer: Transfer; token: string }> {
+  async create(
+    req: CreateTransfer,
+    opts: SessionOptions = {},
+  ): Promise<{ transfer: Transfer; token: string }> {
     const vdi = this.vdis.get(req.vdi);
     if (req.direction === 'upload') this.vdis.assertWritable(vdi, 'an upload');
     const format = codecFor(req.format ?? 'raw').name;
@@ -149,7 +160,11 @@ export class SessionLifecycle {
       received: [],
       source_url: req.source_url ?? null,
       target_url: req.target_url ?? null,
-      metadata: req.metadata ?? null,
+      metadata: opts.metadata ?? null,
+      origin: opts.origin ?? 'api',
+      stream_epoch: 0,
+      push_target: opts.push_target ?? null,
+      source_validator: null,
     };
     // One writer per VDI: take the lock before anything is created.
     const release = upload ? this.vdis.locks.acquire(vdi.id, `transfer ${id}`) : () => {};

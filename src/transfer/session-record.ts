@@ -56,28 +56,19 @@ export function touch(t: Transfer): void {
   t.expires_at = new Date(Date.now() + t.ttl_seconds * 1000).toISOString();
 }
 
-/** Bumped by each reset: names the disk a streaming import builds (see streamingDestPath). */
-const STREAM_EPOCH_KEY = 'diskport.stream-epoch';
-
-export function epochOf(t: Transfer): number {
-  return Number(t.metadata?.[STREAM_EPOCH_KEY] ?? 0);
-}
-
 /** Starts a new epoch: the next streaming import builds a disk of another name. */
 export function nextEpoch(t: Transfer): void {
-  t.metadata = { ...t.metadata, [STREAM_EPOCH_KEY]: String(epochOf(t) + 1) };
+  t.stream_epoch += 1;
 }
 
 /** The raw disk a streaming import of this upload builds (its current epoch's). */
 export function streamDestOf(t: Transfer): string {
-  return streamingDestPath(t.staging_path!, epochOf(t));
+  return streamingDestPath(t.staging_path!, t.stream_epoch);
 }
 
-/** Marks the internal session of a one-shot PUT, which no client can resume. */
-export const ONE_SHOT_KEY = 'diskport.one-shot';
-
+/** The internal session of a one-shot PUT, which no client can resume. */
 export function isOneShot(t: Transfer): boolean {
-  return t.metadata?.[ONE_SHOT_KEY] === 'true';
+  return t.origin === 'one-shot';
 }
 
 /**

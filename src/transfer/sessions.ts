@@ -19,13 +19,18 @@ import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
 import { ActiveUploads, type ChunkRange, type ChunkWrite } from './active-upload.js';
 import { Finalizer } from './finalize.js';
-import { type CreateTransfer, SessionLifecycle } from './session-lifecycle.js';
-import { isExpired, ONE_SHOT_KEY, type TransferJson, toJson, tokenMatches } from './session-record.js';
+import { type CreateTransfer, SessionLifecycle, type SessionOptions } from './session-lifecycle.js';
+import { isExpired, type TransferJson, toJson, tokenMatches } from './session-record.js';
 import { type Live, SessionRegistry } from './session-registry.js';
 import type { Direction, Transfer } from './transfer-store.js';
 
 export type { ChunkRange, ChunkWrite } from './active-upload.js';
-export { type CreateTransfer, DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS } from './session-lifecycle.js';
+export {
+  type CreateTransfer,
+  DEFAULT_TTL_SECONDS,
+  MAX_TTL_SECONDS,
+  type SessionOptions,
+} from './session-lifecycle.js';
 
 export class TransferService {
   private readonly sessions: SessionRegistry;
@@ -62,8 +67,8 @@ export class TransferService {
   }
 
   /** Opens a session; the token is returned once, never stored. */
-  create(req: CreateTransfer): Promise<{ transfer: Transfer; token: string }> {
-    return this.lifecycle.create(req);
+  create(req: CreateTransfer, opts?: SessionOptions): Promise<{ transfer: Transfer; token: string }> {
+    return this.lifecycle.create(req, opts);
   }
 
   /** The session, if the id names one (any state). */
@@ -205,13 +210,10 @@ export class TransferService {
     contentLength?: number;
     beforeBody?: () => void;
   }): Promise<Task> {
-    const { transfer } = await this.create({
-      vdi: req.vdi,
-      direction: 'upload',
-      format: req.format,
-      size: req.contentLength,
-      metadata: { [ONE_SHOT_KEY]: 'true' },
-    });
+    const { transfer } = await this.create(
+      { vdi: req.vdi, direction: 'upload', format: req.format, size: req.contentLength },
+      { origin: 'one-shot' },
+    );
     const live = this.sessions.find(transfer.id)!;
     try {
       await this.write(transfer.id, req.body, { fresh: true, beforeBody: req.beforeBody });
@@ -225,10 +227,10 @@ export class TransferService {
     return task;
   }
 
-  /** Records a note on a session that must outlive a restart (e.g. a pull's source validator). */
-  annotate(id: string, key: string, value: string): void {
-    const live = this.active(id);
-    live.t.metadata = { ...live.t.metadata, [key]: value };
+  /** Keeps a pull's source validator on its session, for If-Range when it resumes after a restart. */
+  keepSourceValidator(id: string, validator: string): void {
+    const live = this.active(id, 'upload');
+    live.t.source_validator = validator;
     this.sessions.store.save(live.t);
   }
 

@@ -6,6 +6,8 @@ import type { ByteRange } from './range-set.js';
 export type Direction = 'upload' | 'download';
 export type TransferState = 'open' | 'finalizing' | 'committed' | 'cancelled' | 'expired' | 'failed';
 export const ACTIVE_STATES: readonly TransferState[] = ['open', 'finalizing'];
+/** What opened a session: POST /v1/transfers (pulls and pushes too), a one-shot PUT, or tus. */
+export type TransferOrigin = 'api' | 'one-shot' | 'tus';
 
 export interface Transfer {
   id: string;
@@ -26,7 +28,15 @@ export interface Transfer {
   received: ByteRange[];
   source_url: string | null;
   target_url: string | null;
+  /** The client's own metadata (tus `Upload-Metadata`), as it sent it: nothing of diskport's. */
   metadata: Record<string, string> | null;
+  origin: TransferOrigin;
+  /** Bumped by each reset: names the disk a streaming import builds (see streamingDestPath). */
+  stream_epoch: number;
+  /** A push's receiver `url`, token included, sealed when the service has a token (secrets.ts): never in JSON. */
+  push_target: string | null;
+  /** A pull's source ETag or Last-Modified, for If-Range when it resumes after a restart. */
+  source_validator: string | null;
 }
 
 type Row = Omit<Transfer, 'received' | 'metadata'> & { received: string; metadata: string | null };
@@ -42,9 +52,11 @@ export class TransferStore {
     this.db
       .prepare(
         `INSERT INTO transfers (id, vdi_id, direction, format, size, checksum, token_hash, task_id, staging_path, state,
-           ttl_seconds, expires_at, created_at, received, source_url, target_url, metadata)
+           ttl_seconds, expires_at, created_at, received, source_url, target_url, metadata, origin, stream_epoch,
+           push_target, source_validator)
          VALUES (@id, @vdi_id, @direction, @format, @size, @checksum, @token_hash, @task_id, @staging_path, @state,
-           @ttl_seconds, @expires_at, @created_at, @received, @source_url, @target_url, @metadata)`,
+           @ttl_seconds, @expires_at, @created_at, @received, @source_url, @target_url, @metadata, @origin,
+           @stream_epoch, @push_target, @source_validator)`,
       )
       .run({
         ...t,
@@ -80,7 +92,7 @@ export class TransferStore {
     this.db
       .prepare(
         `UPDATE transfers SET size=@size, state=@state, expires_at=@expires_at, received=@received,
-           metadata=@metadata WHERE id=@id`,
+           stream_epoch=@stream_epoch, source_validator=@source_validator WHERE id=@id`,
       )
       .run({
         id: t.id,
@@ -88,7 +100,8 @@ export class TransferStore {
         state: t.state,
         expires_at: t.expires_at,
         received: JSON.stringify(t.received),
-        metadata: t.metadata ? JSON.stringify(t.metadata) : null,
+        stream_epoch: t.stream_epoch,
+        source_validator: t.source_validator,
       });
   }
 }

@@ -23,10 +23,6 @@ import type { Transfer } from './transfer-store.js';
 
 export const TUS_EXTENSIONS = ['creation', 'creation-with-upload', 'termination', 'checksum', 'expiration'];
 
-/** Marks a session created through tus (metadata keys under `diskport.` are ours, not the client's). */
-const TUS_MARK_KEY = 'diskport.tus';
-const RESERVED_PREFIX = 'diskport.';
-
 /** What the route knows about the request being handled, for the store (which only sees a stream). */
 export interface TusRequestContext {
   digest?: ChunkWrite['digest'];
@@ -52,18 +48,18 @@ export class TransferTusStore extends DataStore {
         "Upload-Metadata must name the VDI to import into: 'vdi <base64 of the VDI id>' (and optionally 'format', 'checksum')",
       );
     }
-    const kept: Record<string, string> = { [TUS_MARK_KEY]: 'true' };
-    for (const [key, value] of Object.entries(metadata)) {
-      if (!key.startsWith(RESERVED_PREFIX)) kept[key] = value ?? '';
-    }
-    const { transfer } = await this.transfers.create({
-      vdi: metadata.vdi,
-      direction: 'upload',
-      format: metadata.format || 'raw',
-      size: upload.size,
-      checksum: metadata.checksum || undefined,
-      metadata: kept,
-    });
+    // The client's metadata, as it sent it (a key without a value reads back as one with an empty value).
+    const kept = Object.fromEntries(Object.entries(metadata).map(([key, value]) => [key, value ?? '']));
+    const { transfer } = await this.transfers.create(
+      {
+        vdi: metadata.vdi,
+        direction: 'upload',
+        format: metadata.format || 'raw',
+        size: upload.size,
+        checksum: metadata.checksum || undefined,
+      },
+      { origin: 'tus', metadata: kept },
+    );
     // PostHandler reads the id back from `upload` for the Location header and the body it writes.
     upload.id = transfer.id;
     upload.creation_date = transfer.created_at;
@@ -83,7 +79,7 @@ export class TransferTusStore extends DataStore {
       id,
       offset,
       size: length ?? undefined,
-      metadata: clientMetadata(t),
+      metadata: t.metadata ?? undefined,
       // @tus/server expires an upload at creation_date + getExpiration(); sessions
       // slide their expiry on activity, so report the last activity as the start.
       creation_date: new Date(Date.parse(t.expires_at) - this.getExpiration()).toISOString(),
@@ -163,9 +159,4 @@ export class TransferTusStore extends DataStore {
     }
     return t;
   }
-}
-
-function clientMetadata(t: Transfer): Record<string, string> | undefined {
-  if (!t.metadata) return undefined;
-  return Object.fromEntries(Object.entries(t.metadata).filter(([k]) => !k.startsWith(RESERVED_PREFIX)));
 }
