@@ -6,6 +6,7 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { promises as fsp } from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -326,6 +327,63 @@ describe('push: one diskport sends a disk to another', () => {
     );
     assert.equal(remote.body.bytes_received, 0);
     assert.equal(remote.body.state, 'open', 'the receiving session stays open for another try');
+  });
+
+  test('a receiving transfer that is a download fails the push with REMOTE_NOT_UPLOAD before a byte is sent', async () => {
+    const source = await diskOnA(4 * MiB, [[0, MiB]]);
+    const target = await createVdi(b.url, 4 * MiB);
+    const receiving = await open(b.url, { vdi: target.id, direction: 'download', format: 'raw' });
+    const push = await pushRaw(source, receiving.url);
+    const task = await waitTask(a.url, push.task_id);
+    assert.equal(task.status, 'failure', JSON.stringify(task));
+    assert.equal(task.error?.code, 'REMOTE_NOT_UPLOAD');
+    const remote = await api<Task>(b.url, 'GET', `/v1/tasks/${receiving.task_id}`);
+    assert.equal(remote.body.bytes_done, 0, 'nothing was read from the download either');
+  });
+
+  test('a receiving transfer that was cancelled fails the push with REMOTE_TRANSFER_ENDED; its VDI is unchanged', async () => {
+    const source = await diskOnA(4 * MiB, [[0, MiB]]);
+    const target = await createVdi(b.url, 4 * MiB);
+    const before = await checksum(b.url, target.id);
+    const receiving = await open(b.url, { vdi: target.id, direction: 'upload', format: 'raw' });
+    const cancelled = await api<TransferJson>(
+      b.url,
+      'DELETE',
+      `/v1/transfers/${receiving.id}?token=${receiving.token}`,
+    );
+    assert.equal(cancelled.body.state, 'cancelled');
+    const push = await pushRaw(source, receiving.url);
+    const task = await waitTask(a.url, push.task_id);
+    assert.equal(task.status, 'failure', JSON.stringify(task));
+    assert.equal(task.error?.code, 'REMOTE_TRANSFER_ENDED');
+    assert.match(task.error?.message ?? '', /cancelled/);
+    assert.equal(await checksum(b.url, target.id), before);
+  });
+
+  test('a receiver that answers 503 to every request fails the push with REMOTE_UNAVAILABLE after bounded retries', async () => {
+    const source = await diskOnA(4 * MiB, [[0, MiB]]);
+    // A real HTTP server on a socket, down as a receiver behind a failing proxy is.
+    let requests = 0;
+    const down = http.createServer((req, res) => {
+      requests++;
+      req.resume();
+      res.writeHead(503, { 'content-type': 'text/plain' }).end('service unavailable');
+    });
+    down.listen(0, '127.0.0.1');
+    await once(down, 'listening');
+    try {
+      const port = (down.address() as net.AddressInfo).port;
+      const push = await pushRaw(source, `http://127.0.0.1:${port}/v1/transfers/x/data?token=y`);
+      const task = await waitTask(a.url, push.task_id);
+      assert.equal(task.status, 'failure', JSON.stringify(task));
+      assert.equal(task.error?.code, 'REMOTE_UNAVAILABLE');
+      assert.match(task.error?.message ?? '', /503/);
+      // The first attempt and its retries, then no more.
+      assert.ok(requests >= 2 && requests <= 12, `${requests} requests`);
+    } finally {
+      down.closeAllConnections();
+      await new Promise((r) => down.close(r));
+    }
   });
 
   test('without --allow-fetch a loopback target_url is refused (400 FETCH_TARGET_FORBIDDEN); a non-transfer url is 400', async () => {
