@@ -131,15 +131,21 @@ describe('an image damaged at rest never takes the server down', () => {
     assert.ok(name, `no file for VDI ${vdi}`);
     return path.join(sr, name);
   };
-  const damage = async (vdi: string, guestOffset: number) => {
+  /**
+   * Puts `image` (a compressed qcow2 of the VDI's disk) in place of the
+   * VDI's file, with the cluster at `guestOffset` damaged: diskport never
+   * stores a compressed cluster itself (it rewrites what it imports), so the
+   * damage comes from outside, as it would at rest.
+   */
+  const damage = async (vdi: string, image: Buffer, guestOffset: number) => {
     const file = await fileOf(vdi);
-    const img = await fsp.readFile(file);
+    const img = Buffer.from(image);
     const host = compressedClusters(img).get(guestOffset);
     assert.ok(host !== undefined, `guest cluster ${guestOffset} is not compressed`);
     // A valid deflate stream of the wrong length: qemu reads this cluster as corrupt too.
-    const fd = await fsp.open(file, 'r+');
-    await fd.write(deflateRawSync(Buffer.alloc(1000, 0x5a)), 0, undefined, host);
-    await fd.close();
+    deflateRawSync(Buffer.alloc(1000, 0x5a)).copy(img, host);
+    await fsp.writeFile(`${file}.damaged`, img);
+    await fsp.rename(`${file}.damaged`, file);
   };
   const qcow2Vdi = async (image: Buffer, size: number) => {
     const vdi = await createVdi(a.url, size, { image_format: 'qcow2' });
@@ -200,8 +206,8 @@ describe('an image damaged at rest never takes the server down', () => {
     healthy = await qcow2Vdi(qcow2, DISK_BYTES);
     damaged = await qcow2Vdi(qcow2, DISK_BYTES);
     damagedFirst = await qcow2Vdi(small, SMALL_DISK_BYTES);
-    await damage(damaged, DEEP_DAMAGE_AT);
-    await damage(damagedFirst, 0);
+    await damage(damaged, qcow2, DEEP_DAMAGE_AT);
+    await damage(damagedFirst, small, 0);
     // qemu agrees: it cannot read the damaged file either.
     const judge = path.join(dir, 'judge.raw');
     const damagedFile = await fileOf(damaged);
@@ -375,9 +381,9 @@ describe('an image damaged at rest never takes the server down', () => {
     });
   }
 
-  test('an upload of the damaged file is refused (400) wherever it is converted, and the server goes on', async () => {
+  test('an upload of the damaged file is refused (400), into a VDI of any format, and the server goes on', async () => {
     const bytes = await fsp.readFile(await fileOf(damaged));
-    for (const imageFormat of ['raw', 'vhd']) {
+    for (const imageFormat of ['raw', 'vhd', 'qcow2']) {
       const vdi = await createVdi(a.url, DISK_BYTES, { image_format: imageFormat });
       const res = await fetch(`${a.url}/v1/vdis/${vdi.id}/contents?format=qcow2`, {
         method: 'PUT',

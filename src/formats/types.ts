@@ -32,6 +32,13 @@ export interface FormatCodec {
    */
   open(path: string): Promise<BlockImage>;
   /**
+   * Whether the file at `path`, opened as `image`, is exactly what
+   * `serialize(image)` writes (its bytes outside the disk's data compared;
+   * only those are read). Such a file can stay at rest as it is; any other
+   * is rewritten by `serialize`. Formats without it are always rewritten.
+   */
+  isOwnLayout?(image: BlockImage, path: string): Promise<boolean>;
+  /**
    * A fresh layout reader for an upload of this format arriving in order
    * (`fileSize`: its length, when known before its bytes). Formats without
    * one are staged whole and converted at the end.

@@ -3,10 +3,18 @@
  * wire format F into the VDI's content, in the VDI's format at rest.
  *
  * - raw staged for a raw VDI: the staging file already is the image; rename.
- * - same container format (vhd/qcow2) at rest, same virtual size: validated
- *   by opening it, then renamed without a copy.
+ * - same container format (vhd/qcow2) at rest, same virtual size, and the
+ *   file is already what diskport's own serializer writes for that disk
+ *   (a diskport export, say): validated by opening it, then renamed without
+ *   a copy.
  * - anything else: opened through its codec (which validates it) and
- *   converted into a new file of the at-rest format, then renamed; or, when
+ *   converted into a new file of the at-rest format, then renamed. A qcow2
+ *   or VHD from elsewhere is rewritten so, even into a VDI of its own
+ *   format: whatever it carried beside the disk (snapshots, refcounts,
+ *   feature bits, compressed clusters, a fixed VHD's layout) is not kept,
+ *   every compressed cluster is inflated on the way (one that does not
+ *   inflate refuses the import), and the file at rest is one diskport
+ *   wrote, which `qemu-img check` passes. Or, when
  *   the upload streamed into its raw disk as it arrived, the rest of its data
  *   copied into that disk file (see streaming-import.ts).
  * Until the rename the VDI keeps its previous content; on any error the
@@ -57,7 +65,11 @@ export async function commitStaged(
       );
     }
     task.throwIfCancelled();
-    const renameAsIs = wireFormat === vdi.image_format && image.virtualSize === vdi.virtual_size;
+    const codec = codecFor(wireFormat);
+    const renameAsIs =
+      wireFormat === vdi.image_format &&
+      image.virtualSize === vdi.virtual_size &&
+      (wireFormat === 'raw' || ((await codec.isOwnLayout?.(image, stagedFile)) ?? false));
     if (renameAsIs) {
       await image.close();
       // commitContent links the file in as it is: it must be durable first.

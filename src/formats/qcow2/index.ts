@@ -8,6 +8,7 @@
  */
 import type { FormatCodec } from '../types.js';
 import { Qcow2Image } from './image.js';
+import { isOwnQcow2 } from './own-layout.js';
 import { serializeQcow2 } from './serialize.js';
 import { Qcow2StreamLayout } from './stream-layout.js';
 
@@ -20,4 +21,5 @@ export const qcow2Codec: FormatCodec = {
   serialize: serializeQcow2,
   streamLayout: (fileSize) => new Qcow2StreamLayout(fileSize),
   open: (path) => Qcow2Image.open(path),
+  isOwnLayout: isOwnQcow2,
 };

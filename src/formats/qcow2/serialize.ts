@@ -166,6 +166,8 @@ interface Section {
 /** The export of one image: a layout plus generators for each part of it. */
 export class Qcow2Serializer implements SerializedImage {
   readonly size: number;
+  /** Bytes before the data area: header, refcount table and blocks, L1 and L2 tables. */
+  readonly metadataBytes: number;
   private readonly sections: Section[] = [];
   private readonly refcountBlocksOffset: number;
   private readonly l1Offset: number;
@@ -190,6 +192,7 @@ export class Qcow2Serializer implements SerializedImage {
     this.l1Offset = add('l1', layout.l1Clusters);
     this.l2Offset = add('l2', layout.l2Tables);
     this.dataOffset = add('data', layout.dataClusters);
+    this.metadataBytes = this.dataOffset;
     this.size = at;
   }
 

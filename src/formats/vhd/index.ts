@@ -10,6 +10,7 @@
  */
 import type { FormatCodec } from '../types.js';
 import { openVhd } from './image.js';
+import { isOwnVhd } from './own-layout.js';
 import { serializeVhd } from './serialize.js';
 import { VhdStreamLayout } from './stream-layout.js';
 
@@ -21,4 +22,5 @@ export const vhdCodec: FormatCodec = {
   serialize: serializeVhd,
   streamLayout: (fileSize) => new VhdStreamLayout(fileSize),
   open: openVhd,
+  isOwnLayout: isOwnVhd,
 };

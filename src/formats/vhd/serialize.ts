@@ -48,9 +48,9 @@ import {
 
 export const EXPORT_BLOCK_SIZE_BYTES = 2 * 1024 * 1024;
 const BITMAP_BYTES = bitmapBytesOnDisk(EXPORT_BLOCK_SIZE_BYTES);
-const BLOCK_STRIDE_BYTES = BITMAP_BYTES + EXPORT_BLOCK_SIZE_BYTES;
+export const BLOCK_STRIDE_BYTES = BITMAP_BYTES + EXPORT_BLOCK_SIZE_BYTES;
 /** Every sector of an emitted block is marked present: the block's bytes are the disk's bytes, zeros included. */
-const BITMAP_ALL_SET = Buffer.alloc(BITMAP_BYTES, 0xff);
+export const BITMAP_ALL_SET = Buffer.alloc(BITMAP_BYTES, 0xff);
 const HEADER_OFFSET = FOOTER_BYTES;
 const BAT_OFFSET = HEADER_OFFSET + HEADER_BYTES;
 /** Hyper-V's creator application: tells qemu to size the image by Current Size, not CHS. */
