@@ -127,7 +127,6 @@ export const ERRORS = {
     status: 500,
     meaning: "the VDI's stored image was damaged at rest and cannot be read; import its content again",
   },
-  IMPORT_FAILED: { status: 500, meaning: 'the import ended without a success and without a recorded cause' },
   NOT_IMPLEMENTED: { status: 501, meaning: 'a tus extension diskport does not offer' },
   SOURCE_UNAVAILABLE: { status: 502, meaning: 'the source of a pull could not be fetched' },
   SOURCE_INCOMPLETE: { status: 502, meaning: 'the source of a pull kept failing before its end' },

@@ -135,3 +135,42 @@ describe('malformed images over HTTP', () => {
     });
   }
 });
+
+describe('well-formed images that use what diskport cannot honour, over HTTP', () => {
+  let srv: TestServer;
+  let dir: string;
+  before(async () => {
+    srv = await startServer();
+    dir = await tempDir();
+  });
+  after(async () => {
+    await srv.close();
+    await fsp.rm(dir, { recursive: true, force: true });
+  });
+
+  test('a qcow2 overlay on a backing file is 422 UNSUPPORTED_IMAGE naming it; the VDI is unchanged', async () => {
+    const base = path.join(dir, 'base.qcow2');
+    const overlay = path.join(dir, 'overlay.qcow2');
+    await execFileP('qemu-img', ['create', '-f', 'qcow2', base, '4M']);
+    await execFileP('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', overlay]);
+    const vdi = await createVdi(srv.url, 4 * MiB);
+    const contents = `${srv.url}/v1/vdis/${vdi.id}/contents`;
+    const prior = seededBytes(4 * MiB, 5);
+    assert.equal((await fetch(contents, { method: 'PUT', body: new Uint8Array(prior) })).status, 200);
+    const generation = async () =>
+      (await api<{ generation: number }>(srv.url, 'GET', `/v1/vdis/${vdi.id}`)).body.generation;
+    const before = await generation();
+
+    const res = await fetch(`${contents}?format=qcow2`, {
+      method: 'PUT',
+      body: new Uint8Array(await fsp.readFile(overlay)),
+    });
+    const body = (await res.json()) as { error: { code: string; message: string } };
+    assert.equal(res.status, 422, JSON.stringify(body));
+    assert.equal(body.error.code, 'UNSUPPORTED_IMAGE');
+    assert.match(body.error.message, /backing file/);
+    assert.equal(await generation(), before);
+    assert.equal(await sha256Url(contents), createHash('sha256').update(prior).digest('hex'));
+    assert.deepEqual(await fsp.readdir(path.join(srv.dataDir, 'srs', 'local', '.staging')), []);
+  });
+});

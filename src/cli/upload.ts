@@ -220,7 +220,7 @@ async function uploadFile(ep: Endpoint, signal: AbortSignal, opts: UploadOptions
       if (task.status !== 'success') {
         throw new HttpError(
           500,
-          task.error?.code ?? 'IMPORT_FAILED',
+          task.error?.code ?? 'INTERNAL_ERROR',
           task.error?.message ?? `the import ended as ${task.status}`,
         );
       }

@@ -10,7 +10,7 @@
  */
 import type { Readable } from 'node:stream';
 import type { Logger } from 'pino';
-import { ApiError, toApiError } from '../errors.js';
+import { toApiError } from '../errors.js';
 import { spaceError } from '../image/space.js';
 import type { Db } from '../storage/db.js';
 import type { Page, PageRequest } from '../storage/paging.js';
@@ -223,7 +223,12 @@ export class TransferService {
       throw live.failure ?? toApiError(err);
     }
     const task = await this.completion(transfer.id);
-    if (task.status !== 'success') throw live.failure ?? new ApiError('IMPORT_FAILED', 'the import failed');
+    if (task.status !== 'success') {
+      // Every end of a session records its cause: one without is diskport's own defect.
+      throw (
+        live.failure ?? toApiError(new Error(`import task ${task.id} ended ${task.status} with no cause`))
+      );
+    }
     return task;
   }
 

@@ -16,7 +16,7 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Readable } from 'node:stream';
 import { finished } from 'node:stream/promises';
 import { DataStore, Upload } from '@tus/utils';
-import { ApiError, isErrorCode } from '../errors.js';
+import { ApiError, INTERNAL_ERROR_MESSAGE, isErrorCode } from '../errors.js';
 import type { Task } from '../tasks/task-store.js';
 import { type ChunkWrite, DEFAULT_TTL_SECONDS, type TransferService } from './sessions.js';
 import type { Transfer } from './transfer-store.js';
@@ -127,8 +127,8 @@ export class TransferTusStore extends DataStore {
     if (this.transfers.get(id).state === 'open') this.transfers.finalize(id);
     const task = await this.transfers.completion(id);
     if (task.status === 'success') return task;
-    const error = task.error ?? { code: 'IMPORT_FAILED', message: 'the import failed' };
-    throw new ApiError(isErrorCode(error.code) ? error.code : 'IMPORT_FAILED', error.message, {
+    const error = task.error ?? { code: 'INTERNAL_ERROR', message: INTERNAL_ERROR_MESSAGE };
+    throw new ApiError(isErrorCode(error.code) ? error.code : 'INTERNAL_ERROR', error.message, {
       task_id: task.id,
     });
   }
