@@ -315,6 +315,58 @@ describe('resumable transfer sessions', () => {
     assert.equal(tooBig.status, 413);
   });
 
+  test('a chunked body that ends before its Content-Range is 400 CHUNK_INCOMPLETE; what arrived is kept', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    const t = await open({ vdi: vdi.id, direction: 'upload', size: MiB });
+    const data = seededBytes(MiB, 41);
+    const sent = 300 * 1024;
+    // Chunked, so no Content-Length gives the shortfall away before the body ends.
+    const short = await fetch(t.url, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes 0-${MiB - 1}/${MiB}` },
+      body: new ReadableStream({
+        start(c) {
+          c.enqueue(new Uint8Array(data.subarray(0, sent)));
+          c.close();
+        },
+      }),
+      duplex: 'half',
+    } as RequestInit & { duplex: 'half' });
+    const body = (await short.json()) as ErrorBody;
+    assert.equal(short.status, 400, JSON.stringify(body));
+    assert.equal(body.error.code, 'CHUNK_INCOMPLETE');
+    assert.equal(body.error.details?.received, sent);
+    const offset = Number((await fetch(t.url, { method: 'HEAD' })).headers.get('upload-offset'));
+    assert.equal(offset, sent, 'the bytes that arrived count');
+    const rest = await putChunk(t.url, data.subarray(sent), sent, MiB);
+    assert.equal(rest.status, 200, await rest.text());
+    assert.equal((await finalize(t)).body.status, 'success');
+    assert.equal(await sha256Url(`${srv.url}/v1/vdis/${vdi.id}/contents`), sha256(data));
+  });
+
+  test('a malformed checksum or Content-Digest is 400 saying the form expected; nothing lands', async () => {
+    const vdi = await createVdi(srv.url, MiB);
+    for (const checksum of ['sha256:abc', 'crc32:00000000', `sha256${'0'.repeat(64)}`]) {
+      const res = await api<ErrorBody>(srv.url, 'POST', '/v1/transfers', {
+        vdi: vdi.id,
+        direction: 'upload',
+        checksum,
+      });
+      assert.equal(res.status, 400, checksum);
+      assert.equal(res.body.error.code, 'INVALID_CHECKSUM', checksum);
+      assert.match(res.body.error.message, /sha256:<64 hex digits>/);
+    }
+    const t = await open({ vdi: vdi.id, direction: 'upload', size: MiB });
+    const chunk = seededBytes(4096, 42);
+    for (const digest of ['sha-256=abc', 'sha-256=:AAAA:', 'sha-256']) {
+      const res = await putChunk(t.url, chunk, 0, MiB, { 'content-digest': digest });
+      assert.equal(res.status, 400, digest);
+      assert.equal(((await res.json()) as ErrorBody).error.code, 'INVALID_CONTENT_DIGEST', digest);
+    }
+    assert.equal((await listed(t)).bytes_received, 0);
+    await api(srv.url, 'DELETE', `/v1/transfers/${t.id}?token=${t.token}`);
+  });
+
   test('one writer per VDI: a second upload session and deleting the VDI are refused with VDI_BUSY', async () => {
     const vdi = await createVdi(srv.url, MiB);
     const t = await open({ vdi: vdi.id, direction: 'upload' });
