@@ -228,7 +228,8 @@ describe('snapshots and clones', () => {
     const snap = await snapshot(source.id);
     const sha = sha256(content(3));
     const files = await generationFiles();
-    const tasksBefore = (await api<Task[]>(srv.url, 'GET', `/v1/tasks?vdi=${snap.id}&type=import`)).body.length;
+    const tasksBefore = (await api<Task[]>(srv.url, 'GET', `/v1/tasks?vdi=${snap.id}&type=import`)).body
+      .length;
 
     const refused = (what: string, status: number, body: unknown) => {
       assert.equal(status, 409, `${what}: ${JSON.stringify(body)}`);
@@ -299,7 +300,10 @@ describe('snapshots and clones', () => {
     assert.equal(await shaOf(snap.id), sha);
     assert.deepEqual(await generationFiles(), files);
     assert.deepEqual(await stagingFiles(), []);
-    assert.equal((await api<Task[]>(srv.url, 'GET', `/v1/tasks?vdi=${snap.id}&type=import`)).body.length, tasksBefore);
+    assert.equal(
+      (await api<Task[]>(srv.url, 'GET', `/v1/tasks?vdi=${snap.id}&type=import`)).body.length,
+      tasksBefore,
+    );
 
     const renamed = await api<VdiJson>(srv.url, 'PATCH', `/v1/vdis/${snap.id}`, {
       name_label: 'before the upgrade',
@@ -418,6 +422,46 @@ describe('snapshots and clones', () => {
       (await srUsed()) <= usedBefore - 3 * MiB,
       'the data only the last snapshot held is freed with it',
     );
+  });
+
+  test('a snapshot taken while an upload session is open holds the committed content; the upload commits to the VDI only', async () => {
+    const source = await createVdi(srv.url, SIZE);
+    const committed = content(12);
+    const uploading = content(13);
+    await importRaw(source.id, committed);
+    const session = await api<TransferJson>(srv.url, 'POST', '/v1/transfers', {
+      vdi: source.id,
+      direction: 'upload',
+      format: 'raw',
+      size: SIZE,
+    });
+    assert.equal(session.status, 201, JSON.stringify(session.body));
+    const half = SIZE / 2;
+    const chunk = await fetch(session.body.url, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes 0-${half - 1}/${SIZE}` },
+      body: new Uint8Array(uploading.subarray(0, half)),
+    });
+    assert.equal(chunk.status, 200, await chunk.text());
+
+    const snap = await snapshot(source.id);
+    assert.equal(await shaOf(snap.id), sha256(committed));
+    const rest = await fetch(session.body.url, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes ${half}-${SIZE - 1}/${SIZE}` },
+      body: new Uint8Array(uploading.subarray(half)),
+    });
+    assert.equal(rest.status, 200, await rest.text());
+    const fin = await api<Task>(
+      srv.url,
+      'POST',
+      `/v1/transfers/${session.body.id}/finalize?token=${session.body.token}&wait=60`,
+    );
+    assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
+    assert.equal(await shaOf(source.id), sha256(uploading));
+    assert.equal(await shaOf(snap.id), sha256(committed));
+    const ofSnapshot = await api<VdiJson[]>(srv.url, 'GET', `/v1/vdis/${snap.id}/snapshots`);
+    assert.deepEqual(ofSnapshot.body, [], 'a snapshot has no snapshots');
   });
 
   test('lists of snapshots page like other lists', async () => {
