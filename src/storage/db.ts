@@ -2,8 +2,9 @@
  * The embedded metadata store: SRs, VDIs and tasks in SQLite (WAL).
  *
  * synchronous=FULL: a committed transaction survives a kill -9 and a power
- * cut; the write rate here (a few rows per transfer, progress throttled to
- * once a second) makes the extra fsync cheap.
+ * cut; the write rate here (a few rows per transfer) makes the extra fsync
+ * cheap. A running task's progress (once a second) is the exception: it is
+ * written without one (TaskStore.updateProgress).
  */
 import { chmodSync, closeSync, openSync } from 'node:fs';
 import Database from 'better-sqlite3';

@@ -68,7 +68,7 @@ export class RunningTask {
     const now = Date.now();
     if (now - this.lastPersist >= PERSIST_INTERVAL_MS) {
       this.lastPersist = now;
-      this.manager.persist(this.record);
+      this.manager.persistProgress(this.record);
     }
   }
 
@@ -172,6 +172,11 @@ export class TaskManager {
 
   persist(record: Task): void {
     this.store.update(record);
+  }
+
+  /** Progress of a running task: recorded, not fsynced (see TaskStore.updateProgress). */
+  persistProgress(record: Task): void {
+    this.store.updateProgress(record);
   }
 
   finished(task: RunningTask): void {
