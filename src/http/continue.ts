@@ -30,7 +30,12 @@ export const continueUnlessUpload: RequestHandler = (req, res, next) => {
   // the server only reads, so nothing ever fails. The bytes that did arrive
   // are kept; the client resumes.
   if (req.method === 'PUT' || req.method === 'PATCH') {
-    req.socket.setTimeout(UPLOAD_IDLE_TIMEOUT_MS, () => req.socket.destroy());
+    const socket = req.socket;
+    const idle = () => socket.destroy();
+    socket.setTimeout(UPLOAD_IDLE_TIMEOUT_MS);
+    socket.on('timeout', idle);
+    // Not left behind for the next request of a keep-alive connection: one per request piled up.
+    res.once('close', () => socket.off('timeout', idle));
   }
   next();
 };

@@ -17,7 +17,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import type { Readable } from 'node:stream';
 import { ApiError, formatBytes } from '../errors.js';
-import { DirectWriter } from '../image/direct-writer.js';
+import { DIRECT_BUFFER_BYTES, DirectWriter } from '../image/direct-writer.js';
 import { PRIVATE_FILE_MODE } from '../image/file-io.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { readVirtual } from '../image/read-virtual.js';
@@ -25,7 +25,7 @@ import { spaceGuardOf } from '../image/space.js';
 import { zeroRange } from '../image/sparse.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
-import { Flusher } from './flush.js';
+import { Flusher, unflushedBytes } from './flush.js';
 import { type LandOptions, landStream } from './land-stream.js';
 import { RangeSet } from './range-set.js';
 import { nextEpoch, streamDestOf, touch } from './session-record.js';
@@ -125,7 +125,8 @@ export class ActiveUploads {
 
   /** Bytes written with `flush=n` that no flush point has made durable yet. */
   unflushedBytes(id: string): number {
-    return this.sessions.find(id)?.unflushed.size() ?? 0;
+    const live = this.sessions.find(id);
+    return live ? unflushedBytes(live) : 0;
   }
 
   /** Lands one chunk (or the whole stream) of an upload; returns the session after it. */
@@ -151,6 +152,8 @@ export class ActiveUploads {
     const expected = range ? range.end - range.start + 1 : (total ?? limit) - start;
     const progress = { written: 0 };
     live.writers++;
+    // Renewed now, so the flush point that records this write saves the new expiry too.
+    touch(t);
     const superseded = new AbortController();
     live.writeAborts.add(superseded);
     let recorded = start;
@@ -163,6 +166,8 @@ export class ActiveUploads {
     // Records run one at a time (checkpoints and the end of the write), so
     // `recorded` only grows and the catch below can wait for the last one.
     let recording: Promise<void> = Promise.resolve();
+    // Whether the session was saved after the last record (a flush point saves it).
+    let saved = true;
     let writer: DirectWriter | null = null;
     const recordNow = async (end: number) => {
       if (end <= recorded || !handle) return;
@@ -176,7 +181,9 @@ export class ActiveUploads {
       } else {
         // A flush point: these bytes and every unflushed one before them, in one fdatasync.
         live.unflushed.add(recorded, end);
+        saved = false;
         await this.flusher.flush(live);
+        saved = true;
       }
       streaming?.recorded(end);
       recorded = end;
@@ -192,7 +199,12 @@ export class ActiveUploads {
       const candidate = await this.streamingOf(live, vdi);
       if (candidate && (await candidate.claim(start, live.ranges, handle))) streaming = candidate;
       // Not while streaming: the layout reads the staged metadata back as soon as it is written.
-      else if (!chunk.digest && t.staging_path) writer = await DirectWriter.open(t.staging_path, handle);
+      // Nor for a chunk smaller than one gathered write: O_DIRECT would make
+      // each small request wait for the device (and open a descriptor), where
+      // the page cache takes it at once and a flush point writes it out.
+      else if (!chunk.digest && t.staging_path && !(range && expected < DIRECT_BUFFER_BYTES)) {
+        writer = await DirectWriter.open(t.staging_path, handle);
+      }
       // What streams into the disk being built is made durable at the end of
       // its request whatever the client asked (ovirt-imageio allows a flush
       // anyway): its bookkeeping (streaming-import.ts) spans one claim only.
@@ -265,7 +277,8 @@ export class ActiveUploads {
       await writer?.close();
       streaming?.release();
       live.writeAborts.delete(superseded);
-      this.doneWriting(live, !deferred);
+      // Saved already by the flush point that recorded it, or at the next one (deferred).
+      this.doneWriting(live, !saved);
     }
   }
 

@@ -83,14 +83,24 @@ export class Flusher {
     const batch = live.unflushed;
     if (batch.size() === 0 || !this.sessions.isCurrent(live)) return;
     live.unflushed = new RangeSet();
-    // A failure drops the batch: after a failed fdatasync nobody knows what
-    // reached the disk, so none of it may be recorded. Its client resends it.
-    const handle = await live.handle;
-    await handle?.datasync();
-    await (await live.streaming)?.sync();
-    // Ended meanwhile (cancelled, expired): its ranges no longer count anywhere.
-    if (!this.sessions.isCurrent(live)) return;
-    for (const [s, e] of batch.toJSON()) live.ranges.add(s, e);
-    this.persist(live);
+    live.flushingBatch = batch;
+    try {
+      // A failure drops the batch: after a failed fdatasync nobody knows what
+      // reached the disk, so none of it may be recorded. Its client resends it.
+      const handle = await live.handle;
+      await handle?.datasync();
+      await (await live.streaming)?.sync();
+      // Ended meanwhile (cancelled, expired): its ranges no longer count anywhere.
+      if (!this.sessions.isCurrent(live)) return;
+      for (const [s, e] of batch.toJSON()) live.ranges.add(s, e);
+      this.persist(live);
+    } finally {
+      live.flushingBatch = null;
+    }
   }
+}
+
+/** Bytes written and not yet recorded as received: waiting for a flush point, or in the one running. */
+export function unflushedBytes(live: Live): number {
+  return live.unflushed.size() + (live.flushingBatch?.size() ?? 0);
 }

@@ -132,8 +132,10 @@ export async function landStream(
   // Else two buffers, used in turn: one fills while the other is being written.
   // Reusing them (instead of a fresh 1 MiB buffer per write) keeps memory flat
   // and spares the allocator and the GC a page-faulting 1 MiB block per MiB.
-  let spare = passOn ? Buffer.alloc(0) : Buffer.allocUnsafe(WRITE_CHUNK_BYTES);
-  let buf = passOn ? Buffer.alloc(0) : Buffer.allocUnsafe(WRITE_CHUNK_BYTES);
+  // A small body (a 64 KiB chunk) gets buffers of its size, not 2 MiB per request.
+  const bufferBytes = passOn ? 0 : Math.min(WRITE_CHUNK_BYTES, Math.max(1, opts.limit));
+  let spare = Buffer.allocUnsafe(bufferBytes);
+  let buf = Buffer.allocUnsafe(bufferBytes);
   let fill = 0;
   let bufAt = opts.offset;
   let received = 0;

@@ -24,6 +24,8 @@ export interface Live {
    * flush point (flush.ts). Lost, as it may be, with the process.
    */
   unflushed: RangeSet;
+  /** The ranges the running flush took from `unflushed`: unflushed still, until recorded. */
+  flushingBatch: RangeSet | null;
   /** The flush running, and the one queued behind it (group commit). */
   flushing: Promise<void> | null;
   nextFlush: Promise<void> | null;
@@ -58,6 +60,7 @@ export class SessionRegistry {
       t,
       ranges: new RangeSet(t.received),
       unflushed: new RangeSet(),
+      flushingBatch: null,
       flushing: null,
       nextFlush: null,
       flushTimer: null,
