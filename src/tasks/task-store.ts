@@ -89,7 +89,10 @@ export class TaskStore {
    * and more each time.
    */
   updateProgress(t: Task): void {
-    if (this.db.inTransaction) return this.update(t);
+    if (this.db.inTransaction) {
+      this.update(t);
+      return;
+    }
     this.db.pragma('synchronous = NORMAL');
     try {
       this.update(t);
