@@ -24,6 +24,76 @@ export interface Config {
   headersTimeoutMs: number;
   /** Bytes kept free on each SR for the metadata store: data writes that would eat into them are refused (507). */
   spaceReserveBytes: number;
+  /** SRs beside the default `local` one (`--sr NAME=PATH[:formats]`, repeatable). */
+  srs: SrConfig[];
+}
+
+/** One configured SR: its id, its directory, and the image formats it stores (the first is its default). */
+export interface SrConfig {
+  id: string;
+  path: string;
+  formats: string[];
+}
+
+/** What `--sr` may name an SR: a short id that is safe in URLs; `local` is the built-in one. */
+const SR_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
+const SR_FORMATS = ['raw', 'vhd', 'qcow2'];
+
+/**
+ * `--sr NAME=PATH[:FORMAT,FORMAT...]`, e.g. `fast=/mnt/ssd/diskport:qcow2,raw`:
+ * an SR named NAME in directory PATH storing the formats listed (default: all;
+ * the first listed is its default format). The last `:` splits the formats
+ * off only when what follows is a list of formats, so a path may hold a colon.
+ */
+export function parseSrSpec(value: string): SrConfig {
+  const eq = value.indexOf('=');
+  if (eq < 1)
+    throw new InvalidArgumentError(`'${value}' is not NAME=PATH[:formats] (e.g. fast=/mnt/ssd:qcow2,raw)`);
+  const id = value.slice(0, eq);
+  let dir = value.slice(eq + 1);
+  let formats = [...SR_FORMATS];
+  const colon = dir.lastIndexOf(':');
+  if (colon >= 0 && /^[a-z0-9]+(,[a-z0-9]+)*$/.test(dir.slice(colon + 1))) {
+    formats = dir.slice(colon + 1).split(',');
+    dir = dir.slice(0, colon);
+  }
+  if (!SR_ID.test(id) || id === 'local') {
+    throw new InvalidArgumentError(
+      `SR name '${id}' must be 1-64 letters, digits, '_' or '-' and not 'local' (the built-in SR)`,
+    );
+  }
+  if (!dir) throw new InvalidArgumentError(`SR '${id}' names no directory (NAME=PATH[:formats])`);
+  const unknown = formats.filter((f) => !SR_FORMATS.includes(f));
+  if (unknown.length) {
+    throw new InvalidArgumentError(
+      `SR '${id}': unknown image format(s) ${unknown.join(', ')}; use ${SR_FORMATS.join(', ')}`,
+    );
+  }
+  return { id, path: path.resolve(dir), formats: [...new Set(formats)] };
+}
+
+function envSrs(program: Command, value: string): SrConfig[] {
+  try {
+    return parseSrList(value);
+  } catch (err) {
+    // Reported like a bad flag: one line on stderr, exit status 1.
+    return program.error(`error: DISKPORT_SRS: ${(err as Error).message}`);
+  }
+}
+
+/** DISKPORT_SRS: `--sr` specs separated by `;`. */
+export function parseSrList(value: string): SrConfig[] {
+  return value
+    .split(';')
+    .map((v) => v.trim())
+    .filter(Boolean)
+    .reduce<SrConfig[]>((prev, v) => collectSr(v, prev), []);
+}
+
+function collectSr(value: string, previous: SrConfig[]): SrConfig[] {
+  const sr = parseSrSpec(value);
+  if (previous.some((p) => p.id === sr.id)) throw new InvalidArgumentError(`SR '${sr.id}' is given twice`);
+  return [...previous, sr];
 }
 
 export const DEFAULTS = {
@@ -167,6 +237,12 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       parseSize,
       parseSize(env.DISKPORT_SPACE_RESERVE ?? DEFAULTS.spaceReserve),
     )
+    .option(
+      '--sr <name=path[:formats]>',
+      'another SR: its name, directory and image formats (default all; the first is its default), e.g. fast=/mnt/ssd:qcow2,raw; repeatable (env DISKPORT_SRS, specs separated by ;)',
+      collectSr,
+      [],
+    )
     .exitOverride();
   program.parse(argv, { from: 'user' });
   const o = program.opts<
@@ -174,6 +250,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       taskRetention: number;
       taskRetentionCount: number;
       firstRequestTimeout: number;
+      sr: SrConfig[];
       headersTimeout: number;
       spaceReserve: number;
     }
@@ -191,6 +268,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     firstRequestTimeoutMs: o.firstRequestTimeout,
     headersTimeoutMs: o.headersTimeout,
     spaceReserveBytes: o.spaceReserve,
+    // Flags win: any --sr replaces the whole DISKPORT_SRS list.
+    srs: o.sr.length ? o.sr : envSrs(program, env.DISKPORT_SRS ?? ''),
   };
 }
 

@@ -40,6 +40,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
   const db = openDb(path.join(config.dataDir, 'diskport.sqlite'));
   const srs = new SrStore(db, { spaceReserveBytes: config.spaceReserveBytes });
   await srs.ensureDefault(config.dataDir, MAX_VIRTUAL_SIZE_BYTES);
+  await srs.ensureConfigured(config.srs, MAX_VIRTUAL_SIZE_BYTES);
   const vdis = new VdiStore(db, srs, new VdiLocks());
   const tasks = new TaskManager(new TaskStore(db), logger);
 

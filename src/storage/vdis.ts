@@ -144,13 +144,7 @@ export class VdiStore {
   async create(req: CreateVdi): Promise<Vdi> {
     const sr = this.srs.get(req.sr ?? 'local');
     const format = req.image_format ?? sr.default_image_format;
-    if (!sr.supported_image_formats.includes(format)) {
-      throw new ApiError(
-        'FORMAT_NOT_SUPPORTED',
-        `SR '${sr.id}' cannot store images in format '${format}'; it supports: ${sr.supported_image_formats.join(', ')}`,
-        { sr: sr.id, image_format: format, supported_image_formats: sr.supported_image_formats },
-      );
-    }
+    this.srs.assertFormat(sr, format);
     checkVirtualSize(req.virtual_size);
     this.checkFileSize(sr, format, req.virtual_size);
     const id = randomUUID();
