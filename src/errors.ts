@@ -102,6 +102,10 @@ export const ERRORS = {
   },
   OFFSET_MISMATCH: { status: 409, meaning: "a tus PATCH's Upload-Offset is not the upload's offset" },
   FORMAT_MISMATCH: { status: 409, meaning: 'the receiving transfer of a push takes another format' },
+  CHANGED_BLOCKS_UNKNOWN: {
+    status: 409,
+    meaning: 'diskport cannot tell which blocks changed between these two points (no record of them)',
+  },
   // 410
   TRANSFER_EXPIRED: { status: 410, meaning: 'the transfer expired after its ttl without activity' },
   UPLOAD_GONE: { status: 410, meaning: 'the tus upload was cancelled, failed or expired' },

@@ -80,10 +80,10 @@ describe('GET /v1/vdis/{vdi}/extents', () => {
     const dirty = await api<{ error: { code: string; message: string } }>(
       srv.url,
       'GET',
-      `/v1/vdis/${vdi.id}/extents?context=dirty`,
+      `/v1/vdis/${vdi.id}/extents?context=bitmap`,
     );
     assert.equal(dirty.status, 400);
-    assert.match(dirty.body.error.message, /zero/);
+    assert.match(dirty.body.error.message, /zero, dirty/);
     const missing = await api<{ error: { code: string } }>(srv.url, 'GET', '/v1/vdis/nope/extents');
     assert.equal(missing.status, 404);
     assert.equal(missing.body.error.code, 'VDI_NOT_FOUND');

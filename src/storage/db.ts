@@ -100,6 +100,8 @@ export const MIGRATIONS: readonly string[] = [
          '$."diskport.push-target"', '$."diskport.source-validator"'),
        '{}')
    WHERE json_valid(metadata);`,
+  // Block digests per generation (storage/block-digests.ts); NULL: written before they existed.
+  `ALTER TABLE vdis ADD COLUMN digest_file TEXT;`,
 ];
 
 export function openDb(file: string): Db {

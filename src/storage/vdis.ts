@@ -18,6 +18,7 @@ import { EmptyImage } from '../image/empty-image.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { ResizedImage } from '../image/resized-image.js';
 import { freeBytes, humanBytes, insufficientSpace, spaceError, spaceGuardOf } from '../image/space.js';
+import { writeBlockDigests } from './block-digests.js';
 import { convertInto } from './convert.js';
 import { cachedStatement, type Db, nowIso } from './db.js';
 import { PROBE_PREFIX } from './file-limits.js';
@@ -43,6 +44,12 @@ export interface Vdi {
   /** The VDI a snapshot was taken of; kept when that VDI is deleted. */
   snapshot_of: string | null;
   snapshot_time: string | null;
+  /**
+   * The block digests of this content (block-digests.ts), a file in the SR
+   * that snapshots and clones name too; null for content committed before
+   * digests were kept.
+   */
+  digest_file: string | null;
 }
 
 export interface VdiJson {
@@ -165,13 +172,17 @@ export class VdiStore {
       is_snapshot: 0,
       snapshot_of: null,
       snapshot_time: null,
+      digest_file: digestFileName(id, 0),
     };
+    const digests = path.join(sr.path, vdi.digest_file as string);
     // A failed create leaves nothing: neither a file nor a row.
     try {
       await convertInto(new EmptyImage(req.virtual_size), format, file);
+      await writeBlockDigests(new EmptyImage(req.virtual_size), digests);
       this.insert(vdi);
     } catch (err) {
       await fsp.rm(file, { force: true });
+      await fsp.rm(digests, { force: true });
       throw spaceError(err, `a ${format} VDI`);
     }
     return vdi;
@@ -182,9 +193,9 @@ export class VdiStore {
     this.db
       .prepare(
         `INSERT INTO vdis (id, sr_id, name_label, name_description, virtual_size, image_format, generation, file_name,
-           created_at, content_updated_at, is_snapshot, snapshot_of, snapshot_time)
+           created_at, content_updated_at, is_snapshot, snapshot_of, snapshot_time, digest_file)
          VALUES (@id, @sr_id, @name_label, @name_description, @virtual_size, @image_format, @generation, @file_name,
-           @created_at, @content_updated_at, @is_snapshot, @snapshot_of, @snapshot_time)`,
+           @created_at, @content_updated_at, @is_snapshot, @snapshot_of, @snapshot_time, @digest_file)`,
       )
       .run(vdi);
   }
@@ -275,6 +286,25 @@ export class VdiStore {
     this.db.prepare('DELETE FROM vdis WHERE id = ?').run(id);
     this.images.drop(id);
     await fsp.rm(this.imagePath(vdi), { force: true });
+    await this.dropDigests(vdi);
+  }
+
+  /** Path of the VDI's block digests, or null when its content has none. */
+  digestPath(vdi: Vdi): string | null {
+    return vdi.digest_file ? path.join(this.srOf(vdi).path, vdi.digest_file) : null;
+  }
+
+  /** Removes the digest file `vdi` named, unless another VDI (a snapshot, a clone) still names it. */
+  private async dropDigests(vdi: Vdi): Promise<void> {
+    if (!vdi.digest_file) return;
+    const used = this.db.prepare('SELECT 1 FROM vdis WHERE digest_file = ? LIMIT 1').get(vdi.digest_file);
+    if (!used) await fsp.rm(path.join(this.srOf(vdi).path, vdi.digest_file), { force: true });
+  }
+
+  /** Opens a file of the VDI's format at rest as the disk it holds. */
+  private openFile(file: string, format: string, virtualSize: number): Promise<BlockImage> {
+    if (format === 'raw') return RawFileImage.open(file, { virtualSize });
+    return codecFor(format).open(file);
   }
 
   /**
@@ -318,18 +348,32 @@ export class VdiStore {
     const generation = vdi.generation + 1;
     const fileName = generationFileName(vdi.id, generation, vdi.image_format);
     const target = path.join(sr.path, fileName);
+    const digestFile = digestFileName(vdi.id, generation);
+    const digests = path.join(sr.path, digestFile);
+    // The digests are written (and fsynced) before the switch names them; a
+    // crash before it leaves a file no row names, collected at startup.
+    const staged = await this.openFile(stagedFile, vdi.image_format, opts.virtualSize ?? vdi.virtual_size);
+    try {
+      await writeBlockDigests(staged, digests);
+    } catch (err) {
+      throw spaceError(err, 'the commit');
+    } finally {
+      await staged.close();
+    }
     await fsp.rm(target, { force: true }); // an orphan of an earlier attempt
     await fsp.link(stagedFile, target);
     try {
       await fsyncDir(sr.path);
-      this.switchGeneration(id, vdi, generation, fileName, opts);
+      this.switchGeneration(id, vdi, generation, fileName, { ...opts, digestFile });
     } catch (err) {
       // Nothing points at the new name: the VDI keeps its content.
       await fsp.rm(target, { force: true });
+      await fsp.rm(digests, { force: true });
       throw spaceError(err, 'the commit');
     }
     this.images.drop(id);
     await fsp.rm(stagedFile, { force: true });
+    await this.dropDigests(vdi);
     // Unlinking a large old generation takes a while and nobody waits for it:
     // not the client (readers still holding it keep their open file), not
     // correctness (a file left by a crash is collected at startup).
@@ -342,18 +386,19 @@ export class VdiStore {
     vdi: Vdi,
     generation: number,
     fileName: string,
-    opts: { virtualSize?: number; inTransaction?: (generation: number) => void },
+    opts: { virtualSize?: number; inTransaction?: (generation: number) => void; digestFile: string },
   ): void {
     this.db.transaction(() => {
       this.db
         .prepare(
           `UPDATE vdis SET generation=@generation, file_name=@fileName, virtual_size=@virtualSize,
-           content_updated_at=@updatedAt WHERE id=@id`,
+           content_updated_at=@updatedAt, digest_file=@digestFile WHERE id=@id`,
         )
         .run({
           id,
           generation,
           fileName,
+          digestFile: opts.digestFile,
           virtualSize: opts.virtualSize ?? vdi.virtual_size,
           updatedAt: nowIso(),
         });
@@ -423,10 +468,12 @@ export class VdiStore {
   async collectGarbage(keepStaging: ReadonlySet<string> = new Set()): Promise<string[]> {
     const removed: string[] = [];
     for (const sr of this.srs.list()) {
+      const rows = this.db.prepare('SELECT file_name, digest_file FROM vdis WHERE sr_id = ?').all(sr.id) as {
+        file_name: string;
+        digest_file: string | null;
+      }[];
       const live = new Set(
-        (
-          this.db.prepare('SELECT file_name FROM vdis WHERE sr_id = ?').all(sr.id) as { file_name: string }[]
-        ).map((r) => r.file_name),
+        rows.flatMap((r) => (r.digest_file ? [r.file_name, r.digest_file] : [r.file_name])),
       );
       for (const name of await fsp.readdir(sr.path)) {
         if (!GENERATION_FILE_NAME.test(name) || live.has(name)) continue;
@@ -447,6 +494,11 @@ export class VdiStore {
 
 export function generationFileName(id: string, generation: number, format: string): string {
   return `${id}.g${generation}.${format}`;
+}
+
+/** The block digests of a generation (a name GENERATION_FILE_NAME matches, so startup collects orphans). */
+export function digestFileName(id: string, generation: number): string {
+  return `${id}.g${generation}.digests`;
 }
 
 const UUID = '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}';

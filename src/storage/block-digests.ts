@@ -1,0 +1,181 @@
+/**
+ * Per-generation block digests: what changed-block answers and delta exports
+ * stand on, so they never read either disk's data.
+ *
+ * A generation's digest file holds, for every 64 KiB block of its disk, 16
+ * bytes of SHA-256 of the block's bytes; a block that reads as zeros has an
+ * entry of 16 zero bytes (a real digest is never that), written as a hole,
+ * so a sparse disk's digest file is sparse too. Computed from the image to
+ * be committed before its commit, reading only its data extents (cost in
+ * proportion to the data), written and fsynced before the transaction that
+ * names it, never changed after: a snapshot or clone shares its source's
+ * file by naming it, as it shares the image.
+ *
+ * Two disks' blocks are the same iff their entries are: a block rewritten
+ * with identical bytes is not changed, whatever the layers at rest are.
+ */
+import { createHash } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import type { BlockImage } from '../image/block-image.js';
+import { readAt } from '../image/file-io.js';
+import { isZero } from '../image/zero.js';
+
+export const DIGEST_BLOCK_BYTES = 64 * 1024;
+const ENTRY_BYTES = 16;
+const MAGIC = 'DPBLKDG1';
+const HEADER_BYTES = 64;
+/** Blocks read (and hashed) per read of the image: 4 MiB. */
+const READ_BLOCKS = 64;
+/** Entries compared per read of two digest files: 1 MiB of each. */
+const COMPARE_ENTRIES = 64 * 1024;
+
+export function blockCount(virtualSize: number): number {
+  return Math.ceil(virtualSize / DIGEST_BLOCK_BYTES);
+}
+
+/**
+ * Writes the digest file of `image` at `file` (replacing one left by an
+ * earlier attempt) and fsyncs it. The caller fsyncs the directory.
+ */
+export async function writeBlockDigests(
+  image: BlockImage,
+  file: string,
+  signal?: AbortSignal,
+): Promise<void> {
+  const size = image.virtualSize;
+  const count = blockCount(size);
+  const handle = await fsp.open(file, 'w', 0o600);
+  try {
+    const header = Buffer.alloc(HEADER_BYTES);
+    header.write(MAGIC, 0, 'latin1');
+    header.writeUInt32BE(DIGEST_BLOCK_BYTES, 8);
+    header.writeUInt32BE(ENTRY_BYTES, 12);
+    header.writeBigUInt64BE(BigInt(size), 16);
+    header.writeBigUInt64BE(BigInt(count), 24);
+    await handle.write(header, 0, HEADER_BYTES, 0);
+    await handle.truncate(HEADER_BYTES + count * ENTRY_BYTES);
+    const buf = Buffer.allocUnsafe(READ_BLOCKS * DIGEST_BLOCK_BYTES);
+    const entries = Buffer.alloc(READ_BLOCKS * ENTRY_BYTES);
+    for (const [first, end] of dataBlockRuns(await image.extents())) {
+      for (let b = first; b < end; b += READ_BLOCKS) {
+        signal?.throwIfAborted();
+        const n = Math.min(READ_BLOCKS, end - b);
+        const data = await image.readInto(buf.subarray(0, n * DIGEST_BLOCK_BYTES), b * DIGEST_BLOCK_BYTES);
+        entries.fill(0);
+        let any = false;
+        for (let i = 0; i < n; i++) {
+          const from = i * DIGEST_BLOCK_BYTES;
+          const to = Math.min(data.length, from + DIGEST_BLOCK_BYTES);
+          if (from >= to || isZero(data, from, to)) continue;
+          createHash('sha256')
+            .update(data.subarray(from, to))
+            .digest()
+            .copy(entries, i * ENTRY_BYTES, 0, ENTRY_BYTES);
+          any = true;
+        }
+        if (any) await handle.write(entries, 0, n * ENTRY_BYTES, HEADER_BYTES + b * ENTRY_BYTES);
+      }
+    }
+    await handle.sync();
+  } catch (err) {
+    await handle.close().catch(() => {});
+    await fsp.rm(file, { force: true });
+    throw err;
+  }
+  await handle.close();
+}
+
+/** Block index runs [first, end) overlapping the data extents, merged. */
+function dataBlockRuns(
+  extents: readonly { start: number; length: number; zero: boolean }[],
+): [number, number][] {
+  const runs: [number, number][] = [];
+  for (const e of extents) {
+    if (e.zero || e.length <= 0) continue;
+    const first = Math.floor(e.start / DIGEST_BLOCK_BYTES);
+    const end = Math.ceil((e.start + e.length) / DIGEST_BLOCK_BYTES);
+    const last = runs[runs.length - 1];
+    if (last && first <= last[1]) last[1] = Math.max(last[1], end);
+    else runs.push([first, end]);
+  }
+  return runs;
+}
+
+/** One digest file opened for reading; entries past its disk's end read as zero blocks. */
+class DigestReader {
+  private constructor(
+    private readonly handle: fsp.FileHandle,
+    readonly blocks: number,
+  ) {}
+
+  /** null when the file is missing or not a digest file (then nothing can be told). */
+  static async open(file: string): Promise<DigestReader | null> {
+    let handle: fsp.FileHandle;
+    try {
+      handle = await fsp.open(file, 'r');
+    } catch {
+      return null;
+    }
+    const header = await readAt(handle, Buffer.alloc(HEADER_BYTES), 0).catch(() => Buffer.alloc(0));
+    const ok =
+      header.length === HEADER_BYTES &&
+      header.toString('latin1', 0, 8) === MAGIC &&
+      header.readUInt32BE(8) === DIGEST_BLOCK_BYTES &&
+      header.readUInt32BE(12) === ENTRY_BYTES;
+    if (!ok) {
+      await handle.close();
+      return null;
+    }
+    return new DigestReader(handle, Number(header.readBigUInt64BE(24)));
+  }
+
+  /** Entries [first, first + n) into `buf` (zeros past the end). */
+  async read(buf: Buffer, first: number, n: number): Promise<Buffer> {
+    const out = buf.subarray(0, n * ENTRY_BYTES);
+    out.fill(0);
+    const have = Math.max(0, Math.min(n, this.blocks - first));
+    if (have > 0)
+      await readAt(this.handle, out.subarray(0, have * ENTRY_BYTES), HEADER_BYTES + first * ENTRY_BYTES);
+    return out;
+  }
+
+  close(): Promise<void> {
+    return this.handle.close();
+  }
+}
+
+/**
+ * The 64 KiB blocks of [0, blocks) whose digests differ between the two
+ * files, as sorted runs [first, end) of block indices; null when either file
+ * is missing or unreadable (the caller answers "unknown", never a guess).
+ */
+export async function changedBlockRuns(
+  fileA: string,
+  fileB: string,
+  blocks: number,
+): Promise<[number, number][] | null> {
+  if (fileA === fileB) return [];
+  const [a, b] = await Promise.all([DigestReader.open(fileA), DigestReader.open(fileB)]);
+  try {
+    if (!a || !b) return null;
+    const bufA = Buffer.alloc(COMPARE_ENTRIES * ENTRY_BYTES);
+    const bufB = Buffer.alloc(COMPARE_ENTRIES * ENTRY_BYTES);
+    const runs: [number, number][] = [];
+    for (let first = 0; first < blocks; first += COMPARE_ENTRIES) {
+      const n = Math.min(COMPARE_ENTRIES, blocks - first);
+      const [ea, eb] = await Promise.all([a.read(bufA, first, n), b.read(bufB, first, n)]);
+      for (let i = 0; i < n; i++) {
+        const at = i * ENTRY_BYTES;
+        if (ea.compare(eb, at, at + ENTRY_BYTES, at, at + ENTRY_BYTES) === 0) continue;
+        const block = first + i;
+        const last = runs[runs.length - 1];
+        if (last && last[1] === block) last[1]++;
+        else runs.push([block, block + 1]);
+      }
+    }
+    return runs;
+  } finally {
+    await a?.close();
+    await b?.close();
+  }
+}
