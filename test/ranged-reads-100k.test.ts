@@ -122,6 +122,7 @@ describe('100,000 ranged GETs', () => {
         (sample(metricsBefore, 'diskport_read_requests_total', { format }) ?? 0);
       assert.equal(counted, counts[format], `${format} reads in /metrics`);
     }
-    assert.ok(seconds < 120, `${REQUESTS} ranged GETs took ${seconds.toFixed(1)} s`);
+    // 50-115 s here under other agents' load; a task per read (195-354 reads/s) took 280 s or more.
+    assert.ok(seconds < 240, `${REQUESTS} ranged GETs took ${seconds.toFixed(1)} s`);
   });
 });
