@@ -14,7 +14,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
-import { api, createVdi, sha256Url } from './helpers/api.js';
+import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
 import {
   prng,
   type ServerProcess,
@@ -73,11 +73,11 @@ async function putChunk(base: string, t: TransferJson, image: Buffer, start: num
   });
 }
 
-async function openUpload(base: string, vdi: string, size: number): Promise<TransferJson> {
+async function openUpload(base: string, vdi: string, size: number, format = 'raw'): Promise<TransferJson> {
   const res = await api<TransferJson>(base, 'POST', '/v1/transfers', {
     vdi,
     direction: 'upload',
-    format: 'raw',
+    format,
     size,
   });
   assert.equal(res.status, 201, JSON.stringify(res.body));
@@ -105,8 +105,19 @@ function storedReceived(dataDir: string, id: string): Range[] {
   }
 }
 
-/** Sends every chunk of `image` not inside `have` (flushed by default), then finalizes and checks the VDI. */
-async function completeAndCheck(base: string, vdi: string, t: TransferJson, image: Buffer, have: Range[]) {
+/**
+ * Sends every chunk of `image` not inside `have` (flushed by default), then
+ * finalizes and checks the VDI against `disk` (the image's guest bytes; the
+ * image itself for raw).
+ */
+async function completeAndCheck(
+  base: string,
+  vdi: string,
+  t: TransferJson,
+  image: Buffer,
+  have: Range[],
+  disk: Buffer = image,
+) {
   for (let s = 0; s < image.length; s += CHUNK) {
     if (within([[s, Math.min(image.length, s + CHUNK)]], have)) continue;
     const res = await putChunk(base, t, image, s);
@@ -115,7 +126,7 @@ async function completeAndCheck(base: string, vdi: string, t: TransferJson, imag
   const fin = await api<Task>(base, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=60`);
   assert.equal(fin.status, 202, JSON.stringify(fin.body));
   assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
-  assert.equal(await sha256Url(`${base}/v1/vdis/${vdi}/contents`), sha(image), 'the VDI is byte-exact');
+  assert.equal(await sha256Url(`${base}/v1/vdis/${vdi}/contents`), sha(disk), 'the VDI is byte-exact');
 }
 
 describe('flush=n: chunks written now, durable and counted at a flush point', () => {
@@ -391,6 +402,36 @@ describe('flush=n and kill -9 of a real server', () => {
       ]),
     );
     await completeAndCheck(server.url, vdi, t, image, after.received);
+  });
+
+  test('a qcow2 upload converting into a raw VDI as it arrives, sent with flush=n, survives kill -9 byte-exact', async () => {
+    const disk = seededBytes(SIZE, 13);
+    disk.fill(0, MiB, 2 * MiB);
+    const rawFile = path.join(dataDir, 'q.raw');
+    await fsp.writeFile(rawFile, disk);
+    await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', rawFile, `${rawFile}.qcow2`]);
+    const image = await fsp.readFile(`${rawFile}.qcow2`);
+    const vdi = (await createVdi(server.url, SIZE)).id;
+    const t = await openUpload(server.url, vdi, image.length, 'qcow2');
+    // In order (streamed into the disk, flushed whatever flush says), then one out of order (staged, deferred).
+    const half = Math.floor(image.length / CHUNK / 2) * CHUNK;
+    for (let s = 0; s < half; s += CHUNK) {
+      assert.equal((await putChunk(server.url, t, image, s, 'flush=n')).status, 200);
+    }
+    const last = Math.floor((image.length - 1) / CHUNK) * CHUNK;
+    assert.equal((await putChunk(server.url, t, image, last, 'flush=n')).status, 200);
+    const before = await state(server.url, t);
+    assert.ok(within([[0, half]], before.received), 'streamed chunks were flushed at their end');
+    await kill9();
+    const after = await state(server.url, t);
+    assert.ok(within(before.received, after.received));
+    assert.ok(
+      within(after.received, [
+        [0, half],
+        [last, image.length],
+      ]),
+    );
+    await completeAndCheck(server.url, vdi, t, image, after.received, disk);
   });
 
   test('kills at random moments of parallel flush=n uploads with flushes: a resume never skips a byte', async () => {
