@@ -20,10 +20,27 @@ export interface SerializedImage {
   read(start: number, end: number): AsyncIterable<Buffer>;
 }
 
+/**
+ * How an export names itself and what it stands on. With `parent`, the
+ * export is a differencing image (VHD: disk type 4 with the parent's UUID and
+ * locators; qcow2: an overlay naming its backing file): what `image` reports
+ * as data is the image's own, the rest reads through to the parent.
+ */
+export interface SerializeOptions {
+  /** VHD: the image's unique id (16 bytes); derived from its layout when absent. */
+  uuid?: Buffer;
+  parent?: {
+    /** The parent file's name as the child names it (relative: beside the child). */
+    fileName: string;
+    /** VHD: the parent's unique id (16 bytes). */
+    uuid?: Buffer;
+  };
+}
+
 export interface FormatCodec {
   readonly name: WireFormat;
   /** Lays out the export of `image` in this format (reads metadata only). */
-  serialize(image: BlockImage): Promise<SerializedImage>;
+  serialize(image: BlockImage, opts?: SerializeOptions): Promise<SerializedImage>;
   /**
    * Opens a file holding an image of this format as a random-access disk to
    * read, validating its metadata. Throws MalformedImageError /

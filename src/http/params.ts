@@ -31,3 +31,13 @@ export function flushParam(value: unknown): boolean {
     flush: String(value),
   });
 }
+
+/** `?base=`: a snapshot's id (a delta export or import), or undefined when absent. */
+export function baseParam(req: Request): string | undefined {
+  const base = req.query.base;
+  if (base === undefined) return undefined;
+  if (typeof base === 'string' && base !== '') return base;
+  throw new ApiError('INVALID_REQUEST', 'base must name a snapshot of the VDI (its id)', {
+    base: String(base),
+  });
+}

@@ -39,8 +39,10 @@ export async function sendExport(
   vdiId: string,
   format: string,
   session?: SessionExport,
+  /** A snapshot of the VDI: export only what changed since it (a differencing image). */
+  base?: string,
 ): Promise<void> {
-  const source = await openExport(deps.vdis, vdiId, format).catch((err) => {
+  const source = await openExport(deps.vdis, vdiId, format, base).catch((err) => {
     session?.onReadFailed(err);
     throw err;
   });

@@ -20,7 +20,7 @@ import { ApiError } from '../errors.js';
 import { MAX_VIRTUAL_SIZE_BYTES as QCOW2_MAX_VIRTUAL_SIZE_BYTES } from '../formats/qcow2/index.js';
 import { requireToken } from '../http/auth.js';
 import { importOneShot } from '../http/one-shot-import.js';
-import { contentLengthOf, formatParam } from '../http/params.js';
+import { baseParam, contentLengthOf, formatParam } from '../http/params.js';
 import { sendExport } from '../http/send-export.js';
 import { safeEqual } from '../secrets.js';
 import type { Services } from '../services.js';
@@ -97,6 +97,6 @@ export function xapiRoutes(s: Services): Router {
       res.status(200).location(`/v1/tasks/${task.id}`).setHeader('X-Task-Id', task.id).json(task);
     })
     .get('/export_raw_vdi', auth, async (req, res) => {
-      await sendExport(s, req, res, vdiParam(req), formatParam(req));
+      await sendExport(s, req, res, vdiParam(req), formatParam(req), undefined, baseParam(req));
     });
 }

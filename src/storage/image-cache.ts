@@ -19,7 +19,7 @@ import { LRUCache } from 'lru-cache';
 import { codecFor } from '../formats/index.js';
 import type { SerializedImage } from '../formats/types.js';
 import type { BlockImage, Extent } from '../image/block-image.js';
-import type { Vdi, VdiStore } from './vdis.js';
+import { type Vdi, type VdiStore, vhdUuidOf } from './vdis.js';
 
 const MAX_OPEN_IMAGES = 64;
 const IDLE_MS = 10_000;
@@ -130,7 +130,8 @@ export class ImageCache {
         const codec = codecFor(format);
         let layout = entry.layouts.get(codec.name);
         if (!layout) {
-          layout = codec.serialize(image);
+          const uuid = vhdUuidOf(vdi);
+          layout = codec.serialize(image, uuid ? { uuid } : {});
           entry.layouts.set(codec.name, layout);
         }
         const made = layout;

@@ -67,6 +67,8 @@ export interface VdiJson {
   is_snapshot: boolean;
   snapshot_of: string | null;
   snapshot_time: string | null;
+  /** A snapshot's VHD unique id: its VHD export's, and the parent id of delta VHDs against it. */
+  vhd_uuid?: string;
 }
 
 /** List filters of GET /v1/vdis. */
@@ -455,6 +457,7 @@ export class VdiStore {
       is_snapshot: vdi.is_snapshot === 1,
       snapshot_of: vdi.snapshot_of,
       snapshot_time: vdi.snapshot_time,
+      ...(vdi.is_snapshot ? { vhd_uuid: vdi.id } : {}),
     };
   }
 
@@ -490,6 +493,15 @@ export class VdiStore {
     }
     return removed;
   }
+}
+
+/**
+ * The VHD unique id a snapshot's exports carry (its own id), so a delta
+ * export can name it as its parent's; other VDIs' VHDs get one from their
+ * layout.
+ */
+export function vhdUuidOf(vdi: Vdi): Buffer | undefined {
+  return vdi.is_snapshot ? Buffer.from(vdi.id.replaceAll('-', ''), 'hex') : undefined;
 }
 
 export function generationFileName(id: string, generation: number, format: string): string {

@@ -5,7 +5,9 @@
  *
  * Implements these sections of qemu's docs/interop/qcow2.txt for writing:
  * - "Header" (version 3, header_length 112 with compression_type zlib, no
- *   header extensions: the zero bytes after the header read as the end marker)
+ *   header extensions: the zero bytes after the header read as the end marker;
+ *   an overlay: backing_file_offset/size naming its backing file, stored in
+ *   the header cluster, and the "Backing file format name" extension)
  * - "Host cluster management" (refcount table and 16-bit refcount blocks; every
  *   cluster of the file is used exactly once, so every refcount is 1)
  * - "Cluster mapping" (L1 table, L2 tables with standard cluster descriptors
@@ -25,7 +27,7 @@
 import { type BlockImage, type Extent, mergeExtents } from '../../image/block-image.js';
 import { READ_CHUNK_BYTES, ReadBuffers, readVirtual } from '../../image/read-virtual.js';
 import { zeroBuffer } from '../../image/zero.js';
-import type { SerializedImage } from '../types.js';
+import type { SerializedImage, SerializeOptions } from '../types.js';
 import { QCOW2_MAGIC } from './header.js';
 
 export const EXPORT_CLUSTER_BITS = 16;
@@ -41,6 +43,12 @@ const HEADER_LENGTH_BYTES = 112;
 const OFLAG_COPIED_HI = 0x80000000;
 const TWO_POW_32 = 2 ** 32;
 const REFCOUNT_ONE = Buffer.from([0, 1]);
+/** Header extension types ("Header extensions"). */
+const EXT_BACKING_FORMAT = 0xe2792aca;
+/** Where an overlay's backing file name goes in the header cluster (after the extensions). */
+const BACKING_NAME_OFFSET = 512;
+/** qemu's limit on a backing file name (1023 bytes). */
+const MAX_BACKING_NAME_BYTES = 1023;
 
 /** A run of guest clusters holding data; `rank` is the index of its first cluster in the data area. */
 interface DataRun {
@@ -178,7 +186,12 @@ export class Qcow2Serializer implements SerializedImage {
     private readonly image: BlockImage,
     private readonly extents: readonly Extent[],
     readonly layout: Qcow2Layout,
+    /** An overlay's backing file (a qcow2, named relative to the overlay); unallocated clusters read from it. */
+    private readonly backingFile?: string,
   ) {
+    if (backingFile !== undefined && Buffer.byteLength(backingFile) > MAX_BACKING_NAME_BYTES) {
+      throw new RangeError(`backing file name longer than ${MAX_BACKING_NAME_BYTES} bytes`);
+    }
     const C = EXPORT_CLUSTER_SIZE_BYTES;
     let at = 0;
     const add = (kind: SectionKind, clusters: number) => {
@@ -269,6 +282,15 @@ export class Qcow2Serializer implements SerializedImage {
     buf.writeUInt32BE(REFCOUNT_ORDER, 96);
     buf.writeUInt32BE(HEADER_LENGTH_BYTES, 100);
     // 104: compression_type 0 (zlib), then padding; then the end-of-extensions marker (zeros)
+    if (this.backingFile === undefined) return;
+    const name = Buffer.from(this.backingFile);
+    writeU64(buf, 8, BACKING_NAME_OFFSET);
+    buf.writeUInt32BE(name.length, 16);
+    name.copy(buf, BACKING_NAME_OFFSET);
+    // Backing format extension: type, length, 'qcow2' padded to 8 bytes; then the end marker (zeros).
+    buf.writeUInt32BE(EXT_BACKING_FORMAT, HEADER_LENGTH_BYTES);
+    buf.writeUInt32BE(5, HEADER_LENGTH_BYTES + 4);
+    buf.write('qcow2', HEADER_LENGTH_BYTES + 8, 'latin1');
   }
 
   /** The `ordinal`-th emitted L2 table. */
@@ -317,7 +339,15 @@ export class Qcow2Serializer implements SerializedImage {
 }
 
 /** Lays out the qcow2 export of `image` (reads its extents only). */
-export async function serializeQcow2(image: BlockImage): Promise<Qcow2Serializer> {
+export async function serializeQcow2(
+  image: BlockImage,
+  opts: SerializeOptions = {},
+): Promise<Qcow2Serializer> {
   const extents = mergeExtents(await image.extents());
-  return new Qcow2Serializer(image, extents, computeLayout(image.virtualSize, extents));
+  return new Qcow2Serializer(
+    image,
+    extents,
+    computeLayout(image.virtualSize, extents),
+    opts.parent?.fileName,
+  );
 }

@@ -261,6 +261,49 @@ export function buildDynamicHeader(
   return buf;
 }
 
+/** Parent fields of a differencing disk's header ("Dynamic Disk Header Format"). */
+const H_PARENT_UUID = 40;
+const H_PARENT_TIMESTAMP = 56;
+const H_PARENT_NAME = 64;
+const PARENT_NAME_BYTES = 512;
+const H_PARENT_LOCATORS = 576;
+const LOCATOR_ENTRY_BYTES = 24;
+/** Platform codes of the locators XCP-ng's vhd-util writes: Windows relative and absolute, UTF-16LE paths. */
+export const LOCATOR_W2RU = 0x57327275;
+export const LOCATOR_W2KU = 0x57326b75;
+
+export interface ParentLocator {
+  platformCode: number;
+  /** Where the locator's data lies in the file, and its bytes (at most one sector). */
+  dataOffset: number;
+  data: Buffer;
+}
+
+/**
+ * Turns a dynamic header into a differencing disk's: the parent's unique id,
+ * timestamp (0, as our exports write) and name, and its locators; then the
+ * checksum again.
+ */
+export function setParent(
+  header: Buffer,
+  parent: { uuid: Buffer; name: string; locators: readonly ParentLocator[] },
+): void {
+  parent.uuid.copy(header, H_PARENT_UUID, 0, 16);
+  header.writeUInt32BE(0, H_PARENT_TIMESTAMP);
+  const name = Buffer.from(parent.name, 'utf16le').swap16();
+  name.copy(header, H_PARENT_NAME, 0, Math.min(name.length, PARENT_NAME_BYTES));
+  parent.locators.forEach((loc, i) => {
+    const at = H_PARENT_LOCATORS + i * LOCATOR_ENTRY_BYTES;
+    header.writeUInt32BE(loc.platformCode, at);
+    // Data space in bytes (what Hyper-V writes; vhd-util reads either), data length in bytes.
+    header.writeUInt32BE(SECTOR_BYTES, at + 4);
+    header.writeUInt32BE(loc.data.length, at + 8);
+    header.writeBigUInt64BE(BigInt(loc.dataOffset), at + 16);
+  });
+  header.writeUInt32BE(0, H_CHECKSUM);
+  header.writeUInt32BE(vhdChecksum(header, H_CHECKSUM), H_CHECKSUM);
+}
+
 /** Test helpers reach the raw field offsets through this, to corrupt images on purpose. */
 export const FOOTER_OFFSETS = {
   checksum: F_CHECKSUM,

@@ -14,6 +14,7 @@
  *   0                  footer copy (512)
  *   512                dynamic disk header (1024)
  *   1536               BAT: one entry per 2 MiB of disk, padded with 0xFF to a sector
+ *   (differencing only) two parent locator sectors: W2ru then W2ku, `.\{parent}` in UTF-16LE
  *   dataStart          block 0 of the emitted blocks: bitmap (512, all ones) + 2 MiB of data
  *   dataStart + k*S    block k, S = 512 + 2 MiB; only blocks overlapping data extents, in disk order
  *   end - 512          footer
@@ -34,16 +35,20 @@ import { formatBytes, UnsupportedImageError } from '../../errors.js';
 import type { BlockImage, Extent } from '../../image/block-image.js';
 import { ReadBuffers, readVirtual } from '../../image/read-virtual.js';
 import { zeroBuffer } from '../../image/zero.js';
-import type { SerializedImage } from '../types.js';
+import type { SerializedImage, SerializeOptions } from '../types.js';
 import {
   bitmapBytesOnDisk,
   buildDynamicHeader,
   buildFooter,
+  DISK_TYPE_DIFFERENCING,
   DISK_TYPE_DYNAMIC,
   FOOTER_BYTES,
   HEADER_BYTES,
+  LOCATOR_W2KU,
+  LOCATOR_W2RU,
   MAX_VIRTUAL_SIZE_BYTES,
   SECTOR_BYTES,
+  setParent,
 } from './format.js';
 
 export const EXPORT_BLOCK_SIZE_BYTES = 2 * 1024 * 1024;
@@ -83,7 +88,16 @@ export interface VhdLayout {
   footer: Buffer;
 }
 
-export function layoutVhd(virtualSize: number, extents: readonly Extent[]): VhdLayout {
+/**
+ * With `opts.parent`, a differencing disk (type 4): its blocks are the
+ * disk's bytes where `extents` say data (whole 2 MiB blocks, every sector
+ * bit set), and everything else reads through to the parent.
+ */
+export function layoutVhd(
+  virtualSize: number,
+  extents: readonly Extent[],
+  opts: SerializeOptions = {},
+): VhdLayout {
   if (!Number.isSafeInteger(virtualSize) || virtualSize < 0 || virtualSize % SECTOR_BYTES !== 0) {
     throw new UnsupportedImageError(
       'vhd',
@@ -100,29 +114,50 @@ export function layoutVhd(virtualSize: number, extents: readonly Extent[]): VhdL
   }
   const entries = Math.ceil(virtualSize / EXPORT_BLOCK_SIZE_BYTES);
   const batBytes = Math.ceil((entries * 4) / SECTOR_BYTES) * SECTOR_BYTES;
-  const dataStart = BAT_OFFSET + batBytes;
+  const locatorStart = BAT_OFFSET + batBytes;
+  const parent = opts.parent;
+  const dataStart = locatorStart + (parent ? 2 * SECTOR_BYTES : 0);
   const blocks = dataBlocks(extents);
   const size = dataStart + blocks.length * BLOCK_STRIDE_BYTES + FOOTER_BYTES;
 
   const head = Buffer.alloc(dataStart, 0xff);
+  head.fill(0, locatorStart);
   blocks.forEach((b, k) => {
     head.writeUInt32BE((dataStart + k * BLOCK_STRIDE_BYTES) / SECTOR_BYTES, BAT_OFFSET + b * 4);
   });
-  const bat = head.subarray(BAT_OFFSET, dataStart);
-  const uuid = createHash('sha256').update(UUID_NAMESPACE).update(String(virtualSize)).update(bat).digest();
-  // RFC 9562 version 8 (vendor-specific) with the RFC variant, so tools that parse it see a well-formed UUID.
-  uuid[6] = (uuid[6] & 0x0f) | 0x80;
-  uuid[8] = (uuid[8] & 0x3f) | 0x80;
+  const bat = head.subarray(BAT_OFFSET, locatorStart);
+  const hash = createHash('sha256').update(UUID_NAMESPACE).update(String(virtualSize)).update(bat);
+  if (parent) hash.update(parent.fileName).update(parent.uuid ?? Buffer.alloc(0));
+  const uuid = opts.uuid ? Buffer.from(opts.uuid) : hash.digest();
+  if (!opts.uuid) {
+    // RFC 9562 version 8 (vendor-specific) with the RFC variant, so tools that parse it see a well-formed UUID.
+    uuid[6] = (uuid[6] & 0x0f) | 0x80;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+  }
   const footer = buildFooter({
     virtualSizeBytes: virtualSize,
-    diskType: DISK_TYPE_DYNAMIC,
+    diskType: parent ? DISK_TYPE_DIFFERENCING : DISK_TYPE_DYNAMIC,
     dataOffset: HEADER_OFFSET,
     creatorApp: CREATOR_APP,
     creatorOs: CREATOR_OS,
     uuid: uuid.subarray(0, 16),
   });
   footer.copy(head, 0);
-  buildDynamicHeader(BAT_OFFSET, entries, EXPORT_BLOCK_SIZE_BYTES).copy(head, HEADER_OFFSET);
+  const header = buildDynamicHeader(BAT_OFFSET, entries, EXPORT_BLOCK_SIZE_BYTES);
+  if (parent) {
+    const path = Buffer.from(`.\\${parent.fileName}`, 'utf16le').subarray(0, SECTOR_BYTES);
+    path.copy(head, locatorStart);
+    path.copy(head, locatorStart + SECTOR_BYTES);
+    setParent(header, {
+      uuid: parent.uuid ?? Buffer.alloc(16),
+      name: parent.fileName,
+      locators: [
+        { platformCode: LOCATOR_W2RU, dataOffset: locatorStart, data: path },
+        { platformCode: LOCATOR_W2KU, dataOffset: locatorStart + SECTOR_BYTES, data: path },
+      ],
+    });
+  }
+  header.copy(head, HEADER_OFFSET);
   return { virtualSize, blocks, dataStart, size, head, footer };
 }
 
@@ -224,9 +259,9 @@ async function* readBlockRun(
   }
 }
 
-export async function serializeVhd(image: BlockImage): Promise<SerializedImage> {
+export async function serializeVhd(image: BlockImage, opts: SerializeOptions = {}): Promise<SerializedImage> {
   const extents = await image.extents();
-  const layout = layoutVhd(image.virtualSize, extents);
+  const layout = layoutVhd(image.virtualSize, extents, opts);
   return {
     size: layout.size,
     read(start, end) {
