@@ -15,6 +15,8 @@ import { checksumRoutes } from './routes/checksum.js';
 import { contentRoutes } from './routes/contents.js';
 import { extentRoutes } from './routes/extents.js';
 import { healthRoutes } from './routes/health.js';
+import { imageioImageRoutes } from './routes/imageio-images.js';
+import { imageioTicketRoutes } from './routes/imageio-tickets.js';
 import { metricsRoutes } from './routes/metrics.js';
 import { srRoutes } from './routes/srs.js';
 import { taskRoutes } from './routes/tasks.js';
@@ -26,7 +28,8 @@ import type { Services } from './services.js';
 
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
 
-export function createApp(s: Services): Express {
+/** `imageioOnly`: the app of the --imageio-socket, which serves /images/ and nothing else. */
+export function createApp(s: Services, opts: { imageioOnly?: boolean } = {}): Express {
   const app = express();
   app.disable('x-powered-by');
   app.set('etag', false); // exports carry their own strong ETags; JSON needs none
@@ -49,6 +52,13 @@ export function createApp(s: Services): Express {
 
   app.use(rejectRepeatedQuery);
   app.use(continueUnlessUpload);
+  // The ticket id is the only credential of /images/, as in ovirt-imageio.
+  app.use(imageioImageRoutes(s));
+  if (opts.imageioOnly) {
+    app.use(notFoundHandler);
+    app.use(errorHandler);
+    return app;
+  }
   app.use(healthRoutes());
   app.use(metricsRoutes(s));
   app.use('/v1/transfers/:id', transferTokenAuth(s.transfers, s.config.token));
@@ -64,6 +74,7 @@ export function createApp(s: Services): Express {
   app.use(checksumRoutes(s));
   app.use(taskRoutes(s));
   app.use(transferRoutes(s));
+  app.use(imageioTicketRoutes(s));
   app.use(tusRoutes(s));
   app.use(xapiRoutes(s));
   app.use(notFoundHandler);
@@ -78,8 +89,8 @@ export function createApp(s: Services): Express {
  * on connections (src/http/connections.ts), and `Expect: 100-continue` left
  * to the app.
  */
-export function createServer(s: Services): http.Server {
-  const app = createApp(s);
+export function createServer(s: Services, opts: { imageioOnly?: boolean } = {}): http.Server {
+  const app = createApp(s, opts);
   const { headersTimeoutMs } = s.config;
   const server = http.createServer({
     // TCP keepalive finds peers that vanished without a word (then the idle timeout acts).

@@ -26,6 +26,8 @@ export interface Config {
   spaceReserveBytes: number;
   /** SRs beside the default `local` one (`--sr NAME=PATH[:formats]`, repeatable). */
   srs: SrConfig[];
+  /** A Unix socket that serves ovirt-imageio's /images/ API too, for clients on this host. */
+  imageioSocket?: string;
 }
 
 /** One configured SR: its id, its directory, and the image formats it stores (the first is its default). */
@@ -243,6 +245,10 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       collectSr,
       [],
     )
+    .option(
+      '--imageio-socket <path>',
+      "also serve ovirt-imageio's /images/ API on this Unix socket, for local clients (env DISKPORT_IMAGEIO_SOCKET)",
+    )
     .exitOverride();
   program.parse(argv, { from: 'user' });
   const o = program.opts<
@@ -270,6 +276,10 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     spaceReserveBytes: o.spaceReserve,
     // Flags win: any --sr replaces the whole DISKPORT_SRS list.
     srs: o.sr.length ? o.sr : envSrs(program, env.DISKPORT_SRS ?? ''),
+    imageioSocket:
+      o.imageioSocket || env.DISKPORT_IMAGEIO_SOCKET
+        ? path.resolve(o.imageioSocket || env.DISKPORT_IMAGEIO_SOCKET!)
+        : undefined,
   };
 }
 

@@ -60,6 +60,11 @@ export const ERRORS = {
   // 401, 403: authentication (management bearer token, xapi session_id, transfer token)
   TOKEN_REQUIRED: { status: 401, meaning: 'the call needs a token and none was sent' },
   TOKEN_INVALID: { status: 403, meaning: 'the token sent is not valid for this call' },
+  IMAGEIO_TICKET_FORBIDDEN: {
+    status: 403,
+    meaning:
+      'an /images/ request names an unknown, expired, cancelled or finished ticket, or an op it does not allow',
+  },
   // 404
   NOT_FOUND: { status: 404, meaning: 'no such endpoint' },
   SR_NOT_FOUND: { status: 404, meaning: 'no storage repository with this id' },
@@ -67,6 +72,11 @@ export const ERRORS = {
   TASK_NOT_FOUND: { status: 404, meaning: 'no task with this id' },
   TRANSFER_NOT_FOUND: { status: 404, meaning: 'no transfer with this id' },
   UPLOAD_NOT_FOUND: { status: 404, meaning: 'no tus upload with this id' },
+  IMAGEIO_TICKET_NOT_FOUND: { status: 404, meaning: 'no ovirt-imageio ticket with this id' },
+  DIRTY_EXTENTS_UNAVAILABLE: {
+    status: 404,
+    meaning: 'extents?context=dirty on a ticket that is not part of an incremental backup (dirty: false)',
+  },
   // 409: the request conflicts with the state of a resource
   VDI_BUSY: { status: 409, meaning: 'another transfer or operation holds the VDI' },
   VDI_READ_ONLY: { status: 409, meaning: 'the VDI is a snapshot: its content cannot change' },
@@ -101,6 +111,7 @@ export const ERRORS = {
     meaning: 'finalize ended this chunk upload: its bytes had all arrived in others',
   },
   OFFSET_MISMATCH: { status: 409, meaning: "a tus PATCH's Upload-Offset is not the upload's offset" },
+  IMAGEIO_TICKET_EXISTS: { status: 409, meaning: 'a ticket with this id is already installed' },
   FORMAT_MISMATCH: { status: 409, meaning: 'the receiving transfer of a push takes another format' },
   CHANGED_BLOCKS_UNKNOWN: {
     status: 409,
@@ -132,6 +143,10 @@ export const ERRORS = {
     meaning: "the VDI's stored image was damaged at rest and cannot be read; import its content again",
   },
   NOT_IMPLEMENTED: { status: 501, meaning: 'a tus extension diskport does not offer' },
+  DIRTY_EXTENTS_NOT_IMPLEMENTED: {
+    status: 501,
+    meaning: 'changed-block (dirty) extents between a snapshot and the VDI are not available yet',
+  },
   SOURCE_UNAVAILABLE: { status: 502, meaning: 'the source of a pull could not be fetched' },
   SOURCE_INCOMPLETE: { status: 502, meaning: 'the source of a pull kept failing before its end' },
   SOURCE_CHANGED: { status: 502, meaning: 'the source of a pull kept changing while it was fetched' },

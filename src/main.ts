@@ -1,12 +1,14 @@
 #!/usr/bin/env node
 /** Entry point: parse settings, open the data directory, serve. */
+import { promises as fsp } from 'node:fs';
+import type http from 'node:http';
 import net from 'node:net';
 import { CommanderError } from 'commander';
 import type { pino } from 'pino';
 import { createServer } from './app.js';
 import { type Config, checkListenPolicy, parseConfig } from './config.js';
 import { createLogger } from './http/log-redaction.js';
-import { createServices } from './services.js';
+import { createServices, type Services } from './services.js';
 
 /** A listen error as one line for whoever started the server; null when it is not one we can explain. */
 function listenFailure(err: NodeJS.ErrnoException, host: string, port: number): string | null {
@@ -55,6 +57,19 @@ function exitListenFailure(logger: pino.Logger, config: Config, err: NodeJS.Errn
   process.exit(1);
 }
 
+/** ovirt-imageio's local transport: /images/ on a Unix socket (a stale socket file of a previous run is replaced). */
+async function listenImageioSocket(services: Services, socketPath: string): Promise<http.Server> {
+  await fsp.rm(socketPath, { force: true });
+  const local = createServer(services, { imageioOnly: true });
+  await new Promise<void>((resolve, reject) => {
+    local.once('error', reject);
+    local.listen(socketPath, () => resolve());
+  });
+  await fsp.chmod(socketPath, 0o600);
+  services.logger.info({ socket: socketPath }, `serving /images/ on unix:${socketPath}`);
+  return local;
+}
+
 async function main(): Promise<void> {
   let config: ReturnType<typeof parseConfig>;
   try {
@@ -86,10 +101,13 @@ async function main(): Promise<void> {
       `diskport listening on http://${config.host}:${port}`,
     );
   });
+  const local = config.imageioSocket ? await listenImageioSocket(services, config.imageioSocket) : null;
   const stop = (signal: string) => {
     logger.info({ signal }, 'shutting down');
     server.close();
     server.closeAllConnections();
+    local?.close();
+    local?.closeAllConnections();
     void services.close().then(() => process.exit(0));
   };
   process.on('SIGTERM', () => stop('SIGTERM'));

@@ -15,6 +15,7 @@ import { MAX_VIRTUAL_SIZE_BYTES, VdiStore } from './storage/vdis.js';
 import { TaskManager } from './tasks/task-manager.js';
 import { TaskStore } from './tasks/task-store.js';
 import { ReadCounters } from './transfer/export.js';
+import { TicketService } from './transfer/imageio-tickets.js';
 import { resumePulls } from './transfer/pull.js';
 import { resumePushes } from './transfer/push.js';
 import { TransferService } from './transfer/sessions.js';
@@ -28,6 +29,8 @@ export interface Services {
   snapshots: Snapshots;
   tasks: TaskManager;
   transfers: TransferService;
+  /** ovirt-imageio tickets, each over a transfer session. */
+  tickets: TicketService;
   checksums: ChecksumService;
   /** Ranged reads, which are counted rather than tasks. */
   reads: ReadCounters;
@@ -73,6 +76,8 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     (err) => logger.error({ err }, 'could not remove finished tasks past their retention'),
   );
 
+  const tickets = new TicketService(db, transfers, vdis, tasks, logger);
+  tickets.start();
   const checksums = new ChecksumService(vdis, tasks);
   const reads = new ReadCounters();
   const observed = observeTasks(tasks, reads);
@@ -86,6 +91,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     snapshots: new Snapshots(vdis, srs),
     tasks,
     transfers,
+    tickets,
     checksums,
     reads,
     metrics: observed.metrics,
@@ -96,6 +102,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
       // Bytes written with flush=n are made durable now: a graceful stop loses none of them.
       await transfers.flushAll().catch(() => {});
       vdis.images.clear();
+      tickets.stop();
       transfers.stop();
       checksums.stop();
       observed.stop();

@@ -102,6 +102,25 @@ export const MIGRATIONS: readonly string[] = [
    WHERE json_valid(metadata);`,
   // Block digests per generation (storage/block-digests.ts); NULL: written before they existed.
   `ALTER TABLE vdis ADD COLUMN digest_file TEXT;`,
+  // ovirt-imageio tickets: each names the transfer session that carries its bytes.
+  `CREATE TABLE imageio_tickets (
+     id TEXT PRIMARY KEY,
+     transfer_id TEXT NOT NULL REFERENCES transfers(id),
+     vdi_id TEXT NOT NULL,
+     since TEXT,
+     url TEXT NOT NULL,
+     ops TEXT NOT NULL,
+     size INTEGER NOT NULL,
+     timeout INTEGER NOT NULL,
+     inactivity_timeout INTEGER NOT NULL,
+     sparse INTEGER NOT NULL,
+     dirty INTEGER NOT NULL,
+     client_transfer_id TEXT,
+     state TEXT NOT NULL CHECK (state IN ('installed', 'finalized', 'canceled', 'expired', 'deleted')),
+     expires_at TEXT NOT NULL,
+     created_at TEXT NOT NULL
+   );
+   CREATE INDEX imageio_tickets_by_transfer ON imageio_tickets(transfer_id);`,
 ];
 
 export function openDb(file: string): Db {

@@ -10,7 +10,7 @@
  */
 import type { Readable } from 'node:stream';
 import type { Logger } from 'pino';
-import { toApiError } from '../errors.js';
+import { ApiError, toApiError } from '../errors.js';
 import { spaceError } from '../image/space.js';
 import type { Db } from '../storage/db.js';
 import type { Page, PageRequest } from '../storage/paging.js';
@@ -181,6 +181,13 @@ export class TransferService {
   /** Cancels an active session: the VDI stays as it was (a download session ends as done). */
   cancel(id: string): Promise<Transfer> {
     return this.lifecycle.cancel(id);
+  }
+
+  /** Ends an active session as expired (a deadline of its holder's, not its own ttl): the VDI stays as it was. */
+  async expire(id: string, message: string): Promise<void> {
+    const live = this.sessions.find(id);
+    if (live?.t.state !== 'open') return;
+    await this.lifecycle.end(live, 'expired', new ApiError('TRANSFER_EXPIRED', message));
   }
 
   /** Counts bytes a download session served. */

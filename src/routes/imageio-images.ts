@@ -1,0 +1,138 @@
+/**
+ * ovirt-imageio's data API (docs/images.md), the ticket id its only credential:
+ *   OPTIONS /images/{ticket}|*              Allow and features
+ *   GET     /images/{ticket}                the image, or one Range of it
+ *   PUT     /images/{ticket}[?flush=y|n]    Content-Range bytes s-e/*, or the whole image
+ *   PATCH   /images/{ticket}                {"op":"zero",...} | {"op":"flush"}
+ *   GET     /images/{ticket}/extents?context=zero|dirty
+ *   GET     /images/{ticket}/checksum?algorithm=&block_size=
+ *   GET     /images/{ticket}/checksum/algorithms
+ */
+import express, { type Request, type Response, Router } from 'express';
+import { ApiError } from '../errors.js';
+import { continueNow } from '../http/continue.js';
+import { assertSingleRange, imageioErrors, parsePatch, putRange, starTotal } from '../http/imageio.js';
+import { flushParam } from '../http/params.js';
+import { sendExport } from '../http/send-export.js';
+import { BLKHASH_ALGORITHMS, blkhashRawFile, blkhashVdi, parseBlkhashParams } from '../ops/blkhash.js';
+import { vdiExtents } from '../ops/extents.js';
+import type { Services } from '../services.js';
+import type { Ticket, TicketOp } from '../transfer/imageio-tickets.js';
+
+/** Parallel connections a ticket may use (the file backend takes any number; these keep the SR fair). */
+export const IMAGEIO_MAX_READERS = 8;
+export const IMAGEIO_MAX_WRITERS = 8;
+const ALL_FEATURES = ['extents', 'zero', 'flush', 'checksum'];
+const EXTENT_CONTEXTS = ['zero', 'dirty'];
+
+/** Authorizes the request's ticket for `op`, counts it as a connection while it runs, and renews the session. */
+async function ticketFor(s: Services, req: Request, res: Response, op?: TicketOp): Promise<Ticket> {
+  const { ticket } = await s.tickets.authorize(req.params.ticket as string, op);
+  res.locals.imageioSize = ticket.size;
+  const done = s.tickets.track(ticket.id);
+  res.once('close', done);
+  s.transfers.renew(ticket.transfer_id);
+  return ticket;
+}
+
+export function imageioImageRoutes(s: Services): Router {
+  const unixSocket = s.config.imageioSocket;
+  const options = (features: string[], allow: string[]) => ({
+    allow: allow.join(','),
+    body: {
+      features,
+      max_readers: IMAGEIO_MAX_READERS,
+      max_writers: IMAGEIO_MAX_WRITERS,
+      ...(unixSocket && { unix_socket: unixSocket }),
+    },
+  });
+  // imageio clients send PATCH bodies as JSON whatever their Content-Type (curl --data-binary).
+  const json = express.json({ limit: '64kb', strict: true, type: () => true });
+  return Router()
+    .get('/images/:ticket/checksum/algorithms', (_req, res) => {
+      res.json({ algorithms: BLKHASH_ALGORITHMS });
+    })
+    .options('/images/:ticket', async (req, res) => {
+      let o: ReturnType<typeof options>;
+      if (req.params.ticket === '*') o = options(ALL_FEATURES, ['OPTIONS', 'GET', 'PUT', 'PATCH']);
+      else {
+        const t = await ticketFor(s, req, res);
+        o = t.ops.includes('write')
+          ? options(['zero', 'flush', 'checksum'], ['OPTIONS', 'PUT', 'PATCH'])
+          : options(['extents', 'checksum'], ['OPTIONS', 'GET']);
+      }
+      res.setHeader('Allow', o.allow);
+      res.json(o.body);
+    })
+    .get('/images/:ticket', async (req, res) => {
+      const t = await ticketFor(s, req, res, 'read');
+      assertSingleRange(req, t.size);
+      starTotal(res);
+      await sendExport(s, req, res, t.vdi_id, 'raw', {
+        taskId: s.transfers.get(t.transfer_id).task_id,
+        onBytes: (n) => s.transfers.countServed(t.transfer_id, n),
+        onReadFailed: (err) => {
+          s.transfers
+            .failDownload(t.transfer_id, err)
+            .catch((e) => req.log?.error({ err: e, ticket: t.id }, 'ending a failed download ticket failed'));
+        },
+      });
+    })
+    .put('/images/:ticket', async (req, res) => {
+      const t = await ticketFor(s, req, res, 'write');
+      const flush = flushParam(req.query.flush);
+      const range = putRange(req, t.size);
+      if (range !== 'empty') {
+        await s.transfers.write(t.transfer_id, req, { range, flush, beforeBody: () => continueNow(res) });
+      }
+      res.status(200).end();
+    })
+    .patch('/images/:ticket', json, async (req, res) => {
+      const t = await ticketFor(s, req, res, 'write');
+      const op = parsePatch(req.body, t.size);
+      if (op.op === 'flush') await s.transfers.flush(t.transfer_id);
+      else if (op.size > 0) {
+        await s.transfers.zero(
+          t.transfer_id,
+          { start: op.offset, end: op.offset + op.size - 1, total: null },
+          op.flush,
+        );
+      }
+      res.status(200).end();
+    })
+    .get('/images/:ticket/extents', async (req, res) => {
+      const context = req.query.context ?? 'zero';
+      if (typeof context !== 'string' || !EXTENT_CONTEXTS.includes(context)) {
+        throw new ApiError(
+          'INVALID_REQUEST',
+          `Invalid value for 'context': '${String(context)}'; use zero or dirty`,
+        );
+      }
+      const t = await ticketFor(s, req, res, 'read');
+      if (context === 'dirty') {
+        if (!t.dirty) {
+          throw new ApiError(
+            'DIRTY_EXTENTS_UNAVAILABLE',
+            `ticket ${t.id} is not part of an incremental backup; install it with dirty: true and url vdi:{id}?since={snapshot}`,
+          );
+        }
+        throw new ApiError(
+          'DIRTY_EXTENTS_NOT_IMPLEMENTED',
+          'dirty extents (the blocks changed since a snapshot) are not available in this diskport yet; download the zero extents for a full backup',
+        );
+      }
+      const extents = await vdiExtents(s.vdis, t.vdi_id);
+      res.json(extents.map((e) => ({ start: e.start, length: e.length, zero: e.zero, hole: false })));
+    })
+    .get('/images/:ticket/checksum', async (req, res) => {
+      const params = parseBlkhashParams(req.query.algorithm, req.query.block_size);
+      const t = await ticketFor(s, req, res);
+      // A write ticket's image is its staged upload, complete; a read ticket's is the VDI.
+      res.json(
+        t.ops.includes('write')
+          ? await blkhashRawFile(await s.tickets.completeStaging(t), t.size, params)
+          : await blkhashVdi(s.vdis, t.vdi_id, params),
+      );
+    })
+    .use(imageioErrors((req) => req.res?.locals.imageioSize as number | undefined));
+}

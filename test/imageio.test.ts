@@ -1,0 +1,494 @@
+/**
+ * ovirt-imageio compatibility: tickets installed under the management token,
+ * and /images/{ticket} driven by a client written from imageio's
+ * docs/images.md (test/helpers/imageio-client.ts), over real HTTP, with
+ * qemu-img and python's hashlib as the outside judges.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { api, execFileP } from './helpers/api.js';
+import * as imageio from './helpers/imageio-client.js';
+import { seededBytes, startServer, type TestServer, tempDir } from './helpers/server.js';
+import { waitFor } from './helpers/wait.js';
+
+const MiB = 1024 * 1024;
+const TOKEN = 'management-secret';
+const AUTH = { authorization: `Bearer ${TOKEN}` };
+/** Where the test source puts data: a few MiB in a 256 MiB disk, some unaligned. */
+const DATA_AT = [0, 3 * MiB + 4096, 64 * MiB, 200 * MiB - 12_345, 255 * MiB];
+const SIZE = 256 * MiB;
+
+type TicketStatus = {
+  uuid: string;
+  active: boolean;
+  canceled: boolean;
+  connections: number;
+  expires: number;
+  idle_time: number;
+  transferred: number;
+  timeout: number;
+  diskport: { transfer: string; task_id: string; state: string; vdi: string; ticket_state: string };
+};
+type Task = { id: string; status: string; error: { code: string; message: string } | null };
+
+describe('ovirt-imageio tickets and /images/', () => {
+  let srv: TestServer;
+  let work: string;
+
+  before(async () => {
+    srv = await startServer({ token: TOKEN });
+    work = await tempDir();
+  });
+  after(async () => {
+    await srv.close();
+    await fsp.rm(srv.dataDir, { recursive: true, force: true });
+    await fsp.rm(work, { recursive: true, force: true });
+  });
+
+  async function vdi(size = SIZE): Promise<string> {
+    const res = await api<{ id: string }>(
+      srv.url,
+      'POST',
+      '/v1/vdis',
+      { name_label: 'imageio', virtual_size: size },
+      AUTH,
+    );
+    assert.equal(res.status, 201);
+    return res.body.id;
+  }
+
+  async function install(
+    vdiId: string,
+    ops: string[],
+    extra: Record<string, unknown> = {},
+    size = SIZE,
+  ): Promise<{ id: string; url: string; status: TicketStatus }> {
+    const id = randomUUID();
+    const res = await api<TicketStatus>(
+      srv.url,
+      'PUT',
+      `/v1/imageio/tickets/${id}`,
+      {
+        uuid: id,
+        size,
+        url: `vdi:${vdiId}`,
+        ops,
+        timeout: 300,
+        inactivity_timeout: 120,
+        sparse: true,
+        ...extra,
+      },
+      AUTH,
+    );
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    return { id, url: `${srv.url}/images/${id}`, status: res.body };
+  }
+
+  async function finalize(id: string): Promise<Task> {
+    const res = await api<Task>(
+      srv.url,
+      'POST',
+      `/v1/imageio/tickets/${id}/finalize?wait=60`,
+      undefined,
+      AUTH,
+    );
+    assert.equal(res.status, 202, JSON.stringify(res.body));
+    return res.body;
+  }
+
+  /** The VDI's bytes, through the management API. */
+  async function exportTo(vdiId: string, file: string): Promise<void> {
+    const res = await fetch(`${srv.url}/v1/vdis/${vdiId}/contents?format=raw`, { headers: AUTH });
+    assert.equal(res.status, 200);
+    await fsp.writeFile(file, Buffer.from(await res.arrayBuffer()));
+  }
+
+  /** A sparse qcow2 with a few MiB of data, and its raw conversion made on the client side. */
+  async function sparseSource(): Promise<{ qcow2: string; raw: string }> {
+    const raw0 = path.join(work, `src-${randomUUID()}.raw`);
+    const fd = await fsp.open(raw0, 'w');
+    await fd.truncate(SIZE);
+    for (const [i, at] of DATA_AT.entries()) {
+      const len = Math.min(MiB + 777 * i, SIZE - at);
+      await fd.write(seededBytes(len, 100 + i), 0, len, at);
+    }
+    await fd.close();
+    const qcow2 = path.join(work, `src-${randomUUID()}.qcow2`);
+    await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw0, qcow2]);
+    await fsp.rm(raw0);
+    const raw = path.join(work, `client-${randomUUID()}.raw`);
+    await execFileP('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', qcow2, raw]);
+    return { qcow2, raw };
+  }
+
+  async function imagesStatus(
+    url: string,
+    init: RequestInit = {},
+  ): Promise<{ status: number; body: string; headers: Headers }> {
+    const res = await fetch(url, init);
+    return { status: res.status, body: await res.text(), headers: res.headers };
+  }
+
+  test('OPTIONS /images/* reports every feature, a read ticket no PUT, PATCH, zero or flush', async () => {
+    const all = await imageio.options(`${srv.url}/images/*`);
+    assert.deepEqual(all.allow.sort(), ['GET', 'OPTIONS', 'PATCH', 'PUT']);
+    assert.deepEqual(all.features.sort(), ['checksum', 'extents', 'flush', 'zero']);
+    assert.ok((all.max_readers ?? 0) >= 4 && (all.max_writers ?? 0) >= 4);
+    assert.equal(all.unix_socket, undefined);
+
+    const id = await vdi(8 * MiB);
+    const read = await install(id, ['read'], {}, 8 * MiB);
+    const ro = await imageio.options(read.url);
+    assert.deepEqual(ro.allow.sort(), ['GET', 'OPTIONS']);
+    assert.ok(!ro.features.includes('zero') && !ro.features.includes('flush'));
+    assert.ok(ro.features.includes('extents'));
+    const write = await install(await vdi(8 * MiB), ['read', 'write'], {}, 8 * MiB);
+    const rw = await imageio.options(write.url);
+    assert.ok(rw.allow.includes('PUT') && rw.allow.includes('PATCH'));
+    assert.ok(rw.features.includes('zero') && rw.features.includes('flush'));
+    const algorithms = await fetch(`${srv.url}/images/*/checksum/algorithms`);
+    assert.ok(((await algorithms.json()) as { algorithms: string[] }).algorithms.includes('blake2b'));
+  });
+
+  test('uploads a sparse qcow2 (converted to raw on the client) with 4 writers, zero for holes, flush=n and one flush; downloads it back by extents; qemu-img and blkhash agree', async () => {
+    const { qcow2, raw } = await sparseSource();
+    const id = await vdi();
+    const up = await install(id, ['read', 'write']);
+    const opts = await imageio.options(up.url);
+    assert.ok(opts.features.includes('zero') && opts.features.includes('flush'));
+    const ext = await imageio.localExtents(qcow2, 'qcow2');
+    assert.ok(ext.some((e) => e.zero) && ext.some((e) => !e.zero));
+    await imageio.upload(up.url, raw, ext, 4);
+
+    const mid = await api<TicketStatus>(srv.url, 'GET', `/v1/imageio/tickets/${up.id}`, undefined, AUTH);
+    assert.equal(mid.body.transferred, SIZE);
+    assert.equal(mid.body.canceled, false);
+    // The staged upload's blkhash (the imageio client verifies before finalizing), zero blocks unread.
+    const expected = await imageio.localBlkhash(raw);
+    assert.equal((await imageio.checksum(up.url)).checksum, expected);
+
+    // The session under the ticket is a diskport transfer with a task.
+    const transfers = await api<{ id: string }[]>(srv.url, 'GET', `/v1/transfers?vdi=${id}`, undefined, AUTH);
+    assert.ok(transfers.body.some((t) => t.id === mid.body.diskport.transfer));
+    const task = await finalize(up.id);
+    assert.equal(task.status, 'success', JSON.stringify(task));
+    assert.equal(task.id, mid.body.diskport.task_id);
+
+    const stored = path.join(work, `stored-${randomUUID()}.raw`);
+    await exportTo(id, stored);
+    await execFileP('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', stored, qcow2]);
+    await execFileP('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', qcow2, stored]);
+
+    const down = await install(id, ['read']);
+    const got = path.join(work, `down-${randomUUID()}.raw`);
+    const served = await imageio.download(down.url, got);
+    assert.ok(served.every((e) => e.hole === false));
+    assert.ok(served.filter((e) => !e.zero).reduce((n, e) => n + e.length, 0) < 16 * MiB);
+    await execFileP('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', got, qcow2]);
+    await execFileP('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', qcow2, got]);
+    assert.equal((await imageio.checksum(down.url)).checksum, expected);
+    for (const [algorithm, blockSize] of [
+      ['sha256', 1 * MiB],
+      ['blake2s', 16 * MiB],
+    ] as const) {
+      const sum = await imageio.checksum(down.url, `?algorithm=${algorithm}&block_size=${blockSize}`);
+      assert.deepEqual(sum, {
+        algorithm,
+        block_size: blockSize,
+        checksum: await imageio.localBlkhash(got, algorithm, blockSize),
+      });
+    }
+    const done = await fetch(`${srv.url}/v1/imageio/tickets/${down.id}?finalize=true`, {
+      method: 'DELETE',
+      headers: AUTH,
+    });
+    assert.equal(done.status, 204);
+  });
+
+  test('a write ticket changes only what it writes: the rest keeps the VDI content, and nothing changes before finalize', async () => {
+    const id = await vdi(8 * MiB);
+    const before = seededBytes(8 * MiB, 7);
+    const imp = await fetch(`${srv.url}/v1/vdis/${id}/contents?format=raw`, {
+      method: 'PUT',
+      headers: AUTH,
+      body: new Uint8Array(before),
+    });
+    assert.equal(imp.status, 200);
+    const t = await install(id, ['write'], {}, 8 * MiB);
+    const patch = seededBytes(MiB, 8);
+    let res = await fetch(t.url, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes ${2 * MiB}-${3 * MiB - 1}/*` },
+      body: new Uint8Array(patch),
+    });
+    assert.equal(res.status, 200);
+    res = await fetch(t.url, {
+      method: 'PATCH',
+      body: JSON.stringify({ op: 'zero', offset: 5 * MiB, size: 4096, flush: true }),
+    });
+    assert.equal(res.status, 200);
+    const file = path.join(work, `inplace-${randomUUID()}.raw`);
+    await exportTo(id, file);
+    assert.ok((await fsp.readFile(file)).equals(before), 'the VDI changes only at finalize');
+
+    assert.equal((await finalize(t.id)).status, 'success');
+    await exportTo(id, file);
+    const want = Buffer.from(before);
+    patch.copy(want, 2 * MiB);
+    want.fill(0, 5 * MiB, 5 * MiB + 4096);
+    assert.ok((await fsp.readFile(file)).equals(want));
+  });
+
+  test('PUT of a whole image without Content-Range, then DELETE ?finalize=true commits it', async () => {
+    const id = await vdi(4 * MiB);
+    const t = await install(id, ['read', 'write'], {}, 4 * MiB);
+    const image = seededBytes(4 * MiB, 9);
+    const res = await fetch(t.url, { method: 'PUT', body: new Uint8Array(image) });
+    assert.equal(res.status, 200);
+    const del = await fetch(`${srv.url}/v1/imageio/tickets/${t.id}?finalize=true`, {
+      method: 'DELETE',
+      headers: AUTH,
+    });
+    assert.equal(del.status, 204);
+    const file = path.join(work, `whole-${randomUUID()}.raw`);
+    await exportTo(id, file);
+    assert.ok((await fsp.readFile(file)).equals(image));
+    const gone = await api(srv.url, 'GET', `/v1/imageio/tickets/${t.id}`, undefined, AUTH);
+    assert.equal(gone.status, 404);
+    assert.equal((gone.body as { error: { code: string } }).error.code, 'IMAGEIO_TICKET_NOT_FOUND');
+  });
+
+  test('a ranged GET answers 206 with Content-Range bytes s-e/*; the whole image without Range', async () => {
+    const id = await vdi(2 * MiB);
+    const image = seededBytes(2 * MiB, 10);
+    await fetch(`${srv.url}/v1/vdis/${id}/contents?format=raw`, {
+      method: 'PUT',
+      headers: AUTH,
+      body: new Uint8Array(image),
+    });
+    const t = await install(id, ['read'], {}, 2 * MiB);
+    const part = await fetch(t.url, { headers: { range: 'bytes=4096-8191' } });
+    assert.equal(part.status, 206);
+    assert.equal(part.headers.get('content-range'), 'bytes 4096-8191/*');
+    assert.ok(Buffer.from(await part.arrayBuffer()).equals(image.subarray(4096, 8192)));
+    const whole = await fetch(t.url);
+    assert.equal(whole.status, 200);
+    assert.ok(Buffer.from(await whole.arrayBuffer()).equals(image));
+    const status = await api<TicketStatus>(srv.url, 'GET', `/v1/imageio/tickets/${t.id}`, undefined, AUTH);
+    assert.equal(status.body.transferred, 4096 + 2 * MiB);
+    assert.equal(status.body.connections, 0);
+  });
+
+  test('errors as imageio clients expect them: 403 for a ticket that cannot be used, 416 with bytes */N, 400 for a bad request', async () => {
+    const id = await vdi(MiB);
+    const rw = await install(id, ['read', 'write'], {}, MiB);
+    const ro = await install(await vdi(MiB), ['read'], {}, MiB);
+
+    for (const init of [{}, { method: 'OPTIONS' }, { method: 'PUT', body: 'x' }]) {
+      const r = await imagesStatus(`${srv.url}/images/no-such-ticket`, init);
+      assert.equal(r.status, 403);
+      assert.match(r.body, /IMAGEIO_TICKET_FORBIDDEN/);
+      assert.match(r.body, /no such ticket no-such-ticket/);
+    }
+    let r = await imagesStatus(ro.url, { method: 'PUT', body: 'x' });
+    assert.equal(r.status, 403, 'a read ticket forbids writes');
+    r = await imagesStatus(rw.url, { headers: { range: 'bytes=0-1' } });
+    assert.equal(r.status, 403, 'a write ticket is not read back');
+
+    r = await imagesStatus(rw.url, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes ${MiB - 2}-${MiB + 1}/*` },
+      body: 'abcd',
+    });
+    assert.equal(r.status, 416);
+    assert.equal(r.headers.get('content-range'), `bytes */${MiB}`);
+    r = await imagesStatus(rw.url, {
+      method: 'PATCH',
+      body: JSON.stringify({ op: 'zero', offset: MiB, size: 1 }),
+    });
+    assert.equal(r.status, 416);
+    assert.equal(r.headers.get('content-range'), `bytes */${MiB}`);
+    r = await imagesStatus(ro.url, { headers: { range: `bytes=${MiB}-${MiB + 10}` } });
+    assert.equal(r.status, 416);
+    assert.equal(r.headers.get('content-range'), `bytes */${MiB}`);
+    r = await imagesStatus(ro.url, { headers: { range: 'bytes=0-1,4-5' } });
+    assert.equal(r.status, 416, 'one range per GET');
+
+    r = await imagesStatus(rw.url, { method: 'PATCH', body: JSON.stringify({ op: 'zero', offset: 4096 }) });
+    assert.equal(r.status, 400);
+    assert.match(r.body, /Missing required value for 'size'/);
+    r = await imagesStatus(rw.url, { method: 'PATCH', body: JSON.stringify({ op: 'trim', size: 1 }) });
+    assert.equal(r.status, 400);
+    r = await imagesStatus(rw.url, { method: 'PATCH', body: 'not json' });
+    assert.equal(r.status, 400);
+    r = await imagesStatus(rw.url, {
+      method: 'PUT',
+      headers: { 'content-range': 'bytes 5-2/*' },
+      body: 'abcd',
+    });
+    assert.equal(r.status, 400);
+    r = await imagesStatus(`${rw.url}?flush=maybe`, { method: 'PUT', body: 'abcd' });
+    assert.equal(r.status, 400);
+    r = await imagesStatus(`${ro.url}/extents?context=bitmap`);
+    assert.equal(r.status, 400);
+    r = await imagesStatus(`${ro.url}/extents?context=dirty`);
+    assert.equal(r.status, 404);
+    assert.match(r.body, /DIRTY_EXTENTS_UNAVAILABLE/);
+    r = await imagesStatus(`${ro.url}/checksum?block_size=1000`);
+    assert.equal(r.status, 400);
+    r = await imagesStatus(`${ro.url}/checksum?block_size=${64 * MiB}`);
+    assert.equal(r.status, 400);
+    r = await imagesStatus(`${ro.url}/checksum?algorithm=crc32`);
+    assert.equal(r.status, 400);
+    assert.match(r.body, /UNSUPPORTED_CHECKSUM_ALGORITHM/);
+    r = await imagesStatus(`${rw.url}/checksum`);
+    assert.equal(r.status, 409, 'an incomplete upload has no checksum yet');
+    assert.match(r.body, /TRANSFER_INCOMPLETE/);
+  });
+
+  test('the management side: token required, bad tickets refused, PATCH extends, ids used once', async () => {
+    const id = await vdi(MiB);
+    const t = randomUUID();
+    const body = { uuid: t, size: MiB, url: `vdi:${id}`, ops: ['read'], timeout: 60 };
+    assert.equal((await api(srv.url, 'PUT', `/v1/imageio/tickets/${t}`, body)).status, 401);
+    for (const bad of [
+      { ...body, url: `file:///etc/passwd` },
+      { ...body, size: 2 * MiB },
+      { ...body, ops: ['delete'] },
+      { ...body, timeout: 'soon' },
+      { ...body, uuid: 'another' },
+      { ...body, dirty: true },
+    ]) {
+      const res = await api(srv.url, 'PUT', `/v1/imageio/tickets/${t}`, bad, AUTH);
+      assert.equal(res.status, 400, JSON.stringify(bad));
+    }
+    const missing = await api(srv.url, 'PUT', `/v1/imageio/tickets/${t}`, { ...body, url: 'vdi:nope' }, AUTH);
+    assert.equal(missing.status, 404);
+    assert.equal((await api(srv.url, 'PUT', `/v1/imageio/tickets/${t}`, body, AUTH)).status, 200);
+    const again = await api(srv.url, 'PUT', `/v1/imageio/tickets/${t}`, body, AUTH);
+    assert.equal(again.status, 409);
+    assert.equal((again.body as { error: { code: string } }).error.code, 'IMAGEIO_TICKET_EXISTS');
+
+    const before = (await api<TicketStatus>(srv.url, 'GET', `/v1/imageio/tickets/${t}`, undefined, AUTH))
+      .body;
+    const extended = await api<TicketStatus>(
+      srv.url,
+      'PATCH',
+      `/v1/imageio/tickets/${t}`,
+      { timeout: 3600 },
+      AUTH,
+    );
+    assert.equal(extended.status, 200);
+    assert.ok(extended.body.expires >= before.expires + 3000);
+    assert.equal(extended.body.timeout, 3600);
+    assert.equal((await api(srv.url, 'PATCH', `/v1/imageio/tickets/${t}`, {}, AUTH)).status, 400);
+    assert.equal((await api(srv.url, 'GET', '/v1/imageio/tickets/unknown', undefined, AUTH)).status, 404);
+    // Deleting what is not there is done already, as in imageio.
+    const del = await fetch(`${srv.url}/v1/imageio/tickets/unknown`, { method: 'DELETE', headers: AUTH });
+    assert.equal(del.status, 204);
+  });
+
+  test('a dirty ticket answers context=dirty with 501 until changed blocks are available; its zero extents work', async () => {
+    const id = await vdi(MiB);
+    const snap = await api<{ id: string }>(srv.url, 'POST', `/v1/vdis/${id}/snapshots`, {}, AUTH);
+    assert.equal(snap.status, 201, JSON.stringify(snap.body));
+    const t = await install(id, ['read'], { dirty: true, url: `vdi:${id}?since=${snap.body.id}` }, MiB);
+    const r = await imagesStatus(`${t.url}/extents?context=dirty`);
+    assert.equal(r.status, 501);
+    assert.match(r.body, /DIRTY_EXTENTS_NOT_IMPLEMENTED/);
+    assert.deepEqual(await imageio.extents(t.url), [{ start: 0, length: MiB, zero: true, hole: false }]);
+  });
+
+  test('a ticket past its timeout is refused with 403 and its upload leaves the VDI as it was', async () => {
+    const id = await vdi(MiB);
+    const t = await install(id, ['write'], { timeout: 1 }, MiB);
+    const res = await fetch(t.url, {
+      method: 'PUT',
+      headers: { 'content-range': 'bytes 0-3/*' },
+      body: 'data',
+    });
+    assert.equal(res.status, 200);
+    const status = await waitFor('the ticket to expire', async () => {
+      const r = await imagesStatus(t.url, { method: 'OPTIONS' });
+      return r.status === 403 ? r : null;
+    });
+    assert.match(status.body, /expired/);
+    const transfer = await api<{ state: string }>(
+      srv.url,
+      'GET',
+      `/v1/transfers/${t.status.diskport.transfer}`,
+      undefined,
+      AUTH,
+    );
+    assert.equal(transfer.body.state, 'expired');
+    const file = path.join(work, `expired-${randomUUID()}.raw`);
+    await exportTo(id, file);
+    assert.ok((await fsp.readFile(file)).equals(Buffer.alloc(MiB)));
+  });
+
+  test('a ticket idle past its inactivity_timeout is refused with 403', async () => {
+    const id = await vdi(MiB);
+    const t = await install(id, ['write'], { timeout: 3600, inactivity_timeout: 1 }, MiB);
+    // Asked through the management API, which is no activity of the ticket's.
+    await waitFor('the idle ticket to expire', async () => {
+      const s = await api<TicketStatus>(srv.url, 'GET', `/v1/imageio/tickets/${t.id}`, undefined, AUTH);
+      return s.body.diskport.state === 'expired';
+    });
+    const r = await imagesStatus(t.url, { method: 'OPTIONS' });
+    assert.equal(r.status, 403);
+    assert.match(r.body, /expired/);
+    // The VDI is free for the next ticket.
+    await install(id, ['write'], {}, MiB);
+  });
+
+  test('DELETE cancels an upload in the middle of a PUT: the request ends, the VDI is unchanged, the ticket is gone', async () => {
+    const id = await vdi(8 * MiB);
+    const original = seededBytes(8 * MiB, 11);
+    await fetch(`${srv.url}/v1/vdis/${id}/contents?format=raw`, {
+      method: 'PUT',
+      headers: AUTH,
+      body: new Uint8Array(original),
+    });
+    const t = await install(id, ['write'], {}, 8 * MiB);
+    // A PUT that sends half its body, then stalls.
+    let stall: () => void = () => {};
+    const body = new ReadableStream<Uint8Array>({
+      start(c) {
+        c.enqueue(seededBytes(2 * MiB, 12));
+      },
+      pull: () =>
+        new Promise<void>((r) => {
+          stall = r;
+        }),
+    });
+    const put = fetch(t.url, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes 0-${4 * MiB - 1}/*`, 'content-length': String(4 * MiB) },
+      body,
+      duplex: 'half',
+    } as RequestInit).then(
+      (r) => r.status,
+      () => 'reset',
+    );
+    await waitFor('the PUT to be in flight', async () => {
+      const s = await api<TicketStatus>(srv.url, 'GET', `/v1/imageio/tickets/${t.id}`, undefined, AUTH);
+      return s.body.connections === 1 && s.body.active;
+    });
+    const del = await fetch(`${srv.url}/v1/imageio/tickets/${t.id}`, { method: 'DELETE', headers: AUTH });
+    assert.equal(del.status, 204);
+    stall();
+    assert.notEqual(await put, 200);
+    const r = await imagesStatus(t.url, { method: 'OPTIONS' });
+    assert.equal(r.status, 403);
+    assert.match(r.body, /canceled/);
+    assert.equal((await api(srv.url, 'GET', `/v1/imageio/tickets/${t.id}`, undefined, AUTH)).status, 404);
+    const file = path.join(work, `cancel-${randomUUID()}.raw`);
+    await exportTo(id, file);
+    assert.ok((await fsp.readFile(file)).equals(original));
+    const task = await api<Task>(srv.url, 'GET', `/v1/tasks/${t.status.diskport.task_id}`, undefined, AUTH);
+    assert.equal(task.body.status, 'cancelled');
+  });
+});
