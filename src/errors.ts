@@ -143,10 +143,6 @@ export const ERRORS = {
     meaning: "the VDI's stored image was damaged at rest and cannot be read; import its content again",
   },
   NOT_IMPLEMENTED: { status: 501, meaning: 'a tus extension diskport does not offer' },
-  DIRTY_EXTENTS_NOT_IMPLEMENTED: {
-    status: 501,
-    meaning: 'changed-block (dirty) extents between a snapshot and the VDI are not available yet',
-  },
   SOURCE_UNAVAILABLE: { status: 502, meaning: 'the source of a pull could not be fetched' },
   SOURCE_INCOMPLETE: { status: 502, meaning: 'the source of a pull kept failing before its end' },
   SOURCE_CHANGED: { status: 502, meaning: 'the source of a pull kept changing while it was fetched' },

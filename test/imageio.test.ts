@@ -242,6 +242,31 @@ describe('ovirt-imageio tickets and /images/', () => {
     assert.ok((await fsp.readFile(file)).equals(want));
   });
 
+  test('the last write of a byte wins: a client may zero the whole disk, then write its data over the zeros', async () => {
+    const id = await vdi(4 * MiB);
+    const t = await install(id, ['write'], {}, 4 * MiB);
+    let res = await fetch(t.url, { method: 'PATCH', body: JSON.stringify({ op: 'zero', size: 4 * MiB }) });
+    assert.equal(res.status, 200);
+    const first = seededBytes(MiB, 30);
+    const second = seededBytes(MiB, 31);
+    for (const data of [first, second]) {
+      res = await fetch(`${t.url}?flush=n`, {
+        method: 'PUT',
+        headers: { 'content-range': `bytes ${MiB}-${2 * MiB - 1}/*` },
+        body: new Uint8Array(data),
+      });
+      assert.equal(res.status, 200);
+    }
+    res = await fetch(t.url, { method: 'PATCH', body: JSON.stringify({ op: 'flush' }) });
+    assert.equal(res.status, 200);
+    assert.equal((await finalize(t.id)).status, 'success');
+    const file = path.join(work, `overwrite-${randomUUID()}.raw`);
+    await exportTo(id, file);
+    const want = Buffer.alloc(4 * MiB);
+    second.copy(want, MiB);
+    assert.ok((await fsp.readFile(file)).equals(want));
+  });
+
   test('PUT of a whole image without Content-Range, then DELETE ?finalize=true commits it', async () => {
     const id = await vdi(4 * MiB);
     const t = await install(id, ['read', 'write'], {}, 4 * MiB);
@@ -391,15 +416,103 @@ describe('ovirt-imageio tickets and /images/', () => {
     assert.equal(del.status, 204);
   });
 
-  test('a dirty ticket answers context=dirty with 501 until changed blocks are available; its zero extents work', async () => {
-    const id = await vdi(MiB);
-    const snap = await api<{ id: string }>(srv.url, 'POST', `/v1/vdis/${id}/snapshots`, {}, AUTH);
-    assert.equal(snap.status, 201, JSON.stringify(snap.body));
-    const t = await install(id, ['read'], { dirty: true, url: `vdi:${id}?since=${snap.body.id}` }, MiB);
-    const r = await imagesStatus(`${t.url}/extents?context=dirty`);
-    assert.equal(r.status, 501);
-    assert.match(r.body, /DIRTY_EXTENTS_NOT_IMPLEMENTED/);
-    assert.deepEqual(await imageio.extents(t.url), [{ start: 0, length: MiB, zero: true, hole: false }]);
+  test('an incremental backup through a dirty ticket: full download, writes, dirty download of only the changed extents, restore equals the live disk', async () => {
+    const size = 16 * MiB;
+    const id = await vdi(size);
+    const base = Buffer.alloc(size);
+    seededBytes(4 * MiB, 20).copy(base, 0);
+    seededBytes(2 * MiB, 21).copy(base, 10 * MiB);
+    const imp = await fetch(`${srv.url}/v1/vdis/${id}/contents?format=raw`, {
+      method: 'PUT',
+      headers: AUTH,
+      body: new Uint8Array(base),
+    });
+    assert.equal(imp.status, 200);
+    const snap1 = await api<{ id: string }>(srv.url, 'POST', `/v1/vdis/${id}/snapshots`, {}, AUTH);
+    assert.equal(snap1.status, 201, JSON.stringify(snap1.body));
+
+    // The full backup.
+    const full = await install(id, ['read'], {}, size);
+    const backup = path.join(work, `backup-${randomUUID()}.raw`);
+    await imageio.download(full.url, backup);
+    assert.equal(
+      (
+        await fetch(`${srv.url}/v1/imageio/tickets/${full.id}?finalize=true`, {
+          method: 'DELETE',
+          headers: AUTH,
+        })
+      ).status,
+      204,
+    );
+
+    // The guest writes: new data in a hole, zeros over data, one identical rewrite.
+    const w = await install(id, ['write'], {}, size);
+    const fresh = seededBytes(MiB, 22);
+    let res = await fetch(w.url, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes ${6 * MiB}-${7 * MiB - 1}/*` },
+      body: new Uint8Array(fresh),
+    });
+    assert.equal(res.status, 200);
+    res = await fetch(w.url, {
+      method: 'PATCH',
+      body: JSON.stringify({ op: 'zero', offset: 10 * MiB, size: MiB, flush: true }),
+    });
+    assert.equal(res.status, 200);
+    res = await fetch(w.url, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes 0-${MiB - 1}/*` },
+      body: new Uint8Array(base.subarray(0, MiB)),
+    });
+    assert.equal(res.status, 200);
+    assert.equal((await finalize(w.id)).status, 'success');
+
+    // The incremental: only what changed since snapshot 1.
+    const inc = await install(id, ['read'], { dirty: true, url: `vdi:${id}?since=${snap1.body.id}` }, size);
+    const dirty = await imageio.extents(inc.url, 'dirty');
+    assert.equal(
+      dirty.reduce((n, e) => n + e.length, 0),
+      size,
+    );
+    const changed = (dirty as (imageio.ClientExtent & { dirty: boolean })[]).filter((e) => e.dirty);
+    assert.deepEqual(
+      changed.map((e) => [e.start, e.length, e.zero]),
+      [
+        [6 * MiB, MiB, false],
+        [10 * MiB, MiB, true],
+      ],
+    );
+    const fd = await fsp.open(backup, 'r+');
+    for (const e of changed) {
+      if (e.zero) {
+        await fd.write(Buffer.alloc(e.length), 0, e.length, e.start);
+        continue;
+      }
+      const part = await fetch(inc.url, { headers: { range: `bytes=${e.start}-${e.start + e.length - 1}` } });
+      assert.equal(part.status, 206);
+      await fd.write(Buffer.from(await part.arrayBuffer()), 0, e.length, e.start);
+    }
+    await fd.close();
+    const live = path.join(work, `live-${randomUUID()}.raw`);
+    await exportTo(id, live);
+    await execFileP('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', backup, live]);
+
+    // A ticket that is not part of an incremental backup has no dirty extents.
+    const r = await imagesStatus(
+      `${full.url.replace(full.id, (await install(id, ['read'], {}, size)).id)}/extents?context=dirty`,
+    );
+    assert.equal(r.status, 404);
+    assert.match(r.body, /DIRTY_EXTENTS_UNAVAILABLE/);
+    // since must name a snapshot of this VDI.
+    const other = await vdi(size);
+    const bad = await api(
+      srv.url,
+      'PUT',
+      `/v1/imageio/tickets/${randomUUID()}`,
+      { size, url: `vdi:${other}?since=${snap1.body.id}`, ops: ['read'], timeout: 60, dirty: true },
+      AUTH,
+    );
+    assert.equal(bad.status, 409);
   });
 
   test('a ticket past its timeout is refused with 403 and its upload leaves the VDI as it was', async () => {

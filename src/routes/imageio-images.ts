@@ -15,6 +15,7 @@ import { assertSingleRange, imageioErrors, parsePatch, putRange, starTotal } fro
 import { flushParam } from '../http/params.js';
 import { sendExport } from '../http/send-export.js';
 import { BLKHASH_ALGORITHMS, blkhashRawFile, blkhashVdi, parseBlkhashParams } from '../ops/blkhash.js';
+import { imageioDirtyExtents } from '../ops/dirty-extents.js';
 import { vdiExtents } from '../ops/extents.js';
 import type { Services } from '../services.js';
 import type { Ticket, TicketOp } from '../transfer/imageio-tickets.js';
@@ -83,7 +84,13 @@ export function imageioImageRoutes(s: Services): Router {
       const flush = flushParam(req.query.flush);
       const range = putRange(req, t.size);
       if (range !== 'empty') {
-        await s.transfers.write(t.transfer_id, req, { range, flush, beforeBody: () => continueNow(res) });
+        // As on imageio's disk, the last write of a byte wins.
+        await s.transfers.write(t.transfer_id, req, {
+          range,
+          flush,
+          overwrite: true,
+          beforeBody: () => continueNow(res),
+        });
       }
       res.status(200).end();
     })
@@ -96,6 +103,7 @@ export function imageioImageRoutes(s: Services): Router {
           t.transfer_id,
           { start: op.offset, end: op.offset + op.size - 1, total: null },
           op.flush,
+          true,
         );
       }
       res.status(200).end();
@@ -116,10 +124,8 @@ export function imageioImageRoutes(s: Services): Router {
             `ticket ${t.id} is not part of an incremental backup; install it with dirty: true and url vdi:{id}?since={snapshot}`,
           );
         }
-        throw new ApiError(
-          'DIRTY_EXTENTS_NOT_IMPLEMENTED',
-          'dirty extents (the blocks changed since a snapshot) are not available in this diskport yet; download the zero extents for a full backup',
-        );
+        res.json(await imageioDirtyExtents(s.vdis, t.vdi_id, t.since!));
+        return;
       }
       const extents = await vdiExtents(s.vdis, t.vdi_id);
       res.json(extents.map((e) => ({ start: e.start, length: e.length, zero: e.zero, hole: false })));

@@ -27,7 +27,7 @@ import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
 import { Flusher, unflushedBytes } from './flush.js';
 import { type LandOptions, landStream } from './land-stream.js';
-import { RangeSet } from './range-set.js';
+import { type ByteRange, RangeSet } from './range-set.js';
 import { nextEpoch, streamDestOf, touch } from './session-record.js';
 import type { Live, SessionRegistry } from './session-registry.js';
 import { StreamingImport } from './streaming-import.js';
@@ -51,6 +51,12 @@ export interface ChunkWrite {
   fresh?: boolean;
   /** Called once every check has passed, just before the body is read (HTTP's 100 Continue). */
   beforeBody?: () => void;
+  /**
+   * Every byte lands, received before or not: the last write of a byte wins,
+   * as on a disk (ovirt-imageio tickets, whose clients may zero a range and
+   * then write it). Without it only bytes not yet received are written.
+   */
+  overwrite?: boolean;
   /** A body shorter than `range` is fine: its bytes are kept (a tus PATCH may stop anywhere). */
   partial?: boolean;
   /**
@@ -209,7 +215,8 @@ export class ActiveUploads {
       // its request whatever the client asked (ovirt-imageio allows a flush
       // anyway): its bookkeeping (streaming-import.ts) spans one claim only.
       deferred = durable && chunk.flush === false && !streaming;
-      const writable = chunk.fresh ? undefined : (s: number, e: number) => live.ranges.missing(s, e);
+      const writable =
+        chunk.fresh || chunk.overwrite ? undefined : (s: number, e: number) => live.ranges.missing(s, e);
       const landing: LandOptions = {
         offset: start,
         limit: expected,
@@ -455,7 +462,7 @@ export class ActiveUploads {
    * wire (ovirt-imageio's zero op); `flush: false` leaves them for the next
    * flush point.
    */
-  async zero(id: string, range: ChunkRange, flush = true): Promise<Transfer> {
+  async zero(id: string, range: ChunkRange, flush = true, overwrite = false): Promise<Transfer> {
     const live = this.sessions.active(id, 'upload');
     const t = live.t;
     if (t.state !== 'open') {
@@ -475,7 +482,7 @@ export class ActiveUploads {
     live.writers++;
     try {
       const handle = await this.handleOf(live);
-      const missing = live.ranges.missing(range.start, end);
+      const missing: ByteRange[] = overwrite ? [[range.start, end]] : live.ranges.missing(range.start, end);
       for (const [s, e] of missing) await zeroRange(handle, s, e - s);
       live.task.markCovered(missing.reduce((n, [s, e]) => n + e - s, 0));
       if (flush) {

@@ -21,6 +21,7 @@
 import { Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import { ApiError } from '../errors.js';
+import { baseSnapshotOf } from '../ops/changed-blocks.js';
 import type { Db } from '../storage/db.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
@@ -227,7 +228,7 @@ export class TicketService {
         'a dirty ticket is a read ticket whose url names the snapshot it counts changes from: vdi:{id}?since={snapshot}',
       );
     }
-    if (since) this.vdis.get(since);
+    if (since) baseSnapshotOf(this.vdis, vdi, since);
     const { transfer } = await this.transfers.create({
       vdi: vdi.id,
       direction: write ? 'upload' : 'download',

@@ -120,9 +120,12 @@ export class TransferService {
     }
   }
 
-  /** Makes [start, end] of an upload zeros without their bytes crossing the wire; `flush: false` defers durability. */
-  zero(id: string, range: ChunkRange, flush = true): Promise<Transfer> {
-    return this.uploads.zero(id, range, flush);
+  /**
+   * Makes [start, end] of an upload zeros without their bytes crossing the
+   * wire; `flush: false` defers durability; `overwrite` zeros bytes received already too.
+   */
+  zero(id: string, range: ChunkRange, flush = true, overwrite = false): Promise<Transfer> {
+    return this.uploads.zero(id, range, flush, overwrite);
   }
 
   /** A flush point: bytes written with `flush=n` become durable, then count as received. */
