@@ -7,6 +7,7 @@ import { PRIVATE_DIR_MODE } from './image/file-io.js';
 import { isOutOfSpace } from './image/space.js';
 import { type Metrics, observeTasks } from './metrics.js';
 import { ChecksumService } from './ops/checksum.js';
+import { VdiCopies } from './ops/vdi-copy.js';
 import { type Db, openDb } from './storage/db.js';
 import { Snapshots } from './storage/snapshots.js';
 import { SrStore } from './storage/srs.js';
@@ -27,6 +28,8 @@ export interface Services {
   srs: SrStore;
   vdis: VdiStore;
   snapshots: Snapshots;
+  /** Clones into another SR and migrations: copies run as tasks. */
+  copies: VdiCopies;
   tasks: TaskManager;
   transfers: TransferService;
   /** ovirt-imageio tickets, each over a transfer session. */
@@ -89,6 +92,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     srs,
     vdis,
     snapshots: new Snapshots(vdis, srs),
+    copies: new VdiCopies(vdis, srs, tasks),
     tasks,
     transfers,
     tickets,

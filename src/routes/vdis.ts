@@ -3,10 +3,12 @@ import { type Request, type Response, Router } from 'express';
 import { ApiError } from '../errors.js';
 import { validateBody } from '../http/openapi.js';
 import { pageParams, sendPage } from '../http/paging.js';
+import type { CopyTarget } from '../ops/vdi-copy.js';
 import type { Services } from '../services.js';
 import type { Page } from '../storage/paging.js';
 import type { CloneRequest, SnapshotRequest } from '../storage/snapshots.js';
 import type { CreateVdi, Vdi, VdiFilter } from '../storage/vdis.js';
+import type { Task } from '../tasks/task-store.js';
 
 export function vdiRoutes(s: Services): Router {
   const sendVdis = async (req: Request, res: Response, page: Page<Vdi>) =>
@@ -16,6 +18,7 @@ export function vdiRoutes(s: Services): Router {
       .status(201)
       .location(`/v1/vdis/${vdi.id}`)
       .json(await s.vdis.toJson(vdi));
+  const accepted = (res: Response, task: Task) => res.status(202).location(`/v1/tasks/${task.id}`).json(task);
   return Router()
     .get('/v1/vdis', async (req, res) => {
       await sendVdis(req, res, s.vdis.listPage(vdiFilter(req), pageParams(req)));
@@ -54,7 +57,17 @@ export function vdiRoutes(s: Services): Router {
     })
     .post('/v1/vdis/:vdi/clone', async (req, res) => {
       const body = validateBody<CloneRequest>('VdiClone', req.body ?? {});
-      await created(res, await s.snapshots.clone(req.params.vdi, body));
+      const source = s.vdis.get(req.params.vdi);
+      // Same SR and format: a shared file, made now; anywhere else: a copy, as a task.
+      if (!s.copies.needsCopy(source, body)) {
+        await created(res, await s.snapshots.clone(source.id, body));
+        return;
+      }
+      accepted(res, await s.copies.clone(source.id, { ...body, sr: body.sr ?? source.sr_id }));
+    })
+    .post('/v1/vdis/:vdi/migrate', async (req, res) => {
+      const body = validateBody<CopyTarget>('VdiMigrate', req.body ?? {});
+      accepted(res, await s.copies.migrate(req.params.vdi, body));
     });
 }
 

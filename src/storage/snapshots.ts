@@ -29,6 +29,7 @@ export interface SnapshotRequest {
 
 export interface CloneRequest extends SnapshotRequest {
   sr?: string;
+  image_format?: string;
 }
 
 /** A commit may unlink the generation being linked; the row read again names the new one. */
@@ -55,14 +56,18 @@ export class Snapshots {
     });
   }
 
-  /** A writable VDI starting with the source's content (a snapshot's included). */
+  /**
+   * A writable VDI starting with the source's content (a snapshot's
+   * included), in the source's SR and format; a clone elsewhere is a copy
+   * (ops/vdi-copy.ts).
+   */
   clone(sourceId: string, req: CloneRequest): Promise<Vdi> {
     return this.share(sourceId, 'the clone', (source) => {
       const sr = this.srs.get(req.sr ?? source.sr_id);
-      if (sr.id !== source.sr_id) {
+      if (sr.id !== source.sr_id || (req.image_format ?? source.image_format) !== source.image_format) {
         throw new ApiError(
           'INVALID_REQUEST',
-          `a clone is made in its source's SR ('${source.sr_id}'), not in '${sr.id}'`,
+          `a shared clone is made in its source's SR ('${source.sr_id}') and format ('${source.image_format}')`,
           { sr: sr.id, source_sr: source.sr_id },
         );
       }

@@ -150,6 +150,28 @@ export class VdiStore {
     return path.join(this.srs.stagingDir(this.srOf(vdi)), name);
   }
 
+  /** A fresh staging path in an SR. */
+  stagingPathIn(sr: Sr, name: string): string {
+    return path.join(this.srs.stagingDir(sr), name);
+  }
+
+  /**
+   * Records a new VDI whose content is `stagedFile` (in its format, in `sr`'s
+   * staging directory, fsynced): renamed to its generation file, the
+   * directory fsynced, then the row inserted; a failure leaves neither.
+   */
+  async placeNew(vdi: Vdi, sr: Sr, stagedFile: string): Promise<void> {
+    const target = path.join(sr.path, vdi.file_name);
+    await fsp.rename(stagedFile, target);
+    try {
+      await fsyncDir(sr.path);
+      this.insert(vdi);
+    } catch (err) {
+      await fsp.rm(target, { force: true });
+      throw spaceError(err, 'the new VDI');
+    }
+  }
+
   async create(req: CreateVdi): Promise<Vdi> {
     const sr = this.srs.get(req.sr ?? 'local');
     const format = req.image_format ?? sr.default_image_format;
@@ -207,7 +229,7 @@ export class VdiStore {
    * system cannot hold a file that large (ext4: 16 TiB), which would fail
    * only later, or with an errno.
    */
-  private checkFileSize(sr: Sr, format: string, virtualSize: number): void {
+  checkFileSize(sr: Sr, format: string, virtualSize: number): void {
     const max = this.srs.maxFileSize(sr, MAX_VIRTUAL_SIZE_BYTES);
     if (format !== 'raw' || max === null || virtualSize <= max) return;
     throw new ApiError(
@@ -223,9 +245,14 @@ export class VdiStore {
    * (a declared upload, before its first byte).
    */
   async ensureSpace(vdi: Vdi, bytes: number, what: string): Promise<void> {
+    return this.ensureSpaceIn(this.srOf(vdi), bytes, what);
+  }
+
+  /** Throws 507 unless `bytes` more fit in the SR above its reserve. */
+  async ensureSpaceIn(sr: Sr, bytes: number, what: string): Promise<void> {
     if (bytes <= 0) return;
-    const dir = this.srOf(vdi).path;
-    const guard = spaceGuardOf(path.join(dir, vdi.file_name));
+    const dir = sr.path;
+    const guard = spaceGuardOf(path.join(dir, 'any'));
     if (guard) return guard.ensure(bytes, what);
     const free = await freeBytes(dir);
     if (bytes > free) throw insufficientSpace(what, { needed: bytes, free, reserve: 0 });
@@ -383,6 +410,50 @@ export class VdiStore {
     return this.get(id);
   }
 
+  /**
+   * Makes `stagedFile` (a copy of the VDI's content in `format`, in `sr`'s
+   * staging directory, fsynced) the VDI's content, in that SR: the VDI keeps
+   * its id and everything that names it (snapshots, sets), its next
+   * generation's file now in the other SR. Renamed into place and its
+   * directory fsynced before the row switches in one transaction, so a kill
+   * -9 leaves either the old row (and an orphan file in the new SR) or the
+   * new row (and an orphan in the old one), each collected at startup.
+   * Refused (the staged file left to the caller) when the VDI committed
+   * other content since `fromGeneration`.
+   */
+  async relocate(
+    id: string,
+    fromGeneration: number,
+    sr: Sr,
+    format: string,
+    stagedFile: string,
+  ): Promise<Vdi> {
+    const vdi = this.get(id);
+    const oldFile = this.imagePath(vdi);
+    const generation = vdi.generation + 1;
+    const fileName = generationFileName(id, generation, format);
+    const target = path.join(sr.path, fileName);
+    if (vdi.generation !== fromGeneration) throw contentChanged(id);
+    await fsp.rename(stagedFile, target);
+    try {
+      await fsyncDir(sr.path);
+      const switched = this.db
+        .prepare(
+          `UPDATE vdis SET sr_id=@sr, image_format=@format, generation=@generation, file_name=@fileName
+           WHERE id=@id AND generation=@fromGeneration`,
+        )
+        .run({ id, sr: sr.id, format, generation, fileName, fromGeneration });
+      if (switched.changes !== 1) throw contentChanged(id);
+    } catch (err) {
+      await fsp.rm(target, { force: true });
+      throw spaceError(err, 'the switch');
+    }
+    this.images.drop(id);
+    // Readers of the old file keep it open; nobody waits for its blocks to be freed.
+    void fsp.rm(oldFile, { force: true }).catch(() => {});
+    return this.get(id);
+  }
+
   private switchGeneration(
     id: string,
     vdi: Vdi,
@@ -504,6 +575,14 @@ export function vhdUuidOf(vdi: Vdi): Buffer | undefined {
   return vdi.is_snapshot ? Buffer.from(vdi.id.replaceAll('-', ''), 'hex') : undefined;
 }
 
+function contentChanged(id: string): ApiError {
+  return new ApiError(
+    'VDI_BUSY',
+    `VDI ${id} committed new content while it was being copied; run the operation again`,
+    { vdi: id },
+  );
+}
+
 export function generationFileName(id: string, generation: number, format: string): string {
   return `${id}.g${generation}.${format}`;
 }
@@ -519,10 +598,10 @@ const GENERATION_FILE_NAME = new RegExp(`^${UUID}\\.g\\d+\\.[a-z0-9]+$`);
 /**
  * Staging files: an upload's (`transfer-<id>.<format>`, and beside it its
  * chunks landed aside, its converted image, a streaming import's disk), a
- * resize's, a file-size probe's.
+ * resize's, a copy's into another SR (clone, migration), a file-size probe's.
  */
 const STAGING_FILE_NAME = new RegExp(
-  `^(transfer|resize|${PROBE_PREFIX.slice(0, -1)})-${UUID}(\\.[A-Za-z0-9.-]+)?$`,
+  `^(transfer|resize|copy|${PROBE_PREFIX.slice(0, -1)})-${UUID}(\\.[A-Za-z0-9.-]+)?$`,
 );
 
 function checkVirtualSize(size: number): void {
