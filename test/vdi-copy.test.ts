@@ -199,6 +199,17 @@ describe('copies into another SR', () => {
       // The file it left is removed (in the background: nobody waits for its blocks).
       await waitFor('the old file to go', async () => !(await fsp.stat(fileOf(at)).catch(() => null)));
       await noCopyLeft(sr);
+      // Its block digests moved with it: nothing changed since the snapshot.
+      const changed = await api<{ bitmap: string }>(
+        srv.url,
+        'GET',
+        `/v1/vdis/${source.id}/changed-blocks?base=${snap.id}`,
+      );
+      assert.equal(changed.status, 200, JSON.stringify(changed.body));
+      assert.ok(
+        Buffer.from(changed.body.bitmap, 'base64').every((b) => b === 0),
+        'no block is dirty',
+      );
       at = moved;
     }
     const snaps = await api<VdiJson[]>(srv.url, 'GET', `/v1/vdis/${source.id}/snapshots`);

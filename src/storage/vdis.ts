@@ -157,19 +157,48 @@ export class VdiStore {
 
   /**
    * Records a new VDI whose content is `stagedFile` (in its format, in `sr`'s
-   * staging directory, fsynced): renamed to its generation file, the
-   * directory fsynced, then the row inserted; a failure leaves neither.
+   * staging directory, fsynced): its block digests written, the file renamed
+   * to its generation file, the directory fsynced, then the row inserted; a
+   * failure leaves none of them. `vdi.digest_file` is set here.
    */
   async placeNew(vdi: Vdi, sr: Sr, stagedFile: string): Promise<void> {
     const target = path.join(sr.path, vdi.file_name);
+    vdi.digest_file = digestFileName(vdi.id, vdi.generation);
+    const digests = await this.digestsOf(stagedFile, vdi.image_format, vdi.virtual_size, sr, vdi.digest_file);
     await fsp.rename(stagedFile, target);
     try {
       await fsyncDir(sr.path);
       this.insert(vdi);
     } catch (err) {
       await fsp.rm(target, { force: true });
+      await fsp.rm(digests, { force: true });
       throw spaceError(err, 'the new VDI');
     }
+  }
+
+  /**
+   * Writes the block digests of a staged image into `sr` as `name`. From the
+   * copy, not the source's digest file: a commit to the source may remove
+   * that file while the copy runs.
+   */
+  private async digestsOf(
+    file: string,
+    format: string,
+    virtualSize: number,
+    sr: Sr,
+    name: string,
+  ): Promise<string> {
+    const digests = path.join(sr.path, name);
+    const image = await this.openFile(file, format, virtualSize);
+    try {
+      await writeBlockDigests(image, digests);
+    } catch (err) {
+      await fsp.rm(digests, { force: true });
+      throw spaceError(err, 'the block digests');
+    } finally {
+      await image.close();
+    }
+    return digests;
   }
 
   async create(req: CreateVdi): Promise<Vdi> {
@@ -434,21 +463,25 @@ export class VdiStore {
     const fileName = generationFileName(id, generation, format);
     const target = path.join(sr.path, fileName);
     if (vdi.generation !== fromGeneration) throw contentChanged(id);
+    const digestFile = digestFileName(id, generation);
+    const digests = await this.digestsOf(stagedFile, format, vdi.virtual_size, sr, digestFile);
     await fsp.rename(stagedFile, target);
     try {
       await fsyncDir(sr.path);
       const switched = this.db
         .prepare(
-          `UPDATE vdis SET sr_id=@sr, image_format=@format, generation=@generation, file_name=@fileName
-           WHERE id=@id AND generation=@fromGeneration`,
+          `UPDATE vdis SET sr_id=@sr, image_format=@format, generation=@generation, file_name=@fileName,
+           digest_file=@digestFile WHERE id=@id AND generation=@fromGeneration`,
         )
-        .run({ id, sr: sr.id, format, generation, fileName, fromGeneration });
+        .run({ id, sr: sr.id, format, generation, fileName, digestFile, fromGeneration });
       if (switched.changes !== 1) throw contentChanged(id);
     } catch (err) {
       await fsp.rm(target, { force: true });
+      await fsp.rm(digests, { force: true });
       throw spaceError(err, 'the switch');
     }
     this.images.drop(id);
+    await this.dropDigests(vdi);
     // Readers of the old file keep it open; nobody waits for its blocks to be freed.
     void fsp.rm(oldFile, { force: true }).catch(() => {});
     return this.get(id);
