@@ -55,7 +55,7 @@ describe('configured SRs', () => {
       body: new Uint8Array(data),
     });
     assert.equal(put.status, 200);
-    const files = (await fsp.readdir(fastDir)).filter((f) => f.startsWith(vdi.id));
+    const files = (await fsp.readdir(fastDir)).filter((f) => f.startsWith(vdi.id) && f.endsWith('.qcow2'));
     assert.equal(files.length, 1);
     const { stdout } = await execFileP('qemu-img', ['check', path.join(fastDir, files[0])]);
     assert.match(stdout, /No errors/);
