@@ -121,6 +121,21 @@ export const MIGRATIONS: readonly string[] = [
      created_at TEXT NOT NULL
    );
    CREATE INDEX imageio_tickets_by_transfer ON imageio_tickets(transfer_id);`,
+  // Chains at rest (storage/contents.ts): a VDI names the content it reads
+  // (its file's first name); a content with a row is a layer over a parent,
+  // or a parent kept under its own name.
+  `ALTER TABLE vdis ADD COLUMN content_id TEXT;
+   UPDATE vdis SET content_id = file_name;
+   CREATE TABLE contents (
+     id TEXT PRIMARY KEY,
+     sr_id TEXT NOT NULL REFERENCES srs(id),
+     parent TEXT REFERENCES contents(id),
+     defined TEXT,
+     virtual_size INTEGER NOT NULL,
+     created_at TEXT NOT NULL
+   );
+   CREATE INDEX vdis_by_content ON vdis(content_id);
+   CREATE INDEX contents_by_parent ON contents(parent);`,
 ];
 
 export function openDb(file: string): Db {

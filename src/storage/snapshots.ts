@@ -111,14 +111,26 @@ export class Snapshots {
         if ((err as NodeJS.ErrnoException).code === 'ENOENT' && attempt < LINK_ATTEMPTS) continue;
         throw spaceError(err, what);
       }
+      let inserted: boolean;
       try {
         await fsyncDir(dir);
-        this.vdis.insert(vdi);
+        inserted = this.vdis.insertIfSame(vdi, source);
       } catch (err) {
         await fsp.rm(target, { force: true });
         throw spaceError(err, what);
       }
-      return vdi;
+      if (inserted) return vdi;
+      // The source committed meanwhile: the link may be of a content it let go.
+      await fsp.rm(target, { force: true });
+      if (attempt >= LINK_ATTEMPTS) {
+        throw new ApiError(
+          'VDI_BUSY',
+          `VDI ${sourceId} kept changing during ${what}; try again once its imports finish`,
+          {
+            vdi: sourceId,
+          },
+        );
+      }
     }
   }
 }

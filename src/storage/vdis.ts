@@ -14,11 +14,14 @@ import path from 'node:path';
 import { ApiError, formatBytes, NotFoundError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
 import type { BlockImage } from '../image/block-image.js';
+import { ChainImage, type ChainLayer } from '../image/chain-image.js';
 import { EmptyImage } from '../image/empty-image.js';
 import { RawFileImage } from '../image/raw-file-image.js';
+import { writeRawLayer } from '../image/raw-layer.js';
 import { ResizedImage } from '../image/resized-image.js';
 import { freeBytes, humanBytes, insufficientSpace, spaceError, spaceGuardOf } from '../image/space.js';
 import { writeBlockDigests } from './block-digests.js';
+import { type ContentRow, Contents, decodeDefined, encodeDefined } from './contents.js';
 import { convertInto } from './convert.js';
 import { cachedStatement, type Db, nowIso } from './db.js';
 import { PROBE_PREFIX } from './file-limits.js';
@@ -50,6 +53,12 @@ export interface Vdi {
    * digests were kept.
    */
   digest_file: string | null;
+  /**
+   * The content this VDI reads (storage/contents.ts): the name its file was
+   * first written under, shared by snapshots and clones of it; stable for
+   * every committed generation.
+   */
+  content_id: string;
 }
 
 export interface VdiJson {
@@ -91,12 +100,16 @@ export const MAX_VIRTUAL_SIZE_BYTES = 64 * 1024 ** 4;
 export class VdiStore {
   /** Images of committed generations, shared by the reads of one VDI. */
   readonly images = new ImageCache(this);
+  /** What each VDI's file holds: the whole disk, or a layer over a parent. */
+  readonly contents: Contents;
 
   constructor(
     private readonly db: Db,
     private readonly srs: SrStore,
     readonly locks: VdiLocks,
-  ) {}
+  ) {
+    this.contents = new Contents(db);
+  }
 
   get(id: string): Vdi {
     const row = cachedStatement(this.db, 'SELECT * FROM vdis WHERE id = ?').get(id) as Vdi | undefined;
@@ -226,6 +239,7 @@ export class VdiStore {
       snapshot_of: null,
       snapshot_time: null,
       digest_file: digestFileName(id, 0),
+      content_id: fileName,
     };
     const digests = path.join(sr.path, vdi.digest_file as string);
     // A failed create leaves nothing: neither a file nor a row.
@@ -246,11 +260,27 @@ export class VdiStore {
     this.db
       .prepare(
         `INSERT INTO vdis (id, sr_id, name_label, name_description, virtual_size, image_format, generation, file_name,
-           created_at, content_updated_at, is_snapshot, snapshot_of, snapshot_time, digest_file)
+           created_at, content_updated_at, is_snapshot, snapshot_of, snapshot_time, digest_file, content_id)
          VALUES (@id, @sr_id, @name_label, @name_description, @virtual_size, @image_format, @generation, @file_name,
-           @created_at, @content_updated_at, @is_snapshot, @snapshot_of, @snapshot_time, @digest_file)`,
+           @created_at, @content_updated_at, @is_snapshot, @snapshot_of, @snapshot_time, @digest_file, @content_id)`,
       )
       .run(vdi);
+  }
+
+  /**
+   * Records a snapshot or clone of `source` unless the source committed
+   * since its row was read (its content may then be released): one
+   * transaction, so a commit cannot slip between the check and the insert.
+   */
+  insertIfSame(vdi: Vdi, source: Vdi): boolean {
+    return this.db.transaction(() => {
+      const now = cachedStatement(this.db, 'SELECT content_id FROM vdis WHERE id = ?').get(source.id) as
+        | { content_id: string }
+        | undefined;
+      if (now?.content_id !== source.content_id) return false;
+      this.insert(vdi);
+      return true;
+    })();
   }
 
   /**
@@ -341,9 +371,12 @@ export class VdiStore {
   async delete(id: string): Promise<void> {
     const vdi = this.get(id);
     this.locks.assertFree(id);
-    this.db.prepare('DELETE FROM vdis WHERE id = ?').run(id);
+    const released = this.db.transaction(() => {
+      this.db.prepare('DELETE FROM vdis WHERE id = ?').run(id);
+      return this.contents.release(vdi.content_id);
+    })();
     this.images.drop(id);
-    await fsp.rm(this.imagePath(vdi), { force: true });
+    await this.unlinkReleased(vdi, released, { wait: true });
     await this.dropDigests(vdi);
   }
 
@@ -366,13 +399,39 @@ export class VdiStore {
   }
 
   /**
+   * After a VDI stopped naming its file (deleted, or committed anew): unlinks
+   * that name unless a layer reads it as its parent, and the id-named files
+   * of the contents nothing holds any more.
+   */
+  private async unlinkReleased(
+    vdi: Vdi,
+    released: readonly string[],
+    opts: { wait?: boolean } = {},
+  ): Promise<void> {
+    const dir = this.srOf(vdi).path;
+    const names = new Set(released);
+    if (!this.contents.isParent(vdi.file_name)) names.add(vdi.file_name);
+    const unlinks = [...names].map((name) => fsp.rm(path.join(dir, name), { force: true }));
+    // After a commit, nobody waits for the unlinks of a large old file: not
+    // the client (readers still holding it keep their open file), not
+    // correctness (a file left by a crash is collected at startup). A delete
+    // answers once its space is given back.
+    if (opts.wait) await Promise.all(unlinks);
+    else for (const u of unlinks) u.catch(() => {});
+  }
+
+  /**
    * Opens the VDI's current content as a disk to read. The handle keeps this
    * generation readable even after a commit; content changes by committing a
    * new generation, never by writing into this one.
    */
   openImage(vdi: Vdi): Promise<BlockImage> {
     const file = this.imagePath(vdi);
-    if (vdi.image_format === 'raw') return RawFileImage.open(file, { virtualSize: vdi.virtual_size });
+    if (vdi.image_format === 'raw') {
+      const row = this.contents.get(vdi.content_id);
+      if (row?.parent) return this.openChain(vdi, row);
+      return RawFileImage.open(file, { virtualSize: vdi.virtual_size });
+    }
     // A container at rest that no longer decodes was damaged there: IMAGE_CORRUPT (see StoredImage).
     return codecFor(vdi.image_format)
       .open(file)
@@ -380,6 +439,75 @@ export class VdiStore {
         (image) => new StoredImage(image, vdi.id),
         (err) => Promise.reject(corruptAtRest(vdi.id, err)),
       );
+  }
+
+  /** A layered VDI: its file over its parents' id-named files, read as one disk. */
+  private async openChain(vdi: Vdi, top: ContentRow): Promise<BlockImage> {
+    const dir = this.srOf(vdi).path;
+    const layers: ChainLayer[] = [];
+    try {
+      const image = await RawFileImage.open(this.imagePath(vdi), { virtualSize: vdi.virtual_size });
+      layers.push({ image, defined: decodeDefined(top) });
+      for (let id = top.parent; id !== null; ) {
+        const row = this.contents.get(id);
+        // Released meanwhile (the row read was older): the image cache reads the row again.
+        if (!row) throw Object.assign(new Error(`content ${id} is gone`), { code: 'ENOENT' });
+        const parent = await RawFileImage.open(path.join(dir, row.id), { virtualSize: row.virtual_size });
+        layers.push({ image: parent, defined: decodeDefined(row) });
+        id = row.parent;
+      }
+    } catch (err) {
+      await Promise.all(layers.map((l) => l.image.close()));
+      throw err;
+    }
+    return new ChainImage(vdi.virtual_size, layers);
+  }
+
+  /** A content's own disk (its chain), for writing a layer over it. */
+  private async openContent(vdi: Vdi, id: string): Promise<BlockImage> {
+    const row = this.contents.get(id);
+    const file = path.join(this.srOf(vdi).path, id);
+    if (!row) return RawFileImage.open(file, { virtualSize: vdi.virtual_size });
+    return this.openChain({ ...vdi, file_name: id, virtual_size: row.virtual_size }, row);
+  }
+
+  /**
+   * For a raw VDI whose content is shared (a snapshot or clone names it, or a
+   * layer is built over it) or is a layer already: writes at `target` the
+   * layer of `stagedFile` over the parent it must have (the shared content
+   * itself, else the unshared layer's own parent), so the commit costs space
+   * for the blocks that differ only. Null when the commit stays flat (no
+   * snapshot in the VDI's history: today's fast path).
+   */
+  private async writeLayer(
+    vdi: Vdi,
+    stagedFile: string,
+    target: string,
+    virtualSize: number,
+  ): Promise<{ parent: string; defined: string } | null> {
+    if (vdi.image_format !== 'raw') return null;
+    const shared = this.contents.holders(vdi.content_id, vdi.id) > 0;
+    const parent = shared ? vdi.content_id : (this.contents.get(vdi.content_id)?.parent ?? null);
+    if (parent === null) return null;
+    if (shared && parent !== vdi.file_name) {
+      // A parent is read under its id: give it that name back (a clone's or
+      // snapshot's file is another link of the same inode).
+      await fsp.link(this.imagePath(vdi), path.join(this.srOf(vdi).path, parent)).catch((err) => {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      });
+    }
+    const next = await RawFileImage.open(stagedFile, { virtualSize });
+    try {
+      const base = await this.openContent(vdi, parent);
+      try {
+        const { defined } = await writeRawLayer(next, base, target);
+        return { parent, defined: encodeDefined(defined) };
+      } finally {
+        await base.close();
+      }
+    } finally {
+      await next.close();
+    }
   }
 
   /**
@@ -419,10 +547,12 @@ export class VdiStore {
       await staged.close();
     }
     await fsp.rm(target, { force: true }); // an orphan of an earlier attempt
-    await fsp.link(stagedFile, target);
+    let released: string[];
     try {
+      const layer = await this.writeLayer(vdi, stagedFile, target, opts.virtualSize ?? vdi.virtual_size);
+      if (!layer) await fsp.link(stagedFile, target);
       await fsyncDir(sr.path);
-      this.switchGeneration(id, vdi, generation, fileName, { ...opts, digestFile });
+      released = this.switchGeneration(id, vdi, generation, fileName, layer, { ...opts, digestFile });
     } catch (err) {
       // Nothing points at the new name: the VDI keeps its content.
       await fsp.rm(target, { force: true });
@@ -432,10 +562,7 @@ export class VdiStore {
     this.images.drop(id);
     await fsp.rm(stagedFile, { force: true });
     await this.dropDigests(vdi);
-    // Unlinking a large old generation takes a while and nobody waits for it:
-    // not the client (readers still holding it keep their open file), not
-    // correctness (a file left by a crash is collected at startup).
-    void fsp.rm(path.join(sr.path, vdi.file_name), { force: true }).catch(() => {});
+    await this.unlinkReleased(vdi, released);
     return this.get(id);
   }
 
@@ -492,23 +619,34 @@ export class VdiStore {
     vdi: Vdi,
     generation: number,
     fileName: string,
+    layer: { parent: string; defined: string } | null,
     opts: { virtualSize?: number; inTransaction?: (generation: number) => void; digestFile: string },
-  ): void {
-    this.db.transaction(() => {
+  ): string[] {
+    return this.db.transaction(() => {
+      const now = nowIso();
+      const virtualSize = opts.virtualSize ?? vdi.virtual_size;
+      if (layer) {
+        // A flat parent gets its row now (a layer parent has one).
+        if (layer.parent === vdi.content_id) {
+          this.contents.keepAsParent(layer.parent, vdi.sr_id, vdi.virtual_size, now);
+        }
+        this.contents.insert({
+          id: fileName,
+          sr_id: vdi.sr_id,
+          parent: layer.parent,
+          defined: layer.defined,
+          virtual_size: virtualSize,
+          created_at: now,
+        });
+      }
       this.db
         .prepare(
-          `UPDATE vdis SET generation=@generation, file_name=@fileName, virtual_size=@virtualSize,
-           content_updated_at=@updatedAt, digest_file=@digestFile WHERE id=@id`,
+          `UPDATE vdis SET generation=@generation, file_name=@fileName, content_id=@fileName,
+           virtual_size=@virtualSize, content_updated_at=@updatedAt, digest_file=@digestFile WHERE id=@id`,
         )
-        .run({
-          id,
-          generation,
-          fileName,
-          digestFile: opts.digestFile,
-          virtualSize: opts.virtualSize ?? vdi.virtual_size,
-          updatedAt: nowIso(),
-        });
+        .run({ id, generation, fileName, virtualSize, updatedAt: now, digestFile: opts.digestFile });
       opts.inTransaction?.(generation);
+      return this.contents.release(vdi.content_id);
     })();
   }
 
@@ -531,6 +669,7 @@ export class VdiStore {
     const rows = this.db.prepare('SELECT file_name FROM vdis WHERE sr_id = ?').all(sr.id) as {
       file_name: string;
     }[];
+    rows.push(...this.contents.parentIds(sr.id).map((id) => ({ file_name: id })));
     for (const { file_name } of rows) {
       try {
         const st = await fsp.stat(path.join(sr.path, file_name), { bigint: true });
@@ -574,6 +713,8 @@ export class VdiStore {
    */
   async collectGarbage(keepStaging: ReadonlySet<string> = new Set()): Promise<string[]> {
     const removed: string[] = [];
+    // Contents a crash left unheld (between a commit or delete and its release).
+    this.contents.releaseUnheld();
     for (const sr of this.srs.list()) {
       const rows = this.db.prepare('SELECT file_name, digest_file FROM vdis WHERE sr_id = ?').all(sr.id) as {
         file_name: string;
@@ -582,6 +723,8 @@ export class VdiStore {
       const live = new Set(
         rows.flatMap((r) => (r.digest_file ? [r.file_name, r.digest_file] : [r.file_name])),
       );
+      // A parent of layers is read under its id.
+      for (const id of this.contents.parentIds(sr.id)) live.add(id);
       for (const name of await fsp.readdir(sr.path)) {
         if (!GENERATION_FILE_NAME.test(name) || live.has(name)) continue;
         await fsp.rm(path.join(sr.path, name), { force: true });

@@ -1,0 +1,48 @@
+/**
+ * A raw layer of a chain (docs/design.md, "Chains at rest"): a sparse file of
+ * the disk's size holding only the blocks where the new disk differs from its
+ * parent, and the ranges it defines. A defined range that is a hole in the
+ * file reads as zeros (zeros written over the parent's data cost no space).
+ * The ranges are kept by the caller (the metadata store), not in the file.
+ */
+import { constants as fsConstants, promises as fsp } from 'node:fs';
+import { diffBlocks } from './block-diff.js';
+import type { BlockImage } from './block-image.js';
+import type { DefinedRange } from './chain-image.js';
+import { PRIVATE_FILE_MODE, writeFully } from './file-io.js';
+
+/**
+ * Writes at `file` (created, or truncated) the layer that makes `next` read
+ * right over `parent`, fsyncs it, and returns the ranges it defines, sorted
+ * and merged. Memory: diffBlocks' two chunks, whatever the disk's size.
+ */
+export async function writeRawLayer(
+  next: BlockImage,
+  parent: BlockImage,
+  file: string,
+  opts: { signal?: AbortSignal } = {},
+): Promise<{ defined: DefinedRange[]; dataBytes: number }> {
+  const handle = await fsp.open(
+    file,
+    fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_TRUNC,
+    PRIVATE_FILE_MODE,
+  );
+  const defined: DefinedRange[] = [];
+  let dataBytes = 0;
+  try {
+    await handle.truncate(next.virtualSize);
+    for await (const run of diffBlocks(next, parent, { signal: opts.signal })) {
+      if (run.data) {
+        await writeFully(handle, run.data, 0, run.length, run.start);
+        dataBytes += run.length;
+      }
+      const last = defined[defined.length - 1];
+      if (last && last.start + last.length === run.start) last.length += run.length;
+      else defined.push({ start: run.start, length: run.length });
+    }
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  return { defined, dataBytes };
+}
