@@ -216,7 +216,7 @@ describe('chains at rest (raw SR)', () => {
     await importRaw(vdi.id, data);
     await importRaw(vdi.id, scattered(data, 3));
     const v = (await api<VdiJson>(url(), 'GET', `/v1/vdis/${vdi.id}`)).body;
-    const files = (await fsp.readdir(srDir)).filter((n) => n.startsWith(vdi.id));
+    const files = (await fsp.readdir(srDir)).filter((n) => n.startsWith(vdi.id) && n.endsWith('.raw'));
     assert.deepEqual(files, [`${vdi.id}.g${v.generation}.raw`]);
     const st = await fsp.stat(path.join(srDir, files[0]));
     assert.ok(st.blocks * 512 >= DATA - 64 * KiB, 'the whole disk is in its one file');
