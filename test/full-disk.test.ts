@@ -380,8 +380,9 @@ describe('a full disk is an error, not a wedge', { skip: skip ?? false }, () => 
       assert.equal(after.body.generation, 0, 'the VDI kept its content');
       const files = await fsp.readdir(path.join(srv.dataDir, 'srs', 'local'));
       assert.deepEqual(
-        files.filter((f) => f !== '.staging'),
-        [`${vdi.id}.g0.qcow2`],
+        files.filter((f) => f !== '.staging').sort(),
+        [`${vdi.id}.g0.digests`, `${vdi.id}.g0.qcow2`],
+        'generation 0 and its block digests, nothing of the failed conversion',
       );
       await assertNotWedged(vdi.id, t.task_id, freeBefore);
     } finally {

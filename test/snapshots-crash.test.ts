@@ -11,6 +11,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import Database from 'better-sqlite3';
 import { api, createVdi, sha256Url } from './helpers/api.js';
 import { prng, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 
@@ -69,8 +70,26 @@ describe('snapshots across restarts and kill -9', () => {
    */
   async function assertFilesMatchRows(vdis: VdiJson[]): Promise<void> {
     const named = vdis.map((v) => `${v.id}.g${v.generation}.${v.image_format}`).sort();
-    const present = (await fsp.readdir(srDir)).filter((n) => /\.g\d+\./.test(n)).sort();
+    const files = await fsp.readdir(srDir);
+    const present = files.filter((n) => /\.g\d+\.(raw|vhd|qcow2)$/.test(n)).sort();
     assert.deepEqual(present, named, 'the generation files are exactly those the rows name');
+    // Block digests are shared by a snapshot and its source's generation: the
+    // files present are exactly those some row still names.
+    const db = new Database(path.join(dataDir, 'diskport.sqlite'), { readonly: true });
+    try {
+      const rows = db
+        .prepare('SELECT DISTINCT digest_file FROM vdis WHERE digest_file IS NOT NULL')
+        .all() as {
+        digest_file: string;
+      }[];
+      assert.deepEqual(
+        files.filter((n) => n.endsWith('.digests')).sort(),
+        rows.map((r) => r.digest_file).sort(),
+        'the block digest files are exactly those the rows name',
+      );
+    } finally {
+      db.close();
+    }
     const rowsPerInode = new Map<number, number>();
     const links = new Map<number, number>();
     for (const name of named) {
