@@ -5,6 +5,8 @@
  *   diskport upload FILE --vdi ID [--format raw|vhd|qcow2] [--server URL] [--token T]
  *   diskport upload FILE --vdi ID --cancel
  *   diskport download --vdi ID [--format F] -o FILE
+ *   diskport backup VDI-URL DIR        (a chain of qcow2 files: a full, then deltas)
+ *   diskport restore DIR VDI-URL       (the chain uploaded, checked by checksum)
  *
  * Both resume by themselves after network errors, with backoff, and a run
  * that stopped (gave up, Ctrl-C, or was killed) is continued by running the
@@ -17,11 +19,13 @@ import { Agent } from 'undici';
 import { HttpError, type RetryPolicy } from '../transfer/retry-policy.js';
 import type { Endpoint } from '../transfer/transfer-client.js';
 import { VERSION } from '../version.js';
+import { backup, describeBackup } from './backup.js';
 import { describeDownload, download } from './download.js';
 import { Interrupted } from './run.js';
 import { defaultStateDir } from './saved-sessions.js';
 import { describeUpload, upload } from './upload.js';
 import { cancelSavedUpload } from './upload-session.js';
+import { parseVdiUrl } from './vdi-api.js';
 
 const MiB = 1024 * 1024;
 const DEFAULT_SERVER = 'http://127.0.0.1:8080';
@@ -159,6 +163,8 @@ Examples:
   diskport upload disk.img --vdi 5f0c... --server http://host:8080 --token $TOKEN
   diskport upload disk.qcow2 --vdi 5f0c... --format qcow2 --checksum
   diskport download --vdi 5f0c... --format vhd -o disk.vhd
+  diskport backup http://host:8080/v1/vdis/5f0c... /backups/db-disk
+  diskport restore /backups/db-disk http://host:8080/v1/vdis/77aa...
 
 A run that stopped (the link stayed down, Ctrl-C, a kill) is continued by
 running the same command again; --no-resume starts over. An upload's session
@@ -246,7 +252,69 @@ Environment: DISKPORT_SERVER, DISKPORT_TOKEN, DISKPORT_STATE_DIR. Exit status: 0
       await client.dispatcher.close();
     }
   });
+  program
+    .command('backup')
+    .description(
+      'incremental backup: snapshot the VDI and add one qcow2 file to the chain in DIR (the first run a full export, each later one the changes since the previous run), resumable',
+    )
+    .argument('<vdi-url>', "the VDI's URL, e.g. http://host:8080/v1/vdis/ID", parseVdiUrl)
+    .argument('<dir>', 'the backup directory (created if missing)')
+    .addOption(
+      new Option('-t, --token <token>', 'management token (sent as Authorization: Bearer)').env(
+        'DISKPORT_TOKEN',
+      ),
+    )
+    .option(
+      '--keep-snapshots <n>',
+      "backup snapshots kept on the server, newest first (the newest is the next run's base)",
+      positiveInt(1),
+      1,
+    )
+    .option(
+      '--retries <n>',
+      'consecutive failed attempts before giving up',
+      positiveInt(0),
+      DEFAULT_RETRY.retries,
+    )
+    .option(
+      '--retry-delay <ms>',
+      'first backoff delay; doubles each attempt',
+      positiveInt(1),
+      DEFAULT_RETRY.baseDelayMs,
+    )
+    .option('--no-progress', 'no progress bar (also off when stderr is not a terminal)')
+    .option('--json', 'print a JSON summary on stdout when done')
+    .action(
+      async (
+        target: { base: URL; vdi: string },
+        dir: string,
+        o: ChainOptions & { keepSnapshots: number },
+      ) => {
+        const client = endpointOf(target.base.href, o.token);
+        try {
+          const summary = await backup(client, {
+            vdi: target.vdi,
+            dir,
+            progress: o.progress && Boolean(process.stderr.isTTY),
+            retry: { ...DEFAULT_RETRY, retries: o.retries, baseDelayMs: o.retryDelay },
+            keepSnapshots: o.keepSnapshots,
+          });
+          if (o.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
+          else process.stderr.write(`${describeBackup(summary)}\n`);
+        } finally {
+          await client.dispatcher.close();
+        }
+      },
+    );
   return program;
+}
+
+interface ChainOptions {
+  token?: string;
+  retries: number;
+  retryDelay: number;
+  progress: boolean;
+  json?: boolean;
 }
 
 function describeError(err: unknown): string {
