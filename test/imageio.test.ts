@@ -6,8 +6,10 @@
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
-import { promises as fsp } from 'node:fs';
+import { createWriteStream, promises as fsp } from 'node:fs';
 import path from 'node:path';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import { after, before, describe, test } from 'node:test';
 import { api, execFileP } from './helpers/api.js';
 import * as imageio from './helpers/imageio-client.js';
@@ -17,9 +19,10 @@ import { waitFor } from './helpers/wait.js';
 const MiB = 1024 * 1024;
 const TOKEN = 'management-secret';
 const AUTH = { authorization: `Bearer ${TOKEN}` };
-/** Where the test source puts data: a few MiB in a 256 MiB disk, some unaligned. */
-const DATA_AT = [0, 3 * MiB + 4096, 64 * MiB, 200 * MiB - 12_345, 255 * MiB];
-const SIZE = 256 * MiB;
+const GiB = 1024 * MiB;
+/** Where the test source puts data: a few MiB in a sparse 2 GiB disk, some unaligned. */
+const DATA_AT = [0, 3 * MiB + 4096, 700 * MiB, 1536 * MiB - 12_345, 2 * GiB - MiB];
+const SIZE = 2 * GiB;
 
 type TicketStatus = {
   uuid: string;
@@ -99,11 +102,11 @@ describe('ovirt-imageio tickets and /images/', () => {
     return res.body;
   }
 
-  /** The VDI's bytes, through the management API. */
-  async function exportTo(vdiId: string, file: string): Promise<void> {
-    const res = await fetch(`${srv.url}/v1/vdis/${vdiId}/contents?format=raw`, { headers: AUTH });
+  /** The VDI's bytes, through the management API (qcow2 for a big sparse disk). */
+  async function exportTo(vdiId: string, file: string, format = 'raw'): Promise<void> {
+    const res = await fetch(`${srv.url}/v1/vdis/${vdiId}/contents?format=${format}`, { headers: AUTH });
     assert.equal(res.status, 200);
-    await fsp.writeFile(file, Buffer.from(await res.arrayBuffer()));
+    await pipeline(Readable.fromWeb(res.body as never), createWriteStream(file));
   }
 
   /** A sparse qcow2 with a few MiB of data, and its raw conversion made on the client side. */
@@ -145,10 +148,16 @@ describe('ovirt-imageio tickets and /images/', () => {
     assert.deepEqual(ro.allow.sort(), ['GET', 'OPTIONS']);
     assert.ok(!ro.features.includes('zero') && !ro.features.includes('flush'));
     assert.ok(ro.features.includes('extents'));
-    const write = await install(await vdi(8 * MiB), ['read', 'write'], {}, 8 * MiB);
-    const rw = await imageio.options(write.url);
-    assert.ok(rw.allow.includes('PUT') && rw.allow.includes('PATCH'));
-    assert.ok(rw.features.includes('zero') && rw.features.includes('flush'));
+    // What newer imageio servers report, and its client takes the size from.
+    assert.equal(ro.virtual_size, 8 * MiB);
+    assert.equal(ro.transfer_format, 'raw');
+    // Write implies read, as in imageio: a write-only ticket offers GET and every feature.
+    for (const ops of [['read', 'write'], ['write']]) {
+      const write = await install(await vdi(8 * MiB), ops, {}, 8 * MiB);
+      const rw = await imageio.options(write.url);
+      assert.deepEqual(rw.allow.sort(), ['GET', 'OPTIONS', 'PATCH', 'PUT'], ops.join());
+      assert.deepEqual(rw.features.sort(), ['checksum', 'extents', 'flush', 'zero']);
+    }
     const algorithms = await fetch(`${srv.url}/images/*/checksum/algorithms`);
     assert.ok(((await algorithms.json()) as { algorithms: string[] }).algorithms.includes('blake2b'));
   });
@@ -177,10 +186,10 @@ describe('ovirt-imageio tickets and /images/', () => {
     assert.equal(task.status, 'success', JSON.stringify(task));
     assert.equal(task.id, mid.body.diskport.task_id);
 
-    const stored = path.join(work, `stored-${randomUUID()}.raw`);
-    await exportTo(id, stored);
-    await execFileP('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', stored, qcow2]);
-    await execFileP('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', qcow2, stored]);
+    const stored = path.join(work, `stored-${randomUUID()}.qcow2`);
+    await exportTo(id, stored, 'qcow2');
+    await execFileP('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', stored, qcow2]);
+    await execFileP('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', qcow2, stored]);
 
     const down = await install(id, ['read']);
     const got = path.join(work, `down-${randomUUID()}.raw`);
@@ -240,6 +249,182 @@ describe('ovirt-imageio tickets and /images/', () => {
     patch.copy(want, 2 * MiB);
     want.fill(0, 5 * MiB, 5 * MiB + 4096);
     assert.ok((await fsp.readFile(file)).equals(want));
+  });
+
+  async function vdiWith(content: Buffer, format = 'raw'): Promise<string> {
+    const res = await api<{ id: string }>(
+      srv.url,
+      'POST',
+      '/v1/vdis',
+      { name_label: 'imageio', virtual_size: content.length, image_format: format },
+      AUTH,
+    );
+    assert.equal(res.status, 201, JSON.stringify(res.body));
+    const imp = await fetch(`${srv.url}/v1/vdis/${res.body.id}/contents?format=raw`, {
+      method: 'PUT',
+      headers: AUTH,
+      body: new Uint8Array(content),
+    });
+    assert.equal(imp.status, 200);
+    return res.body.id;
+  }
+
+  async function fileOf(bytes: Buffer): Promise<string> {
+    const file = path.join(work, `bytes-${randomUUID()}.raw`);
+    await fsp.writeFile(file, bytes);
+    return file;
+  }
+
+  test('a read-write ticket reads the disk as written so far (committed content overlaid with its writes, flush=n ones too): GET, extents and checksum agree; the VDI changes only at finalize', async () => {
+    const size = 8 * MiB;
+    const before = Buffer.alloc(size);
+    seededBytes(4 * MiB, 50).copy(before, 0);
+    const id = await vdiWith(before);
+    const t = await install(id, ['read', 'write'], {}, size);
+    const fresh = seededBytes(MiB, 51);
+    let res = await fetch(`${t.url}?flush=n`, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes ${6 * MiB}-${7 * MiB - 1}/*` },
+      body: new Uint8Array(fresh),
+    });
+    assert.equal(res.status, 200);
+    res = await fetch(t.url, {
+      method: 'PATCH',
+      body: JSON.stringify({ op: 'zero', offset: MiB, size: MiB, flush: false }),
+    });
+    assert.equal(res.status, 200);
+    const want = Buffer.from(before);
+    fresh.copy(want, 6 * MiB);
+    want.fill(0, MiB, 2 * MiB);
+
+    const whole = await fetch(t.url);
+    assert.equal(whole.status, 200);
+    assert.ok(Buffer.from(await whole.arrayBuffer()).equals(want), 'GET sees the writes over the VDI');
+    const part = await fetch(t.url, { headers: { range: `bytes=${6 * MiB - 10}-${6 * MiB + 9}` } });
+    assert.equal(part.status, 206);
+    assert.equal(part.headers.get('content-range'), `bytes ${6 * MiB - 10}-${6 * MiB + 9}/*`);
+    assert.ok(Buffer.from(await part.arrayBuffer()).equals(want.subarray(6 * MiB - 10, 6 * MiB + 10)));
+    assert.deepEqual(
+      (await imageio.extents(t.url)).map((e) => [e.start / MiB, e.length / MiB, e.zero, e.hole]),
+      [
+        [0, 1, false, false],
+        [1, 1, true, false],
+        [2, 2, false, false],
+        [4, 2, true, false],
+        [6, 1, false, false],
+        [7, 1, true, false],
+      ],
+    );
+    assert.equal((await imageio.checksum(t.url)).checksum, await imageio.localBlkhash(await fileOf(want)));
+
+    const file = path.join(work, `overlay-${randomUUID()}.raw`);
+    await exportTo(id, file);
+    assert.ok((await fsp.readFile(file)).equals(before), 'nothing reaches the VDI before finalize');
+    assert.equal((await finalize(t.id)).status, 'success');
+    await exportTo(id, file);
+    assert.ok((await fsp.readFile(file)).equals(want));
+  });
+
+  test('a ticket smaller than its VDI sees the first size bytes: reads, extents and checksum end there, writes past it are 416, an upload leaves the rest of the VDI as it was', async () => {
+    const size = 8 * MiB;
+    const small = 3 * MiB;
+    const before = seededBytes(size, 60);
+    const id = await vdiWith(before);
+    const read = await install(id, ['read'], {}, small);
+    assert.equal((await imageio.options(read.url)).virtual_size, small);
+    const whole = await fetch(read.url);
+    assert.equal(whole.status, 200);
+    assert.ok(Buffer.from(await whole.arrayBuffer()).equals(before.subarray(0, small)));
+    let r = await imagesStatus(read.url, { headers: { range: `bytes=${small}-${small + 1}` } });
+    assert.equal(r.status, 416);
+    assert.equal(r.headers.get('content-range'), `bytes */${small}`);
+    const ext = await imageio.extents(read.url);
+    assert.equal(
+      ext.reduce((n, e) => n + e.length, 0),
+      small,
+    );
+    assert.equal(
+      (await imageio.checksum(read.url)).checksum,
+      await imageio.localBlkhash(await fileOf(before.subarray(0, small))),
+    );
+    await fetch(`${srv.url}/v1/imageio/tickets/${read.id}?finalize=true`, {
+      method: 'DELETE',
+      headers: AUTH,
+    });
+
+    const write = await install(id, ['write'], {}, small);
+    r = await imagesStatus(write.url, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes ${2 * MiB}-${4 * MiB - 1}/*` },
+      body: new Uint8Array(2 * MiB),
+    });
+    assert.equal(r.status, 416);
+    assert.equal(r.headers.get('content-range'), `bytes */${small}`);
+    r = await imagesStatus(write.url, {
+      method: 'PATCH',
+      body: JSON.stringify({ op: 'zero', offset: 0, size: small + 1 }),
+    });
+    assert.equal(r.status, 416);
+    const image = seededBytes(small, 61);
+    const put = await fetch(write.url, { method: 'PUT', body: new Uint8Array(image) });
+    assert.equal(put.status, 200);
+    assert.equal((await finalize(write.id)).status, 'success');
+    const file = path.join(work, `small-${randomUUID()}.raw`);
+    await exportTo(id, file);
+    const want = Buffer.from(before);
+    image.copy(want, 0);
+    assert.ok((await fsp.readFile(file)).equals(want));
+  });
+
+  test("extents say hole: true where the VDI's format leaves a range unallocated (qcow2, vhd at rest), never for raw, and not where a write ticket wrote", async () => {
+    const size = 8 * MiB;
+    const content = Buffer.alloc(size);
+    seededBytes(2 * MiB, 70).copy(content, 2 * MiB);
+    for (const format of ['raw', 'qcow2', 'vhd']) {
+      const id = await vdiWith(content, format);
+      const t = await install(id, ['read'], {}, size);
+      const ext = await imageio.extents(t.url);
+      assert.deepEqual(
+        ext.map((e) => [e.start / MiB, e.length / MiB, e.zero, e.hole]),
+        [
+          [0, 2, true, format !== 'raw'],
+          [2, 2, false, false],
+          [4, 4, true, format !== 'raw'],
+        ],
+        format,
+      );
+    }
+    const id = await vdiWith(content, 'qcow2');
+    const w = await install(id, ['read', 'write'], {}, size);
+    const res = await fetch(w.url, { method: 'PATCH', body: JSON.stringify({ op: 'zero', size: MiB }) });
+    assert.equal(res.status, 200);
+    assert.deepEqual(
+      (await imageio.extents(w.url)).map((e) => [e.start / MiB, e.length / MiB, e.zero, e.hole]),
+      [
+        [0, 1, true, false],
+        [1, 1, true, true],
+        [2, 2, false, false],
+        [4, 4, true, true],
+      ],
+    );
+  });
+
+  test('a ticket in use does not expire: every request pushes its deadline timeout seconds on, as in imageio; idle, it expires', async () => {
+    const id = await vdi(MiB);
+    const t = await install(id, ['read'], { timeout: 3 }, MiB);
+    const started = Date.now();
+    while (Date.now() - started < 5000) {
+      const r = await imagesStatus(t.url, { headers: { range: 'bytes=0-0' } });
+      assert.equal(r.status, 206, `${Date.now() - started} ms after install: ${r.body}`);
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+    await waitFor('the idle ticket to expire', async () => {
+      const s = await api<TicketStatus>(srv.url, 'GET', `/v1/imageio/tickets/${t.id}`, undefined, AUTH);
+      return s.body.diskport.ticket_state === 'expired';
+    });
+    const expired = await imagesStatus(t.url, { method: 'OPTIONS' });
+    assert.equal(expired.status, 403);
+    assert.match(expired.body, /expired/);
   });
 
   test('the last write of a byte wins: a client may zero the whole disk, then write its data over the zeros', async () => {
@@ -321,7 +506,10 @@ describe('ovirt-imageio tickets and /images/', () => {
     let r = await imagesStatus(ro.url, { method: 'PUT', body: 'x' });
     assert.equal(r.status, 403, 'a read ticket forbids writes');
     r = await imagesStatus(rw.url, { headers: { range: 'bytes=0-1' } });
-    assert.equal(r.status, 403, 'a write ticket is not read back');
+    assert.equal(r.status, 206, 'a write ticket reads back');
+    r = await imagesStatus(rw.url, { headers: { range: `bytes=${MiB}-` } });
+    assert.equal(r.status, 416, 'a read through a write ticket is bounded by its size too');
+    assert.equal(r.headers.get('content-range'), `bytes */${MiB}`);
 
     r = await imagesStatus(rw.url, {
       method: 'PUT',
@@ -370,8 +558,13 @@ describe('ovirt-imageio tickets and /images/', () => {
     assert.equal(r.status, 400);
     assert.match(r.body, /UNSUPPORTED_CHECKSUM_ALGORITHM/);
     r = await imagesStatus(`${rw.url}/checksum`);
-    assert.equal(r.status, 409, 'an incomplete upload has no checksum yet');
-    assert.match(r.body, /TRANSFER_INCOMPLETE/);
+    assert.equal(r.status, 200, 'the checksum of a write ticket is that of the disk as written so far');
+    r = await imagesStatus(`${rw.url}/extents?context=dirty`);
+    assert.equal(r.status, 404, 'a write ticket has no dirty extents');
+    // The body of every error is JSON whose first 512 bytes (what imageio's client shows) carry the message.
+    r = await imagesStatus(`${srv.url}/images/no-such-ticket`);
+    const body = JSON.parse(r.body) as { error: { code: string; message: string } };
+    assert.ok(r.body.slice(0, 512).includes(body.error.message));
   });
 
   test('the management side: token required, bad tickets refused, PATCH extends, ids used once', async () => {
@@ -524,10 +717,13 @@ describe('ovirt-imageio tickets and /images/', () => {
       body: 'data',
     });
     assert.equal(res.status, 200);
-    const status = await waitFor('the ticket to expire', async () => {
-      const r = await imagesStatus(t.url, { method: 'OPTIONS' });
-      return r.status === 403 ? r : null;
+    // Asked through the management API: a request on the ticket would push its deadline on.
+    await waitFor('the ticket to expire', async () => {
+      const s = await api<TicketStatus>(srv.url, 'GET', `/v1/imageio/tickets/${t.id}`, undefined, AUTH);
+      return s.body.diskport.ticket_state === 'expired';
     });
+    const status = await imagesStatus(t.url, { method: 'OPTIONS' });
+    assert.equal(status.status, 403);
     assert.match(status.body, /expired/);
     const transfer = await api<{ state: string }>(
       srv.url,

@@ -8,7 +8,7 @@ import type { Request, Response } from 'express';
 import { toApiError } from '../errors.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
-import { openExport, type ReadCounters, runExportTask } from '../transfer/export.js';
+import { type ExportSource, openExport, type ReadCounters, runExportTask } from '../transfer/export.js';
 import { logCause } from './errors.js';
 import { writeBody, writeHead } from './ranges.js';
 
@@ -46,6 +46,18 @@ export async function sendExport(
     session?.onReadFailed(err);
     throw err;
   });
+  await sendSource(deps, req, res, source, session);
+}
+
+/** sendExport of a source opened already (closed here once sent). */
+export async function sendSource(
+  deps: ExportDeps,
+  req: Request,
+  res: Response,
+  source: ExportSource,
+  session?: SessionExport,
+): Promise<void> {
+  const { format } = source;
   try {
     const rep = { ...source, contentType: 'application/octet-stream' };
     const plan = writeHead(req, res, rep);

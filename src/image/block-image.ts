@@ -18,6 +18,12 @@ export interface Extent {
   zero: boolean;
 }
 
+/** A range of the virtual disk. */
+export interface ByteSpan {
+  start: number;
+  length: number;
+}
+
 /** The read side of a virtual disk. */
 export interface BlockImage {
   /** Size of the virtual disk in bytes. */
@@ -33,6 +39,14 @@ export interface BlockImage {
   readInto(buf: Buffer, offset: number): Promise<Buffer>;
   /** Merged, ordered, covering [0, virtualSize) exactly once. */
   extents(): Promise<Extent[]>;
+  /**
+   * Only where the format has the notion (qcow2 clusters, dynamic VHD
+   * blocks): the ranges it leaves unallocated, which read as zeros here and
+   * would read through to a backing file if there were one (imageio's
+   * `hole`). A zero cluster is allocated; a raw file's holes are not
+   * reported (qemu and imageio never call them holes either). Ordered.
+   */
+  unallocated?(): Promise<ByteSpan[]>;
   /** Releases the image; later reads (and writes) reject. Closing twice is harmless. */
   close(): Promise<void>;
 }

@@ -13,12 +13,12 @@ import { ApiError } from '../errors.js';
 import { continueNow } from '../http/continue.js';
 import { assertSingleRange, imageioErrors, parsePatch, putRange, starTotal } from '../http/imageio.js';
 import { flushParam } from '../http/params.js';
-import { sendExport } from '../http/send-export.js';
-import { BLKHASH_ALGORITHMS, blkhashRawFile, blkhashVdi, parseBlkhashParams } from '../ops/blkhash.js';
+import { type SessionExport, sendExport, sendSource } from '../http/send-export.js';
+import { BLKHASH_ALGORITHMS, blkhashImage, parseBlkhashParams } from '../ops/blkhash.js';
 import { imageioDirtyExtents } from '../ops/dirty-extents.js';
-import { vdiExtents } from '../ops/extents.js';
+import { cutAt, withHoles } from '../ops/extents.js';
 import type { Services } from '../services.js';
-import type { Ticket, TicketOp } from '../transfer/imageio-tickets.js';
+import type { Ticket, TicketImage, TicketOp } from '../transfer/imageio-tickets.js';
 
 /** Parallel connections a ticket may use (the file backend takes any number; these keep the SR fair). */
 export const IMAGEIO_MAX_READERS = 8;
@@ -36,15 +36,27 @@ async function ticketFor(s: Services, req: Request, res: Response, op?: TicketOp
   return ticket;
 }
 
+/** Runs `use` on the disk the ticket's reads see, closing it after. */
+async function withImage<T>(s: Services, t: Ticket, use: (ti: TicketImage) => Promise<T>): Promise<T> {
+  const ti = await s.tickets.openImage(t);
+  try {
+    return await use(ti);
+  } finally {
+    await ti.close();
+  }
+}
+
 export function imageioImageRoutes(s: Services): Router {
   const unixSocket = s.config.imageioSocket;
-  const options = (features: string[], allow: string[]) => ({
+  const options = (features: string[], allow: string[], t?: Ticket) => ({
     allow: allow.join(','),
     body: {
       features,
       max_readers: IMAGEIO_MAX_READERS,
       max_writers: IMAGEIO_MAX_WRITERS,
       ...(unixSocket && { unix_socket: unixSocket }),
+      // What newer imageio servers add for a ticket: its clients take the size from here.
+      ...(t && { transfer_format: 'raw', virtual_size: t.size }),
     },
   });
   // imageio clients send PATCH bodies as JSON whatever their Content-Type (curl --data-binary).
@@ -58,9 +70,10 @@ export function imageioImageRoutes(s: Services): Router {
       if (req.params.ticket === '*') o = options(ALL_FEATURES, ['OPTIONS', 'GET', 'PUT', 'PATCH']);
       else {
         const t = await ticketFor(s, req, res);
+        // Write implies read, as in imageio.
         o = t.ops.includes('write')
-          ? options(['zero', 'flush', 'checksum'], ['OPTIONS', 'PUT', 'PATCH'])
-          : options(['extents', 'checksum'], ['OPTIONS', 'GET']);
+          ? options(ALL_FEATURES, ['OPTIONS', 'GET', 'PUT', 'PATCH'], t)
+          : options(['extents', 'checksum'], ['OPTIONS', 'GET'], t);
       }
       res.setHeader('Allow', o.allow);
       res.json(o.body);
@@ -69,15 +82,29 @@ export function imageioImageRoutes(s: Services): Router {
       const t = await ticketFor(s, req, res, 'read');
       assertSingleRange(req, t.size);
       starTotal(res);
-      await sendExport(s, req, res, t.vdi_id, 'raw', {
-        taskId: s.transfers.get(t.transfer_id).task_id,
+      const session = s.transfers.get(t.transfer_id);
+      if (session.direction === 'upload') {
+        // Reading back through a write ticket: the bytes count toward nothing (imageio reports no transferred for it).
+        const readBack: SessionExport = {
+          taskId: session.task_id,
+          onBytes: () => {},
+          onReadFailed: (err) => req.log?.warn({ err, ticket: t.id }, 'a read through a write ticket failed'),
+        };
+        await sendSource(s, req, res, await s.tickets.openExport(t), readBack);
+        return;
+      }
+      const download: SessionExport = {
+        taskId: session.task_id,
         onBytes: (n) => s.transfers.countServed(t.transfer_id, n),
         onReadFailed: (err) => {
           s.transfers
             .failDownload(t.transfer_id, err)
             .catch((e) => req.log?.error({ err: e, ticket: t.id }, 'ending a failed download ticket failed'));
         },
-      });
+      };
+      if (t.size === s.vdis.get(t.vdi_id).virtual_size)
+        await sendExport(s, req, res, t.vdi_id, 'raw', download);
+      else await sendSource(s, req, res, await s.tickets.openExport(t), download);
     })
     .put('/images/:ticket', async (req, res) => {
       const t = await ticketFor(s, req, res, 'write');
@@ -124,21 +151,20 @@ export function imageioImageRoutes(s: Services): Router {
             `ticket ${t.id} is not part of an incremental backup; install it with dirty: true and url vdi:{id}?since={snapshot}`,
           );
         }
-        res.json(await imageioDirtyExtents(s.vdis, t.vdi_id, t.since!));
+        res.json(cutAt(await imageioDirtyExtents(s.vdis, t.vdi_id, t.since!), t.size));
         return;
       }
-      const extents = await vdiExtents(s.vdis, t.vdi_id);
-      res.json(extents.map((e) => ({ start: e.start, length: e.length, zero: e.zero, hole: false })));
+      const extents = await withImage(s, t, async (ti) => {
+        const [all, unallocated] = await Promise.all([ti.image.extents(), ti.unallocated()]);
+        return withHoles(all, unallocated);
+      });
+      res.json(extents);
     })
     .get('/images/:ticket/checksum', async (req, res) => {
       const params = parseBlkhashParams(req.query.algorithm, req.query.block_size);
-      const t = await ticketFor(s, req, res);
-      // A write ticket's image is its staged upload, complete; a read ticket's is the VDI.
-      res.json(
-        t.ops.includes('write')
-          ? await blkhashRawFile(await s.tickets.completeStaging(t), t.size, params)
-          : await blkhashVdi(s.vdis, t.vdi_id, params),
-      );
+      const t = await ticketFor(s, req, res, 'read');
+      // A write ticket's image is the VDI as its writes so far leave it; a read ticket's is the VDI.
+      res.json(await withImage(s, t, async (ti) => blkhashImage(ti.image, await ti.image.extents(), params)));
     })
     .use(imageioErrors((req) => req.res?.locals.imageioSize as number | undefined));
 }

@@ -8,7 +8,7 @@
  * cause, for the log only.
  */
 import { ApiError } from '../errors.js';
-import type { BlockImage, Extent } from '../image/block-image.js';
+import type { BlockImage, ByteSpan, Extent } from '../image/block-image.js';
 
 /** What a codec throws for bytes it cannot read as its format. */
 const CODEC_REFUSALS = new Set(['MALFORMED_IMAGE', 'UNSUPPORTED_IMAGE', 'TOO_LARGE']);
@@ -25,10 +25,17 @@ export function corruptAtRest(vdiId: string, err: unknown): unknown {
 }
 
 export class StoredImage implements BlockImage {
+  readonly unallocated?: () => Promise<ByteSpan[]>;
+
   constructor(
     private readonly image: BlockImage,
     private readonly vdiId: string,
-  ) {}
+  ) {
+    const unallocated = image.unallocated?.bind(image);
+    if (unallocated) {
+      this.unallocated = () => unallocated().catch((err) => Promise.reject(corruptAtRest(this.vdiId, err)));
+    }
+  }
 
   get virtualSize(): number {
     return this.image.virtualSize;

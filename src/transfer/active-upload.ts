@@ -129,6 +129,19 @@ export class ActiveUploads {
     return { offset: ranges.contiguousFromZero(), length: t.size };
   }
 
+  /**
+   * Every range written so far, durable or not: what a read through the
+   * session (an imageio read-write ticket) takes from the staging file.
+   */
+  writtenRanges(id: string): ByteRange[] {
+    const live = this.sessions.active(id, 'upload');
+    const all = new RangeSet(live.ranges.toJSON());
+    for (const set of [live.unflushed, live.flushingBatch]) {
+      for (const [s, e] of set?.toJSON() ?? []) all.add(s, e);
+    }
+    return all.toJSON();
+  }
+
   /** Bytes written with `flush=n` that no flush point has made durable yet. */
   unflushedBytes(id: string): number {
     const live = this.sessions.find(id);

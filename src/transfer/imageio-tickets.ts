@@ -8,24 +8,40 @@
  * atomically at finalize, a `read` ticket a download session. So a ticket
  * survives a restart, shows in /v1/transfers and has a task.
  *
- * Deadlines: `timeout` is absolute (from install, or from the last PATCH that
- * extended it); `inactivity_timeout` is the session's own sliding ttl, which
- * every request renews.
+ * Deadlines: as in imageio, a ticket expires `timeout` seconds after it was
+ * installed, extended (PATCH) or last used (every request's end pushes the
+ * deadline on); `inactivity_timeout` is the session's own sliding ttl, which
+ * every request renews too.
  *
  * imageio writes in place: what a client does not write keeps the disk's
- * previous content. At finalize the ranges no request wrote are therefore
- * filled from the VDI's current content before the commit, so an
- * incremental restore that writes only changed extents works, and the commit
- * stays all-or-nothing.
+ * previous content, and a read through a write ticket (write implies read)
+ * sees the disk as written so far. So reads, extents and checksums of a
+ * write ticket see the VDI's committed content overlaid with every range
+ * the ticket wrote (flushed or not); at finalize the ranges no request wrote
+ * are filled from the VDI's current content before the commit, so an
+ * incremental restore that writes only changed extents works, and the
+ * commit stays all-or-nothing.
+ *
+ * A ticket's `size` may be smaller than the VDI (imageio bounds every
+ * request by the ticket's size): the ticket then sees the VDI's first `size`
+ * bytes, and an upload leaves the rest as it was. A size larger than the
+ * VDI is refused.
  */
+import { randomUUID } from 'node:crypto';
 import { Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import { ApiError } from '../errors.js';
+import { codecFor } from '../formats/index.js';
+import type { BlockImage, ByteSpan, Extent } from '../image/block-image.js';
+import { ChainImage, type ChainLayer } from '../image/chain-image.js';
+import { RawFileImage } from '../image/raw-file-image.js';
 import { baseSnapshotOf } from '../ops/changed-blocks.js';
 import type { Db } from '../storage/db.js';
-import type { VdiStore } from '../storage/vdis.js';
+import type { ImageLease } from '../storage/image-cache.js';
+import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
+import type { ExportSource } from './export.js';
 import { type ByteRange, RangeSet } from './range-set.js';
 import type { TransferService } from './sessions.js';
 import type { Transfer } from './transfer-store.js';
@@ -137,7 +153,25 @@ export interface TicketStatus {
 interface Activity {
   inflight: number;
   lastEnded: number;
+  /** When the deadline pushed on by the last request was saved (saved at most once a second). */
+  lastSaved: number;
 }
+
+/**
+ * The disk a ticket's reads see: the VDI's first `size` bytes, overlaid for
+ * a write ticket with what it wrote. `unallocated()`: the ranges the VDI's
+ * format leaves unallocated that no write covered (imageio's `hole`).
+ */
+export interface TicketImage {
+  vdi: Vdi;
+  image: BlockImage;
+  /** Whether the bytes are the VDI's committed content only (a read ticket). */
+  committed: boolean;
+  unallocated(): Promise<ByteSpan[]>;
+  close(): Promise<void>;
+}
+
+const TOUCH_SAVE_INTERVAL_MS = 1000;
 
 function positiveInt(name: string, v: unknown, min: number): number {
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) {
@@ -214,10 +248,10 @@ export class TicketService {
     const dirty = req.dirty === true;
     const [, vdiId, since] = m;
     const vdi = this.vdis.get(vdiId);
-    if (size !== vdi.virtual_size) {
+    if (size > vdi.virtual_size) {
       throw new ApiError(
         'INVALID_REQUEST',
-        `the ticket's size ${size} is not the virtual size of VDI ${vdi.id} (${vdi.virtual_size} bytes)`,
+        `the ticket's size ${size} is larger than VDI ${vdi.id} (${vdi.virtual_size} bytes); a ticket covers at most the whole VDI: send its virtual size or less`,
         { size, virtual_size: vdi.virtual_size },
       );
     }
@@ -233,7 +267,8 @@ export class TicketService {
       vdi: vdi.id,
       direction: write ? 'upload' : 'download',
       format: 'raw',
-      ...(write && { size }),
+      // The staging covers the whole VDI: what lies past a smaller ticket is filled from it at finalize.
+      ...(write && { size: vdi.virtual_size }),
       ttl_seconds: Math.min(inactivity, 7 * 24 * 3600),
     });
     const now = Date.now();
@@ -380,38 +415,85 @@ export class TicketService {
     if (t.state !== 'installed' || session.state !== 'open') {
       throw forbidden(`ticket ${id} is ${this.why(t, session)}`);
     }
-    if (op && !t.ops.includes(op)) throw forbidden(`ticket ${id} forbids ${op}`);
-    if (op === 'read' && session.direction === 'upload') {
-      throw forbidden(
-        `ticket ${id} uploads: diskport serves reads through a read ticket (install one once this upload is finalized)`,
-      );
+    // As in imageio, write implies read: a read-write client may read back what it wrote.
+    if (op && !t.ops.includes(op) && !(op === 'read' && t.ops.includes('write'))) {
+      throw forbidden(`ticket ${id} forbids ${op}`);
     }
     return { ticket: t, transfer: session };
   }
 
   /**
-   * The staged upload of a write ticket, once every byte of it is durable
-   * (a checksum of an incomplete upload would describe no image).
+   * The ticket's disk as a raw export to serve GETs from. Its validator
+   * names the VDI's generation and the ticket's size; a write ticket's
+   * content changes with every write, so its validator is new each time
+   * (an If-Range never matches it).
    */
-  async completeStaging(t: Ticket): Promise<string> {
-    const session = this.transfers.get(t.transfer_id);
-    await this.transfers.flush(session.id);
-    const gaps = complement(this.transfers.toJson(session).received, t.size);
-    if (gaps.length) {
-      const bytes = gaps.reduce((n, [s, e]) => n + e - s, 0);
-      throw new ApiError(
-        'TRANSFER_INCOMPLETE',
-        `${bytes} of ${t.size} bytes have not been written (first gap at ${gaps[0][0]}); write or zero them, then ask again`,
-      );
+  async openExport(t: Ticket): Promise<ExportSource> {
+    const ti = await this.openImage(t);
+    try {
+      const serialized = await codecFor('raw').serialize(ti.image);
+      return {
+        vdi: ti.vdi,
+        format: 'raw',
+        size: serialized.size,
+        read: (start, end) => serialized.read(start, end),
+        etag: ti.committed
+          ? `"${ti.vdi.id}.g${ti.vdi.generation}.raw.ticket-${t.size}"`
+          : `"ticket-${t.id}.${randomUUID()}"`,
+        lastModified: new Date(ti.committed ? ti.vdi.content_updated_at : Date.now()),
+        filename: `${t.id}.img`,
+        close: () => ti.close(),
+      };
+    } catch (err) {
+      await ti.close();
+      throw err;
     }
-    return session.staging_path!;
   }
 
-  /** Counts a request on the ticket (its connections and idle time); call the result when it ends. */
+  /** The disk the ticket's reads see (TicketImage); close() it when done. */
+  async openImage(t: Ticket): Promise<TicketImage> {
+    const session = this.transfers.get(t.transfer_id);
+    const lease = await this.vdis.images.lease(t.vdi_id);
+    const layers: ChainLayer[] = [];
+    try {
+      let written: ByteSpan[] = [];
+      if (session.direction === 'upload') {
+        written = this.transfers.writtenRanges(session.id).map(([s, e]) => ({ start: s, length: e - s }));
+        const staged = await RawFileImage.open(session.staging_path!, {
+          virtualSize: lease.vdi.virtual_size,
+        });
+        layers.push({ image: staged, defined: written });
+      }
+      layers.push({ image: borrowed(lease), defined: [{ start: 0, length: t.size }] });
+      const image = new ChainImage(t.size, layers);
+      return {
+        vdi: lease.vdi,
+        image,
+        committed: session.direction === 'download',
+        unallocated: async () => {
+          const holes = (await lease.image.unallocated?.()) ?? [];
+          return subtract(holes, written, t.size);
+        },
+        close: async () => {
+          await image.close();
+          lease.release();
+        },
+      };
+    } catch (err) {
+      await Promise.all(layers.map((l) => l.image.close()));
+      lease.release();
+      throw err;
+    }
+  }
+
+  /**
+   * Counts a request on the ticket (its connections and idle time); call the
+   * result when it ends, which pushes the ticket's deadline on.
+   */
   track(id: string): () => void {
     let act = this.activity.get(id);
     if (!act) {
-      act = { inflight: 0, lastEnded: Date.now() };
+      act = { inflight: 0, lastEnded: Date.now(), lastSaved: 0 };
       this.activity.set(id, act);
     }
     const a = act;
@@ -422,7 +504,25 @@ export class TicketService {
       ended = true;
       a.inflight--;
       a.lastEnded = Date.now();
+      if (a.lastEnded - a.lastSaved >= TOUCH_SAVE_INTERVAL_MS) {
+        a.lastSaved = a.lastEnded;
+        this.touch(id);
+      }
     };
+  }
+
+  /** imageio's touch: an installed ticket now expires `timeout` seconds from now. */
+  private touch(id: string): void {
+    try {
+      const t = this.store.get(id);
+      if (t?.state !== 'installed') return;
+      const expires = Date.now() + t.timeout * 1000;
+      if (expires <= Date.parse(t.expires_at)) return;
+      t.expires_at = new Date(expires).toISOString();
+      this.store.save(t);
+    } catch (err) {
+      this.logger?.error({ err, ticket: id }, 'pushing a ticket deadline on failed');
+    }
   }
 
   async reapExpired(): Promise<void> {
@@ -440,7 +540,7 @@ export class TicketService {
     this.logger?.info({ ticket: t.id, transfer: t.transfer_id }, 'imageio ticket expired');
     await this.transfers.expire(
       t.transfer_id,
-      `ticket ${t.id} expired ${t.timeout} s after it was installed or extended`,
+      `ticket ${t.id} expired ${t.timeout} s after it was installed, extended or last used`,
     );
   }
 
@@ -467,7 +567,7 @@ export class TicketService {
 
   /** Writes the VDI's current content into every range of the upload no request wrote (imageio writes in place). */
   private async fillUnwritten(t: Ticket, session: Transfer): Promise<void> {
-    const gaps = complement(this.transfers.toJson(session).received, t.size);
+    const gaps = complement(this.transfers.toJson(session).received, session.size ?? t.size);
     if (gaps.length === 0) return;
     const lease = await this.vdis.images.lease(t.vdi_id);
     try {
@@ -500,6 +600,35 @@ export class TicketService {
 
 function forbidden(reason: string): ApiError {
   return new ApiError('IMAGEIO_TICKET_FORBIDDEN', `You are not allowed to access this resource: ${reason}`);
+}
+
+/** The VDI's image through a lease the chain does not own: closing the chain leaves it to the lease. */
+function borrowed(lease: ImageLease): BlockImage {
+  const { image } = lease;
+  return {
+    virtualSize: image.virtualSize,
+    read: (offset, length) => image.read(offset, length),
+    readInto: (buf, offset) => image.readInto(buf, offset),
+    extents: (): Promise<Extent[]> => lease.extents(),
+    close: async () => {},
+  };
+}
+
+/** The parts of `spans` (ordered) below `size` that `minus` (ordered, merged) does not cover. */
+function subtract(spans: readonly ByteSpan[], minus: readonly ByteSpan[], size: number): ByteSpan[] {
+  const out: ByteSpan[] = [];
+  let k = 0;
+  for (const span of spans) {
+    let pos = span.start;
+    const end = Math.min(span.start + span.length, size);
+    while (k < minus.length && minus[k].start + minus[k].length <= pos) k++;
+    for (let j = k; j < minus.length && minus[j].start < end && pos < end; j++) {
+      if (minus[j].start > pos) out.push({ start: pos, length: minus[j].start - pos });
+      pos = Math.max(pos, minus[j].start + minus[j].length);
+    }
+    if (pos < end) out.push({ start: pos, length: end - pos });
+  }
+  return out;
 }
 
 /** The ranges of [0, size) not in `received` (ordered and merged, end exclusive). */

@@ -19,6 +19,7 @@ import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
 import { ActiveUploads, type ChunkRange, type ChunkWrite } from './active-upload.js';
 import { Finalizer } from './finalize.js';
+import type { ByteRange } from './range-set.js';
 import { type CreateTransfer, SessionLifecycle, type SessionOptions } from './session-lifecycle.js';
 import { isExpired, type TransferJson, toJson, tokenMatches } from './session-record.js';
 import { type Live, SessionRegistry } from './session-registry.js';
@@ -131,6 +132,11 @@ export class TransferService {
   /** A flush point: bytes written with `flush=n` become durable, then count as received. */
   flush(id: string): Promise<Transfer> {
     return this.uploads.flush(id);
+  }
+
+  /** Every range an upload has written, flushed or not. */
+  writtenRanges(id: string): ByteRange[] {
+    return this.uploads.writtenRanges(id);
   }
 
   /** Every active session's flush point (a graceful shutdown). */

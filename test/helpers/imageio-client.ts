@@ -21,6 +21,8 @@ export interface ImageioOptions {
   max_readers?: number;
   max_writers?: number;
   unix_socket?: string;
+  transfer_format?: string;
+  virtual_size?: number;
 }
 
 export interface ClientExtent {

@@ -26,6 +26,7 @@ import { inflateRawSync, constants as zlibConstants } from 'node:zlib';
 import { MalformedImageError } from '../../errors.js';
 import {
   type BlockImage,
+  type ByteSpan,
   type Extent,
   mergeExtents,
   readByInto,
@@ -501,6 +502,53 @@ export class Qcow2Image implements BlockImage {
       }
     }
     return mergeExtents(out);
+  }
+
+  /** Clusters (or subclusters) with no host offset and no zero flag: what qemu calls unallocated. */
+  async unallocated(): Promise<ByteSpan[]> {
+    this.assertOpen();
+    const out: ByteSpan[] = [];
+    const push = (start: number, length: number) => {
+      const last = out[out.length - 1];
+      if (last && last.start + last.length === start) last.length += length;
+      else out.push({ start, length });
+    };
+    const { clusterSize, subclusterSize, virtualSize, l2Entries } = this;
+    const { extendedL2, l2EntryBytes } = this.header;
+    const tableSpan = clusterSize * l2Entries;
+    for (let i = 0; i < this.header.l1Entries; i++) {
+      const tableStart = i * tableSpan;
+      if (tableStart >= virtualSize) break;
+      const l2Offset = this.l1Offset(i);
+      if (l2Offset === 0) {
+        push(tableStart, Math.min(tableSpan, virtualSize - tableStart));
+        continue;
+      }
+      const table = await this.loadL2(l2Offset);
+      const count = Math.min(l2Entries, Math.ceil((virtualSize - tableStart) / clusterSize));
+      for (let j = 0; j < count; j++) {
+        const start = tableStart + j * clusterSize;
+        const pos = j * l2EntryBytes;
+        const hi = table.readUInt32BE(pos);
+        const lo = table.readUInt32BE(pos + 4);
+        if (hi & HI_COMPRESSED) continue;
+        if (!extendedL2) {
+          if (!(lo & 1) && descriptorOffset(hi, lo) === 0)
+            push(start, Math.min(clusterSize, virtualSize - start));
+          continue;
+        }
+        const zeroMask = table.readUInt32BE(pos + 8);
+        const allocMask = table.readUInt32BE(pos + 12);
+        for (let sub = 0; sub < SUBCLUSTERS_PER_CLUSTER; sub++) {
+          const subStart = start + sub * subclusterSize;
+          if (subStart >= virtualSize) break;
+          if ((((allocMask | zeroMask) >>> sub) & 1) === 0) {
+            push(subStart, Math.min(subclusterSize, virtualSize - subStart));
+          }
+        }
+      }
+    }
+    return out;
   }
 
   async close(): Promise<void> {

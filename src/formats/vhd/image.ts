@@ -18,7 +18,13 @@
  */
 import { promises as fsp } from 'node:fs';
 import { formatBytes, MalformedImageError, UnsupportedImageError } from '../../errors.js';
-import { type BlockImage, type Extent, readByInto, readLength } from '../../image/block-image.js';
+import {
+  type BlockImage,
+  type ByteSpan,
+  type Extent,
+  readByInto,
+  readLength,
+} from '../../image/block-image.js';
 import { fileExtents } from '../../image/sparse.js';
 import {
   BAT_UNALLOCATED,
@@ -459,6 +465,11 @@ class DynamicVhdImage extends VhdImageBase {
       }
     }
     return out;
+  }
+
+  /** A dynamic disk has no zero flag: what reads as zeros is what no block or sector bitmap allocates. */
+  async unallocated(): Promise<ByteSpan[]> {
+    return (await this.extents()).filter((e) => e.zero).map(({ start, length }) => ({ start, length }));
   }
 }
 
