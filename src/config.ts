@@ -28,6 +28,8 @@ export interface Config {
   srs: SrConfig[];
   /** A Unix socket that serves ovirt-imageio's /images/ API too, for clients on this host. */
   imageioSocket?: string;
+  /** A raw chain at rest deeper than this (layers read through) is flattened at the limit in the background. */
+  maxChainDepth: number;
 }
 
 /** One configured SR: its id, its directory, and the image formats it stores (the first is its default). */
@@ -109,6 +111,7 @@ export const DEFAULTS = {
   firstRequestTimeout: '30s',
   headersTimeout: '60s',
   spaceReserve: '32M',
+  maxChainDepth: 16,
 } as const;
 
 const DURATION_UNITS_SECONDS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400 };
@@ -140,6 +143,13 @@ export function parseSize(value: string): number {
 function parseCount(value: string): number {
   if (!/^\d+$/.test(value.trim())) throw new InvalidArgumentError(`'${value}' is not a whole number`);
   return Number(value);
+}
+
+/** A chain depth limit: 2 or more (a limit of 1 would copy the whole disk at every commit after a snapshot). */
+function parseChainDepth(value: string): number {
+  const n = parseCount(value);
+  if (n < 2) throw new InvalidArgumentError(`'${value}' must be 2 or more`);
+  return n;
 }
 
 function parsePositiveCount(value: string): number {
@@ -249,6 +259,12 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       '--imageio-socket <path>',
       "also serve ovirt-imageio's /images/ API on this Unix socket, for local clients (env DISKPORT_IMAGEIO_SOCKET)",
     )
+    .option(
+      '--max-chain-depth <n>',
+      'layers a raw chain at rest may have (2 or more); a deeper one is flattened at the limit in the background (env DISKPORT_MAX_CHAIN_DEPTH)',
+      parseChainDepth,
+      parseChainDepth(env.DISKPORT_MAX_CHAIN_DEPTH ?? String(DEFAULTS.maxChainDepth)),
+    )
     .exitOverride();
   program.parse(argv, { from: 'user' });
   const o = program.opts<
@@ -280,6 +296,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       o.imageioSocket || env.DISKPORT_IMAGEIO_SOCKET
         ? path.resolve(o.imageioSocket || env.DISKPORT_IMAGEIO_SOCKET!)
         : undefined,
+    maxChainDepth: o.maxChainDepth,
   };
 }
 

@@ -7,8 +7,10 @@ import { PRIVATE_DIR_MODE } from './image/file-io.js';
 import { isOutOfSpace } from './image/space.js';
 import { type Metrics, observeTasks } from './metrics.js';
 import { ChecksumService } from './ops/checksum.js';
+import { MergeService } from './ops/merges.js';
 import { VdiCopies } from './ops/vdi-copy.js';
 import { type Db, openDb } from './storage/db.js';
+import { ChainMerges } from './storage/merges.js';
 import { Snapshots } from './storage/snapshots.js';
 import { SrStore } from './storage/srs.js';
 import { VdiLocks } from './storage/vdi-locks.js';
@@ -37,6 +39,8 @@ export interface Services {
   checksums: ChecksumService;
   /** Ranged reads, which are counted rather than tasks. */
   reads: ReadCounters;
+  /** Background merges of chains at rest. */
+  merges: MergeService;
   metrics: Metrics;
   close(): Promise<void>;
 }
@@ -79,6 +83,11 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     (err) => logger.error({ err }, 'could not remove finished tasks past their retention'),
   );
 
+  // Merges a restart cut short (or a lowered depth limit calls for) are planned again now.
+  const merges = new MergeService(new ChainMerges(db, srs, vdis), tasks, config.maxChainDepth, logger);
+  vdis.onChainsChanged = () => merges.schedule();
+  merges.schedule();
+
   const tickets = new TicketService(db, transfers, vdis, tasks, logger);
   tickets.start();
   const checksums = new ChecksumService(vdis, tasks);
@@ -98,11 +107,13 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     tickets,
     checksums,
     reads,
+    merges,
     metrics: observed.metrics,
     async close() {
       // Operations in flight end with the process, as in a crash: recovery
       // fails plain tasks as INTERRUPTED and resumes transfer sessions.
       stopPruning();
+      await merges.stop();
       // Bytes written with flush=n are made durable now: a graceful stop loses none of them.
       await transfers.flushAll().catch(() => {});
       vdis.images.clear();

@@ -21,6 +21,7 @@ import { writeRawLayer } from '../image/raw-layer.js';
 import { ResizedImage } from '../image/resized-image.js';
 import { freeBytes, humanBytes, insufficientSpace, spaceError, spaceGuardOf } from '../image/space.js';
 import { writeBlockDigests } from './block-digests.js';
+import { ChainGate } from './chain-gate.js';
 import { type ContentRow, Contents, decodeDefined, encodeDefined } from './contents.js';
 import { convertInto } from './convert.js';
 import { cachedStatement, type Db, nowIso } from './db.js';
@@ -102,6 +103,10 @@ export class VdiStore {
   readonly images = new ImageCache(this);
   /** What each VDI's file holds: the whole disk, or a layer over a parent. */
   readonly contents: Contents;
+  /** Readers and commits of chains, which merges wait for (storage/merges.ts). */
+  readonly gate = new ChainGate();
+  /** Called after a delete or a commit changed which contents are held (merges are planned then). */
+  onChainsChanged: () => void = () => {};
 
   constructor(
     private readonly db: Db,
@@ -378,6 +383,7 @@ export class VdiStore {
     this.images.drop(id);
     await this.unlinkReleased(vdi, released, { wait: true });
     await this.dropDigests(vdi);
+    this.onChainsChanged();
   }
 
   /** Path of the VDI's block digests, or null when its content has none. */
@@ -429,8 +435,20 @@ export class VdiStore {
     const file = this.imagePath(vdi);
     if (vdi.image_format === 'raw') {
       const row = this.contents.get(vdi.content_id);
-      if (row?.parent) return this.openChain(vdi, row);
-      return RawFileImage.open(file, { virtualSize: vdi.virtual_size });
+      // Registered now, before any await: a merge deciding meanwhile sees this reader.
+      const done = this.gate.openReader(
+        row ? this.contents.chain(row.id).map((r) => r.id) : [vdi.content_id],
+      );
+      const opening = row?.parent
+        ? this.openChain(vdi, row)
+        : RawFileImage.open(file, { virtualSize: vdi.virtual_size });
+      return opening.then(
+        (image) => untilClosed(image, done),
+        (err) => {
+          done();
+          throw err;
+        },
+      );
     }
     // A container at rest that no longer decodes was damaged there: IMAGE_CORRUPT (see StoredImage).
     return codecFor(vdi.image_format)
@@ -439,6 +457,12 @@ export class VdiStore {
         (image) => new StoredImage(image, vdi.id),
         (err) => Promise.reject(corruptAtRest(vdi.id, err)),
       );
+  }
+
+  /** The contents a VDI's reads and commits go through, top first. */
+  chainIdsOf(vdi: Vdi): string[] {
+    const ids = this.contents.chain(vdi.content_id).map((r) => r.id);
+    return ids.length ? ids : [vdi.content_id];
   }
 
   /** A layered VDI: its file over its parents' id-named files, read as one disk. */
@@ -527,7 +551,7 @@ export class VdiStore {
       inTransaction?: (generation: number) => void;
     } = {},
   ): Promise<Vdi> {
-    const vdi = this.get(id);
+    let vdi = this.get(id);
     // Every write path refuses a snapshot before its first byte; this is the last line.
     this.assertWritable(vdi, 'an import');
     const sr = this.srOf(vdi);
@@ -548,7 +572,11 @@ export class VdiStore {
     }
     await fsp.rm(target, { force: true }); // an orphan of an earlier attempt
     let released: string[];
+    // A merge of this chain gives way, and the row is read again after it
+    // (a merge may have moved the VDI's content onto its parent).
+    const leave = await this.gate.enterCommit(() => this.chainIdsOf(this.get(id)));
     try {
+      vdi = this.get(id);
       const layer = await this.writeLayer(vdi, stagedFile, target, opts.virtualSize ?? vdi.virtual_size);
       if (!layer) await fsp.link(stagedFile, target);
       await fsyncDir(sr.path);
@@ -558,7 +586,10 @@ export class VdiStore {
       await fsp.rm(target, { force: true });
       await fsp.rm(digests, { force: true });
       throw spaceError(err, 'the commit');
+    } finally {
+      leave();
     }
+    this.onChainsChanged();
     this.images.drop(id);
     await fsp.rm(stagedFile, { force: true });
     await this.dropDigests(vdi);
@@ -751,6 +782,16 @@ export function vhdUuidOf(vdi: Vdi): Buffer | undefined {
   return vdi.is_snapshot ? Buffer.from(vdi.id.replaceAll('-', ''), 'hex') : undefined;
 }
 
+/** `image`, whose close() also runs `done` (once). */
+function untilClosed(image: BlockImage, done: () => void): BlockImage {
+  const close = image.close.bind(image);
+  image.close = () => {
+    done();
+    return close();
+  };
+  return image;
+}
+
 function contentChanged(id: string): ApiError {
   return new ApiError(
     'VDI_BUSY',
@@ -774,10 +815,11 @@ const GENERATION_FILE_NAME = new RegExp(`^${UUID}\\.g\\d+\\.[a-z0-9]+$`);
 /**
  * Staging files: an upload's (`transfer-<id>.<format>`, and beside it its
  * chunks landed aside, its converted image, a streaming import's disk), a
- * resize's, a copy's into another SR (clone, migration), a file-size probe's.
+ * resize's, a copy's into another SR (clone, migration), a merge's new link
+ * of a merged layer, a file-size probe's.
  */
 const STAGING_FILE_NAME = new RegExp(
-  `^(transfer|resize|copy|${PROBE_PREFIX.slice(0, -1)})-${UUID}(\\.[A-Za-z0-9.-]+)?$`,
+  `^(transfer|resize|copy|merge|${PROBE_PREFIX.slice(0, -1)})-${UUID}(\\.[A-Za-z0-9.-]+)?$`,
 );
 
 function checkVirtualSize(size: number): void {

@@ -1,0 +1,312 @@
+/**
+ * Merges of chains at rest (docs/design.md, "Merge (coalesce), crash-safe"),
+ * as built for raw SRs. Two kinds, both planned from the contents table
+ * alone, so a restart plans again whatever a kill -9 cut short:
+ *
+ * - **down**: a content P that no VDI names and that has one child layer C
+ *   (its last snapshot was deleted) takes C's defined blocks into its own
+ *   file; then every VDI naming C names P. Cost: C's data.
+ *     1. Wait until every open reader holding P reads it under C (ChainGate).
+ *     2. Copy C's defined ranges into P's file, fsync. Readers of C over P
+ *        never read P where C is written; a kill -9 here leaves every row
+ *        as it was and the copy is run again (same bytes, same places).
+ *     3. Each VDI's file naming C becomes a link of P's file (link aside,
+ *        rename over): P's file read as "C's ranges over P" is C over P,
+ *        byte for byte, so readers opening it between 3 and 4 read right.
+ *     4. One transaction: those VDIs name P, C's children hang under P, P
+ *        defines what both defined, C's row goes.
+ *     5. C's and P's spare names are unlinked (startup collects them after
+ *        a crash). Readers holding C keep their open file.
+ * - **flatten**: a VDI whose chain is deeper than the depth limit and whose
+ *   layers are all held (by snapshots) has the layer at the limit filled
+ *   from its parent's view, where it reads through today (those very bytes,
+ *   so no reader sees a change), fsynced; then one transaction makes it
+ *   flat. Cost: the data under it, once.
+ *
+ * Nothing here touches block digests: they describe each VDI's whole disk,
+ * which a merge never changes, so changed blocks stay exact across merges.
+ * One merge runs at a time (ops/merges.ts); memory is one 4 MiB buffer.
+ */
+import { randomUUID } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+import type { BlockImage } from '../image/block-image.js';
+import { ChainImage, type ChainLayer, type DefinedRange } from '../image/chain-image.js';
+import { RawFileImage } from '../image/raw-file-image.js';
+import { fillFromParent, type MergeWriteOptions, mergeDefinedInto, unionRanges } from '../image/raw-merge.js';
+import { type ContentRow, decodeDefined, encodeDefined } from './contents.js';
+import type { Db } from './db.js';
+import type { Sr, SrStore } from './srs.js';
+import { fsyncDir, type Vdi, type VdiStore } from './vdis.js';
+
+export type MergePlan =
+  | { kind: 'down'; child: string; parent: string; vdi: string | null; bytes: number }
+  | { kind: 'flatten'; layer: string; parent: string; vdi: string | null; bytes: number };
+
+/** What a merge did: `stale` when the chain changed under it (a delete, a commit) and it had nothing left to do. */
+export type MergeOutcome = 'merged' | 'stale';
+
+/**
+ * What merging needs of one layer format at rest. Raw layers are built; a
+ * qcow2 or vhd layer format adds its own (copy clusters and L2 entries,
+ * blocks and BAT entries) behind the same two calls.
+ */
+interface LayerMergeBackend {
+  /** Makes `defined` of the parent's file read as the child's file does there; grows it to `size`. */
+  mergeDown(
+    childFile: string,
+    defined: readonly DefinedRange[],
+    parentFile: string,
+    sizes: { size: number; oldSize: number },
+    opts: MergeWriteOptions,
+  ): Promise<void>;
+  /** Makes the layer's file hold its whole view (`parent` read where it defines nothing). */
+  fill(
+    layerFile: string,
+    defined: readonly DefinedRange[],
+    parent: BlockImage,
+    size: number,
+    opts: MergeWriteOptions,
+  ): Promise<void>;
+}
+
+const BACKENDS: Record<string, LayerMergeBackend> = {
+  raw: { mergeDown: mergeDefinedInto, fill: fillFromParent },
+};
+
+export class ChainMerges {
+  constructor(
+    private readonly db: Db,
+    private readonly srs: SrStore,
+    private readonly vdis: VdiStore,
+  ) {}
+
+  /** Merges the chains need now, down merges first (cheap, and they make chains shallower). */
+  plan(maxDepth: number): MergePlan[] {
+    const contents = this.vdis.contents;
+    const plans: MergePlan[] = [];
+    const orphans = this.db
+      .prepare(
+        `SELECT c.id FROM contents c
+         WHERE NOT EXISTS (SELECT 1 FROM vdis v WHERE v.content_id = c.id)
+           AND (SELECT COUNT(*) FROM contents k WHERE k.parent = c.id) = 1
+         ORDER BY c.created_at, c.id`,
+      )
+      .all() as { id: string }[];
+    for (const { id } of orphans) {
+      const child = this.db.prepare('SELECT * FROM contents WHERE parent = ?').get(id) as ContentRow;
+      if (!backendOf(child.id) || !backendOf(id)) continue;
+      plans.push({
+        kind: 'down',
+        child: child.id,
+        parent: id,
+        vdi: this.namerOf(child.id),
+        bytes: total(decodeDefined(child)),
+      });
+    }
+    const tops = this.db
+      .prepare(
+        `SELECT DISTINCT v.content_id AS id FROM vdis v JOIN contents c ON c.id = v.content_id
+         WHERE c.parent IS NOT NULL ORDER BY v.content_id`,
+      )
+      .all() as { id: string }[];
+    const seen = new Set<string>();
+    for (const { id } of tops) {
+      const chain = contents.chain(id);
+      if (chain.length <= maxDepth) continue;
+      const layer = chain[maxDepth - 1];
+      if (seen.has(layer.id) || !backendOf(layer.id) || layer.parent === null) continue;
+      seen.add(layer.id);
+      plans.push({
+        kind: 'flatten',
+        layer: layer.id,
+        parent: layer.parent,
+        vdi: this.namerOf(id),
+        bytes: layer.virtual_size - total(decodeDefined(layer)),
+      });
+    }
+    return plans;
+  }
+
+  /** Runs one planned merge; `signal` stops it (between 4 MiB writes, never inside its switch). */
+  run(plan: MergePlan, opts: { signal: AbortSignal; onBytes?: (n: number) => void }): Promise<MergeOutcome> {
+    return plan.kind === 'down' ? this.mergeDown(plan, opts) : this.flatten(plan, opts);
+  }
+
+  private async mergeDown(
+    plan: Extract<MergePlan, { kind: 'down' }>,
+    opts: { signal: AbortSignal; onBytes?: (n: number) => void },
+  ): Promise<MergeOutcome> {
+    const { child: c, parent: p } = plan;
+    const allow = (chain: readonly string[]) => {
+      const i = chain.indexOf(p);
+      return i < 0 || (i > 0 && chain[i - 1] === c);
+    };
+    return this.vdis.gate.runMerge(new Set([c, p]), allow, opts.signal, async (signal) => {
+      const rows = this.downRows(c, p);
+      if (!rows) return 'stale';
+      const { child, parent } = rows;
+      const sr = this.srs.get(child.sr_id);
+      const dir = sr.path;
+      const parentFile = path.join(dir, p);
+      const childFile = await this.fileOf(dir, c);
+      if (!childFile) return 'stale';
+      const defined = decodeDefined(child);
+      const size = Math.max(child.virtual_size, parent.virtual_size);
+      await BACKENDS.raw.mergeDown(
+        childFile,
+        defined,
+        parentFile,
+        { size, oldSize: parent.virtual_size },
+        { signal, onBytes: opts.onBytes },
+      );
+      // The switch is not cut short: each step below leaves every VDI reading right.
+      // A snapshot or clone of C made meanwhile is one more name to relink: again.
+      let namers: Vdi[];
+      let done: 'merged' | 'stale' | 'again';
+      do {
+        namers = this.namersOf(c);
+        const ids = namers.map((v) => v.id).join();
+        for (const v of namers) await this.relink(sr, parentFile, v.file_name);
+        await fsyncDir(dir);
+        done = this.db.transaction(() => {
+          if (!this.downRows(c, p)) return 'stale' as const;
+          if (
+            this.namersOf(c)
+              .map((v) => v.id)
+              .join() !== ids
+          )
+            return 'again' as const;
+          this.db.prepare('UPDATE vdis SET content_id = ? WHERE content_id = ?').run(p, c);
+          this.db.prepare('UPDATE contents SET parent = ? WHERE parent = ?').run(p, c);
+          const merged =
+            parent.defined === null ? null : encodeDefined(unionRanges(decodeDefined(parent), defined));
+          this.db
+            .prepare('UPDATE contents SET defined = ?, virtual_size = ? WHERE id = ?')
+            .run(merged, size, p);
+          this.db.prepare('DELETE FROM contents WHERE id = ?').run(c);
+          return 'merged' as const;
+        })();
+      } while (done === 'again');
+      if (done === 'stale') return 'stale';
+      for (const v of namers) this.vdis.images.drop(v.id);
+      await this.unlinkSpare(sr, c);
+      await this.unlinkSpare(sr, p);
+      return 'merged';
+    });
+  }
+
+  private async flatten(
+    plan: Extract<MergePlan, { kind: 'flatten' }>,
+    opts: { signal: AbortSignal; onBytes?: (n: number) => void },
+  ): Promise<MergeOutcome> {
+    const layer = this.vdis.contents.get(plan.layer);
+    if (!layer || layer.parent !== plan.parent) return 'stale';
+    const sr = this.srs.get(layer.sr_id);
+    const dir = sr.path;
+    const layerFile = await this.fileOf(dir, layer.id);
+    if (!layerFile) return 'stale';
+    const parentView = await this.openChain(dir, plan.parent, layer.virtual_size);
+    try {
+      await BACKENDS.raw.fill(layerFile, decodeDefined(layer), parentView, layer.virtual_size, {
+        signal: opts.signal,
+        onBytes: opts.onBytes,
+      });
+    } finally {
+      await parentView.close();
+    }
+    const released = this.db.transaction(() => {
+      const now = this.vdis.contents.get(layer.id);
+      if (!now || now.parent !== plan.parent) return null;
+      this.db.prepare('UPDATE contents SET parent = NULL, defined = NULL WHERE id = ?').run(layer.id);
+      return this.vdis.contents.release(plan.parent);
+    })();
+    if (released === null) return 'stale';
+    // The parent's own name goes with its last child (its snapshots keep their files).
+    for (const id of new Set([plan.parent, ...released])) await this.unlinkSpare(sr, id);
+    return 'merged';
+  }
+
+  /** The rows of a down merge, if it still applies: C over P, P named by no VDI, C its only child. */
+  private downRows(c: string, p: string): { child: ContentRow; parent: ContentRow } | null {
+    const contents = this.vdis.contents;
+    const child = contents.get(c);
+    const parent = contents.get(p);
+    if (!child || !parent || child.parent !== p) return null;
+    if (contents.holders(p) !== 1) return null;
+    return { child, parent };
+  }
+
+  /** The chain under and including `id`, read from id-named files (parents are kept under their ids). */
+  private async openChain(dir: string, id: string, virtualSize: number): Promise<BlockImage> {
+    const layers: ChainLayer[] = [];
+    try {
+      for (const row of this.vdis.contents.chain(id)) {
+        const image = await RawFileImage.open(path.join(dir, row.id), { virtualSize: row.virtual_size });
+        layers.push({ image, defined: decodeDefined(row) });
+      }
+    } catch (err) {
+      await Promise.all(layers.map((l) => l.image.close()));
+      throw err;
+    }
+    return new ChainImage(virtualSize, layers);
+  }
+
+  /** A file holding content `id`: its id-named file, else a VDI's file naming it; null if none is left. */
+  private async fileOf(dir: string, id: string): Promise<string | null> {
+    const names = [id, ...this.namersOf(id).map((v) => v.file_name)];
+    for (const name of names) {
+      const file = path.join(dir, name);
+      if (
+        await fsp.access(file).then(
+          () => true,
+          () => false,
+        )
+      )
+        return file;
+    }
+    return null;
+  }
+
+  private namersOf(id: string): Vdi[] {
+    return this.db.prepare('SELECT * FROM vdis WHERE content_id = ? ORDER BY id').all(id) as Vdi[];
+  }
+
+  private namerOf(id: string): string | null {
+    const row = this.db
+      .prepare('SELECT id FROM vdis WHERE content_id = ? ORDER BY is_snapshot, created_at LIMIT 1')
+      .get(id) as { id: string } | undefined;
+    return row?.id ?? null;
+  }
+
+  /** Makes `name` in the SR another link of `file`, atomically (a link aside in staging, renamed over). */
+  private async relink(sr: Sr, file: string, name: string): Promise<void> {
+    const target = path.join(sr.path, name);
+    if (target === file) return;
+    const aside = this.vdis.stagingPathIn(sr, `merge-${randomUUID()}`);
+    await fsp.link(file, aside);
+    try {
+      await fsp.rename(aside, target);
+    } catch (err) {
+      await fsp.rm(aside, { force: true });
+      throw err;
+    }
+  }
+
+  /** Unlinks content `id`'s own name unless a VDI's file or a layer still goes by it. */
+  private async unlinkSpare(sr: Sr, id: string): Promise<void> {
+    const named = this.db
+      .prepare('SELECT 1 FROM vdis WHERE file_name = ? AND sr_id = ? LIMIT 1')
+      .get(id, sr.id);
+    if (named || this.vdis.contents.isParent(id)) return;
+    await fsp.rm(path.join(sr.path, id), { force: true });
+  }
+}
+
+function backendOf(contentId: string): LayerMergeBackend | undefined {
+  return BACKENDS[path.extname(contentId).slice(1)];
+}
+
+function total(ranges: readonly DefinedRange[]): number {
+  return ranges.reduce((n, r) => n + r.length, 0);
+}
