@@ -666,6 +666,60 @@ describe('vhd and qcow2 uploads convert into the disk as they arrive', () => {
     assert.equal(sha256(await vdiBytes(vdi.id)), sha256(raw), 'the disk is the image, byte for byte');
   });
 
+  test("the digests of streamed blocks are the disk's: changed blocks after vhd and qcow2 imports equal a brute-force comparison", async () => {
+    const BLOCK = 64 * 1024;
+    const vdi = await createVdi(srv.url, SIZE);
+    let disk = Buffer.from(raw);
+    const res = await fetch(`${srv.url}/v1/vdis/${vdi.id}/contents?format=raw`, {
+      method: 'PUT',
+      body: new Uint8Array(disk),
+    });
+    assert.equal(res.status, 200, await res.text());
+    const snap = await api<{ id: string }>(srv.url, 'POST', `/v1/vdis/${vdi.id}/snapshots`, {});
+    assert.equal(snap.status, 201, JSON.stringify(snap.body));
+    const rnd = prng(4242);
+    const imports: [string, string[]][] = [
+      ['qcow2', ['-O', 'qcow2', '-o', 'cluster_size=65536']],
+      ['vhd', ['-O', 'vpc']],
+      ['qcow2', ['-O', 'qcow2', '-o', 'cluster_size=512']],
+      ['qcow2', ['-O', 'qcow2', '-o', 'cluster_size=2097152']],
+    ];
+    for (const [step, [format, args]] of imports.entries()) {
+      // Writes at odd offsets and of odd lengths: new bytes, zeros, the same bytes again.
+      const next = Buffer.from(disk);
+      for (let w = 0; w < 12; w++) {
+        const at = Math.floor(rnd() * SIZE) & ~511;
+        const len = Math.min(SIZE - at, 512 * (1 + Math.floor(rnd() * 400)));
+        const kind = rnd();
+        if (kind < 0.25) next.fill(0, at, at + len);
+        else if (kind < 0.4) disk.copy(next, at, at, at + len);
+        else seededBytes(len, 900 + step * 20 + w).copy(next, at);
+      }
+      const nextFile = path.join(dir, `digests-${step}.raw`);
+      await fsp.writeFile(nextFile, next);
+      const file = path.join(dir, `digests-${step}.${format}`);
+      await execFileP('qemu-img', ['convert', '-f', 'raw', ...args, nextFile, file]);
+      const { status, body } = await put(vdi.id, file, format);
+      assert.equal(status, 200, JSON.stringify(body));
+      assert.ok((body.result.bytes_streamed ?? 0) > 0, `the ${format} streamed`);
+      assert.equal(sha256(await vdiBytes(vdi.id)), sha256(next));
+      const bits = await api<{ bitmap: string }>(
+        srv.url,
+        'GET',
+        `/v1/vdis/${vdi.id}/changed-blocks?base=${snap.body.id}`,
+      );
+      assert.equal(bits.status, 200, JSON.stringify(bits.body));
+      const bytes = Buffer.from(bits.body.bitmap, 'base64');
+      const got = Array.from({ length: SIZE / BLOCK }, (_, i) => (bytes[i >> 3] & (0x80 >> (i & 7))) !== 0);
+      const want = Array.from(
+        { length: SIZE / BLOCK },
+        (_, i) => !raw.subarray(i * BLOCK, (i + 1) * BLOCK).equals(next.subarray(i * BLOCK, (i + 1) * BLOCK)),
+      );
+      assert.deepEqual(got, want, `import ${step} (${format}): changed blocks against the snapshot`);
+      disk = next;
+    }
+  });
+
   test('a chunked VHD upload (no length up front) is staged whole, since its last sector decides', async () => {
     const file = await qemuImage('chunked.vhd', ['-O', 'vpc']);
     const img = await fsp.readFile(file);

@@ -19,9 +19,11 @@ import { promises as fsp } from 'node:fs';
 import type { BlockImage } from '../image/block-image.js';
 import { readAt } from '../image/file-io.js';
 import { isZero } from '../image/zero.js';
+import type { StreamedDigests } from './streamed-digests.js';
 
 export const DIGEST_BLOCK_BYTES = 64 * 1024;
-const ENTRY_BYTES = 16;
+export const DIGEST_ENTRY_BYTES = 16;
+const ENTRY_BYTES = DIGEST_ENTRY_BYTES;
 const MAGIC = 'DPBLKDG1';
 const HEADER_BYTES = 64;
 /** Blocks read (and hashed) per read of the image: 4 MiB. */
@@ -35,15 +37,19 @@ export function blockCount(virtualSize: number): number {
 
 /**
  * Writes the digest file of `image` at `file` (replacing one left by an
- * earlier attempt) and fsyncs it. The caller fsyncs the directory.
+ * earlier attempt) and fsyncs it. The caller fsyncs the directory. Blocks
+ * `known` holds (hashed as they were written: streamed-digests.ts) are taken
+ * from it, not read.
  */
 export async function writeBlockDigests(
   image: BlockImage,
   file: string,
   signal?: AbortSignal,
+  known?: StreamedDigests | null,
 ): Promise<void> {
   const size = image.virtualSize;
   const count = blockCount(size);
+  const from = known?.virtualSize === size ? known : null;
   const handle = await fsp.open(file, 'w', 0o600);
   try {
     const header = Buffer.alloc(HEADER_BYTES);
@@ -60,20 +66,20 @@ export async function writeBlockDigests(
       for (let b = first; b < end; b += READ_BLOCKS) {
         signal?.throwIfAborted();
         const n = Math.min(READ_BLOCKS, end - b);
-        const data = await image.readInto(buf.subarray(0, n * DIGEST_BLOCK_BYTES), b * DIGEST_BLOCK_BYTES);
         entries.fill(0);
-        let any = false;
-        for (let i = 0; i < n; i++) {
-          const from = i * DIGEST_BLOCK_BYTES;
-          const to = Math.min(data.length, from + DIGEST_BLOCK_BYTES);
-          if (from >= to || isZero(data, from, to)) continue;
-          createHash('sha256')
-            .update(data.subarray(from, to))
-            .digest()
-            .copy(entries, i * ENTRY_BYTES, 0, ENTRY_BYTES);
-          any = true;
+        // Blocks [b + i, b + j) not known: read and hashed together.
+        for (let i = 0; i < n; ) {
+          if (from?.entryInto(b + i, entries, i * ENTRY_BYTES)) {
+            i++;
+            continue;
+          }
+          let j = i + 1;
+          while (j < n && !from?.entryInto(b + j, entries, j * ENTRY_BYTES)) j++;
+          await hashBlocks(image, buf, entries, b, i, j);
+          i = j + 1;
         }
-        if (any) await handle.write(entries, 0, n * ENTRY_BYTES, HEADER_BYTES + b * ENTRY_BYTES);
+        if (!isZero(entries, 0, n * ENTRY_BYTES))
+          await handle.write(entries, 0, n * ENTRY_BYTES, HEADER_BYTES + b * ENTRY_BYTES);
       }
     }
     await handle.sync();
@@ -83,6 +89,30 @@ export async function writeBlockDigests(
     throw err;
   }
   await handle.close();
+}
+
+/** Reads blocks [b + i, b + j) of `image` into `buf` and puts their entries at entries[i..j). */
+async function hashBlocks(
+  image: BlockImage,
+  buf: Buffer,
+  entries: Buffer,
+  b: number,
+  i: number,
+  j: number,
+): Promise<void> {
+  const data = await image.readInto(
+    buf.subarray(0, (j - i) * DIGEST_BLOCK_BYTES),
+    (b + i) * DIGEST_BLOCK_BYTES,
+  );
+  for (let k = i; k < j; k++) {
+    const from = (k - i) * DIGEST_BLOCK_BYTES;
+    const to = Math.min(data.length, from + DIGEST_BLOCK_BYTES);
+    if (from >= to || isZero(data, from, to)) continue;
+    createHash('sha256')
+      .update(data.subarray(from, to))
+      .digest()
+      .copy(entries, k * ENTRY_BYTES, 0, ENTRY_BYTES);
+  }
 }
 
 /** Block index runs [first, end) overlapping the data extents, merged. */

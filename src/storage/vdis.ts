@@ -30,6 +30,7 @@ import { ImageCache } from './image-cache.js';
 import { type Page, type PageRequest, selectPage } from './paging.js';
 import type { Sr, SrStore } from './srs.js';
 import { corruptAtRest, StoredImage } from './stored-image.js';
+import type { StreamedDigests } from './streamed-digests.js';
 import type { VdiLocks } from './vdi-locks.js';
 
 export interface Vdi {
@@ -549,6 +550,8 @@ export class VdiStore {
       virtualSize?: number;
       /** More writes that must commit together with the switch (e.g. the transfer's state). */
       inTransaction?: (generation: number) => void;
+      /** Digests of blocks of `stagedFile` hashed as they were written (not read again). */
+      digests?: StreamedDigests | null;
     } = {},
   ): Promise<Vdi> {
     let vdi = this.get(id);
@@ -564,7 +567,7 @@ export class VdiStore {
     // crash before it leaves a file no row names, collected at startup.
     const staged = await this.openFile(stagedFile, vdi.image_format, opts.virtualSize ?? vdi.virtual_size);
     try {
-      await writeBlockDigests(staged, digests);
+      await writeBlockDigests(staged, digests, undefined, opts.digests);
     } catch (err) {
       throw spaceError(err, 'the commit');
     } finally {

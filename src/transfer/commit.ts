@@ -84,7 +84,10 @@ export async function commitStaged(
         { signal: task.signal },
       );
       await image.close();
-      return await vdis.commitContent(vdi.id, streamed.destPath, { inTransaction });
+      return await vdis.commitContent(vdi.id, streamed.destPath, {
+        inTransaction,
+        digests: streamed.digests,
+      });
     }
     converted = `${stagedFile}.${vdi.image_format}`;
     await convertInto(source, vdi.image_format, converted, { signal: task.signal });

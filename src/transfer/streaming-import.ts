@@ -39,6 +39,7 @@ import { guarded, spaceGuardOf } from '../image/space.js';
 import { zeroRange } from '../image/sparse.js';
 import { forEachRun } from '../image/zero.js';
 import { type CopyProgress, EarlyWriteback, writeRawData } from '../storage/convert.js';
+import { StreamedDigests } from '../storage/streamed-digests.js';
 import { fsyncDir } from '../storage/vdis.js';
 import type { ByteRange, RangeSet } from './range-set.js';
 
@@ -121,6 +122,12 @@ export class StreamingImport {
   private unrecorded: { hostEnd: number; guest: ByteRange }[] = [];
   private streamed = 0;
   private readonly writeback: EarlyWriteback;
+  /**
+   * Digests of the blocks streamed whole, hashed on the way so the commit
+   * need not read them back; null once `dest` may hold bytes they do not
+   * tell (an inherited disk, a failed or abandoned write).
+   */
+  private known: StreamedDigests | null;
 
   private constructor(
     private readonly layout: StreamLayout,
@@ -133,6 +140,7 @@ export class StreamingImport {
     private sunkUnknown: boolean,
   ) {
     this.writeback = new EarlyWriteback(dest);
+    this.known = sunkUnknown ? null : new StreamedDigests(diskSize);
   }
 
   /**
@@ -174,6 +182,11 @@ export class StreamingImport {
       opts.diskSize,
       inherited,
     );
+  }
+
+  /** Digests of blocks of `dest` known without reading it, for the commit (see streamed-digests.ts). */
+  get digests(): StreamedDigests | null {
+    return this.known;
   }
 
   /** Bytes of the image that went straight into the disk. */
@@ -220,6 +233,7 @@ export class StreamingImport {
     this.layout.disable();
     this.owner = null;
     this.sunkUnknown = true;
+    this.known = null;
     // Bytes still gathered belong to unrecorded ranges: dropped, then zeroed with the rest.
     await this.writer.discard();
     for (const { guest } of this.unrecorded.splice(0))
@@ -246,6 +260,7 @@ export class StreamingImport {
     } catch (err) {
       // An error leaves it unknown which bytes landed where: stage everything from here on.
       this.layout.disable();
+      this.known = null;
       this.owner = null;
       throw err;
     }
@@ -277,6 +292,9 @@ export class StreamingImport {
 
   /** Writes image data to its guest offset in `dest`, zero blocks left as holes (or punched). */
   private async sink(data: Buffer, guest: number, hostEnd: number, opts: RouteOptions): Promise<void> {
+    // The disk reads `data` there once these writes land (zero runs are holes or punched);
+    // hashed now, while the bytes are at hand. A failure drops it all (write()).
+    this.known?.feed(data, guest);
     const writes: Promise<unknown>[] = [];
     let written = 0;
     forEachRun(data, data.length, guest, (s, e, zero) => {
@@ -342,6 +360,7 @@ export class StreamingImport {
     await this.writer.flush();
     // An image smaller than the VDI: nothing past its end may survive (a fixed VHD streams whole).
     if (staged.virtualSize < this.diskSize) {
+      this.known?.forget(staged.virtualSize, this.diskSize);
       await zeroRange(this.dest, staged.virtualSize, this.diskSize - staged.virtualSize);
     }
     await this.writeback.settle();
