@@ -505,6 +505,21 @@ describe('ovirt-imageio tickets and /images/', () => {
     }
     let r = await imagesStatus(ro.url, { method: 'PUT', body: 'x' });
     assert.equal(r.status, 403, 'a read ticket forbids writes');
+    assert.match(r.body, /forbids write/);
+    for (const patch of [{ op: 'zero', size: 1 }, { op: 'flush' }]) {
+      r = await imagesStatus(ro.url, { method: 'PATCH', body: JSON.stringify(patch) });
+      assert.equal(r.status, 403, `a read ticket forbids ${patch.op}`);
+    }
+    for (const sub of ['/extents', '/checksum']) {
+      r = await imagesStatus(`${srv.url}/images/no-such-ticket${sub}`);
+      assert.equal(r.status, 403, sub);
+      assert.match(r.body, /IMAGEIO_TICKET_FORBIDDEN/);
+    }
+    // A finished ticket is no longer usable, as imageio's docs say of a finished transfer.
+    const done = await install(await vdi(MiB), ['read'], {}, MiB);
+    assert.equal((await finalize(done.id)).status, 'success');
+    r = await imagesStatus(done.url, { headers: { range: 'bytes=0-1' } });
+    assert.equal(r.status, 403, 'a finalized ticket');
     r = await imagesStatus(rw.url, { headers: { range: 'bytes=0-1' } });
     assert.equal(r.status, 206, 'a write ticket reads back');
     r = await imagesStatus(rw.url, { headers: { range: `bytes=${MiB}-` } });
@@ -535,6 +550,17 @@ describe('ovirt-imageio tickets and /images/', () => {
     assert.match(r.body, /Missing required value for 'size'/);
     r = await imagesStatus(rw.url, { method: 'PATCH', body: JSON.stringify({ op: 'trim', size: 1 }) });
     assert.equal(r.status, 400);
+    for (const bad of [
+      { size: -1 },
+      { size: 1.5 },
+      { size: '1' },
+      { size: 1, offset: -4096 },
+      { size: 1, flush: 'y' },
+    ]) {
+      r = await imagesStatus(rw.url, { method: 'PATCH', body: JSON.stringify({ op: 'zero', ...bad }) });
+      assert.equal(r.status, 400, JSON.stringify(bad));
+      assert.match(r.body, /Invalid value for '(size|offset|flush)'/);
+    }
     r = await imagesStatus(rw.url, { method: 'PATCH', body: 'not json' });
     assert.equal(r.status, 400);
     r = await imagesStatus(rw.url, {

@@ -26,13 +26,13 @@ export const IMAGEIO_MAX_WRITERS = 8;
 const ALL_FEATURES = ['extents', 'zero', 'flush', 'checksum'];
 const EXTENT_CONTEXTS = ['zero', 'dirty'];
 
-/** Authorizes the request's ticket for `op`, counts it as a connection while it runs, and renews the session. */
+/** Authorizes the request's ticket for `op`, counts it as a connection while it runs, and keeps the session alive. */
 async function ticketFor(s: Services, req: Request, res: Response, op?: TicketOp): Promise<Ticket> {
   const { ticket } = await s.tickets.authorize(req.params.ticket as string, op);
   res.locals.imageioSize = ticket.size;
   const done = s.tickets.track(ticket.id);
   res.once('close', done);
-  s.transfers.renew(ticket.transfer_id);
+  s.transfers.keepAlive(ticket.transfer_id);
   return ticket;
 }
 

@@ -287,9 +287,17 @@ export class SessionLifecycle {
     const live = this.sessions.find(id);
     if (!live) return;
     live.task.addBytes(n);
-    // A long download is activity: it keeps the session alive (saved at most once a second).
-    const now = Date.now();
-    if (now - Date.parse(live.t.expires_at) + live.t.ttl_seconds * 1000 >= 1000) this.renew(id);
+    // A long download is activity: it keeps the session alive.
+    this.keepAlive(id);
+  }
+
+  /** Activity on a session: renews it, saved at most once a second (a save per request would cost a commit each). */
+  keepAlive(id: string): void {
+    const live = this.sessions.find(id);
+    if (!live) return;
+    const ttlMs = live.t.ttl_seconds * 1000;
+    // Renewed that long ago: at most a second, and at most half the ttl, so a short ttl never lapses in use.
+    if (Date.now() - Date.parse(live.t.expires_at) + ttlMs >= Math.min(1000, ttlMs / 2)) this.renew(id);
   }
 
   /** Sliding expiry for downloads too: each request renews the session. */

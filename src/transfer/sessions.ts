@@ -214,6 +214,11 @@ export class TransferService {
     this.lifecycle.renew(id);
   }
 
+  /** Renews the session for a request on it, saving the new expiry at most once a second. */
+  keepAlive(id: string): void {
+    this.lifecycle.keepAlive(id);
+  }
+
   reapExpired(): Promise<void> {
     return this.lifecycle.reapExpired();
   }
