@@ -13,6 +13,7 @@ import { endBodyAtEof, onClientError } from './http/read-to-eof.js';
 import { transferTokenAuth } from './http/transfer-auth.js';
 import { checksumRoutes } from './routes/checksum.js';
 import { contentRoutes } from './routes/contents.js';
+import { diskSetRoutes } from './routes/disk-sets.js';
 import { extentRoutes } from './routes/extents.js';
 import { healthRoutes } from './routes/health.js';
 import { imageioImageRoutes } from './routes/imageio-images.js';
@@ -69,6 +70,7 @@ export function createApp(s: Services, opts: { imageioOnly?: boolean } = {}): Ex
   );
   app.use(srRoutes(s));
   app.use(vdiRoutes(s));
+  app.use(diskSetRoutes(s));
   app.use(contentRoutes(s));
   app.use(extentRoutes(s));
   app.use(checksumRoutes(s));

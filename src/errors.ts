@@ -73,6 +73,9 @@ export const ERRORS = {
   TRANSFER_NOT_FOUND: { status: 404, meaning: 'no transfer with this id' },
   UPLOAD_NOT_FOUND: { status: 404, meaning: 'no tus upload with this id' },
   IMAGEIO_TICKET_NOT_FOUND: { status: 404, meaning: 'no ovirt-imageio ticket with this id' },
+  DISK_SET_NOT_FOUND: { status: 404, meaning: 'no disk set with this id' },
+  DISK_SET_MEMBER_NOT_FOUND: { status: 404, meaning: 'the VDI is not a member of the disk set' },
+  DISK_SET_SNAPSHOT_NOT_FOUND: { status: 404, meaning: 'no snapshot of this disk set with this id' },
   DIRTY_EXTENTS_UNAVAILABLE: {
     status: 404,
     meaning: 'extents?context=dirty on a ticket that is not part of an incremental backup (dirty: false)',
@@ -194,6 +197,8 @@ const NOT_FOUND_CODES = {
   vdi: 'VDI_NOT_FOUND',
   task: 'TASK_NOT_FOUND',
   transfer: 'TRANSFER_NOT_FOUND',
+  'disk set': 'DISK_SET_NOT_FOUND',
+  'disk set snapshot': 'DISK_SET_SNAPSHOT_NOT_FOUND',
 } as const satisfies Record<string, ErrorCode>;
 
 export class NotFoundError extends ApiError {

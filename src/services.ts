@@ -10,6 +10,7 @@ import { ChecksumService } from './ops/checksum.js';
 import { MergeService } from './ops/merges.js';
 import { VdiCopies } from './ops/vdi-copy.js';
 import { type Db, openDb } from './storage/db.js';
+import { DiskSets } from './storage/disk-sets.js';
 import { ChainMerges } from './storage/merges.js';
 import { Snapshots } from './storage/snapshots.js';
 import { SrStore } from './storage/srs.js';
@@ -30,6 +31,8 @@ export interface Services {
   srs: SrStore;
   vdis: VdiStore;
   snapshots: Snapshots;
+  /** Disk sets and their consistent snapshots. */
+  diskSets: DiskSets;
   /** Clones into another SR and migrations: copies run as tasks. */
   copies: VdiCopies;
   tasks: TaskManager;
@@ -93,6 +96,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
   const checksums = new ChecksumService(vdis, tasks);
   const reads = new ReadCounters();
   const observed = observeTasks(tasks, reads);
+  const snapshots = new Snapshots(vdis, srs);
 
   const services: Services = {
     config,
@@ -100,7 +104,8 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     db,
     srs,
     vdis,
-    snapshots: new Snapshots(vdis, srs),
+    snapshots,
+    diskSets: new DiskSets(db, vdis, snapshots),
     copies: new VdiCopies(vdis, srs, tasks),
     tasks,
     transfers,

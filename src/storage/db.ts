@@ -136,6 +136,30 @@ export const MIGRATIONS: readonly string[] = [
    );
    CREATE INDEX vdis_by_content ON vdis(content_id);
    CREATE INDEX contents_by_parent ON contents(parent);`,
+  // Disk sets (storage/disk-sets.ts): a VDI may be in several; a deleted VDI leaves them.
+  `CREATE TABLE disk_sets (
+     id TEXT PRIMARY KEY,
+     name_label TEXT NOT NULL,
+     name_description TEXT NOT NULL DEFAULT '',
+     created_at TEXT NOT NULL
+   );
+   CREATE INDEX disk_sets_by_created ON disk_sets(created_at);
+   CREATE TABLE disk_set_members (
+     set_id TEXT NOT NULL REFERENCES disk_sets(id) ON DELETE CASCADE,
+     vdi_id TEXT NOT NULL REFERENCES vdis(id) ON DELETE CASCADE,
+     added_at TEXT NOT NULL,
+     PRIMARY KEY (set_id, vdi_id)
+   );
+   CREATE INDEX disk_set_members_by_vdi ON disk_set_members(vdi_id);
+   CREATE TABLE disk_set_snapshots (
+     id TEXT PRIMARY KEY,
+     set_id TEXT NOT NULL REFERENCES disk_sets(id) ON DELETE CASCADE,
+     name_label TEXT NOT NULL,
+     snapshot_time TEXT NOT NULL,
+     members TEXT NOT NULL,
+     created_at TEXT NOT NULL
+   );
+   CREATE INDEX disk_set_snapshots_by_set ON disk_set_snapshots(set_id, created_at);`,
 ];
 
 export function openDb(file: string): Db {

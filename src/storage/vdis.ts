@@ -273,6 +273,11 @@ export class VdiStore {
       .run(vdi);
   }
 
+  /** Runs `fn` in one metadata transaction (all of it or nothing); `fn` must not await. */
+  inTransaction<T>(fn: () => T): T {
+    return this.db.transaction(fn)();
+  }
+
   /**
    * Records a snapshot or clone of `source` unless the source committed
    * since its row was read (its content may then be released): one

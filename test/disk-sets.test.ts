@@ -1,0 +1,288 @@
+/**
+ * Disk sets: a persisted set of VDIs (a VDI in several), its members added
+ * and removed one at a time or all at once, and consistent set snapshots:
+ * under commits racing to the members, a set snapshot never holds one
+ * member's commit without another's that finished before it.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { api, createVdi } from './helpers/api.js';
+import { prng, startServer, type TestServer } from './helpers/server.js';
+
+type DiskSet = { id: string; name_label: string; vdis: string[]; size: number; virtual_size: number };
+type SetSnapshot = {
+  id: string;
+  disk_set: string;
+  snapshot_time: string;
+  snapshots: { vdi: string; snapshot: string }[];
+};
+type ErrorBody = { error: { code: string; message: string } };
+
+const KiB = 1024;
+
+async function put(base: string, vdi: string, body: Buffer): Promise<void> {
+  const res = await fetch(`${base}/v1/vdis/${vdi}/contents?format=raw`, {
+    method: 'PUT',
+    body: new Uint8Array(body),
+  });
+  assert.equal(res.status, 200, await res.text());
+  await res.arrayBuffer().catch(() => {});
+}
+
+async function marker(base: string, vdi: string): Promise<number> {
+  const res = await fetch(`${base}/v1/vdis/${vdi}/contents?format=raw`, { headers: { range: 'bytes=0-3' } });
+  assert.equal(res.status, 206);
+  return Buffer.from(await res.arrayBuffer()).readUInt32LE(0);
+}
+
+describe('disk sets', () => {
+  let srv: TestServer;
+  before(async () => {
+    srv = await startServer();
+  });
+  after(() => srv.close());
+
+  test('a set is created, listed a page at a time, renamed, filled and emptied, and survives a restart', async () => {
+    const a = await createVdi(srv.url, 64 * KiB);
+    const b = await createVdi(srv.url, 128 * KiB, { image_format: 'qcow2' });
+    const c = await createVdi(srv.url, 192 * KiB, { image_format: 'vhd' });
+
+    const bad = await api<ErrorBody>(srv.url, 'POST', '/v1/disk-sets', {
+      name_label: 'vm',
+      vdis: [a.id, 'nope'],
+    });
+    assert.equal(bad.status, 404);
+    assert.equal(bad.body.error.code, 'VDI_NOT_FOUND');
+    const none = await api<DiskSet[]>(srv.url, 'GET', '/v1/disk-sets');
+    assert.equal(none.body.length, 0, 'a refused create leaves no set');
+
+    const made = await api<DiskSet>(srv.url, 'POST', '/v1/disk-sets', {
+      name_label: 'vm1',
+      vdis: [a.id, b.id],
+    });
+    assert.equal(made.status, 201);
+    assert.equal(made.headers.get('location'), `/v1/disk-sets/${made.body.id}`);
+    assert.deepEqual(made.body.vdis, [a.id, b.id]);
+    assert.equal(made.body.size, 2);
+    assert.equal(made.body.virtual_size, 192 * KiB);
+    const set = made.body.id;
+
+    assert.equal((await api(srv.url, 'PUT', `/v1/disk-sets/${set}/vdis/${c.id}`)).status, 201);
+    assert.equal(
+      (await api(srv.url, 'PUT', `/v1/disk-sets/${set}/vdis/${c.id}`)).status,
+      200,
+      'already a member',
+    );
+    const missing = await api<ErrorBody>(srv.url, 'PUT', `/v1/disk-sets/${set}/vdis/nope`);
+    assert.equal(missing.status, 404);
+    assert.equal(missing.body.error.code, 'VDI_NOT_FOUND');
+    const noSet = await api<ErrorBody>(srv.url, 'PUT', `/v1/disk-sets/nope/vdis/${a.id}`);
+    assert.equal(noSet.body.error.code, 'DISK_SET_NOT_FOUND');
+
+    const members = await api<{ id: string; virtual_size: number; image_format: string }[]>(
+      srv.url,
+      'GET',
+      `/v1/disk-sets/${set}/vdis`,
+    );
+    assert.deepEqual(
+      members.body.map((v) => [v.id, v.image_format, v.virtual_size]),
+      [
+        [a.id, 'raw', 64 * KiB],
+        [b.id, 'qcow2', 128 * KiB],
+        [c.id, 'vhd', 192 * KiB],
+      ],
+    );
+
+    assert.equal((await api(srv.url, 'DELETE', `/v1/disk-sets/${set}/vdis/${b.id}`)).status, 204);
+    const notMember = await api<ErrorBody>(srv.url, 'DELETE', `/v1/disk-sets/${set}/vdis/${b.id}`);
+    assert.equal(notMember.status, 404);
+    assert.equal(notMember.body.error.code, 'DISK_SET_MEMBER_NOT_FOUND');
+
+    // A VDI in two sets; adding all of a list is all or nothing.
+    const other = await api<DiskSet>(srv.url, 'POST', '/v1/disk-sets', {
+      name_label: 'shared',
+      vdis: [a.id],
+    });
+    const refused = await api<ErrorBody>(srv.url, 'POST', `/v1/disk-sets/${other.body.id}/vdis`, {
+      vdis: [b.id, 'nope'],
+    });
+    assert.equal(refused.status, 404);
+    assert.deepEqual((await api<DiskSet>(srv.url, 'GET', `/v1/disk-sets/${other.body.id}`)).body.vdis, [
+      a.id,
+    ]);
+    const added = await api<DiskSet & { added: number }>(
+      srv.url,
+      'POST',
+      `/v1/disk-sets/${other.body.id}/vdis`,
+      {
+        vdis: [a.id, b.id, c.id],
+      },
+    );
+    assert.equal(added.status, 200);
+    assert.equal(added.body.added, 2);
+    assert.deepEqual(added.body.vdis, [a.id, b.id, c.id]);
+
+    const renamed = await api<DiskSet>(srv.url, 'PATCH', `/v1/disk-sets/${set}`, {
+      name_label: 'vm1-renamed',
+    });
+    assert.equal(renamed.body.name_label, 'vm1-renamed');
+    assert.equal((await api(srv.url, 'PATCH', `/v1/disk-sets/${set}`, {})).status, 400);
+    assert.equal((await api(srv.url, 'POST', '/v1/disk-sets', { vdis: [] })).status, 400);
+
+    // Paging: newest first, the next link walks the rest.
+    const first = await api<DiskSet[]>(srv.url, 'GET', '/v1/disk-sets?limit=1');
+    assert.deepEqual(
+      first.body.map((d) => d.id),
+      [other.body.id],
+    );
+    const link = /<([^>]+)>; rel="next"/.exec(first.headers.get('link') ?? '');
+    assert.ok(link);
+    const second = await api<DiskSet[]>(srv.url, 'GET', link[1]);
+    assert.deepEqual(
+      second.body.map((d) => d.id),
+      [set],
+    );
+
+    // A restart keeps sets and members.
+    const dataDir = srv.dataDir;
+    await srv.close();
+    srv = await startServer({ dataDir });
+    const again = await api<DiskSet>(srv.url, 'GET', `/v1/disk-sets/${set}`);
+    assert.equal(again.body.name_label, 'vm1-renamed');
+    assert.deepEqual(again.body.vdis, [a.id, c.id]);
+
+    // A deleted VDI leaves every set it was in.
+    assert.equal((await api(srv.url, 'DELETE', `/v1/vdis/${a.id}`)).status, 204);
+    assert.deepEqual((await api<DiskSet>(srv.url, 'GET', `/v1/disk-sets/${set}`)).body.vdis, [c.id]);
+    assert.deepEqual((await api<DiskSet>(srv.url, 'GET', `/v1/disk-sets/${other.body.id}`)).body.vdis, [
+      b.id,
+      c.id,
+    ]);
+
+    assert.equal((await api(srv.url, 'DELETE', `/v1/disk-sets/${other.body.id}/vdis`)).status, 204);
+    assert.equal((await api<DiskSet>(srv.url, 'GET', `/v1/disk-sets/${other.body.id}`)).body.size, 0);
+    assert.equal((await api(srv.url, 'DELETE', `/v1/disk-sets/${other.body.id}`)).status, 204);
+    assert.equal((await api(srv.url, 'GET', `/v1/disk-sets/${other.body.id}`)).status, 404);
+    assert.equal(
+      (await api(srv.url, 'GET', `/v1/vdis/${b.id}`)).status,
+      200,
+      'a deleted set leaves its VDIs',
+    );
+  });
+
+  test('a set snapshot holds every member as it was, in one record; a snapshot member refuses it', async () => {
+    const a = await createVdi(srv.url, 64 * KiB);
+    const b = await createVdi(srv.url, 64 * KiB, { image_format: 'qcow2' });
+    await put(srv.url, a.id, Buffer.alloc(64 * KiB, 1));
+    await put(srv.url, b.id, Buffer.alloc(64 * KiB, 2));
+    const set = (
+      await api<DiskSet>(srv.url, 'POST', '/v1/disk-sets', { name_label: 's', vdis: [a.id, b.id] })
+    ).body;
+    const snap = await api<SetSnapshot>(srv.url, 'POST', `/v1/disk-sets/${set.id}/snapshots`, {
+      name_label: 'before',
+    });
+    assert.equal(snap.status, 201);
+    assert.deepEqual(
+      snap.body.snapshots.map((m) => m.vdi),
+      [a.id, b.id],
+    );
+    await put(srv.url, a.id, Buffer.alloc(64 * KiB, 3));
+    for (const [i, m] of snap.body.snapshots.entries()) {
+      const v = await api<{ is_snapshot: boolean; snapshot_of: string; snapshot_time: string }>(
+        srv.url,
+        'GET',
+        `/v1/vdis/${m.snapshot}`,
+      );
+      assert.equal(v.body.is_snapshot, true);
+      assert.equal(v.body.snapshot_of, m.vdi);
+      assert.equal(v.body.snapshot_time, snap.body.snapshot_time);
+      assert.equal(await marker(srv.url, m.snapshot), (i + 1) * 0x01010101);
+    }
+    const listed = await api<SetSnapshot[]>(srv.url, 'GET', `/v1/disk-sets/${set.id}/snapshots`);
+    assert.deepEqual(
+      listed.body.map((s) => s.id),
+      [snap.body.id],
+    );
+    const one = await api<SetSnapshot>(srv.url, 'GET', `/v1/disk-sets/${set.id}/snapshots/${snap.body.id}`);
+    assert.deepEqual(one.body, snap.body);
+
+    // A snapshot cannot be snapshotted: the set snapshot is refused whole, leaving nothing.
+    const before = (await api<unknown[]>(srv.url, 'GET', '/v1/vdis?is_snapshot=true')).body.length;
+    await api(srv.url, 'PUT', `/v1/disk-sets/${set.id}/vdis/${snap.body.snapshots[0].snapshot}`);
+    const refused = await api<ErrorBody>(srv.url, 'POST', `/v1/disk-sets/${set.id}/snapshots`);
+    assert.equal(refused.status, 409);
+    assert.equal(refused.body.error.code, 'VDI_IS_SNAPSHOT');
+    assert.equal((await api<unknown[]>(srv.url, 'GET', '/v1/vdis?is_snapshot=true')).body.length, before);
+
+    assert.equal(
+      (await api(srv.url, 'DELETE', `/v1/disk-sets/${set.id}/snapshots/${snap.body.id}`)).status,
+      204,
+    );
+    for (const m of snap.body.snapshots) {
+      assert.equal((await api(srv.url, 'GET', `/v1/vdis/${m.snapshot}`)).status, 404);
+    }
+  });
+
+  test('50 seeded interleavings of commits and set snapshots: no snapshot holds a commit without those finished before it', async () => {
+    const size = 64 * KiB;
+    const members = [
+      await createVdi(srv.url, size),
+      await createVdi(srv.url, size, { image_format: 'qcow2' }),
+      await createVdi(srv.url, size),
+    ].map((v) => v.id);
+    const set = (await api<DiskSet>(srv.url, 'POST', '/v1/disk-sets', { name_label: 'race', vdis: members }))
+      .body;
+    const disk = (n: number) => {
+      const b = Buffer.alloc(size);
+      b.writeUInt32LE(n, 0);
+      return b;
+    };
+    type Commit = { member: number; value: number; startedAt: number; finishedAt: number };
+    let checked = 0;
+    for (let seed = 1; seed <= 50; seed++) {
+      const rnd = prng(seed);
+      const commits: Commit[] = [];
+      const COMMITS_PER_MEMBER = 3;
+      // One writer per member, each commit after the one before; their order against each other is the seed's.
+      const writers = members.map(async (vdi, member) => {
+        for (let n = 1; n <= COMMITS_PER_MEMBER; n++) {
+          await new Promise((r) => setTimeout(r, Math.floor(rnd() * 8)));
+          const value = seed * 100 + n;
+          const startedAt = performance.now();
+          await put(srv.url, vdi, disk(value));
+          commits.push({ member, value, startedAt, finishedAt: performance.now() });
+        }
+      });
+      let writing = true;
+      const done = Promise.all(writers).finally(() => {
+        writing = false;
+      });
+      const snaps: SetSnapshot[] = [];
+      while (writing && snaps.length < 4) {
+        await new Promise((r) => setTimeout(r, Math.floor(rnd() * 6)));
+        const res = await api<SetSnapshot>(srv.url, 'POST', `/v1/disk-sets/${set.id}/snapshots`);
+        assert.equal(res.status, 201);
+        snaps.push(res.body);
+      }
+      await done;
+      for (const snap of snaps) {
+        const held = await Promise.all(snap.snapshots.map((m) => marker(srv.url, m.snapshot)));
+        // A commit a member holds (of this seed): every commit that finished before it started is held too.
+        for (const d of commits) {
+          if (held[d.member] < d.value) continue;
+          for (const c of commits) {
+            if (c.finishedAt >= d.startedAt) continue;
+            assert.ok(
+              held[c.member] >= c.value,
+              `seed ${seed}: a set snapshot holds ${d.value} on member ${d.member} but member ${c.member} is at ` +
+                `${held[c.member]}, though ${c.value} finished before ${d.value} began`,
+            );
+          }
+        }
+        checked++;
+        await api(srv.url, 'DELETE', `/v1/disk-sets/${set.id}/snapshots/${snap.id}`);
+      }
+    }
+    assert.ok(checked >= 50, `only ${checked} set snapshots were taken`);
+  });
+});
