@@ -18,6 +18,7 @@ import { extentRoutes } from './routes/extents.js';
 import { healthRoutes } from './routes/health.js';
 import { imageioImageRoutes } from './routes/imageio-images.js';
 import { imageioTicketRoutes } from './routes/imageio-tickets.js';
+import { leanRoutes, type RequestLogger } from './routes/lean.js';
 import { metricsRoutes } from './routes/metrics.js';
 import { srRoutes } from './routes/srs.js';
 import { taskRoutes } from './routes/tasks.js';
@@ -29,27 +30,36 @@ import type { Services } from './services.js';
 
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
 
+/** pino-http: the request id (X-Request-Id), `req.log`, and a line at each request's end. */
+function requestLogger(s: Services): RequestLogger {
+  return pinoHttp({
+    logger: s.logger,
+    genReqId: (req, res) => {
+      const incoming = req.headers['x-request-id'];
+      const id = typeof incoming === 'string' && REQUEST_ID_PATTERN.test(incoming) ? incoming : randomUUID();
+      res.setHeader('X-Request-Id', id);
+      return id;
+    },
+    customLogLevel: (_req, res, err) => (err || res.statusCode >= 500 ? 'error' : 'info'),
+    serializers: { req: redactRequest, res: redactResponse, err: redactError },
+  });
+}
+
 /** `imageioOnly`: the app of the --imageio-socket, which serves /images/ and nothing else. */
-export function createApp(s: Services, opts: { imageioOnly?: boolean } = {}): Express {
+export function createApp(
+  s: Services,
+  opts: { imageioOnly?: boolean } = {},
+  logRequest: RequestLogger = requestLogger(s),
+): Express {
   const app = express();
   app.disable('x-powered-by');
   app.set('etag', false); // exports carry their own strong ETags; JSON needs none
   app.set('query parser', 'simple');
 
-  app.use(
-    pinoHttp({
-      logger: s.logger,
-      genReqId: (req, res) => {
-        const incoming = req.headers['x-request-id'];
-        const id =
-          typeof incoming === 'string' && REQUEST_ID_PATTERN.test(incoming) ? incoming : randomUUID();
-        res.setHeader('X-Request-Id', id);
-        return id;
-      },
-      customLogLevel: (_req, res, err) => (err || res.statusCode >= 500 ? 'error' : 'info'),
-      serializers: { req: redactRequest, res: redactResponse, err: redactError },
-    }),
-  );
+  app.use((req, res, next) => {
+    logRequest(req, res);
+    next();
+  });
 
   app.use(rejectRepeatedQuery);
   app.use(continueUnlessUpload);
@@ -92,7 +102,10 @@ export function createApp(s: Services, opts: { imageioOnly?: boolean } = {}): Ex
  * to the app.
  */
 export function createServer(s: Services, opts: { imageioOnly?: boolean } = {}): http.Server {
-  const app = createApp(s, opts);
+  const logRequest = requestLogger(s);
+  const app = createApp(s, opts, logRequest);
+  // The hot reads skip express (src/routes/lean.ts); not on the imageio socket, which has no /v1.
+  const lean = opts.imageioOnly ? () => false : leanRoutes(s, logRequest);
   const { headersTimeoutMs } = s.config;
   const server = http.createServer({
     // TCP keepalive finds peers that vanished without a word (then the idle timeout acts).
@@ -106,7 +119,7 @@ export function createServer(s: Services, opts: { imageioOnly?: boolean } = {}):
     if (connections.refuse(req, res)) return;
     // Before the app: the connection may end in the same read as the headers.
     if (readsToEndOfConnection(req)) endBodyAtEof(req, res);
-    app(req, res);
+    if (!lean(req, res)) app(req, res);
   };
   server.on('request', handle);
   server.on('checkContinue', handle);

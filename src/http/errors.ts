@@ -4,6 +4,7 @@
  * diskport's own answers a generic message and the request id
  * (`details.request_id`); its cause goes to the log, never to the client.
  */
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { ErrorRequestHandler, RequestHandler } from 'express';
 import { ApiError, toApiError } from '../errors.js';
 import { spaceError } from '../image/space.js';
@@ -85,8 +86,18 @@ export const notFoundHandler: RequestHandler = (req, _res, next) => {
 };
 
 export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
+  answerError(err, req, res);
+};
+
+/**
+ * The error middleware's work, on plain Node objects so the lean path
+ * (src/http/lean.ts) answers its errors with the same code. The body is
+ * written as express's `res.status().json()` writes it.
+ */
+export function answerError(err: unknown, req: IncomingMessage, res: ServerResponse): void {
   // spaceError: SQLite's SQLITE_FULL and EDQUOT are a full disk too, with the SR's reserve in the details.
-  const apiError = err instanceof ApiError ? err : (fromExpressError(err) ?? toApiError(spaceError(err)));
+  const apiError =
+    err instanceof ApiError ? err : (fromExpressError(err as ExpressError) ?? toApiError(spaceError(err)));
   if (apiError.status >= 500) req.log?.error({ err: logCause(apiError) }, 'request failed');
   else req.log?.info({ code: apiError.code, message: redactSecrets(apiError.message) }, 'request refused');
   if (res.headersSent || res.destroyed) {
@@ -96,5 +107,10 @@ export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
   // A refused upload may still be streaming its body: do not keep reading it.
   if (!req.complete) res.setHeader('Connection', 'close');
   for (const [name, value] of Object.entries(apiError.headers)) res.setHeader(name, value);
-  res.status(apiError.status).json(toErrorBody(apiError, String(req.id ?? '')));
-};
+  const body = JSON.stringify(toErrorBody(apiError, String(req.id ?? '')));
+  res.statusCode = apiError.status;
+  res.setHeader('Content-Type', 'application/json; charset=utf-8');
+  res.setHeader('Content-Length', Buffer.byteLength(body));
+  if (req.method === 'HEAD') res.end();
+  else res.end(body);
+}

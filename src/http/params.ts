@@ -5,7 +5,12 @@ import { codecFor } from '../formats/index.js';
 
 /** `?format=`: a wire format's name, raw when absent. */
 export function formatParam(req: Request): string {
-  const format = typeof req.query.format === 'string' && req.query.format !== '' ? req.query.format : 'raw';
+  return formatValue(req.query.format);
+}
+
+/** `?format=`'s value as the query parser gave it (the lean path parses its own query). */
+export function formatValue(value: unknown): string {
+  const format = typeof value === 'string' && value !== '' ? value : 'raw';
   return codecFor(format).name;
 }
 

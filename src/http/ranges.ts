@@ -5,7 +5,7 @@
  * Parsing of the Range header itself is range-parser's job.
  */
 import { randomBytes } from 'node:crypto';
-import type { Request, Response } from 'express';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import rangeParser from 'range-parser';
 import { ApiError } from '../errors.js';
 
@@ -16,6 +16,19 @@ export interface Representation {
   contentType: string;
   filename: string;
   read(start: number, end: number): AsyncIterable<Buffer>;
+}
+
+/**
+ * Plain Node request and response: express's are these too, and the lean
+ * path (src/http/lean.ts) serves hot reads without express.
+ */
+type Request = IncomingMessage;
+type Response = ServerResponse;
+
+/** A request header as one string (express's `req.get`, without its Referer alias). */
+function header(req: Request, name: string): string | undefined {
+  const v = req.headers[name];
+  return Array.isArray(v) ? v.join(', ') : v;
 }
 
 /** More ranges than this in one request is abuse, not a resume. */
@@ -81,12 +94,12 @@ export function planResponse(req: Request, rep: Representation, boundary: string
     multipart: false,
     bodyLength: rep.size,
   };
-  const inm = req.get('if-none-match');
+  const inm = header(req, 'if-none-match');
   if (inm && etagMatches(inm, rep.etag, true)) return { ...full, status: 304, ranges: [], bodyLength: 0 };
 
-  const range = req.get('range');
+  const range = header(req, 'range');
   if (!range) return full;
-  const ifRange = req.get('if-range');
+  const ifRange = header(req, 'if-range');
   if (ifRange && !ifRangeHolds(ifRange, rep)) return full;
 
   const parsed = rangeParser(rep.size, clampSuffixes(range, rep.size), { combine: true });
@@ -136,10 +149,11 @@ export function writeHead(
   setValidators(res, rep);
   const plan = planResponse(req, rep, boundary);
   if (plan.status === 304) {
-    res.status(304).end();
+    res.statusCode = 304;
+    res.end();
     return { ...plan, boundary };
   }
-  res.status(plan.status);
+  res.statusCode = plan.status;
   res.setHeader('Content-Length', String(plan.bodyLength));
   res.setHeader('Content-Disposition', `attachment; filename="${rep.filename}"`);
   if (plan.multipart) {

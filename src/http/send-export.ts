@@ -4,13 +4,17 @@
  * are answered here; the task (when there is one) belongs to the transfer
  * layer.
  */
-import type { Request, Response } from 'express';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { toApiError } from '../errors.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
 import { type ExportSource, openExport, type ReadCounters, runExportTask } from '../transfer/export.js';
 import { logCause } from './errors.js';
 import { writeBody, writeHead } from './ranges.js';
+
+/** Plain Node types: express's request and response are these, and so are the lean path's. */
+type Request = IncomingMessage;
+type Response = ServerResponse;
 
 export interface ExportDeps {
   vdis: VdiStore;
