@@ -145,7 +145,8 @@ export function writeHead(
   res: Response,
   rep: Representation,
 ): ResponsePlan & { boundary: string } {
-  const boundary = `diskport-${randomBytes(12).toString('hex')}`;
+  // Only several ranges (a comma in Range) make a multipart body: no random bytes for the others.
+  const boundary = header(req, 'range')?.includes(',') ? `diskport-${randomBytes(12).toString('hex')}` : '';
   setValidators(res, rep);
   const plan = planResponse(req, rep, boundary);
   if (plan.status === 304) {
