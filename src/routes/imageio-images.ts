@@ -30,7 +30,7 @@ const EXTENT_CONTEXTS = ['zero', 'dirty'];
 async function ticketFor(s: Services, req: Request, res: Response, op?: TicketOp): Promise<Ticket> {
   const { ticket } = await s.tickets.authorize(req.params.ticket as string, op);
   res.locals.imageioSize = ticket.size;
-  const done = s.tickets.track(ticket.id);
+  const done = s.tickets.track(ticket);
   res.once('close', done);
   s.transfers.keepAlive(ticket.transfer_id);
   return ticket;

@@ -153,8 +153,13 @@ export interface TicketStatus {
 interface Activity {
   inflight: number;
   lastEnded: number;
-  /** When the deadline pushed on by the last request was saved (saved at most once a second). */
-  lastSaved: number;
+  /**
+   * The deadline the last request pushed on (ms), ahead of the saved
+   * `expires_at`: saving it on every request would cost a commit each, so
+   * it is saved only once less than half the timeout separates the saved
+   * one from now (what a restart then reads).
+   */
+  deadline: number;
 }
 
 /**
@@ -170,8 +175,6 @@ export interface TicketImage {
   unallocated(): Promise<ByteSpan[]>;
   close(): Promise<void>;
 }
-
-const TOUCH_SAVE_INTERVAL_MS = 1000;
 
 function positiveInt(name: string, v: unknown, min: number): number {
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) {
@@ -321,7 +324,7 @@ export class TicketService {
       active: inflight > 0,
       canceled: t.state === 'canceled',
       connections: inflight,
-      expires: Math.floor(Date.parse(t.expires_at) / 1000),
+      expires: Math.floor(this.expiresAt(t) / 1000),
       idle_time:
         inflight > 0 ? 0 : Math.floor((Date.now() - (act?.lastEnded ?? Date.parse(t.created_at))) / 1000),
       transferred,
@@ -341,6 +344,9 @@ export class TicketService {
     t.timeout = positiveInt('timeout', timeout, 0);
     t.expires_at = new Date(Date.now() + t.timeout * 1000).toISOString();
     this.store.save(t);
+    // The new deadline replaces the one requests pushed on, earlier or not, as in imageio.
+    const act = this.activity.get(id);
+    if (act) act.deadline = Date.parse(t.expires_at);
     if (t.state === 'installed') this.transfers.renew(t.transfer_id);
     return this.status(id);
   }
@@ -410,7 +416,7 @@ export class TicketService {
   async authorize(id: string, op?: TicketOp): Promise<{ ticket: Ticket; transfer: Transfer }> {
     const t = this.store.get(id);
     if (!t) throw forbidden(`no such ticket ${id}`);
-    if (t.state === 'installed' && Date.parse(t.expires_at) <= Date.now()) await this.expire(t);
+    if (t.state === 'installed' && this.expiresAt(t) <= Date.now()) await this.expire(t);
     const session = this.transfers.get(t.transfer_id);
     if (t.state !== 'installed' || session.state !== 'open') {
       throw forbidden(`ticket ${id} is ${this.why(t, session)}`);
@@ -490,13 +496,8 @@ export class TicketService {
    * Counts a request on the ticket (its connections and idle time); call the
    * result when it ends, which pushes the ticket's deadline on.
    */
-  track(id: string): () => void {
-    let act = this.activity.get(id);
-    if (!act) {
-      act = { inflight: 0, lastEnded: Date.now(), lastSaved: 0 };
-      this.activity.set(id, act);
-    }
-    const a = act;
+  track(t: Ticket): () => void {
+    const a = this.activityOf(t);
     a.inflight++;
     let ended = false;
     return () => {
@@ -504,30 +505,43 @@ export class TicketService {
       ended = true;
       a.inflight--;
       a.lastEnded = Date.now();
-      if (a.lastEnded - a.lastSaved >= TOUCH_SAVE_INTERVAL_MS) {
-        a.lastSaved = a.lastEnded;
-        this.touch(id);
-      }
+      this.touch(t, a);
     };
   }
 
-  /** imageio's touch: an installed ticket now expires `timeout` seconds from now. */
-  private touch(id: string): void {
-    try {
-      const t = this.store.get(id);
-      if (t?.state !== 'installed') return;
-      const expires = Date.now() + t.timeout * 1000;
-      if (expires <= Date.parse(t.expires_at)) return;
-      t.expires_at = new Date(expires).toISOString();
-      this.store.save(t);
-    } catch (err) {
-      this.logger?.error({ err, ticket: id }, 'pushing a ticket deadline on failed');
+  private activityOf(t: Ticket): Activity {
+    let act = this.activity.get(t.id);
+    if (!act) {
+      act = { inflight: 0, lastEnded: Date.now(), deadline: Date.parse(t.expires_at) };
+      this.activity.set(t.id, act);
     }
+    return act;
+  }
+
+  /** imageio's touch: the ticket now expires `timeout` seconds from now (saved when the saved deadline is near). */
+  private touch(t: Ticket, a: Activity): void {
+    const now = Date.now();
+    a.deadline = Math.max(a.deadline, now + t.timeout * 1000);
+    if (Date.parse(t.expires_at) - now >= (t.timeout * 1000) / 2) return;
+    try {
+      const saved = this.store.get(t.id);
+      if (saved?.state !== 'installed') return;
+      saved.expires_at = new Date(a.deadline).toISOString();
+      this.store.save(saved);
+      t.expires_at = saved.expires_at;
+    } catch (err) {
+      this.logger?.error({ err, ticket: t.id }, 'saving a ticket deadline failed');
+    }
+  }
+
+  /** When the ticket expires (ms): its saved deadline, or the later one its last request set. */
+  private expiresAt(t: Ticket): number {
+    return Math.max(Date.parse(t.expires_at), this.activity.get(t.id)?.deadline ?? 0);
   }
 
   async reapExpired(): Promise<void> {
     for (const t of this.store.installed()) {
-      if (Date.parse(t.expires_at) > Date.now()) continue;
+      if (this.expiresAt(t) > Date.now()) continue;
       await this.expire(t).catch((err) =>
         this.logger?.error({ err, ticket: t.id }, 'expiring a ticket failed'),
       );

@@ -23,6 +23,8 @@ import { checkDeclaredSize, parseChecksum, spaceNeeded } from './upload-rules.js
 export const DEFAULT_TTL_SECONDS = 3600;
 export const MAX_TTL_SECONDS = 7 * 24 * 3600;
 const REAP_INTERVAL_MS = 5000;
+/** A session kept alive by requests saves its expiry this often at most. */
+const KEEP_ALIVE_SAVE_MS = 30_000;
 
 export interface CreateTransfer {
   vdi: string;
@@ -47,6 +49,8 @@ export interface SessionOptions {
 }
 
 export class SessionLifecycle {
+  /** When each live session last saved the expiry its requests renewed. */
+  private readonly keepAliveSaved = new WeakMap<Live, number>();
   private reaper: NodeJS.Timeout | null = null;
 
   constructor(
@@ -291,13 +295,21 @@ export class SessionLifecycle {
     this.keepAlive(id);
   }
 
-  /** Activity on a session: renews it, saved at most once a second (a save per request would cost a commit each). */
+  /**
+   * Activity on a session: renews it in memory, where the reaper looks, and
+   * saves the new expiry (for a restart) only every KEEP_ALIVE_SAVE_MS or
+   * half its ttl: a save costs a synchronous commit, which a request each
+   * would pay for (the event loop waits on the fsync).
+   */
   keepAlive(id: string): void {
     const live = this.sessions.find(id);
     if (!live) return;
-    const ttlMs = live.t.ttl_seconds * 1000;
-    // Renewed that long ago: at most a second, and at most half the ttl, so a short ttl never lapses in use.
-    if (Date.now() - Date.parse(live.t.expires_at) + ttlMs >= Math.min(1000, ttlMs / 2)) this.renew(id);
+    touch(live.t);
+    const now = Date.now();
+    const every = Math.min(KEEP_ALIVE_SAVE_MS, (live.t.ttl_seconds * 1000) / 2);
+    if (now - (this.keepAliveSaved.get(live) ?? 0) < every) return;
+    this.keepAliveSaved.set(live, now);
+    this.sessions.store.save(live.t);
   }
 
   /** Sliding expiry for downloads too: each request renews the session. */
