@@ -120,6 +120,10 @@ export const ERRORS = {
     status: 409,
     meaning: 'diskport cannot tell which blocks changed between these two points (no record of them)',
   },
+  BASE_MISMATCH: {
+    status: 409,
+    meaning: 'a delta import names a base snapshot whose content the VDI no longer holds',
+  },
   // 410
   TRANSFER_EXPIRED: { status: 410, meaning: 'the transfer expired after its ttl without activity' },
   UPLOAD_GONE: { status: 410, meaning: 'the tus upload was cancelled, failed or expired' },

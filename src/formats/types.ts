@@ -3,6 +3,7 @@
  * bytes and extents out; they know nothing of HTTP, tasks or logging.
  */
 import type { BlockImage } from '../image/block-image.js';
+import type { DefinedRange } from '../image/chain-image.js';
 import type { StreamLayout } from './stream-layout.js';
 
 export type WireFormat = 'raw' | 'vhd' | 'qcow2';
@@ -37,6 +38,40 @@ export interface SerializeOptions {
   };
 }
 
+/** How a codec opens a file. */
+export interface OpenOptions {
+  /**
+   * Accept a differencing image (a VHD of disk type 4, a qcow2 naming a
+   * backing file): it opens as a DifferencingImage. Without it, such an
+   * image is refused (422), since what it does not hold is not in the file.
+   */
+  differencing?: boolean;
+}
+
+/**
+ * A differencing image opened on its own: it reads its own blocks (the rest
+ * as zeros) and says which ranges are its own; everything else belongs to
+ * the parent it names, which the caller supplies (see image/chain-image.ts).
+ */
+export interface DifferencingImage extends BlockImage {
+  readonly parent: {
+    /** qcow2: the backing file name in the header; VHD: the parent's name, if recorded. */
+    fileName?: string;
+    /** VHD: the parent's unique id, as 32 hex digits. */
+    uuid?: string;
+  };
+  /**
+   * The ranges the image itself defines (its data, and zeros it writes over
+   * the parent), sorted and merged; from metadata only.
+   */
+  defined(): Promise<DefinedRange[]>;
+}
+
+export function isDifferencing(image: BlockImage): image is DifferencingImage {
+  const d = image as Partial<DifferencingImage>;
+  return d.parent !== undefined && typeof d.defined === 'function';
+}
+
 export interface FormatCodec {
   readonly name: WireFormat;
   /** Lays out the export of `image` in this format (reads metadata only). */
@@ -47,7 +82,7 @@ export interface FormatCodec {
    * UnsupportedImageError. (An image at rest changes by a new generation
    * written whole, never in place.)
    */
-  open(path: string): Promise<BlockImage>;
+  open(path: string, opts?: OpenOptions): Promise<BlockImage>;
   /**
    * Whether the file at `path`, opened as `image`, is exactly what
    * `serialize(image)` writes (its bytes outside the disk's data compared;

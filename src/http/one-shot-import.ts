@@ -17,6 +17,7 @@ import type { Request, Response } from 'express';
 import type { VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
+import { assertBase, checkBaseRequest } from '../transfer/delta-import.js';
 import type { TransferService } from '../transfer/sessions.js';
 import { continueNow } from './continue.js';
 
@@ -30,12 +31,16 @@ export async function importOneShot(
   deps: OneShotDeps,
   req: Request,
   res: Response,
-  opts: { vdi: string; format: string; contentLength?: number },
+  opts: { vdi: string; format: string; contentLength?: number; base?: string; layDifferencing?: boolean },
 ): Promise<Task> {
   if (opts.contentLength === 0 || opts.contentLength === undefined) {
     const vdi = deps.vdis.get(opts.vdi);
     deps.vdis.assertWritable(vdi, 'an import');
     deps.vdis.locks.assertFree(vdi.id);
+    if (opts.base !== undefined) {
+      checkBaseRequest(deps.vdis, opts.format, opts.base);
+      await assertBase(deps.vdis, vdi, opts.base);
+    }
     let empty = opts.contentLength === 0;
     if (!empty) {
       // A chunked body may still be empty: only its first bytes (or its end) tell.
@@ -59,6 +64,8 @@ export async function importOneShot(
     body: req,
     contentLength: opts.contentLength,
     beforeBody: () => continueNow(res),
+    base: opts.base,
+    layDifferencing: opts.layDifferencing,
   });
 }
 

@@ -12,6 +12,7 @@ export function contentRoutes(s: Services): Router {
         vdi: req.params.vdi,
         format: formatParam(req),
         contentLength: contentLengthOf(req),
+        base: baseParam(req),
       });
       res.status(200).location(`/v1/tasks/${task.id}`).json(task);
     })

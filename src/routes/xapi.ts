@@ -93,6 +93,9 @@ export function xapiRoutes(s: Services): Router {
         vdi: vdiParam(req),
         format: formatParam(req),
         contentLength: readsToEndOfConnection(req) ? undefined : contentLengthOf(req),
+        base: baseParam(req),
+        // xapi lays a differencing VHD's blocks onto the VDI as it is.
+        layDifferencing: formatParam(req) === 'vhd',
       });
       res.status(200).location(`/v1/tasks/${task.id}`).setHeader('X-Task-Id', task.id).json(task);
     })

@@ -160,6 +160,8 @@ export const MIGRATIONS: readonly string[] = [
      created_at TEXT NOT NULL
    );
    CREATE INDEX disk_set_snapshots_by_set ON disk_set_snapshots(set_id, created_at);`,
+  // Delta uploads: the snapshot (or 'current') a session's differencing image applies over.
+  `ALTER TABLE transfers ADD COLUMN base TEXT;`,
 ];
 
 export function openDb(file: string): Db {

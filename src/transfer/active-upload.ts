@@ -371,7 +371,8 @@ export class ActiveUploads {
    */
   streamingOf(live: Live, vdi: Vdi): Promise<StreamingImport | null> {
     const t = live.t;
-    if (t.format === 'raw' || vdi.image_format !== 'raw' || t.checksum || !t.staging_path) {
+    // A delta (base) is staged whole: it is laid onto the VDI's content at finalize.
+    if (t.format === 'raw' || vdi.image_format !== 'raw' || t.checksum || t.base || !t.staging_path) {
       return Promise.resolve(null);
     }
     live.streaming ??= StreamingImport.open({

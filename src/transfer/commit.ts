@@ -22,8 +22,10 @@
  * fills up on the way is a 507 INSUFFICIENT_SPACE, never an errno.
  */
 import { promises as fsp } from 'node:fs';
-import { ApiError, formatBytes } from '../errors.js';
+import { ApiError, formatBytes, MalformedImageError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
+import { isDifferencing } from '../formats/types.js';
+import type { BlockImage } from '../image/block-image.js';
 import { syncFile } from '../image/file-io.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { isZeroFrom, ResizedImage } from '../image/resized-image.js';
@@ -31,6 +33,7 @@ import { spaceError } from '../image/space.js';
 import { convertInto } from '../storage/convert.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
+import { layOnto } from './delta-import.js';
 import type { StreamingImport } from './streaming-import.js';
 
 /** One CHS cylinder at the largest geometry (16 heads x 255 sectors), with room to spare. */
@@ -44,12 +47,18 @@ export async function commitStaged(
   task: RunningTask,
   streamed: StreamingImport | null,
   inTransaction?: (generation: number) => void,
+  /**
+   * Whether a differencing image (a delta) is laid onto the VDI's content
+   * (its base checked by the caller); without it, one is refused (422).
+   */
+  opts: { differencing?: boolean } = {},
 ): Promise<Vdi> {
   const image =
     wireFormat === 'raw'
       ? await RawFileImage.open(stagedFile, { virtualSize: vdi.virtual_size })
-      : await codecFor(wireFormat).open(stagedFile);
+      : await codecFor(wireFormat).open(stagedFile, { differencing: opts.differencing });
   let converted: string | null = null;
+  let composed: BlockImage | null = null;
   try {
     // qemu-img rounds VHD sizes up to a CHS geometry (at most a cylinder):
     // a zero tail that small past the VDI's end is harmless. Anything larger
@@ -65,6 +74,24 @@ export async function commitStaged(
       );
     }
     task.throwIfCancelled();
+    if (isDifferencing(image)) {
+      // Nothing of a differencing image streams (no layout reads one), unless
+      // its head claimed another kind of disk than its trailing footer.
+      if (streamed?.wroteDisk) {
+        throw new MalformedImageError(
+          wireFormat,
+          'the start of the image describes another kind of disk than its footer',
+        );
+      }
+      composed = await layOnto(vdis, vdi, image);
+      // Not `${stagedFile}.raw`: that may be the disk a streaming import opened.
+      converted = `${stagedFile}.delta.${vdi.image_format}`;
+      await convertInto(composed, vdi.image_format, converted, { signal: task.signal });
+      await composed.close();
+      const committed = await vdis.commitContent(vdi.id, converted, { inTransaction });
+      converted = null;
+      return committed;
+    }
     const codec = codecFor(wireFormat);
     const renameAsIs =
       wireFormat === vdi.image_format &&
@@ -98,6 +125,7 @@ export async function commitStaged(
   } catch (err) {
     throw spaceError(err, 'the conversion into the VDI');
   } finally {
+    await composed?.close().catch(() => {});
     await image.close().catch(() => {});
     if (converted) await fsp.rm(converted, { force: true });
   }

@@ -11,6 +11,7 @@ import type { TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
 import type { ActiveUploads } from './active-upload.js';
 import { commitStaged } from './commit.js';
+import { assertBase } from './delta-import.js';
 import type { SessionLifecycle } from './session-lifecycle.js';
 import type { Live, SessionRegistry } from './session-registry.js';
 import { verifyChecksum } from './upload-rules.js';
@@ -75,6 +76,7 @@ export class Finalizer {
         const fileSize = t.format === 'raw' ? vdi.virtual_size : t.size!;
         await verifyChecksum(staged, fileSize, t.size!, t.checksum, task.signal);
       }
+      if (t.base) await assertBase(this.vdis, vdi, t.base);
       const streaming = await this.uploads.streamingOf(live, vdi);
       const result = (generation: number) => ({
         vdi: vdi.id,
@@ -82,6 +84,7 @@ export class Finalizer {
         generation,
         bytes_received: live.ranges.size(),
         ...(streaming && { bytes_streamed: streaming.streamedBytes }),
+        ...(t.base && { base: t.base }),
         transfer: t.id,
       });
       // The content switch, the session's state and the task's outcome commit
@@ -104,6 +107,7 @@ export class Finalizer {
             result: result(generation),
           });
         },
+        { differencing: t.base !== null || live.layDifferencing === true },
       );
       const cleaned = this.lifecycle.cleanup(live);
       const done = task.succeed(result(committed.generation));

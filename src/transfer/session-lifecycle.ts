@@ -15,6 +15,7 @@ import { dropCachedPages } from '../image/sparse.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
+import { assertBase, checkBaseRequest } from './delta-import.js';
 import { hashToken, isExpired, isOneShot, streamDestOf, touch } from './session-record.js';
 import type { Live, SessionRegistry } from './session-registry.js';
 import type { Direction, Transfer, TransferOrigin } from './transfer-store.js';
@@ -37,6 +38,8 @@ export interface CreateTransfer {
   source_url?: string;
   /** Push: where diskport sends the disk (recorded on the row, without its token). */
   target_url?: string;
+  /** An upload of a differencing image: the snapshot it was made against, or `current` (delta-import.ts). */
+  base?: string;
 }
 
 /** What diskport itself says of a session it opens; no client sets these. */
@@ -130,6 +133,14 @@ export class SessionLifecycle {
       );
     }
     if (req.checksum !== undefined) parseChecksum(req.checksum);
+    if (req.base !== undefined) {
+      if (req.direction !== 'upload') {
+        throw new ApiError('INVALID_REQUEST', 'base describes a delta upload; a download session takes none');
+      }
+      checkBaseRequest(this.vdis, format, req.base);
+      // Refused before a byte is sent; checked again at the commit.
+      await assertBase(this.vdis, vdi, req.base);
+    }
     if (req.size !== undefined) {
       checkDeclaredSize(req.size, format, vdi);
       await this.vdis.ensureSpace(vdi, spaceNeeded(req.size, 0, format, vdi, req.checksum), 'the upload');
@@ -169,6 +180,7 @@ export class SessionLifecycle {
       stream_epoch: 0,
       push_target: opts.push_target ?? null,
       source_validator: null,
+      base: req.base ?? null,
     };
     // One writer per VDI: take the lock before anything is created.
     const release = upload ? this.vdis.locks.acquire(vdi.id, `transfer ${id}`) : () => {};

@@ -29,6 +29,8 @@ export interface TransferJson {
   unflushed_bytes: number;
   data_path: string;
   error: { code: string; message: string } | null;
+  /** A delta upload's base (delta-import.ts), else null. */
+  base: string | null;
   url?: string;
   token?: string;
 }
@@ -100,6 +102,7 @@ export function toJson(
     unflushed_bytes: unflushedBytes,
     data_path: dataPath(t.id),
     error: ['failed', 'cancelled', 'expired'].includes(t.state) ? errorOf() : null,
+    base: t.base,
     ...(secret && {
       url: `${secret.baseUrl}${dataPath(t.id)}?token=${secret.token}`,
       token: secret.token,

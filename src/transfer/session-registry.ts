@@ -44,6 +44,8 @@ export interface Live {
   writeAborts: Set<AbortController>;
   /** A vhd/qcow2 upload into a raw VDI converts as it arrives (opened at the first write). */
   streaming: Promise<StreamingImport | null> | null;
+  /** A differencing image is laid onto the VDI as it is (the xapi alias; not kept: a one-shot never resumes). */
+  layDifferencing?: boolean;
 }
 
 export class SessionRegistry {

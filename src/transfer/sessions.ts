@@ -230,12 +230,17 @@ export class TransferService {
     body: Readable;
     contentLength?: number;
     beforeBody?: () => void;
+    /** A delta: the snapshot it was made against, or `current` (delta-import.ts). */
+    base?: string;
+    /** A differencing image, if that is what comes, is laid onto the VDI as it is (xapi's import_raw_vdi). */
+    layDifferencing?: boolean;
   }): Promise<Task> {
     const { transfer } = await this.create(
-      { vdi: req.vdi, direction: 'upload', format: req.format, size: req.contentLength },
+      { vdi: req.vdi, direction: 'upload', format: req.format, size: req.contentLength, base: req.base },
       { origin: 'one-shot' },
     );
     const live = this.sessions.find(transfer.id)!;
+    live.layDifferencing = req.layDifferencing;
     try {
       await this.write(transfer.id, req.body, { fresh: true, beforeBody: req.beforeBody });
       this.finalize(transfer.id);

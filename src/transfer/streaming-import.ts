@@ -189,6 +189,11 @@ export class StreamingImport {
     return this.known;
   }
 
+  /** Whether any byte of the upload went into the disk (or may have, before a restart). */
+  get wroteDisk(): boolean {
+    return this.streamed > 0 || this.sunkUnknown;
+  }
+
   /** Bytes of the image that went straight into the disk. */
   get streamedBytes(): number {
     return this.streamed;

@@ -37,6 +37,8 @@ export interface Transfer {
   push_target: string | null;
   /** A pull's source ETag or Last-Modified, for If-Range when it resumes after a restart. */
   source_validator: string | null;
+  /** A delta upload's base: a snapshot's id, or `current` (delta-import.ts); null for a whole image. */
+  base: string | null;
 }
 
 type Row = Omit<Transfer, 'received' | 'metadata'> & { received: string; metadata: string | null };
@@ -53,10 +55,10 @@ export class TransferStore {
       .prepare(
         `INSERT INTO transfers (id, vdi_id, direction, format, size, checksum, token_hash, task_id, staging_path, state,
            ttl_seconds, expires_at, created_at, received, source_url, target_url, metadata, origin, stream_epoch,
-           push_target, source_validator)
+           push_target, source_validator, base)
          VALUES (@id, @vdi_id, @direction, @format, @size, @checksum, @token_hash, @task_id, @staging_path, @state,
            @ttl_seconds, @expires_at, @created_at, @received, @source_url, @target_url, @metadata, @origin,
-           @stream_epoch, @push_target, @source_validator)`,
+           @stream_epoch, @push_target, @source_validator, @base)`,
       )
       .run({
         ...t,

@@ -45,7 +45,7 @@ export class TransferTusStore extends DataStore {
     if (!metadata.vdi) {
       throw new ApiError(
         'VDI_REQUIRED',
-        "Upload-Metadata must name the VDI to import into: 'vdi <base64 of the VDI id>' (and optionally 'format', 'checksum')",
+        "Upload-Metadata must name the VDI to import into: 'vdi <base64 of the VDI id>' (and optionally 'format', 'checksum', 'base')",
       );
     }
     // The client's metadata, as it sent it (a key without a value reads back as one with an empty value).
@@ -57,6 +57,7 @@ export class TransferTusStore extends DataStore {
         format: metadata.format || 'raw',
         size: upload.size,
         checksum: metadata.checksum || undefined,
+        base: metadata.base || undefined,
       },
       { origin: 'tus', metadata: kept },
     );

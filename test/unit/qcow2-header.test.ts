@@ -77,6 +77,7 @@ describe('parseHeader reads', () => {
       l2EntryBytes: 8,
       extendedL2: false,
       dirty: false,
+      backingFile: null,
     });
   });
   test('a version 2 header (72 bytes, no feature bits)', () => {
@@ -92,6 +93,19 @@ describe('parseHeader reads', () => {
   test('extended L2 entries: 16 bytes each, half as many per table', () => {
     const h = parseHeader(header({ incompatible: 1n << 4n, l1Entries: 4 }), FILE_SIZE);
     assert.deepEqual([h.extendedL2, h.l2EntryBytes, h.l2Entries], [true, 16, 4096]);
+  });
+  test("an overlay's backing file name, when a delta import allows one; an unreadable name is 400", () => {
+    const h = parseHeader(header({ backing: { offset: 1024, name: 'base.qcow2' } }), FILE_SIZE, {
+      backing: true,
+    });
+    assert.equal(h.backingFile, 'base.qcow2');
+    const outside = header({ backing: { offset: 1024, name: 'base.qcow2' } });
+    outside.writeBigUInt64BE(BigInt(outside.length), 8);
+    assert.throws(
+      () => parseHeader(outside, FILE_SIZE, { backing: true }),
+      (err: unknown) =>
+        err instanceof ApiError && err.status === 400 && /backing file name/.test(err.message),
+    );
   });
   test('an empty disk needs no L1 table', () => {
     const h = parseHeader(header({ size: 0, l1Entries: 0, l1Offset: 0 }), FILE_SIZE);

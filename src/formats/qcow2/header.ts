@@ -60,6 +60,8 @@ export interface Qcow2Header {
   extendedL2: boolean;
   /** Dirty images are read: only refcounts may be stale, and we never read refcounts. */
   dirty: boolean;
+  /** The backing file an overlay names (opened with `backing` allowed), or null. */
+  backingFile: string | null;
 }
 
 function u64(buf: Buffer, offset: number): bigint {
@@ -113,7 +115,11 @@ function readString(buf: Buffer, start: number, length: number): string {
  * cannot honour with UnsupportedImageError (422) naming the feature, and
  * inconsistent headers with MalformedImageError (400).
  */
-export function parseHeader(head: Buffer, fileSizeBytes: number): Qcow2Header {
+export function parseHeader(
+  head: Buffer,
+  fileSizeBytes: number,
+  opts: { backing?: boolean } = {},
+): Qcow2Header {
   const clusterBits = peekClusterBits(head);
   const clusterSizeBytes = 2 ** clusterBits;
   const version = head.readUInt32BE(4) as 2 | 3;
@@ -188,6 +194,7 @@ export function parseHeader(head: Buffer, fileSizeBytes: number): Qcow2Header {
 
   // Refusals first: a client is better served by "this image has a backing
   // file" than by a complaint about some field that follows from it.
+  let backingFile: string | null = null;
   if (backingFileOffsetBig !== 0n) {
     let name = '';
     if (
@@ -197,12 +204,24 @@ export function parseHeader(head: Buffer, fileSizeBytes: number): Qcow2Header {
     ) {
       name = readString(head, Number(backingFileOffsetBig), backingFileSize);
     }
-    const what = name ? ` '${name}'${backingFormat ? ` (${backingFormat})` : ''}` : '';
-    throw new UnsupportedImageError(
-      'qcow2',
-      `backing file${what} is not supported; flatten the chain first with 'qemu-img convert -O qcow2'`,
-      { feature: 'backing_file', ...(name ? { backing_file: name } : {}) },
-    );
+    if (!opts.backing) {
+      const what = name ? ` '${name}'${backingFormat ? ` (${backingFormat})` : ''}` : '';
+      throw new UnsupportedImageError(
+        'qcow2',
+        `backing file${what} is not supported; flatten the chain first with 'qemu-img convert -O qcow2'`,
+        { feature: 'backing_file', ...(name ? { backing_file: name } : {}) },
+      );
+    }
+    // An overlay: what it leaves unallocated reads from its backing file,
+    // which the caller supplies. Its name must be where the header says.
+    if (!name) {
+      throw new MalformedImageError(
+        'qcow2',
+        `backing file name (${backingFileSize} bytes at offset ${backingFileOffsetBig}) is empty, longer than ` +
+          `${MAX_BACKING_FILE_NAME_BYTES} bytes or outside the first cluster`,
+      );
+    }
+    backingFile = name;
   }
   const cryptMethod = head.readUInt32BE(32);
   if (cryptMethod !== 0) {
@@ -330,5 +349,6 @@ export function parseHeader(head: Buffer, fileSizeBytes: number): Qcow2Header {
     l2EntryBytes,
     extendedL2,
     dirty: (incompatible & INCOMPAT_DIRTY) !== 0n,
+    backingFile,
   };
 }

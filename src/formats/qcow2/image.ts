@@ -32,7 +32,9 @@ import {
   readByInto,
   readLength,
 } from '../../image/block-image.js';
+import type { DefinedRange } from '../../image/chain-image.js';
 import { readAt } from '../../image/file-io.js';
+import type { OpenOptions } from '../types.js';
 import { parseHeader, peekClusterBits, type Qcow2Header, V2_HEADER_LENGTH_BYTES } from './header.js';
 
 /** Upper bound on the bytes of L2 tables kept in memory per open image. */
@@ -105,6 +107,8 @@ export class Qcow2Image implements BlockImage {
   private readonly coffsetMask: bigint;
   private lastInflated: { hostOffset: number; data: Buffer } | null = null;
   private closed = false;
+  /** An overlay's backing file (opened with `differencing`): its unallocated clusters are its parent's. */
+  readonly parent?: { fileName: string };
 
   private constructor(
     private readonly handle: fsp.FileHandle,
@@ -119,17 +123,22 @@ export class Qcow2Image implements BlockImage {
     this.l2CacheMaxTables = Math.max(4, Math.floor(L2_CACHE_BYTES / this.clusterSize));
     this.csizeShift = BigInt(62 - (header.clusterBits - 8));
     this.csizeMask = (1n << BigInt(header.clusterBits - 8)) - 1n;
+    if (header.backingFile !== null) this.parent = { fileName: header.backingFile };
     this.coffsetMask = (1n << this.csizeShift) - 1n;
   }
 
-  static async open(path: string): Promise<Qcow2Image> {
+  /**
+   * Opens a qcow2 file; with `opts.differencing` an overlay too (a
+   * DifferencingImage: see `defined`), whose backing file is not opened.
+   */
+  static async open(path: string, opts: OpenOptions = {}): Promise<Qcow2Image> {
     const handle = await fsp.open(path, 'r');
     try {
       const fileSize = (await handle.stat()).size;
       const first = await readAt(handle, Buffer.alloc(Math.min(fileSize, V2_HEADER_LENGTH_BYTES)), 0);
       const clusterBits = peekClusterBits(first);
       const head = await readAt(handle, Buffer.alloc(Math.min(fileSize, 2 ** clusterBits)), 0);
-      const header = parseHeader(head, fileSize);
+      const header = parseHeader(head, fileSize, { backing: opts.differencing });
       // parseHeader checked that the L1 table lies inside the file, so this
       // allocation is bounded by the file's size (and qemu's 32 MiB limit).
       const l1 = await readAt(handle, Buffer.alloc(header.l1Entries * 8), header.l1TableOffset);
@@ -548,6 +557,26 @@ export class Qcow2Image implements BlockImage {
         }
       }
     }
+    return out;
+  }
+
+  /**
+   * The ranges this image defines itself ("Cluster mapping": everything but
+   * unallocated clusters and subclusters, which read from the backing file;
+   * zero clusters are defined, as zeros). The whole disk without a backing file.
+   */
+  async defined(): Promise<DefinedRange[]> {
+    this.assertOpen();
+    const { virtualSize } = this;
+    if (!this.parent) return virtualSize > 0 ? [{ start: 0, length: virtualSize }] : [];
+    // The complement of what qemu calls unallocated.
+    const out: DefinedRange[] = [];
+    let pos = 0;
+    for (const hole of await this.unallocated()) {
+      if (hole.start > pos) out.push({ start: pos, length: hole.start - pos });
+      pos = Math.max(pos, hole.start + hole.length);
+    }
+    if (pos < virtualSize) out.push({ start: pos, length: virtualSize - pos });
     return out;
   }
 

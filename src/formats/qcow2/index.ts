@@ -20,6 +20,6 @@ export const qcow2Codec: FormatCodec = {
   name: 'qcow2',
   serialize: serializeQcow2,
   streamLayout: (fileSize) => new Qcow2StreamLayout(fileSize),
-  open: (path) => Qcow2Image.open(path),
+  open: (path, opts) => Qcow2Image.open(path, opts),
   isOwnLayout: isOwnQcow2,
 };

@@ -279,6 +279,11 @@ export interface ParentLocator {
   data: Buffer;
 }
 
+/** A differencing disk header's parent unique id, as 32 hex digits. */
+export function parentUuidOf(header: Buffer): string {
+  return header.toString('hex', H_PARENT_UUID, H_PARENT_UUID + 16);
+}
+
 /**
  * Turns a dynamic header into a differencing disk's: the parent's unique id,
  * timestamp (0, as our exports write) and name, and its locators; then the

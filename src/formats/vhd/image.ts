@@ -25,7 +25,9 @@ import {
   readByInto,
   readLength,
 } from '../../image/block-image.js';
+import type { DefinedRange } from '../../image/chain-image.js';
 import { fileExtents } from '../../image/sparse.js';
+import type { DifferencingImage, OpenOptions } from '../types.js';
 import {
   BAT_UNALLOCATED,
   bitmapBytesOnDisk,
@@ -39,6 +41,7 @@ import {
   HEADER_BYTES,
   HEADER_COOKIE,
   MAX_VIRTUAL_SIZE_BYTES,
+  parentUuidOf,
   parseDynamicHeader,
   parseFooter,
   SECTOR_BYTES,
@@ -163,13 +166,19 @@ function hex(n: number): string {
   return n.toString(16).padStart(8, '0');
 }
 
-/** Opens a fixed or dynamic VHD read-only. Throws MalformedImageError / UnsupportedImageError. */
-export async function openVhd(path: string): Promise<BlockImage> {
+/**
+ * Opens a fixed or dynamic VHD read-only, and with `opts.differencing` a
+ * differencing one (a DifferencingImage: its sectors present in the
+ * bitmaps are its own, the rest its parent's). Throws MalformedImageError /
+ * UnsupportedImageError.
+ */
+export async function openVhd(path: string, opts: OpenOptions = {}): Promise<BlockImage> {
   const handle = await fsp.open(path, 'r');
   try {
     const fileSize = (await handle.stat()).size;
     const { footer, limit } = await chooseFooter(handle, fileSize);
-    if (footer.diskType === DISK_TYPE_DIFFERENCING) {
+    const differencing = footer.diskType === DISK_TYPE_DIFFERENCING;
+    if (differencing && !opts.differencing) {
       throw new UnsupportedImageError(
         FORMAT,
         'differencing VHD: its content depends on a parent image that is not part of the upload; ' +
@@ -177,7 +186,7 @@ export async function openVhd(path: string): Promise<BlockImage> {
         { disk_type: footer.diskType },
       );
     }
-    if (footer.diskType !== DISK_TYPE_FIXED && footer.diskType !== DISK_TYPE_DYNAMIC) {
+    if (footer.diskType !== DISK_TYPE_FIXED && footer.diskType !== DISK_TYPE_DYNAMIC && !differencing) {
       throw malformed(`disk type ${footer.diskType} is neither fixed (2) nor dynamic (3)`, {
         disk_type: footer.diskType,
       });
@@ -199,7 +208,8 @@ export async function openVhd(path: string): Promise<BlockImage> {
       }
       return new FixedVhdImage(handle, virtualSize);
     }
-    return await DynamicVhdImage.load(handle, footer, virtualSize, limit);
+    const image = await DynamicVhdImage.load(handle, footer, virtualSize, limit);
+    return differencing ? new DifferencingVhdImage(image) : image;
   } catch (err) {
     await handle.close();
     throw err;
@@ -273,6 +283,8 @@ class DynamicVhdImage extends VhdImageBase {
     virtualSize: number,
     private readonly bat: Uint32Array,
     private readonly blockSizeBytes: number,
+    /** The parent's unique id in the header (meaningful for a differencing disk only). */
+    readonly parentUuid: string,
   ) {
     super(handle, virtualSize);
     this.bitmapState = new Uint8Array(bat.length);
@@ -296,9 +308,8 @@ class DynamicVhdImage extends VhdImageBase {
     if (headerOffset < FOOTER_BYTES) {
       throw malformed(`dynamic disk header offset ${headerOffset} overlaps the footer copy at offset 0`);
     }
-    const header = parseDynamicHeader(
-      await readAt(handle, headerOffset, HEADER_BYTES, 'the dynamic disk header'),
-    );
+    const headerBytes = await readAt(handle, headerOffset, HEADER_BYTES, 'the dynamic disk header');
+    const header = parseDynamicHeader(headerBytes);
     if (header.cookie !== HEADER_COOKIE) {
       throw malformed(
         `dynamic disk header at offset ${headerOffset} has cookie ${JSON.stringify(header.cookie)} instead of '${HEADER_COOKIE}'`,
@@ -339,7 +350,7 @@ class DynamicVhdImage extends VhdImageBase {
       [headerOffset, HEADER_BYTES],
       [tableOffset, batBytes],
     ]);
-    return new DynamicVhdImage(handle, virtualSize, bat, blockSize);
+    return new DynamicVhdImage(handle, virtualSize, bat, blockSize, parentUuidOf(headerBytes));
   }
 
   /** Bytes of block `b` inside the virtual disk (the last block may be cut short). */
@@ -417,6 +428,37 @@ class DynamicVhdImage extends VhdImageBase {
     }
   }
 
+  /**
+   * The sectors present, exactly (a differencing disk's own sectors: a clear
+   * bit reads through to the parent), as merged ranges. Bounded by the file:
+   * each allocated block lies in it, and adds at most one range per two sectors.
+   */
+  async definedRanges(): Promise<DefinedRange[]> {
+    const out: DefinedRange[] = [];
+    const add = (start: number, length: number): void => {
+      const last = out[out.length - 1];
+      if (last && last.start + last.length === start) last.length += length;
+      else out.push({ start, length });
+    };
+    const blocks = Math.ceil(this.virtualSize / this.blockSizeBytes);
+    for (let b = 0; b < blocks; b++) {
+      if (this.bat[b] === BAT_UNALLOCATED) continue;
+      const start = b * this.blockSizeBytes;
+      const length = this.blockLength(b);
+      const bits = await this.bitmap(b);
+      if (bits === BitmapState.Empty) continue;
+      if (bits === BitmapState.Full) {
+        add(start, length);
+        continue;
+      }
+      for (const [s0, s1] of setRuns(bits, 0, Math.ceil(length / SECTOR_BYTES))) {
+        const from = start + s0 * SECTOR_BYTES;
+        add(from, Math.min(start + s1 * SECTOR_BYTES, start + length) - from);
+      }
+    }
+    return out;
+  }
+
   protected async allocation(): Promise<Extent[]> {
     const blocks = Math.ceil(this.virtualSize / this.blockSizeBytes);
     // Load bitmaps a few at a time: the first call on a big disk reads thousands.
@@ -470,6 +512,43 @@ class DynamicVhdImage extends VhdImageBase {
   /** A dynamic disk has no zero flag: what reads as zeros is what no block or sector bitmap allocates. */
   async unallocated(): Promise<ByteSpan[]> {
     return (await this.extents()).filter((e) => e.zero).map(({ start, length }) => ({ start, length }));
+  }
+}
+
+/**
+ * "Differencing Hard Disk Image": laid out as a dynamic disk, whose present
+ * sectors are its own and whose other sectors are its parent's (named by
+ * the header's parent unique id).
+ */
+class DifferencingVhdImage implements DifferencingImage {
+  readonly parent: { uuid: string };
+
+  constructor(private readonly image: DynamicVhdImage) {
+    this.parent = { uuid: image.parentUuid };
+  }
+
+  get virtualSize(): number {
+    return this.image.virtualSize;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.image.read(offset, length);
+  }
+
+  readInto(buf: Buffer, offset: number): Promise<Buffer> {
+    return this.image.readInto(buf, offset);
+  }
+
+  extents(): Promise<Extent[]> {
+    return this.image.extents();
+  }
+
+  defined(): Promise<DefinedRange[]> {
+    return this.image.definedRanges();
+  }
+
+  close(): Promise<void> {
+    return this.image.close();
   }
 }
 
