@@ -20,6 +20,7 @@ import { imageioImageRoutes } from './routes/imageio-images.js';
 import { imageioTicketRoutes } from './routes/imageio-tickets.js';
 import { leanRoutes, type RequestLogger } from './routes/lean.js';
 import { metricsRoutes } from './routes/metrics.js';
+import { migrationAuth, migrationRoutes } from './routes/migrations.js';
 import { srRoutes } from './routes/srs.js';
 import { taskRoutes } from './routes/tasks.js';
 import { transferRoutes } from './routes/transfers.js';
@@ -73,6 +74,7 @@ export function createApp(
   app.use(healthRoutes());
   app.use(metricsRoutes(s));
   app.use('/v1/transfers/:id', transferTokenAuth(s.transfers, s.config.token));
+  app.use('/v1/migrations/:id', migrationAuth(s));
   app.use('/v1', requireToken(s.config.token));
   app.use(
     '/v1',
@@ -81,6 +83,7 @@ export function createApp(
   app.use(srRoutes(s));
   app.use(vdiRoutes(s));
   app.use(diskSetRoutes(s));
+  app.use(migrationRoutes(s));
   app.use(contentRoutes(s));
   app.use(extentRoutes(s));
   app.use(checksumRoutes(s));

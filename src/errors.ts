@@ -31,6 +31,11 @@ export const ERRORS = {
     status: 400,
     meaning: 'the wire or at-rest format is not one diskport or the SR supports',
   },
+  MIGRATION_INVALID: {
+    status: 400,
+    meaning: 'a set migration cannot go ahead as asked; details.problems lists every problem, per disk',
+  },
+  MIGRATION_TOKEN_INVALID: { status: 400, meaning: 'dest is not a receive token a diskport gave' },
   SHRINK_NOT_ALLOWED: { status: 400, meaning: 'a VDI cannot be made smaller' },
   INVALID_CHECKSUM: { status: 400, meaning: "a transfer's checksum is not '<algorithm>:<hex>'" },
   CHECKSUM_MISMATCH: { status: 400, meaning: 'the whole upload does not match its declared checksum' },
@@ -73,6 +78,7 @@ export const ERRORS = {
   TRANSFER_NOT_FOUND: { status: 404, meaning: 'no transfer with this id' },
   UPLOAD_NOT_FOUND: { status: 404, meaning: 'no tus upload with this id' },
   IMAGEIO_TICKET_NOT_FOUND: { status: 404, meaning: 'no ovirt-imageio ticket with this id' },
+  MIGRATION_NOT_FOUND: { status: 404, meaning: 'no incoming migration with this id' },
   DISK_SET_NOT_FOUND: { status: 404, meaning: 'no disk set with this id' },
   DISK_SET_MEMBER_NOT_FOUND: { status: 404, meaning: 'the VDI is not a member of the disk set' },
   DISK_SET_SNAPSHOT_NOT_FOUND: { status: 404, meaning: 'no snapshot of this disk set with this id' },
@@ -115,6 +121,10 @@ export const ERRORS = {
   },
   OFFSET_MISMATCH: { status: 409, meaning: "a tus PATCH's Upload-Offset is not the upload's offset" },
   IMAGEIO_TICKET_EXISTS: { status: 409, meaning: 'a ticket with this id is already installed' },
+  MIGRATION_NOT_OPEN: {
+    status: 409,
+    meaning: 'the incoming migration was committed, aborted or expired; it takes no more changes',
+  },
   FORMAT_MISMATCH: { status: 409, meaning: 'the receiving transfer of a push takes another format' },
   CHANGED_BLOCKS_UNKNOWN: {
     status: 409,
@@ -203,6 +213,7 @@ const NOT_FOUND_CODES = {
   transfer: 'TRANSFER_NOT_FOUND',
   'disk set': 'DISK_SET_NOT_FOUND',
   'disk set snapshot': 'DISK_SET_SNAPSHOT_NOT_FOUND',
+  migration: 'MIGRATION_NOT_FOUND',
 } as const satisfies Record<string, ErrorCode>;
 
 export class NotFoundError extends ApiError {

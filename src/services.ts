@@ -20,9 +20,11 @@ import { TaskManager } from './tasks/task-manager.js';
 import { TaskStore } from './tasks/task-store.js';
 import { ReadCounters } from './transfer/export.js';
 import { TicketService } from './transfer/imageio-tickets.js';
+import { MigrationReceiver } from './transfer/migration-receive.js';
 import { resumePulls } from './transfer/pull.js';
 import { resumePushes } from './transfer/push.js';
 import { TransferService } from './transfer/sessions.js';
+import { SetMigrations } from './transfer/set-migration.js';
 
 export interface Services {
   config: Config;
@@ -33,6 +35,10 @@ export interface Services {
   snapshots: Snapshots;
   /** Disk sets and their consistent snapshots. */
   diskSets: DiskSets;
+  /** Incoming set migrations (receive tokens). */
+  migrationsIn: MigrationReceiver;
+  /** Outgoing set migrations. */
+  setMigrations: SetMigrations;
   /** Clones into another SR and migrations: copies run as tasks. */
   copies: VdiCopies;
   tasks: TaskManager;
@@ -93,10 +99,13 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
 
   const tickets = new TicketService(db, transfers, vdis, tasks, logger);
   tickets.start();
+  const migrationsIn = new MigrationReceiver(db, srs, vdis, tickets, logger);
+  migrationsIn.start();
   const checksums = new ChecksumService(vdis, tasks);
   const reads = new ReadCounters();
   const observed = observeTasks(tasks, reads);
   const snapshots = new Snapshots(vdis, srs);
+  const diskSets = new DiskSets(db, vdis, snapshots);
 
   const services: Services = {
     config,
@@ -105,7 +114,16 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
     srs,
     vdis,
     snapshots,
-    diskSets: new DiskSets(db, vdis, snapshots),
+    diskSets,
+    migrationsIn,
+    setMigrations: new SetMigrations({
+      vdis,
+      snapshots,
+      diskSets,
+      tasks,
+      allowFetch: config.allowFetch,
+      logger,
+    }),
     copies: new VdiCopies(vdis, srs, tasks),
     tasks,
     transfers,
@@ -122,6 +140,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
       // Bytes written with flush=n are made durable now: a graceful stop loses none of them.
       await transfers.flushAll().catch(() => {});
       vdis.images.clear();
+      migrationsIn.stop();
       tickets.stop();
       transfers.stop();
       checksums.stop();

@@ -20,6 +20,8 @@ export function requireToken(token: string | undefined): RequestHandler {
   return (req, res, next) => {
     // Already authorized by a transfer's own token (see transfer-auth.ts).
     if (res.locals.transfer) return next();
+    // Or by an incoming migration's credential, for that migration's routes (routes/migrations.ts).
+    if (res.locals.migration) return next();
     if (!token) return next();
     const refusal = tokenRefusal(req.get('authorization'), token);
     if (refusal) return next(refusal);

@@ -5,6 +5,7 @@ import { pageParams, sendPage } from '../http/paging.js';
 import type { Services } from '../services.js';
 import type { CreateDiskSet } from '../storage/disk-sets.js';
 import type { SnapshotRequest } from '../storage/snapshots.js';
+import type { SetMigrateRequest } from '../transfer/set-migration.js';
 
 export function diskSetRoutes(s: Services): Router {
   const sets = s.diskSets;
@@ -62,6 +63,11 @@ export function diskSetRoutes(s: Services): Router {
     })
     .get('/v1/disk-sets/:set/snapshots/:snapshot', (req, res) => {
       res.json(sets.getSnapshot(req.params.set, req.params.snapshot));
+    })
+    .post('/v1/disk-sets/:set/migrate', async (req, res) => {
+      const body = validateBody<SetMigrateRequest>('DiskSetMigrate', req.body);
+      const task = await s.setMigrations.start(req.params.set, body);
+      res.status(202).location(`/v1/tasks/${task.id}`).json(task);
     })
     .delete('/v1/disk-sets/:set/snapshots/:snapshot', async (req, res) => {
       await sets.deleteSnapshot(req.params.set, req.params.snapshot);

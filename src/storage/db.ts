@@ -162,6 +162,20 @@ export const MIGRATIONS: readonly string[] = [
    CREATE INDEX disk_set_snapshots_by_set ON disk_set_snapshots(set_id, created_at);`,
   // Delta uploads: the snapshot (or 'current') a session's differencing image applies over.
   `ALTER TABLE transfers ADD COLUMN base TEXT;`,
+  // Incoming migrations (transfer/migration-receive.ts): a receive token's scope, and the VDIs made under it.
+  `CREATE TABLE migrations_in (
+     id TEXT PRIMARY KEY,
+     secret_hash TEXT NOT NULL,
+     sr_id TEXT,
+     state TEXT NOT NULL CHECK (state IN ('open', 'committed', 'aborted')),
+     expires_at TEXT NOT NULL,
+     created_at TEXT NOT NULL
+   );
+   CREATE TABLE migration_in_vdis (
+     migration_id TEXT NOT NULL REFERENCES migrations_in(id),
+     vdi_id TEXT NOT NULL,
+     PRIMARY KEY (migration_id, vdi_id)
+   );`,
 ];
 
 export function openDb(file: string): Db {

@@ -96,6 +96,12 @@ export class RunningTask {
     this.record.progress = total ? Math.min(1, this.record.bytes_done / total) : 0;
   }
 
+  /** What a running task shows already (a parent's child tasks); the final result replaces it. */
+  setPartialResult(result: Record<string, unknown>): void {
+    this.record.result = result;
+    this.manager.persist(this.record);
+  }
+
   requestCancel(reason = 'cancelled by request'): void {
     if (!this.abort.signal.aborted) this.abort.abort(new CancelledError(`the task was cancelled: ${reason}`));
   }
