@@ -10,7 +10,14 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi, curl, execFileP } from './helpers/api.js';
-import { type ServerProcess, spawnServer, startServer, type TestServer, tempDir } from './helpers/server.js';
+import {
+  ROOT,
+  type ServerProcess,
+  spawnServer,
+  startServer,
+  type TestServer,
+  tempDir,
+} from './helpers/server.js';
 import { waitFor } from './helpers/wait.js';
 
 const MiB = 1024 * 1024;
@@ -298,6 +305,63 @@ describe('set migration to another diskport', () => {
     assert.deepEqual(await vdiIds(dest.url), destBefore);
     assert.deepEqual(await vdiIds(src.url, '?is_snapshot=true'), snapsBefore);
     assert.equal(await checksum(src.url, big.id), sum);
+  });
+
+  test('diskport migrate moves one VDI (its map, --delete-source) and prints every problem of a bad map', async () => {
+    const vdi = await createVdi(src.url, 16 * MiB, { image_format: 'vhd' });
+    await fill(src.url, vdi.id, await randomFile(work, 'cli.raw', 16 * MiB));
+    const sum = await checksum(src.url, vdi.id);
+    const cli = (args: string[]) =>
+      execFileP(
+        process.execPath,
+        ['--import', 'tsx', path.join(ROOT, 'src/cli/main.ts'), 'migrate', ...args],
+        {
+          cwd: ROOT,
+        },
+      );
+    const bad = await cli([
+      '--vdi',
+      vdi.id,
+      '--server',
+      src.url,
+      '--dest-server',
+      dest.url,
+      '--map',
+      `${vdi.id}=bulk:qcow2`,
+    ]).then(
+      () => assert.fail('a bad map must fail'),
+      (err: { code: number; stderr: string }) => err,
+    );
+    assert.equal(bad.code, 1);
+    assert.match(bad.stderr, /FORMAT_NOT_SUPPORTED/);
+    const sets = (await api<unknown[]>(src.url, 'GET', '/v1/disk-sets')).body.length;
+
+    const run = await cli([
+      '--vdi',
+      vdi.id,
+      '--server',
+      src.url,
+      '--dest-server',
+      dest.url,
+      '--map',
+      `${vdi.id}=fast:qcow2`,
+      '--delete-source',
+      '--json',
+    ]);
+    const summary = JSON.parse(run.stdout) as { status: string; disks: { vdi: string; dest_vdi: string }[] };
+    assert.equal(summary.status, 'success');
+    const moved = summary.disks[0].dest_vdi;
+    assert.equal(await checksum(dest.url, moved), sum);
+    assert.equal(
+      (await api<{ image_format: string }>(dest.url, 'GET', `/v1/vdis/${moved}`)).body.image_format,
+      'qcow2',
+    );
+    assert.equal((await api(src.url, 'GET', `/v1/vdis/${vdi.id}`)).status, 404, '--delete-source deleted it');
+    assert.equal(
+      (await api<unknown[]>(src.url, 'GET', '/v1/disk-sets')).body.length,
+      sets,
+      "the run's own set is gone",
+    );
   });
 
   test('a destination killed during the second disk: the source fails and is as it was; the destination removes the half set', async () => {

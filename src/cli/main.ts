@@ -7,6 +7,7 @@
  *   diskport download --vdi ID [--format F] -o FILE
  *   diskport backup VDI-URL DIR        (a chain of qcow2 files: a full, then deltas)
  *   diskport restore DIR VDI-URL       (the chain uploaded, checked by checksum)
+ *   diskport migrate --set ID|--vdi ID --dest-server URL [--map VDI=SR:FORMAT:MODE]...
  *
  * Both resume by themselves after network errors, with backoff, and a run
  * that stopped (gave up, Ctrl-C, or was killed) is continued by running the
@@ -21,6 +22,7 @@ import type { Endpoint } from '../transfer/transfer-client.js';
 import { VERSION } from '../version.js';
 import { backup, describeBackup } from './backup.js';
 import { describeDownload, download } from './download.js';
+import { describeMigrate, migrate } from './migrate.js';
 import { Interrupted } from './run.js';
 import { defaultStateDir } from './saved-sessions.js';
 import { describeUpload, upload } from './upload.js';
@@ -304,6 +306,63 @@ Environment: DISKPORT_SERVER, DISKPORT_TOKEN, DISKPORT_STATE_DIR. Exit status: 0
         } finally {
           await client.dispatcher.close();
         }
+      },
+    );
+  program
+    .command('migrate')
+    .description(
+      'migrate a disk set (or one VDI) to another diskport, each disk to its own SR and format: one progress bar per disk and a total',
+    )
+    .option('--set <id>', 'the disk set to migrate')
+    .option('--vdi <id>', 'a single VDI to migrate (through a disk set made for the run)')
+    .option('--dest <token>', "the destination's receive token (POST /v1/migrations/receive there)")
+    .option('--dest-server <url>', 'or: the destination, asked for a receive token')
+    .addOption(
+      new Option(
+        '--dest-token <token>',
+        "the destination's management token, to ask it for a receive token",
+      ).env('DISKPORT_DEST_TOKEN'),
+    )
+    .option('--dest-sr <sr>', 'the destination SR for disks the map sends nowhere in particular')
+    .option(
+      '--map <VDI=SR[:FORMAT][:MODE]>',
+      'where a disk goes (repeatable); MODE is copy (default), blank or skip, e.g. --map 5f0c...=fast:qcow2',
+      (v: string, all: string[]) => [...all, v],
+      [] as string[],
+    )
+    .option('--delete-source', 'delete the moved VDIs once the destination committed them all')
+    .addOption(
+      new Option('-s, --server <url>', 'the source diskport').env('DISKPORT_SERVER').default(DEFAULT_SERVER),
+    )
+    .addOption(
+      new Option('-t, --token <token>', 'management token (sent as Authorization: Bearer)').env(
+        'DISKPORT_TOKEN',
+      ),
+    )
+    .option('--no-progress', 'no progress bars (also off when stderr is not a terminal)')
+    .option('--json', 'print a JSON summary on stdout when done')
+    .action(
+      async (o: {
+        set?: string;
+        vdi?: string;
+        dest?: string;
+        destServer?: string;
+        destToken?: string;
+        destSr?: string;
+        map: string[];
+        deleteSource?: boolean;
+        server: string;
+        token?: string;
+        progress: boolean;
+        json?: boolean;
+      }) => {
+        const summary = await migrate({
+          ...o,
+          deleteSource: Boolean(o.deleteSource),
+          progress: o.progress && Boolean(process.stderr.isTTY),
+        });
+        if (o.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
+        else process.stderr.write(`${describeMigrate(summary)}\n`);
       },
     );
   return program;
