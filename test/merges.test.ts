@@ -273,4 +273,45 @@ describe('merges of raw chains at rest', () => {
     );
     await assertNoLeftovers();
   });
+
+  test('a merge cancelled by request stops, leaves every disk as it was, and runs again at the next start', async () => {
+    const vdi = await createVdi(url(), SIZE, { image_format: 'raw' });
+    const base = seededBytes(SIZE, 61);
+    await importRaw(vdi.id, base);
+    const s1 = await snapshot(vdi.id);
+    const v1 = scattered(base, 62, 30);
+    await importRaw(vdi.id, v1);
+    const before = (await mergeTasks()).length;
+    // A reader of the snapshot holds the merge in its wait, where the cancel finds it.
+    const res = await new Promise<http.IncomingMessage>((resolve, reject) =>
+      http.get(`${url()}/v1/vdis/${s1.id}/contents`, resolve).on('error', reject),
+    );
+    await new Promise((resolve) => res.once('data', resolve));
+    res.pause();
+    await remove(s1.id);
+    await waitFor('the merge task', async () => (await mergeTasks()).length > before);
+    const task = (await mergeTasks())[0];
+    assert.equal((await api(url(), 'POST', `/v1/tasks/${task.id}/cancel`)).status, 202);
+    const cancelled = await waitFor('the cancel', async () => {
+      const t = (await api<TaskJson>(url(), 'GET', `/v1/tasks/${task.id}`)).body;
+      return t.status === 'cancelled' ? t : null;
+    });
+    assert.equal(cancelled.error?.code, 'TASK_CANCELLED');
+    res.destroy();
+    await server.services.merges.idle();
+    assert.equal(depthOf(vdi.id), 2, 'not merged: not tried again in this process');
+    assert.equal((await mergeTasks()).length, before + 1);
+    await assertModel(new Map([[vdi.id, v1]]), 'after the cancel');
+
+    // The next start plans it again.
+    const dataDir = server.dataDir;
+    await server.close();
+    server = await startServer({ dataDir, config: { maxChainDepth: LIMIT } });
+    await server.services.merges.idle();
+    assert.equal((await mergeTasks())[0].status, 'success');
+    assert.equal(depthOf(vdi.id), 1);
+    await assertModel(new Map([[vdi.id, v1]]), 'after the merge at the next start');
+    await remove(vdi.id);
+    await assertNoLeftovers();
+  });
 });
