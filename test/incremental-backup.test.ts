@@ -96,20 +96,23 @@ function writeRound(disk: Buffer, r: number): number {
   return writes.reduce((n, [, len]) => n + len, 0);
 }
 
-/** A TCP proxy that sends the server's bytes at `bytesPerSecond`: a download long enough to stop midway. */
+/** A TCP proxy that passes bytes each way at `bytesPerSecond`: a transfer long enough to stop midway. */
 async function slowProxy(target: string, bytesPerSecond: number) {
   const { hostname, port } = new URL(target);
   const sockets = new Set<net.Socket>();
   const server = net.createServer((client) => {
     const upstream = net.connect(Number(port), hostname);
     sockets.add(client).add(upstream);
-    client.pipe(upstream);
-    upstream.on('data', (chunk: Buffer) => {
-      upstream.pause();
-      client.write(chunk);
-      setTimeout(() => upstream.resume(), (chunk.length / bytesPerSecond) * 1000);
-    });
-    upstream.on('end', () => client.end());
+    const pace = (from: net.Socket, to: net.Socket) => {
+      from.on('data', (chunk: Buffer) => {
+        from.pause();
+        to.write(chunk);
+        setTimeout(() => from.resume(), (chunk.length / bytesPerSecond) * 1000);
+      });
+      from.on('end', () => to.end());
+    };
+    pace(client, upstream);
+    pace(upstream, client);
     const close = () => {
       client.destroy();
       upstream.destroy();
@@ -255,6 +258,106 @@ describe('incremental backup and restore with the diskport CLI', () => {
       await execFileP('qemu-img', ['convert', '-O', 'raw', path.join(dir, layer.file), raw]);
       assert.ok((await fsp.readFile(raw)).equals(states[i]), `the file of run ${i} reads as the disk then`);
     }
+
+    // Restore: full + 3 deltas into a fresh VDI is the live disk; --at an older run, the disk then.
+    const fresh = (await createVdi(srv.url, SIZE)).id;
+    const restored = await cliOk<{ layers: number; sha256: string; bytes_sent: number }>([
+      'restore',
+      dir,
+      vdiUrl(fresh),
+    ]);
+    assert.equal(restored.layers, 4);
+    assert.equal(restored.sha256, m.layers[3].sha256);
+    const back = Buffer.from(
+      await (await fetch(`${srv.url}/v1/vdis/${fresh}/contents?format=raw`)).arrayBuffer(),
+    );
+    assert.ok(back.equals(live), 'the restored VDI is the live disk, byte for byte');
+    assert.deepEqual(await backupSnapshots(fresh), [], 'no snapshot of the restore is left on the VDI');
+    const marks = await api<unknown[]>(srv.url, 'GET', `/v1/vdis/${fresh}/snapshots`);
+    assert.deepEqual(marks.body, []);
+    const older = await cliOk<{ layers: number }>([
+      'restore',
+      dir,
+      vdiUrl(fresh),
+      '--at',
+      m.layers[1].snapshot,
+    ]);
+    assert.equal(older.layers, 2);
+    const then = Buffer.from(
+      await (await fetch(`${srv.url}/v1/vdis/${fresh}/contents?format=raw`)).arrayBuffer(),
+    );
+    assert.ok(then.equals(states[1]), 'restore --at gives the disk as it was at that run');
+  });
+
+  test('a restore stopped between layers is continued by the next run after the layers already in the VDI; one whose VDI was written meanwhile starts over', async () => {
+    const dir = path.join(work, 'stopped-restore');
+    const vdi = (await createVdi(srv.url, SIZE)).id;
+    const live = initial();
+    await importRaw(vdi, live);
+    await cliOk(['backup', vdiUrl(vdi), dir]);
+    for (let round = 1; round <= 3; round++) {
+      writeRound(live, round);
+      await importRaw(vdi, live);
+      await cliOk(['backup', vdiUrl(vdi), dir]);
+    }
+    const target = (await createVdi(srv.url, SIZE)).id;
+    const stopped = startCli(['restore', dir, vdiUrl(target), ...QUIET]);
+    await until('two layers to be in the VDI', async () => /layer 2 of 4/.test(stopped.out.stderr));
+    stopped.child.kill('SIGTERM');
+    await stopped.closed;
+    const again = await cliOk<{ layers_resumed: number }>(['restore', dir, vdiUrl(target)]);
+    assert.ok(again.layers_resumed >= 2, `the rerun continued after ${again.layers_resumed} layers`);
+    const back = Buffer.from(
+      await (await fetch(`${srv.url}/v1/vdis/${target}/contents?format=raw`)).arrayBuffer(),
+    );
+    assert.ok(back.equals(live));
+
+    // Stopped again, then the VDI is written by someone else: the next run cannot lay deltas on it.
+    // kill -9 once a layer is in the VDI and the next one's upload session is open (and saved).
+    const other = (await createVdi(srv.url, SIZE)).id;
+    const proxy = await slowProxy(srv.url, 4 * MiB);
+    const cut = startCli(['restore', dir, vdiUrl(other, proxy.url), ...QUIET]);
+    const saved = async () =>
+      (await fsp.readdir(STATE_DIR).catch(() => [])).some((f) => f.startsWith('upload-'));
+    await until(
+      'a layer in the VDI and the next one uploading',
+      async () => /layer \d of 4/.test(cut.out.stderr) && (await saved()),
+    );
+    cut.child.kill('SIGKILL');
+    await cut.closed;
+    await proxy.close();
+    // Its open upload session holds the VDI: end it as a user would, then someone else writes the VDI.
+    const m = await readManifest(dir);
+    const layer = [...m.layers].reverse().find((l) => cut.out.stderr.includes(l.file)) ?? m.layers[0];
+    const next = m.layers[m.layers.indexOf(layer) + 1];
+    const cancelled = await runCli([
+      'upload',
+      path.join(dir, next.file),
+      '--vdi',
+      other,
+      '--server',
+      srv.url,
+      '--cancel',
+    ]);
+    assert.equal(cancelled.code, 0, cancelled.stderr);
+    await until('the VDI to take a write', async () => {
+      const res = await fetch(`${srv.url}/v1/vdis/${other}/contents?format=raw`, {
+        method: 'PUT',
+        body: new Uint8Array(Buffer.alloc(SIZE, 7)),
+      }).catch(() => undefined); // refused before its body was read: the socket closes under it
+      if (!res) return false;
+      const text = await res.text();
+      if (res.status === 409 && /VDI_BUSY/.test(text)) return false;
+      assert.equal(res.status, 200, text);
+      return true;
+    });
+    const over = await runCli(['restore', dir, vdiUrl(other), ...QUIET]);
+    assert.equal(over.code, 0, over.stderr);
+    assert.match(over.stderr, /changed since the stopped restore .* starting over from the full export/);
+    const now = Buffer.from(
+      await (await fetch(`${srv.url}/v1/vdis/${other}/contents?format=raw`)).arrayBuffer(),
+    );
+    assert.ok(now.equals(live));
   });
 
   test('a backup killed (-9) after its snapshot, or interrupted mid-download, is continued by the next run on the same snapshot', async () => {
@@ -322,7 +425,7 @@ describe('incremental backup and restore with the diskport CLI', () => {
     ]);
   });
 
-  test('bad inputs: a directory that is not a backup, one of another VDI, a missing VDI, a URL that names no VDI', async () => {
+  test('bad inputs: a directory that is not a backup, one of another VDI, a missing VDI, a URL that names no VDI, a VDI of another size, a damaged file', async () => {
     const vdi = (await createVdi(srv.url, MiB)).id;
     const other = (await createVdi(srv.url, MiB)).id;
     const notBackup = path.join(work, 'not-a-backup');
@@ -348,5 +451,25 @@ describe('incremental backup and restore with the diskport CLI', () => {
     r = await runCli(['backup', `${srv.url}/v1/srs/local`, path.join(work, 'none')]);
     assert.equal(r.code, 1);
     assert.match(r.stderr, /does not name a VDI/);
+
+    // restore: a directory that is not a backup, a missing VDI, a VDI of another size, a damaged file.
+    r = await runCli(['restore', notBackup, vdiUrl(vdi)]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /is not a diskport backup \(it has no diskport-backup.json\)/);
+    r = await runCli(['restore', mine, vdiUrl(missing)]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, new RegExp(`VDI ${missing} does not exist`));
+    const bigger = (await createVdi(srv.url, 2 * MiB)).id;
+    r = await runCli(['restore', mine, vdiUrl(bigger)]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /restore into a VDI of 1048576 bytes/);
+    r = await runCli(['restore', mine, vdiUrl(other), '--at', missing]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /holds no run of snapshot/);
+    const [layer] = (await readManifest(mine)).layers;
+    await fsp.truncate(path.join(mine, layer.file), layer.bytes - 512);
+    r = await runCli(['restore', mine, vdiUrl(other)]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /is .* not the .* it was written with: the file is damaged/);
   });
 });

@@ -23,6 +23,7 @@ import { VERSION } from '../version.js';
 import { backup, describeBackup } from './backup.js';
 import { describeDownload, download } from './download.js';
 import { describeMigrate, migrate } from './migrate.js';
+import { describeRestore, restore } from './restore.js';
 import { Interrupted } from './run.js';
 import { defaultStateDir } from './saved-sessions.js';
 import { describeUpload, upload } from './upload.js';
@@ -363,6 +364,67 @@ Environment: DISKPORT_SERVER, DISKPORT_TOKEN, DISKPORT_STATE_DIR. Exit status: 0
         });
         if (o.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
         else process.stderr.write(`${describeMigrate(summary)}\n`);
+      },
+    );
+  program
+    .command('restore')
+    .description(
+      'upload the disk a backup directory holds into a VDI (the full export, then each delta onto it), resumable, and check its sha256 against the backup',
+    )
+    .argument('<dir>', 'a directory diskport backup wrote')
+    .argument(
+      '<vdi-url>',
+      "the VDI to write, of the backed-up disk's size, e.g. http://host:8080/v1/vdis/ID",
+      parseVdiUrl,
+    )
+    .addOption(
+      new Option('-t, --token <token>', 'management token (sent as Authorization: Bearer)').env(
+        'DISKPORT_TOKEN',
+      ),
+    )
+    .option('--at <snapshot>', 'the backup run to restore, by its snapshot id (default: the newest)')
+    .option(
+      '--retries <n>',
+      'consecutive failed attempts before giving up',
+      positiveInt(0),
+      DEFAULT_RETRY.retries,
+    )
+    .option(
+      '--retry-delay <ms>',
+      'first backoff delay; doubles each attempt',
+      positiveInt(1),
+      DEFAULT_RETRY.baseDelayMs,
+    )
+    .addOption(
+      new Option('--state-dir <dir>', 'where runs keep what a later run needs to resume')
+        .env('DISKPORT_STATE_DIR')
+        .default(defaultStateDir(), '$XDG_STATE_HOME/diskport or ~/.local/state/diskport'),
+    )
+    .option('--no-progress', 'no progress bar (also off when stderr is not a terminal)')
+    .option('--json', 'print a JSON summary on stdout when done')
+    .option('-v, --verbose', 'log each request and retry on stderr')
+    .action(
+      async (
+        dir: string,
+        target: { base: URL; vdi: string },
+        o: ChainOptions & { at?: string; stateDir: string; verbose?: boolean },
+      ) => {
+        const client = endpointOf(target.base.href, o.token);
+        try {
+          const summary = await restore(client, {
+            dir,
+            vdi: target.vdi,
+            at: o.at,
+            progress: o.progress && Boolean(process.stderr.isTTY),
+            retry: { ...DEFAULT_RETRY, retries: o.retries, baseDelayMs: o.retryDelay },
+            stateDir: o.stateDir,
+            verbose: o.verbose,
+          });
+          if (o.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
+          else process.stderr.write(`${describeRestore(summary)}\n`);
+        } finally {
+          await client.dispatcher.close();
+        }
       },
     );
   return program;

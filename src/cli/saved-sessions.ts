@@ -41,6 +41,8 @@ export interface UploadSource {
   size: number;
   mtime_ms: number;
   checksum: boolean;
+  /** A delta's base: a session opened against another base is not this command's. */
+  base?: string;
 }
 
 export interface SavedDownload {

@@ -49,6 +49,8 @@ export interface UploadOptions {
   stateDir: string;
   /** Continue the session an earlier run of the same command left open (else cancel it and start over). */
   resume: boolean;
+  /** A delta (a qcow2 overlay, a differencing VHD): the snapshot the VDI must still hold, or `current`. */
+  base?: string;
 }
 
 export interface UploadSummary {
@@ -124,6 +126,7 @@ async function uploadFile(ep: Endpoint, signal: AbortSignal, opts: UploadOptions
         size,
         mtime_ms: stat.mtimeMs,
         checksum: opts.checksum,
+        ...(opts.base !== undefined && { base: opts.base }),
       },
       open: async () => {
         const checksum = opts.checksum ? `sha256:${await sha256Of(handle, size, signal)}` : undefined;
@@ -133,6 +136,7 @@ async function uploadFile(ep: Endpoint, signal: AbortSignal, opts: UploadOptions
           format: opts.format,
           size,
           ...(checksum && { checksum }),
+          ...(opts.base !== undefined && { base: opts.base }),
           ...(opts.ttlSeconds !== undefined && { ttl_seconds: opts.ttlSeconds }),
         };
       },
