@@ -23,6 +23,7 @@ import { RawFileImage } from '../image/raw-file-image.js';
 import { readVirtual } from '../image/read-virtual.js';
 import { spaceGuardOf } from '../image/space.js';
 import { zeroRange } from '../image/sparse.js';
+import { StreamedDigests } from '../storage/streamed-digests.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
 import { Flusher, unflushedBytes } from './flush.js';
@@ -156,6 +157,7 @@ export class ActiveUploads {
       throw new ApiError('TRANSFER_NOT_OPEN', `transfer ${id} is ${t.state}; it takes no more data`);
     }
     const vdi = this.vdis.get(t.vdi_id);
+    live.rawDigests = null;
     const range = chunk.range;
     if (range) await this.learnTotal(live, range.total, vdi);
     const start = range?.start ?? 0;
@@ -188,6 +190,7 @@ export class ActiveUploads {
     // Whether the session was saved after the last record (a flush point saves it).
     let saved = true;
     let writer: DirectWriter | null = null;
+    let rawDigests: StreamedDigests | null = null;
     const recordNow = async (end: number) => {
       if (end <= recorded || !handle) return;
       // What the writer still gathers is not in the file yet.
@@ -228,6 +231,12 @@ export class ActiveUploads {
       // its request whatever the client asked (ovirt-imageio allows a flush
       // anyway): its bookkeeping (streaming-import.ts) spans one claim only.
       deferred = durable && chunk.flush === false && !streaming;
+      // The one-shot raw import writes every byte it receives, in order, into a fresh
+      // file that is the disk: its digests are hashed on the way, not read back at the commit.
+      if (chunk.fresh && t.format === 'raw' && !chunk.digest) {
+        rawDigests = new StreamedDigests(vdi.virtual_size);
+        live.rawDigests = rawDigests;
+      }
       const writable =
         chunk.fresh || chunk.overwrite ? undefined : (s: number, e: number) => live.ranges.missing(s, e);
       const landing: LandOptions = {
@@ -250,6 +259,7 @@ export class ActiveUploads {
         progress,
         writer: writer ?? undefined,
         space: t.staging_path ? spaceGuardOf(t.staging_path) : null,
+        onChunk: rawDigests ? feedFrom(rawDigests, start) : undefined,
         route: streaming
           ? (buf, n, at, stage) => streaming!.write(buf, n, at, stage, { writable, punchZeros: !chunk.fresh })
           : undefined,
@@ -283,6 +293,7 @@ export class ActiveUploads {
       await record(start + received);
       return t;
     } catch (err) {
+      live.rawDigests = null;
       // A broken connection keeps what arrived (unless a digest must vouch for it first).
       if (!chunk.digest && !(err instanceof ApiError && err.code === 'CHUNK_TOO_LONG')) {
         await record(start + progress.written).catch(() => {});
@@ -443,6 +454,7 @@ export class ActiveUploads {
     if (live.t.state !== 'open' || live.writers > 0) {
       throw new ApiError('TRANSFER_BUSY', `transfer ${id} is ${live.t.state} or being written; cannot reset`);
     }
+    live.rawDigests = null;
     const vdi = this.vdis.get(live.t.vdi_id);
     if (size !== null) checkDeclaredSize(size, live.t.format, vdi);
     // Forget the bytes first: a crash between the two must not leave zeroed
@@ -478,6 +490,8 @@ export class ActiveUploads {
    */
   async zero(id: string, range: ChunkRange, flush = true, overwrite = false): Promise<Transfer> {
     const live = this.sessions.active(id, 'upload');
+    // Bytes changed other than by the one-shot's stream: its digests no longer tell the disk.
+    live.rawDigests = null;
     const t = live.t;
     if (t.state !== 'open') {
       throw new ApiError('TRANSFER_NOT_OPEN', `transfer ${id} is ${t.state}; it takes no more data`);
@@ -527,4 +541,13 @@ function quiet(live: Live, maxWaitMs: number): Promise<void> {
     }, maxWaitMs);
     live.idleWaiters.push(wake);
   });
+}
+
+/** Feeds each chunk of a stream landing at `start` to `digests`, at its place. */
+function feedFrom(digests: StreamedDigests, start: number): (chunk: Buffer) => void {
+  let at = start;
+  return (chunk) => {
+    digests.feed(chunk, at);
+    at += chunk.length;
+  };
 }

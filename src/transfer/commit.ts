@@ -31,6 +31,7 @@ import { RawFileImage } from '../image/raw-file-image.js';
 import { isZeroFrom, ResizedImage } from '../image/resized-image.js';
 import { spaceError } from '../image/space.js';
 import { convertInto } from '../storage/convert.js';
+import type { StreamedDigests } from '../storage/streamed-digests.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 import { layOnto } from './delta-import.js';
@@ -46,6 +47,8 @@ export async function commitStaged(
   wireFormat: string,
   task: RunningTask,
   streamed: StreamingImport | null,
+  /** Digests of the staged raw disk hashed as it arrived (a one-shot raw import), else null. */
+  rawDigests: StreamedDigests | null,
   inTransaction?: (generation: number) => void,
   /**
    * Whether a differencing image (a delta) is laid onto the VDI's content
@@ -101,7 +104,10 @@ export async function commitStaged(
       await image.close();
       // commitContent links the file in as it is: it must be durable first.
       await syncFile(stagedFile);
-      return await vdis.commitContent(vdi.id, stagedFile, { inTransaction });
+      return await vdis.commitContent(vdi.id, stagedFile, {
+        inTransaction,
+        digests: wireFormat === 'raw' ? rawDigests : null,
+      });
     }
     const source = image.virtualSize === vdi.virtual_size ? image : new ResizedImage(image, vdi.virtual_size);
     if (streamed) {
@@ -119,7 +125,11 @@ export async function commitStaged(
     converted = `${stagedFile}.${vdi.image_format}`;
     await convertInto(source, vdi.image_format, converted, { signal: task.signal });
     await image.close();
-    const committed = await vdis.commitContent(vdi.id, converted, { inTransaction });
+    // The converted disk reads as the staged one: a raw one's digests hold for it.
+    const committed = await vdis.commitContent(vdi.id, converted, {
+      inTransaction,
+      digests: wireFormat === 'raw' ? rawDigests : null,
+    });
     converted = null;
     return committed;
   } catch (err) {

@@ -96,6 +96,7 @@ export class Finalizer {
         t.format,
         task,
         streaming,
+        live.rawDigests ?? null,
         (generation) => {
           t.state = 'committed';
           this.sessions.store.save(t);

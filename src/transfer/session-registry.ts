@@ -8,6 +8,7 @@ import type { promises as fsp } from 'node:fs';
 import { ApiError, NotFoundError } from '../errors.js';
 import type { Db } from '../storage/db.js';
 import type { Page, PageRequest } from '../storage/paging.js';
+import type { StreamedDigests } from '../storage/streamed-digests.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
 import { RangeSet } from './range-set.js';
@@ -46,6 +47,8 @@ export interface Live {
   streaming: Promise<StreamingImport | null> | null;
   /** A differencing image is laid onto the VDI as it is (the xapi alias; not kept: a one-shot never resumes). */
   layDifferencing?: boolean;
+  /** A one-shot raw import's block digests, hashed as its bytes arrive (null when unknown). */
+  rawDigests?: StreamedDigests | null;
 }
 
 export class SessionRegistry {
