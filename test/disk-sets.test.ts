@@ -286,3 +286,22 @@ describe('disk sets', () => {
     assert.ok(checked >= 50, `only ${checked} set snapshots were taken`);
   });
 });
+
+describe('disk set lookups', () => {
+  let srv: TestServer;
+  before(async () => {
+    srv = await startServer();
+  });
+  after(() => srv.close());
+
+  test('an unknown set snapshot or incoming migration is a 404 naming what is missing', async () => {
+    const set = await api<DiskSet>(srv.url, 'POST', '/v1/disk-sets', { name_label: 'lookup' });
+    assert.equal(set.status, 201);
+    const snap = await api<ErrorBody>(srv.url, 'GET', `/v1/disk-sets/${set.body.id}/snapshots/nope`);
+    assert.equal(snap.status, 404);
+    assert.equal(snap.body.error.code, 'DISK_SET_SNAPSHOT_NOT_FOUND');
+    const mig = await api<ErrorBody>(srv.url, 'GET', '/v1/migrations/nope');
+    assert.equal(mig.status, 404);
+    assert.equal(mig.body.error.code, 'MIGRATION_NOT_FOUND');
+  });
+});
