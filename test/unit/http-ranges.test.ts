@@ -21,7 +21,7 @@ const rep: Representation = {
 /** The request headers planResponse reads, nothing else. */
 function request(headers: Record<string, string>): Request {
   const lower = Object.fromEntries(Object.entries(headers).map(([k, v]) => [k.toLowerCase(), v]));
-  return { get: (name: string) => lower[name.toLowerCase()] } as unknown as Request;
+  return { headers: lower, get: (name: string) => lower[name.toLowerCase()] } as unknown as Request;
 }
 
 const partHeader = (start: number, end: number) =>
