@@ -315,20 +315,13 @@ async function fetchLayer(
           onProgress(progress);
         }
         const cur = writer.current;
-        try {
-          for await (const chunk of res.body) {
-            await cur.push(chunk as Buffer);
-            received += (chunk as Buffer).length;
-            progress.set(cur.pos);
-            progressed();
-            if (cur.written - checkpointed >= CHECKPOINT_BYTES) await checkpoint();
-          }
-        } finally {
-          await cur.flush();
-        }
-        if (cur.written < total) {
-          throw new HttpError(502, 'SHORT_BODY', `the body ended at byte ${cur.written} of ${total}`);
-        }
+        const bar = progress;
+        await cur.receive(res.body, total, async (bytes) => {
+          received += bytes;
+          bar.set(cur.pos);
+          progressed();
+          if (cur.written - checkpointed >= CHECKPOINT_BYTES) await checkpoint();
+        });
       } catch (err) {
         throw signal.aborted ? new Interrupted() : err;
       }

@@ -6,6 +6,7 @@
  */
 import type { FileHandle } from 'node:fs/promises';
 import { writeFully } from '../image/file-io.js';
+import { HttpError } from '../transfer/retry-policy.js';
 import { isZero, ZERO_BLOCK_BYTES } from './sparse-reader.js';
 
 /** Bytes gathered before they are checked for zeros and written. */
@@ -38,6 +39,29 @@ export class SparseWriter {
     this.pendingBytes += chunk.length;
     this.pos += chunk.length;
     if (this.pendingBytes >= WRITE_BATCH_BYTES) await this.flush();
+  }
+
+  /**
+   * Writes a response body that should end at `total`, calling `onChunk`
+   * after each piece. What arrived is kept even when the body breaks off, so
+   * a later run resumes after it; a body that ends early is a SHORT_BODY.
+   */
+  async receive(
+    body: AsyncIterable<unknown>,
+    total: number,
+    onChunk: (bytes: number) => Promise<void>,
+  ): Promise<void> {
+    try {
+      for await (const chunk of body) {
+        await this.push(chunk as Buffer);
+        await onChunk((chunk as Buffer).length);
+      }
+    } finally {
+      await this.flush();
+    }
+    if (this.written < total) {
+      throw new HttpError(502, 'SHORT_BODY', `the body ended at byte ${this.written} of ${total}`);
+    }
   }
 
   async flush(): Promise<void> {
