@@ -65,39 +65,53 @@ describe('snapshots across restarts and kill -9', () => {
 
   /**
    * Every row's file exists, every generation file belongs to a row, and each
-   * file has exactly as many links as rows naming it (nothing leaked, nothing
+   * file has exactly as many links as names rows give it, a parent of layers
+   * counting its own (nothing leaked, nothing
    * about to be freed while a row still needs it).
    */
   async function assertFilesMatchRows(vdis: VdiJson[]): Promise<void> {
-    const named = vdis.map((v) => `${v.id}.g${v.generation}.${v.image_format}`).sort();
-    const files = await fsp.readdir(srDir);
-    const present = files.filter((n) => /\.g\d+\.(raw|vhd|qcow2)$/.test(n)).sort();
-    assert.deepEqual(present, named, 'the generation files are exactly those the rows name');
-    // Block digests are shared by a snapshot and its source's generation: the
-    // files present are exactly those some row still names.
     const db = new Database(path.join(dataDir, 'diskport.sqlite'), { readonly: true });
+    let digestFiles: string[];
+    let parents: string[];
     try {
-      const rows = db
-        .prepare('SELECT DISTINCT digest_file FROM vdis WHERE digest_file IS NOT NULL')
-        .all() as {
-        digest_file: string;
-      }[];
-      assert.deepEqual(
-        files.filter((n) => n.endsWith('.digests')).sort(),
-        rows.map((r) => r.digest_file).sort(),
-        'the block digest files are exactly those the rows name',
-      );
+      digestFiles = (
+        db.prepare('SELECT DISTINCT digest_file FROM vdis WHERE digest_file IS NOT NULL').all() as {
+          digest_file: string;
+        }[]
+      ).map((r) => r.digest_file);
+      // A content kept as the parent of layers is on disk under its id too.
+      parents = (
+        db.prepare('SELECT DISTINCT parent FROM contents WHERE parent IS NOT NULL').all() as {
+          parent: string;
+        }[]
+      ).map((r) => r.parent);
     } finally {
       db.close();
     }
-    const rowsPerInode = new Map<number, number>();
+    const named = vdis.map((v) => `${v.id}.g${v.generation}.${v.image_format}`);
+    const files = await fsp.readdir(srDir);
+    const present = files.filter((n) => /\.g\d+\.(raw|vhd|qcow2)$/.test(n)).sort();
+    assert.deepEqual(
+      present,
+      [...new Set([...named, ...parents])].sort(),
+      'the generation files are exactly those the rows name',
+    );
+    // Block digests are shared by a snapshot and its source's generation: the
+    // files present are exactly those some row still names.
+    assert.deepEqual(
+      files.filter((n) => n.endsWith('.digests')).sort(),
+      digestFiles.sort(),
+      'the block digest files are exactly those the rows name',
+    );
+    const namesPerInode = new Map<number, number>();
     const links = new Map<number, number>();
-    for (const name of named) {
+    for (const name of new Set([...named, ...parents])) {
       const st = await fsp.stat(path.join(srDir, name));
-      rowsPerInode.set(st.ino, (rowsPerInode.get(st.ino) ?? 0) + 1);
+      namesPerInode.set(st.ino, (namesPerInode.get(st.ino) ?? 0) + 1);
       links.set(st.ino, st.nlink);
     }
-    for (const [ino, rows] of rowsPerInode) assert.equal(links.get(ino), rows, `inode ${ino}: links = rows`);
+    for (const [ino, names] of namesPerInode)
+      assert.equal(links.get(ino), names, `inode ${ino}: links = names`);
     assert.deepEqual(await fsp.readdir(path.join(srDir, '.staging')), []);
   }
 
@@ -158,6 +172,10 @@ describe('snapshots across restarts and kill -9', () => {
       const next = seededBytes(SIZE, 100 + round);
       contents.set(sha256(next), `round ${round}'s import`);
       const importing = importRaw(source.id, next).catch(() => null);
+      let answered: () => void = () => {};
+      const firstAnswered = new Promise<void>((resolve) => {
+        answered = resolve;
+      });
       const snapshots = [...Array(SNAPSHOTS_PER_ROUND).keys()].map(async (k) => {
         await sleep(Math.floor(rnd() * 150));
         try {
@@ -166,14 +184,20 @@ describe('snapshots across restarts and kill -9', () => {
             headers: { 'content-type': 'application/json' },
             body: JSON.stringify({ name_label: `r${round}-${k}` }),
           });
-          if (res.status === 201) confirmed.push({ id: ((await res.json()) as VdiJson).id, round });
-          else assert.fail(`snapshot: ${res.status} ${await res.text()}`);
+          if (res.status === 201) {
+            confirmed.push({ id: ((await res.json()) as VdiJson).id, round });
+            answered();
+          } else assert.fail(`snapshot: ${res.status} ${await res.text()}`);
         } catch (err) {
           if (err instanceof assert.AssertionError) throw err;
           snapshotsCut++; // the kill came first
         }
       });
-      await sleep(Math.floor(rnd() * 250));
+      // Even rounds kill once a snapshot has been answered (so some are kept
+      // however slow the machine is), odd rounds at a random moment (so some
+      // are cut however fast it is).
+      if (round % 2 === 0) await Promise.race([firstAnswered, sleep(20_000)]);
+      await sleep(Math.floor(rnd() * (round % 2 === 0 ? 40 : 100)));
       await restart('SIGKILL');
       await Promise.all([importing, ...snapshots]);
 
