@@ -262,10 +262,9 @@ export class SessionLifecycle {
     }
     // Writes still landing stop now, with a clear answer, before their file is closed.
     live.task.requestCancel(`the transfer is ${state}`);
-    const cleaned = this.cleanup(live);
-    const task = live.task.fail(live.failure);
-    await cleaned;
-    return task;
+    // Whoever sees the task fail finds its staged bytes gone and their space back.
+    await this.cleanup(live);
+    return live.task.fail(live.failure);
   }
 
   /** Lets go of everything an ended session held: the registry, the VDI's lock, its files. */
