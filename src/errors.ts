@@ -74,6 +74,7 @@ export const ERRORS = {
   NOT_FOUND: { status: 404, meaning: 'no such endpoint' },
   SR_NOT_FOUND: { status: 404, meaning: 'no storage repository with this id' },
   VDI_NOT_FOUND: { status: 404, meaning: 'no VDI with this id' },
+  REMOTE_VDI_NOT_FOUND: { status: 404, meaning: 'the target server of a push has no VDI with this id' },
   TASK_NOT_FOUND: { status: 404, meaning: 'no task with this id' },
   TRANSFER_NOT_FOUND: { status: 404, meaning: 'no transfer with this id' },
   UPLOAD_NOT_FOUND: { status: 404, meaning: 'no tus upload with this id' },
@@ -88,6 +89,7 @@ export const ERRORS = {
   },
   // 409: the request conflicts with the state of a resource
   VDI_BUSY: { status: 409, meaning: 'another transfer or operation holds the VDI' },
+  PUSH_IN_PROGRESS: { status: 409, meaning: 'a push of this VDI to this target is under way' },
   VDI_READ_ONLY: { status: 409, meaning: 'the VDI is a snapshot: its content cannot change' },
   VDI_IS_SNAPSHOT: {
     status: 409,

@@ -23,6 +23,7 @@ import { TicketService } from './transfer/imageio-tickets.js';
 import { MigrationReceiver } from './transfer/migration-receive.js';
 import { resumePulls } from './transfer/pull.js';
 import { resumePushes } from './transfer/push.js';
+import { resumeIncrementalPushes } from './transfer/push-incremental.js';
 import { TransferService } from './transfer/sessions.js';
 import { SetMigrations } from './transfer/set-migration.js';
 
@@ -67,7 +68,8 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
   // except resumable transfers, which pick up where they were. Files are
   // freed before anything is written: on a disk that an upload filled, its
   // staging file is the space that recording its end needs.
-  const transfers = new TransferService(db, vdis, tasks, logger);
+  const snapshots = new Snapshots(vdis, srs);
+  const transfers = new TransferService(db, vdis, tasks, logger, snapshots);
   const keep = transfers.activeAtStartup();
   const removed = await vdis.collectGarbage(keep.staging);
   let interrupted: string[] = [];
@@ -104,7 +106,6 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
   const checksums = new ChecksumService(vdis, tasks);
   const reads = new ReadCounters();
   const observed = observeTasks(tasks, reads);
-  const snapshots = new Snapshots(vdis, srs);
   const diskSets = new DiskSets(db, vdis, snapshots);
 
   const services: Services = {
@@ -150,6 +151,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
   };
   // Pulls and pushes whose sessions survived a restart go on by themselves.
   await resumePulls(services);
-  await resumePushes(services);
+  const incremental = await resumeIncrementalPushes(services);
+  await resumePushes(services, (t) => incremental.has(t.id));
   return services;
 }

@@ -1,4 +1,4 @@
-/** POST/GET /v1/vdis, GET/PATCH/DELETE /v1/vdis/{vdi}, its snapshots and clones */
+/** POST/GET /v1/vdis, GET/PATCH/DELETE /v1/vdis/{vdi}, its snapshots and clones, its push to another diskport */
 import { type Request, type Response, Router } from 'express';
 import { ApiError } from '../errors.js';
 import { validateBody } from '../http/openapi.js';
@@ -9,6 +9,7 @@ import type { Page } from '../storage/paging.js';
 import type { CloneRequest, SnapshotRequest } from '../storage/snapshots.js';
 import type { CreateVdi, Vdi, VdiFilter } from '../storage/vdis.js';
 import type { Task } from '../tasks/task-store.js';
+import { startVdiPush, type VdiPushRequest } from '../transfer/push-incremental.js';
 
 export function vdiRoutes(s: Services): Router {
   const sendVdis = async (req: Request, res: Response, page: Page<Vdi>) =>
@@ -68,6 +69,10 @@ export function vdiRoutes(s: Services): Router {
     .post('/v1/vdis/:vdi/migrate', async (req, res) => {
       const body = validateBody<CopyTarget>('VdiMigrate', req.body ?? {});
       accepted(res, await s.copies.migrate(req.params.vdi, body));
+    })
+    .post('/v1/vdis/:vdi/push', async (req, res) => {
+      const body = validateBody<VdiPushRequest>('VdiPush', req.body ?? {});
+      accepted(res, await startVdiPush(s, req.params.vdi, body));
     });
 }
 

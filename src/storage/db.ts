@@ -176,6 +176,19 @@ export const MIGRATIONS: readonly string[] = [
      vdi_id TEXT NOT NULL,
      PRIMARY KEY (migration_id, vdi_id)
    );`,
+  // Incremental push (transfer/push-incremental.ts): an upload that snapshots its VDI once committed,
+  // and per (source VDI, target) the last snapshot pair both ends hold, and the push under way.
+  `ALTER TABLE transfers ADD COLUMN snapshot_after_commit INTEGER NOT NULL DEFAULT 0;
+   ALTER TABLE transfers ADD COLUMN snapshot_id TEXT;
+   CREATE TABLE push_pairs (
+     source_vdi TEXT NOT NULL,
+     target TEXT NOT NULL,
+     source_snapshot TEXT,
+     target_snapshot TEXT,
+     pending TEXT,
+     updated_at TEXT NOT NULL,
+     PRIMARY KEY (source_vdi, target)
+   );`,
 ];
 
 export function openDb(file: string): Db {

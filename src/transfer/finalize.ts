@@ -6,6 +6,7 @@
 import { promises as fsp } from 'node:fs';
 import { ApiError } from '../errors.js';
 import { nowIso } from '../storage/db.js';
+import type { Snapshots } from '../storage/snapshots.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
@@ -23,6 +24,7 @@ export class Finalizer {
     private readonly tasks: TaskManager,
     private readonly uploads: ActiveUploads,
     private readonly lifecycle: SessionLifecycle,
+    private readonly snapshots?: Snapshots,
   ) {}
 
   /** Starts the commit of a complete upload; resolves with the task once started (see `completion`). */
@@ -85,6 +87,7 @@ export class Finalizer {
         bytes_received: live.ranges.size(),
         ...(streaming && { bytes_streamed: streaming.streamedBytes }),
         ...(t.base && { base: t.base }),
+        ...(t.snapshot_after_commit && { snapshot: t.snapshot_id }),
         transfer: t.id,
       });
       // The content switch, the session's state and the task's outcome commit
@@ -98,8 +101,12 @@ export class Finalizer {
         streaming,
         live.rawDigests ?? null,
         (generation) => {
+          // In the commit's transaction: the snapshot holds exactly what this
+          // upload committed, or the commit does not happen.
+          if (t.snapshot_after_commit) t.snapshot_id = this.snapshotOf(vdi.id, t.id);
           t.state = 'committed';
           this.sessions.store.save(t);
+          if (t.snapshot_id) this.sessions.store.setSnapshot(t.id, t.snapshot_id);
           this.tasks.persist({
             ...task.record,
             status: 'success',
@@ -118,5 +125,15 @@ export class Finalizer {
       const failed = await this.lifecycle.end(live, 'failed', err);
       return failed ?? task.record;
     }
+  }
+
+  /** A snapshot of the VDI as the running transaction leaves it (snapshotAll links and records synchronously). */
+  private snapshotOf(vdiId: string, transferId: string): string {
+    if (!this.snapshots) throw new Error('snapshot_after_commit needs the snapshot service');
+    return this.snapshots.snapshotAll(
+      [vdiId],
+      { name_label: `after transfer ${transferId}` },
+      ([snap]) => snap.id,
+    );
   }
 }

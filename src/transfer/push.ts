@@ -54,10 +54,13 @@ export interface PushDeps extends PullDeps {
  * Startup: pushes whose session survived a restart go on; the receiver's
  * ranges say what it already has, so nothing is sent twice.
  */
-export async function resumePushes(s: PushDeps): Promise<void> {
+export async function resumePushes(
+  s: PushDeps,
+  othersOwn: (t: Transfer) => boolean = () => false,
+): Promise<void> {
   for (const t of s.transfers.list({ active: true })) {
     const kept = t.push_target;
-    if (t.direction !== 'download' || t.state !== 'open' || !kept) continue;
+    if (t.direction !== 'download' || t.state !== 'open' || !kept || othersOwn(t)) continue;
     let raw: string;
     try {
       raw = openSecret(kept, s.config.token);
@@ -109,7 +112,7 @@ export async function startPush(
 }
 
 /** `{base}/v1/transfers/{id}/data?token=...`: the receiver's base path, transfer id and token. */
-function parseTargetUrl(raw: string): { prefix: string; id: string; token: string } {
+export function parseTargetUrl(raw: string): { prefix: string; id: string; token: string } {
   let url: URL;
   try {
     url = new URL(raw);
@@ -137,7 +140,7 @@ function parseTargetUrl(raw: string): { prefix: string; id: string; token: strin
  * The receiving transfer, spoken to with its own token only, through an agent
  * pinned to the address the fetch guard checked.
  */
-function receiverOf(
+export function receiverOf(
   target: FetchTarget,
   ref: { prefix: string; id: string; token: string },
   signal: AbortSignal,
@@ -161,8 +164,8 @@ interface Source {
   close(): Promise<void>;
 }
 
-async function openSource(s: PushDeps, vdiId: string, format: string): Promise<Source> {
-  if (format === 'raw') {
+async function openSource(s: PushDeps, vdiId: string, format: string, base?: string): Promise<Source> {
+  if (format === 'raw' && base === undefined) {
     // The raw stream is the disk itself: its extents say where the data is.
     const image = await s.vdis.openImage(s.vdis.get(vdiId));
     try {
@@ -181,7 +184,8 @@ async function openSource(s: PushDeps, vdiId: string, format: string): Promise<S
       throw err;
     }
   }
-  const exp = await openExport(s.vdis, vdiId, format);
+  // A delta (vhd, qcow2 over `base`) is compact already: only the changed blocks are in it.
+  const exp = await openExport(s.vdis, vdiId, format, base);
   return {
     size: exp.size,
     data: exp.size > 0 ? [[0, exp.size]] : [],
@@ -195,7 +199,7 @@ async function openSource(s: PushDeps, vdiId: string, format: string): Promise<S
   };
 }
 
-class Push {
+export class Push {
   private bytesSent = 0;
   private bytesZeroed = 0;
   /** A chunk whose PUT failed: the receiver may have kept part of it, which did cross the wire. */
@@ -208,6 +212,8 @@ class Push {
     private readonly t: Transfer,
     private readonly receiver: { remote: TransferSession; close: () => Promise<void> },
     private readonly task: RunningTask,
+    /** A delta push: the local snapshot the receiver's base holds; only what changed since is sent. */
+    private readonly base?: string,
   ) {
     this.remote = receiver.remote;
   }
@@ -217,7 +223,7 @@ class Push {
   async run(): Promise<Record<string, unknown>> {
     const { signal } = this.task;
     const log = this.s.logger.child({ transfer: this.id, remote_transfer: this.remote.id });
-    const src = await openSource(this.s, this.t.vdi_id, this.t.format);
+    const src = await openSource(this.s, this.t.vdi_id, this.t.format, this.base);
     try {
       this.task.setTotal(src.size);
       let failures = 0;

@@ -40,6 +40,12 @@ export interface CreateTransfer {
   target_url?: string;
   /** An upload of a differencing image: the snapshot it was made against, or `current` (delta-import.ts). */
   base?: string;
+  /**
+   * Upload: snapshot the VDI right after the commit, as part of it, and name
+   * the snapshot in the session and its task's result (the base of an
+   * incremental push's next delta).
+   */
+  snapshot_after_commit?: boolean;
 }
 
 /** What diskport itself says of a session it opens; no client sets these. */
@@ -151,6 +157,12 @@ export class SessionLifecycle {
         'size and checksum describe an upload; a download session takes neither',
       );
     }
+    if (req.direction === 'download' && req.snapshot_after_commit) {
+      throw new ApiError(
+        'INVALID_REQUEST',
+        'snapshot_after_commit snapshots the VDI an upload commits; a download session commits nothing',
+      );
+    }
 
     const id = randomUUID();
     const token = randomBytes(32).toString('base64url');
@@ -181,6 +193,8 @@ export class SessionLifecycle {
       push_target: opts.push_target ?? null,
       source_validator: null,
       base: req.base ?? null,
+      snapshot_after_commit: req.snapshot_after_commit === true,
+      snapshot_id: null,
     };
     // One writer per VDI: take the lock before anything is created.
     const release = upload ? this.vdis.locks.acquire(vdi.id, `transfer ${id}`) : () => {};

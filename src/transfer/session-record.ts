@@ -31,6 +31,9 @@ export interface TransferJson {
   error: { code: string; message: string } | null;
   /** A delta upload's base (delta-import.ts), else null. */
   base: string | null;
+  /** Whether the commit snapshots the VDI, and that snapshot once made (else null). */
+  snapshot_after_commit: boolean;
+  snapshot: string | null;
   url?: string;
   token?: string;
 }
@@ -103,6 +106,8 @@ export function toJson(
     data_path: dataPath(t.id),
     error: ['failed', 'cancelled', 'expired'].includes(t.state) ? errorOf() : null,
     base: t.base,
+    snapshot_after_commit: t.snapshot_after_commit,
+    snapshot: t.snapshot_id,
     ...(secret && {
       url: `${secret.baseUrl}${dataPath(t.id)}?token=${secret.token}`,
       token: secret.token,

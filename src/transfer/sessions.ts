@@ -14,6 +14,7 @@ import { ApiError, toApiError } from '../errors.js';
 import { spaceError } from '../image/space.js';
 import type { Db } from '../storage/db.js';
 import type { Page, PageRequest } from '../storage/paging.js';
+import type { Snapshots } from '../storage/snapshots.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { RunningTask, TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
@@ -44,11 +45,12 @@ export class TransferService {
     vdis: VdiStore,
     private readonly tasks: TaskManager,
     logger?: Logger,
+    snapshots?: Snapshots,
   ) {
     this.sessions = new SessionRegistry(db);
     this.uploads = new ActiveUploads(this.sessions, vdis, tasks);
     this.lifecycle = new SessionLifecycle(this.sessions, vdis, tasks, logger);
-    this.finalizer = new Finalizer(this.sessions, vdis, tasks, this.uploads, this.lifecycle);
+    this.finalizer = new Finalizer(this.sessions, vdis, tasks, this.uploads, this.lifecycle, snapshots);
   }
 
   /** Sessions a previous process left active: their tasks and staging files must survive recovery. */

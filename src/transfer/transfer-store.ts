@@ -39,12 +39,25 @@ export interface Transfer {
   source_validator: string | null;
   /** A delta upload's base: a snapshot's id, or `current` (delta-import.ts); null for a whole image. */
   base: string | null;
+  /** An upload that snapshots its VDI once committed (an incremental push's receiver, push-incremental.ts). */
+  snapshot_after_commit: boolean;
+  /** That snapshot, once made. */
+  snapshot_id: string | null;
 }
 
-type Row = Omit<Transfer, 'received' | 'metadata'> & { received: string; metadata: string | null };
+type Row = Omit<Transfer, 'received' | 'metadata' | 'snapshot_after_commit'> & {
+  received: string;
+  metadata: string | null;
+  snapshot_after_commit: number;
+};
 
 function fromRow(r: Row): Transfer {
-  return { ...r, received: JSON.parse(r.received), metadata: r.metadata ? JSON.parse(r.metadata) : null };
+  return {
+    ...r,
+    received: JSON.parse(r.received),
+    metadata: r.metadata ? JSON.parse(r.metadata) : null,
+    snapshot_after_commit: r.snapshot_after_commit === 1,
+  };
 }
 
 export class TransferStore {
@@ -55,16 +68,22 @@ export class TransferStore {
       .prepare(
         `INSERT INTO transfers (id, vdi_id, direction, format, size, checksum, token_hash, task_id, staging_path, state,
            ttl_seconds, expires_at, created_at, received, source_url, target_url, metadata, origin, stream_epoch,
-           push_target, source_validator, base)
+           push_target, source_validator, base, snapshot_after_commit, snapshot_id)
          VALUES (@id, @vdi_id, @direction, @format, @size, @checksum, @token_hash, @task_id, @staging_path, @state,
            @ttl_seconds, @expires_at, @created_at, @received, @source_url, @target_url, @metadata, @origin,
-           @stream_epoch, @push_target, @source_validator, @base)`,
+           @stream_epoch, @push_target, @source_validator, @base, @snapshot_after_commit, @snapshot_id)`,
       )
       .run({
         ...t,
         received: JSON.stringify(t.received),
         metadata: t.metadata ? JSON.stringify(t.metadata) : null,
+        snapshot_after_commit: t.snapshot_after_commit ? 1 : 0,
       });
+  }
+
+  /** Records the snapshot a committed upload made of its VDI. */
+  setSnapshot(id: string, snapshotId: string): void {
+    this.db.prepare('UPDATE transfers SET snapshot_id = ? WHERE id = ?').run(snapshotId, id);
   }
 
   get(id: string): Transfer | undefined {
