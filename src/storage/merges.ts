@@ -32,10 +32,11 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import type { BlockImage } from '../image/block-image.js';
 import { ChainImage, type ChainLayer, type DefinedRange } from '../image/chain-image.js';
-import { RawFileImage } from '../image/raw-file-image.js';
 import { fillFromParent, type MergeWriteOptions, mergeDefinedInto, unionRanges } from '../image/raw-merge.js';
 import { type ContentRow, decodeDefined, encodeDefined } from './contents.js';
 import type { Db } from './db.js';
+import { formatOfContent, openLayerFile } from './layer-files.js';
+import { fillQcow2FromParent, mergeQcow2Down, reparentQcow2 } from './qcow2-layers.js';
 import type { Sr, SrStore } from './srs.js';
 import { fsyncDir, type Vdi, type VdiStore } from './vdis.js';
 
@@ -60,7 +61,12 @@ interface LayerMergeBackend {
     sizes: { size: number; oldSize: number },
     opts: MergeWriteOptions,
   ): Promise<void>;
-  /** Makes the layer's file hold its whole view (`parent` read where it defines nothing). */
+  /**
+   * A format whose layers name their parent in the file (a qcow2 backing
+   * file): makes the layer at `file` name `parentName` instead.
+   */
+  reparent?(file: string, parentName: string): Promise<void>;
+  /** Makes the layer's file hold its whole view (`parent` read where it defines nothing), naming no parent. */
   fill(
     layerFile: string,
     defined: readonly DefinedRange[],
@@ -72,6 +78,7 @@ interface LayerMergeBackend {
 
 const BACKENDS: Record<string, LayerMergeBackend> = {
   raw: { mergeDown: mergeDefinedInto, fill: fillFromParent },
+  qcow2: { mergeDown: mergeQcow2Down, fill: fillQcow2FromParent, reparent: reparentQcow2 },
 };
 
 export class ChainMerges {
@@ -153,7 +160,8 @@ export class ChainMerges {
       if (!childFile) return 'stale';
       const defined = decodeDefined(child);
       const size = Math.max(child.virtual_size, parent.virtual_size);
-      await BACKENDS.raw.mergeDown(
+      const backend = backendOf(c) as LayerMergeBackend;
+      await backend.mergeDown(
         childFile,
         defined,
         parentFile,
@@ -167,6 +175,15 @@ export class ChainMerges {
       do {
         namers = this.namersOf(c);
         const ids = namers.map((v) => v.id).join();
+        // C's children will hang under P: a format naming parents in its files names P first
+        // (P's file reads as C over P already, so either name reads right).
+        const children = this.childrenOf(c);
+        if (backend.reparent) {
+          for (const k of children) {
+            const file = await this.fileOf(dir, k);
+            if (file) await backend.reparent(file, p);
+          }
+        }
         for (const v of namers) await this.relink(sr, parentFile, v.file_name);
         await fsyncDir(dir);
         done = this.db.transaction(() => {
@@ -174,7 +191,8 @@ export class ChainMerges {
           if (
             this.namersOf(c)
               .map((v) => v.id)
-              .join() !== ids
+              .join() !== ids ||
+            this.childrenOf(c).join() !== children.join()
           )
             return 'again' as const;
           this.db.prepare('UPDATE vdis SET content_id = ? WHERE content_id = ?').run(p, c);
@@ -208,10 +226,16 @@ export class ChainMerges {
     if (!layerFile) return 'stale';
     const parentView = await this.openChain(dir, plan.parent, layer.virtual_size);
     try {
-      await BACKENDS.raw.fill(layerFile, decodeDefined(layer), parentView, layer.virtual_size, {
-        signal: opts.signal,
-        onBytes: opts.onBytes,
-      });
+      await (backendOf(layer.id) as LayerMergeBackend).fill(
+        layerFile,
+        decodeDefined(layer),
+        parentView,
+        layer.virtual_size,
+        {
+          signal: opts.signal,
+          onBytes: opts.onBytes,
+        },
+      );
     } finally {
       await parentView.close();
     }
@@ -242,7 +266,7 @@ export class ChainMerges {
     const layers: ChainLayer[] = [];
     try {
       for (const row of this.vdis.contents.chain(id)) {
-        const image = await RawFileImage.open(path.join(dir, row.id), { virtualSize: row.virtual_size });
+        const image = await openLayerFile(path.join(dir, row.id), formatOfContent(row.id), row.virtual_size);
         layers.push({ image, defined: decodeDefined(row) });
       }
     } catch (err) {
@@ -266,6 +290,12 @@ export class ChainMerges {
         return file;
     }
     return null;
+  }
+
+  private childrenOf(id: string): string[] {
+    return (
+      this.db.prepare('SELECT id FROM contents WHERE parent = ? ORDER BY id').all(id) as { id: string }[]
+    ).map((r) => r.id);
   }
 
   private namersOf(id: string): Vdi[] {
@@ -304,7 +334,7 @@ export class ChainMerges {
 }
 
 function backendOf(contentId: string): LayerMergeBackend | undefined {
-  return BACKENDS[path.extname(contentId).slice(1)];
+  return BACKENDS[formatOfContent(contentId)];
 }
 
 function total(ranges: readonly DefinedRange[]): number {

@@ -17,7 +17,6 @@ import type { BlockImage } from '../image/block-image.js';
 import { ChainImage, type ChainLayer } from '../image/chain-image.js';
 import { EmptyImage } from '../image/empty-image.js';
 import { RawFileImage } from '../image/raw-file-image.js';
-import { writeRawLayer } from '../image/raw-layer.js';
 import { ResizedImage } from '../image/resized-image.js';
 import { freeBytes, humanBytes, insufficientSpace, spaceError, spaceGuardOf } from '../image/space.js';
 import { writeBlockDigests } from './block-digests.js';
@@ -27,6 +26,7 @@ import { convertInto } from './convert.js';
 import { cachedStatement, type Db, nowIso } from './db.js';
 import { PROBE_PREFIX } from './file-limits.js';
 import { ImageCache } from './image-cache.js';
+import { LAYERED_FORMATS, openLayerFile, writeLayerFile } from './layer-files.js';
 import { type Page, type PageRequest, selectPage } from './paging.js';
 import type { Sr, SrStore } from './srs.js';
 import { corruptAtRest, StoredImage } from './stored-image.js';
@@ -438,31 +438,21 @@ export class VdiStore {
    * new generation, never by writing into this one.
    */
   openImage(vdi: Vdi): Promise<BlockImage> {
-    const file = this.imagePath(vdi);
-    if (vdi.image_format === 'raw') {
-      const row = this.contents.get(vdi.content_id);
-      // Registered now, before any await: a merge deciding meanwhile sees this reader.
-      const done = this.gate.openReader(
-        row ? this.contents.chain(row.id).map((r) => r.id) : [vdi.content_id],
-      );
-      const opening = row?.parent
-        ? this.openChain(vdi, row)
-        : RawFileImage.open(file, { virtualSize: vdi.virtual_size });
-      return opening.then(
-        (image) => untilClosed(image, done),
-        (err) => {
-          done();
-          throw err;
-        },
-      );
-    }
+    const row = this.contents.get(vdi.content_id);
+    // Registered now, before any await: a merge deciding meanwhile sees this reader.
+    const done = this.gate.openReader(row ? this.contents.chain(row.id).map((r) => r.id) : [vdi.content_id]);
+    const opening = row?.parent
+      ? this.openChain(vdi, row)
+      : this.openFile(this.imagePath(vdi), vdi.image_format, vdi.virtual_size);
     // A container at rest that no longer decodes was damaged there: IMAGE_CORRUPT (see StoredImage).
-    return codecFor(vdi.image_format)
-      .open(file)
-      .then(
-        (image) => new StoredImage(image, vdi.id),
-        (err) => Promise.reject(corruptAtRest(vdi.id, err)),
-      );
+    const raw = vdi.image_format === 'raw';
+    return opening.then(
+      (image) => untilClosed(raw ? image : new StoredImage(image, vdi.id), done),
+      (err) => {
+        done();
+        throw raw ? err : corruptAtRest(vdi.id, err);
+      },
+    );
   }
 
   /** The contents a VDI's reads and commits go through, top first. */
@@ -476,13 +466,13 @@ export class VdiStore {
     const dir = this.srOf(vdi).path;
     const layers: ChainLayer[] = [];
     try {
-      const image = await RawFileImage.open(this.imagePath(vdi), { virtualSize: vdi.virtual_size });
+      const image = await openLayerFile(this.imagePath(vdi), vdi.image_format, vdi.virtual_size);
       layers.push({ image, defined: decodeDefined(top) });
       for (let id = top.parent; id !== null; ) {
         const row = this.contents.get(id);
         // Released meanwhile (the row read was older): the image cache reads the row again.
         if (!row) throw Object.assign(new Error(`content ${id} is gone`), { code: 'ENOENT' });
-        const parent = await RawFileImage.open(path.join(dir, row.id), { virtualSize: row.virtual_size });
+        const parent = await openLayerFile(path.join(dir, row.id), vdi.image_format, row.virtual_size);
         layers.push({ image: parent, defined: decodeDefined(row) });
         id = row.parent;
       }
@@ -497,12 +487,12 @@ export class VdiStore {
   private async openContent(vdi: Vdi, id: string): Promise<BlockImage> {
     const row = this.contents.get(id);
     const file = path.join(this.srOf(vdi).path, id);
-    if (!row) return RawFileImage.open(file, { virtualSize: vdi.virtual_size });
+    if (!row) return this.openFile(file, vdi.image_format, vdi.virtual_size);
     return this.openChain({ ...vdi, file_name: id, virtual_size: row.virtual_size }, row);
   }
 
   /**
-   * For a raw VDI whose content is shared (a snapshot or clone names it, or a
+   * For a raw or qcow2 VDI whose content is shared (a snapshot or clone names it, or a
    * layer is built over it) or is a layer already: writes at `target` the
    * layer of `stagedFile` over the parent it must have (the shared content
    * itself, else the unshared layer's own parent), so the commit costs space
@@ -515,7 +505,7 @@ export class VdiStore {
     target: string,
     virtualSize: number,
   ): Promise<{ parent: string; defined: string } | null> {
-    if (vdi.image_format !== 'raw') return null;
+    if (!LAYERED_FORMATS.has(vdi.image_format)) return null;
     const shared = this.contents.holders(vdi.content_id, vdi.id) > 0;
     const parent = shared ? vdi.content_id : (this.contents.get(vdi.content_id)?.parent ?? null);
     if (parent === null) return null;
@@ -526,11 +516,11 @@ export class VdiStore {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       });
     }
-    const next = await RawFileImage.open(stagedFile, { virtualSize });
+    const next = await this.openFile(stagedFile, vdi.image_format, virtualSize);
     try {
       const base = await this.openContent(vdi, parent);
       try {
-        const { defined } = await writeRawLayer(next, base, target);
+        const { defined } = await writeLayerFile(vdi.image_format, next, base, target, parent);
         return { parent, defined: encodeDefined(defined) };
       } finally {
         await base.close();
