@@ -141,6 +141,9 @@ static napi_value aligned_buffer(napi_env env, napi_callback_info info) {
   return result;
 }
 
+void register_sendfile(napi_env env, napi_value exports); /* sendfile.c */
+void register_digests(napi_env env, napi_value exports);  /* digests.c */
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
@@ -150,6 +153,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"alignedBuffer", NULL, aligned_buffer, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, 5, props);
+  register_sendfile(env, exports);
+  register_digests(env, exports);
   return exports;
 }
 

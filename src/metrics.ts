@@ -49,6 +49,7 @@ export class Metrics {
   });
   readonly readRequests: Counter<'format'>;
   readonly readBytes: Counter<'format'>;
+  readonly sendfileBytes: Counter;
   readonly activeTransfers: Gauge;
   /** Per running transfer, how much of its bytes_done the byte counters already hold. */
   private readonly counted = new Map<string, number>();
@@ -79,6 +80,15 @@ export class Metrics {
       labelNames: ['format'] as const,
       registers: [this.registry],
       collect: fromTotals(reads.bytes),
+    });
+    this.sendfileBytes = new Counter({
+      name: 'diskport_sendfile_bytes_total',
+      help: 'Bytes of raw exports sent from their files with sendfile (no copy through the service); part of bytes_sent',
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        this.inc(reads.sendfileBytes);
+      },
     });
     this.activeTransfers = new Gauge({
       name: 'diskport_active_transfers',

@@ -2,7 +2,7 @@
  * What every wire format provides. Codecs are pure: a BlockImage or file in,
  * bytes and extents out; they know nothing of HTTP, tasks or logging.
  */
-import type { BlockImage } from '../image/block-image.js';
+import type { BlockImage, FileSpan } from '../image/block-image.js';
 import type { DefinedRange } from '../image/chain-image.js';
 import type { StreamLayout } from './stream-layout.js';
 
@@ -19,6 +19,12 @@ export interface SerializedImage {
   readonly size: number;
   /** Yields the bytes of [start, end) in order; the chunks concatenate to exactly end - start bytes. */
   read(start: number, end: number): AsyncIterable<Buffer>;
+  /**
+   * Only where the stream is the image's file bytes as they are (raw of a
+   * raw file or chain): the file spans that make [start, end), holes as
+   * zero spans, for a zero-copy send. Valid while the image is open.
+   */
+  spans?(start: number, end: number): FileSpan[];
 }
 
 /**

@@ -8,6 +8,8 @@ import { randomBytes } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import rangeParser from 'range-parser';
 import { ApiError } from '../errors.js';
+import type { FileSpan } from '../image/block-image.js';
+import { sendSpans, ZERO_COPY_MIN_BYTES, zeroCopySocketFd } from './zero-copy.js';
 
 export interface Representation {
   size: number;
@@ -16,6 +18,8 @@ export interface Representation {
   contentType: string;
   filename: string;
   read(start: number, end: number): AsyncIterable<Buffer>;
+  /** The bytes of [start, end) as file spans, where they lie in files as they are (see zero-copy.ts). */
+  spans?(start: number, end: number): FileSpan[];
 }
 
 /**
@@ -176,10 +180,23 @@ export async function writeBody(
   plan: ResponsePlan & { boundary: string },
   onBytes: (n: number) => void,
   signal?: AbortSignal,
+  /** Counts the bytes sent with sendfile (they are in onBytes too). */
+  onSendfileBytes?: (n: number) => void,
 ): Promise<void> {
+  const socketFd =
+    rep.spans && !plan.multipart && plan.bodyLength >= ZERO_COPY_MIN_BYTES ? zeroCopySocketFd(res) : null;
   for (const r of plan.ranges) {
     if (plan.multipart) await send(res, Buffer.from(partHeader(plan.boundary, rep, r)), signal);
-    await sendChunks(res, rep.read(r.start, r.end + 1), onBytes, signal);
+    if (socketFd !== null && rep.spans) {
+      const spans = rep.spans(r.start, r.end + 1);
+      const count = (n: number) => {
+        onBytes(n);
+        onSendfileBytes?.(n);
+      };
+      await sendSpans(res, socketFd, spans, count, () => new ClientGoneError(), signal);
+    } else {
+      await sendChunks(res, rep.read(r.start, r.end + 1), onBytes, signal);
+    }
   }
   if (plan.multipart) await send(res, Buffer.from(multipartTrailer(plan.boundary)), signal);
   await new Promise<void>((resolve, reject) => {

@@ -70,9 +70,10 @@ export async function sendSource(
       return;
     }
     const failed = (err: unknown) => bodyFailed(req, res, err);
+    const sendfiled = (n: number) => deps.reads.countSendfile(n);
     if (session) {
       res.setHeader('X-Task-Id', session.taskId);
-      await writeBody(res, rep, plan, session.onBytes).catch((err) => {
+      await writeBody(res, rep, plan, session.onBytes, undefined, sendfiled).catch((err) => {
         session.onReadFailed(err);
         failed(err);
       });
@@ -80,12 +81,14 @@ export async function sendSource(
     }
     if (plan.status === 206) {
       deps.reads.countRequest(format);
-      await writeBody(res, rep, plan, (n) => deps.reads.countBytes(format, n)).catch(failed);
+      await writeBody(res, rep, plan, (n) => deps.reads.countBytes(format, n), undefined, sendfiled).catch(
+        failed,
+      );
       return;
     }
     await runExportTask(deps.tasks, source, plan.bodyLength, (task) => {
       res.setHeader('X-Task-Id', task.id);
-      return writeBody(res, rep, plan, task.onBytes, task.signal);
+      return writeBody(res, rep, plan, task.onBytes, task.signal, sendfiled);
     }).catch(failed);
   } finally {
     await source.close();

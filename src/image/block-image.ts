@@ -24,6 +24,17 @@ export interface ByteSpan {
   length: number;
 }
 
+/**
+ * Where some bytes of a disk lie in a file, as they are (a raw file, a raw
+ * layer): `length` bytes at `position` of descriptor `fd`; fd -1 stands for
+ * zeros. What a zero-copy send (sendfile) needs instead of the bytes.
+ */
+export interface FileSpan {
+  fd: number;
+  position: number;
+  length: number;
+}
+
 /** The read side of a virtual disk. */
 export interface BlockImage {
   /** Size of the virtual disk in bytes. */
@@ -47,6 +58,13 @@ export interface BlockImage {
    * reported (qemu and imageio never call them holes either). Ordered.
    */
   unallocated?(): Promise<ByteSpan[]>;
+  /**
+   * Only where the disk's bytes lie in files as they are (raw files and
+   * chains of them): the file spans that read as [offset, offset + length),
+   * in order, cut at virtualSize; valid while the image is open. Absent
+   * where bytes must be decoded (a container at rest, a memory image).
+   */
+  fileSpans?(offset: number, length: number): FileSpan[];
   /** Releases the image; later reads (and writes) reject. Closing twice is harmless. */
   close(): Promise<void>;
 }

@@ -11,7 +11,14 @@
  * so a deep chain reads like a flat disk. Extents are the runs, each cut by
  * the extents of the layer serving it.
  */
-import { type BlockImage, type Extent, mergeExtents, readByInto, readLength } from './block-image.js';
+import {
+  type BlockImage,
+  type Extent,
+  type FileSpan,
+  mergeExtents,
+  readByInto,
+  readLength,
+} from './block-image.js';
 
 export interface DefinedRange {
   start: number;
@@ -49,6 +56,7 @@ export class ChainImage implements BlockImage {
       throw new RangeError(`invalid virtual size ${virtualSize}`);
     }
     this.runs = resolve(virtualSize, layers);
+    if (layers.every((l) => l.image.fileSpans)) this.fileSpans = (o, n) => this.spansOf(o, n);
   }
 
   /** How many layers the chain reads through. */
@@ -74,6 +82,27 @@ export class ChainImage implements BlockImage {
     }
     await Promise.all(reads);
     return buf.subarray(0, n);
+  }
+
+  /** Each run's bytes where its layer keeps them: only when every layer keeps its bytes in a file. */
+  readonly fileSpans?: (offset: number, length: number) => FileSpan[];
+
+  private spansOf(offset: number, length: number): FileSpan[] {
+    const n = readLength(this.virtualSize, offset, length);
+    this.assertOpen();
+    const out: FileSpan[] = [];
+    for (let i = this.runAt(offset), pos = offset; pos < offset + n; i++) {
+      const run = this.runs[i];
+      const end = Math.min(run.start + run.length, offset + n);
+      if (run.layer < 0) {
+        out.push({ fd: -1, position: 0, length: end - pos });
+      } else {
+        const spans = this.layers[run.layer].image.fileSpans?.(pos, end - pos) ?? [];
+        out.push(...spans);
+      }
+      pos = end;
+    }
+    return out;
   }
 
   async extents(): Promise<Extent[]> {

@@ -10,7 +10,25 @@ export interface NativeAddon {
   punchHole(fd: number, offset: number, length: number): boolean;
   dropCache(fd: number): boolean;
   alignedBuffer(size: number, alignment: number): Buffer;
+  /** native/sendfile.c: sends file spans ([fdIndex, position, length]...) to a socket on a thread of its own. */
+  sendSpans(
+    socketFd: number,
+    fileFds: number[],
+    spans: number[],
+    onProgress: (sent: number) => void,
+    onDone: (code: string | null, sent: number) => void,
+  ): SendJob;
+  /** Stops a sendSpans job; its onDone still comes (ECANCELED, unless it had finished). */
+  cancelSend(job: SendJob): void;
+  /**
+   * native/digests.c: on the thread pool, block i = the next counts[i] parts;
+   * entries: 16 bytes per block (SHA-256's first 16, zeros for a zero block).
+   */
+  sha256Blocks(parts: Buffer[], counts: number[], callback: (err: Error | null, entries: Buffer) => void): void;
 }
+
+/** A running sendSpans, only for cancelSend. */
+export type SendJob = { readonly __sendJob: unique symbol };
 
 function loadAddon(): NativeAddon | null {
   const require = createRequire(import.meta.url);

@@ -11,6 +11,7 @@ import {
   type BlockImage,
   checkWriteRange,
   type Extent,
+  type FileSpan,
   type ImageWriter,
   readByInto,
   readLength,
@@ -42,6 +43,13 @@ export class RawFileImage implements BlockImage {
     const n = readLength(this.virtualSize, offset, buf.length);
     this.assertOpen();
     return readAt(this.handle, buf.subarray(0, n), offset);
+  }
+
+  /** Byte N of the disk is byte N of the file (past a short file's end, zeros: sendfile's caller sends them). */
+  fileSpans(offset: number, length: number): FileSpan[] {
+    const n = readLength(this.virtualSize, offset, length);
+    this.assertOpen();
+    return n > 0 ? [{ fd: this.handle.fd, position: offset, length: n }] : [];
   }
 
   async extents(): Promise<Extent[]> {

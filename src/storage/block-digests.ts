@@ -50,6 +50,7 @@ export async function writeBlockDigests(
   const size = image.virtualSize;
   const count = blockCount(size);
   const from = known?.virtualSize === size ? known : null;
+  await from?.settle();
   const handle = await fsp.open(file, 'w', 0o600);
   try {
     const header = Buffer.alloc(HEADER_BYTES);

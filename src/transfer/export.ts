@@ -59,6 +59,7 @@ export async function openExport(
       format,
       size: serialized.size,
       read: (start, end) => serialized.read(start, end),
+      ...(serialized.spans && { spans: serialized.spans }),
       etag: exportEtag(vdi, format),
       lastModified: new Date(vdi.content_updated_at),
       filename: `${safeName(vdi.name_label) || vdi.id}.${FILE_EXTENSIONS[format] ?? format}`,
@@ -144,6 +145,8 @@ function safeName(label: string): string {
 export class ReadCounters {
   readonly requests = new Map<string, number>();
   readonly bytes = new Map<string, number>();
+  /** Of every export's bytes (whole and ranged), those sent with sendfile. */
+  sendfileBytes = 0;
 
   countRequest(format: string): void {
     this.requests.set(format, (this.requests.get(format) ?? 0) + 1);
@@ -151,6 +154,10 @@ export class ReadCounters {
 
   countBytes(format: string, n: number): void {
     this.bytes.set(format, (this.bytes.get(format) ?? 0) + n);
+  }
+
+  countSendfile(n: number): void {
+    this.sendfileBytes += n;
   }
 }
 

@@ -1,0 +1,117 @@
+/**
+ * Sending a raw export's bytes from its files straight to the socket
+ * (sendfile(2), native/sendfile.c), where the stream path reads them into
+ * buffers and writes those: two copies through user space for every byte,
+ * which kept a whole-disk GET below nginx's sendfile (bench/README.md,
+ * raw-throughput).
+ *
+ * Taken only where it gives the same bytes: a single range of a raw export
+ * whose bytes lie in files as they are (SerializedImage.spans), on a plain
+ * TCP socket (no TLS, which must encrypt in user space), with the addon
+ * built; everything else streams as before. The sending runs on a thread of
+ * the addon's, so the event loop never waits on the disk or the client; the
+ * socket's buffer is the backpressure, a client gone or a cancelled task
+ * stops it, and the lease on the image (the old generation's file, which a
+ * commit does not touch) is held until the thread has let go of its
+ * descriptors.
+ */
+import type { ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
+import type { FileSpan } from '../image/block-image.js';
+import { addon } from '../image/native.js';
+
+/** Smaller bodies (the ranged GETs of qemu and backup agents) cost less through the stream path than a thread. */
+export const ZERO_COPY_MIN_BYTES = 1024 * 1024;
+
+/** Set to 0 to send every body through the stream path (comparisons, a kernel whose sendfile misbehaves). */
+const ENABLED = process.env.DISKPORT_SENDFILE !== '0';
+
+const EMPTY = Buffer.alloc(0);
+
+/** The response socket's descriptor when a zero-copy send can use it, else null. */
+export function zeroCopySocketFd(res: ServerResponse): number | null {
+  if (!ENABLED || typeof addon?.sendSpans !== 'function') return null;
+  const socket = res.socket as (Socket & { encrypted?: boolean; _handle?: { fd?: number } }) | null;
+  if (!socket || socket.destroyed || socket.encrypted) return null;
+  const fd = socket._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : null;
+}
+
+export class ZeroCopyError extends Error {
+  constructor(readonly code: string) {
+    super(`sendfile failed: ${code}`);
+  }
+}
+
+/**
+ * Sends the spans on the response's socket after everything written so far
+ * (headers included). Resolves once all bytes are in the socket; rejects with
+ * `gone()` when the client went away, with the signal's reason when it
+ * aborted, or with a ZeroCopyError.
+ */
+export async function sendSpans(
+  res: ServerResponse,
+  socketFd: number,
+  spans: readonly FileSpan[],
+  onBytes: (n: number) => void,
+  gone: () => Error,
+  signal?: AbortSignal,
+): Promise<void> {
+  const native = addon!;
+  // The headers (and anything before) must be in the socket before the first byte from the file:
+  // a write's callback runs once it and every earlier one were handed to the kernel.
+  await new Promise<void>((resolve, reject) => {
+    if (res.destroyed) return reject(gone());
+    res.write(EMPTY, (err) => (err ? reject(gone()) : resolve()));
+  });
+  signal?.throwIfAborted();
+  if (res.destroyed) throw gone();
+
+  const fds: number[] = [];
+  const triplets: number[] = [];
+  for (const s of spans) {
+    let index = -1;
+    if (s.fd >= 0) {
+      index = fds.indexOf(s.fd);
+      if (index < 0) index = fds.push(s.fd) - 1;
+    }
+    triplets.push(index, s.position, s.length);
+  }
+  const socket = res.socket as Socket & { _unrefTimer?: () => void };
+  let counted = 0;
+  let cancelled: 'client' | 'signal' | { error: unknown } | null = null;
+  await new Promise<void>((resolve, reject) => {
+    // Called from the addon: an exception here would be uncaught, so it ends the send instead.
+    const count = (sent: number) => {
+      try {
+        if (sent > counted) onBytes(sent - counted);
+        counted = sent;
+        // Node sees none of these writes: keep its idle timer (if any) from calling the socket idle.
+        socket._unrefTimer?.();
+      } catch (error) {
+        cancelled ??= { error };
+        native.cancelSend(job);
+      }
+    };
+    const job = native.sendSpans(socketFd, fds, triplets, count, (code, sent) => {
+      count(sent);
+      res.off('close', onClose);
+      signal?.removeEventListener('abort', onAbort);
+      if (typeof cancelled === 'object' && cancelled !== null) reject(cancelled.error);
+      else if (code === null) resolve();
+      else if (cancelled === 'signal') reject(signal?.reason);
+      else if (cancelled === 'client' || code === 'EPIPE' || code === 'ECONNRESET') reject(gone());
+      else reject(new ZeroCopyError(code));
+    });
+    const onClose = () => {
+      cancelled ??= 'client';
+      native.cancelSend(job);
+    };
+    const onAbort = () => {
+      cancelled ??= 'signal';
+      native.cancelSend(job);
+    };
+    res.on('close', onClose);
+    signal?.addEventListener('abort', onAbort);
+  });
+}
