@@ -24,7 +24,11 @@ export interface NativeAddon {
    * native/digests.c: on the thread pool, block i = the next counts[i] parts;
    * entries: 16 bytes per block (SHA-256's first 16, zeros for a zero block).
    */
-  sha256Blocks(parts: Buffer[], counts: number[], callback: (err: Error | null, entries: Buffer) => void): void;
+  sha256Blocks(
+    parts: Buffer[],
+    counts: number[],
+    callback: (err: Error | null, entries: Buffer) => void,
+  ): void;
 }
 
 /** A running sendSpans, only for cancelSend. */
