@@ -283,6 +283,26 @@ describe('incremental push: only what changed crosses the wire', () => {
     assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source));
   });
 
+  test('without incremental: the live VDI is pushed whole, data only, and no snapshot is kept on either side', async () => {
+    const disk = initialDisk();
+    const source = (await createVdi(a.url, SIZE)).id;
+    await putDisk(a.url, source, disk);
+    const target = (
+      await api<Vdi>(b.url, 'POST', '/v1/vdis', { name_label: 'copy', virtual_size: SIZE }, AUTH)
+    ).body.id;
+    const res = await api<Task>(a.url, 'POST', `/v1/vdis/${source}/push`, {
+      target: { server: b.url, vdi: target, token: TOKEN },
+    });
+    assert.equal(res.status, 202, JSON.stringify(res.body));
+    const task = await waitTask(res.body.id);
+    assert.equal(task.status, 'success', JSON.stringify(task));
+    assert.equal(task.result?.incremental, false);
+    assert.ok((task.result?.bytes_sent as number) <= 13 * MiB);
+    assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source));
+    assert.deepEqual(await snapshotsOf(a.url, source), []);
+    assert.deepEqual(await snapshotsOf(b.url, target, AUTH), []);
+  });
+
   test('a kill -9 of the sender mid-delta resumes after its restart; a second push meanwhile is 409 PUSH_IN_PROGRESS', async () => {
     const proxy = await holdingProxy(new URL(b.url));
     try {

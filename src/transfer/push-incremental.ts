@@ -200,7 +200,12 @@ function start(
       result = await push.run();
     } catch (err) {
       // This push opened the receiver's session: ending it frees the target VDI for the next push.
-      await cancelReceiver(target, ref);
+      // One that committed all the same (its answer lost) is a push that arrived.
+      if ((await endReceiver(target, ref)) === 'committed' && owned) {
+        const settled = await settle(s, target, ref, owned);
+        const note = `the push's last call failed (${describe(err)}), but the receiver had committed`;
+        return { incremental: true, ...settled, notes: [note, ...((settled.notes as string[]) ?? [])] };
+      }
       if (owned) await clearPending(s, new PushPairs(s.db), owned.sourceVdi, owned.key, owned.pending, true);
       throw err;
     }
@@ -447,13 +452,21 @@ async function deleteRemote(
   }
 }
 
-/** Best effort, bounded: an unreachable receiver's session expires by itself. */
-async function cancelReceiver(target: FetchTarget, ref: ReturnType<typeof parseTargetUrl>): Promise<void> {
+/**
+ * Cancels the receiver's session unless it committed; answers its state
+ * (null when unreachable: its session then expires by itself).
+ */
+async function endReceiver(
+  target: FetchTarget,
+  ref: ReturnType<typeof parseTargetUrl>,
+): Promise<string | null> {
   const receiver = receiverOf(target, ref, AbortSignal.timeout(10_000));
   try {
-    await receiver.remote.cancel({ timeoutMs: 10_000 });
+    const { state } = await receiver.remote.state();
+    if (state === 'open') await receiver.remote.cancel({ timeoutMs: 10_000 });
+    return state;
   } catch {
-    // ended already, or unreachable
+    return null;
   } finally {
     await receiver.close().catch(() => {});
   }
