@@ -227,6 +227,51 @@ describe('copies into another SR', () => {
     assert.equal((await vdi(source.id)).generation, at.generation);
   });
 
+  test('a raw VDI that is a layer over its snapshot, migrated, reads its own bytes and its snapshot its own, also after a restart and a commit', async () => {
+    for (const [sr, format] of [
+      ['fast', 'raw'],
+      ['arch', 'vhd'],
+    ] as const) {
+      const source = await createVdi(srv.url, SIZE);
+      const first = content(21);
+      await importRaw(source.id, first);
+      const snap = (await api<VdiJson>(srv.url, 'POST', `/v1/vdis/${source.id}/snapshots`, {})).body;
+      // A commit after the snapshot makes the VDI a layer over the snapshot's content.
+      const second = Buffer.from(first);
+      seededBytes(2 * MiB, 22).copy(second, 8 * MiB);
+      second.fill(0, 0, 64 * 1024);
+      await importRaw(source.id, second);
+      const task = await finished(
+        (await post(`/v1/vdis/${source.id}/migrate`, { sr, image_format: format })).body,
+      );
+      assert.equal(task.status, 'success', JSON.stringify(task.error));
+      assert.equal((await vdi(source.id)).image_format, format);
+      const check = async (when: string) => {
+        assert.equal(
+          await sha256Url(`${srv.url}/v1/vdis/${source.id}/contents?format=raw`),
+          sha256(second),
+          `the migrated VDI ${when}`,
+        );
+        assert.equal(
+          await sha256Url(`${srv.url}/v1/vdis/${snap.id}/contents?format=raw`),
+          sha256(first),
+          `its snapshot ${when}`,
+        );
+      };
+      await check(`in ${sr} as ${format}`);
+      await srv.close();
+      srv = await startServer({ dataDir: srv.dataDir, config: { srs } });
+      await check('after a restart');
+      await qemuSame(fileOf(await vdi(source.id)), format, second);
+      // A commit on the moved VDI builds on its own content, not on the chain it left.
+      const third = Buffer.from(second);
+      seededBytes(MiB, 23).copy(third, 2 * MiB);
+      await importRaw(source.id, third);
+      assert.equal(await sha256Url(`${srv.url}/v1/vdis/${source.id}/contents?format=raw`), sha256(third));
+      assert.equal(await sha256Url(`${srv.url}/v1/vdis/${snap.id}/contents?format=raw`), sha256(first));
+    }
+  });
+
   test('the format defaults to the VDI’s own when the SR takes it, else to the SR’s default', async () => {
     const source = await createVdi(srv.url, SIZE, { image_format: 'qcow2' });
     const toFast = await finished((await post(`/v1/vdis/${source.id}/migrate`, { sr: 'fast' })).body);

@@ -614,7 +614,6 @@ export class VdiStore {
     stagedFile: string,
   ): Promise<Vdi> {
     const vdi = this.get(id);
-    const oldFile = this.imagePath(vdi);
     const generation = vdi.generation + 1;
     const fileName = generationFileName(id, generation, format);
     const target = path.join(sr.path, fileName);
@@ -622,24 +621,36 @@ export class VdiStore {
     const digestFile = digestFileName(id, generation);
     const digests = await this.digestsOf(stagedFile, format, vdi.virtual_size, sr, digestFile);
     await fsp.rename(stagedFile, target);
+    let released: string[];
+    let left = vdi;
+    // The copy is flat: a new content of its own (as a commit's), and the chain it
+    // leaves (a layer over a snapshot's content) released as far as nothing else holds it.
+    const leave = await this.gate.enterCommit(() => this.chainIdsOf(this.get(id)));
     try {
       await fsyncDir(sr.path);
-      const switched = this.db
-        .prepare(
-          `UPDATE vdis SET sr_id=@sr, image_format=@format, generation=@generation, file_name=@fileName,
-           digest_file=@digestFile WHERE id=@id AND generation=@fromGeneration`,
-        )
-        .run({ id, sr: sr.id, format, generation, fileName, digestFile, fromGeneration });
-      if (switched.changes !== 1) throw contentChanged(id);
+      released = this.db.transaction(() => {
+        left = this.get(id);
+        const switched = this.db
+          .prepare(
+            `UPDATE vdis SET sr_id=@sr, image_format=@format, generation=@generation, file_name=@fileName,
+             content_id=@fileName, digest_file=@digestFile WHERE id=@id AND generation=@fromGeneration`,
+          )
+          .run({ id, sr: sr.id, format, generation, fileName, digestFile, fromGeneration });
+        if (switched.changes !== 1) throw contentChanged(id);
+        return this.contents.release(left.content_id);
+      })();
     } catch (err) {
       await fsp.rm(target, { force: true });
       await fsp.rm(digests, { force: true });
       throw spaceError(err, 'the switch');
+    } finally {
+      leave();
     }
+    this.onChainsChanged();
     this.images.drop(id);
     await this.dropDigests(vdi);
     // Readers of the old file keep it open; nobody waits for its blocks to be freed.
-    void fsp.rm(oldFile, { force: true }).catch(() => {});
+    await this.unlinkReleased(left, released);
     return this.get(id);
   }
 
