@@ -223,12 +223,23 @@ describe('disk sets', () => {
     }
   });
 
+  /**
+   * Guards the atomicity of set snapshots against commits. Two writers each
+   * commit generation k to one member and then (once that commit has
+   * answered) generation k to another: member 0 then 1, and member 3 then 2,
+   * so that snapshotting the members one by one fails whichever order it
+   * takes them in. A set snapshot holding a writer's second commit k must
+   * hold its first commit k too, and every commit that answered before the
+   * snapshot request was sent. Snapshotting members one after the other
+   * with any pause between them (an await) breaks this within a few seeds.
+   */
   test('50 seeded interleavings of commits and set snapshots: no snapshot holds a commit without those finished before it', async () => {
     const size = 64 * KiB;
     const members = [
       await createVdi(srv.url, size),
       await createVdi(srv.url, size, { image_format: 'qcow2' }),
       await createVdi(srv.url, size),
+      await createVdi(srv.url, size, { image_format: 'vhd' }),
     ].map((v) => v.id);
     const set = (await api<DiskSet>(srv.url, 'POST', '/v1/disk-sets', { name_label: 'race', vdis: members }))
       .body;
@@ -237,53 +248,67 @@ describe('disk sets', () => {
       b.writeUInt32LE(n, 0);
       return b;
     };
-    type Commit = { member: number; value: number; startedAt: number; finishedAt: number };
+    // Each writer: its first member, then its second; commit k of the second starts after commit k of the first.
+    const chains: [number, number][] = [
+      [0, 1],
+      [3, 2],
+    ];
+    const GENERATIONS = 4;
     let checked = 0;
+    let caught = 0;
     for (let seed = 1; seed <= 50; seed++) {
       const rnd = prng(seed);
-      const commits: Commit[] = [];
-      const COMMITS_PER_MEMBER = 3;
-      // One writer per member, each commit after the one before; their order against each other is the seed's.
-      const writers = members.map(async (vdi, member) => {
-        for (let n = 1; n <= COMMITS_PER_MEMBER; n++) {
-          await new Promise((r) => setTimeout(r, Math.floor(rnd() * 8)));
-          const value = seed * 100 + n;
-          const startedAt = performance.now();
-          await put(srv.url, vdi, disk(value));
-          commits.push({ member, value, startedAt, finishedAt: performance.now() });
+      const finished: { member: number; value: number; at: number }[] = [];
+      const writers = chains.map(async ([first, second]) => {
+        for (let k = 1; k <= GENERATIONS; k++) {
+          const value = seed * 100 + k;
+          for (const member of [first, second]) {
+            await put(srv.url, members[member], disk(value));
+            finished.push({ member, value, at: performance.now() });
+          }
+          await new Promise((r) => setTimeout(r, Math.floor(rnd() * 4)));
         }
       });
       let writing = true;
       const done = Promise.all(writers).finally(() => {
         writing = false;
       });
-      const snaps: SetSnapshot[] = [];
-      while (writing && snaps.length < 4) {
+      const snaps: { snap: SetSnapshot; sentAt: number }[] = [];
+      while (writing && snaps.length < 6) {
         await new Promise((r) => setTimeout(r, Math.floor(rnd() * 6)));
+        const sentAt = performance.now();
         const res = await api<SetSnapshot>(srv.url, 'POST', `/v1/disk-sets/${set.id}/snapshots`);
         assert.equal(res.status, 201);
-        snaps.push(res.body);
+        snaps.push({ snap: res.body, sentAt });
       }
       await done;
-      for (const snap of snaps) {
-        const held = await Promise.all(snap.snapshots.map((m) => marker(srv.url, m.snapshot)));
-        // A commit a member holds (of this seed): every commit that finished before it started is held too.
-        for (const d of commits) {
-          if (held[d.member] < d.value) continue;
-          for (const c of commits) {
-            if (c.finishedAt >= d.startedAt) continue;
-            assert.ok(
-              held[c.member] >= c.value,
-              `seed ${seed}: a set snapshot holds ${d.value} on member ${d.member} but member ${c.member} is at ` +
-                `${held[c.member]}, though ${c.value} finished before ${d.value} began`,
-            );
-          }
+      for (const { snap, sentAt } of snaps) {
+        const byVdi = new Map(snap.snapshots.map((m) => [m.vdi, m.snapshot]));
+        const held = await Promise.all(members.map((vdi) => marker(srv.url, byVdi.get(vdi) as string)));
+        // Generations of this seed only (an earlier seed's markers are below seed * 100).
+        const gen = (member: number) => Math.max(0, held[member] - seed * 100);
+        for (const [first, second] of chains) {
+          assert.ok(
+            gen(first) >= gen(second),
+            `seed ${seed}: a set snapshot holds commit ${gen(second)} of member ${second} but only ${gen(first)} ` +
+              `of member ${first}, whose commit ${gen(second)} answered before it began`,
+          );
+          if (gen(first) > gen(second)) caught++;
+        }
+        for (const c of finished) {
+          if (c.at >= sentAt) continue;
+          assert.ok(
+            held[c.member] >= c.value,
+            `seed ${seed}: commit ${c.value} of member ${c.member} answered before the set snapshot was asked for, but is not in it`,
+          );
         }
         checked++;
         await api(srv.url, 'DELETE', `/v1/disk-sets/${set.id}/snapshots/${snap.id}`);
       }
     }
     assert.ok(checked >= 50, `only ${checked} set snapshots were taken`);
+    // The race was there to lose: some snapshots fell between a writer's two commits.
+    assert.ok(caught > 0, 'no set snapshot fell between the two commits of a generation');
   });
 });
 
