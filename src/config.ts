@@ -30,6 +30,12 @@ export interface Config {
   imageioSocket?: string;
   /** A raw chain at rest deeper than this (layers read through) is flattened at the limit in the background. */
   maxChainDepth: number;
+  /**
+   * The URL other diskports reach this one at, as receive tokens advertise it
+   * (behind a proxy or NAT the Host header a client used is not it); unset,
+   * the request's own scheme and Host.
+   */
+  publicUrl?: string;
 }
 
 /** One configured SR: its id, its directory, and the image formats it stores (the first is its default). */
@@ -82,6 +88,31 @@ function envSrs(program: Command, value: string): SrConfig[] {
   } catch (err) {
     // Reported like a bad flag: one line on stderr, exit status 1.
     return program.error(`error: DISKPORT_SRS: ${(err as Error).message}`);
+  }
+}
+
+/** `--public-url https://dr.example:8080`: an http(s) URL, kept without a trailing slash. */
+export function parsePublicUrl(value: string): string {
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    throw new InvalidArgumentError(`'${value}' is not a URL (e.g. https://diskport.example:8080)`);
+  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') {
+    throw new InvalidArgumentError(`'${value}' is not an http or https URL`);
+  }
+  if (url.search || url.hash || url.username || url.password) {
+    throw new InvalidArgumentError(`'${value}' must not carry a query, fragment or credentials`);
+  }
+  return url.toString().replace(/\/+$/, '');
+}
+
+function envPublicUrl(program: Command, value: string): string {
+  try {
+    return parsePublicUrl(value);
+  } catch (err) {
+    return program.error(`error: DISKPORT_PUBLIC_URL: ${(err as Error).message}`);
   }
 }
 
@@ -265,6 +296,11 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       parseChainDepth,
       parseChainDepth(env.DISKPORT_MAX_CHAIN_DEPTH ?? String(DEFAULTS.maxChainDepth)),
     )
+    .option(
+      '--public-url <url>',
+      "this diskport's URL as other diskports reach it, advertised in receive tokens (env DISKPORT_PUBLIC_URL; default: the request's scheme and Host)",
+      parsePublicUrl,
+    )
     .exitOverride();
   program.parse(argv, { from: 'user' });
   const o = program.opts<
@@ -297,6 +333,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
         ? path.resolve(o.imageioSocket || env.DISKPORT_IMAGEIO_SOCKET!)
         : undefined,
     maxChainDepth: o.maxChainDepth,
+    publicUrl:
+      o.publicUrl ?? (env.DISKPORT_PUBLIC_URL ? envPublicUrl(program, env.DISKPORT_PUBLIC_URL) : undefined),
   };
 }
 

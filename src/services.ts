@@ -20,6 +20,7 @@ import { TaskManager } from './tasks/task-manager.js';
 import { TaskStore } from './tasks/task-store.js';
 import { ReadCounters } from './transfer/export.js';
 import { TicketService } from './transfer/imageio-tickets.js';
+import { MigrationJournal } from './transfer/migration-journal.js';
 import { MigrationReceiver } from './transfer/migration-receive.js';
 import { resumePulls } from './transfer/pull.js';
 import { resumePushes } from './transfer/push.js';
@@ -71,10 +72,12 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
   const snapshots = new Snapshots(vdis, srs);
   const transfers = new TransferService(db, vdis, tasks, logger, snapshots);
   const keep = transfers.activeAtStartup();
+  // Set migrations resume too: their parent and disk tasks stay running.
+  const journal = new MigrationJournal(db);
   const removed = await vdis.collectGarbage(keep.staging);
   let interrupted: string[] = [];
   try {
-    interrupted = tasks.recover(keep.tasks);
+    interrupted = tasks.recover(new Set([...keep.tasks, ...journal.taskIds()]));
   } catch (err) {
     // Still full (of what is not diskport's to free): serve anyway, and record it at the next start.
     if (!isOutOfSpace(err)) throw err;
@@ -122,7 +125,9 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
       snapshots,
       diskSets,
       tasks,
+      journal,
       allowFetch: config.allowFetch,
+      token: config.token,
       logger,
     }),
     copies: new VdiCopies(vdis, srs, tasks),
@@ -153,5 +158,6 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
   await resumePulls(services);
   const incremental = await resumeIncrementalPushes(services);
   await resumePushes(services, (t) => incremental.has(t.id));
+  await services.setMigrations.resume();
   return services;
 }

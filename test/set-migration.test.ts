@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { parseConfig } from '../src/config.js';
 import { api, createVdi, curl, execFileP } from './helpers/api.js';
 import {
   ROOT,
@@ -172,6 +173,26 @@ describe('set migration to another diskport', () => {
       auth,
     );
     assert.equal(closed.body.error.code, 'MIGRATION_NOT_OPEN');
+  });
+
+  test('the receive token advertises --public-url (DISKPORT_PUBLIC_URL) when set, else the Host it was asked at', async () => {
+    const config = parseConfig(['--public-url', 'https://dr.example:8443/diskport/'], {});
+    assert.equal(config.publicUrl, 'https://dr.example:8443/diskport');
+    assert.equal(
+      parseConfig([], { DISKPORT_PUBLIC_URL: 'http://10.1.2.3:8080' }).publicUrl,
+      'http://10.1.2.3:8080',
+    );
+    assert.equal(parseConfig([], {}).publicUrl, undefined);
+    for (const bad of ['not a url', 'ftp://x', 'http://x/?token=1']) {
+      assert.throws(() => parseConfig(['--public-url', bad], {}), /public-url|URL|query/, bad);
+    }
+    const behind = await startServer({ config: { publicUrl: config.publicUrl } });
+    try {
+      const token = await receiveToken(behind.url);
+      assert.equal(JSON.parse(Buffer.from(token, 'base64url').toString('utf8')).url, config.publicUrl);
+    } finally {
+      await behind.close();
+    }
   });
 
   test('3 VDIs (raw with 1 GiB of data, vhd, qcow2) go each to its SR and format, one blank; a write during it is carried', async () => {

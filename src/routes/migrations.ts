@@ -33,7 +33,9 @@ export function migrationRoutes(s: Services): Router {
   return Router()
     .post('/v1/migrations/receive', (req, res) => {
       const body = validateBody<{ sr?: string; ttl_seconds?: number }>('MigrationReceive', req.body ?? {});
-      const { token, migration } = m.open(`${req.protocol}://${req.get('host')}`, body);
+      // Behind a proxy or NAT the Host a client used is not what the source reaches: --public-url is.
+      const url = s.config.publicUrl ?? `${req.protocol}://${req.get('host')}`;
+      const { token, migration } = m.open(url, body);
       res
         .status(201)
         .location(`/v1/migrations/${migration.id}`)
@@ -53,8 +55,13 @@ export function migrationRoutes(s: Services): Router {
     })
     .post('/v1/migrations/:id/vdis/:vdi/tickets', async (req, res) => {
       scoped(res, req.params.id);
-      const ticket = await m.ticket(req.params.id, req.params.vdi);
+      const body = validateBody<{ ticket?: string }>('MigrationTicket', req.body ?? {});
+      const ticket = await m.ticket(req.params.id, req.params.vdi, body.ticket);
       res.status(201).json({ ticket, url: `/images/${ticket}` });
+    })
+    .get('/v1/migrations/:id/tickets/:ticket', (req, res) => {
+      scoped(res, req.params.id);
+      res.json(m.holding(req.params.id, req.params.ticket));
     })
     .post('/v1/migrations/:id/tickets/:ticket/finalize', async (req, res) => {
       scoped(res, req.params.id);

@@ -189,6 +189,13 @@ export const MIGRATIONS: readonly string[] = [
      updated_at TEXT NOT NULL,
      PRIMARY KEY (source_vdi, target)
    );`,
+  // Outgoing set migrations (transfer/migration-journal.ts): where each stands, so a restart resumes it.
+  `CREATE TABLE migrations_out (
+     id TEXT PRIMARY KEY,
+     dest TEXT NOT NULL,
+     state TEXT NOT NULL,
+     updated_at TEXT NOT NULL
+   );`,
 ];
 
 export function openDb(file: string): Db {

@@ -338,6 +338,12 @@ export class TicketService {
     };
   }
 
+  /** The ranges an upload ticket holds durably (what a restart keeps), [start, end) pairs. */
+  received(id: string): ByteRange[] {
+    const session = this.transfers.get(this.visible(id).transfer_id);
+    return session.direction === 'upload' ? this.transfers.toJson(session).received : [];
+  }
+
   /** PATCH {"timeout": N}: the ticket now expires N seconds from now. */
   extend(id: string, timeout: unknown): TicketStatus {
     const t = this.visible(id);

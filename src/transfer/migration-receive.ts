@@ -20,6 +20,7 @@ import { type Db, nowIso } from '../storage/db.js';
 import type { SrStore } from '../storage/srs.js';
 import type { CreateVdi, Vdi, VdiStore } from '../storage/vdis.js';
 import type { TicketService } from './imageio-tickets.js';
+import type { ByteRange } from './range-set.js';
 
 export const DEFAULT_RECEIVE_TTL_SECONDS = 3600;
 const REAP_INTERVAL_MS = 30_000;
@@ -166,11 +167,15 @@ export class MigrationReceiver {
     return this.vdis.get(vdiId);
   }
 
-  /** Installs a write ticket on one of the migration's VDIs; returns its id. */
-  async ticket(id: string, vdiId: string): Promise<string> {
+  /**
+   * Installs a write ticket on one of the migration's VDIs; returns its id.
+   * The source may choose the id (a fresh UUID it journaled first), so that
+   * after a restart it finds the ticket again, or knows it was never made.
+   */
+  async ticket(id: string, vdiId: string, chosen?: string): Promise<string> {
     this.open_(id);
     const vdi = this.vdiOf(id, vdiId);
-    const ticketId = randomUUID();
+    const ticketId = chosen ?? randomUUID();
     await this.tickets.install(ticketId, {
       uuid: ticketId,
       size: vdi.virtual_size,
@@ -197,6 +202,25 @@ export class MigrationReceiver {
       });
     }
     return { vdi: vdiId, task: task.id, generation: task.result?.generation ?? null };
+  }
+
+  /**
+   * What a write ticket of the migration holds: a source that restarted (or
+   * whose destination did) sends only what is missing.
+   */
+  holding(
+    id: string,
+    ticketId: string,
+  ): { ticket: string; vdi: string; state: string; received: ByteRange[] } {
+    this.get(id);
+    const status = this.tickets.status(ticketId);
+    this.vdiOf(id, status.diskport.vdi);
+    return {
+      ticket: ticketId,
+      vdi: status.diskport.vdi,
+      state: status.diskport.state,
+      received: this.tickets.received(ticketId),
+    };
   }
 
   commit(id: string): IncomingMigration {
