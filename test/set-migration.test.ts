@@ -195,7 +195,9 @@ describe('set migration to another diskport', () => {
     }
   });
 
-  test('3 VDIs (raw with 1 GiB of data, vhd, qcow2) go each to its SR and format, one blank; a write during it is carried', async () => {
+  test('3 VDIs (raw with 1 GiB of data, vhd, qcow2) go each to its SR and format, one blank; a write during it is carried', {
+    timeout: 600_000,
+  }, async () => {
     const big = await createVdi(src.url, GiB);
     await fill(src.url, big.id, await randomFile(work, 'big.raw', GiB));
     const mid = await createVdi(src.url, 64 * MiB, { image_format: 'vhd' });
@@ -383,6 +385,67 @@ describe('set migration to another diskport', () => {
       sets,
       "the run's own set is gone",
     );
+  });
+
+  test('diskport migrate on a terminal draws a bar per disk and one for the total, each at 100% at the end, then says what moved', async () => {
+    const copied = await createVdi(src.url, 32 * MiB);
+    await fill(src.url, copied.id, await randomFile(work, 'bars.raw', 24 * MiB));
+    const blank = await createVdi(src.url, 16 * MiB, { image_format: 'qcow2' });
+    const skipped = await createVdi(src.url, 8 * MiB);
+    const set = (
+      await api<{ id: string }>(src.url, 'POST', '/v1/disk-sets', {
+        name_label: 'bars',
+        vdis: [copied.id, blank.id, skipped.id],
+      })
+    ).body;
+    const command = [
+      process.execPath,
+      '--import',
+      'tsx',
+      path.join(ROOT, 'src/cli/main.ts'),
+      'migrate',
+      '--set',
+      set.id,
+      '--server',
+      src.url,
+      '--dest-server',
+      dest.url,
+      '--map',
+      `${copied.id}=fast:raw`,
+      '--map',
+      `${blank.id}=fast:qcow2:blank`,
+      '--map',
+      `${skipped.id}=skip`,
+    ];
+    // script(1) gives the CLI a terminal: the bars are drawn only on one.
+    const { stdout } = await execFileP('script', ['-qfec', command.join(' '), '/dev/null'], {
+      cwd: ROOT,
+      maxBuffer: 64 * MiB,
+    });
+    // Terminal control sequences out; each redraw of the bars becomes its own lines.
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: the escapes a terminal gets
+    const text = stdout.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, '\n').replace(/\r/g, '\n');
+    const lines = text.split('\n').map((l) => l.trim());
+    const bar = (label: RegExp) => lines.filter((l) => label.test(l) && /\[[=\- ]*\]|\d+%/.test(l));
+    const copyBars = bar(new RegExp(`^${copied.id.slice(0, 8)} copy`));
+    const blankBars = bar(new RegExp(`^${blank.id.slice(0, 8)} blank`));
+    const totalBars = bar(/^total/);
+    assert.ok(copyBars.length > 0, `a bar for the copied disk:\n${text}`);
+    assert.ok(blankBars.length > 0, `a bar for the blank disk:\n${text}`);
+    assert.ok(totalBars.length > 0, `a bar for the total:\n${text}`);
+    assert.equal(bar(new RegExp(`^${skipped.id.slice(0, 8)}`)).length, 0, 'no bar for a skipped disk');
+    for (const bars of [copyBars, blankBars, totalBars]) {
+      assert.match(bars[bars.length - 1], /100% \| /, `ends full: ${bars[bars.length - 1]}`);
+    }
+    assert.match(copyBars[copyBars.length - 1], /24\.0 MiB \/ 24\.0 MiB/, 'the copied disk counts its data');
+    assert.match(totalBars[totalBars.length - 1], /24\.0 MiB \/ 24\.0 MiB/, 'the total adds the disks up');
+    // The end: the summary names every disk moved and where it went.
+    const summary = lines.findIndex((l) => /^diskport: migrated 3 disk\(s\), task /.test(l));
+    assert.ok(summary >= 0, `the summary:\n${text}`);
+    const after = lines.slice(summary).join('\n');
+    assert.match(after, new RegExp(`${copied.id} \\(copy\\) -> [0-9a-f-]{36}`));
+    assert.match(after, new RegExp(`${blank.id} \\(blank\\) -> [0-9a-f-]{36}`));
+    assert.match(after, new RegExp(`${skipped.id} \\(skip\\) -> -`));
   });
 
   test('a destination killed during the second disk: the source fails and is as it was; the destination removes the half set', async () => {

@@ -52,7 +52,13 @@ export async function sendRound(
   const signal = parent.signal;
   const migration = dest.token.id;
   const total = ranges.reduce((n, r) => n + r[1], 0);
-  if (total === 0) return 0;
+  if (total === 0) {
+    // Nothing differs: the destination holds this snapshot's content already.
+    d.holds = snapshot;
+    d.sending = null;
+    ctx.save();
+    return 0;
+  }
 
   let have = new RangeSet([]);
   let finalized = false;

@@ -123,6 +123,18 @@ export class SetMigrations {
   /** Startup: the migrations a previous process left running go on where they stood. */
   async resume(): Promise<void> {
     for (const { id, dest: sealed, progress: p } of this.s.journal.list()) {
+      // Ended just before the restart (its row not removed yet): nothing to resume.
+      const status = (() => {
+        try {
+          return this.s.tasks.get(id).status;
+        } catch {
+          return null;
+        }
+      })();
+      if (status !== 'running') {
+        this.s.journal.remove(id);
+        continue;
+      }
       const parent = this.s.tasks.adopt(id);
       const children = new Map<string, RunningTask>();
       for (const d of p.disks) {
