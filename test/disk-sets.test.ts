@@ -231,7 +231,11 @@ describe('disk sets', () => {
    * takes them in. A set snapshot holding a writer's second commit k must
    * hold its first commit k too, and every commit that answered before the
    * snapshot request was sent. Snapshotting members one after the other
-   * with any pause between them (an await) breaks this within a few seeds.
+   * fails it once the pause between two members can hold a writer's next
+   * pair of commits: with a 40 ms await between members it failed at seed 8
+   * on a machine where a commit took about 100 ms (a pause much shorter than
+   * one commit cannot show from outside; the snapshot being one synchronous
+   * step is what rules every pause out).
    */
   test('50 seeded interleavings of commits and set snapshots: no snapshot holds a commit without those finished before it', async () => {
     const size = 64 * KiB;
