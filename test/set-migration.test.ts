@@ -6,6 +6,7 @@
  * nothing there and the source as it was.
  */
 import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -158,6 +159,38 @@ describe('set migration to another diskport', () => {
       auth,
     );
     assert.equal(made.status, 201);
+    // A ticket whose id the source chose says what it holds: what a resume sends no more.
+    const ticket = randomUUID();
+    const opened = await api<{ ticket: string; url: string }>(
+      dest.url,
+      'POST',
+      `/v1/migrations/${id}/vdis/${made.body.id}/tickets`,
+      { ticket },
+      auth,
+    );
+    assert.deepEqual(opened.body, { ticket, url: `/images/${ticket}` });
+    const put = await fetch(`${dest.url}/images/${ticket}`, {
+      method: 'PUT',
+      headers: { 'content-range': 'bytes 4096-8191/*' },
+      body: new Uint8Array(Buffer.alloc(4096, 7)),
+    });
+    assert.equal(put.status, 200, await put.text());
+    const held = await api<{ state: string; vdi: string; received: number[][] }>(
+      dest.url,
+      'GET',
+      `/v1/migrations/${id}/tickets/${ticket}`,
+      undefined,
+      auth,
+    );
+    assert.deepEqual(held.body, { ticket, vdi: made.body.id, state: 'open', received: [[4096, 8192]] });
+    const unknown = await api<ErrorBody>(
+      dest.url,
+      'GET',
+      `/v1/migrations/${id}/tickets/nope`,
+      undefined,
+      auth,
+    );
+    assert.equal(unknown.body.error.code, 'IMAGEIO_TICKET_NOT_FOUND');
     const abort = await api<{ state: string }>(dest.url, 'DELETE', `/v1/migrations/${id}`, undefined, auth);
     assert.equal(abort.body.state, 'aborted');
     assert.equal(

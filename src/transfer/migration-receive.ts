@@ -214,7 +214,10 @@ export class MigrationReceiver {
   ): { ticket: string; vdi: string; state: string; received: ByteRange[] } {
     this.get(id);
     const status = this.tickets.status(ticketId);
-    this.vdiOf(id, status.diskport.vdi);
+    // Another migration's ticket, or anyone else's, is as unknown as one that never was.
+    if (!this.vdiIds(id).includes(status.diskport.vdi)) {
+      throw new ApiError('IMAGEIO_TICKET_NOT_FOUND', `no ticket with id '${ticketId}'`, { id: ticketId });
+    }
     return {
       ticket: ticketId,
       vdi: status.diskport.vdi,
