@@ -237,7 +237,9 @@ describe('disk sets', () => {
    * one commit cannot show from outside; the snapshot being one synchronous
    * step is what rules every pause out).
    */
-  test('50 seeded interleavings of commits and set snapshots: no snapshot holds a commit without those finished before it', async () => {
+  test('50 seeded interleavings of commits and set snapshots: no snapshot holds a commit without those finished before it', {
+    timeout: 600_000,
+  }, async () => {
     const size = 64 * KiB;
     const members = [
       await createVdi(srv.url, size),

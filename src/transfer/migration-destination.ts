@@ -118,15 +118,9 @@ export class Destination {
   /**
    * Runs `attempt` until it succeeds, retrying what may pass (see
    * `retryable`) with backoff; `DESTINATION_RETRY.retries` failures in a row
-   * without progress (`progressed()` says whether the last attempt made any)
    * end it with the last error.
    */
-  async retrying<T>(
-    what: string,
-    signal: AbortSignal,
-    attempt: () => Promise<T>,
-    progressed: () => boolean = () => false,
-  ): Promise<T> {
+  async retrying<T>(what: string, signal: AbortSignal, attempt: () => Promise<T>): Promise<T> {
     let failures = 0;
     for (;;) {
       try {
@@ -134,8 +128,7 @@ export class Destination {
       } catch (err) {
         if (signal.aborted) throw signal.reason;
         if (!retryable(err)) throw err;
-        failures = progressed() ? 1 : failures + 1;
-        if (failures > DESTINATION_RETRY.retries) throw err;
+        if (++failures > DESTINATION_RETRY.retries) throw err;
         this.logger?.info(
           { err: (err as Error).message, failures },
           `${what}: the destination failed; trying again`,
