@@ -336,6 +336,24 @@ describe('incremental push: only what changed crosses the wire', () => {
       assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source));
       assert.deepEqual(await snapshotsOf(a.url, source), [task.result?.source_snapshot]);
       assert.deepEqual(await snapshotsOf(b.url, target, AUTH), [task.result?.target_snapshot]);
+
+      // A push cancelled mid-way: the receiver's session is cancelled (the target is free), the
+      // pair stays, and the next push is a delta over it that deletes the cancelled one's snapshot.
+      seededBytes(MiB, 31).copy(disk, 24 * MiB);
+      await putDisk(a.url, source, disk);
+      proxy.state.hold = true;
+      const cancelled = await startPush(source, target, proxy.url);
+      while (proxy.state.held.length === 0) await new Promise((r) => setTimeout(r, 20));
+      assert.equal((await api(a.url, 'POST', `/v1/tasks/${cancelled.id}/cancel`)).status, 202);
+      proxy.release();
+      assert.equal((await waitTask(cancelled.id)).status, 'cancelled');
+      const next = await waitTask((await startPush(source, target, proxy.url)).id);
+      assert.equal(next.status, 'success', JSON.stringify(next));
+      assert.equal(next.result?.mode, 'delta');
+      assert.equal(next.result?.base, task.result?.source_snapshot);
+      assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source));
+      assert.deepEqual(await snapshotsOf(a.url, source), [next.result?.source_snapshot]);
+      assert.deepEqual(await snapshotsOf(b.url, target, AUTH), [next.result?.target_snapshot]);
     } finally {
       await proxy.close();
     }

@@ -206,7 +206,7 @@ function start(
         const note = `the push's last call failed (${describe(err)}), but the receiver had committed`;
         return { incremental: true, ...settled, notes: [note, ...((settled.notes as string[]) ?? [])] };
       }
-      if (owned) await clearPending(s, new PushPairs(s.db), owned.sourceVdi, owned.key, owned.pending, true);
+      // Its snapshot is read by this session until it ends: the next push of the pair (or a restart) deletes it.
       throw err;
     }
     if (!owned) return { ...result, incremental: false };
@@ -381,8 +381,6 @@ async function clearPending(
   sourceVdi: string,
   key: string,
   pending: PendingPush,
-  /** Called by the push itself, whose session is still open while it fails. */
-  ending = false,
 ): Promise<void> {
   let active = false;
   try {
@@ -390,7 +388,7 @@ async function clearPending(
   } catch {
     // no such session
   }
-  if (active && !ending) {
+  if (active) {
     throw new ApiError(
       'PUSH_IN_PROGRESS',
       `a push of VDI ${sourceVdi} to this target is under way (transfer ${pending.transfer}); wait for its task, or cancel it`,
@@ -413,7 +411,10 @@ function exists(s: IncrementalPushDeps, id: string): boolean {
 /** Deletes a local snapshot; false (logged) when it cannot be. */
 async function deleteQuietly(s: IncrementalPushDeps, id: string): Promise<boolean> {
   try {
-    if (exists(s, id)) await s.vdis.delete(id);
+    if (!exists(s, id)) return true;
+    // Someone reads it through a session of their own: it stays (the DELETE route would refuse too).
+    if (s.transfers.activeOn(id).length > 0) return false;
+    await s.vdis.delete(id);
     return true;
   } catch (err) {
     s.logger.warn({ err, vdi: id }, 'could not delete a snapshot an incremental push made');
