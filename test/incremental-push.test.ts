@@ -347,6 +347,19 @@ describe('incremental push: only what changed crosses the wire', () => {
       assert.equal((await api(a.url, 'POST', `/v1/tasks/${cancelled.id}/cancel`)).status, 202);
       proxy.release();
       assert.equal((await waitTask(cancelled.id)).status, 'cancelled');
+      // The task ends as the cancel is asked; the push's job then cancels the receiver's session.
+      for (let i = 0; ; i++) {
+        const open = await api<unknown[]>(
+          b.url,
+          'GET',
+          `/v1/transfers?vdi=${target}&active=true`,
+          undefined,
+          AUTH,
+        );
+        if (open.body.length === 0) break;
+        assert.ok(i < 600, "the receiver's session was never cancelled");
+        await new Promise((r) => setTimeout(r, 50));
+      }
       const next = await waitTask((await startPush(source, target, proxy.url)).id);
       assert.equal(next.status, 'success', JSON.stringify(next));
       assert.equal(next.result?.mode, 'delta');
