@@ -10,6 +10,7 @@ import { errorHandler, notFoundHandler } from './http/errors.js';
 import { redactError, redactRequest, redactResponse } from './http/log-redaction.js';
 import { rejectRepeatedQuery } from './http/query.js';
 import { endBodyAtEof, onClientError } from './http/read-to-eof.js';
+import { type HttpLogger, leanRequestLog, type RequestLogger } from './http/request-log.js';
 import { transferTokenAuth } from './http/transfer-auth.js';
 import { checksumRoutes } from './routes/checksum.js';
 import { contentRoutes } from './routes/contents.js';
@@ -18,7 +19,7 @@ import { extentRoutes } from './routes/extents.js';
 import { healthRoutes } from './routes/health.js';
 import { imageioImageRoutes } from './routes/imageio-images.js';
 import { imageioTicketRoutes } from './routes/imageio-tickets.js';
-import { leanRoutes, type RequestLogger } from './routes/lean.js';
+import { leanRoutes } from './routes/lean.js';
 import { metricsRoutes } from './routes/metrics.js';
 import { migrationAuth, migrationRoutes } from './routes/migrations.js';
 import { srRoutes } from './routes/srs.js';
@@ -31,16 +32,19 @@ import type { Services } from './services.js';
 
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
 
+/** The request's id: the client's X-Request-Id when it is a sane one, else a new one; echoed. */
+function genReqId(req: http.IncomingMessage, res: http.ServerResponse): string {
+  const incoming = req.headers['x-request-id'];
+  const id = typeof incoming === 'string' && REQUEST_ID_PATTERN.test(incoming) ? incoming : randomUUID();
+  res.setHeader('X-Request-Id', id);
+  return id;
+}
+
 /** pino-http: the request id (X-Request-Id), `req.log`, and a line at each request's end. */
-function requestLogger(s: Services): RequestLogger {
+function requestLogger(s: Services): HttpLogger {
   return pinoHttp({
     logger: s.logger,
-    genReqId: (req, res) => {
-      const incoming = req.headers['x-request-id'];
-      const id = typeof incoming === 'string' && REQUEST_ID_PATTERN.test(incoming) ? incoming : randomUUID();
-      res.setHeader('X-Request-Id', id);
-      return id;
-    },
+    genReqId,
     customLogLevel: (_req, res, err) => (err || res.statusCode >= 500 ? 'error' : 'info'),
     serializers: { req: redactRequest, res: redactResponse, err: redactError },
   });
@@ -108,7 +112,7 @@ export function createServer(s: Services, opts: { imageioOnly?: boolean } = {}):
   const logRequest = requestLogger(s);
   const app = createApp(s, opts, logRequest);
   // The hot reads skip express (src/routes/lean.ts); not on the imageio socket, which has no /v1.
-  const lean = opts.imageioOnly ? () => false : leanRoutes(s, logRequest);
+  const lean = opts.imageioOnly ? () => false : leanRoutes(s, leanRequestLog(logRequest, genReqId));
   const { headersTimeoutMs } = s.config;
   const server = http.createServer({
     // TCP keepalive finds peers that vanished without a word (then the idle timeout acts).

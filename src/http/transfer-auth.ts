@@ -8,7 +8,8 @@ import { ApiError } from '../errors.js';
 import { safeEqual } from '../secrets.js';
 import type { TransferService } from '../transfer/sessions.js';
 
-function presentedToken(query: unknown, authorization: string | undefined, managementToken?: string) {
+/** The transfer token a request presents: `?token=`, else a bearer token that is not the management token. */
+export function presentedToken(query: unknown, authorization: string | undefined, managementToken?: string) {
   if (typeof query === 'string' && query !== '') return query;
   const bearer = /^Bearer\s+(.+)$/i.exec(authorization ?? '')?.[1]?.trim();
   if (bearer && !(managementToken && safeEqual(bearer, managementToken))) return bearer;

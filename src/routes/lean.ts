@@ -1,33 +1,45 @@
 /**
- * The hot reads, served in front of express: ranged GETs and HEADs of
- * /v1/vdis/{vdi}/contents, which qemu's HTTP driver, nbdkit's curl plugin and
- * backup agents send by the thousand. Express's router and its request and
- * response prototypes cost more than the 64 KiB such a request serves (a
- * plain Node server answered about twice the requests/s of the same handler
- * behind express here).
+ * The hot small requests, served in front of express: ranged GETs and HEADs
+ * of /v1/vdis/{vdi}/contents, which qemu's HTTP driver, nbdkit's curl plugin
+ * and backup agents send by the thousand, and chunk PUTs into an upload
+ * session (`PUT /v1/transfers/{id}/data` with Content-Range), which
+ * imageio-style clients send 64 KiB at a time. Express's router and its
+ * request and response prototypes cost more than the 64 KiB such a request
+ * carries (a plain Node server answered about twice the requests/s of the
+ * same handler behind express here).
  *
- * Not a second implementation of the route: the same request log and id
- * (the app's pino-http), the same token check, sendExport and error answer
- * as the express route. Only requests whose handling is plain take this
- * path: anything else (another parameter, a repeated one, a percent-encoded
- * id, a body, `Expect`) goes to express, which answers it as ever.
+ * Not a second implementation of the routes: the same request id and log
+ * lines (src/http/request-log.ts; a success at debug), the same token checks, sendExport, session write and
+ * error answer as the express routes. Only requests whose handling is plain
+ * take this path, decided before anything is read: anything else (another
+ * parameter, a repeated one, a percent-encoded id, a body on a read, a chunk
+ * PUT that a check would refuse, a digest) goes to express, which answers it
+ * as ever, so a refusal is express's own answer.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import querystring from 'node:querystring';
 import { tokenRefusal } from '../http/auth.js';
+import { UPLOAD_IDLE_TIMEOUT_MS } from '../http/continue.js';
 import { answerError } from '../http/errors.js';
-import { formatValue } from '../http/params.js';
+import { flushParam, formatValue } from '../http/params.js';
+import type { RequestLogger } from '../http/request-log.js';
 import { sendExport } from '../http/send-export.js';
+import { presentedToken } from '../http/transfer-auth.js';
+import { parseContentRange } from '../http/transfer-headers.js';
 import type { Services } from '../services.js';
-
-/** The app's request logger (pino-http): it names the request (X-Request-Id) and logs its end. */
-export type RequestLogger = (req: IncomingMessage, res: ServerResponse) => void;
+import type { ChunkRange } from '../transfer/sessions.js';
 
 const CONTENTS_PATH = /^\/v1\/vdis\/([A-Za-z0-9-]{1,128})\/contents(?:\?(.*))?$/;
+
+const PLAIN_FORMAT = /^format=([a-z0-9]+)$/;
 
 /** `?format=X` alone, or no query: the value (empty when absent); undefined for anything else. */
 function onlyFormat(query: string | undefined): string | undefined {
   if (query === undefined || query === '') return '';
+  // The usual query, without querystring's object.
+  const plain = PLAIN_FORMAT.exec(query);
+  if (plain) return plain[1];
   const parsed = querystring.parse(query);
   let format: string | undefined;
   for (const name in parsed) {
@@ -44,12 +56,116 @@ function hasBody(req: IncomingMessage): boolean {
   return req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0');
 }
 
+const DATA_PATH = /^\/v1\/transfers\/([A-Za-z0-9-]{1,128})\/data(?:\?(.*))?$/;
+
+/** A chunk PUT the lean path takes: its session, range and flush. */
+interface Chunk {
+  id: string;
+  range: ChunkRange;
+  flush: boolean;
+}
+
+/**
+ * The chunk a PUT carries when every check the express route makes passes
+ * (else undefined, for express to answer): `?token=` (and `?flush=`) or a
+ * bearer token of an active, unexpired upload session, held in memory; a
+ * Content-Range of at least one byte with a Content-Length of as many; no
+ * digest, no JSON, no `Expect` but 100-continue.
+ */
+function leanChunk(
+  s: Services,
+  req: IncomingMessage,
+  id: string,
+  query: string | undefined,
+): Chunk | undefined {
+  const h = req.headers;
+  const contentRange = h['content-range'];
+  if (
+    contentRange === undefined ||
+    h['content-length'] === undefined ||
+    h['transfer-encoding'] !== undefined ||
+    h['content-digest'] !== undefined ||
+    (h.expect !== undefined && h.expect.toLowerCase() !== '100-continue') ||
+    h['content-type']?.includes('json')
+  ) {
+    return;
+  }
+  let token: unknown;
+  let flushValue: unknown;
+  if (query) {
+    const parsed = querystring.parse(query);
+    for (const name in parsed) {
+      if (name === 'token') token = parsed[name];
+      else if (name === 'flush') flushValue = parsed[name];
+      else return;
+      if (typeof parsed[name] !== 'string') return;
+    }
+  }
+  const presented = presentedToken(token, h.authorization, s.config.token);
+  const t = presented ? s.transfers.activeSession(id) : undefined;
+  if (!presented || !t || t.direction !== 'upload' || t.state !== 'open') return;
+  if (!s.transfers.tokenMatches(t, presented) || s.transfers.isExpired(t)) return;
+  let flush: boolean;
+  let range: ChunkRange;
+  try {
+    flush = flushParam(flushValue);
+    range = parseContentRange(contentRange);
+  } catch {
+    return;
+  }
+  if (range.end < range.start || Number(h['content-length']) !== range.end - range.start + 1) return;
+  return { id, range, flush };
+}
+
+/** Sockets that carried an upload: they end when idle (see continue.ts), one listener each. */
+const idleWatched = new WeakSet<Socket>();
+function destroyIdle(this: Socket): void {
+  this.destroy();
+}
+
+/** As express's `res.json()` answers. */
+function sendJson(res: ServerResponse, body: unknown): void {
+  const text = JSON.stringify(body);
+  res.setHeader('Content-Type', 'application/json; charset=utf-8');
+  res.setHeader('Content-Length', Buffer.byteLength(text));
+  res.end(text);
+}
+
+async function putChunk(s: Services, req: IncomingMessage, res: ServerResponse, chunk: Chunk): Promise<void> {
+  const after = await s.transfers.write(chunk.id, req, {
+    range: chunk.range,
+    flush: chunk.flush,
+    beforeBody: () => {
+      if (req.headers.expect !== undefined && !res.headersSent) res.writeContinue();
+    },
+  });
+  const state = s.transfers.uploadState(after.id);
+  res.setHeader('Upload-Offset', String(state.offset));
+  if (state.length !== null) res.setHeader('Upload-Length', String(state.length));
+  sendJson(res, s.transfers.toJson(after));
+}
+
 /** Returns a handler that serves the request and says true, or leaves it untouched and says false. */
 export function leanRoutes(
   s: Services,
   logRequest: RequestLogger,
 ): (req: IncomingMessage, res: ServerResponse) => boolean {
   return (req, res) => {
+    if (req.method === 'PUT') {
+      const d = DATA_PATH.exec(req.url ?? '');
+      const chunk = d ? leanChunk(s, req, d[1], d[2]) : undefined;
+      if (!chunk) return false;
+      logRequest(req, res);
+      // A half-open upload would hold its session forever (continue.ts).
+      const socket = req.socket;
+      socket.setTimeout(UPLOAD_IDLE_TIMEOUT_MS);
+      if (!idleWatched.has(socket)) {
+        idleWatched.add(socket);
+        socket.on('timeout', destroyIdle);
+      }
+      putChunk(s, req, res, chunk).catch((err) => answerError(err, req, res));
+      return true;
+    }
     if (req.method !== 'GET' && req.method !== 'HEAD') return false;
     const m = CONTENTS_PATH.exec(req.url ?? '');
     if (!m || req.headers.expect !== undefined || hasBody(req)) return false;

@@ -21,16 +21,17 @@ import { DIRECT_BUFFER_BYTES, DirectWriter } from '../image/direct-writer.js';
 import { PRIVATE_FILE_MODE } from '../image/file-io.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { readVirtual } from '../image/read-virtual.js';
-import { spaceGuardOf } from '../image/space.js';
+import { spaceError, spaceGuardOf } from '../image/space.js';
 import { zeroRange } from '../image/sparse.js';
 import { StreamedDigests } from '../storage/streamed-digests.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
 import { Flusher, unflushedBytes } from './flush.js';
-import { type LandOptions, landStream } from './land-stream.js';
+import { type LandOptions, landBuffer, landStream } from './land-stream.js';
 import { type ByteRange, RangeSet } from './range-set.js';
 import { nextEpoch, streamDestOf, touch } from './session-record.js';
 import type { Live, SessionRegistry } from './session-registry.js';
+import { readSmallBody, smallChunkRange } from './small-chunk.js';
 import { StreamingImport } from './streaming-import.js';
 import type { Transfer } from './transfer-store.js';
 import { checkDeclaredSize, spaceNeeded, uploadLimit } from './upload-rules.js';
@@ -156,8 +157,10 @@ export class ActiveUploads {
     if (t.state !== 'open') {
       throw new ApiError('TRANSFER_NOT_OPEN', `transfer ${id} is ${t.state}; it takes no more data`);
     }
-    const vdi = this.vdis.get(t.vdi_id);
     live.rawDigests = null;
+    const small = smallChunkRange(t, chunk);
+    if (small) return this.writeSmall(live, body, small, chunk);
+    const vdi = this.vdis.get(t.vdi_id);
     const range = chunk.range;
     if (range) await this.learnTotal(live, range.total, vdi);
     const start = range?.start ?? 0;
@@ -309,6 +312,66 @@ export class ActiveUploads {
       streaming?.release();
       live.writeAborts.delete(superseded);
       // Saved already by the flush point that recorded it, or at the next one (deferred).
+      this.doneWriting(live, !saved);
+    }
+  }
+
+  /**
+   * A small chunk (small-chunk.ts): read whole, written at its place, then
+   * recorded as `write` records it: at the next flush point (`flush=n`) or
+   * at one now. What arrived of a broken body is kept, as there.
+   */
+  private async writeSmall(
+    live: Live,
+    body: Readable,
+    range: ChunkRange,
+    chunk: ChunkWrite,
+  ): Promise<Transfer> {
+    const t = live.t;
+    const start = range.start;
+    live.writers++;
+    touch(t);
+    const superseded = new AbortController();
+    live.writeAborts.add(superseded);
+    let saved = true;
+    try {
+      const handle = await this.handleOf(live);
+      chunk.beforeBody?.();
+      const got = await readSmallBody(body, range.end - start + 1, [live.task.signal, superseded.signal]);
+      if (got.tooLong) {
+        throw new ApiError(
+          'CHUNK_TOO_LONG',
+          `the body is longer than its Content-Range bytes ${range.start}-${range.end} (${got.tooLong} bytes or more)`,
+        );
+      }
+      const end = start + got.received;
+      if (end > start) {
+        await landBuffer(handle, got.buf, got.received, start, {
+          zeros: 'punch',
+          writable: chunk.overwrite ? undefined : (s, e) => live.ranges.missing(s, e),
+          space: spaceGuardOf(t.staging_path!),
+        }).catch((err) => {
+          throw spaceError(err, 'the upload');
+        });
+        if (chunk.flush === false) this.flusher.wrote(live, start, end);
+        else {
+          live.unflushed.add(start, end);
+          saved = false;
+          await this.flusher.flush(live);
+          saved = true;
+        }
+      }
+      if (got.error) throw got.error;
+      if (end <= range.end) {
+        throw new ApiError(
+          'CHUNK_INCOMPLETE',
+          `the body ended after ${got.received} of the ${range.end - start + 1} bytes of its Content-Range; the bytes that arrived were kept, send the rest`,
+          { received: got.received },
+        );
+      }
+      return t;
+    } finally {
+      live.writeAborts.delete(superseded);
       this.doneWriting(live, !saved);
     }
   }

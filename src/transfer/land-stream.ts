@@ -108,7 +108,13 @@ function fileSink(handle: fsp.FileHandle, space: SpaceGuard | null | undefined):
 }
 
 /** Writes buf[0, length) at file position `at`: data runs written, zero runs skipped or punched. */
-async function writeRuns(sink: RunSink, buf: Buffer, length: number, at: number, opts: LandOptions) {
+async function writeRuns(
+  sink: RunSink,
+  buf: Buffer,
+  length: number,
+  at: number,
+  opts: Pick<LandOptions, 'zeros' | 'writable'>,
+) {
   const writes: Promise<unknown>[] = [];
   forEachRun(buf, length, at, (s, e, zero) => {
     if (zero && opts.zeros !== 'punch') return;
@@ -117,6 +123,17 @@ async function writeRuns(sink: RunSink, buf: Buffer, length: number, at: number,
     }
   });
   await Promise.all(writes);
+}
+
+/** Writes buf[0, length) at file position `at` as landStream writes each of its buffers. */
+export function landBuffer(
+  handle: fsp.FileHandle,
+  buf: Buffer,
+  length: number,
+  at: number,
+  opts: Pick<LandOptions, 'zeros' | 'writable' | 'space'>,
+): Promise<void> {
+  return writeRuns(fileSink(handle, opts.space), buf, length, at, opts);
 }
 
 /** Returns the number of bytes received. */

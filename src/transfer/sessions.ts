@@ -79,6 +79,11 @@ export class TransferService {
     return this.sessions.get(id);
   }
 
+  /** The session if it is active, from memory only (no database read): undefined otherwise. */
+  activeSession(id: string): Transfer | undefined {
+    return this.sessions.find(id)?.t;
+  }
+
   list(filter: { vdi?: string; active?: boolean }): Transfer[] {
     return this.sessions.list(filter);
   }

@@ -34,6 +34,8 @@ export async function startServer(
     config?: Partial<Config>;
     /** Where the server's log goes (at info), as `diskport-server` writes it; silent without. */
     log?: DestinationStream;
+    /** The level of `log` (info). */
+    logLevel?: string;
   } = {},
 ): Promise<TestServer> {
   const dataDir = opts.dataDir ?? (await tempDir());
@@ -48,7 +50,7 @@ export async function startServer(
     logLevel: 'silent',
     allowFetch: opts.allowFetch ?? [],
   };
-  const logger = opts.log ? createLogger('info', opts.log) : pino({ level: 'silent' });
+  const logger = opts.log ? createLogger(opts.logLevel ?? 'info', opts.log) : pino({ level: 'silent' });
   const services = await createServices(config, logger);
   const server = createServer(services);
   server.listen(0, '127.0.0.1');
