@@ -183,6 +183,56 @@ describe('set migration survives kill -9 of either side', () => {
     assert.deepEqual(snaps.sort(), (end.result?.final_snapshots ?? []).map((f) => f.snapshot).sort());
   });
 
+  test('the source killed during a round of changed blocks (its link to the destination down) resumes that round at its restart', {
+    timeout: 600_000,
+  }, async () => {
+    const s = await makeSet(src.url, work, 256 * MiB);
+    const [, small] = s.vdis;
+    const sentBefore = proxy.bytesUp + proxy.bytesDown;
+    // The link goes down half way through the small disk's changes (the full copy crossed before them).
+    proxy.downAt = sentBefore + s.dataBytes + 16 * MiB;
+    const started = await api<Task>(src.url, 'POST', `/v1/disk-sets/${s.set}/migrate`, {
+      dest: await receiveToken(dest.url),
+    });
+    assert.equal(started.status, 202, JSON.stringify(started.body));
+    const progress: number[] = [];
+    await watch(src.url, started.body.id, progress, (t) => t.bytes_done > 0);
+    // While the big disk is copied, the small one is written anew: the round after the full copy carries it.
+    await curl([
+      '-T',
+      await randomFile(work, 'small2.raw', 32 * MiB),
+      `${src.url}/v1/vdis/${small}/contents?format=raw`,
+    ]);
+    const smallSum = await checksum(src.url, small);
+    const cut = await watch(src.url, started.body.id, progress, () => proxy.downAt === undefined);
+    assert.equal(cut.status, 'running', 'the link went down during the rounds');
+    assert.equal(cut.progress, 1, 'the full copy was done');
+    await src.stop('SIGKILL');
+    proxy.up();
+
+    src = await spawnServer(srcDir, srcArgs);
+    const end = await watch(src.url, started.body.id, progress, () => false);
+    assert.equal(end.status, 'success', JSON.stringify(end.error));
+    assertMonotonic(progress);
+    const disks = end.result?.disks ?? [];
+    const destOf = (vdi: string) => disks.find((x) => x.vdi === vdi)?.dest_vdi as string;
+    assert.equal(await checksum(dest.url, destOf(s.vdis[0])), s.sums[0]);
+    assert.equal(
+      await checksum(dest.url, destOf(small)),
+      smallSum,
+      'the changes made during the copy arrived',
+    );
+    for (const f of end.result?.final_snapshots ?? []) {
+      assert.equal(await checksum(dest.url, destOf(f.vdi)), await checksum(src.url, f.snapshot));
+    }
+    // The data and the changes once, plus at most a chunk in flight at the cut.
+    const sent = proxy.bytesUp + proxy.bytesDown - sentBefore;
+    assert.ok(
+      sent <= s.dataBytes + 32 * MiB + CHUNK_BYTES + 2 * MiB,
+      `${sent} bytes crossed for ${s.dataBytes} of data and 32 MiB of changes`,
+    );
+  });
+
   test('the destination killed mid-copy and restarted: the source waits for it and completes, byte-exact', {
     timeout: 600_000,
   }, async () => {
