@@ -8,7 +8,7 @@
  */
 import { promises as fsp } from 'node:fs';
 import { codecFor } from '../formats/index.js';
-import type { SerializedImage } from '../formats/types.js';
+import type { SerializedImage, SerializeOptions } from '../formats/types.js';
 import type { BlockImage } from '../image/block-image.js';
 import { DirectWriter } from '../image/direct-writer.js';
 import { PRIVATE_FILE_MODE } from '../image/file-io.js';
@@ -143,6 +143,8 @@ export async function convertInto(
   format: string,
   destPath: string,
   progress: CopyProgress = {},
+  /** How the image names itself and its parent (a layer of a vhd chain at rest). */
+  serializeOptions: SerializeOptions = {},
 ): Promise<void> {
   const handle = await fsp.open(destPath, 'w', PRIVATE_FILE_MODE);
   const writeback = new EarlyWriteback(handle);
@@ -152,7 +154,7 @@ export async function convertInto(
       await handle.truncate(image.virtualSize);
       await writeRawData(image, writer, writeback, progress);
     } else {
-      const stream: SerializedImage = await codecFor(format).serialize(image);
+      const stream: SerializedImage = await codecFor(format).serialize(image, serializeOptions);
       await handle.truncate(stream.size);
       await writeSparse(writer, stream.read(0, stream.size), 0, progress, writeback);
     }

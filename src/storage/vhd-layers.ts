@@ -1,0 +1,65 @@
+/**
+ * Layers of vhd SRs (docs/design.md, "Layer files per SR format"): each is a
+ * real differencing VHD (disk type 4) whose header names its parent's file
+ * (its id, beside it) by the parent's unique id and two parent locators, as
+ * XCP-ng's chains are. What a layer defines is also kept in the contents
+ * table, and diskport's chain reader composes layers from it, as for raw and
+ * qcow2.
+ *
+ * A layer holds whole 2 MiB blocks (every sector bit set, as the VHD
+ * serializer writes them): a block with any 64 KiB that differs is written
+ * whole from the new disk, its zero runs left as holes in the file.
+ */
+import { randomBytes } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import { EXPORT_BLOCK_SIZE_BYTES } from '../formats/vhd/serialize.js';
+import { diffBlocks } from '../image/block-diff.js';
+import type { BlockImage } from '../image/block-image.js';
+import type { DefinedRange } from '../image/chain-image.js';
+import { readAt } from '../image/file-io.js';
+import { MaskedImage } from '../image/masked-image.js';
+import { convertInto } from './convert.js';
+
+/** Where a VHD footer (and its copy at offset 0) holds the unique id. */
+const FOOTER_UUID_OFFSET = 68;
+
+/**
+ * Writes at `file` the differencing VHD over `parentFile` (named `parentName`
+ * beside it) that makes `next` read right over `parent`: the 2 MiB blocks in
+ * which any 64 KiB block differs.
+ */
+export async function writeVhdLayer(
+  next: BlockImage,
+  parent: BlockImage,
+  file: string,
+  parentName: string,
+  parentFile: string,
+  opts: { signal?: AbortSignal } = {},
+): Promise<{ defined: DefinedRange[] }> {
+  const B = EXPORT_BLOCK_SIZE_BYTES;
+  const size = next.virtualSize;
+  const defined: DefinedRange[] = [];
+  for await (const run of diffBlocks(next, parent, { signal: opts.signal })) {
+    const start = Math.floor(run.start / B) * B;
+    const end = Math.min(size, Math.ceil((run.start + run.length) / B) * B);
+    const last = defined[defined.length - 1];
+    if (last && start <= last.start + last.length) last.length = Math.max(last.length, end - last.start);
+    else defined.push({ start, length: end - start });
+  }
+  await convertInto(new MaskedImage(next, defined), 'vhd', file, opts, {
+    uuid: randomBytes(16),
+    parent: { fileName: parentName, uuid: await vhdUuidOfFile(parentFile) },
+  });
+  return { defined };
+}
+
+/** The unique id in a VHD file's footer (read from its copy at offset 0). */
+export async function vhdUuidOfFile(file: string): Promise<Buffer> {
+  const handle = await fsp.open(file, 'r');
+  try {
+    const head = await readAt(handle, Buffer.alloc(512), 0);
+    return Buffer.from(head.subarray(FOOTER_UUID_OFFSET, FOOTER_UUID_OFFSET + 16));
+  } finally {
+    await handle.close();
+  }
+}
