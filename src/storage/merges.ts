@@ -39,6 +39,7 @@ import { formatOfContent, openLayerFile } from './layer-files.js';
 import { fillQcow2FromParent, mergeQcow2Down, reparentQcow2 } from './qcow2-layers.js';
 import type { Sr, SrStore } from './srs.js';
 import { fsyncDir, type Vdi, type VdiStore } from './vdis.js';
+import { rewriteVhdLayer } from './vhd-layers.js';
 
 export type MergePlan =
   | { kind: 'down'; child: string; parent: string; vdi: string | null; bytes: number }
@@ -76,6 +77,25 @@ interface LayerMergeBackend {
   ): Promise<void>;
 }
 
+/**
+ * A layer format merged by rewriting instead (vhd: no in-place writer): the
+ * merged layer X is written whole as a new file, X's view down to the
+ * content it will stand on, keeping X's own identity (unique id, name), so
+ * the layers over X still name it; each name of X then becomes a link of the
+ * new file, and one transaction makes X stand lower. Cost: the data of every
+ * layer merged into X (for a down merge, the parent's too), not only X's.
+ */
+type RewriteBackend = (
+  view: BlockImage,
+  defined: readonly DefinedRange[] | null,
+  file: string,
+  identityOf: string,
+  parent: { name: string; file: string } | null,
+  opts: MergeWriteOptions,
+) => Promise<void>;
+
+const REWRITERS: Record<string, RewriteBackend> = { vhd: rewriteVhdLayer };
+
 const BACKENDS: Record<string, LayerMergeBackend> = {
   raw: { mergeDown: mergeDefinedInto, fill: fillFromParent },
   qcow2: { mergeDown: mergeQcow2Down, fill: fillQcow2FromParent, reparent: reparentQcow2 },
@@ -102,7 +122,7 @@ export class ChainMerges {
       .all() as { id: string }[];
     for (const { id } of orphans) {
       const child = this.db.prepare('SELECT * FROM contents WHERE parent = ?').get(id) as ContentRow;
-      if (!backendOf(child.id) || !backendOf(id)) continue;
+      if (!mergeable(child.id) || !mergeable(id)) continue;
       plans.push({
         kind: 'down',
         child: child.id,
@@ -122,7 +142,7 @@ export class ChainMerges {
       const chain = contents.chain(id);
       if (chain.length <= maxDepth) continue;
       const layer = chain[maxDepth - 1];
-      if (seen.has(layer.id) || !backendOf(layer.id) || layer.parent === null) continue;
+      if (seen.has(layer.id) || !mergeable(layer.id) || layer.parent === null) continue;
       seen.add(layer.id);
       plans.push({
         kind: 'flatten',
@@ -137,7 +157,99 @@ export class ChainMerges {
 
   /** Runs one planned merge; `signal` stops it (between 4 MiB writes, never inside its switch). */
   run(plan: MergePlan, opts: { signal: AbortSignal; onBytes?: (n: number) => void }): Promise<MergeOutcome> {
+    const rewrite = REWRITERS[formatOfContent(plan.kind === 'down' ? plan.child : plan.layer)];
+    if (rewrite) return this.rewrite(plan, rewrite, opts);
     return plan.kind === 'down' ? this.mergeDown(plan, opts) : this.flatten(plan, opts);
+  }
+
+  /**
+   * A merge by rewriting (see RewriteBackend): the down merge of C into P
+   * rewrites C over P's parent, the flatten of L rewrites L flat. Readers
+   * never read the new file but as X's bytes where X defines, and as the
+   * view under X elsewhere (the very bytes it holds), so no reader waits.
+   * A kill -9 before the transaction leaves rows as they were, some names of
+   * X on the new file: every read is right, and the rerun writes the same.
+   */
+  private async rewrite(
+    plan: MergePlan,
+    write: RewriteBackend,
+    opts: { signal: AbortSignal; onBytes?: (n: number) => void },
+  ): Promise<MergeOutcome> {
+    const x = plan.kind === 'down' ? plan.child : plan.layer;
+    const below = plan.parent;
+    const stillDue = (): ContentRow | null => {
+      const row = this.vdis.contents.get(x);
+      if (!row || row.parent !== below) return null;
+      if (plan.kind === 'down' && !this.downRows(x, below)) return null;
+      return row;
+    };
+    return this.vdis.gate.runMerge(
+      new Set([x, below]),
+      () => true,
+      opts.signal,
+      async (signal) => {
+        const row = stillDue();
+        const under = this.vdis.contents.get(below);
+        if (!row || !under) return 'stale';
+        const sr = this.srs.get(row.sr_id);
+        const dir = sr.path;
+        const file = await this.fileOf(dir, x);
+        if (!file) return 'stale';
+        const newParent = plan.kind === 'down' ? under.parent : null;
+        const defined = newParent === null ? null : unionRanges(decodeDefined(under), decodeDefined(row));
+        const staged = this.vdis.stagingPathIn(sr, `merge-${randomUUID()}.${formatOfContent(x)}`);
+        const view = await this.openChain(dir, below, row.virtual_size, { file, row });
+        try {
+          await write(
+            view,
+            defined,
+            staged,
+            file,
+            newParent === null ? null : { name: newParent, file: path.join(dir, newParent) },
+            { signal, onBytes: opts.onBytes },
+          );
+        } catch (err) {
+          await fsp.rm(staged, { force: true });
+          throw err;
+        } finally {
+          await view.close();
+        }
+        let released: string[] | null;
+        let again: boolean;
+        try {
+          do {
+            const namers = this.namersOf(x);
+            const ids = namers.map((v) => v.id).join();
+            const names = new Set(namers.map((v) => v.file_name));
+            if (this.vdis.contents.isParent(x) || names.size === 0) names.add(x);
+            for (const name of names) await this.relink(sr, staged, name);
+            await fsyncDir(dir);
+            again = false;
+            released = this.db.transaction(() => {
+              if (!stillDue()) return null;
+              if (
+                this.namersOf(x)
+                  .map((v) => v.id)
+                  .join() !== ids
+              ) {
+                again = true;
+                return null;
+              }
+              this.db
+                .prepare('UPDATE contents SET parent = ?, defined = ? WHERE id = ?')
+                .run(newParent, defined === null ? null : encodeDefined(defined), x);
+              return this.vdis.contents.release(below);
+            })();
+          } while (again);
+        } finally {
+          await fsp.rm(staged, { force: true });
+        }
+        if (released === null) return 'stale';
+        for (const v of this.namersOf(x)) this.vdis.images.drop(v.id);
+        for (const id of new Set([below, ...released])) await this.unlinkSpare(sr, id);
+        return 'merged';
+      },
+    );
   }
 
   private async mergeDown(
@@ -262,9 +374,18 @@ export class ChainMerges {
   }
 
   /** The chain under and including `id`, read from id-named files (parents are kept under their ids). */
-  private async openChain(dir: string, id: string, virtualSize: number): Promise<BlockImage> {
+  private async openChain(
+    dir: string,
+    id: string,
+    virtualSize: number,
+    top?: { file: string; row: ContentRow },
+  ): Promise<BlockImage> {
     const layers: ChainLayer[] = [];
     try {
+      if (top) {
+        const image = await openLayerFile(top.file, formatOfContent(top.row.id), top.row.virtual_size);
+        layers.push({ image, defined: decodeDefined(top.row) });
+      }
       for (const row of this.vdis.contents.chain(id)) {
         const image = await openLayerFile(path.join(dir, row.id), formatOfContent(row.id), row.virtual_size);
         layers.push({ image, defined: decodeDefined(row) });
@@ -331,6 +452,11 @@ export class ChainMerges {
     if (named || this.vdis.contents.isParent(id)) return;
     await fsp.rm(path.join(sr.path, id), { force: true });
   }
+}
+
+function mergeable(contentId: string): boolean {
+  const format = formatOfContent(contentId);
+  return BACKENDS[format] !== undefined || REWRITERS[format] !== undefined;
 }
 
 function backendOf(contentId: string): LayerMergeBackend | undefined {

@@ -53,6 +53,27 @@ export async function writeVhdLayer(
   return { defined };
 }
 
+/**
+ * A merge of a vhd chain (storage/merges.ts, RewriteBackend): writes at
+ * `file` `view` as a VHD with the unique id of `identityOf`'s footer, over
+ * `parent` (differencing, holding `defined`: whole 2 MiB blocks) or flat
+ * (dynamic, holding the view's data), fsynced.
+ */
+export async function rewriteVhdLayer(
+  view: BlockImage,
+  defined: readonly DefinedRange[] | null,
+  file: string,
+  identityOf: string,
+  parent: { name: string; file: string } | null,
+  opts: { signal?: AbortSignal; onBytes?: (n: number) => void },
+): Promise<void> {
+  const uuid = await vhdUuidOfFile(identityOf);
+  await convertInto(defined === null ? view : new MaskedImage(view, defined), 'vhd', file, opts, {
+    uuid,
+    ...(parent ? { parent: { fileName: parent.name, uuid: await vhdUuidOfFile(parent.file) } } : {}),
+  });
+}
+
 /** The unique id in a VHD file's footer (read from its copy at offset 0). */
 export async function vhdUuidOfFile(file: string): Promise<Buffer> {
   const handle = await fsp.open(file, 'r');
