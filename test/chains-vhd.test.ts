@@ -191,10 +191,13 @@ describe('chains at rest (vhd SR)', () => {
       await importRaw(vdi.id, next);
       const grown = (await srBytes()) - before;
       const touched = changedVhdBlocks(live, next);
-      assert.ok(
-        grown <= touched * VHD_BLOCK + 64 * KiB,
-        `round ${round}: ${touched} changed 2 MiB blocks grew the SR by ${grown} bytes`,
-      );
+      // Past the depth limit, a flattening (which rewrites the data under the layer at the limit) may run meanwhile.
+      if (round + 2 <= DEPTH) {
+        assert.ok(
+          grown <= touched * VHD_BLOCK + 64 * KiB,
+          `round ${round}: ${touched} changed 2 MiB blocks grew the SR by ${grown} bytes`,
+        );
+      }
       live = next;
       model.set(vdi.id, live);
       // One layer per retained snapshot, up to the depth limit (past it, the layer at the limit is rewritten flat).
