@@ -37,7 +37,9 @@
 #include <node_api.h>
 
 /* A progress call at most every this many bytes (task progress, not flow control). */
-#define PROGRESS_BYTES (8 << 20)
+#define PROGRESS_BYTES (32 << 20)
+/* A wait for the socket longer than this reports progress (a stalled client shows where it is). */
+#define STALL_MS 50
 /* One sendfile call moves at most this much, so a cancel is seen soon. */
 #define STEP_BYTES (8 << 20)
 #define ZERO_BYTES (256 << 10)
@@ -92,14 +94,21 @@ static void report_progress(job_t *job) {
 
 /* Waits until the socket takes bytes again; returns 0, or ECANCELED. */
 static int wait_writable(job_t *job) {
-  /* What a stalled client holds up shows as progress while it waits. */
-  if (job->unreported > 0) report_progress(job);
   struct pollfd pfd[2] = {{job->sock, POLLOUT, 0}, {job->cancel_fd, POLLIN, 0}};
+  /* A fast client frees room within microseconds, hundreds of times a second: only a
+   * wait longer than STALL_MS (a slow or stalled client) reports what was sent so far,
+   * so the event loop is not woken for each of them. */
+  int timeout = STALL_MS;
   for (;;) {
     if (atomic_load(&job->cancelled)) return ECANCELED;
-    int r = poll(pfd, 2, -1);
+    int r = poll(pfd, 2, timeout);
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) return errno;
+    if (r == 0) {
+      if (job->unreported > 0) report_progress(job);
+      timeout = -1;
+      continue;
+    }
     if (pfd[1].revents) return ECANCELED;
     /* POLLOUT, or POLLERR/POLLHUP: the next send reports the socket's error. */
     return 0;
