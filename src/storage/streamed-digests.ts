@@ -38,8 +38,12 @@ const CHUNK_BLOCKS = 1024;
 const MAX_CHUNKS = 1024;
 /** Blocks hashed per call to the thread pool (1 MiB): fewer calls, and the loop stays free. */
 const BATCH_BLOCKS = 16;
-/** Batches hashing at once, at most; the bytes they hold are 1 MiB each. */
-const MAX_BATCHES_IN_FLIGHT = 8;
+/**
+ * Batches hashing at once, at most; the bytes they hold are 1 MiB each (and
+ * the socket buffers they lie in). A batch hashes in under a millisecond,
+ * faster than an upload delivers one, so a few keep up.
+ */
+const MAX_BATCHES_IN_FLIGHT = 4;
 
 interface Chunk {
   entries: Buffer;
