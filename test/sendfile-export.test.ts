@@ -13,6 +13,7 @@ import { promises as fsp } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { addon } from '../src/image/native.js';
 import { api, createVdi, curl, execFileP, sha256File, sha256Url } from './helpers/api.js';
 import { sample, scrape } from './helpers/metrics.js';
 import { seededBytes, startServer, type TestServer, tempDir } from './helpers/server.js';
@@ -103,6 +104,12 @@ describe('raw exports sent with sendfile', () => {
   const task = async (id: string) => (await api<Task>(srv.url, 'GET', `/v1/tasks/${id}`)).body;
 
   before(async () => {
+    // A build/ from before native/sendfile.c has no sendSpans: every body would stream.
+    assert.equal(
+      typeof addon?.sendSpans,
+      'function',
+      'the native addon is older than native/sendfile.c: rebuild it (npm run install)',
+    );
     srv = await startServer();
     dir = await tempDir();
     bytes = diskBytes(7);
