@@ -9,6 +9,7 @@ import { randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import Database from 'better-sqlite3';
 import { api, createVdi, curl, execFileP } from './helpers/api.js';
 import { type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 import { waitFor } from './helpers/wait.js';
@@ -124,6 +125,42 @@ describe('ovirt-imageio tickets across a kill -9, and on a Unix socket', () => {
     assert.equal(fin.status, 202);
     assert.equal(fin.body.status, 'success');
     assert.ok((await contents(vdiId)).equals(image));
+  });
+
+  test("a kill between the session's finalize and the ticket's record of it: finalizing the ticket again answers the commit", async () => {
+    const vdiId = (await createVdi(server.url, SIZE)).id;
+    const ticket = await install(vdiId, ['read', 'write']);
+    const image = seededBytes(SIZE, 42);
+    const put = await fetch(`${server.url}/images/${ticket}`, { method: 'PUT', body: new Uint8Array(image) });
+    assert.equal(put.status, 200);
+    const status = await api<{ diskport: { transfer: string } }>(
+      server.url,
+      'GET',
+      `/v1/imageio/tickets/${ticket}`,
+    );
+    await server.stop('SIGKILL');
+    // What the kill left: the session recorded as finalizing, the ticket still installed.
+    const db = new Database(path.join(dataDir, 'diskport.sqlite'));
+    try {
+      db.prepare("UPDATE transfers SET state = 'finalizing' WHERE id = ?").run(status.body.diskport.transfer);
+    } finally {
+      db.close();
+    }
+    server = await spawnServer(dataDir, ['--imageio-socket', socketPath]);
+    const fin = await api<{ status: string }>(
+      server.url,
+      'POST',
+      `/v1/imageio/tickets/${ticket}/finalize?wait=60`,
+    );
+    assert.equal(fin.status, 202, JSON.stringify(fin.body));
+    assert.equal(fin.body.status, 'success');
+    assert.ok((await contents(vdiId)).equals(image));
+    const again = await api<{ status: string }>(
+      server.url,
+      'POST',
+      `/v1/imageio/tickets/${ticket}/finalize?wait=60`,
+    );
+    assert.equal(again.body.status, 'success', 'and once more: the ticket is finalized');
   });
 
   test('--imageio-socket serves /images/ (and only it) on a Unix socket, reported as unix_socket', async () => {

@@ -365,6 +365,13 @@ export class TicketService {
     const t = this.visible(id);
     const session = this.transfers.get(t.transfer_id);
     if (t.state === 'finalized') return this.tasks.get(session.task_id);
+    if (t.state === 'installed' && (session.state === 'finalizing' || session.state === 'committed')) {
+      // A crash came between the session's finalize and the ticket's record
+      // of it: the finalize happened, and asking again is answered with it.
+      t.state = 'finalized';
+      this.store.save(t);
+      return this.tasks.get(session.task_id);
+    }
     if (t.state !== 'installed' || session.state !== 'open') {
       throw new ApiError(
         'TRANSFER_NOT_ACTIVE',
