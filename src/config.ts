@@ -10,6 +10,8 @@ export interface Config {
   host: string;
   port: number;
   dataDir: string;
+  /** `postgres://…`: the metadata lives in that PostgreSQL database instead of SQLite in dataDir. */
+  databaseUrl?: string;
   token?: string;
   logLevel: string;
   /** CIDRs (or `*`) that pull and push may reach although the SSRF guard forbids them (see transfer/ip-ranges.ts). */
@@ -234,6 +236,10 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       'where metadata and the local SR live (env DISKPORT_DATA_DIR)',
       env.DISKPORT_DATA_DIR ?? DEFAULTS.dataDir,
     )
+    .option(
+      '--database-url <url>',
+      'keep the metadata in this PostgreSQL database (postgres://user:password@host/db) instead of SQLite in the data directory (env DISKPORT_DATABASE_URL)',
+    )
     .option('--token <token>', 'bearer token for management calls (env DISKPORT_TOKEN)')
     .option('--log-level <level>', 'pino log level (env LOG_LEVEL)', env.LOG_LEVEL ?? DEFAULTS.logLevel)
     .option(
@@ -317,6 +323,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     host: o.host,
     port: o.port,
     dataDir: path.resolve(o.dataDir),
+    // not a commander default either: --help would print its password
+    databaseUrl: o.databaseUrl || env.DISKPORT_DATABASE_URL || undefined,
     // not a commander default: --help would print the secret
     token: o.token || env.DISKPORT_TOKEN || undefined,
     logLevel: o.logLevel,

@@ -175,6 +175,11 @@ export const ERRORS = {
     status: 503,
     meaning: 'diskport has --max-connections connections open; retry after Retry-After seconds',
   },
+  METADATA_UNAVAILABLE: {
+    status: 503,
+    meaning:
+      "diskport's PostgreSQL database (--database-url) cannot be reached; retry after Retry-After seconds",
+  },
   INSUFFICIENT_SPACE: { status: 507, meaning: 'the storage repository ran out of space' },
 } as const satisfies Record<string, ErrorSpec>;
 

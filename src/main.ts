@@ -9,6 +9,7 @@ import { createServer } from './app.js';
 import { type Config, checkListenPolicy, parseConfig } from './config.js';
 import { createLogger } from './http/log-redaction.js';
 import { createServices, type Services } from './services.js';
+import { DatabaseUnreachableError } from './storage/pg-db.js';
 
 /** A listen error as one line for whoever started the server; null when it is not one we can explain. */
 function listenFailure(err: NodeJS.ErrnoException, host: string, port: number): string | null {
@@ -87,7 +88,15 @@ async function main(): Promise<void> {
   }
   const busy = await probeListen(config);
   if (busy) exitListenFailure(logger, config, busy);
-  const services = await createServices(config, logger);
+  let services: Services;
+  try {
+    services = await createServices(config, logger);
+  } catch (err) {
+    if (!(err instanceof DatabaseUnreachableError)) throw err;
+    logger.fatal(err.message);
+    console.error(`diskport: ${err.message}`);
+    process.exit(1);
+  }
   const server = createServer(services);
   // Taken between the probe and now: the same answer, after letting go of the data directory.
   server.once('error', (err: NodeJS.ErrnoException) => {

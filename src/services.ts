@@ -58,7 +58,7 @@ export interface Services {
 
 export async function createServices(config: Config, logger: Logger): Promise<Services> {
   await fsp.mkdir(config.dataDir, { recursive: true, mode: PRIVATE_DIR_MODE });
-  const db = openDb(path.join(config.dataDir, 'diskport.sqlite'));
+  const db = openDb({ file: path.join(config.dataDir, 'diskport.sqlite'), databaseUrl: config.databaseUrl });
   const srs = new SrStore(db, { spaceReserveBytes: config.spaceReserveBytes });
   await srs.ensureDefault(config.dataDir, MAX_VIRTUAL_SIZE_BYTES);
   await srs.ensureConfigured(config.srs, MAX_VIRTUAL_SIZE_BYTES);

@@ -13,7 +13,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import Database from 'better-sqlite3';
-import { MIGRATIONS, openDb } from '../src/storage/db.js';
+import { MIGRATIONS, openDb, sqliteMigration } from '../src/storage/db.js';
 import { api, createVdi, execFileP, sha256File, sha256Url } from './helpers/api.js';
 import {
   type ServerProcess,
@@ -31,7 +31,7 @@ const TUS = { 'tus-resumable': '1.0.0' };
 const b64 = (s: string) => Buffer.from(s).toString('base64');
 
 /** The schema version before sessions had typed fields: the one the previous diskport left. */
-const PREVIOUS_VERSION = MIGRATIONS.findIndex((m) => m.includes('ADD COLUMN stream_epoch'));
+const PREVIOUS_VERSION = MIGRATIONS.findIndex((m) => sqliteMigration(m).includes('ADD COLUMN stream_epoch'));
 const OLD_KEYS = [
   'diskport.stream-epoch',
   'diskport.one-shot',
@@ -83,7 +83,7 @@ async function rewriteAsPreviousVersion(dataDir: string): Promise<NewRow[]> {
   const previous = `${file}.previous`;
   const db = new Database(previous);
   try {
-    for (const m of MIGRATIONS.slice(0, PREVIOUS_VERSION)) db.exec(m);
+    for (const m of MIGRATIONS.slice(0, PREVIOUS_VERSION)) db.exec(sqliteMigration(m));
     db.pragma(`user_version = ${PREVIOUS_VERSION}`);
     db.prepare('ATTACH DATABASE ? AS cur').run(file);
     const tables = db
@@ -224,7 +224,7 @@ describe('the migration of session fields out of the metadata', () => {
     try {
       const file = path.join(dir, 'diskport.sqlite');
       const db = new Database(file);
-      for (const m of MIGRATIONS.slice(0, PREVIOUS_VERSION)) db.exec(m);
+      for (const m of MIGRATIONS.slice(0, PREVIOUS_VERSION)) db.exec(sqliteMigration(m));
       db.pragma(`user_version = ${PREVIOUS_VERSION}`);
       const insert = db.prepare(
         `INSERT INTO transfers (id, vdi_id, direction, format, token_hash, task_id, state, ttl_seconds, expires_at,

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { after, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { openDb } from '../src/storage/db.js';
+import { rawSqlite } from '../src/storage/sqlite-db.js';
 import { type Task, TaskStore } from '../src/tasks/task-store.js';
 import { tempDir } from './helpers/server.js';
 
@@ -53,11 +54,11 @@ test('progress is recorded for other readers, and later commits are fsynced agai
     reader.close();
   }
   // 2 = FULL: what decides a transfer's fate (commit, failure) is still durable when it returns
-  assert.equal(db.pragma('synchronous', { simple: true }), 2);
+  assert.equal(rawSqlite(db)?.pragma('synchronous', { simple: true }), 2);
 
   // inside a transaction the statement joins it and the setting is left alone
   db.transaction(() => store.updateProgress({ ...t, bytes_done: 500, progress: 0.5 }))();
-  assert.equal(db.pragma('synchronous', { simple: true }), 2);
+  assert.equal(rawSqlite(db)?.pragma('synchronous', { simple: true }), 2);
   assert.equal(store.get(t.id)?.bytes_done, 500);
   db.close();
 });

@@ -1,19 +1,60 @@
 /**
- * The embedded metadata store: SRs, VDIs and tasks in SQLite (WAL).
+ * The metadata store: SRs, VDIs, tasks, sessions and tickets, behind one
+ * narrow synchronous interface (`Db`) with two backends: SQLite (embedded,
+ * the default; storage/sqlite-db.ts) and PostgreSQL (`--database-url`;
+ * storage/pg-db.ts). The stores write one SQL, a portable subset; what must
+ * differ is translated in one place (storage/sql-dialect.ts).
  *
- * synchronous=FULL: a committed transaction survives a kill -9 and a power
- * cut; the write rate here (a few rows per transfer) makes the extra fsync
- * cheap. A running task's progress (once a second) is the exception: it is
- * written without one (TaskStore.updateProgress).
+ * Why synchronous: the code relies on a metadata call finishing before the
+ * event loop moves on: a transaction is atomic with respect to every other
+ * request, and a commit is ordered with the file renames around it (crash
+ * safety). Both backends keep that contract.
  */
-import { chmodSync, closeSync, openSync } from 'node:fs';
-import Database from 'better-sqlite3';
-import { PRIVATE_FILE_MODE } from '../image/file-io.js';
+import { openPgDb, type PgOptions } from './pg-db.js';
+import { openSqliteDb } from './sqlite-db.js';
 
-export type Db = Database.Database;
+/** One prepared statement; parameters are `?` (positional) or `@name` (one object). */
+export interface Statement {
+  get(...params: unknown[]): unknown;
+  all(...params: unknown[]): unknown[];
+  run(...params: unknown[]): { changes: number };
+}
+
+export interface Db {
+  readonly dialect: 'sqlite' | 'postgres';
+  /** True inside `transaction`: a caller may skip what only a single statement needs. */
+  readonly inTransaction: boolean;
+  prepare(sql: string): Statement;
+  /** `fn` as one transaction (nested: a savepoint); call what it returns, as better-sqlite3's. */
+  transaction<A extends unknown[], T>(fn: (...args: A) => T): (...args: A) => T;
+  /** Statements without parameters, several separated by `;` (migrations). */
+  exec(sql: string): void;
+  /**
+   * Runs `fn`'s writes without waiting for them to reach stable storage:
+   * for figures a power cut may lose (task progress). Commits stay ordered:
+   * a later durable commit makes them durable too. Inside a transaction, it
+   * is the transaction's durability that counts.
+   */
+  relaxedDurability<T>(fn: () => T): T;
+  close(): void;
+}
+
+/** A migration in the portable subset, or one per dialect where they must differ. */
+export type Migration = string | { readonly sqlite: string; readonly postgres: string };
+
+/** Tables whose rows keep an order of insertion (paging, members): `seq`. */
+const SEQUENCED = [
+  'tasks',
+  'vdis',
+  'transfers',
+  'disk_sets',
+  'disk_set_snapshots',
+  'disk_set_members',
+  'migration_in_vdis',
+];
 
 /** Each entry moves the schema from version i to i+1; never edit one that has shipped. */
-export const MIGRATIONS: readonly string[] = [
+export const MIGRATIONS: readonly Migration[] = [
   `CREATE TABLE srs (
      id TEXT PRIMARY KEY,
      name_label TEXT NOT NULL,
@@ -82,7 +123,8 @@ export const MIGRATIONS: readonly string[] = [
    ALTER TABLE vdis ADD COLUMN snapshot_time TEXT;
    CREATE INDEX vdis_by_snapshot_of ON vdis(snapshot_of, created_at);`,
   // A session's own fields leave the client's metadata, where they were "diskport.*" keys.
-  `ALTER TABLE transfers ADD COLUMN origin TEXT NOT NULL DEFAULT 'api'
+  {
+    sqlite: `ALTER TABLE transfers ADD COLUMN origin TEXT NOT NULL DEFAULT 'api'
      CHECK (origin IN ('api', 'one-shot', 'tus'));
    ALTER TABLE transfers ADD COLUMN stream_epoch INTEGER NOT NULL DEFAULT 0;
    ALTER TABLE transfers ADD COLUMN push_target TEXT;
@@ -100,6 +142,13 @@ export const MIGRATIONS: readonly string[] = [
          '$."diskport.push-target"', '$."diskport.source-validator"'),
        '{}')
    WHERE json_valid(metadata);`,
+    // A PostgreSQL database began after this: it has no such metadata to move.
+    postgres: `ALTER TABLE transfers ADD COLUMN origin TEXT NOT NULL DEFAULT 'api'
+     CHECK (origin IN ('api', 'one-shot', 'tus'));
+   ALTER TABLE transfers ADD COLUMN stream_epoch INTEGER NOT NULL DEFAULT 0;
+   ALTER TABLE transfers ADD COLUMN push_target TEXT;
+   ALTER TABLE transfers ADD COLUMN source_validator TEXT;`,
+  },
   // Block digests per generation (storage/block-digests.ts); NULL: written before they existed.
   `ALTER TABLE vdis ADD COLUMN digest_file TEXT;`,
   // ovirt-imageio tickets: each names the transfer session that carries its bytes.
@@ -196,46 +245,46 @@ export const MIGRATIONS: readonly string[] = [
      state TEXT NOT NULL,
      updated_at TEXT NOT NULL
    );`,
+  // Lists page and members keep their order by an explicit sequence, which
+  // both dialects have (SQLite's rowid is not SQL): a trigger in SQLite, a
+  // BIGSERIAL in PostgreSQL.
+  {
+    sqlite: SEQUENCED.map(
+      (t) => `ALTER TABLE ${t} ADD COLUMN seq INTEGER;
+         UPDATE ${t} SET seq = rowid;
+         CREATE TRIGGER ${t}_seq AFTER INSERT ON ${t}
+           BEGIN UPDATE ${t} SET seq = NEW.rowid WHERE rowid = NEW.rowid; END;`,
+    ).join('\n'),
+    postgres: SEQUENCED.map((t) => `ALTER TABLE ${t} ADD COLUMN seq BIGSERIAL;`).join('\n'),
+  },
 ];
 
-export function openDb(file: string): Db {
-  // SQLite creates its file world-readable, and its -wal and -shm files with
-  // the database's mode: create it private first (and make an older one so).
-  closeSync(openSync(file, 'a', PRIVATE_FILE_MODE));
-  chmodSync(file, PRIVATE_FILE_MODE);
-  for (const companion of [`${file}-wal`, `${file}-shm`]) {
-    try {
-      chmodSync(companion, PRIVATE_FILE_MODE);
-    } catch {
-      // not there: SQLite creates it with the database's mode
-    }
-  }
-  const db = new Database(file);
-  db.pragma('journal_mode = WAL');
-  db.pragma('synchronous = FULL');
-  db.pragma('foreign_keys = ON');
-  db.pragma('busy_timeout = 5000');
-  migrate(db);
-  return db;
+/** A migration's text for SQLite. */
+export function sqliteMigration(m: Migration): string {
+  return typeof m === 'string' ? m : m.sqlite;
 }
 
-function migrate(db: Db): void {
-  const current = db.pragma('user_version', { simple: true }) as number;
-  for (let v = current; v < MIGRATIONS.length; v++) {
-    db.transaction(() => {
-      db.exec(MIGRATIONS[v]);
-      db.pragma(`user_version = ${v + 1}`);
-    })();
-  }
+export interface OpenOptions {
+  /** SQLite's file, used when there is no `databaseUrl`. */
+  file: string;
+  /** `postgres://…`: the metadata lives there instead. */
+  databaseUrl?: string;
+  pg?: PgOptions;
 }
 
-const statements = new WeakMap<Db, Map<string, Database.Statement>>();
+/** Opens the store and brings its schema to the latest migration. */
+export function openDb(opts: OpenOptions | string): Db {
+  const o = typeof opts === 'string' ? { file: opts } : opts;
+  return o.databaseUrl ? openPgDb(o.databaseUrl, MIGRATIONS, o.pg) : openSqliteDb(o.file, MIGRATIONS);
+}
+
+const statements = new WeakMap<Db, Map<string, Statement>>();
 
 /**
  * A prepared statement, prepared once per database: for the lookups every
  * request makes (a VDI, its SR), where preparing costs more than running.
  */
-export function cachedStatement(db: Db, sql: string): Database.Statement {
+export function cachedStatement(db: Db, sql: string): Statement {
   let byText = statements.get(db);
   if (!byText) {
     byText = new Map();

@@ -117,7 +117,7 @@ export class DiskSets {
     return this.db
       .prepare(
         `SELECT v.* FROM disk_set_members m JOIN vdis v ON v.id = m.vdi_id
-         WHERE m.set_id = ? ORDER BY m.rowid`,
+         WHERE m.set_id = ? ORDER BY m.seq`,
       )
       .all(id) as Vdi[];
   }
@@ -162,7 +162,7 @@ export class DiskSets {
     const rows = this.db
       .prepare(
         `SELECT v.id, v.virtual_size FROM disk_set_members m JOIN vdis v ON v.id = m.vdi_id
-         WHERE m.set_id = ? ORDER BY m.rowid`,
+         WHERE m.set_id = ? ORDER BY m.seq`,
       )
       .all(set.id) as { id: string; virtual_size: number }[];
     return {

@@ -1,6 +1,6 @@
 /**
  * Keyset paging for the lists (tasks, VDIs, transfers): newest first, by
- * (created_at, rowid). A cursor names the last row of a page, so a walk
+ * (created_at, seq). A cursor names the last row of a page, so a walk
  * returns every row that existed when it began exactly once, however many
  * rows are created or removed while it runs (an offset would skip or repeat
  * them). Cursors are opaque to clients: base64url of the key.
@@ -60,14 +60,14 @@ export function selectPage<Row>(
   if (page.cursor) {
     const key = decodeCursor(page.cursor);
     conditions.push(
-      '(created_at < @cursor_created OR (created_at = @cursor_created AND rowid < @cursor_rowid))',
+      '(created_at < @cursor_created OR (created_at = @cursor_created AND seq < @cursor_rowid))',
     );
     bound.cursor_created = key.createdAt;
     bound.cursor_rowid = key.rowid;
   }
-  const sql = `SELECT rowid AS page_rowid, * FROM ${table}
+  const sql = `SELECT seq AS page_rowid, * FROM ${table}
                ${conditions.length ? `WHERE ${conditions.join(' AND ')}` : ''}
-               ORDER BY created_at DESC, rowid DESC LIMIT @page_limit`;
+               ORDER BY created_at DESC, seq DESC LIMIT @page_limit`;
   const rows = db.prepare(sql).all(bound) as (Row & { page_rowid: number; created_at: string })[];
   const more = rows.length > page.limit;
   const kept = more ? rows.slice(0, page.limit) : rows;

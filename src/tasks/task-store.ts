@@ -89,16 +89,7 @@ export class TaskStore {
    * and more each time.
    */
   updateProgress(t: Task): void {
-    if (this.db.inTransaction) {
-      this.update(t);
-      return;
-    }
-    this.db.pragma('synchronous = NORMAL');
-    try {
-      this.update(t);
-    } finally {
-      this.db.pragma('synchronous = FULL');
-    }
+    this.db.relaxedDurability(() => this.update(t));
   }
 
   update(t: Task): void {
@@ -137,7 +128,7 @@ export class TaskStore {
       params.vdi = filter.vdi;
     }
     const sql = `SELECT * FROM tasks ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
-                 ORDER BY created_at DESC, rowid DESC LIMIT @limit`;
+                 ORDER BY created_at DESC, seq DESC LIMIT @limit`;
     return (this.db.prepare(sql).all(params) as TaskRow[]).map(fromRow);
   }
 
@@ -164,8 +155,8 @@ export class TaskStore {
         .run(finishedBefore).changes;
       const beyond = this.db
         .prepare(
-          `DELETE FROM tasks WHERE rowid IN (
-             SELECT rowid FROM tasks WHERE ${finished} ORDER BY created_at DESC, rowid DESC LIMIT -1 OFFSET ?)`,
+          `DELETE FROM tasks WHERE seq IN (
+             SELECT seq FROM tasks WHERE ${finished} ORDER BY created_at DESC, seq DESC LIMIT -1 OFFSET ?)`,
         )
         .run(keepCount).changes;
       return old + beyond;

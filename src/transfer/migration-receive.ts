@@ -133,9 +133,7 @@ export class MigrationReceiver {
 
   vdiIds(id: string): string[] {
     return (
-      this.db
-        .prepare('SELECT vdi_id FROM migration_in_vdis WHERE migration_id = ? ORDER BY rowid')
-        .all(id) as {
+      this.db.prepare('SELECT vdi_id FROM migration_in_vdis WHERE migration_id = ? ORDER BY seq').all(id) as {
         vdi_id: string;
       }[]
     ).map((r) => r.vdi_id);

@@ -11,6 +11,7 @@ import { createServer } from '../../src/app.js';
 import { type Config, parseConfig } from '../../src/config.js';
 import { createLogger } from '../../src/http/log-redaction.js';
 import { createServices, type Services } from '../../src/services.js';
+import { databaseUrlFor } from './pg.js';
 
 export const ROOT = path.resolve(import.meta.dirname, '../..');
 
@@ -42,6 +43,7 @@ export async function startServer(
   const config: Config = {
     // Every setting at its default (no environment), then what this test sets.
     ...parseConfig([], {}),
+    databaseUrl: databaseUrlFor(dataDir),
     ...opts.config,
     host: '127.0.0.1',
     port: 0,
@@ -77,9 +79,20 @@ export interface ServerProcess {
 
 /** Starts `src/main.ts` as its own process, the way `npm start` runs the built one. */
 export async function spawnServer(dataDir: string, extraArgs: string[] = []): Promise<ServerProcess> {
+  const databaseUrl = databaseUrlFor(dataDir);
   const child = spawn(
     process.execPath,
-    ['--import', 'tsx', path.join(ROOT, 'src/main.ts'), '--port', '0', '--data-dir', dataDir, ...extraArgs],
+    [
+      '--import',
+      'tsx',
+      path.join(ROOT, 'src/main.ts'),
+      '--port',
+      '0',
+      '--data-dir',
+      dataDir,
+      ...(databaseUrl ? ['--database-url', databaseUrl] : []),
+      ...extraArgs,
+    ],
     { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let stderr = '';
