@@ -11,7 +11,6 @@ import { promises as fsp } from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import Database from 'better-sqlite3';
 import { api, createVdi, sha256Url } from './helpers/api.js';
 import { prng, seededBytes, startServer, type TestServer } from './helpers/server.js';
 import { waitFor } from './helpers/wait.js';
@@ -98,8 +97,9 @@ describe('merges of raw chains at rest', () => {
   };
   /** The SR holds exactly the files rows name: VDIs' files, their digests, parents kept under their ids. */
   const assertNoLeftovers = async () => {
-    const db = new Database(path.join(server.dataDir, 'diskport.sqlite'), { readonly: true });
-    try {
+    // the server's own store: the same reads on SQLite and on PostgreSQL
+    const db = server.services.db;
+    {
       const live = new Set<string>();
       for (const r of db.prepare('SELECT file_name, digest_file FROM vdis').all() as {
         file_name: string;
@@ -115,8 +115,6 @@ describe('merges of raw chains at rest', () => {
       const files = (await fsp.readdir(srDir)).filter((n) => /\.g\d+\./.test(n));
       assert.deepEqual(files.sort(), [...live].sort(), 'the SR holds the files rows name, nothing more');
       assert.deepEqual(await fsp.readdir(path.join(srDir, '.staging')), []);
-    } finally {
-      db.close();
     }
   };
 
