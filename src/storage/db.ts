@@ -36,6 +36,12 @@ export interface Db {
    * is the transaction's durability that counts.
    */
   relaxedDurability<T>(fn: () => T): T;
+  /**
+   * A number that moves whenever this connection may have changed a row
+   * (SQLite's total_changes()): a cache of rows read since is still good
+   * while it stays put, this connection being the database's only writer.
+   */
+  changeCount(): number;
   close(): void;
 }
 

@@ -100,6 +100,7 @@ class PgDb implements Db {
   private readonly worker: Worker;
   private depth = 0;
   private closed = false;
+  private writes = 0;
 
   constructor(
     private readonly url: string,
@@ -126,6 +127,8 @@ class PgDb implements Db {
   /** Posts one request to the worker and blocks until its answer. */
   call(req: PgRequest): { rows: Record<string, unknown>[]; changes: number } {
     if (this.closed) throw new Error('the metadata store is closed');
+    // Counted before the answer: a write that failed half-way may have changed rows all the same.
+    if (req.op !== 'query' || !/^\s*SELECT\b/i.test(req.text)) this.writes++;
     Atomics.store(this.signal, 0, 0);
     this.port.postMessage(req);
     // The worker's own timeouts answer first; this bound only catches a worker that died.
@@ -197,6 +200,10 @@ class PgDb implements Db {
     } finally {
       this.exec('SET synchronous_commit = on');
     }
+  }
+
+  changeCount(): number {
+    return this.writes;
   }
 
   close(): void {

@@ -42,6 +42,13 @@ class SqliteDb implements Db {
     }
   }
 
+  private totalChanges?: Database.Statement;
+
+  changeCount(): number {
+    this.totalChanges ??= this.raw.prepare('SELECT total_changes()').pluck();
+    return this.totalChanges.get() as number;
+  }
+
   close(): void {
     this.raw.close();
   }

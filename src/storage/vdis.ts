@@ -146,7 +146,7 @@ export class VdiStore {
    */
   private rowsSinceLastWrite(): Map<string, Vdi> | undefined {
     if (this.db.inTransaction) return undefined;
-    const changes = cachedStatement(this.db, 'SELECT total_changes()').pluck().get() as number;
+    const changes = this.db.changeCount();
     if (changes !== this.rowsAt) {
       this.rows.clear();
       this.rowsAt = changes;
