@@ -271,6 +271,9 @@ describe('disk sets', () => {
           for (const member of [first, second]) {
             await put(srv.url, members[member], disk(value));
             finished.push({ member, value, at: performance.now() });
+            // A gap between the two commits, for set snapshots to fall into (a
+            // snapshot asked for while a commit runs waits for it, whatever the load).
+            if (member === first) await new Promise((r) => setTimeout(r, 5 + Math.floor(rnd() * 20)));
           }
           await new Promise((r) => setTimeout(r, Math.floor(rnd() * 4)));
         }
@@ -280,8 +283,9 @@ describe('disk sets', () => {
         writing = false;
       });
       const snaps: { snap: SetSnapshot; sentAt: number }[] = [];
-      while (writing && snaps.length < 6) {
-        await new Promise((r) => setTimeout(r, Math.floor(rnd() * 6)));
+      // Spread over the writers' whole run (a set snapshot takes a few ms, a commit far more).
+      while (writing && snaps.length < 12) {
+        await new Promise((r) => setTimeout(r, 20 + Math.floor(rnd() * 60)));
         const sentAt = performance.now();
         const res = await api<SetSnapshot>(srv.url, 'POST', `/v1/disk-sets/${set.id}/snapshots`);
         assert.equal(res.status, 201);
