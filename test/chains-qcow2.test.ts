@@ -8,18 +8,20 @@
  * deletes and merges (down merges and flattenings past a depth limit).
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { promisify } from 'node:util';
-import Database from 'better-sqlite3';
-import { api, createVdi, sha256Url } from './helpers/api.js';
-import { prng, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
-import { waitFor } from './helpers/wait.js';
+import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
+import {
+  assertQcow2Reads,
+  chainChecks,
+  changedBlocks,
+  layerFiles,
+  sha256,
+  spawnedSr,
+} from './helpers/chain-checks.js';
+import { prng, seededBytes, tempDir } from './helpers/server.js';
 
-const execFileP = promisify(execFile);
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const SIZE = 32 * MiB;
@@ -28,123 +30,36 @@ const DATA = 24 * MiB;
 const DEPTH = 3;
 
 type VdiJson = { id: string; generation: number; virtual_size: number; is_snapshot: boolean };
-type TaskJson = { status: string };
-
-const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
 /** `disk` with `blocks` seeded 64 KiB blocks rewritten: most with new data, some with zeros, some as they were. */
-function changed(disk: Buffer, seed: number, blocks: number): Buffer {
-  const out = Buffer.from(disk);
-  const rnd = prng(seed);
-  const fresh = seededBytes(blocks * BLOCK, seed);
-  for (let i = 0; i < blocks; i++) {
-    const at = Math.floor(rnd() * (out.length / BLOCK)) * BLOCK;
-    const r = rnd();
-    if (r < 0.15) out.fill(0, at, at + BLOCK);
-    else if (r < 0.9) fresh.copy(out, at, i * BLOCK, (i + 1) * BLOCK);
-  }
-  return out;
-}
+const changed = (disk: Buffer, seed: number, blocks: number) => changedBlocks(disk, seed, blocks, 0.15);
 
 describe('chains at rest (qcow2 SR)', () => {
-  let dataDir: string;
-  let srDir: string;
   let work: string;
-  let server: ServerProcess;
-  const args = ['--max-chain-depth', String(DEPTH)];
+  const sr = spawnedSr(['--max-chain-depth', String(DEPTH)]);
+  const {
+    importRaw,
+    snapshot,
+    remove,
+    mergeTasks,
+    fileOf,
+    srBytes,
+    assertReads,
+    layersMerged: mergesDone,
+  } = chainChecks(sr);
 
   before(async () => {
-    dataDir = await tempDir();
     work = await tempDir();
-    srDir = path.join(dataDir, 'srs', 'local');
-    server = await spawnServer(dataDir, args);
   });
   after(async () => {
-    await server.stop();
-    await fsp.rm(dataDir, { recursive: true, force: true });
     await fsp.rm(work, { recursive: true, force: true });
   });
 
-  const url = () => server.url;
-  const importRaw = async (id: string, body: Buffer) => {
-    const res = await fetch(`${url()}/v1/vdis/${id}/contents?format=raw`, {
-      method: 'PUT',
-      body: new Uint8Array(body),
-    });
-    assert.equal(res.status, 200, await res.text());
-  };
-  const snapshot = async (id: string) => {
-    const res = await api<VdiJson>(url(), 'POST', `/v1/vdis/${id}/snapshots`);
-    assert.equal(res.status, 201, JSON.stringify(res.body));
-    return res.body;
-  };
-  const remove = async (id: string) => {
-    assert.equal((await fetch(`${url()}/v1/vdis/${id}`, { method: 'DELETE' })).status, 204);
-  };
-  const readDb = <T>(fn: (db: Database.Database) => T): T => {
-    const db = new Database(path.join(dataDir, 'diskport.sqlite'), { readonly: true });
-    try {
-      return fn(db);
-    } finally {
-      db.close();
-    }
-  };
-  const fileOf = (id: string) =>
-    path.join(
-      srDir,
-      readDb(
-        (db) =>
-          (db.prepare('SELECT file_name FROM vdis WHERE id = ?').get(id) as { file_name: string }).file_name,
-      ),
-    );
-  /** Bytes allocated in the SR directory, each inode once. */
-  const srBytes = async () => {
-    const seen = new Set<number>();
-    let n = 0;
-    for (const name of await fsp.readdir(srDir)) {
-      // A commit unlinks the file it replaced after it answers.
-      const st = await fsp.stat(path.join(srDir, name)).catch(() => null);
-      if (!st?.isFile() || seen.has(st.ino)) continue;
-      seen.add(st.ino);
-      n += st.blocks * 512;
-    }
-    return n;
-  };
-  const mergesDone = () =>
-    waitFor(
-      'the merges to be done',
-      async () => {
-        const tasks = (await api<TaskJson[]>(url(), 'GET', '/v1/tasks?type=merge&limit=1000')).body;
-        if (tasks.some((t) => t.status === 'running' || t.status === 'pending')) return false;
-        return readDb((db) => {
-          const orphans = db
-            .prepare(
-              `SELECT COUNT(*) AS n FROM contents c WHERE NOT EXISTS (SELECT 1 FROM vdis v WHERE v.content_id = c.id)
-               AND (SELECT COUNT(*) FROM contents k WHERE k.parent = c.id) = 1`,
-            )
-            .get() as { n: number };
-          return orphans.n === 0;
-        });
-      },
-      { timeoutMs: 120_000, intervalMs: 50 },
-    );
+  const url = () => sr.url;
   /** qemu-img's view of a VDI's file: a clean image whose chain reads as `want`. Returns the chain's depth. */
   const assertQemu = async (id: string, want: Buffer, what: string): Promise<number> => {
     const file = fileOf(id);
-    try {
-      await execFileP('qemu-img', ['check', '-q', '-f', 'qcow2', file]);
-    } catch (err) {
-      const e = err as { stdout?: string; stderr?: string };
-      assert.fail(`${what}: qemu-img check of ${path.basename(file)}: ${e.stdout}${e.stderr}`);
-    }
-    const expected = path.join(work, 'expected.raw');
-    await fsp.writeFile(expected, want);
-    try {
-      await execFileP('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', file, expected]);
-    } catch (err) {
-      const e = err as { stdout?: string; stderr?: string };
-      assert.fail(`${what}: qemu-img compare of ${path.basename(file)}: ${e.stdout}${e.stderr}`);
-    }
+    await assertQcow2Reads(file, want, path.join(work, 'expected.raw'), what);
     const { stdout } = await execFileP('qemu-img', [
       'info',
       '--backing-chain',
@@ -156,21 +71,6 @@ describe('chains at rest (qcow2 SR)', () => {
     const chain = JSON.parse(stdout) as { format: string; 'backing-filename'?: string }[];
     for (const layer of chain) assert.equal(layer.format, 'qcow2', `${what}: every layer is qcow2`);
     return chain.length;
-  };
-  /** diskport's view: raw and qcow2 exports, a range, and the checksum. */
-  const assertReads = async (id: string, want: Buffer, what: string) => {
-    assert.equal(await sha256Url(`${url()}/v1/vdis/${id}/contents`), sha256(want), `${what}: its bytes`);
-    const at = 3 * MiB - 100;
-    const range = await fetch(`${url()}/v1/vdis/${id}/contents`, {
-      headers: { range: `bytes=${at}-${at + 2 * MiB}` },
-    });
-    assert.equal(range.status, 206);
-    assert.ok(
-      Buffer.from(await range.arrayBuffer()).equals(want.subarray(at, at + 2 * MiB + 1)),
-      `${what}: a range`,
-    );
-    const sum = await api<{ checksum: string }>(url(), 'GET', `/v1/vdis/${id}/checksum?algorithm=sha256`);
-    assert.equal(sum.body.checksum, sha256(want), `${what}: the checksum`);
   };
   const assertQcow2Export = async (id: string, want: Buffer, what: string) => {
     const res = await fetch(`${url()}/v1/vdis/${id}/contents?format=qcow2`);
@@ -237,17 +137,13 @@ describe('chains at rest (qcow2 SR)', () => {
     await assertQemu(vdi.id, live, 'the resized VDI');
 
     // kill -9 and a restart: every VDI and snapshot reads as before.
-    await server.stop('SIGKILL');
-    server = await spawnServer(dataDir, args);
+    await sr.server.stop('SIGKILL');
+    await sr.start();
     await mergesDone();
     for (const [id, want] of model) await assertReads(id, want, `${id} after a kill -9`);
     for (const id of model.keys()) await remove(id);
     await mergesDone();
-    assert.deepEqual(
-      (await fsp.readdir(srDir)).filter((n) => /\.g\d+\./.test(n)),
-      [],
-      'every layer file went with the last VDI needing it',
-    );
+    assert.deepEqual(await layerFiles(sr.srDir), [], 'every layer file went with the last VDI needing it');
   });
 
   // qemu-img judges every file after every step: longer than the default timeout on a loaded machine.
@@ -310,7 +206,7 @@ describe('chains at rest (qcow2 SR)', () => {
         assert.equal(await sha256Url(`${url()}/v1/vdis/${id}/contents`), sha256(want), what);
       }
     }
-    const merges = (await api<TaskJson[]>(url(), 'GET', '/v1/tasks?type=merge&limit=1000')).body;
+    const merges = await mergeTasks();
     assert.ok(merges.filter((t) => t.status === 'success').length > 0, 'merges ran');
     const kinds = new Set(steps);
     for (const k of ['snapshot', 'import', 'delete snapshot', 'clone'])

@@ -8,42 +8,23 @@
  * and diskport's own chain reader: every VDI and snapshot reads its bytes.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { after, before, describe, test } from 'node:test';
-import { promisify } from 'node:util';
-import Database from 'better-sqlite3';
-import { api, createVdi, sha256Url } from './helpers/api.js';
-import { prng, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
-import { waitFor } from './helpers/wait.js';
+import { describe, test } from 'node:test';
+import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
+import { chainChecks, changedBlocks, layerFiles, sha256, spawnedSr } from './helpers/chain-checks.js';
+import { seededBytes } from './helpers/server.js';
 
-const execFileP = promisify(execFile);
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const SIZE = 32 * MiB;
-const BLOCK = 64 * KiB;
 const VHD_BLOCK = 2 * MiB;
 const DEPTH = 3;
 
 type VdiJson = { id: string };
-type TaskJson = { status: string };
-
-const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
 /** `disk` with `blocks` seeded 64 KiB blocks rewritten, some with zeros. */
-function changed(disk: Buffer, seed: number, blocks: number): Buffer {
-  const out = Buffer.from(disk);
-  const rnd = prng(seed);
-  const fresh = seededBytes(blocks * BLOCK, seed);
-  for (let i = 0; i < blocks; i++) {
-    const at = Math.floor(rnd() * (out.length / BLOCK)) * BLOCK;
-    if (rnd() < 0.2) out.fill(0, at, at + BLOCK);
-    else fresh.copy(out, at, i * BLOCK, (i + 1) * BLOCK);
-  }
-  return out;
-}
+const changed = (disk: Buffer, seed: number, blocks: number) => changedBlocks(disk, seed, blocks, 0.2, 1);
 
 /** 2 MiB blocks where `a` and `b` differ. */
 function changedVhdBlocks(a: Buffer, b: Buffer): number {
@@ -55,37 +36,9 @@ function changedVhdBlocks(a: Buffer, b: Buffer): number {
 }
 
 describe('chains at rest (vhd SR)', () => {
-  let dataDir: string;
-  let srDir: string;
-  let server: ServerProcess;
-  const args = ['--max-chain-depth', String(DEPTH)];
-
-  before(async () => {
-    dataDir = await tempDir();
-    srDir = path.join(dataDir, 'srs', 'local');
-    server = await spawnServer(dataDir, args);
-  });
-  after(async () => {
-    await server.stop();
-    await fsp.rm(dataDir, { recursive: true, force: true });
-  });
-
-  const url = () => server.url;
-  const importRaw = async (id: string, body: Buffer) => {
-    const res = await fetch(`${url()}/v1/vdis/${id}/contents?format=raw`, {
-      method: 'PUT',
-      body: new Uint8Array(body),
-    });
-    assert.equal(res.status, 200, await res.text());
-  };
-  const readDb = <T>(fn: (db: Database.Database) => T): T => {
-    const db = new Database(path.join(dataDir, 'diskport.sqlite'), { readonly: true });
-    try {
-      return fn(db);
-    } finally {
-      db.close();
-    }
-  };
+  const sr = spawnedSr(['--max-chain-depth', String(DEPTH)]);
+  const { importRaw, remove, mergeTasks, readDb, srBytes, layersMerged: mergesDone } = chainChecks(sr);
+  const url = () => sr.url;
   const rowOf = (id: string) =>
     readDb(
       (db) =>
@@ -103,39 +56,10 @@ describe('chains at rest (vhd SR)', () => {
             | undefined
         )?.parent ?? null,
     );
-  const mergesDone = () =>
-    waitFor(
-      'the merges to be done',
-      async () => {
-        const tasks = (await api<TaskJson[]>(url(), 'GET', '/v1/tasks?type=merge&limit=1000')).body;
-        if (tasks.some((t) => t.status === 'running' || t.status === 'pending')) return false;
-        return readDb((db) => {
-          const orphans = db
-            .prepare(
-              `SELECT COUNT(*) AS n FROM contents c WHERE NOT EXISTS (SELECT 1 FROM vdis v WHERE v.content_id = c.id)
-               AND (SELECT COUNT(*) FROM contents k WHERE k.parent = c.id) = 1`,
-            )
-            .get() as { n: number };
-          return orphans.n === 0;
-        });
-      },
-      { timeoutMs: 120_000, intervalMs: 50 },
-    );
-  const srBytes = async () => {
-    const seen = new Set<number>();
-    let n = 0;
-    for (const name of await fsp.readdir(srDir)) {
-      const st = await fsp.stat(path.join(srDir, name)).catch(() => null);
-      if (!st?.isFile() || seen.has(st.ino)) continue;
-      seen.add(st.ino);
-      n += st.blocks * 512;
-    }
-    return n;
-  };
   /** qemu-img's view of a VDI's file, and its header: a differencing VHD naming its parent's file. */
   const assertVhdFile = async (id: string, what: string): Promise<number> => {
     const row = rowOf(id);
-    const file = path.join(srDir, row.file_name);
+    const file = path.join(sr.srDir, row.file_name);
     const { stdout } = await execFileP('qemu-img', ['info', '--output=json', '-f', 'vpc', file]);
     const info = JSON.parse(stdout) as { format: string; 'virtual-size': number };
     assert.equal(info.format, 'vpc', `${what}: qemu-img info`);
@@ -146,14 +70,14 @@ describe('chains at rest (vhd SR)', () => {
     let depth = 1;
     for (let content = row.content_id, name = row.file_name; ; depth++) {
       const parent = parentOf(content);
-      const head = await fsp.readFile(path.join(srDir, name));
+      const head = await fsp.readFile(path.join(sr.srDir, name));
       const diskType = head.readUInt32BE(60);
       if (parent === null) {
         assert.equal(diskType, 3, `${what}: the base is a dynamic VHD`);
         return depth;
       }
       assert.equal(diskType, 4, `${what}: layer ${name} is a differencing VHD`);
-      const parentFile = await fsp.readFile(path.join(srDir, parent));
+      const parentFile = await fsp.readFile(path.join(sr.srDir, parent));
       // Dynamic header at 512: parent unique id at 40, parent name (UTF-16BE) at 64.
       assert.ok(
         head.subarray(512 + 40, 512 + 56).equals(parentFile.subarray(68, 84)),
@@ -217,12 +141,12 @@ describe('chains at rest (vhd SR)', () => {
     for (const [id, want] of model) {
       await assertVhdFile(id, id);
       assert.equal(await sha256Url(`${url()}/v1/vdis/${id}/contents`), sha256(want), `${id}: raw export`);
-      const vhd = path.join(dataDir, 'export.vhd');
+      const vhd = path.join(sr.dataDir, 'export.vhd');
       await fsp.writeFile(
         vhd,
         Buffer.from(await (await fetch(`${url()}/v1/vdis/${id}/contents?format=vhd`)).arrayBuffer()),
       );
-      const raw = path.join(dataDir, 'export.raw');
+      const raw = path.join(sr.dataDir, 'export.raw');
       await execFileP('qemu-img', ['convert', '-f', 'vpc', '-O', 'raw', vhd, raw]);
       assert.equal(
         sha256((await fsp.readFile(raw)).subarray(0, SIZE)),
@@ -234,7 +158,7 @@ describe('chains at rest (vhd SR)', () => {
     // Deleting snapshots merges their layers (rewritten); every other disk reads its bytes.
     const ids = [...model.keys()].filter((id) => id !== vdi.id);
     for (const id of [ids[1], ids[0], ids[3]]) {
-      assert.equal((await fetch(`${url()}/v1/vdis/${id}`, { method: 'DELETE' })).status, 204);
+      await remove(id);
       model.delete(id);
       await mergesDone();
       for (const [other, want] of model) {
@@ -246,21 +170,17 @@ describe('chains at rest (vhd SR)', () => {
         );
       }
     }
-    await server.stop('SIGKILL');
-    server = await spawnServer(dataDir, args);
+    await sr.server.stop('SIGKILL');
+    await sr.start();
     await mergesDone();
     for (const [id, want] of model) {
       assert.equal(await sha256Url(`${url()}/v1/vdis/${id}/contents`), sha256(want), `${id} after a kill -9`);
     }
-    const merges = (await api<TaskJson[]>(url(), 'GET', '/v1/tasks?type=merge&limit=1000')).body;
+    const merges = await mergeTasks();
     assert.ok(merges.filter((t) => t.status === 'success').length >= 2, 'vhd layers were merged');
     for (const id of model.keys()) {
-      assert.equal((await fetch(`${url()}/v1/vdis/${id}`, { method: 'DELETE' })).status, 204);
+      await remove(id);
     }
-    assert.deepEqual(
-      (await fsp.readdir(srDir)).filter((n) => /\.g\d+\./.test(n)),
-      [],
-      'every layer file went with the last VDI needing it',
-    );
+    assert.deepEqual(await layerFiles(sr.srDir), [], 'every layer file went with the last VDI needing it');
   });
 });

@@ -6,12 +6,12 @@
  * extents and checksums, across deletes, clones, resizes and a kill -9.
  */
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { api, createVdi, sha256Url } from './helpers/api.js';
-import { prng, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
+import { chainChecks, layerFiles, sha256, spawnedSr } from './helpers/chain-checks.js';
+import { prng, seededBytes } from './helpers/server.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -21,8 +21,6 @@ const DATA = 24 * MiB;
 
 type VdiJson = { id: string; generation: number; virtual_size: number; is_snapshot: boolean };
 type TransferJson = { id: string; url: string; token: string };
-
-const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
 /** `disk` with a few scattered 64 KiB-aligned writes (and one zeroed block) from `seed`. */
 function scattered(disk: Buffer, seed: number, writes = 4): Buffer {
@@ -37,28 +35,10 @@ function scattered(disk: Buffer, seed: number, writes = 4): Buffer {
 }
 
 describe('chains at rest (raw SR)', () => {
-  let dataDir: string;
-  let srDir: string;
-  let server: ServerProcess;
-
-  before(async () => {
-    dataDir = await tempDir();
-    srDir = path.join(dataDir, 'srs', 'local');
-    server = await spawnServer(dataDir);
-  });
-  after(async () => {
-    await server.stop();
-    await fsp.rm(dataDir, { recursive: true, force: true });
-  });
-
-  const url = () => server.url;
-  const importRaw = async (id: string, body: Buffer) => {
-    const res = await fetch(`${url()}/v1/vdis/${id}/contents?format=raw`, {
-      method: 'PUT',
-      body: new Uint8Array(body),
-    });
-    assert.equal(res.status, 200, await res.text());
-  };
+  const sr = spawnedSr();
+  const checks = chainChecks(sr);
+  const { importRaw, snapshot, remove, srBytes } = checks;
+  const url = () => sr.url;
   const importBySession = async (id: string, body: Buffer) => {
     const t = (
       await api<TransferJson>(url(), 'POST', '/v1/transfers', {
@@ -91,39 +71,10 @@ describe('chains at rest (raw SR)', () => {
     });
     assert.ok(res.ok, await res.text());
   };
-  const snapshot = async (id: string) => {
-    const res = await api<VdiJson>(url(), 'POST', `/v1/vdis/${id}/snapshots`);
-    assert.equal(res.status, 201, JSON.stringify(res.body));
-    return res.body;
-  };
-  const remove = async (id: string) => {
-    assert.equal((await fetch(`${url()}/v1/vdis/${id}`, { method: 'DELETE' })).status, 204);
-  };
   const shaOf = (id: string) => sha256Url(`${url()}/v1/vdis/${id}/contents`);
-  /** Bytes allocated in the SR directory, each inode once. */
-  const srBytes = async () => {
-    const seen = new Set<number>();
-    let n = 0;
-    for (const name of await fsp.readdir(srDir)) {
-      const st = await fsp.stat(path.join(srDir, name));
-      if (!st.isFile() || seen.has(st.ino)) continue;
-      seen.add(st.ino);
-      n += st.blocks * 512;
-    }
-    return n;
-  };
   /** Every byte, a ranged read, the extents and the checksum of a VDI against the model. */
   const assertReads = async (id: string, want: Buffer, what: string) => {
-    assert.equal(await shaOf(id), sha256(want), `${what}: its bytes`);
-    const at = 3 * MiB - 100;
-    const range = await fetch(`${url()}/v1/vdis/${id}/contents`, {
-      headers: { range: `bytes=${at}-${at + 2 * MiB}` },
-    });
-    assert.equal(range.status, 206);
-    assert.ok(
-      Buffer.from(await range.arrayBuffer()).equals(want.subarray(at, at + 2 * MiB + 1)),
-      `${what}: a range`,
-    );
+    await checks.assertReads(id, want, what);
     const extents = (
       await api<{ start: number; length: number; zero: boolean }[]>(url(), 'GET', `/v1/vdis/${id}/extents`)
     ).body;
@@ -133,8 +84,6 @@ describe('chains at rest (raw SR)', () => {
         `${what}: zero extent at ${e.start}`,
       );
     }
-    const sum = await api<{ checksum: string }>(url(), 'GET', `/v1/vdis/${id}/checksum?algorithm=sha256`);
-    assert.equal(sum.body.checksum, sha256(want), `${what}: the checksum`);
   };
 
   test('after a snapshot, imports by every path cost the changed blocks, not the disk; every snapshot reads its own', async () => {
@@ -186,8 +135,8 @@ describe('chains at rest (raw SR)', () => {
     await assertReads(vdi.id, live, 'the resized VDI');
 
     // kill -9, restart: every VDI and snapshot reads as before.
-    await server.stop('SIGKILL');
-    server = await spawnServer(dataDir);
+    await sr.server.stop('SIGKILL');
+    await sr.start();
     for (const [id, want] of model) await assertReads(id, want, `${id} after a kill -9`);
 
     // Deletes in any order: the rest read on; at the end nothing is left.
@@ -202,11 +151,7 @@ describe('chains at rest (raw SR)', () => {
       for (const [other, want] of model)
         assert.equal(await shaOf(other), sha256(want), `${other} after deleting ${id}`);
     }
-    assert.deepEqual(
-      (await fsp.readdir(srDir)).filter((n) => /\.g\d+\./.test(n)),
-      [],
-      'every layer file went with the last VDI needing it',
-    );
+    assert.deepEqual(await layerFiles(sr.srDir), [], 'every layer file went with the last VDI needing it');
   });
 
   test('a VDI without snapshots stays one flat file per commit', async () => {
@@ -216,9 +161,9 @@ describe('chains at rest (raw SR)', () => {
     await importRaw(vdi.id, data);
     await importRaw(vdi.id, scattered(data, 3));
     const v = (await api<VdiJson>(url(), 'GET', `/v1/vdis/${vdi.id}`)).body;
-    const files = (await fsp.readdir(srDir)).filter((n) => n.startsWith(vdi.id) && n.endsWith('.raw'));
+    const files = (await fsp.readdir(sr.srDir)).filter((n) => n.startsWith(vdi.id) && n.endsWith('.raw'));
     assert.deepEqual(files, [`${vdi.id}.g${v.generation}.raw`]);
-    const st = await fsp.stat(path.join(srDir, files[0]));
+    const st = await fsp.stat(path.join(sr.srDir, files[0]));
     assert.ok(st.blocks * 512 >= DATA - 64 * KiB, 'the whole disk is in its one file');
     await remove(vdi.id);
   });

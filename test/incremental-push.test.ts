@@ -171,13 +171,26 @@ describe('incremental push: only what changed crosses the wire', () => {
     return disk;
   }
 
-  test('full first, then only the changed blocks, three rounds: the target equals the source each time, one snapshot per side', async (t) => {
+  /** A source VDI on the sender holding `initialDisk()`, and an empty target of its size on the receiver. */
+  const sourceAndTarget = async (label = 'replica') => {
     const disk = initialDisk();
     const source = (await createVdi(a.url, SIZE)).id;
     await putDisk(a.url, source, disk);
     const target = (
-      await api<Vdi>(b.url, 'POST', '/v1/vdis', { name_label: 'replica', virtual_size: SIZE }, AUTH)
+      await api<Vdi>(b.url, 'POST', '/v1/vdis', { name_label: label, virtual_size: SIZE }, AUTH)
     ).body.id;
+    return { disk, source, target };
+  };
+  const assertTargetEqualsSource = async (source: string, target: string, what?: string) =>
+    assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source), what);
+  /** Each side keeps exactly its snapshot of the pair `result` names (none without one). */
+  const assertPairKept = async (source: string, target: string, result: Record<string, unknown> | null) => {
+    assert.deepEqual(await snapshotsOf(a.url, source), result ? [result.source_snapshot] : []);
+    assert.deepEqual(await snapshotsOf(b.url, target, AUTH), result ? [result.target_snapshot] : []);
+  };
+
+  test('full first, then only the changed blocks, three rounds: the target equals the source each time, one snapshot per side', async (t) => {
+    const { disk, source, target } = await sourceAndTarget();
 
     const first = await push(source, target);
     t.diagnostic(`the first push sent ${first.bytes_sent} bytes for 13 MiB of data`);
@@ -190,9 +203,8 @@ describe('incremental push: only what changed crosses the wire', () => {
       `the full push sent ${first.bytes_sent} bytes for 13 MiB of data`,
     );
     assert.equal((await received(first.remote_transfer)).bytes_received >= first.bytes_sent, true);
-    assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source));
-    assert.deepEqual(await snapshotsOf(a.url, source), [first.source_snapshot]);
-    assert.deepEqual(await snapshotsOf(b.url, target, AUTH), [first.target_snapshot]);
+    await assertTargetEqualsSource(source, target);
+    await assertPairKept(source, target, first);
     assert.equal((await received(first.remote_transfer)).snapshot, first.target_snapshot);
 
     const rounds: [string, (d: Buffer) => void][] = [
@@ -230,10 +242,9 @@ describe('incremental push: only what changed crosses the wire', () => {
         `${what}: ${r.bytes_sent} bytes sent for ${changed} bytes of changed blocks`,
       );
       assert.equal((await received(r.remote_transfer)).bytes_received, r.bytes_sent);
-      assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source), what);
+      await assertTargetEqualsSource(source, target, what);
       // The previous pair is retired on both sides.
-      assert.deepEqual(await snapshotsOf(a.url, source), [r.source_snapshot]);
-      assert.deepEqual(await snapshotsOf(b.url, target, AUTH), [r.target_snapshot]);
+      await assertPairKept(source, target, r);
       assert.equal((await api(a.url, 'GET', `/v1/vdis/${previous.source_snapshot}`)).status, 404);
       previous = r;
     }
@@ -243,16 +254,11 @@ describe('incremental push: only what changed crosses the wire', () => {
     t.diagnostic(`no change: ${idle.bytes_sent} bytes sent`);
     assert.equal(idle.mode, 'delta');
     assert.ok(idle.bytes_sent <= 512 * KiB, `${idle.bytes_sent} bytes sent for no change`);
-    assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source));
+    await assertTargetEqualsSource(source, target);
   });
 
   test('a target changed behind the pushes falls back to a full push, said in the result; the next one is a delta again', async () => {
-    const disk = initialDisk();
-    const source = (await createVdi(a.url, SIZE)).id;
-    await putDisk(a.url, source, disk);
-    const target = (
-      await api<Vdi>(b.url, 'POST', '/v1/vdis', { name_label: 'replica', virtual_size: SIZE }, AUTH)
-    ).body.id;
+    const { disk, source, target } = await sourceAndTarget();
     const first = await push(source, target);
     assert.equal(first.mode, 'full');
 
@@ -266,7 +272,7 @@ describe('incremental push: only what changed crosses the wire', () => {
     assert.equal(r.mode, 'full', JSON.stringify(r));
     assert.match(String(r.fallback), /changed since snapshot/);
     assert.match(String(r.fallback), new RegExp(String(first.target_snapshot)));
-    assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source));
+    await assertTargetEqualsSource(source, target);
     assert.deepEqual(await snapshotsOf(b.url, target, AUTH), [r.target_snapshot]);
 
     // The source's snapshot of the pair deleted by hand: full again, and said so.
@@ -280,16 +286,11 @@ describe('incremental push: only what changed crosses the wire', () => {
     const next = await push(source, target);
     assert.equal(next.mode, 'delta');
     assert.equal(next.fallback, null);
-    assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source));
+    await assertTargetEqualsSource(source, target);
   });
 
   test('without incremental: the live VDI is pushed whole, data only, and no snapshot is kept on either side', async () => {
-    const disk = initialDisk();
-    const source = (await createVdi(a.url, SIZE)).id;
-    await putDisk(a.url, source, disk);
-    const target = (
-      await api<Vdi>(b.url, 'POST', '/v1/vdis', { name_label: 'copy', virtual_size: SIZE }, AUTH)
-    ).body.id;
+    const { source, target } = await sourceAndTarget('copy');
     const res = await api<Task>(a.url, 'POST', `/v1/vdis/${source}/push`, {
       target: { server: b.url, vdi: target, token: TOKEN },
     });
@@ -298,20 +299,14 @@ describe('incremental push: only what changed crosses the wire', () => {
     assert.equal(task.status, 'success', JSON.stringify(task));
     assert.equal(task.result?.incremental, false);
     assert.ok((task.result?.bytes_sent as number) <= 13 * MiB);
-    assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source));
-    assert.deepEqual(await snapshotsOf(a.url, source), []);
-    assert.deepEqual(await snapshotsOf(b.url, target, AUTH), []);
+    await assertTargetEqualsSource(source, target);
+    await assertPairKept(source, target, null);
   });
 
   test('a kill -9 of the sender mid-delta resumes after its restart; a second push meanwhile is 409 PUSH_IN_PROGRESS', async () => {
     const proxy = await holdingProxy(new URL(b.url));
     try {
-      const disk = initialDisk();
-      const source = (await createVdi(a.url, SIZE)).id;
-      await putDisk(a.url, source, disk);
-      const target = (
-        await api<Vdi>(b.url, 'POST', '/v1/vdis', { name_label: 'replica', virtual_size: SIZE }, AUTH)
-      ).body.id;
+      const { disk, source, target } = await sourceAndTarget();
       const first = await waitTask((await startPush(source, target, proxy.url)).id);
       assert.equal(first.status, 'success', JSON.stringify(first));
 
@@ -333,9 +328,8 @@ describe('incremental push: only what changed crosses the wire', () => {
       const task = await waitTask(started.id);
       assert.equal(task.status, 'success', JSON.stringify(task));
       assert.equal(task.result?.mode, 'delta');
-      assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source));
-      assert.deepEqual(await snapshotsOf(a.url, source), [task.result?.source_snapshot]);
-      assert.deepEqual(await snapshotsOf(b.url, target, AUTH), [task.result?.target_snapshot]);
+      await assertTargetEqualsSource(source, target);
+      await assertPairKept(source, target, task.result);
 
       // A push cancelled mid-way: the receiver's session is cancelled (the target is free), the
       // pair stays, and the next push is a delta over it that deletes the cancelled one's snapshot.
@@ -364,9 +358,8 @@ describe('incremental push: only what changed crosses the wire', () => {
       assert.equal(next.status, 'success', JSON.stringify(next));
       assert.equal(next.result?.mode, 'delta');
       assert.equal(next.result?.base, task.result?.source_snapshot);
-      assert.equal(await checksum(b.url, target, AUTH), await checksum(a.url, source));
-      assert.deepEqual(await snapshotsOf(a.url, source), [next.result?.source_snapshot]);
-      assert.deepEqual(await snapshotsOf(b.url, target, AUTH), [next.result?.target_snapshot]);
+      await assertTargetEqualsSource(source, target);
+      await assertPairKept(source, target, next.result);
     } finally {
       await proxy.close();
     }

@@ -6,12 +6,12 @@
  * snapshot) included, and imports arriving meanwhile.
  */
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { api, createVdi, sha256Url } from './helpers/api.js';
+import { api, createVdi } from './helpers/api.js';
+import { chainChecks, sha256 } from './helpers/chain-checks.js';
 import { prng, seededBytes, startServer, type TestServer } from './helpers/server.js';
 import { waitFor } from './helpers/wait.js';
 
@@ -20,7 +20,6 @@ const MiB = 1024 * KiB;
 const SIZE = 16 * MiB;
 const LIMIT = 4;
 
-type VdiJson = { id: string; is_snapshot: boolean };
 type TaskJson = {
   id: string;
   type: string;
@@ -30,8 +29,6 @@ type TaskJson = {
   result: Record<string, unknown> | null;
   error: { code: string; message: string } | null;
 };
-
-const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
 /** `disk` with `writes` scattered 64 KiB-aligned writes and one zeroed block, from `seed`. */
 function scattered(disk: Buffer, seed: number, writes = 6): Buffer {
@@ -60,26 +57,17 @@ describe('merges of raw chains at rest', () => {
     await fsp.rm(server.dataDir, { recursive: true, force: true });
   });
 
-  const importRaw = async (id: string, body: Buffer) => {
-    const res = await fetch(`${url()}/v1/vdis/${id}/contents?format=raw`, {
-      method: 'PUT',
-      body: new Uint8Array(body),
-    });
-    assert.equal(res.status, 200, await res.text());
-  };
-  const snapshot = async (id: string) => {
-    const res = await api<VdiJson>(url(), 'POST', `/v1/vdis/${id}/snapshots`);
-    assert.equal(res.status, 201, JSON.stringify(res.body));
-    return res.body;
-  };
-  const remove = async (id: string) => {
-    assert.equal((await fetch(`${url()}/v1/vdis/${id}`, { method: 'DELETE' })).status, 204);
-  };
-  const assertModel = async (model: Map<string, Buffer>, what: string) => {
-    for (const [id, want] of model) {
-      assert.equal(await sha256Url(`${url()}/v1/vdis/${id}/contents`), sha256(want), `${what}: ${id}`);
-    }
-  };
+  const { importRaw, snapshot, remove, assertModel } = chainChecks({
+    get url() {
+      return server.url;
+    },
+    get dataDir() {
+      return server.dataDir;
+    },
+    get srDir() {
+      return srDir;
+    },
+  });
   const mergeTasks = async () =>
     (await api<TaskJson[]>(url(), 'GET', '/v1/tasks?type=merge&limit=1000')).body;
   /** Layers a VDI reads through (1: a flat file), from the metadata store. */
