@@ -66,8 +66,6 @@ export class Qcow2Patch {
     private readonly head: Buffer,
     private virtualSize: number,
     private l1Offset: number,
-    /** Entries the L1 table's clusters have room for. */
-    private l1Capacity: number,
     l1: Float64Array,
     fileSize: number,
   ) {
@@ -102,7 +100,6 @@ export class Qcow2Patch {
         head,
         virtualSize,
         C,
-        (l1Clusters * C) / 8,
         new Float64Array(l1Entries),
         C * (1 + l1Clusters),
       );
@@ -136,9 +133,7 @@ export class Qcow2Patch {
       const l1 = new Float64Array(l1Entries);
       for (let i = 0; i < l1Entries; i++)
         l1[i] = descriptorOffset(raw.readUInt32BE(i * 8), raw.readUInt32BE(i * 8 + 4));
-      // Our layouts give the L1 table whole clusters.
-      const capacity = Math.max(1, Math.ceil((l1Entries * 8) / C)) * L2_ENTRIES;
-      return new Qcow2Patch(handle, head, virtualSize, l1Offset, capacity, l1, fileSize);
+      return new Qcow2Patch(handle, head, virtualSize, l1Offset, l1, fileSize);
     } catch (err) {
       await handle.close();
       throw err;
@@ -216,22 +211,22 @@ export class Qcow2Patch {
     const h = this.handle;
     if (!this.changed) return this.rename(opts.backing);
     await h.datasync();
+    // Copy on write: every changed L2 table and the L1 table go to new
+    // clusters, so until the last step (the first sector) the header in force
+    // reads the tables it always read, whose clusters its refcounts count. A
+    // table rewritten in place would point at clusters the old refcounts say
+    // are free: a crash before the switch would leave a corrupt image.
     for (const [index, table] of this.tables) {
       if (!table.dirty) continue;
-      if (table.offset === 0) {
-        table.offset = this.end;
-        this.end += C;
-        this.l1[index] = table.offset;
-      }
+      table.offset = this.end;
+      this.end += C;
+      this.l1[index] = table.offset;
       await writeFully(h, table.entries, 0, C, table.offset);
       table.dirty = false;
     }
-    if (this.l1.length > this.l1Capacity) {
-      const clusters = Math.ceil((this.l1.length * 8) / C);
-      this.l1Offset = this.end;
-      this.l1Capacity = clusters * L2_ENTRIES;
-      this.end += clusters * C;
-    }
+    const l1Clusters = Math.max(1, Math.ceil((this.l1.length * 8) / C));
+    this.l1Offset = this.end;
+    this.end += l1Clusters * C;
     const l1 = Buffer.alloc(Math.ceil((this.l1.length * 8) / C) * C);
     for (let i = 0; i < this.l1.length; i++) if (this.l1[i] > 0) writeU64(l1, i * 8, this.l1[i], HI_COPIED);
     await writeFully(h, l1, 0, l1.length, this.l1Offset);
