@@ -9,8 +9,8 @@ import { randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import Database from 'better-sqlite3';
 import { api, createVdi, curl, execFileP } from './helpers/api.js';
+import { execSqlAt } from './helpers/pg.js';
 import { type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 import { waitFor } from './helpers/wait.js';
 
@@ -140,12 +140,10 @@ describe('ovirt-imageio tickets across a kill -9, and on a Unix socket', () => {
     );
     await server.stop('SIGKILL');
     // What the kill left: the session recorded as finalizing, the ticket still installed.
-    const db = new Database(path.join(dataDir, 'diskport.sqlite'));
-    try {
-      db.prepare("UPDATE transfers SET state = 'finalizing' WHERE id = ?").run(status.body.diskport.transfer);
-    } finally {
-      db.close();
-    }
+    execSqlAt(
+      dataDir,
+      `UPDATE transfers SET state = 'finalizing' WHERE id = '${status.body.diskport.transfer}'`,
+    );
     server = await spawnServer(dataDir, ['--imageio-socket', socketPath]);
     const fin = await api<{ status: string }>(
       server.url,

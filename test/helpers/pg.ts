@@ -7,6 +7,8 @@
  */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import path from 'node:path';
+import Database from 'better-sqlite3';
 
 export const TEST_DATABASE_URL = process.env.DISKPORT_TEST_DATABASE_URL || undefined;
 
@@ -46,3 +48,21 @@ process.on('exit', () => {
     // left for the next run's DROP … IF EXISTS, or the cluster's end
   }
 });
+
+/**
+ * Runs `sql` on the metadata of the (stopped) server on `dataDir`, wherever
+ * it is kept: to leave what a crash at a chosen instant would have left.
+ */
+export function execSqlAt(dataDir: string, sql: string): void {
+  const url = databaseUrlFor(dataDir);
+  if (url) {
+    psql(url, sql);
+    return;
+  }
+  const db = new Database(path.join(dataDir, 'diskport.sqlite'));
+  try {
+    db.exec(sql);
+  } finally {
+    db.close();
+  }
+}
