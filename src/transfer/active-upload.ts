@@ -247,10 +247,7 @@ export class ActiveUploads {
         limit: expected,
         tooLarge: (n: number) =>
           range
-            ? new ApiError(
-                'CHUNK_TOO_LONG',
-                `the body is longer than its Content-Range bytes ${range.start}-${range.end} (${n} bytes or more)`,
-              )
+            ? chunkTooLong(range, n)
             : new ApiError(
                 'TOO_LARGE',
                 `upload is larger than ${total !== null ? `the declared ${total} bytes` : `the VDI allows (${formatBytes(limit)})`}`,
@@ -286,11 +283,7 @@ export class ActiveUploads {
       }
       if (range && received < expected && !chunk.partial) {
         await record(start + received);
-        throw new ApiError(
-          'CHUNK_INCOMPLETE',
-          `the body ended after ${received} of the ${expected} bytes of its Content-Range; the bytes that arrived were kept, send the rest`,
-          { received },
-        );
+        throw chunkIncomplete(received, expected);
       }
       if (!range && total === null) await this.learnTotal(live, received, vdi, received);
       await record(start + received);
@@ -338,12 +331,7 @@ export class ActiveUploads {
       const handle = await this.handleOf(live);
       chunk.beforeBody?.();
       const got = await readSmallBody(body, range.end - start + 1, [live.task.signal, superseded.signal]);
-      if (got.tooLong) {
-        throw new ApiError(
-          'CHUNK_TOO_LONG',
-          `the body is longer than its Content-Range bytes ${range.start}-${range.end} (${got.tooLong} bytes or more)`,
-        );
-      }
+      if (got.tooLong) throw chunkTooLong(range, got.tooLong);
       const end = start + got.received;
       if (end > start) {
         await landBuffer(handle, got.buf, got.received, start, {
@@ -363,11 +351,7 @@ export class ActiveUploads {
       }
       if (got.error) throw got.error;
       if (end <= range.end) {
-        throw new ApiError(
-          'CHUNK_INCOMPLETE',
-          `the body ended after ${got.received} of the ${range.end - start + 1} bytes of its Content-Range; the bytes that arrived were kept, send the rest`,
-          { received: got.received },
-        );
+        throw chunkIncomplete(got.received, range.end - start + 1);
       }
       return t;
     } finally {
@@ -613,4 +597,19 @@ function feedFrom(digests: StreamedDigests, start: number): (chunk: Buffer) => v
     digests.feed(chunk, at);
     at += chunk.length;
   };
+}
+
+function chunkTooLong(range: { start: number; end: number }, atLeast: number): ApiError {
+  return new ApiError(
+    'CHUNK_TOO_LONG',
+    `the body is longer than its Content-Range bytes ${range.start}-${range.end} (${atLeast} bytes or more)`,
+  );
+}
+
+function chunkIncomplete(received: number, expected: number): ApiError {
+  return new ApiError(
+    'CHUNK_INCOMPLETE',
+    `the body ended after ${received} of the ${expected} bytes of its Content-Range; the bytes that arrived were kept, send the rest`,
+    { received },
+  );
 }
