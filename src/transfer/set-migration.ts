@@ -211,11 +211,7 @@ export class SetMigrations {
 
       // The full copy (round 0) from one consistent snapshot, then rounds of changed blocks.
       while (!p.synced) {
-        if (!p.target) {
-          p.target = this.snapshot(copies, p);
-          r.save();
-        }
-        const target = p.target;
+        const target = p.target ?? this.snapshot(copies, r);
         for (const d of copies) {
           const snap = target[d.vdi];
           if (d.holds === snap) continue;
@@ -378,15 +374,24 @@ export class SetMigrations {
     this.s.tasks.persistProgress(r.parent.record);
   }
 
-  /** Snapshots of the copied disks at one instant: source VDI id → snapshot id. */
-  private snapshot(copies: DiskProgress[], p: MigrationProgress): Record<string, string> {
-    const made = this.s.snapshots.snapshotAll(
+  /**
+   * Snapshots of the copied disks at one instant, journaled as the round's
+   * target in the same transaction that makes them: a kill right after
+   * cannot leave snapshots the journal does not name (nothing would remove them).
+   */
+  private snapshot(copies: DiskProgress[], r: Run): Record<string, string> {
+    const { p } = r;
+    return this.s.snapshots.snapshotAll(
       copies.map((d) => d.vdi),
       { name_label: 'set migration', name_description: 'taken by a set migration; removed when it ends' },
-      (v) => v,
+      (made) => {
+        p.taken.push(...made.map((v) => v.id));
+        const target = Object.fromEntries(made.map((v) => [v.snapshot_of as string, v.id]));
+        p.target = target;
+        r.save();
+        return target;
+      },
     );
-    p.taken.push(...made.map((v) => v.id));
-    return Object.fromEntries(made.map((v) => [v.snapshot_of as string, v.id]));
   }
 
   /** The data of a snapshot: its allocated, non-zero extents. */
