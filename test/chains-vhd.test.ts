@@ -37,25 +37,16 @@ function changedVhdBlocks(a: Buffer, b: Buffer): number {
 
 describe('chains at rest (vhd SR)', () => {
   const sr = spawnedSr(['--max-chain-depth', String(DEPTH)]);
-  const { importRaw, remove, mergeTasks, readDb, srBytes, layersMerged: mergesDone } = chainChecks(sr);
+  const { importRaw, remove, mergeTasks, query, srBytes, layersMerged: mergesDone } = chainChecks(sr);
   const url = () => sr.url;
   const rowOf = (id: string) =>
-    readDb(
-      (db) =>
-        db.prepare('SELECT file_name, content_id FROM vdis WHERE id = ?').get(id) as {
-          file_name: string;
-          content_id: string;
-        },
-    );
+    query<{ file_name: string; content_id: string }>(
+      'SELECT file_name, content_id FROM vdis WHERE id = ?',
+      id,
+    )[0];
   const parentOf = (contentId: string) =>
-    readDb(
-      (db) =>
-        (
-          db.prepare('SELECT parent FROM contents WHERE id = ?').get(contentId) as
-            | { parent: string | null }
-            | undefined
-        )?.parent ?? null,
-    );
+    query<{ parent: string | null }>('SELECT parent FROM contents WHERE id = ?', contentId)[0]?.parent ??
+    null;
   /** qemu-img's view of a VDI's file, and its header: a differencing VHD naming its parent's file. */
   const assertVhdFile = async (id: string, what: string): Promise<number> => {
     const row = rowOf(id);

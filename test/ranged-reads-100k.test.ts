@@ -1,8 +1,8 @@
 /**
  * A read of part of a disk is not a task (issue 16): 100,000 ranged GETs of
  * a VDI's raw, vhd and qcow2 exports, on keep-alive connections of a real
- * server process, leave no task row and do not grow the database file or its
- * WAL; they show only in /metrics. Each answer is checked against the bytes
+ * server process, leave no task row, change no row of the metadata and do not
+ * grow SQLite's file or its WAL; they show only in /metrics. Each answer is checked against the bytes
  * its range names.
  */
 import assert from 'node:assert/strict';
@@ -12,6 +12,7 @@ import { after, before, describe, test } from 'node:test';
 import { Pool } from 'undici';
 import { api, createVdi } from './helpers/api.js';
 import { sample, scrape } from './helpers/metrics.js';
+import { storeRows } from './helpers/pg.js';
 import { type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -78,6 +79,7 @@ describe('100,000 ranged GETs', () => {
     const metricsBefore = await scrape(server.url);
     const tasksBefore = await taskCount();
     const dbBefore = await dbFiles();
+    const rowsBefore = storeRows(dataDir);
 
     const pool = new Pool(server.url, { connections: 4, pipelining: 8 });
     const started = Date.now();
@@ -115,6 +117,7 @@ describe('100,000 ranged GETs', () => {
 
     assert.equal(await taskCount(), tasksBefore, 'no task row');
     assert.deepEqual(await dbFiles(), dbBefore, 'the database file and its WAL did not grow');
+    assert.equal(storeRows(dataDir), rowsBefore, 'no row of the metadata changed');
     const metricsAfter = await scrape(server.url);
     for (const format of FORMATS) {
       const counted =

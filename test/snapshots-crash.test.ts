@@ -11,8 +11,8 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import Database from 'better-sqlite3';
 import { api, createVdi, sha256Url } from './helpers/api.js';
+import { queryAt } from './helpers/pg.js';
 import { prng, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -70,24 +70,15 @@ describe('snapshots across restarts and kill -9', () => {
    * about to be freed while a row still needs it).
    */
   async function assertFilesMatchRows(vdis: VdiJson[]): Promise<void> {
-    const db = new Database(path.join(dataDir, 'diskport.sqlite'), { readonly: true });
-    let digestFiles: string[];
-    let parents: string[];
-    try {
-      digestFiles = (
-        db.prepare('SELECT DISTINCT digest_file FROM vdis WHERE digest_file IS NOT NULL').all() as {
-          digest_file: string;
-        }[]
-      ).map((r) => r.digest_file);
-      // A content kept as the parent of layers is on disk under its id too.
-      parents = (
-        db.prepare('SELECT DISTINCT parent FROM contents WHERE parent IS NOT NULL').all() as {
-          parent: string;
-        }[]
-      ).map((r) => r.parent);
-    } finally {
-      db.close();
-    }
+    const digestFiles = queryAt<{ digest_file: string }>(
+      dataDir,
+      'SELECT DISTINCT digest_file FROM vdis WHERE digest_file IS NOT NULL',
+    ).map((r) => r.digest_file);
+    // A content kept as the parent of layers is on disk under its id too.
+    const parents = queryAt<{ parent: string }>(
+      dataDir,
+      'SELECT DISTINCT parent FROM contents WHERE parent IS NOT NULL',
+    ).map((r) => r.parent);
     const named = vdis.map((v) => `${v.id}.g${v.generation}.${v.image_format}`);
     const files = await fsp.readdir(srDir);
     const present = files.filter((n) => /\.g\d+\.(raw|vhd|qcow2)$/.test(n)).sort();

@@ -10,6 +10,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { api, createVdi, execFileP, type JsonResponse } from './helpers/api.js';
+import { TEST_DATABASE_URL } from './helpers/pg.js';
 import { seededBytes, startServer, type TestServer, tempDir } from './helpers/server.js';
 import { cannotMount, mountExt4 } from './helpers/small-fs.js';
 
@@ -96,7 +97,11 @@ describe('files at rest', () => {
       assert.equal(grown.status, 200);
 
       const entries = await modes(dataDir);
-      assert.ok(entries.some((e) => e.file.endsWith('diskport.sqlite')));
+      // SQLite's file is among them (the PostgreSQL pass keeps the metadata elsewhere).
+      assert.equal(
+        entries.some((e) => e.file.endsWith('diskport.sqlite')),
+        !TEST_DATABASE_URL,
+      );
       assert.ok(entries.some((e) => e.file.includes(`${path.sep}.staging${path.sep}transfer-${open.id}`)));
       assert.ok(entries.filter((e) => /\.g\d+\.(raw|vhd|qcow2)$/.test(e.file)).length >= 4);
       assertPrivate(entries, dataDir);
@@ -104,7 +109,7 @@ describe('files at rest', () => {
       await srv.close();
       srv = null;
 
-      // A database an earlier version left world-readable is made private at start-up.
+      // An SQLite database an earlier version left world-readable is made private at start-up.
       for (const f of ['diskport.sqlite', 'diskport.sqlite-wal']) {
         await fsp.chmod(path.join(dataDir, f), 0o644).catch(() => {});
       }

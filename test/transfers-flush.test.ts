@@ -13,8 +13,8 @@ import { existsSync, promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import Database from 'better-sqlite3';
 import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
+import { queryAt } from './helpers/pg.js';
 import {
   prng,
   type ServerProcess,
@@ -94,15 +94,10 @@ async function flush(base: string, t: TransferJson) {
   return api<TransferJson>(base, 'PATCH', `/v1/transfers/${t.id}/data?token=${t.token}`, { op: 'flush' });
 }
 
-/** What the database row says was received: read from the file, by a connection of our own. */
+/** What the database row says was received: read by a connection of our own. */
 function storedReceived(dataDir: string, id: string): Range[] {
-  const db = new Database(path.join(dataDir, 'diskport.sqlite'), { readonly: true, fileMustExist: true });
-  try {
-    const row = db.prepare('SELECT received FROM transfers WHERE id = ?').get(id) as { received: string };
-    return JSON.parse(row.received);
-  } finally {
-    db.close();
-  }
+  const [row] = queryAt<{ received: string }>(dataDir, 'SELECT received FROM transfers WHERE id = ?', id);
+  return JSON.parse(row.received);
 }
 
 /**

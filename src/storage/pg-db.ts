@@ -48,6 +48,7 @@ export type PgRequest =
   | { op: 'exec'; text: string }
   | { op: 'close' };
 
+/** What the worker posts back, with the `id` of the request it answers. */
 export type PgReply =
   | { ok: true; rows: Record<string, unknown>[]; changes: number }
   | { ok: false; message: string; code?: string; unavailable: boolean };
@@ -101,6 +102,8 @@ class PgDb implements Db {
   private depth = 0;
   private closed = false;
   private writes = 0;
+  /** The id of the last request posted: the answer to wait for carries it. */
+  private sent = 0;
 
   constructor(
     private readonly url: string,
@@ -129,17 +132,27 @@ class PgDb implements Db {
     if (this.closed) throw new Error('the metadata store is closed');
     // Counted before the answer: a write that failed half-way may have changed rows all the same.
     if (req.op !== 'query' || !/^\s*SELECT\b/i.test(req.text)) this.writes++;
-    Atomics.store(this.signal, 0, 0);
-    this.port.postMessage(req);
-    // The worker's own timeouts answer first; this bound only catches a worker that died.
-    const waited = Atomics.wait(
-      this.signal,
-      0,
-      0,
-      this.opts.connectTimeoutMs + this.opts.queryTimeoutMs + 5000,
-    );
-    const reply = receiveMessageOnPort(this.port)?.message as PgReply | undefined;
-    if (waited === 'timed-out' || !reply) throw this.unavailable('no answer from the database worker');
+    const id = ++this.sent;
+    this.port.postMessage({ ...req, id });
+    // The worker's own timeouts answer first; this bound only catches a worker that died or hangs.
+    const deadline = Date.now() + this.opts.connectTimeoutMs + this.opts.queryTimeoutMs + 5000;
+    let reply: PgReply | undefined;
+    for (;;) {
+      // Cleared before looking, so an answer posted after the look still wakes the wait below.
+      Atomics.store(this.signal, 0, 0);
+      const message = receiveMessageOnPort(this.port)?.message as (PgReply & { id: number }) | undefined;
+      // An answer to an earlier call that gave up waiting: taken as this one's, every later call
+      // would read the answer of the call before it (a SELECT of SRs answered with tasks' rows).
+      if (message && message.id !== id) continue;
+      if (message) {
+        reply = message;
+        break;
+      }
+      const left = deadline - Date.now();
+      if (left <= 0) break;
+      Atomics.wait(this.signal, 0, 0, left);
+    }
+    if (!reply) throw this.unavailable('no answer from the database worker');
     if (reply.ok) return reply;
     if (reply.unavailable) throw this.unavailable(reply.message);
     throw Object.assign(new Error(`${reply.message} (PostgreSQL ${reply.code ?? ''})`), { code: reply.code });

@@ -69,7 +69,7 @@ async function handle(req) {
   return { ok: true, rows: res.rows, changes: res.rowCount ?? 0 };
 }
 
-port.on('message', async (req) => {
+async function serve(req) {
   let reply;
   try {
     reply = await handle(req);
@@ -82,8 +82,16 @@ port.on('message', async (req) => {
     }
     reply = { ok: false, message: String(err?.message ?? err), code: err?.code, unavailable };
   }
-  port.postMessage(reply);
+  port.postMessage({ ...reply, id: req.id });
   Atomics.store(signal, 0, 1);
   Atomics.notify(signal, 0);
+}
+
+// One request at a time, in order: a caller that gave up waiting (a lost server) posts its next
+// request while the last still runs; run beside it, two could open two connections, and the
+// next statement of a transaction could run outside it.
+let queue = Promise.resolve();
+port.on('message', (req) => {
+  queue = queue.then(() => serve(req));
 });
 `;

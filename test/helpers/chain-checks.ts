@@ -10,8 +10,8 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import Database from 'better-sqlite3';
 import { api, execFileP, sha256Url } from './api.js';
+import { queryAt } from './pg.js';
 import { prng, type ServerProcess, seededBytes, spawnServer, tempDir } from './server.js';
 import { waitFor } from './wait.js';
 
@@ -100,14 +100,13 @@ export const layerFiles = async (srDir: string) =>
   (await fsp.readdir(srDir)).filter((n) => /\.g\d+\./.test(n));
 
 /** Contents no VDI names with exactly one child: each one a down merge still due. */
-export function orphanLayers(db: Database.Database): number {
-  const orphans = db
-    .prepare(
-      `SELECT COUNT(*) AS n FROM contents c WHERE NOT EXISTS (SELECT 1 FROM vdis v WHERE v.content_id = c.id)
-       AND (SELECT COUNT(*) FROM contents k WHERE k.parent = c.id) = 1`,
-    )
-    .get() as { n: number };
-  return orphans.n;
+export function orphanLayers(dataDir: string): number {
+  const [orphans] = queryAt<{ n: number }>(
+    dataDir,
+    `SELECT COUNT(*) AS n FROM contents c WHERE NOT EXISTS (SELECT 1 FROM vdis v WHERE v.content_id = c.id)
+     AND (SELECT COUNT(*) FROM contents k WHERE k.parent = c.id) = 1`,
+  );
+  return Number(orphans.n);
 }
 
 /** Calls and checks on the SR at `sr`, whose chains are at most `depth` layers deep. */
@@ -129,23 +128,14 @@ export function chainChecks(sr: SrPlace, depth = Number.POSITIVE_INFINITY) {
   };
   const mergeTasks = async <T = MergeTask>() =>
     (await api<T[]>(sr.url, 'GET', '/v1/tasks?type=merge&limit=1000')).body;
-  /** `fn` over the SR's metadata, read from SQLite's file beside the server. */
-  const readDb = <T>(fn: (db: Database.Database) => T): T => {
-    const db = new Database(path.join(sr.dataDir, 'diskport.sqlite'), { readonly: true });
-    try {
-      return fn(db);
-    } finally {
-      db.close();
-    }
-  };
+  /** The rows `sql` finds in the SR's metadata, read beside the server (SQLite's file or its PostgreSQL database). */
+  const query = <T = Record<string, unknown>>(sql: string, ...params: unknown[]): T[] =>
+    queryAt<T>(sr.dataDir, sql, ...params);
   /** The path of the top file of a VDI's chain. */
   const fileOf = (id: string) =>
     path.join(
       sr.srDir,
-      readDb(
-        (db) =>
-          (db.prepare('SELECT file_name FROM vdis WHERE id = ?').get(id) as { file_name: string }).file_name,
-      ),
+      query<{ file_name: string }>('SELECT file_name FROM vdis WHERE id = ?', id)[0].file_name,
     );
   /** Bytes allocated in the SR directory, each inode once. */
   const srBytes = async () => {
@@ -183,21 +173,17 @@ export function chainChecks(sr: SrPlace, depth = Number.POSITIVE_INFINITY) {
   };
   /** The SR holds exactly the files rows name: VDIs' files, their digests, parents kept under their ids. */
   const assertFilesMatchRows = async () => {
-    const live = readDb((db) => {
-      const names = new Set<string>();
-      for (const r of db.prepare('SELECT file_name, digest_file FROM vdis').all() as {
-        file_name: string;
-        digest_file: string | null;
-      }[]) {
-        names.add(r.file_name);
-        if (r.digest_file) names.add(r.digest_file);
-      }
-      for (const r of db.prepare('SELECT DISTINCT parent FROM contents WHERE parent IS NOT NULL').all() as {
-        parent: string;
-      }[])
-        names.add(r.parent);
-      return names;
-    });
+    const live = new Set<string>();
+    for (const r of query<{ file_name: string; digest_file: string | null }>(
+      'SELECT file_name, digest_file FROM vdis',
+    )) {
+      live.add(r.file_name);
+      if (r.digest_file) live.add(r.digest_file);
+    }
+    for (const r of query<{ parent: string }>(
+      'SELECT DISTINCT parent FROM contents WHERE parent IS NOT NULL',
+    ))
+      live.add(r.parent);
     assert.deepEqual(
       (await layerFiles(sr.srDir)).sort(),
       [...live].sort(),
@@ -211,28 +197,26 @@ export function chainChecks(sr: SrPlace, depth = Number.POSITIVE_INFINITY) {
       async () => {
         const tasks = await mergeTasks();
         if (tasks.some((t) => t.status === 'running' || t.status === 'pending')) return false;
-        return readDb((db) => orphanLayers(db) === 0);
+        return orphanLayers(sr.dataDir) === 0;
       },
       { timeoutMs: 120_000, intervalMs: 50 },
     );
   /** Merges the chains still call for: down merges, and chains deeper than `depth`. */
-  const mergesDue = () =>
-    readDb((db) => {
-      let deep = 0;
-      for (const { content_id } of db.prepare('SELECT content_id FROM vdis').all() as {
-        content_id: string;
-      }[]) {
-        let layers = 0;
-        for (let at: string | null = content_id; at !== null; layers++) {
-          const row = db.prepare('SELECT parent FROM contents WHERE id = ?').get(at) as
-            | { parent: string | null }
-            | undefined;
-          at = row?.parent ?? null;
-        }
-        if (layers > depth) deep++;
-      }
-      return orphanLayers(db) + deep;
-    });
+  const mergesDue = () => {
+    const parents = new Map(
+      query<{ id: string; parent: string | null }>('SELECT id, parent FROM contents').map((r) => [
+        r.id,
+        r.parent,
+      ]),
+    );
+    let deep = 0;
+    for (const { content_id } of query<{ content_id: string }>('SELECT content_id FROM vdis')) {
+      let layers = 0;
+      for (let at: string | null = content_id; at !== null; layers++) at = parents.get(at) ?? null;
+      if (layers > depth) deep++;
+    }
+    return orphanLayers(sr.dataDir) + deep;
+  };
   /** No merge running, and none due. */
   const mergesDone = () =>
     waitFor(
@@ -245,7 +229,7 @@ export function chainChecks(sr: SrPlace, depth = Number.POSITIVE_INFINITY) {
     snapshot,
     remove,
     mergeTasks,
-    readDb,
+    query,
     fileOf,
     srBytes,
     assertModel,

@@ -12,17 +12,32 @@ import Database from 'better-sqlite3';
 
 export const TEST_DATABASE_URL = process.env.DISKPORT_TEST_DATABASE_URL || undefined;
 
-/** Why a test that reads SQLite's file itself is skipped on PostgreSQL; false on SQLite. */
-export const SQLITE_ONLY: string | false = TEST_DATABASE_URL
-  ? "reads SQLite's file, which PostgreSQL has not"
-  : false;
+/**
+ * Why a test that is about SQLite itself is skipped on PostgreSQL (false on
+ * SQLite): `sqliteOnly('the file's size')` says what of SQLite it checks.
+ */
+export function sqliteOnly(what: string): string | false {
+  return TEST_DATABASE_URL ? `about SQLite (${what}), which the PostgreSQL pass does not use` : false;
+}
 
 const made = new Map<string, string>();
 
-function psql(url: string, ...commands: string[]): void {
-  execFileSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', url, ...commands.flatMap((c) => ['-c', c])], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
+function psql(url: string, ...commands: string[]): string {
+  return execFileSync(
+    'psql',
+    ['-X', '-q', '-A', '-t', '-v', 'ON_ERROR_STOP=1', url, ...commands.flatMap((c) => ['-c', c])],
+    { stdio: ['ignore', 'pipe', 'pipe'], encoding: 'utf8' },
+  );
+}
+
+/**
+ * The name of the database of `dataDir`'s server: its path and this test
+ * process, so two files running side by side never share one, and one file's
+ * cleanup at exit drops only its own.
+ */
+function databaseName(dataDir: string): string {
+  const key = `${process.pid}\0${path.resolve(dataDir)}`;
+  return `diskport_t_${createHash('sha256').update(key).digest('hex').slice(0, 24)}`;
 }
 
 /** The database URL of the server on `dataDir` (created at the first call); undefined on SQLite. */
@@ -30,7 +45,7 @@ export function databaseUrlFor(dataDir: string): string | undefined {
   if (!TEST_DATABASE_URL) return undefined;
   let url = made.get(dataDir);
   if (url) return url;
-  const name = `diskport_t_${createHash('sha256').update(dataDir).digest('hex').slice(0, 20)}`;
+  const name = databaseName(dataDir);
   psql(TEST_DATABASE_URL, `DROP DATABASE IF EXISTS ${name} WITH (FORCE)`, `CREATE DATABASE ${name}`);
   const u = new URL(TEST_DATABASE_URL);
   u.pathname = `/${name}`;
@@ -65,4 +80,62 @@ export function execSqlAt(dataDir: string, sql: string): void {
   } finally {
     db.close();
   }
+}
+
+/** `value` as an SQL literal, for psql, which takes no parameters. */
+function literal(value: unknown): string {
+  if (value === null || value === undefined) return 'NULL';
+  if (typeof value === 'number' || typeof value === 'bigint') return String(value);
+  if (typeof value === 'boolean') return value ? '1' : '0';
+  return `'${String(value).replaceAll("'", "''")}'`;
+}
+
+/**
+ * The rows `sql` (one SELECT, `?` for each of `params`) finds in the metadata
+ * of the server on `dataDir`, read by a connection of the test's own, beside
+ * the running server: SQLite's file or the test's PostgreSQL database. Numbers
+ * come back as numbers on both (BIGINT included), as the stores read them.
+ */
+export function queryAt<T = Record<string, unknown>>(
+  dataDir: string,
+  sql: string,
+  ...params: unknown[]
+): T[] {
+  const url = databaseUrlFor(dataDir);
+  if (url) {
+    let i = 0;
+    const text = sql.replace(/\?/g, () => literal(params[i++]));
+    const out = psql(url, `SELECT coalesce(json_agg(q), '[]') FROM (${text}) q`);
+    return JSON.parse(out) as T[];
+  }
+  const db = new Database(path.join(dataDir, 'diskport.sqlite'), { readonly: true, fileMustExist: true });
+  try {
+    return db.prepare(sql).all(...params) as T[];
+  } finally {
+    db.close();
+  }
+}
+
+/**
+ * Every row of every table in the metadata of the server on `dataDir`, as
+ * one string: equal before and after means nothing was written there.
+ */
+export function storeRows(dataDir: string): string {
+  const tables = databaseUrlFor(dataDir)
+    ? queryAt<{ name: string }>(
+        dataDir,
+        "SELECT tablename AS name FROM pg_tables WHERE schemaname = 'public'",
+      )
+    : queryAt<{ name: string }>(dataDir, "SELECT name FROM sqlite_master WHERE type = 'table'");
+  return tables
+    .map((t) => t.name)
+    .sort()
+    .map(
+      (name) =>
+        `${name}: ${queryAt(dataDir, `SELECT * FROM ${name}`)
+          .map((r) => JSON.stringify(r))
+          .sort()
+          .join('\n')}`,
+    )
+    .join('\n');
 }
