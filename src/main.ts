@@ -9,6 +9,7 @@ import { createServer } from './app.js';
 import { type Config, checkListenPolicy, parseConfig } from './config.js';
 import { createLogger } from './http/log-redaction.js';
 import { createServices, type Services } from './services.js';
+import { DataDirInUseError } from './storage/data-dir-lock.js';
 import { DatabaseUnreachableError } from './storage/pg-db.js';
 
 /** A listen error as one line for whoever started the server; null when it is not one we can explain. */
@@ -92,7 +93,7 @@ async function main(): Promise<void> {
   try {
     services = await createServices(config, logger);
   } catch (err) {
-    if (!(err instanceof DatabaseUnreachableError)) throw err;
+    if (!(err instanceof DatabaseUnreachableError || err instanceof DataDirInUseError)) throw err;
     logger.fatal(err.message);
     console.error(`diskport: ${err.message}`);
     process.exit(1);

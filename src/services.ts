@@ -9,6 +9,7 @@ import { type Metrics, observeTasks } from './metrics.js';
 import { ChecksumService } from './ops/checksum.js';
 import { MergeService } from './ops/merges.js';
 import { VdiCopies } from './ops/vdi-copy.js';
+import { lockDataDir } from './storage/data-dir-lock.js';
 import { type Db, openDb } from './storage/db.js';
 import { DiskSets } from './storage/disk-sets.js';
 import { ChainMerges } from './storage/merges.js';
@@ -58,6 +59,18 @@ export interface Services {
 
 export async function createServices(config: Config, logger: Logger): Promise<Services> {
   await fsp.mkdir(config.dataDir, { recursive: true, mode: PRIVATE_DIR_MODE });
+  // On SQLite the data directory is this process's alone; on PostgreSQL nodes share it.
+  const dirLock = config.databaseUrl ? null : lockDataDir(config.dataDir);
+  try {
+    return await openServices(config, logger, () => dirLock?.release());
+  } catch (err) {
+    // A start that failed lets go of the directory: the same process may start again on it.
+    dirLock?.release();
+    throw err;
+  }
+}
+
+async function openServices(config: Config, logger: Logger, releaseDir: () => void): Promise<Services> {
   const db = openDb({ file: path.join(config.dataDir, 'diskport.sqlite'), databaseUrl: config.databaseUrl });
   const srs = new SrStore(db, { spaceReserveBytes: config.spaceReserveBytes });
   await srs.ensureDefault(config.dataDir, MAX_VIRTUAL_SIZE_BYTES);
@@ -152,6 +165,7 @@ export async function createServices(config: Config, logger: Logger): Promise<Se
       checksums.stop();
       observed.stop();
       db.close();
+      releaseDir();
     },
   };
   // Pulls and pushes whose sessions survived a restart go on by themselves.
