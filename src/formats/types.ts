@@ -25,6 +25,20 @@ export interface SerializedImage {
    * zero spans, for a zero-copy send. Valid while the image is open.
    */
   spans?(start: number, end: number): FileSpan[];
+  /**
+   * The stream's bytes [start, end) as pieces, in order, from the layout
+   * alone: bytes the format makes (headers, tables, bitmaps, padding) and
+   * ranges of the disk to read. What a small ranged read fills one buffer
+   * from, without a generator per request.
+   */
+  pieces?(start: number, end: number): StreamPiece[];
+}
+
+/** A piece of a stream: `bytes` as they are, or else `length` bytes of the disk at `offset`. */
+export interface StreamPiece {
+  offset: number;
+  length: number;
+  bytes?: Buffer;
 }
 
 /**

@@ -22,6 +22,7 @@ import querystring from 'node:querystring';
 import { tokenRefusal } from '../http/auth.js';
 import { UPLOAD_IDLE_TIMEOUT_MS } from '../http/continue.js';
 import { answerError } from '../http/errors.js';
+import { leanRead } from '../http/lean-read.js';
 import { flushParam, formatValue } from '../http/params.js';
 import type { RequestLogger } from '../http/request-log.js';
 import { sendExport } from '../http/send-export.js';
@@ -173,6 +174,15 @@ export function leanRoutes(
     if (format === undefined) return false;
     logRequest(req, res);
     const refusal = tokenRefusal(req.headers.authorization, s.config.token);
+    if (!refusal) {
+      let codec: string | undefined;
+      try {
+        codec = formatValue(format);
+      } catch {
+        // An unknown format: sendExport refuses it.
+      }
+      if (codec !== undefined && leanRead(s, req, res, m[1], codec)) return true;
+    }
     const served = refusal
       ? Promise.reject(refusal)
       : Promise.resolve().then(() => sendExport(s, req, res, m[1], formatValue(format)));

@@ -32,6 +32,9 @@ interface Entry {
   image: Promise<BlockImage>;
   extents?: Promise<Extent[]>;
   layouts: Map<string, Promise<SerializedImage>>;
+  /** The image once open, and the layouts once made: what `ready` serves without waiting. */
+  opened?: BlockImage;
+  laid: Map<string, SerializedImage>;
   leases: number;
   evicted: boolean;
 }
@@ -43,6 +46,14 @@ export interface ImageLease {
   extents(): Promise<Extent[]>;
   /** The export layout of this generation in `format`, computed once. */
   serialize(format: string): Promise<SerializedImage>;
+  release(): void;
+}
+
+/** What `ready` gives: the row, the open image and its layout; `release()` once read. */
+export interface ReadyExport {
+  readonly vdi: Vdi;
+  readonly image: BlockImage;
+  readonly serialized: SerializedImage;
   release(): void;
 }
 
@@ -82,6 +93,34 @@ export class ImageCache {
     }
   }
 
+  /**
+   * The VDI's current generation when its image is open and its layout in
+   * `format` (a codec's name) made already, leased; else undefined (lease()
+   * then opens them). Synchronous: a small ranged read waits for nothing
+   * but its bytes. The row is read as by lease(), so a commit is seen.
+   */
+  ready(vdiId: string, format: string): ReadyExport | undefined {
+    const vdi = this.vdis.get(vdiId);
+    const key = entryKey(vdi);
+    if (this.current.get(vdi.id) !== key) return undefined;
+    const entry = this.entries.get(key);
+    const image = entry?.opened;
+    const serialized = entry?.laid.get(format);
+    if (!entry || !image || !serialized || entry.evicted) return undefined;
+    entry.leases++;
+    let released = false;
+    return {
+      vdi,
+      image,
+      serialized,
+      release: () => {
+        if (released) return;
+        released = true;
+        this.release(entry);
+      },
+    };
+  }
+
   /** Lets go of a VDI's images (deleted, or a new generation committed): they close once released. */
   drop(vdiId: string): void {
     const key = this.current.get(vdiId);
@@ -94,7 +133,7 @@ export class ImageCache {
   }
 
   private entryFor(vdi: Vdi): Entry {
-    const key = `${vdi.id}.g${vdi.generation}.${vdi.virtual_size}`;
+    const key = entryKey(vdi);
     const newest = this.current.get(vdi.id);
     if (newest !== undefined && newest !== key) this.entries.delete(newest);
     let entry = this.entries.get(key);
@@ -104,10 +143,18 @@ export class ImageCache {
         vdiId: vdi.id,
         image: this.vdis.openImage(vdi),
         layouts: new Map(),
+        laid: new Map(),
         leases: 0,
         evicted: false,
       };
-      entry.image.catch(() => {}); // awaited by the lease that made it; no unhandled rejection meanwhile
+      const made = entry;
+      // Awaited by the lease that made it; no unhandled rejection meanwhile.
+      entry.image.then(
+        (image) => {
+          made.opened = image;
+        },
+        () => {},
+      );
       this.entries.set(key, entry);
       this.current.set(vdi.id, key);
     }
@@ -133,6 +180,13 @@ export class ImageCache {
           const uuid = vhdUuidOf(vdi);
           layout = codec.serialize(image, uuid ? { uuid } : {});
           entry.layouts.set(codec.name, layout);
+          const kept = layout;
+          kept.then(
+            (serialized) => {
+              if (entry.layouts.get(codec.name) === kept) entry.laid.set(codec.name, serialized);
+            },
+            () => {},
+          );
         }
         const made = layout;
         return forget(made, () => {
@@ -151,6 +205,10 @@ export class ImageCache {
     entry.leases--;
     if (entry.leases === 0 && entry.evicted) closeEntry(entry);
   }
+}
+
+function entryKey(vdi: Vdi): string {
+  return `${vdi.id}.g${vdi.generation}.${vdi.virtual_size}`;
 }
 
 /** A failed computation is not kept: the next reader tries again. */

@@ -20,7 +20,7 @@ const EXPORT_LAYOUT_VERSION = 2;
 /** A delta commit between reading the changed blocks and leasing the image: read both again. */
 const DELTA_ATTEMPTS = 3;
 
-const FILE_EXTENSIONS: Record<string, string> = { raw: 'img', vhd: 'vhd', qcow2: 'qcow2' };
+export const FILE_EXTENSIONS: Record<string, string> = { raw: 'img', vhd: 'vhd', qcow2: 'qcow2' };
 
 export interface ExportSource extends SerializedImage {
   vdi: Vdi;
@@ -130,7 +130,7 @@ async function openDeltaExport(
   }
 }
 
-function safeName(label: string): string {
+export function safeName(label: string): string {
   return label
     .replace(/[^A-Za-z0-9._-]+/g, '_')
     .replace(/^[._]+/, '')

@@ -27,7 +27,7 @@
 import { type BlockImage, type Extent, mergeExtents } from '../../image/block-image.js';
 import { READ_CHUNK_BYTES, ReadBuffers, readVirtual } from '../../image/read-virtual.js';
 import { zeroBuffer } from '../../image/zero.js';
-import type { SerializedImage, SerializeOptions } from '../types.js';
+import type { SerializedImage, SerializeOptions, StreamPiece } from '../types.js';
 import { QCOW2_MAGIC } from './header.js';
 
 export const EXPORT_CLUSTER_BITS = 16;
@@ -227,6 +227,49 @@ export class Qcow2Serializer implements SerializedImage {
         yield cluster.subarray(Math.max(s - c * C, 0), Math.min(e - c * C, C));
       }
     }
+  }
+
+  /** The pieces of [start, end) (see SerializedImage.pieces): metadata made, data as disk ranges. */
+  pieces(start: number, end: number): StreamPiece[] {
+    const out: StreamPiece[] = [];
+    const C = EXPORT_CLUSTER_SIZE_BYTES;
+    const from = Math.max(0, start);
+    const to = Math.min(this.size, end);
+    for (const section of this.sections) {
+      if (section.end <= from || section.start >= to) continue;
+      const s = Math.max(from, section.start) - section.start;
+      const e = Math.min(to, section.end) - section.start;
+      if (section.kind !== 'data') {
+        for (let c = Math.floor(s / C); c * C < e; c++) {
+          const bytes = this.metadataCluster(section.kind, c).subarray(
+            Math.max(s - c * C, 0),
+            Math.min(e - c * C, C),
+          );
+          out.push({ offset: section.start + c * C + Math.max(s - c * C, 0), length: bytes.length, bytes });
+        }
+        continue;
+      }
+      const { runs, virtualSizeBytes } = this.layout;
+      let pos = s;
+      for (let r = findRun(runs, Math.floor(s / C), 'rank'); r < runs.length && pos < e; r++) {
+        const run = runs[r];
+        const runEnd = (run.rank + run.count) * C;
+        const stop = Math.min(e, runEnd);
+        const guestStart = run.guestCluster * C + (pos - run.rank * C);
+        const guestEnd = guestStart + (stop - pos);
+        const readableEnd = Math.max(guestStart, Math.min(guestEnd, virtualSizeBytes));
+        if (readableEnd > guestStart) out.push({ offset: guestStart, length: readableEnd - guestStart });
+        // The last cluster may extend past the end of the disk: zero padding.
+        if (guestEnd > readableEnd)
+          out.push({
+            offset: readableEnd,
+            length: guestEnd - readableEnd,
+            bytes: zeroBuffer(guestEnd - readableEnd),
+          });
+        pos = stop;
+      }
+    }
+    return out;
   }
 
   private metadataCluster(kind: SectionKind, index: number): Buffer {

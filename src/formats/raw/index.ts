@@ -15,6 +15,7 @@ export const rawCodec: FormatCodec = {
     return {
       size: image.virtualSize,
       read: (start, end) => readVirtual(image, extents, start, end),
+      pieces: (start, end) => [{ offset: start, length: end - start }],
       ...(fileSpans && { spans: (start, end) => spansOf(extents, fileSpans, start, end) }),
     };
   },

@@ -35,7 +35,7 @@ import { formatBytes, UnsupportedImageError } from '../../errors.js';
 import type { BlockImage, Extent } from '../../image/block-image.js';
 import { ReadBuffers, readVirtual } from '../../image/read-virtual.js';
 import { zeroBuffer } from '../../image/zero.js';
-import type { SerializedImage, SerializeOptions } from '../types.js';
+import type { SerializedImage, SerializeOptions, StreamPiece } from '../types.js';
 import {
   bitmapBytesOnDisk,
   buildDynamicHeader,
@@ -276,5 +276,52 @@ export async function serializeVhd(image: BlockImage, opts: SerializeOptions = {
       }
       return readLayout(image, extents, layout, start, end);
     },
+    pieces: (start, end) => layoutPieces(layout, start, end),
   };
+}
+
+/** The pieces of [start, end) of the VHD stream (see SerializedImage.pieces); bounded by the caller. */
+function layoutPieces(layout: VhdLayout, start: number, end: number): StreamPiece[] {
+  const { head, footer, dataStart, blocks, size, virtualSize } = layout;
+  const footerStart = size - FOOTER_BYTES;
+  const out: StreamPiece[] = [];
+  let pos = start;
+  while (pos < end) {
+    if (pos < dataStart) {
+      const stop = Math.min(end, dataStart);
+      out.push({ offset: pos, length: stop - pos, bytes: head.subarray(pos, stop) });
+      pos = stop;
+      continue;
+    }
+    if (pos >= footerStart) {
+      out.push({
+        offset: pos,
+        length: end - pos,
+        bytes: footer.subarray(pos - footerStart, end - footerStart),
+      });
+      break;
+    }
+    const k = Math.floor((pos - dataStart) / BLOCK_STRIDE_BYTES);
+    const blockStart = dataStart + k * BLOCK_STRIDE_BYTES;
+    const blockEnd = Math.min(end, blockStart + BLOCK_STRIDE_BYTES);
+    if (pos < blockStart + BITMAP_BYTES) {
+      const stop = Math.min(blockEnd, blockStart + BITMAP_BYTES);
+      out.push({
+        offset: pos,
+        length: stop - pos,
+        bytes: BITMAP_ALL_SET.subarray(pos - blockStart, stop - blockStart),
+      });
+      pos = stop;
+      continue;
+    }
+    const guest = blocks[k] * EXPORT_BLOCK_SIZE_BYTES + (pos - blockStart - BITMAP_BYTES);
+    const n = blockEnd - pos;
+    // The last block may reach past the disk's end: zeros there.
+    const readable = Math.max(0, Math.min(n, virtualSize - guest));
+    if (readable > 0) out.push({ offset: guest, length: readable });
+    if (n > readable)
+      out.push({ offset: guest + readable, length: n - readable, bytes: zeroBuffer(n - readable) });
+    pos = blockEnd;
+  }
+  return out;
 }
