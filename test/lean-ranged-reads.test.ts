@@ -63,7 +63,23 @@ describe('lean ranged reads equal the stream path', () => {
       const all = whole.get(format)!;
       const size = all.length;
       // vhd: footer copy 512, header 1024, BAT from 1536 (3 entries, one sector), blocks from 2048 with 512-byte bitmaps.
-      const edges = [0, 511, 512, 1535, 1536, 2047, 2048, 2559, 2560, 65535, 65536, 131071, 131072, MiB, 2 * MiB];
+      const edges = [
+        0,
+        511,
+        512,
+        1535,
+        1536,
+        2047,
+        2048,
+        2559,
+        2560,
+        65535,
+        65536,
+        131071,
+        131072,
+        MiB,
+        2 * MiB,
+      ];
       edges.push(2048 + 512 + 2 * MiB, size - 4096, size - 513, size - 512, size - 1);
       const specs: string[] = ['bytes=0-0', `bytes=-${size + 10}`, 'bytes=-512', `bytes=${size - 70000}-`];
       for (const e of edges) if (e < size) specs.push(`bytes=${e}-${Math.min(size - 1, e + 65535)}`);
