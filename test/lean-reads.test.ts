@@ -89,6 +89,43 @@ describe('lean reads answer as express does', () => {
     });
   }
 
+  test('extents, once computed, answer as express does; a write changes them', async () => {
+    const extentsOf = (vdi: string, query = '', headers: Record<string, string> = auth) =>
+      answer(`${srv.url}/v1/vdis/${vdi}/extents${query}`, { headers });
+    await extentsOf(id); // computes them
+    for (const query of ['', '?context=zero']) {
+      const lean = await extentsOf(id, query);
+      assert.equal(lean.status, 200);
+      assert.deepEqual(lean, await extentsOf(encoded(id), query));
+    }
+    const refused = await extentsOf(id, '', {});
+    assert.equal(refused.status, 401);
+    assert.deepEqual(refused, await extentsOf(encoded(id), '', {}));
+    // Half zeros: the extents change with the write.
+    const half = seededBytes(SIZE, 5);
+    half.fill(0, SIZE / 2);
+    const put = await fetch(`${srv.url}/v1/vdis/${id}/contents?format=raw`, {
+      method: 'PUT',
+      headers: auth,
+      body: new Uint8Array(half),
+    });
+    assert.equal(put.status, 200);
+    for (let i = 0; i < 2; i++) {
+      const after = await extentsOf(id);
+      assert.deepEqual(JSON.parse(after.body), [
+        { start: 0, length: SIZE / 2, zero: false },
+        { start: SIZE / 2, length: SIZE / 2, zero: true },
+      ]);
+      assert.deepEqual(after, await extentsOf(encoded(id)));
+    }
+    const restored = await fetch(`${srv.url}/v1/vdis/${id}/contents?format=raw`, {
+      method: 'PUT',
+      headers: auth,
+      body: new Uint8Array(seededBytes(SIZE, 3)),
+    });
+    assert.equal(restored.status, 200);
+  });
+
   test('an unknown VDI', async () => {
     const missing = '00000000-0000-4000-8000-00000000abcd';
     const init = { headers: { ...auth, Range: 'bytes=0-9' } };

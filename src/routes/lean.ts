@@ -28,10 +28,51 @@ import type { RequestLogger } from '../http/request-log.js';
 import { sendExport } from '../http/send-export.js';
 import { presentedToken } from '../http/transfer-auth.js';
 import { parseContentRange } from '../http/transfer-headers.js';
+import type { Extent } from '../image/block-image.js';
 import type { Services } from '../services.js';
 import type { ChunkRange } from '../transfer/sessions.js';
 
 const CONTENTS_PATH = /^\/v1\/vdis\/([A-Za-z0-9-]{1,128})\/contents(?:\?(.*))?$/;
+
+const EXTENTS_PATH = /^\/v1\/vdis\/([A-Za-z0-9-]{1,128})\/extents(?:\?context=zero)?$/;
+
+/** Each generation's extents as the express route answers them (extents are kept per generation). */
+const extentsJson = new WeakMap<readonly Extent[], Buffer>();
+
+/**
+ * `GET /v1/vdis/{vdi}/extents` (or `?context=zero`) of a VDI whose extents
+ * are computed already: the JSON kept for that generation's extents. Said
+ * false before anything is done otherwise (express computes and answers).
+ */
+function leanExtents(
+  s: Services,
+  req: IncomingMessage,
+  res: ServerResponse,
+  logRequest: RequestLogger,
+): boolean {
+  const m = EXTENTS_PATH.exec(req.url ?? '');
+  if (!m || req.headers.expect !== undefined || hasBody(req)) return false;
+  if (tokenRefusal(req.headers.authorization, s.config.token)) return false;
+  let extents: readonly Extent[] | undefined;
+  try {
+    extents = s.vdis.images.readyExtents(m[1]);
+  } catch {
+    return false; // an unknown VDI: express answers
+  }
+  if (!extents) return false;
+  let body = extentsJson.get(extents);
+  if (!body) {
+    body = Buffer.from(
+      JSON.stringify(extents.map((e) => ({ start: e.start, length: e.length, zero: e.zero }))),
+    );
+    extentsJson.set(extents, body);
+  }
+  logRequest(req, res);
+  res.setHeader('Content-Type', 'application/json; charset=utf-8');
+  res.setHeader('Content-Length', body.length);
+  res.end(body);
+  return true;
+}
 
 const PLAIN_FORMAT = /^format=([a-z0-9]+)$/;
 
@@ -168,6 +209,7 @@ export function leanRoutes(
       return true;
     }
     if (req.method !== 'GET' && req.method !== 'HEAD') return false;
+    if (req.method === 'GET' && leanExtents(s, req, res, logRequest)) return true;
     const m = CONTENTS_PATH.exec(req.url ?? '');
     if (!m || req.headers.expect !== undefined || hasBody(req)) return false;
     const format = onlyFormat(m[2]);

@@ -31,6 +31,8 @@ interface Entry {
   vdiId: string;
   image: Promise<BlockImage>;
   extents?: Promise<Extent[]>;
+  /** The extents once computed: what `readyExtents` serves without waiting. */
+  extentsDone?: Extent[];
   layouts: Map<string, Promise<SerializedImage>>;
   /** The image once open, and the layouts once made: what `ready` serves without waiting. */
   opened?: BlockImage;
@@ -121,6 +123,18 @@ export class ImageCache {
     };
   }
 
+  /**
+   * The extents of the VDI's current generation when computed already, else
+   * undefined (a lease's extents() computes them). Synchronous, as `ready`.
+   */
+  readyExtents(vdiId: string): readonly Extent[] | undefined {
+    const vdi = this.vdis.get(vdiId);
+    const key = entryKey(vdi);
+    if (this.current.get(vdi.id) !== key) return undefined;
+    const entry = this.entries.get(key);
+    return entry && !entry.evicted ? entry.extentsDone : undefined;
+  }
+
   /** Lets go of a VDI's images (deleted, or a new generation committed): they close once released. */
   drop(vdiId: string): void {
     const key = this.current.get(vdiId);
@@ -167,7 +181,16 @@ export class ImageCache {
       vdi,
       image,
       extents: () => {
-        entry.extents ??= image.extents();
+        if (!entry.extents) {
+          const computing = image.extents();
+          entry.extents = computing;
+          computing.then(
+            (done) => {
+              if (entry.extents === computing) entry.extentsDone = done;
+            },
+            () => {},
+          );
+        }
         const extents = entry.extents;
         return forget(extents, () => {
           if (entry.extents === extents) entry.extents = undefined;
