@@ -12,6 +12,7 @@
  * false and is served by sendExport.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { giveBack, takeBuffer } from '../image/buffer-pool.js';
 import type { ReadyExport } from '../storage/image-cache.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { ReadCounters } from '../transfer/export.js';
@@ -26,28 +27,6 @@ export interface LeanReadDeps {
 
 /** Bodies of this size or more take the stream path (sendfile for raw). */
 const MAX_LEAN_BODY_BYTES = ZERO_COPY_MIN_BYTES;
-const MIN_POOLED_BYTES = 64 * 1024;
-const SPARE_PER_SIZE = 8;
-/** Spare buffers by size (powers of two from 64 KiB): a read takes one, the socket's flush gives it back. */
-const spare = new Map<number, Buffer[]>();
-
-function pooledSize(length: number): number {
-  let size = MIN_POOLED_BYTES;
-  while (size < length) size *= 2;
-  return size;
-}
-
-function takeBuffer(length: number): Buffer {
-  const size = pooledSize(length);
-  return spare.get(size)?.pop() ?? Buffer.allocUnsafe(size);
-}
-
-function giveBack(buf: Buffer): void {
-  const list = spare.get(buf.length);
-  if (!list) spare.set(buf.length, [buf]);
-  else if (list.length < SPARE_PER_SIZE) list.push(buf);
-}
-
 const SINGLE_RANGE = /^bytes=(\d{0,15})-(\d{0,15})$/;
 
 /** A Range of one satisfiable range (as range-parser reads it, suffixes clamped), else undefined. */

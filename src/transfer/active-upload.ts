@@ -31,7 +31,7 @@ import { type LandOptions, landBuffer, landStream } from './land-stream.js';
 import { type ByteRange, RangeSet } from './range-set.js';
 import { nextEpoch, streamDestOf, touch } from './session-record.js';
 import type { Live, SessionRegistry } from './session-registry.js';
-import { readSmallBody, smallChunkRange } from './small-chunk.js';
+import { readSmallBody, releaseSmallBody, smallChunkRange } from './small-chunk.js';
 import { StreamingImport } from './streaming-import.js';
 import type { Transfer } from './transfer-store.js';
 import { checkDeclaredSize, spaceNeeded, uploadLimit } from './upload-rules.js';
@@ -341,6 +341,7 @@ export class ActiveUploads {
         }).catch((err) => {
           throw spaceError(err, 'the upload');
         });
+        releaseSmallBody(got);
         if (chunk.flush === false) this.flusher.wrote(live, start, end);
         else {
           live.unflushed.add(start, end);

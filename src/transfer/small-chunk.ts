@@ -11,6 +11,7 @@
  * (no streaming conversion), and fewer bytes than one O_DIRECT write gathers.
  */
 import type { Readable } from 'node:stream';
+import { giveBack, takeBuffer } from '../image/buffer-pool.js';
 import { DIRECT_BUFFER_BYTES } from '../image/direct-writer.js';
 import type { ChunkRange, ChunkWrite } from './active-upload.js';
 import type { Transfer } from './transfer-store.js';
@@ -27,7 +28,11 @@ export function smallChunkRange(t: Transfer, chunk: ChunkWrite): ChunkRange | un
   return range;
 }
 
-/** What a small body delivered: `received` bytes of `buf`, and why it stopped short, if it did. */
+/**
+ * What a small body delivered: `received` bytes of `buf`, and why it stopped
+ * short, if it did. `buf` is from the buffer pool (it may be longer than
+ * the body): give it back once nothing writes from it.
+ */
 export interface SmallBody {
   buf: Buffer;
   received: number;
@@ -43,7 +48,7 @@ export interface SmallBody {
  * is left undestroyed so the caller can still answer on its connection.
  */
 export function readSmallBody(body: Readable, expected: number, signals: AbortSignal[]): Promise<SmallBody> {
-  const got: SmallBody = { buf: Buffer.allocUnsafe(expected), received: 0, tooLong: 0, error: null };
+  const got: SmallBody = { buf: takeBuffer(expected), received: 0, tooLong: 0, error: null };
   if (body.readableEnded) return Promise.resolve(got);
   // Broken while the session's file opened: no event will come.
   if (body.destroyed) {
@@ -94,4 +99,9 @@ export function readSmallBody(body: Readable, expected: number, signals: AbortSi
     body.on('close', onClose);
     for (const signal of signals) signal.addEventListener('abort', onAbort, { once: true });
   });
+}
+
+/** Back to the pool once its bytes are written (never while a write may still read it). */
+export function releaseSmallBody(got: SmallBody): void {
+  giveBack(got.buf);
 }
