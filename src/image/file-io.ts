@@ -1,5 +1,5 @@
 /** Whole reads and writes at a position: a pread or pwrite may move fewer bytes than asked. */
-import { promises as fsp } from 'node:fs';
+import { chmodSync, closeSync, promises as fsp, openSync } from 'node:fs';
 
 /**
  * Fills `buf` from the file at `offset`; bytes past the end of the file read
@@ -50,5 +50,14 @@ export async function syncFile(path: string): Promise<void> {
  * session state), so nobody but the service's user reads them.
  */
 export const PRIVATE_FILE_MODE = 0o600;
+/**
+ * Creates `file` private if it is not there, and makes an older one private:
+ * for files another library creates with the umask's mode (SQLite's).
+ */
+export function makePrivateFileSync(file: string): void {
+  closeSync(openSync(file, 'a', PRIVATE_FILE_MODE));
+  chmodSync(file, PRIVATE_FILE_MODE);
+}
+
 /** Mode of the directories diskport creates (data directory, SRs, staging). */
 export const PRIVATE_DIR_MODE = 0o700;

@@ -13,6 +13,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
+import { makePrivateFileSync, PRIVATE_FILE_MODE } from '../image/file-io.js';
 
 export const LOCK_FILE = 'diskport.lock';
 const PID_FILE = 'diskport.pid';
@@ -26,7 +27,9 @@ export interface DataDirLock {
 
 /** Takes the data directory for this process, or throws DataDirInUseError. */
 export function lockDataDir(dataDir: string): DataDirLock {
-  const db = new Database(path.join(dataDir, LOCK_FILE), { timeout: 0 });
+  const lockFile = path.join(dataDir, LOCK_FILE);
+  makePrivateFileSync(lockFile); // SQLite would create it with the umask's mode
+  const db = new Database(lockFile, { timeout: 0 });
   try {
     db.pragma('locking_mode = EXCLUSIVE');
     // The first write takes the exclusive lock, which exclusive mode keeps until close.
@@ -42,7 +45,7 @@ export function lockDataDir(dataDir: string): DataDirLock {
     );
   }
   try {
-    writeFileSync(path.join(dataDir, PID_FILE), `${process.pid}\n`);
+    writeFileSync(path.join(dataDir, PID_FILE), `${process.pid}\n`, { mode: PRIVATE_FILE_MODE });
   } catch {
     // only the message's detail
   }

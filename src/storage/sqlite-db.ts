@@ -6,9 +6,9 @@
  * cheap. A running task's progress (once a second) is the exception: it is
  * written without one (Db.relaxedDurability).
  */
-import { chmodSync, closeSync, openSync } from 'node:fs';
+import { chmodSync } from 'node:fs';
 import Database from 'better-sqlite3';
-import { PRIVATE_FILE_MODE } from '../image/file-io.js';
+import { makePrivateFileSync, PRIVATE_FILE_MODE } from '../image/file-io.js';
 import type { Db, Migration, Statement } from './db.js';
 
 class SqliteDb implements Db {
@@ -62,8 +62,7 @@ export function rawSqlite(db: Db): Database.Database | undefined {
 export function openSqliteDb(file: string, migrations: readonly Migration[]): Db {
   // SQLite creates its file world-readable, and its -wal and -shm files with
   // the database's mode: create it private first (and make an older one so).
-  closeSync(openSync(file, 'a', PRIVATE_FILE_MODE));
-  chmodSync(file, PRIVATE_FILE_MODE);
+  makePrivateFileSync(file);
   for (const companion of [`${file}-wal`, `${file}-shm`]) {
     try {
       chmodSync(companion, PRIVATE_FILE_MODE);
