@@ -23,6 +23,7 @@ PG_TESTS=(
   test/metadata-store.test.ts test/vdis.test.ts test/srs.test.ts test/lists.test.ts
   test/snapshots.test.ts test/transfers.test.ts test/tus.test.ts test/restart.test.ts test/imageio-restart.test.ts
   test/tus-restart.test.ts test/vdi-copy.test.ts test/set-migration.test.ts test/imageio.test.ts
+  test/cluster-reads.test.ts
 )
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=("${PG_TESTS[@]}")

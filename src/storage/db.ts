@@ -38,10 +38,17 @@ export interface Db {
   relaxedDurability<T>(fn: () => T): T;
   /**
    * A number that moves whenever this connection may have changed a row
-   * (SQLite's total_changes()): a cache of rows read since is still good
-   * while it stays put, this connection being the database's only writer.
+   * (SQLite's total_changes()): where this connection is the database's
+   * only writer (soleWriter), a cache of rows read since is still good
+   * while it stays put.
    */
   changeCount(): number;
+  /**
+   * Whether no other process writes this database: SQLite's file is one
+   * process's (the data directory's lock); PostgreSQL is shared by every
+   * node of a cluster, whose writes this connection does not see coming.
+   */
+  readonly soleWriter: boolean;
   close(): void;
 }
 

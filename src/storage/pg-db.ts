@@ -43,6 +43,9 @@ export interface PgOptions {
 /** Seconds a client is told to wait when the database is away. */
 export const METADATA_RETRY_AFTER_SECONDS = 5;
 
+/** The advisory lock the migrations run under (any fixed key no other application of the database uses). */
+const MIGRATION_LOCK_KEY = 0x64_69_73_6b; // 'disk'
+
 export type PgRequest =
   | { op: 'query'; text: string; values: unknown[] }
   | { op: 'exec'; text: string }
@@ -102,6 +105,7 @@ class PgDb implements Db {
   private depth = 0;
   private closed = false;
   private writes = 0;
+  readonly soleWriter = false;
   /** The id of the last request posted: the answer to wait for carries it. */
   private sent = 0;
 
@@ -234,7 +238,23 @@ class PgDb implements Db {
   /** Connects (a start-up failure says so plainly) and runs the migrations not yet applied. */
   migrate(migrations: readonly Migration[]): void {
     try {
-      this.exec('CREATE TABLE IF NOT EXISTS diskport_schema (version INTEGER NOT NULL)');
+      this.transaction(() => {
+        // One diskport migrates at a time; the others wait here and find it
+        // done. The lock comes before the first CREATE: nodes started
+        // together on a new database would otherwise collide in
+        // PostgreSQL's catalog on CREATE TABLE IF NOT EXISTS itself.
+        this.prepare('SELECT pg_advisory_xact_lock(?)').get(MIGRATION_LOCK_KEY);
+        this.exec('CREATE TABLE IF NOT EXISTS diskport_schema (version INTEGER NOT NULL)');
+        const row = this.prepare('SELECT version FROM diskport_schema').get() as
+          | { version: number }
+          | undefined;
+        if (!row) this.exec('INSERT INTO diskport_schema (version) VALUES (0)');
+        for (let v = row?.version ?? 0; v < migrations.length; v++) {
+          const m = migrations[v];
+          this.exec(typeof m === 'string' ? ddlToPostgres(m) : m.postgres);
+          this.prepare('UPDATE diskport_schema SET version = ?').run(v + 1);
+        }
+      })();
     } catch (err) {
       this.close();
       const reason = err instanceof Error ? err.message : String(err);
@@ -242,19 +262,6 @@ class PgDb implements Db {
         `cannot use the PostgreSQL database ${redactUrl(this.url)}: ${reason}; check --database-url (DISKPORT_DATABASE_URL), that the server runs and that the user may create tables there`,
       );
     }
-    this.transaction(() => {
-      // One diskport migrates at a time; the others wait here and find it done.
-      this.exec('LOCK TABLE diskport_schema IN EXCLUSIVE MODE');
-      const row = this.prepare('SELECT version FROM diskport_schema').get() as
-        | { version: number }
-        | undefined;
-      if (!row) this.exec('INSERT INTO diskport_schema (version) VALUES (0)');
-      for (let v = row?.version ?? 0; v < migrations.length; v++) {
-        const m = migrations[v];
-        this.exec(typeof m === 'string' ? ddlToPostgres(m) : m.postgres);
-        this.prepare('UPDATE diskport_schema SET version = ?').run(v + 1);
-      }
-    })();
   }
 }
 

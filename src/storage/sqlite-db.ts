@@ -13,6 +13,7 @@ import type { Db, Migration, Statement } from './db.js';
 
 class SqliteDb implements Db {
   readonly dialect = 'sqlite';
+  readonly soleWriter = true;
 
   constructor(readonly raw: Database.Database) {}
 

@@ -139,13 +139,14 @@ export class VdiStore {
    * Rows read since the database last changed, for the reads every request
    * makes (a ranged GET's VDI): a row read costs a file lock and a stat,
    * about 17 µs here, more than the rest of such a request's bookkeeping.
-   * This connection is the database's only writer, and SQLite counts every
-   * row it changes (total_changes(), which reads no table): any change
-   * forgets them all. Not inside a transaction, whose changes a rollback
-   * takes back without being counted.
+   * Only where this connection is the database's only writer (SQLite, which
+   * counts every row it changes: total_changes() reads no table): any change
+   * forgets them all. Not on PostgreSQL, where another node may have
+   * committed a new generation since. Not inside a transaction, whose
+   * changes a rollback takes back without being counted.
    */
   private rowsSinceLastWrite(): Map<string, Vdi> | undefined {
-    if (this.db.inTransaction) return undefined;
+    if (this.db.inTransaction || !this.db.soleWriter) return undefined;
     const changes = this.db.changeCount();
     if (changes !== this.rowsAt) {
       this.rows.clear();
