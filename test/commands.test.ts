@@ -12,6 +12,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
+import { databaseUrlFor } from './helpers/pg.js';
 import { ROOT, tempDir } from './helpers/server.js';
 import { waitFor } from './helpers/wait.js';
 
@@ -85,9 +86,14 @@ describe('the commands from a checkout', () => {
     const port = (probe.address() as net.AddressInfo).port;
     await new Promise((r) => probe.close(r));
     // its own process group: npm, its shell and the server end together
+    const data = path.join(dir, 'data');
+    const databaseUrl = databaseUrlFor(data);
     const child = spawn(
       'npm',
-      ['start', '--silent', '--', '--port', String(port), '--data-dir', path.join(dir, 'data')],
+      [
+        ...['start', '--silent', '--', '--port', String(port), '--data-dir', data],
+        ...(databaseUrl ? ['--database-url', databaseUrl] : []),
+      ],
       { cwd: ROOT, detached: true, stdio: 'ignore' },
     );
     const exited = once(child, 'exit');

@@ -6,11 +6,12 @@
  * again once it is back).
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
+import { ApiError } from '../src/errors.js';
 import { openDb } from '../src/storage/db.js';
 import { rawSqlite } from '../src/storage/sqlite-db.js';
 import { metadataStoreContract } from './contracts/metadata-store.js';
@@ -150,6 +151,40 @@ describe('PostgreSQL away', () => {
     } finally {
       await srv.stop();
       await link.close();
+    }
+  });
+});
+
+describe('PostgreSQL lost inside a transaction', () => {
+  test('the rest of the transaction is not run on a new connection: none of it is applied', {
+    skip: !TEST_DATABASE_URL && 'DISKPORT_TEST_DATABASE_URL is not set',
+  }, async () => {
+    const url = databaseUrlFor(await freshDir()) as string;
+    const db = openDb({ file: '', databaseUrl: url });
+    try {
+      db.exec('CREATE TABLE halves (v INTEGER NOT NULL)');
+      const insert = db.prepare('INSERT INTO halves (v) VALUES (?)');
+      const write = db.transaction(() => {
+        insert.run(1);
+        // The server ends the connection (a restart, a fail-over): what diskport's sees is terminated.
+        execFileSync('psql', [
+          '-X',
+          '-q',
+          url,
+          '-c',
+          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'diskport' AND datname = current_database()",
+        ]);
+        // Time for the connection's end to reach the worker, as it would between two requests.
+        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 500);
+        insert.run(2);
+      });
+      assert.throws(write, (err: unknown) => err instanceof ApiError && err.code === 'METADATA_UNAVAILABLE');
+      // The next call connects again; the transaction left nothing behind, not its second half either.
+      assert.deepEqual(db.prepare('SELECT v FROM halves').all(), []);
+      db.transaction(() => insert.run(3))();
+      assert.deepEqual(db.prepare('SELECT v FROM halves').all(), [{ v: 3 }]);
+    } finally {
+      db.close();
     }
   });
 });

@@ -12,6 +12,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { api } from './helpers/api.js';
+import { storeRows } from './helpers/pg.js';
 import {
   type ServerProcess,
   seededBytes,
@@ -119,9 +120,13 @@ describe('push secrets at rest', () => {
     return { sender, data, target: target.body.id, receiving, push: push.body, gate: g };
   }
 
-  /** Every byte diskport keeps in its data directory. */
+  /**
+   * Every byte diskport keeps at rest: its data directory's files, and the
+   * rows of its metadata store (SQLite's file is among the former; a
+   * PostgreSQL database is elsewhere, so it is read by its rows).
+   */
   async function dataDirBytes(dataDir: string): Promise<Buffer> {
-    const parts: Buffer[] = [];
+    const parts: Buffer[] = [Buffer.from(storeRows(dataDir))];
     for (const name of await fsp.readdir(dataDir, { recursive: true })) {
       const file = path.join(dataDir, name);
       if ((await fsp.stat(file)).isFile()) parts.push(await fsp.readFile(file));

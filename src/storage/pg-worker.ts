@@ -33,7 +33,9 @@ async function connection() {
     application_name: 'diskport',
   });
   c.on('error', () => {
-    if (client === c) client = null;
+    if (client !== c) return;
+    client = null;
+    if (inTransaction) lostTransaction = true;
   });
   await c.connect();
   client = c;
@@ -48,16 +50,36 @@ function isUnavailable(err) {
   return /Connection terminated|timeout|not queryable|ECONN/i.test(String(err?.message ?? ''));
 }
 
+// A transaction is BEGIN...COMMIT on one connection. If that connection is lost half-way, the
+// server has rolled it back; a fresh connection must not run the rest of it, each statement
+// committed alone (a transaction half applied). Until the caller's ROLLBACK (or its COMMIT,
+// which fails) every statement of it fails as the lost one did.
+let inTransaction = false;
+let lostTransaction = false;
+
 async function handle(req) {
   if (req.op === 'close') {
     const c = client;
     client = null;
+    inTransaction = lostTransaction = false;
     if (c) await c.end().catch(() => {});
     return { ok: true, rows: [], changes: 0 };
   }
+  const text = req.op === 'exec' ? req.text.trim() : '';
+  if (lostTransaction) {
+    if (text === 'ROLLBACK' || text === 'COMMIT') inTransaction = lostTransaction = false;
+    if (text === 'ROLLBACK') return { ok: true, rows: [], changes: 0 };
+    throw Object.assign(new Error('the connection was lost inside a transaction, which the server rolled back'), {
+      code: '08006',
+    });
+  }
   const c = await connection();
   if (req.op === 'exec') {
+    // Whatever its outcome, the transaction is over (a failed COMMIT is answered as unavailable).
+    if (text === 'COMMIT' || text === 'ROLLBACK') inTransaction = false;
     await c.query(req.text);
+    // Only once it began: a BEGIN that failed leaves no transaction for the caller to roll back.
+    if (text === 'BEGIN') inTransaction = true;
     return { ok: true, rows: [], changes: 0 };
   }
   let name = names.get(req.text);
@@ -80,6 +102,7 @@ async function serve(req) {
       client = null;
       lost.end().catch(() => {});
     }
+    if (unavailable && inTransaction) lostTransaction = true;
     reply = { ok: false, message: String(err?.message ?? err), code: err?.code, unavailable };
   }
   port.postMessage({ ...reply, id: req.id });

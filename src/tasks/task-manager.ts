@@ -68,7 +68,14 @@ export class RunningTask {
     const now = Date.now();
     if (now - this.lastPersist >= PERSIST_INTERVAL_MS) {
       this.lastPersist = now;
-      this.manager.persistProgress(this.record);
+      try {
+        this.manager.persistProgress(this.record);
+      } catch (err) {
+        // Progress is advisory: the next update or the task's end writes it. Bytes are
+        // counted from timers and stream callbacks, where a throw for a database that is
+        // away (PostgreSQL restarting) would take the process down.
+        if (!(err instanceof ApiError && err.code === 'METADATA_UNAVAILABLE')) throw err;
+      }
     }
   }
 

@@ -203,7 +203,11 @@ export class TicketService {
 
   /** Ends tickets past their absolute deadline, so their VDI is free again (the session ttl handles idleness). */
   start(): void {
-    this.reaper = setInterval(() => void this.reapExpired(), REAP_INTERVAL_MS);
+    // A round that fails (the metadata database away) is logged; the next one retries.
+    this.reaper = setInterval(
+      () => void this.reapExpired().catch((err) => this.logger?.error({ err }, 'expiring tickets failed')),
+      REAP_INTERVAL_MS,
+    );
     this.reaper.unref();
   }
 

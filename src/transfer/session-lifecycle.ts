@@ -100,7 +100,11 @@ export class SessionLifecycle {
         this.logger?.error({ err, transfer: t.id }, 'could not resume transfer');
       }
     }
-    this.reaper = setInterval(() => void this.reapExpired(), REAP_INTERVAL_MS);
+    // A round that fails (the metadata database away) is logged; the next one retries.
+    this.reaper = setInterval(
+      () => void this.reapExpired().catch((err) => this.logger?.error({ err }, 'expiring transfers failed')),
+      REAP_INTERVAL_MS,
+    );
     this.reaper.unref();
   }
 

@@ -1,9 +1,11 @@
 /**
  * The suite on PostgreSQL: with DISKPORT_TEST_DATABASE_URL set (a database
  * whose user may create databases), every test server gets a database of its
- * own, named after its data directory, so a server restarted on the same
- * directory finds its metadata again. They are dropped when the test file's
- * process exits. Without it, servers keep SQLite in their data directory.
+ * own, named after its data directory (and the test file's process), so a
+ * server restarted on the same directory finds its metadata again. They are
+ * dropped when the test file's process exits. Without it, servers keep
+ * SQLite in their data directory. Tests read and write the metadata beside a
+ * server with queryAt and execSqlAt, which go to whichever it uses.
  */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -19,6 +21,9 @@ export const TEST_DATABASE_URL = process.env.DISKPORT_TEST_DATABASE_URL || undef
 export function sqliteOnly(what: string): string | false {
   return TEST_DATABASE_URL ? `about SQLite (${what}), which the PostgreSQL pass does not use` : false;
 }
+
+/** The same, for a test that reads SQLite's file itself. */
+export const SQLITE_ONLY: string | false = sqliteOnly('its file');
 
 const made = new Map<string, string>();
 
