@@ -11,6 +11,11 @@ import { WIRE_FORMATS } from './formats/types.js';
 import type { RunningTask, TaskManager } from './tasks/task-manager.js';
 import type { ReadCounters } from './transfer/export.js';
 
+/** What the commits of imports read (storage/vdis.ts counts it). */
+export interface CommitCounters {
+  readonly deltaBaseBytesRead: number;
+}
+
 /** Which byte counter a task type moves; the types listed are transfers. */
 export const TRANSFER_DIRECTIONS: Readonly<Record<string, 'received' | 'sent'>> = {
   import: 'received',
@@ -60,6 +65,7 @@ export class Metrics {
   constructor(
     private readonly tasks: TaskManager,
     private readonly reads: ReadCounters,
+    commits: CommitCounters = { deltaBaseBytesRead: 0 },
   ) {
     // Ranged reads are not tasks; their counters are read at scrape time.
     const fromTotals = (totals: Map<string, number>) =>
@@ -97,6 +103,15 @@ export class Metrics {
       collect() {
         const running = tasks.list({ status: 'running' });
         this.set(running.filter((t) => t.type in TRANSFER_DIRECTIONS).length);
+      },
+    });
+    new Counter({
+      name: 'diskport_delta_base_bytes_read_total',
+      help: 'Bytes delta imports read of the VDI content they were laid onto (after a snapshot: the partial blocks of the delta only)',
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        this.inc(commits.deltaBaseBytesRead);
       },
     });
     collectDefaultMetrics({ register: this.registry });
@@ -155,8 +170,9 @@ export class Metrics {
 export function observeTasks(
   tasks: TaskManager,
   reads: ReadCounters,
+  commits?: CommitCounters,
 ): { metrics: Metrics; stop: () => void } {
-  const metrics = new Metrics(tasks, reads);
+  const metrics = new Metrics(tasks, reads, commits);
   const stop = tasks.onFinished((task) => {
     try {
       metrics.recordFinished(task);

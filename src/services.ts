@@ -121,7 +121,7 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
   migrationsIn.start();
   const checksums = new ChecksumService(vdis, tasks);
   const reads = new ReadCounters();
-  const observed = observeTasks(tasks, reads);
+  const observed = observeTasks(tasks, reads, vdis);
   const diskSets = new DiskSets(db, vdis, snapshots);
 
   const services: Services = {

@@ -17,6 +17,7 @@ import type net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi } from './helpers/api.js';
+import { sample, scrape } from './helpers/metrics.js';
 import {
   type ServerProcess,
   seededBytes,
@@ -162,6 +163,13 @@ describe('incremental push: only what changed crosses the wire', () => {
     return res.body;
   };
 
+  /** What the receiver's delta commits read of the content they were laid onto (/metrics). */
+  const baseBytesRead = async () => {
+    const n = sample(await scrape(b.url, AUTH), 'diskport_delta_base_bytes_read_total');
+    assert.ok(n !== undefined, 'the receiver reports the metric');
+    return n;
+  };
+
   /** 13 MiB of data in a 64 MiB disk, the rest holes. */
   function initialDisk(): Buffer {
     const disk = Buffer.alloc(SIZE);
@@ -231,7 +239,12 @@ describe('incremental push: only what changed crosses the wire', () => {
       write(disk);
       await putDisk(a.url, source, disk);
       const changed = changedBlockBytes(before, disk);
+      const readBefore = await baseBytesRead();
       const r = await push(source, target);
+      // The receiver's commit lays the delta's blocks onto its snapshot's content
+      // without reading that content (the delta holds whole 64 KiB blocks).
+      const read = (await baseBytesRead()) - readBefore;
+      assert.ok(read <= changed, `${what}: the receiver's commit read ${read} bytes of the target`);
       t.diagnostic(`${what}: ${r.bytes_sent} bytes sent for ${changed} bytes of changed blocks`);
       assert.equal(r.mode, 'delta', `${what}: ${JSON.stringify(r)}`);
       assert.equal(r.base, previous.source_snapshot);

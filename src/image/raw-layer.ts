@@ -6,21 +6,20 @@
  * The ranges are kept by the caller (the metadata store), not in the file.
  */
 import { constants as fsConstants, promises as fsp } from 'node:fs';
-import { diffBlocks } from './block-diff.js';
-import type { BlockImage } from './block-image.js';
+import type { DiffRun } from './block-diff.js';
 import type { DefinedRange } from './chain-image.js';
 import { PRIVATE_FILE_MODE, writeFully } from './file-io.js';
 
 /**
- * Writes at `file` (created, or truncated) the layer that makes `next` read
- * right over `parent`, fsyncs it, and returns the ranges it defines, sorted
- * and merged. Memory: diffBlocks' two chunks, whatever the disk's size.
+ * Writes at `file` (created, or truncated) the layer of a disk of
+ * `virtualSize` defining `runs` (in order: diffBlocks' of the new disk over
+ * its parent, say), fsyncs it, and returns the ranges it defines, sorted and
+ * merged. Memory: what one run holds, whatever the disk's size.
  */
 export async function writeRawLayer(
-  next: BlockImage,
-  parent: BlockImage,
+  runs: AsyncIterable<DiffRun>,
+  virtualSize: number,
   file: string,
-  opts: { signal?: AbortSignal } = {},
 ): Promise<{ defined: DefinedRange[]; dataBytes: number }> {
   const handle = await fsp.open(
     file,
@@ -30,8 +29,8 @@ export async function writeRawLayer(
   const defined: DefinedRange[] = [];
   let dataBytes = 0;
   try {
-    await handle.truncate(next.virtualSize);
-    for await (const run of diffBlocks(next, parent, { signal: opts.signal })) {
+    await handle.truncate(virtualSize);
+    for await (const run of runs) {
       if (run.data) {
         await writeFully(handle, run.data, 0, run.length, run.start);
         dataBytes += run.length;

@@ -6,6 +6,7 @@
 import path from 'node:path';
 import { codecFor } from '../formats/index.js';
 import { Qcow2Image } from '../formats/qcow2/index.js';
+import type { DiffRun } from '../image/block-diff.js';
 import type { BlockImage } from '../image/block-image.js';
 import type { DefinedRange } from '../image/chain-image.js';
 import { RawFileImage } from '../image/raw-file-image.js';
@@ -33,18 +34,19 @@ export function openLayerFile(file: string, format: string, virtualSize: number)
 
 /**
  * Writes at `file` the layer of `format` that makes `next` read right over
- * `parent`, whose file is `parentName` beside it; fsynced. Returns the
- * ranges it defines.
+ * its parent, whose file is `parentName` beside it, `runs` being where the
+ * two differ (in order: diffBlocks'); fsynced. Returns the ranges it defines.
  */
 export async function writeLayerFile(
   format: string,
   next: BlockImage,
-  parent: BlockImage,
+  runs: AsyncIterable<DiffRun>,
   file: string,
   parentName: string,
+  opts: { signal?: AbortSignal } = {},
 ): Promise<{ defined: DefinedRange[] }> {
-  if (format === 'qcow2') return writeQcow2Layer(next, parent, file, parentName);
+  if (format === 'qcow2') return writeQcow2Layer(runs, next.virtualSize, file, parentName);
   if (format === 'vhd')
-    return writeVhdLayer(next, parent, file, parentName, path.join(path.dirname(file), parentName));
-  return writeRawLayer(next, parent, file);
+    return writeVhdLayer(next, runs, file, parentName, path.join(path.dirname(file), parentName), opts);
+  return writeRawLayer(runs, next.virtualSize, file);
 }

@@ -13,7 +13,7 @@
 import { Qcow2Image } from '../formats/qcow2/index.js';
 import { Qcow2Patch } from '../formats/qcow2/patch.js';
 import { EXPORT_CLUSTER_SIZE_BYTES } from '../formats/qcow2/serialize.js';
-import { diffBlocks } from '../image/block-diff.js';
+import type { DiffRun } from '../image/block-diff.js';
 import type { BlockImage, Extent } from '../image/block-image.js';
 import type { DefinedRange } from '../image/chain-image.js';
 import { complement, type MergeWriteOptions } from '../image/raw-merge.js';
@@ -22,21 +22,21 @@ import { complement, type MergeWriteOptions } from '../image/raw-merge.js';
 const COPY_BYTES = 64 * EXPORT_CLUSTER_SIZE_BYTES;
 
 /**
- * Writes at `file` (created, or truncated) the overlay over `backing` that
- * makes `next` read right over `parent`: the clusters that differ, as data,
- * or as zero clusters where `next` reads zeros over the parent's data.
+ * Writes at `file` (created, or truncated) the overlay over `backing` of a
+ * disk of `virtualSize` defining `runs` (in order: the clusters that differ
+ * from the parent, as data, or as zero clusters where the new disk reads
+ * zeros over the parent's data).
  */
 export async function writeQcow2Layer(
-  next: BlockImage,
-  parent: BlockImage,
+  runs: AsyncIterable<DiffRun>,
+  virtualSize: number,
   file: string,
   backing: string,
-  opts: { signal?: AbortSignal } = {},
 ): Promise<{ defined: DefinedRange[] }> {
-  const patch = await Qcow2Patch.create(file, next.virtualSize, backing);
+  const patch = await Qcow2Patch.create(file, virtualSize, backing);
   const defined: DefinedRange[] = [];
   try {
-    for await (const run of diffBlocks(next, parent, { signal: opts.signal })) {
+    for await (const run of runs) {
       if (run.data) await patch.write(run.start, run.data);
       else await patch.zero(run.start, run.length);
       const last = defined[defined.length - 1];

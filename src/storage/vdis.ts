@@ -21,16 +21,16 @@ import { ResizedImage } from '../image/resized-image.js';
 import { freeBytes, humanBytes, insufficientSpace, spaceError, spaceGuardOf } from '../image/space.js';
 import { writeBlockDigests } from './block-digests.js';
 import { ChainGate } from './chain-gate.js';
-import { type ContentRow, Contents, decodeDefined, encodeDefined } from './contents.js';
+import { type ContentRow, Contents, decodeDefined } from './contents.js';
 import { convertInto } from './convert.js';
 import { cachedStatement, type Db, nowIso } from './db.js';
 import { PROBE_PREFIX } from './file-limits.js';
 import { ImageCache } from './image-cache.js';
-import { LAYERED_FORMATS, openLayerFile, writeLayerFile } from './layer-files.js';
+import { type CommitOptions, commitContent } from './layer-commit.js';
+import { openLayerFile } from './layer-files.js';
 import { type Page, type PageRequest, selectPage } from './paging.js';
 import type { Sr, SrStore } from './srs.js';
 import { corruptAtRest, StoredImage } from './stored-image.js';
-import type { StreamedDigests } from './streamed-digests.js';
 import type { VdiLocks } from './vdi-locks.js';
 
 export interface Vdi {
@@ -111,6 +111,8 @@ export class VdiStore {
   readonly gate = new ChainGate();
   /** Called after a delete or a commit changed which contents are held (merges are planned then). */
   onChainsChanged: () => void = () => {};
+  /** Bytes delta imports read of the content they were laid onto (/metrics): O(the delta) after a snapshot. */
+  deltaBaseBytesRead = 0;
   /** See rowsSinceLastWrite. */
   private readonly rows = new Map<string, Vdi>();
   private rowsAt = -1;
@@ -186,6 +188,10 @@ export class VdiStore {
         `clone it (POST /v1/vdis/${vdi.id}/clone) for a writable copy`,
       { vdi: vdi.id, snapshot_of: vdi.snapshot_of },
     );
+  }
+
+  countDeltaBaseBytes(n: number): void {
+    this.deltaBaseBytesRead += n;
   }
 
   srOf(vdi: Vdi): Sr {
@@ -430,14 +436,14 @@ export class VdiStore {
   }
 
   /** Removes the digest file `vdi` named, unless another VDI (a snapshot, a clone) still names it. */
-  private async dropDigests(vdi: Vdi): Promise<void> {
+  async dropDigests(vdi: Vdi): Promise<void> {
     if (!vdi.digest_file) return;
     const used = this.db.prepare('SELECT 1 FROM vdis WHERE digest_file = ? LIMIT 1').get(vdi.digest_file);
     if (!used) await fsp.rm(path.join(this.srOf(vdi).path, vdi.digest_file), { force: true });
   }
 
   /** Opens a file of the VDI's format at rest as the disk it holds. */
-  private openFile(file: string, format: string, virtualSize: number): Promise<BlockImage> {
+  openFile(file: string, format: string, virtualSize: number): Promise<BlockImage> {
     if (format === 'raw') return RawFileImage.open(file, { virtualSize });
     return codecFor(format).open(file);
   }
@@ -447,11 +453,7 @@ export class VdiStore {
    * that name unless a layer reads it as its parent, and the id-named files
    * of the contents nothing holds any more.
    */
-  private async unlinkReleased(
-    vdi: Vdi,
-    released: readonly string[],
-    opts: { wait?: boolean } = {},
-  ): Promise<void> {
+  async unlinkReleased(vdi: Vdi, released: readonly string[], opts: { wait?: boolean } = {}): Promise<void> {
     const dir = this.srOf(vdi).path;
     const names = new Set(released);
     if (!this.contents.isParent(vdi.file_name)) names.add(vdi.file_name);
@@ -516,115 +518,16 @@ export class VdiStore {
   }
 
   /** A content's own disk (its chain), for writing a layer over it. */
-  private async openContent(vdi: Vdi, id: string): Promise<BlockImage> {
+  async openContent(vdi: Vdi, id: string): Promise<BlockImage> {
     const row = this.contents.get(id);
     const file = path.join(this.srOf(vdi).path, id);
     if (!row) return this.openFile(file, vdi.image_format, vdi.virtual_size);
     return this.openChain({ ...vdi, file_name: id, virtual_size: row.virtual_size }, row);
   }
 
-  /**
-   * For a raw or qcow2 VDI whose content is shared (a snapshot or clone names it, or a
-   * layer is built over it) or is a layer already: writes at `target` the
-   * layer of `stagedFile` over the parent it must have (the shared content
-   * itself, else the unshared layer's own parent), so the commit costs space
-   * for the blocks that differ only. Null when the commit stays flat (no
-   * snapshot in the VDI's history: today's fast path).
-   */
-  private async writeLayer(
-    vdi: Vdi,
-    stagedFile: string,
-    target: string,
-    virtualSize: number,
-  ): Promise<{ parent: string; defined: string } | null> {
-    if (!LAYERED_FORMATS.has(vdi.image_format)) return null;
-    const shared = this.contents.holders(vdi.content_id, vdi.id) > 0;
-    const parent = shared ? vdi.content_id : (this.contents.get(vdi.content_id)?.parent ?? null);
-    if (parent === null) return null;
-    if (shared && parent !== vdi.file_name) {
-      // A parent is read under its id: give it that name back (a clone's or
-      // snapshot's file is another link of the same inode).
-      await fsp.link(this.imagePath(vdi), path.join(this.srOf(vdi).path, parent)).catch((err) => {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      });
-    }
-    const next = await this.openFile(stagedFile, vdi.image_format, virtualSize);
-    try {
-      const base = await this.openContent(vdi, parent);
-      try {
-        const { defined } = await writeLayerFile(vdi.image_format, next, base, target, parent);
-        return { parent, defined: encodeDefined(defined) };
-      } finally {
-        await base.close();
-      }
-    } finally {
-      await next.close();
-    }
-  }
-
-  /**
-   * Makes `stagedFile` (already in the VDI's format at rest and fsynced) the
-   * VDI's content: hard-link it as the next generation's file, fsync the
-   * directory, then switch the row in one transaction. The old generation and
-   * the staged name are removed after. A link rather than a rename keeps the
-   * staged file in place until the switch, so a commit cut by a crash can be
-   * run again from it (the orphan link is collected at startup).
-   */
-  async commitContent(
-    id: string,
-    stagedFile: string,
-    opts: {
-      virtualSize?: number;
-      /** More writes that must commit together with the switch (e.g. the transfer's state). */
-      inTransaction?: (generation: number) => void;
-      /** Digests of blocks of `stagedFile` hashed as they were written (not read again). */
-      digests?: StreamedDigests | null;
-    } = {},
-  ): Promise<Vdi> {
-    let vdi = this.get(id);
-    // Every write path refuses a snapshot before its first byte; this is the last line.
-    this.assertWritable(vdi, 'an import');
-    const sr = this.srOf(vdi);
-    const generation = vdi.generation + 1;
-    const fileName = generationFileName(vdi.id, generation, vdi.image_format);
-    const target = path.join(sr.path, fileName);
-    const digestFile = digestFileName(vdi.id, generation);
-    const digests = path.join(sr.path, digestFile);
-    // The digests are written (and fsynced) before the switch names them; a
-    // crash before it leaves a file no row names, collected at startup.
-    const staged = await this.openFile(stagedFile, vdi.image_format, opts.virtualSize ?? vdi.virtual_size);
-    try {
-      await writeBlockDigests(staged, digests, undefined, opts.digests);
-    } catch (err) {
-      throw spaceError(err, 'the commit');
-    } finally {
-      await staged.close();
-    }
-    await fsp.rm(target, { force: true }); // an orphan of an earlier attempt
-    let released: string[];
-    // A merge of this chain gives way, and the row is read again after it
-    // (a merge may have moved the VDI's content onto its parent).
-    const leave = await this.gate.enterCommit(() => this.chainIdsOf(this.get(id)));
-    try {
-      vdi = this.get(id);
-      const layer = await this.writeLayer(vdi, stagedFile, target, opts.virtualSize ?? vdi.virtual_size);
-      if (!layer) await fsp.link(stagedFile, target);
-      await fsyncDir(sr.path);
-      released = this.switchGeneration(id, vdi, generation, fileName, layer, { ...opts, digestFile });
-    } catch (err) {
-      // Nothing points at the new name: the VDI keeps its content.
-      await fsp.rm(target, { force: true });
-      await fsp.rm(digests, { force: true });
-      throw spaceError(err, 'the commit');
-    } finally {
-      leave();
-    }
-    this.onChainsChanged();
-    this.images.drop(id);
-    await fsp.rm(stagedFile, { force: true });
-    await this.dropDigests(vdi);
-    await this.unlinkReleased(vdi, released);
-    return this.get(id);
+  /** Makes `stagedFile` (in the VDI's format at rest, fsynced) the VDI's content: see layer-commit.ts. */
+  commitContent(id: string, stagedFile: string, opts: CommitOptions = {}): Promise<Vdi> {
+    return commitContent(this, id, stagedFile, opts);
   }
 
   /**
@@ -686,40 +589,16 @@ export class VdiStore {
     return this.get(id);
   }
 
-  private switchGeneration(
+  /** Inside a commit's transaction: points the VDI's row at its new generation (layer-commit.ts). */
+  switchRow(
     id: string,
-    vdi: Vdi,
-    generation: number,
-    fileName: string,
-    layer: { parent: string; defined: string } | null,
-    opts: { virtualSize?: number; inTransaction?: (generation: number) => void; digestFile: string },
-  ): string[] {
-    return this.db.transaction(() => {
-      const now = nowIso();
-      const virtualSize = opts.virtualSize ?? vdi.virtual_size;
-      if (layer) {
-        // A flat parent gets its row now (a layer parent has one).
-        if (layer.parent === vdi.content_id) {
-          this.contents.keepAsParent(layer.parent, vdi.sr_id, vdi.virtual_size, now);
-        }
-        this.contents.insert({
-          id: fileName,
-          sr_id: vdi.sr_id,
-          parent: layer.parent,
-          defined: layer.defined,
-          virtual_size: virtualSize,
-          created_at: now,
-        });
-      }
-      this.db
-        .prepare(
-          `UPDATE vdis SET generation=@generation, file_name=@fileName, content_id=@fileName,
-           virtual_size=@virtualSize, content_updated_at=@updatedAt, digest_file=@digestFile WHERE id=@id`,
-        )
-        .run({ id, generation, fileName, virtualSize, updatedAt: now, digestFile: opts.digestFile });
-      opts.inTransaction?.(generation);
-      return this.contents.release(vdi.content_id);
-    })();
+    to: { generation: number; fileName: string; virtualSize: number; updatedAt: string; digestFile: string },
+  ): void {
+    cachedStatement(
+      this.db,
+      `UPDATE vdis SET generation=@generation, file_name=@fileName, content_id=@fileName,
+       virtual_size=@virtualSize, content_updated_at=@updatedAt, digest_file=@digestFile WHERE id=@id`,
+    ).run({ id, ...to });
   }
 
   async physicalUtilisation(vdi: Vdi): Promise<number> {

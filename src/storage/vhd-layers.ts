@@ -13,7 +13,7 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import { EXPORT_BLOCK_SIZE_BYTES } from '../formats/vhd/serialize.js';
-import { diffBlocks } from '../image/block-diff.js';
+import type { DiffRun } from '../image/block-diff.js';
 import type { BlockImage } from '../image/block-image.js';
 import type { DefinedRange } from '../image/chain-image.js';
 import { readAt } from '../image/file-io.js';
@@ -25,12 +25,13 @@ const FOOTER_UUID_OFFSET = 68;
 
 /**
  * Writes at `file` the differencing VHD over `parentFile` (named `parentName`
- * beside it) that makes `next` read right over `parent`: the 2 MiB blocks in
- * which any 64 KiB block differs.
+ * beside it) that makes `next` read right over its parent, `runs` being what
+ * differs (in any order; their data is not used): the 2 MiB blocks in which
+ * any of them lies, read from `next`.
  */
 export async function writeVhdLayer(
   next: BlockImage,
-  parent: BlockImage,
+  runs: AsyncIterable<DiffRun>,
   file: string,
   parentName: string,
   parentFile: string,
@@ -38,13 +39,19 @@ export async function writeVhdLayer(
 ): Promise<{ defined: DefinedRange[] }> {
   const B = EXPORT_BLOCK_SIZE_BYTES;
   const size = next.virtualSize;
-  const defined: DefinedRange[] = [];
-  for await (const run of diffBlocks(next, parent, { signal: opts.signal })) {
+  const blocks: DefinedRange[] = [];
+  for await (const run of runs) {
     const start = Math.floor(run.start / B) * B;
     const end = Math.min(size, Math.ceil((run.start + run.length) / B) * B);
+    blocks.push({ start, length: end - start });
+  }
+  blocks.sort((a, b) => a.start - b.start);
+  const defined: DefinedRange[] = [];
+  for (const { start, length } of blocks) {
     const last = defined[defined.length - 1];
-    if (last && start <= last.start + last.length) last.length = Math.max(last.length, end - last.start);
-    else defined.push({ start, length: end - start });
+    if (last && start <= last.start + last.length)
+      last.length = Math.max(last.length, start + length - last.start);
+    else defined.push({ start, length });
   }
   await convertInto(new MaskedImage(next, defined), 'vhd', file, opts, {
     uuid: randomBytes(16),

@@ -26,11 +26,13 @@ import { ApiError, formatBytes, MalformedImageError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
 import { isDifferencing } from '../formats/types.js';
 import type { BlockImage } from '../image/block-image.js';
+import type { DefinedRange } from '../image/chain-image.js';
 import { syncFile } from '../image/file-io.js';
 import { RawFileImage } from '../image/raw-file-image.js';
 import { isZeroFrom, ResizedImage } from '../image/resized-image.js';
 import { spaceError } from '../image/space.js';
 import { convertInto } from '../storage/convert.js';
+import { commitDelta } from '../storage/layer-commit.js';
 import type { StreamedDigests } from '../storage/streamed-digests.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
@@ -86,6 +88,20 @@ export async function commitStaged(
           'the start of the image describes another kind of disk than its footer',
         );
       }
+      // After a snapshot: a layer of the delta's changed blocks only, O(the delta).
+      const layered = await commitDelta(
+        vdis,
+        vdi.id,
+        image,
+        clipRanges(await image.defined(), vdi.virtual_size),
+        {
+          inTransaction,
+          signal: task.signal,
+          onBaseBytes: (n) => vdis.countDeltaBaseBytes(n),
+        },
+      );
+      if (layered) return layered;
+      // A VDI without snapshots is one flat file: rewritten whole, as any import.
       composed = await layOnto(vdis, vdi, image);
       // Not `${stagedFile}.raw`: that may be the disk a streaming import opened.
       converted = `${stagedFile}.delta.${vdi.image_format}`;
@@ -139,4 +155,11 @@ export async function commitStaged(
     await image.close().catch(() => {});
     if (converted) await fsp.rm(converted, { force: true });
   }
+}
+
+/** `ranges` cut at `size` (a VHD's CHS rounding may reach past the VDI's end, with zeros). */
+function clipRanges(ranges: readonly DefinedRange[], size: number): DefinedRange[] {
+  return ranges
+    .filter((r) => r.start < size)
+    .map((r) => ({ start: r.start, length: Math.min(r.length, size - r.start) }));
 }

@@ -19,6 +19,7 @@ import { ApiError } from '../errors.js';
 import type { DifferencingImage } from '../formats/types.js';
 import type { BlockImage } from '../image/block-image.js';
 import { ChainImage } from '../image/chain-image.js';
+import { CountingImage } from '../image/counting-image.js';
 import { blockCount, changedBlockRuns, DIGEST_BLOCK_BYTES } from '../storage/block-digests.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 
@@ -94,7 +95,7 @@ export async function assertBase(vdis: VdiStore, vdi: Vdi, base: string): Promis
  */
 export async function layOnto(vdis: VdiStore, vdi: Vdi, delta: DifferencingImage): Promise<BlockImage> {
   const defined = await delta.defined();
-  const current = await vdis.openImage(vdi);
+  const current = new CountingImage(await vdis.openImage(vdi), (n) => vdis.countDeltaBaseBytes(n));
   return new ChainImage(vdi.virtual_size, [
     { image: delta, defined },
     { image: current, defined: [{ start: 0, length: vdi.virtual_size }] },
