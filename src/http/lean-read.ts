@@ -10,6 +10,11 @@
  * names the current ETag, and a VDI whose image and layout are open already
  * (the first read opens them through the stream path). Anything else says
  * false and is served by sendExport.
+ *
+ * The same for the routes that serve an export through sendExport once
+ * their own checks have passed (a download session's url, an imageio read
+ * ticket, xapi's /export_raw_vdi): `leanReadWithin` answers as sendExport
+ * would for them, a session's bytes counted toward its task.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { giveBack, takeBuffer } from '../image/buffer-pool.js';
@@ -18,6 +23,7 @@ import type { VdiStore } from '../storage/vdis.js';
 import type { ReadCounters } from '../transfer/export.js';
 import { exportHeaders, fillPieces } from '../transfer/ranged-read.js';
 import { answerError } from './errors.js';
+import type { SessionExport } from './send-export.js';
 import { ZERO_COPY_MIN_BYTES } from './zero-copy.js';
 
 export interface LeanReadDeps {
@@ -49,6 +55,48 @@ export function leanRead(
   res: ServerResponse,
   vdiId: string,
   format: string,
+): boolean {
+  return serve(deps, req, res, vdiId, format, undefined, (err) => answerError(err, req, res), noop);
+}
+
+function noop(): void {}
+
+/**
+ * leanRead inside a route that would call sendExport(deps, req, res, vdiId,
+ * format, session): undefined when the request is not one it answers
+ * (nothing done), else a promise that settles once the answer is written,
+ * or rejects before any header with what the route's error handler answers
+ * (as sendExport rejects). A session's task counts the bytes, and a failed
+ * read is the session's to judge, as there.
+ */
+export function leanReadWithin(
+  deps: LeanReadDeps,
+  req: IncomingMessage,
+  res: ServerResponse,
+  vdiId: string,
+  format: string,
+  session?: SessionExport,
+): Promise<void> | undefined {
+  let settle!: (err: unknown) => void;
+  const answered = new Promise<void>((resolve, reject) => {
+    settle = (err) => (err ? reject(err) : resolve());
+  });
+  const failed = (err: unknown) => {
+    session?.onReadFailed(err);
+    settle(err);
+  };
+  return serve(deps, req, res, vdiId, format, session, failed, () => settle(null)) ? answered : undefined;
+}
+
+function serve(
+  deps: LeanReadDeps,
+  req: IncomingMessage,
+  res: ServerResponse,
+  vdiId: string,
+  format: string,
+  session: SessionExport | undefined,
+  failed: (err: unknown) => void,
+  sent: () => void,
 ): boolean {
   const h = req.headers;
   const head = req.method === 'HEAD';
@@ -89,6 +137,7 @@ export function leanRead(
     ready.release();
     setHeaders();
     res.end();
+    sent();
     return true;
   }
   const length = range.end - range.start + 1;
@@ -99,17 +148,25 @@ export function leanRead(
     held.release();
     if (err) {
       giveBack(buf);
-      answerError(err, req, res);
+      failed(err);
       return;
     }
     if (res.destroyed) {
       giveBack(buf);
+      sent();
       return;
     }
     setHeaders();
-    deps.reads.countRequest(format);
-    res.end(body, () => giveBack(buf));
-    deps.reads.countBytes(format, length);
+    if (session) {
+      res.setHeader('X-Task-Id', session.taskId);
+      res.end(body, () => giveBack(buf));
+      session.onBytes(length);
+    } else {
+      deps.reads.countRequest(format);
+      res.end(body, () => giveBack(buf));
+      deps.reads.countBytes(format, length);
+    }
+    sent();
   });
   return true;
 }

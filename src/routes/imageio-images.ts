@@ -12,6 +12,7 @@ import express, { type Request, type Response, Router } from 'express';
 import { ApiError } from '../errors.js';
 import { continueNow } from '../http/continue.js';
 import { assertSingleRange, imageioErrors, parsePatch, putRange, starTotal } from '../http/imageio.js';
+import { leanReadWithin } from '../http/lean-read.js';
 import { flushParam } from '../http/params.js';
 import { type SessionExport, sendExport, sendSource } from '../http/send-export.js';
 import { BLKHASH_ALGORITHMS, blkhashImage, parseBlkhashParams } from '../ops/blkhash.js';
@@ -102,9 +103,10 @@ export function imageioImageRoutes(s: Services): Router {
             .catch((e) => req.log?.error({ err: e, ticket: t.id }, 'ending a failed download ticket failed'));
         },
       };
-      if (t.size === s.vdis.get(t.vdi_id).virtual_size)
-        await sendExport(s, req, res, t.vdi_id, 'raw', download);
-      else await sendSource(s, req, res, await s.tickets.openExport(t), download);
+      if (t.size === s.vdis.get(t.vdi_id).virtual_size) {
+        await (leanReadWithin(s, req, res, t.vdi_id, 'raw', download) ??
+          sendExport(s, req, res, t.vdi_id, 'raw', download));
+      } else await sendSource(s, req, res, await s.tickets.openExport(t), download);
     })
     .put('/images/:ticket', async (req, res) => {
       const t = await ticketFor(s, req, res, 'write');

@@ -12,10 +12,11 @@
 import { type Request, type Response, Router } from 'express';
 import { ApiError } from '../errors.js';
 import { continueNow } from '../http/continue.js';
+import { leanReadWithin } from '../http/lean-read.js';
 import { validateBody } from '../http/openapi.js';
 import { pageParams, sendPage } from '../http/paging.js';
 import { flushParam } from '../http/params.js';
-import { sendExport } from '../http/send-export.js';
+import { type SessionExport, sendExport } from '../http/send-export.js';
 import { requireTransferCredential } from '../http/transfer-auth.js';
 import { parseContentDigest, parseContentRange } from '../http/transfer-headers.js';
 import type { Services } from '../services.js';
@@ -167,8 +168,9 @@ export function transferRoutes(s: Services): Router {
 
 async function serveDownload(s: Services, req: Request, res: Response, t: Transfer): Promise<void> {
   if (t.state !== 'open') throw new ApiError('TRANSFER_NOT_ACTIVE', `transfer ${t.id} is ${t.state}`);
-  s.transfers.renew(t.id);
-  await sendExport(s, req, res, t.vdi_id, t.format, {
+  // Renewed in memory, saved at most every so often: a ranged GET each second would otherwise commit each.
+  s.transfers.keepAlive(t.id);
+  const session: SessionExport = {
     taskId: t.task_id,
     onBytes: (n) => s.transfers.countServed(t.id, n),
     onReadFailed: (err) => {
@@ -176,5 +178,7 @@ async function serveDownload(s: Services, req: Request, res: Response, t: Transf
         .failDownload(t.id, err)
         .catch((e) => req.log?.error({ err: e, transfer: t.id }, 'ending a failed download session failed'));
     },
-  });
+  };
+  await (leanReadWithin(s, req, res, t.vdi_id, t.format, session) ??
+    sendExport(s, req, res, t.vdi_id, t.format, session));
 }

@@ -19,6 +19,7 @@ import { type Request, type RequestHandler, Router } from 'express';
 import { ApiError } from '../errors.js';
 import { MAX_VIRTUAL_SIZE_BYTES as QCOW2_MAX_VIRTUAL_SIZE_BYTES } from '../formats/qcow2/index.js';
 import { requireToken } from '../http/auth.js';
+import { leanReadWithin } from '../http/lean-read.js';
 import { importOneShot } from '../http/one-shot-import.js';
 import { baseParam, contentLengthOf, formatParam } from '../http/params.js';
 import { sendExport } from '../http/send-export.js';
@@ -100,6 +101,11 @@ export function xapiRoutes(s: Services): Router {
       res.status(200).location(`/v1/tasks/${task.id}`).setHeader('X-Task-Id', task.id).json(task);
     })
     .get('/export_raw_vdi', auth, async (req, res) => {
-      await sendExport(s, req, res, vdiParam(req), formatParam(req), undefined, baseParam(req));
+      const vdi = vdiParam(req);
+      const format = formatParam(req);
+      const base = baseParam(req);
+      // A differencing export (base) is built per request: the stream path's.
+      const lean = base === undefined ? leanReadWithin(s, req, res, vdi, format) : undefined;
+      await (lean ?? sendExport(s, req, res, vdi, format, undefined, base));
     });
 }
