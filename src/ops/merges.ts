@@ -36,9 +36,13 @@ export class MergeService {
       this.again = true;
       return;
     }
-    this.running = this.loop().finally(() => {
-      this.running = null;
-    });
+    this.running = this.loop()
+      // What failed is the metadata store itself (PostgreSQL away, recording the task's
+      // end too): logged, and planned again at the next commit, delete or start.
+      .catch((err) => this.logger?.error({ err }, 'merges stopped'))
+      .finally(() => {
+        this.running = null;
+      });
   }
 
   /** Resolves when no merge is running or planned (for shutdown and tests). */
@@ -83,7 +87,8 @@ export class MergeService {
       task.succeed({ kind: plan.kind, outcome, merged: from, into });
     } catch (err) {
       const reason = task.signal.reason ?? err;
-      if (!(reason instanceof MergePreempted)) this.skipped.add(keyOf(plan));
+      // The database away is no reason to give the merge up: it is planned again later.
+      if (!(reason instanceof MergePreempted) && !unavailable(err)) this.skipped.add(keyOf(plan));
       if (!(err instanceof ApiError) && !task.signal.aborted) {
         this.logger?.error({ err, task: task.id, plan }, 'merge failed');
       }
@@ -92,6 +97,10 @@ export class MergeService {
       this.current = null;
     }
   }
+}
+
+function unavailable(err: unknown): boolean {
+  return err instanceof ApiError && err.code === 'METADATA_UNAVAILABLE';
 }
 
 function keyOf(plan: MergePlan): string {
