@@ -22,6 +22,7 @@ import { imageioTicketRoutes } from './routes/imageio-tickets.js';
 import { leanRoutes } from './routes/lean.js';
 import { metricsRoutes } from './routes/metrics.js';
 import { migrationAuth, migrationRoutes } from './routes/migrations.js';
+import { nodeRoutes } from './routes/nodes.js';
 import { srRoutes } from './routes/srs.js';
 import { taskRoutes } from './routes/tasks.js';
 import { transferRoutes } from './routes/transfers.js';
@@ -85,6 +86,7 @@ export function createApp(
     express.json({ limit: '1mb', strict: true, type: ['application/json', 'application/*+json'] }),
   );
   app.use(srRoutes(s));
+  app.use(nodeRoutes(s));
   app.use(vdiRoutes(s));
   app.use(diskSetRoutes(s));
   app.use(migrationRoutes(s));

@@ -38,6 +38,10 @@ export interface Config {
    * the request's own scheme and Host.
    */
   publicUrl?: string;
+  /** How often this node records that it is alive (and renews its leases) in the metadata store. */
+  heartbeatMs: number;
+  /** A node whose heartbeat is older than this is dead: its leases and tasks are taken over. */
+  nodeTimeoutMs: number;
 }
 
 /** One configured SR: its id, its directory, and the image formats it stores (the first is its default). */
@@ -145,6 +149,8 @@ export const DEFAULTS = {
   headersTimeout: '60s',
   spaceReserve: '32M',
   maxChainDepth: 16,
+  heartbeat: '2s',
+  nodeTimeout: '10s',
 } as const;
 
 const DURATION_UNITS_SECONDS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400 };
@@ -307,6 +313,18 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       "this diskport's URL as other diskports reach it, advertised in receive tokens (env DISKPORT_PUBLIC_URL; default: the request's scheme and Host)",
       parsePublicUrl,
     )
+    .option(
+      '--heartbeat <duration>',
+      'how often this node records in the metadata store that it is alive, e.g. 2s, 500ms (env DISKPORT_HEARTBEAT)',
+      parseDurationMs,
+      parseDurationMs(env.DISKPORT_HEARTBEAT ?? DEFAULTS.heartbeat),
+    )
+    .option(
+      '--node-timeout <duration>',
+      'a node silent this long is dead and other nodes take over its writes and tasks, e.g. 10s (env DISKPORT_NODE_TIMEOUT)',
+      parseDurationMs,
+      parseDurationMs(env.DISKPORT_NODE_TIMEOUT ?? DEFAULTS.nodeTimeout),
+    )
     .exitOverride();
   program.parse(argv, { from: 'user' });
   const o = program.opts<
@@ -317,8 +335,15 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       sr: SrConfig[];
       headersTimeout: number;
       spaceReserve: number;
+      heartbeat: number;
+      nodeTimeout: number;
     }
   >();
+  if (o.nodeTimeout < 2 * o.heartbeat) {
+    program.error(
+      `error: --node-timeout (${o.nodeTimeout} ms) must be at least twice --heartbeat (${o.heartbeat} ms): a live node would be taken for dead between two heartbeats`,
+    );
+  }
   return {
     host: o.host,
     port: o.port,
@@ -343,6 +368,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     maxChainDepth: o.maxChainDepth,
     publicUrl:
       o.publicUrl ?? (env.DISKPORT_PUBLIC_URL ? envPublicUrl(program, env.DISKPORT_PUBLIC_URL) : undefined),
+    heartbeatMs: o.heartbeat,
+    nodeTimeoutMs: o.nodeTimeout,
   };
 }
 

@@ -89,6 +89,11 @@ export const ERRORS = {
   },
   // 409: the request conflicts with the state of a resource
   VDI_BUSY: { status: 409, meaning: 'another transfer or operation holds the VDI' },
+  VDI_LEASE_LOST: {
+    status: 409,
+    meaning:
+      "this node's hold on the VDI lapsed (its heartbeat stopped past --node-timeout) and its write was not committed; run the operation again",
+  },
   PUSH_IN_PROGRESS: { status: 409, meaning: 'a push of this VDI to this target is under way' },
   VDI_READ_ONLY: { status: 409, meaning: 'the VDI is a snapshot: its content cannot change' },
   VDI_IS_SNAPSHOT: {

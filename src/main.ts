@@ -106,6 +106,14 @@ async function main(): Promise<void> {
   server.listen(config.port, config.host, () => {
     const addr = server.address();
     const port = typeof addr === 'object' && addr ? addr.port : config.port;
+    // What the other nodes (and GET /v1/nodes) call this one, unless --public-url says it.
+    if (!config.publicUrl) {
+      try {
+        services.nodes.setAddress(`http://${config.host}:${port}`);
+      } catch (err) {
+        logger.error({ err }, "could not record this node's address");
+      }
+    }
     logger.info(
       { host: config.host, port, dataDir: config.dataDir },
       `diskport listening on http://${config.host}:${port}`,

@@ -12,7 +12,9 @@ import { VdiCopies } from './ops/vdi-copy.js';
 import { lockDataDir } from './storage/data-dir-lock.js';
 import { type Db, openDb } from './storage/db.js';
 import { DiskSets } from './storage/disk-sets.js';
+import { Leases } from './storage/leases.js';
 import { ChainMerges } from './storage/merges.js';
+import { Nodes } from './storage/nodes.js';
 import { Snapshots } from './storage/snapshots.js';
 import { SrStore } from './storage/srs.js';
 import { VdiLocks } from './storage/vdi-locks.js';
@@ -54,6 +56,8 @@ export interface Services {
   /** Background merges of chains at rest. */
   merges: MergeService;
   metrics: Metrics;
+  /** This node and the others sharing the metadata store. */
+  nodes: Nodes;
   close(): Promise<void>;
 }
 
@@ -75,8 +79,31 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
   const srs = new SrStore(db, { spaceReserveBytes: config.spaceReserveBytes });
   await srs.ensureDefault(config.dataDir, MAX_VIRTUAL_SIZE_BYTES);
   await srs.ensureConfigured(config.srs, MAX_VIRTUAL_SIZE_BYTES);
-  const vdis = new VdiStore(db, srs, new VdiLocks());
-  const tasks = new TaskManager(new TaskStore(db), logger);
+  let leases: Leases | undefined;
+  let locks: VdiLocks | undefined;
+  const nodes = new Nodes(db, {
+    heartbeatMs: config.heartbeatMs,
+    timeoutMs: config.nodeTimeoutMs,
+    exclusive: !config.databaseUrl,
+    onBeat: (now) => {
+      leases?.renew(now);
+      locks?.retryReleases();
+    },
+    onStop: () => leases?.releaseAll(),
+    onError: (err) => logger.error({ err }, "could not record this node's heartbeat"),
+  });
+  nodes.register(config.publicUrl ?? null);
+  // Several nodes share a database: one writer per VDI is a lease there, lapsing with the heartbeat.
+  leases = config.databaseUrl
+    ? new Leases(db, nodes.id, config.nodeTimeoutMs, (id) => nodes.isDead(id))
+    : undefined;
+  locks = new VdiLocks(leases);
+  const vdis = new VdiStore(db, srs, locks);
+  const tasks = new TaskManager(new TaskStore(db, nodes.id), logger);
+  // This node's work: the unfinished tasks of dead nodes (a previous process of
+  // this one included); what live nodes run stays theirs.
+  const claimed = tasks.claim(nodes.deadIds());
+  const owns = (taskId: string) => tasks.owns(taskId);
 
   // Restart recovery: whatever was running died with the previous process,
   // except resumable transfers, which pick up where they were. Files are
@@ -84,10 +111,11 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
   // staging file is the space that recording its end needs.
   const snapshots = new Snapshots(vdis, srs);
   const transfers = new TransferService(db, vdis, tasks, logger, snapshots);
-  const keep = transfers.activeAtStartup();
+  const keep = transfers.activeAtStartup(owns);
   // Set migrations resume too: their parent and disk tasks stay running.
   const journal = new MigrationJournal(db);
-  const removed = await vdis.collectGarbage(keep.staging);
+  // Files no row names may be a live node's, written before its commit: only a lone node collects them.
+  const removed = nodes.othersAlive() ? [] : await vdis.collectGarbage(keep.staging);
   let interrupted: string[] = [];
   try {
     interrupted = tasks.recover(new Set([...keep.tasks, ...journal.taskIds()]));
@@ -99,10 +127,14 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
       'the disk is full: tasks of the previous process stay marked running until a restart',
     );
   }
-  transfers.resume();
-  if (interrupted.length || removed.length) {
-    logger.info({ interrupted: interrupted.length, removed }, 'recovered from an unclean stop');
+  transfers.resume(owns);
+  if (interrupted.length || removed.length || claimed.length) {
+    logger.info(
+      { interrupted: interrupted.length, removed, taken: claimed.length },
+      'recovered from an unclean stop',
+    );
   }
+  nodes.start();
 
   const stopPruning = tasks.startPruning(
     config.taskRetention,
@@ -151,6 +183,7 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
     reads,
     merges,
     metrics: observed.metrics,
+    nodes,
     async close() {
       // Operations in flight end with the process, as in a crash: recovery
       // fails plain tasks as INTERRUPTED and resumes transfer sessions.
@@ -164,6 +197,7 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
       transfers.stop();
       checksums.stop();
       observed.stop();
+      nodes.stop();
       db.close();
       releaseDir();
     },

@@ -270,6 +270,26 @@ export const MIGRATIONS: readonly Migration[] = [
     ).join('\n'),
     postgres: SEQUENCED.map((t) => `ALTER TABLE ${t} ADD COLUMN seq BIGSERIAL;`).join('\n'),
   },
+  // Several nodes over one database (storage/nodes.ts, storage/leases.ts): each process's row and
+  // heartbeat, the node running each task, and leases that give one node a resource (a VDI's
+  // writer) until they expire; epoch fences a node whose lease was taken over.
+  `CREATE TABLE nodes (
+     id TEXT PRIMARY KEY,
+     address TEXT,
+     hostname TEXT NOT NULL,
+     pid INTEGER NOT NULL,
+     started_at TEXT NOT NULL,
+     heartbeat_at TEXT NOT NULL,
+     stopped_at TEXT
+   );
+   ALTER TABLE tasks ADD COLUMN node_id TEXT;
+   CREATE TABLE leases (
+     resource TEXT PRIMARY KEY,
+     node_id TEXT NOT NULL,
+     holder TEXT NOT NULL,
+     epoch INTEGER NOT NULL,
+     expires_at TEXT NOT NULL
+   );`,
 ];
 
 /** A migration's text for SQLite. */

@@ -564,6 +564,7 @@ export class VdiStore {
     try {
       await fsyncDir(sr.path);
       released = this.db.transaction(() => {
+        this.locks.assertHeld(id);
         left = this.get(id);
         const switched = this.db
           .prepare(
@@ -594,6 +595,8 @@ export class VdiStore {
     id: string,
     to: { generation: number; fileName: string; virtualSize: number; updatedAt: string; digestFile: string },
   ): void {
+    // A node whose hold on the VDI lapsed (presumed dead) commits nothing.
+    this.locks.assertHeld(id);
     cachedStatement(
       this.db,
       `UPDATE vdis SET generation=@generation, file_name=@fileName, content_id=@fileName,

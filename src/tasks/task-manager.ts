@@ -193,7 +193,13 @@ export class TaskManager {
   }
 
   finished(task: RunningTask): void {
-    this.store.update(task.record);
+    if (!this.store.update(task.record)) {
+      // Fenced: this node was taken for dead and another took the task over; its outcome is that node's.
+      this.logger?.warn(
+        { task: task.id },
+        'a task this node ran was taken over by another node; its outcome here is dropped',
+      );
+    }
     this.live.delete(task.id);
     this.events.emit(task.id, task.record);
     this.events.emit(FINISHED_EVENT, task);
@@ -296,6 +302,21 @@ export class TaskManager {
    */
   recover(keep: ReadonlySet<string> = new Set()): string[] {
     return this.store.failInterrupted(nowIso(), keep);
+  }
+
+  /** The id of the node that runs this manager's tasks (null: a store without nodes). */
+  get nodeId(): string | null {
+    return this.store.nodeId;
+  }
+
+  /** Whether this node runs the task (its own, or one it took over from a dead node). */
+  owns(id: string): boolean {
+    return this.live.has(id) || this.store.nodeOf(id) === this.store.nodeId;
+  }
+
+  /** Takes over the unfinished tasks of dead nodes (see TaskStore.claim); returns their ids. */
+  claim(dead: ReadonlySet<string>): string[] {
+    return this.store.claim(dead);
   }
 
   /** Takes a running task of a previous process back under live control (a resumed transfer). */

@@ -61,21 +61,30 @@ export interface TaskFilter {
 }
 
 export class TaskStore {
-  constructor(private readonly db: Db) {}
+  /**
+   * `nodeId`: the node running the tasks this store starts. A task row names
+   * its node, and only that node may change it: a node presumed dead whose
+   * tasks another took over changes nothing (its UPDATE matches no row).
+   */
+  constructor(
+    private readonly db: Db,
+    readonly nodeId: string | null = null,
+  ) {}
 
   insert(t: Task, stagingPath: string | null = null): void {
     this.db
       .prepare(
         `INSERT INTO tasks (id, type, status, progress, bytes_done, bytes_total, vdi_id, created_at, started_at,
-           finished_at, error, result, staging_path)
+           finished_at, error, result, staging_path, node_id)
          VALUES (@id, @type, @status, @progress, @bytes_done, @bytes_total, @vdi, @created_at, @started_at,
-           @finished_at, @error, @result, @staging_path)`,
+           @finished_at, @error, @result, @staging_path, @node_id)`,
       )
       .run({
         ...t,
         error: t.error ? JSON.stringify(t.error) : null,
         result: t.result ? JSON.stringify(t.result) : null,
         staging_path: stagingPath,
+        node_id: this.nodeId,
       });
   }
 
@@ -92,23 +101,73 @@ export class TaskStore {
     this.db.relaxedDurability(() => this.update(t));
   }
 
-  update(t: Task): void {
-    this.db
+  /** Returns false when the task is another node's now (taken over): nothing was written. */
+  update(t: Task): boolean {
+    return (
+      this.db
+        .prepare(
+          `UPDATE tasks SET status=@status, progress=@progress, bytes_done=@bytes_done, bytes_total=@bytes_total,
+           started_at=@started_at, finished_at=@finished_at, error=@error, result=@result
+         WHERE id=@id AND (node_id IS NULL OR node_id = @node)`,
+        )
+        .run({
+          id: t.id,
+          status: t.status,
+          progress: t.progress,
+          bytes_done: t.bytes_done,
+          bytes_total: t.bytes_total,
+          started_at: t.started_at,
+          finished_at: t.finished_at,
+          error: t.error ? JSON.stringify(t.error) : null,
+          result: t.result ? JSON.stringify(t.result) : null,
+          node: this.nodeId,
+        }).changes > 0
+    );
+  }
+
+  /** The node running the task, if a node does. */
+  nodeOf(id: string): string | null {
+    const row = this.db.prepare('SELECT node_id FROM tasks WHERE id = ?').get(id) as
+      | { node_id: string | null }
+      | undefined;
+    return row?.node_id ?? null;
+  }
+
+  /**
+   * Takes over the unfinished tasks of the nodes in `dead` (and of none):
+   * each becomes this node's in one UPDATE, so two nodes scanning at once
+   * never both take one. Returns the ids taken.
+   */
+  claim(dead: ReadonlySet<string>): string[] {
+    return this.db.transaction(() => {
+      const rows = this.db
+        .prepare(
+          `SELECT id, node_id FROM tasks WHERE status IN ('pending','running')
+             AND (node_id IS NULL OR node_id IS NOT ?)`,
+        )
+        .all(this.nodeId) as { id: string; node_id: string | null }[];
+      const take = this.db.prepare(
+        `UPDATE tasks SET node_id = @me WHERE id = @id AND status IN ('pending','running')
+           AND node_id IS NOT DISTINCT FROM @was`,
+      );
+      const known = new Set(
+        (this.db.prepare('SELECT id FROM nodes').all() as { id: string }[]).map((r) => r.id),
+      );
+      return rows
+        .filter((r) => r.node_id === null || dead.has(r.node_id) || !known.has(r.node_id))
+        .filter((r) => take.run({ me: this.nodeId, id: r.id, was: r.node_id }).changes > 0)
+        .map((r) => r.id);
+    })();
+  }
+
+  /** This node's unfinished tasks. */
+  ownedUnfinished(): Set<string> {
+    const rows = this.db
       .prepare(
-        `UPDATE tasks SET status=@status, progress=@progress, bytes_done=@bytes_done, bytes_total=@bytes_total,
-           started_at=@started_at, finished_at=@finished_at, error=@error, result=@result WHERE id=@id`,
+        `SELECT id FROM tasks WHERE status IN ('pending','running') AND node_id IS NOT DISTINCT FROM ?`,
       )
-      .run({
-        id: t.id,
-        status: t.status,
-        progress: t.progress,
-        bytes_done: t.bytes_done,
-        bytes_total: t.bytes_total,
-        started_at: t.started_at,
-        finished_at: t.finished_at,
-        error: t.error ? JSON.stringify(t.error) : null,
-        result: t.result ? JSON.stringify(t.result) : null,
-      });
+      .all(this.nodeId) as { id: string }[];
+    return new Set(rows.map((r) => r.id));
   }
 
   get(id: string): Task | undefined {
@@ -164,14 +223,20 @@ export class TaskStore {
   }
 
   /**
-   * After a restart nothing is running: every task left pending or running is
-   * failed as INTERRUPTED, except those in `keep`. Returns the staging files
+   * After a restart nothing is running: every task of this node (claimed from
+   * the dead ones) left pending or running is failed as INTERRUPTED, except
+   * those in `keep`. Returns the staging files
    * the failed ones held, for cleanup.
    */
   failInterrupted(finishedAt: string, keep: ReadonlySet<string> = new Set()): string[] {
     return this.db.transaction(() => {
       const rows = (
-        this.db.prepare(`SELECT id, staging_path FROM tasks WHERE status IN ('pending','running')`).all() as {
+        this.db
+          .prepare(
+            `SELECT id, staging_path FROM tasks WHERE status IN ('pending','running')
+               AND node_id IS NOT DISTINCT FROM ?`,
+          )
+          .all(this.nodeId) as {
           id: string;
           staging_path: string | null;
         }[]

@@ -70,6 +70,8 @@ export async function startPull(
 export async function resumePulls(s: PullDeps): Promise<void> {
   for (const t of s.transfers.list({ active: true })) {
     if (t.direction !== 'upload' || t.state !== 'open' || !t.source_url) continue;
+    // Another live node's pull: that node runs it.
+    if (!s.transfers.activeSession(t.id)) continue;
     try {
       const guard = new FetchGuard(s.config.allowFetch);
       const source = await guard.check(t.source_url, 'source_url');

@@ -161,6 +161,8 @@ export async function resumeIncrementalPushes(s: IncrementalPushDeps): Promise<S
       // never created: nothing to resume
     }
     try {
+      // Another live node's push: that node runs it.
+      if (t?.state === 'open' && !s.transfers.activeSession(t.id)) continue;
       if (t?.state !== 'open' || !t.push_target) {
         await clearPending(s, pairs, pair.source_vdi, pair.target, pending);
         continue;

@@ -61,6 +61,8 @@ export async function resumePushes(
   for (const t of s.transfers.list({ active: true })) {
     const kept = t.push_target;
     if (t.direction !== 'download' || t.state !== 'open' || !kept || othersOwn(t)) continue;
+    // Another live node's push: that node runs it.
+    if (!s.transfers.activeSession(t.id)) continue;
     let raw: string;
     try {
       raw = openSecret(kept, s.config.token);

@@ -69,9 +69,12 @@ export class SessionLifecycle {
     private readonly logger?: Logger,
   ) {}
 
-  /** Sessions a previous process left active: their tasks and staging files must survive recovery. */
-  activeAtStartup(): { tasks: Set<string>; staging: Set<string> } {
-    const active = this.sessions.store.list({ active: true }).filter((t) => !isOneShot(t));
+  /** Sessions a previous process left active (of the tasks `owns` says are this node's): their tasks and staging files must survive recovery. */
+  activeAtStartup(owns: (taskId: string) => boolean = () => true): {
+    tasks: Set<string>;
+    staging: Set<string>;
+  } {
+    const active = this.sessions.store.list({ active: true }).filter((t) => !isOneShot(t) && owns(t.task_id));
     return {
       tasks: new Set(active.map((t) => t.task_id)),
       staging: new Set(active.flatMap((t) => (t.staging_path ? [t.staging_path, streamDestOf(t)] : []))),
@@ -79,11 +82,14 @@ export class SessionLifecycle {
   }
 
   /**
-   * Startup: takes active sessions back. A finalize that was running is
+   * Startup: takes back the active sessions whose task this node owns (its
+   * own after a restart, or a dead node's it took over). A finalize that was running is
    * handed to `finishFinalize`, to be run again from the staged bytes.
    */
-  resume(finishFinalize: (live: Live) => void): void {
+  resume(finishFinalize: (live: Live) => void, owns: (taskId: string) => boolean = () => true): void {
     for (const t of this.sessions.store.list({ active: true })) {
+      // Another live node's session: that node serves it.
+      if (!owns(t.task_id)) continue;
       try {
         if (isOneShot(t)) {
           // Nobody holds a one-shot import's session: it died with its request.

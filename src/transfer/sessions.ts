@@ -54,15 +54,15 @@ export class TransferService {
   }
 
   /** Sessions a previous process left active: their tasks and staging files must survive recovery. */
-  activeAtStartup(): { tasks: Set<string>; staging: Set<string> } {
-    return this.lifecycle.activeAtStartup();
+  activeAtStartup(owns?: (taskId: string) => boolean): { tasks: Set<string>; staging: Set<string> } {
+    return this.lifecycle.activeAtStartup(owns);
   }
 
   /** Startup: takes active sessions back; a finalize that was running is run again from the staged bytes. */
-  resume(): void {
+  resume(owns?: (taskId: string) => boolean): void {
     this.lifecycle.resume((live) => {
       live.finalizing = this.finalizer.run(live);
-    });
+    }, owns);
   }
 
   stop(): void {

@@ -135,6 +135,8 @@ export class SetMigrations {
         this.s.journal.remove(id);
         continue;
       }
+      // Another live node's migration: that node runs it.
+      if (!this.s.tasks.owns(id)) continue;
       const parent = this.s.tasks.adopt(id);
       const children = new Map<string, RunningTask>();
       for (const d of p.disks) {

@@ -1,0 +1,147 @@
+/**
+ * One writer per VDI across nodes: the VDI locks are leases in the shared
+ * database, which lapse when their node dies, and a node whose lease lapsed
+ * commits nothing (VDI_LEASE_LOST). PostgreSQL only: on SQLite a data
+ * directory is one process's.
+ */
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import { after, describe, test } from 'node:test';
+import { api, createVdi, sha256Url } from './helpers/api.js';
+import { execSqlAt, TEST_DATABASE_URL } from './helpers/pg.js';
+import { type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
+
+const MiB = 1024 * 1024;
+const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+const skip = TEST_DATABASE_URL ? false : 'several nodes need PostgreSQL (run with scripts/test-postgres.sh)';
+const ARGS = ['--heartbeat', '200ms', '--node-timeout', '2s'];
+
+type TransferJson = { id: string; token: string; task_id: string };
+type Task = { status: string; error?: { code: string } };
+type ErrorBody = { error: { code: string; message: string } };
+
+const openUpload = (base: string, vdi: string, size: number) =>
+  api<TransferJson | ErrorBody>(base, 'POST', '/v1/transfers', {
+    vdi,
+    direction: 'upload',
+    format: 'raw',
+    size,
+  });
+const putRaw = (base: string, vdi: string, bytes: Buffer) =>
+  fetch(`${base}/v1/vdis/${vdi}/contents?format=raw`, { method: 'PUT', body: new Uint8Array(bytes) });
+const codeOf = async (res: Response) => ((await res.json()) as ErrorBody).error.code;
+
+describe('one writer per VDI across nodes', { skip }, () => {
+  const dirs: string[] = [];
+  const servers: ServerProcess[] = [];
+  after(async () => {
+    for (const s of servers) await s.stop('SIGKILL');
+    for (const d of dirs) await fsp.rm(d, { recursive: true, force: true });
+  });
+  const cluster = async (n: number) => {
+    const dataDir = await tempDir();
+    dirs.push(dataDir);
+    const nodes: ServerProcess[] = [];
+    for (let i = 0; i < n; i++) nodes.push(await spawnServer(dataDir, ARGS));
+    servers.push(...nodes);
+    return { dataDir, nodes };
+  };
+
+  test('two nodes racing for one VDI: one writes, the other gets 409 VDI_BUSY', async () => {
+    const {
+      nodes: [a, b],
+    } = await cluster(2);
+    for (let round = 0; round < 5; round++) {
+      const vdi = await createVdi(a.url, 2 * MiB);
+      const [ra, rb] = await Promise.all([
+        openUpload(a.url, vdi.id, 2 * MiB),
+        openUpload(b.url, vdi.id, 2 * MiB),
+      ]);
+      const statuses = [ra.status, rb.status].sort();
+      assert.deepEqual(statuses, [201, 409], JSON.stringify([ra.body, rb.body]));
+      const refused = (ra.status === 409 ? ra : rb).body as ErrorBody;
+      assert.equal(refused.error.code, 'VDI_BUSY');
+      // While the session is open, no node writes the VDI another way.
+      for (const base of [a.url, b.url]) {
+        const res = await putRaw(base, vdi.id, seededBytes(2 * MiB, 160 + round));
+        assert.equal(res.status, 409);
+        assert.equal(await codeOf(res), 'VDI_BUSY');
+      }
+      const [winner, base] =
+        ra.status === 201 ? [ra.body as TransferJson, a.url] : [rb.body as TransferJson, b.url];
+      assert.equal(
+        (await api(base, 'DELETE', `/v1/transfers/${winner.id}?token=${winner.token}`)).status,
+        200,
+      );
+      // Released: either node may write now.
+      const bytes = seededBytes(2 * MiB, 170 + round);
+      assert.equal((await putRaw(round % 2 ? a.url : b.url, vdi.id, bytes)).status, 200);
+      assert.equal(await sha256Url(`${a.url}/v1/vdis/${vdi.id}/contents?format=raw`), sha256(bytes));
+    }
+  });
+
+  test('a node killed -9 holding a VDI: another node writes it once its lease lapsed', async () => {
+    const {
+      nodes: [a, b],
+    } = await cluster(2);
+    const vdi = await createVdi(a.url, 2 * MiB);
+    const opened = await openUpload(a.url, vdi.id, 2 * MiB);
+    assert.equal(opened.status, 201);
+    const busy = await putRaw(b.url, vdi.id, seededBytes(2 * MiB, 180));
+    assert.equal(busy.status, 409);
+    assert.equal(await codeOf(busy), 'VDI_BUSY');
+    await a.stop('SIGKILL');
+    const bytes = seededBytes(2 * MiB, 181);
+    let status = 0;
+    // Bounded by --node-timeout (2 s) and the heartbeat; on this machine the dead pid says it at once.
+    for (let i = 0; i < 100 && status !== 200; i++) {
+      const res = await putRaw(b.url, vdi.id, bytes);
+      status = res.status;
+      if (status !== 200) {
+        assert.equal(await codeOf(res), 'VDI_BUSY');
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+    assert.equal(status, 200);
+    assert.equal(await sha256Url(`${b.url}/v1/vdis/${vdi.id}/contents?format=raw`), sha256(bytes));
+  });
+
+  test('a node whose lease lapsed commits nothing: the finalize fails with VDI_LEASE_LOST', async () => {
+    const {
+      dataDir,
+      nodes: [a, b],
+    } = await cluster(2);
+    const before = seededBytes(2 * MiB, 190);
+    const vdi = await createVdi(a.url, 2 * MiB);
+    assert.equal((await putRaw(a.url, vdi.id, before)).status, 200);
+    const opened = await openUpload(a.url, vdi.id, 2 * MiB);
+    assert.equal(opened.status, 201);
+    const t = opened.body as TransferJson;
+    const data = seededBytes(2 * MiB, 191);
+    const put = await fetch(`${a.url}/v1/transfers/${t.id}/data?token=${t.token}`, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes 0-${data.length - 1}/${data.length}` },
+      body: new Uint8Array(data),
+    });
+    assert.ok(put.ok, String(put.status));
+    // What a partition longer than --node-timeout leaves: A's lease past its expiry, never renewed.
+    execSqlAt(
+      dataDir,
+      `UPDATE leases SET expires_at = '2000-01-01T00:00:00.000Z' WHERE resource = 'vdi:${vdi.id}'`,
+    );
+    // Another node may take the VDI now.
+    const other = await openUpload(b.url, vdi.id, 2 * MiB);
+    assert.equal(other.status, 201, JSON.stringify(other.body));
+    const done = await api<Task>(a.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}&wait=30`);
+    const task =
+      done.body.status === 'failure'
+        ? done.body
+        : (await api<Task>(a.url, 'GET', `/v1/tasks/${t.task_id}?wait=30`)).body;
+    assert.equal(task.status, 'failure', JSON.stringify(done.body));
+    assert.equal(task.error?.code, 'VDI_LEASE_LOST');
+    for (const base of [a.url, b.url]) {
+      assert.equal(await sha256Url(`${base}/v1/vdis/${vdi.id}/contents?format=raw`), sha256(before));
+    }
+  });
+});
