@@ -92,7 +92,6 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
     onStop: () => leases?.releaseAll(),
     onError: (err) => logger.error({ err }, "could not record this node's heartbeat"),
   });
-  nodes.register(config.publicUrl ?? null);
   // Several nodes share a database: one writer per VDI is a lease there, lapsing with the heartbeat.
   leases = config.databaseUrl
     ? new Leases(db, nodes.id, config.nodeTimeoutMs, (id) => nodes.isDead(id))
@@ -100,22 +99,26 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
   locks = new VdiLocks(leases);
   const vdis = new VdiStore(db, srs, locks);
   const tasks = new TaskManager(new TaskStore(db, nodes.id), logger);
-  // This node's work: the unfinished tasks of dead nodes (a previous process of
-  // this one included); what live nodes run stays theirs.
-  const claimed = tasks.claim(nodes.deadIds());
-  const owns = (taskId: string) => tasks.owns(taskId);
 
   // Restart recovery: whatever was running died with the previous process,
   // except resumable transfers, which pick up where they were. Files are
-  // freed before anything is written: on a disk that an upload filled, its
-  // staging file is the space that recording its end needs.
+  // freed before anything is written (this node's row and claims included):
+  // on a disk that an upload filled, its staging file is the space that
+  // recording its end needs. This node's work is the unfinished tasks of dead
+  // nodes (a previous process of this one included); what live nodes run
+  // stays theirs.
+  const dead = nodes.deadIds();
+  const claimable = tasks.claimable(dead);
   const snapshots = new Snapshots(vdis, srs);
   const transfers = new TransferService(db, vdis, tasks, logger, snapshots);
-  const keep = transfers.activeAtStartup(owns);
+  const keep = transfers.activeAtStartup((taskId) => claimable.has(taskId) || tasks.owns(taskId));
   // Set migrations resume too: their parent and disk tasks stay running.
   const journal = new MigrationJournal(db);
   // Files no row names may be a live node's, written before its commit: only a lone node collects them.
   const removed = nodes.othersAlive() ? [] : await vdis.collectGarbage(keep.staging);
+  nodes.register(config.publicUrl ?? null);
+  const claimed = tasks.claim(dead);
+  const owns = (taskId: string) => tasks.owns(taskId);
   let interrupted: string[] = [];
   try {
     interrupted = tasks.recover(new Set([...keep.tasks, ...journal.taskIds()]));

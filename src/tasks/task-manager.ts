@@ -314,6 +314,11 @@ export class TaskManager {
     return this.live.has(id) || this.store.nodeOf(id) === this.store.nodeId;
   }
 
+  /** The ids `claim(dead)` would take, without taking them. */
+  claimable(dead: ReadonlySet<string>): Set<string> {
+    return new Set(this.store.claimable(dead).keys());
+  }
+
   /** Takes over the unfinished tasks of dead nodes (see TaskStore.claim); returns their ids. */
   claim(dead: ReadonlySet<string>): string[] {
     return this.store.claim(dead);

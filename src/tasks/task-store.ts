@@ -134,29 +134,40 @@ export class TaskStore {
   }
 
   /**
+   * The unfinished tasks `claim(dead)` would take, read without writing: a
+   * start on a full disk frees what those tasks do not keep before it writes.
+   */
+  claimable(dead: ReadonlySet<string>): Map<string, string | null> {
+    const rows = this.db
+      .prepare(
+        `SELECT id, node_id FROM tasks WHERE status IN ('pending','running')
+           AND (node_id IS NULL OR node_id IS NOT ?)`,
+      )
+      .all(this.nodeId) as { id: string; node_id: string | null }[];
+    const known = new Set(
+      (this.db.prepare('SELECT id FROM nodes').all() as { id: string }[]).map((r) => r.id),
+    );
+    return new Map(
+      rows
+        .filter((r) => r.node_id === null || dead.has(r.node_id) || !known.has(r.node_id))
+        .map((r) => [r.id, r.node_id]),
+    );
+  }
+
+  /**
    * Takes over the unfinished tasks of the nodes in `dead` (and of none):
    * each becomes this node's in one UPDATE, so two nodes scanning at once
    * never both take one. Returns the ids taken.
    */
   claim(dead: ReadonlySet<string>): string[] {
     return this.db.transaction(() => {
-      const rows = this.db
-        .prepare(
-          `SELECT id, node_id FROM tasks WHERE status IN ('pending','running')
-             AND (node_id IS NULL OR node_id IS NOT ?)`,
-        )
-        .all(this.nodeId) as { id: string; node_id: string | null }[];
       const take = this.db.prepare(
         `UPDATE tasks SET node_id = @me WHERE id = @id AND status IN ('pending','running')
            AND node_id IS NOT DISTINCT FROM @was`,
       );
-      const known = new Set(
-        (this.db.prepare('SELECT id FROM nodes').all() as { id: string }[]).map((r) => r.id),
-      );
-      return rows
-        .filter((r) => r.node_id === null || dead.has(r.node_id) || !known.has(r.node_id))
-        .filter((r) => take.run({ me: this.nodeId, id: r.id, was: r.node_id }).changes > 0)
-        .map((r) => r.id);
+      return [...this.claimable(dead)]
+        .filter(([id, was]) => take.run({ me: this.nodeId, id, was }).changes > 0)
+        .map(([id]) => id);
     })();
   }
 
