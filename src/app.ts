@@ -11,6 +11,7 @@ import { redactError, redactRequest, redactResponse } from './http/log-redaction
 import { rejectRepeatedQuery } from './http/query.js';
 import { endBodyAtEof, onClientError } from './http/read-to-eof.js';
 import { type HttpLogger, leanRequestLog, type RequestLogger } from './http/request-log.js';
+import { sessionForwarding } from './http/session-forwarding.js';
 import { transferTokenAuth } from './http/transfer-auth.js';
 import { checksumRoutes } from './routes/checksum.js';
 import { contentRoutes } from './routes/contents.js';
@@ -114,7 +115,10 @@ export function createServer(s: Services, opts: { imageioOnly?: boolean } = {}):
   const logRequest = requestLogger(s);
   const app = createApp(s, opts, logRequest);
   // The hot reads skip express (src/routes/lean.ts); not on the imageio socket, which has no /v1.
-  const lean = opts.imageioOnly ? () => false : leanRoutes(s, leanRequestLog(logRequest, genReqId));
+  const logLean = leanRequestLog(logRequest, genReqId);
+  const lean = opts.imageioOnly ? () => false : leanRoutes(s, logLean);
+  // Another node's session is passed to it (several nodes over one database).
+  const forwarded = opts.imageioOnly ? () => false : sessionForwarding(s, logLean);
   const { headersTimeoutMs } = s.config;
   const server = http.createServer({
     // TCP keepalive finds peers that vanished without a word (then the idle timeout acts).
@@ -128,7 +132,7 @@ export function createServer(s: Services, opts: { imageioOnly?: boolean } = {}):
     if (connections.refuse(req, res)) return;
     // Before the app: the connection may end in the same read as the headers.
     if (readsToEndOfConnection(req)) endBodyAtEof(req, res);
-    if (!lean(req, res)) app(req, res);
+    if (!forwarded(req, res) && !lean(req, res)) app(req, res);
   };
   server.on('request', handle);
   server.on('checkContinue', handle);

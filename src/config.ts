@@ -2,6 +2,7 @@
  * Settings: every one has a CLI flag and an environment variable; flags win.
  */
 import { isIP } from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { VERSION } from './version.js';
@@ -38,6 +39,12 @@ export interface Config {
    * the request's own scheme and Host.
    */
   publicUrl?: string;
+  /**
+   * The URL the other nodes sharing the database reach this one at: a request
+   * for a session this node holds is forwarded there. Default: the listening
+   * address (a wildcard host replaced by this machine's hostname).
+   */
+  nodeUrl?: string;
   /** How often this node records that it is alive (and renews its leases) in the metadata store. */
   heartbeatMs: number;
   /** A node whose heartbeat is older than this is dead: its leases and tasks are taken over. */
@@ -114,11 +121,13 @@ export function parsePublicUrl(value: string): string {
   return url.toString().replace(/\/+$/, '');
 }
 
-function envPublicUrl(program: Command, value: string): string {
+/** An http(s) URL from the environment variable `name`, or the same error as its flag's. */
+function envUrl(program: Command, name: string, value: string | undefined): string | undefined {
+  if (!value) return undefined;
   try {
     return parsePublicUrl(value);
   } catch (err) {
-    return program.error(`error: DISKPORT_PUBLIC_URL: ${(err as Error).message}`);
+    return program.error(`error: ${name}: ${(err as Error).message}`);
   }
 }
 
@@ -314,6 +323,11 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       parsePublicUrl,
     )
     .option(
+      '--node-url <url>',
+      "the URL other nodes sharing the database reach this node at, where they forward requests for the upload sessions it holds (env DISKPORT_NODE_URL; default: the listening address, a wildcard host replaced by this machine's hostname)",
+      parsePublicUrl,
+    )
+    .option(
       '--heartbeat <duration>',
       'how often this node records in the metadata store that it is alive, e.g. 2s, 500ms (env DISKPORT_HEARTBEAT)',
       parseDurationMs,
@@ -366,11 +380,20 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
         ? path.resolve(o.imageioSocket || env.DISKPORT_IMAGEIO_SOCKET!)
         : undefined,
     maxChainDepth: o.maxChainDepth,
-    publicUrl:
-      o.publicUrl ?? (env.DISKPORT_PUBLIC_URL ? envPublicUrl(program, env.DISKPORT_PUBLIC_URL) : undefined),
+    publicUrl: o.publicUrl ?? envUrl(program, 'DISKPORT_PUBLIC_URL', env.DISKPORT_PUBLIC_URL),
+    nodeUrl: o.nodeUrl ?? envUrl(program, 'DISKPORT_NODE_URL', env.DISKPORT_NODE_URL),
     heartbeatMs: o.heartbeat,
     nodeTimeoutMs: o.nodeTimeout,
   };
+}
+
+/**
+ * The URL other nodes reach a node listening on `host`:`port` at: a wildcard
+ * host says nothing to another machine, this machine's hostname does.
+ */
+export function nodeUrlOf(host: string, port: number, hostname = os.hostname()): string {
+  const reachable = host === '0.0.0.0' || host === '::' || host === '' ? hostname : host;
+  return `http://${reachable.includes(':') ? `[${reachable}]` : reachable}:${port}`;
 }
 
 /** Loopback addresses are the only ones that may be served without a token. */

@@ -185,6 +185,11 @@ export const ERRORS = {
     meaning:
       "diskport's PostgreSQL database (--database-url) cannot be reached; retry after Retry-After seconds",
   },
+  NODE_UNREACHABLE: {
+    status: 503,
+    meaning:
+      'the session is held by another diskport node that cannot be reached now; retry after Retry-After seconds (another node takes the session over once the holder is past --node-timeout)',
+  },
   INSUFFICIENT_SPACE: { status: 507, meaning: 'the storage repository ran out of space' },
 } as const satisfies Record<string, ErrorSpec>;
 

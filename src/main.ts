@@ -6,7 +6,7 @@ import net from 'node:net';
 import { CommanderError } from 'commander';
 import type { pino } from 'pino';
 import { createServer } from './app.js';
-import { type Config, checkListenPolicy, parseConfig } from './config.js';
+import { type Config, checkListenPolicy, nodeUrlOf, parseConfig } from './config.js';
 import { createLogger } from './http/log-redaction.js';
 import { createServices, type Services } from './services.js';
 import { DataDirInUseError } from './storage/data-dir-lock.js';
@@ -106,13 +106,11 @@ async function main(): Promise<void> {
   server.listen(config.port, config.host, () => {
     const addr = server.address();
     const port = typeof addr === 'object' && addr ? addr.port : config.port;
-    // What the other nodes (and GET /v1/nodes) call this one, unless --public-url says it.
-    if (!config.publicUrl) {
-      try {
-        services.nodes.setAddress(`http://${config.host}:${port}`);
-      } catch (err) {
-        logger.error({ err }, "could not record this node's address");
-      }
+    // What the other nodes (and GET /v1/nodes) call this one: where they forward its sessions' requests.
+    try {
+      services.nodes.setAddress(config.nodeUrl ?? nodeUrlOf(config.host, port));
+    } catch (err) {
+      logger.error({ err }, "could not record this node's address");
     }
     logger.info(
       { host: config.host, port, dataDir: config.dataDir },

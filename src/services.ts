@@ -25,11 +25,9 @@ import { ReadCounters } from './transfer/export.js';
 import { TicketService } from './transfer/imageio-tickets.js';
 import { MigrationJournal } from './transfer/migration-journal.js';
 import { MigrationReceiver } from './transfer/migration-receive.js';
-import { resumePulls } from './transfer/pull.js';
-import { resumePushes } from './transfer/push.js';
-import { resumeIncrementalPushes } from './transfer/push-incremental.js';
 import { TransferService } from './transfer/sessions.js';
 import { SetMigrations } from './transfer/set-migration.js';
+import { resumeTransferJobs, Takeover } from './transfer/takeover.js';
 
 export interface Services {
   config: Config;
@@ -81,6 +79,7 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
   await srs.ensureConfigured(config.srs, MAX_VIRTUAL_SIZE_BYTES);
   let leases: Leases | undefined;
   let locks: VdiLocks | undefined;
+  let takeover: Takeover | undefined;
   const nodes = new Nodes(db, {
     heartbeatMs: config.heartbeatMs,
     timeoutMs: config.nodeTimeoutMs,
@@ -88,6 +87,7 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
     onBeat: (now) => {
       leases?.renew(now);
       locks?.retryReleases();
+      takeover?.check();
     },
     onStop: () => leases?.releaseAll(),
     onError: (err) => logger.error({ err }, "could not record this node's heartbeat"),
@@ -116,7 +116,7 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
   const journal = new MigrationJournal(db);
   // Files no row names may be a live node's, written before its commit: only a lone node collects them.
   const removed = nodes.othersAlive() ? [] : await vdis.collectGarbage(keep.staging);
-  nodes.register(config.publicUrl ?? null);
+  nodes.register();
   const claimed = tasks.claim(dead);
   const owns = (taskId: string) => tasks.owns(taskId);
   let interrupted: string[] = [];
@@ -146,7 +146,17 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
   );
 
   // Merges a restart cut short (or a lowered depth limit calls for) are planned again now.
-  const merges = new MergeService(new ChainMerges(db, srs, vdis), tasks, config.maxChainDepth, logger);
+  const mergeTurn = (lease: Leases) => () => {
+    const taken = lease.take('merges', 'merges');
+    return taken.ok ? () => lease.release('merges', taken.epoch) : null;
+  };
+  const merges = new MergeService(
+    new ChainMerges(db, srs, vdis),
+    tasks,
+    config.maxChainDepth,
+    logger,
+    leases && mergeTurn(leases),
+  );
   vdis.onChainsChanged = () => merges.schedule();
   merges.schedule();
 
@@ -206,9 +216,8 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
     },
   };
   // Pulls and pushes whose sessions survived a restart go on by themselves.
-  await resumePulls(services);
-  const incremental = await resumeIncrementalPushes(services);
-  await resumePushes(services, (t) => incremental.has(t.id));
-  await services.setMigrations.resume();
+  await resumeTransferJobs(services);
+  // A node that dies later: its work is taken over at a heartbeat of this one.
+  takeover = new Takeover(services, journal);
   return services;
 }

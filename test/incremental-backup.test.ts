@@ -12,6 +12,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -317,8 +318,16 @@ describe('incremental backup and restore with the diskport CLI', () => {
     const other = (await createVdi(srv.url, SIZE)).id;
     const proxy = await slowProxy(srv.url, 4 * MiB);
     const cut = startCli(['restore', dir, vdiUrl(other, proxy.url), ...QUIET]);
+    // The CLI keeps one upload per VDI, in a file named by a hash of the VDI (cli/saved-sessions.ts).
+    const key = createHash('sha256')
+      .update(JSON.stringify(['upload', other]))
+      .digest('hex')
+      .slice(0, 32);
     const saved = async () =>
-      (await fsp.readdir(STATE_DIR).catch(() => [])).some((f) => f.startsWith('upload-'));
+      fsp.access(path.join(STATE_DIR, `upload-${key}.json`)).then(
+        () => true,
+        () => false,
+      );
     await until(
       'a layer in the VDI and the next one uploading',
       async () => /layer \d of 4/.test(cut.out.stderr) && (await saved()),

@@ -5,6 +5,10 @@
  * short is run again from its start (storage/merges.ts says why that is
  * safe). A merge that gave way to a commit runs again after it; one that
  * was cancelled or failed is not tried again until the next start.
+ *
+ * Several nodes over one database plan the same merges from the same rows:
+ * one node at a time merges, the one holding the `merges` lease
+ * (storage/leases.ts); a node that finds it held plans again a while later.
  */
 import type { Logger } from 'pino';
 import { ApiError } from '../errors.js';
@@ -13,6 +17,12 @@ import type { ChainMerges, MergePlan } from '../storage/merges.js';
 import type { TaskManager } from '../tasks/task-manager.js';
 
 export const MERGE_TASK_TYPE = 'merge';
+
+/** How long a node whose merges wait for another node's turn waits before planning again. */
+const TURN_RETRY_MS = 5_000;
+
+/** The cluster's one merging node: a release when this node may merge now, or null when another does. */
+export type MergeTurn = () => (() => void) | null;
 
 export class MergeService {
   private running: Promise<void> | null = null;
@@ -27,6 +37,7 @@ export class MergeService {
     private readonly tasks: TaskManager,
     private readonly maxDepth: number,
     private readonly logger?: Logger,
+    private readonly turn: MergeTurn = () => () => {},
   ) {}
 
   /** Plans and runs whatever merges the chains need now (returns at once). */
@@ -58,6 +69,19 @@ export class MergeService {
   }
 
   private async loop(): Promise<void> {
+    const release = this.turn();
+    if (!release) {
+      setTimeout(() => this.schedule(), TURN_RETRY_MS).unref();
+      return;
+    }
+    try {
+      await this.mergeAll();
+    } finally {
+      release();
+    }
+  }
+
+  private async mergeAll(): Promise<void> {
     do {
       this.again = false;
       for (;;) {

@@ -133,6 +133,30 @@ export class Nodes {
     );
   }
 
+  /**
+   * The node that holds an active session (runs its task), by the session's
+   * id or by the id of the imageio ticket it carries; null when none does.
+   */
+  holderOf(key: { transfer: string } | { ticket: string }): NodeInfo | null {
+    const row = (
+      'transfer' in key
+        ? this.db
+            .prepare(
+              `SELECT n.* FROM transfers t JOIN tasks k ON k.id = t.task_id JOIN nodes n ON n.id = k.node_id
+                WHERE t.id = ? AND t.state IN ('open', 'finalizing')`,
+            )
+            .get(key.transfer)
+        : this.db
+            .prepare(
+              `SELECT n.* FROM imageio_tickets i JOIN transfers t ON t.id = i.transfer_id
+                 JOIN tasks k ON k.id = t.task_id JOIN nodes n ON n.id = k.node_id
+                WHERE i.id = ? AND t.state IN ('open', 'finalizing')`,
+            )
+            .get(key.ticket)
+    ) as NodeRow | undefined;
+    return row ? { ...row, alive: this.isAlive(row, Date.now()) } : null;
+  }
+
   /** Whether node `id` is dead (or unknown: forgotten long ago). */
   isDead(id: string): boolean {
     if (id === this.id) return false;

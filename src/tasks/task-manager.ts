@@ -171,6 +171,7 @@ export class TaskManager {
       finished_at: null,
       error: null,
       result: null,
+      node: this.store.nodeId,
     };
     this.store.insert(record, opts.stagingPath ?? null);
     const task = new RunningTask(record, this, opts.format);
@@ -302,6 +303,14 @@ export class TaskManager {
    */
   recover(keep: ReadonlySet<string> = new Set()): string[] {
     return this.store.failInterrupted(nowIso(), keep);
+  }
+
+  /**
+   * A dead node's tasks just taken (claim): those not in `keep` died with it
+   * and fail as INTERRUPTED. Returns the staging files they held.
+   */
+  recoverTaken(taken: ReadonlySet<string>, keep: ReadonlySet<string>): string[] {
+    return this.store.failInterrupted(nowIso(), keep, taken);
   }
 
   /** The id of the node that runs this manager's tasks (null: a store without nodes). */

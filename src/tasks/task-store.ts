@@ -19,6 +19,8 @@ export interface Task {
   /** `status` is the HTTP status the failure would have had as an answer. */
   error: { code: string; message: string; status?: number } | null;
   result: Record<string, unknown> | null;
+  /** The node running it (GET /v1/nodes); null where nodes were not recorded yet. */
+  node?: string | null;
 }
 
 interface TaskRow {
@@ -35,6 +37,7 @@ interface TaskRow {
   error: string | null;
   result: string | null;
   staging_path: string | null;
+  node_id?: string | null;
 }
 
 function fromRow(r: TaskRow): Task {
@@ -51,6 +54,7 @@ function fromRow(r: TaskRow): Task {
     finished_at: r.finished_at,
     error: r.error ? JSON.parse(r.error) : null,
     result: r.result ? JSON.parse(r.result) : null,
+    node: r.node_id ?? null,
   };
 }
 
@@ -239,7 +243,12 @@ export class TaskStore {
    * those in `keep`. Returns the staging files
    * the failed ones held, for cleanup.
    */
-  failInterrupted(finishedAt: string, keep: ReadonlySet<string> = new Set()): string[] {
+  failInterrupted(
+    finishedAt: string,
+    keep: ReadonlySet<string> = new Set(),
+    /** Only these (the tasks just taken from a dead node, while this one runs its own). */
+    only?: ReadonlySet<string>,
+  ): string[] {
     return this.db.transaction(() => {
       const rows = (
         this.db
@@ -251,7 +260,7 @@ export class TaskStore {
           id: string;
           staging_path: string | null;
         }[]
-      ).filter((r) => !keep.has(r.id));
+      ).filter((r) => !keep.has(r.id) && (!only || only.has(r.id)));
       const fail = this.db.prepare(
         `UPDATE tasks SET status='failure', finished_at=@finishedAt, error=@error WHERE id=@id`,
       );

@@ -67,9 +67,9 @@ export async function startPull(
  * Startup: pulls whose session survived a restart go on from the bytes
  * already received, with the validator they had (If-Range keeps them safe).
  */
-export async function resumePulls(s: PullDeps): Promise<void> {
+export async function resumePulls(s: PullDeps, only: (t: Transfer) => boolean = () => true): Promise<void> {
   for (const t of s.transfers.list({ active: true })) {
-    if (t.direction !== 'upload' || t.state !== 'open' || !t.source_url) continue;
+    if (t.direction !== 'upload' || t.state !== 'open' || !t.source_url || !only(t)) continue;
     // Another live node's pull: that node runs it.
     if (!s.transfers.activeSession(t.id)) continue;
     try {

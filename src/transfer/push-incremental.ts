@@ -148,7 +148,11 @@ export async function startVdiPush(
  * receiver holds; one whose local session ended leaves nothing behind.
  * Returns the sessions it owns, which push.ts's resume leaves alone.
  */
-export async function resumeIncrementalPushes(s: IncrementalPushDeps): Promise<Set<string>> {
+export async function resumeIncrementalPushes(
+  s: IncrementalPushDeps,
+  /** Only these (a dead node's, just taken over; the others are live nodes' or this one's). */
+  only?: (t: Transfer) => boolean,
+): Promise<Set<string>> {
   const pairs = new PushPairs(s.db);
   const owned = new Set<string>();
   for (const pair of pairs.pending()) {
@@ -162,6 +166,7 @@ export async function resumeIncrementalPushes(s: IncrementalPushDeps): Promise<S
     }
     try {
       // Another live node's push: that node runs it.
+      if (only && !(t && only(t))) continue;
       if (t?.state === 'open' && !s.transfers.activeSession(t.id)) continue;
       if (t?.state !== 'open' || !t.push_target) {
         await clearPending(s, pairs, pair.source_vdi, pair.target, pending);

@@ -57,10 +57,11 @@ export interface PushDeps extends PullDeps {
 export async function resumePushes(
   s: PushDeps,
   othersOwn: (t: Transfer) => boolean = () => false,
+  only: (t: Transfer) => boolean = () => true,
 ): Promise<void> {
   for (const t of s.transfers.list({ active: true })) {
     const kept = t.push_target;
-    if (t.direction !== 'download' || t.state !== 'open' || !kept || othersOwn(t)) continue;
+    if (t.direction !== 'download' || t.state !== 'open' || !kept || othersOwn(t) || !only(t)) continue;
     // Another live node's push: that node runs it.
     if (!s.transfers.activeSession(t.id)) continue;
     let raw: string;

@@ -87,9 +87,20 @@ export class SessionLifecycle {
    * handed to `finishFinalize`, to be run again from the staged bytes.
    */
   resume(finishFinalize: (live: Live) => void, owns: (taskId: string) => boolean = () => true): void {
+    this.adopt(finishFinalize, owns);
+    // A round that fails (the metadata database away) is logged; the next one retries.
+    this.reaper = setInterval(
+      () => void this.reapExpired().catch((err) => this.logger?.error({ err }, 'expiring transfers failed')),
+      REAP_INTERVAL_MS,
+    );
+    this.reaper.unref();
+  }
+
+  /** Takes the stored active sessions `owns` says are this node's (and not live yet) under live control. */
+  adopt(finishFinalize: (live: Live) => void, owns: (taskId: string) => boolean): void {
     for (const t of this.sessions.store.list({ active: true })) {
       // Another live node's session: that node serves it.
-      if (!owns(t.task_id)) continue;
+      if (!owns(t.task_id) || this.sessions.find(t.id)) continue;
       try {
         if (isOneShot(t)) {
           // Nobody holds a one-shot import's session: it died with its request.
@@ -106,12 +117,6 @@ export class SessionLifecycle {
         this.logger?.error({ err, transfer: t.id }, 'could not resume transfer');
       }
     }
-    // A round that fails (the metadata database away) is logged; the next one retries.
-    this.reaper = setInterval(
-      () => void this.reapExpired().catch((err) => this.logger?.error({ err }, 'expiring transfers failed')),
-      REAP_INTERVAL_MS,
-    );
-    this.reaper.unref();
   }
 
   stop(): void {

@@ -65,6 +65,13 @@ export class TransferService {
     }, owns);
   }
 
+  /** A dead node's sessions just taken over (their tasks claimed): resumed here. */
+  takeOver(taken: (taskId: string) => boolean): void {
+    this.lifecycle.adopt((live) => {
+      live.finalizing = this.finalizer.run(live);
+    }, taken);
+  }
+
   stop(): void {
     this.lifecycle.stop();
   }

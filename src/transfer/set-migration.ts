@@ -121,7 +121,7 @@ export class SetMigrations {
   }
 
   /** Startup: the migrations a previous process left running go on where they stood. */
-  async resume(): Promise<void> {
+  async resume(only: (taskId: string) => boolean = () => true): Promise<void> {
     for (const { id, dest: sealed, progress: p } of this.s.journal.list()) {
       // Ended just before the restart (its row not removed yet): nothing to resume.
       const status = (() => {
@@ -136,7 +136,7 @@ export class SetMigrations {
         continue;
       }
       // Another live node's migration: that node runs it.
-      if (!this.s.tasks.owns(id)) continue;
+      if (!this.s.tasks.owns(id) || !only(id)) continue;
       const parent = this.s.tasks.adopt(id);
       const children = new Map<string, RunningTask>();
       for (const d of p.disks) {

@@ -1,7 +1,7 @@
 /** The connection settings: each has a flag and an environment variable (flags win), with sane bounds. */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { parseConfig, parseDurationMs } from '../../src/config.js';
+import { nodeUrlOf, parseConfig, parseDurationMs } from '../../src/config.js';
 
 test('durations in milliseconds: ms, s, m, or bare seconds; never 0', () => {
   assert.equal(parseDurationMs('500ms'), 500);
@@ -35,4 +35,18 @@ test('defaults, environment, and flags over environment', () => {
     [7, 250, 1000],
   );
   assert.throws(() => parseConfig(['--max-connections', '0'], {}));
+});
+
+test('--node-url (DISKPORT_NODE_URL): where other nodes reach this one; by default the listening address', () => {
+  assert.equal(parseConfig(['--node-url', 'http://10.0.0.5:8080/'], {}).nodeUrl, 'http://10.0.0.5:8080');
+  assert.equal(parseConfig([], { DISKPORT_NODE_URL: 'http://node2:8080' }).nodeUrl, 'http://node2:8080');
+  assert.equal(parseConfig([], {}).nodeUrl, undefined);
+  for (const bad of ['node2:8080', 'ftp://node2', 'http://node2/?x=1']) {
+    assert.throws(() => parseConfig(['--node-url', bad], {}), bad);
+  }
+  // A wildcard says nothing to another machine: its hostname does.
+  assert.equal(nodeUrlOf('0.0.0.0', 8080, 'host-a'), 'http://host-a:8080');
+  assert.equal(nodeUrlOf('::', 8080, 'host-a'), 'http://host-a:8080');
+  assert.equal(nodeUrlOf('127.0.0.1', 9000, 'host-a'), 'http://127.0.0.1:9000');
+  assert.equal(nodeUrlOf('fd00::5', 9000, 'host-a'), 'http://[fd00::5]:9000');
 });
