@@ -69,7 +69,8 @@ describe('crash safety of resumable uploads', () => {
     }
   }
 
-  test(`${CASES} kills at random moments of uploads and finalizes`, async () => {
+  // Twenty restarts of a spawned server: minutes on a loaded machine, more than the default per test.
+  test(`${CASES} kills at random moments of uploads and finalizes`, { timeout: 600_000 }, async () => {
     const vdiId = (await createVdi(server.url, SIZE)).id;
     let current = await sha256Url(`${server.url}/v1/vdis/${vdiId}/contents`);
     let resumedUploads = 0;
