@@ -77,6 +77,18 @@ async function putChunkRetrying(base: string, t: TransferJson, data: Buffer, sta
   }
 }
 
+/** Opens an upload session at `base`; 201 or the test fails. */
+async function openUpload(base: string, vdi: string, size: number, format = 'raw'): Promise<TransferJson> {
+  const res = await api<TransferJson>(base, 'POST', '/v1/transfers', {
+    vdi,
+    direction: 'upload',
+    format,
+    size,
+  });
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+  return res.body;
+}
+
 const waitTask = async (base: string, id: string): Promise<Task> =>
   waitFor(
     `task ${id} to end`,
@@ -120,14 +132,7 @@ describe('one session across three nodes', { skip }, () => {
     const size = 24 * MiB;
     const data = seededBytes(size, 501);
     const vdi = await createVdi(lb.url, size);
-    const opened = await api<TransferJson>(lb.url, 'POST', '/v1/transfers', {
-      vdi: vdi.id,
-      direction: 'upload',
-      format: 'raw',
-      size,
-    });
-    assert.equal(opened.status, 201, JSON.stringify(opened.body));
-    const t = opened.body;
+    const t = await openUpload(lb.url, vdi.id, size);
     const starts = shuffled(
       Array.from({ length: size / MiB }, (_, i) => i * MiB),
       7,
@@ -222,14 +227,7 @@ describe('one session across three nodes', { skip }, () => {
     const size = 16 * MiB;
     const data = seededBytes(size, 504);
     const vdi = await createVdi(lb.url, size);
-    const t = (
-      await api<TransferJson>(nodes[0].url, 'POST', '/v1/transfers', {
-        vdi: vdi.id,
-        direction: 'upload',
-        format: 'raw',
-        size,
-      })
-    ).body;
+    const t = await openUpload(nodes[0].url, vdi.id, size);
     for (let start = 0; start < size / 2; start += MiB) {
       const res = await putChunk(lb.url, t, data.subarray(start, start + MiB), start, size);
       assert.ok(res.status < 300, await res.text());
@@ -263,14 +261,7 @@ describe('one session across three nodes', { skip }, () => {
     await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, qcow2]);
     const image = await fsp.readFile(qcow2);
     const vdi = await createVdi(lb.url, size);
-    const t = (
-      await api<TransferJson>(nodes[1].url, 'POST', '/v1/transfers', {
-        vdi: vdi.id,
-        direction: 'upload',
-        format: 'qcow2',
-        size: image.length,
-      })
-    ).body;
+    const t = await openUpload(nodes[1].url, vdi.id, image.length, 'qcow2');
     for (let start = 0; start < image.length; start += 8 * MiB) {
       const chunk = image.subarray(start, Math.min(start + 8 * MiB, image.length));
       const res = await putChunk(lb.url, t, chunk, start, image.length);
@@ -342,14 +333,7 @@ describe('one session across three nodes', { skip }, () => {
     const { dataDir, nodes } = await cluster();
     const size = 4 * MiB;
     const vdi = await createVdi(nodes[0].url, size);
-    const t = (
-      await api<TransferJson>(nodes[0].url, 'POST', '/v1/transfers', {
-        vdi: vdi.id,
-        direction: 'upload',
-        format: 'raw',
-        size,
-      })
-    ).body;
+    const t = await openUpload(nodes[0].url, vdi.id, size);
     const list = await api<{ id: string; self: boolean }[]>(nodes[0].url, 'GET', '/v1/nodes');
     const self = list.body.find((n) => n.self)!;
     // Alive by its heartbeat, unreachable where it says it listens.

@@ -23,7 +23,9 @@ describe('merges and kill -9', () => {
   const checks = chainChecks(sr, DEPTH);
 
   // Twenty restarts of a spawned server: minutes on a loaded machine, more than the default per test.
-  test(`${KILLS} kills at seeded moments of merges, each followed by a restart and a check of every VDI and snapshot`, { timeout: 600_000 }, async (t) => {
+  test(`${KILLS} kills at seeded moments of merges, each followed by a restart and a check of every VDI and snapshot`, {
+    timeout: 600_000,
+  }, async (t) => {
     const vdi = await createVdi(sr.url, SIZE, { image_format: 'raw' });
     const first = changedBlocks(Buffer.alloc(SIZE), 1, 384, 0.1);
     await checks.importRaw(vdi.id, first);

@@ -107,7 +107,9 @@ describe('changed blocks through merges: seeded histories', () => {
   }
 
   // Every step of every history is checked with qemu-img: minutes on a loaded machine.
-  test(`${HISTORIES} seeded histories of writes, snapshots, merges and clones`, { timeout: 600_000 }, async (t) => {
+  test(`${HISTORIES} seeded histories of writes, snapshots, merges and clones`, {
+    timeout: 600_000,
+  }, async (t) => {
     let merged = 0;
     let flattened = 0;
     for (let seed = 1; seed <= HISTORIES; seed++) {

@@ -152,7 +152,9 @@ describe('snapshots across restarts and kill -9', () => {
   });
 
   // A restart of a spawned server per round: minutes on a loaded machine.
-  test(`${ROUNDS} kills at random moments of snapshots being made while their source is imported into`, { timeout: 600_000 }, async () => {
+  test(`${ROUNDS} kills at random moments of snapshots being made while their source is imported into`, {
+    timeout: 600_000,
+  }, async () => {
     const source = await createVdi(server.url, SIZE, { name_label: 'busy' });
     const contents = new Map<string, string>(); // sha -> what it is
     const zeros = await shaOf(source.id);
