@@ -3,7 +3,7 @@
  * round-robin balancer without affinity: the requests of one transfer
  * session, tus upload or imageio ticket land on every node and are
  * forwarded to the node holding the session; when that node is killed -9,
- * another takes its sessions, its finalize and its pull over within
+ * another takes its sessions, its finalize, its pull and its push over within
  * --node-timeout and a heartbeat, and every result is byte-exact.
  * PostgreSQL only: on SQLite a data directory is one process's.
  */
@@ -19,6 +19,7 @@ import * as tus from 'tus-js-client';
 import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
 import * as imageio from './helpers/imageio-client.js';
 import { execSqlAt, TEST_DATABASE_URL } from './helpers/pg.js';
+import { cutProxy } from './helpers/proxy.js';
 import { type RoundRobin, roundRobin } from './helpers/round-robin.js';
 import { type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 import { waitFor } from './helpers/wait.js';
@@ -326,6 +327,67 @@ describe('one session across three nodes', { skip }, () => {
       assert.equal(await sha256Url(`${nodes[1].url}/v1/vdis/${vdi.id}/contents`), sha256(data));
     } finally {
       source.close();
+    }
+  });
+
+  test('the node running a push killed -9 mid-way: another takes the push over and sends what the receiver lacks', async () => {
+    const { nodes, lb } = await cluster();
+    const receiverDir = await tempDir();
+    dirs.push(receiverDir);
+    const receiver = await spawnServer(receiverDir);
+    servers.push(receiver);
+    const size = 48 * MiB;
+    const data = seededBytes(size, 508);
+    const source = await createVdi(lb.url, size);
+    assert.equal(
+      (
+        await fetch(`${lb.url}/v1/vdis/${source.id}/contents?format=raw`, {
+          method: 'PUT',
+          body: new Uint8Array(data),
+        })
+      ).status,
+      200,
+    );
+    const target = await createVdi(receiver.url, size);
+    const receiving = (
+      await api<TransferJson & { url: string }>(receiver.url, 'POST', '/v1/transfers', {
+        vdi: target.id,
+        direction: 'upload',
+        format: 'raw',
+      })
+    ).body;
+    // The link to the receiver goes down after 16 MiB: the push waits and retries, on node 0.
+    const link = await cutProxy(receiver.url, {
+      seed: 1,
+      cutConnections: 0,
+      direction: 'up',
+      minBytes: 0,
+      maxBytes: 0,
+    });
+    link.downAt = 16 * MiB;
+    try {
+      const via = new URL(receiving.url);
+      via.host = new URL(link.url).host;
+      const push = await api<TransferJson>(nodes[0].url, 'POST', '/v1/transfers', {
+        vdi: source.id,
+        direction: 'download',
+        format: 'raw',
+        target_url: via.href,
+      });
+      assert.equal(push.status, 201, JSON.stringify(push.body));
+      await waitFor('the link to go down mid-push', () => link.downAt === undefined);
+      await nodes[0].stop('SIGKILL');
+      link.up();
+      const task = await waitTask(nodes[1].url, push.body.task_id);
+      assert.equal(task.status, 'success', JSON.stringify(task));
+      assert.notEqual(
+        (await api<{ node: string }>(nodes[1].url, 'GET', `/v1/tasks/${task.id}`)).body.node,
+        null,
+      );
+      assert.ok(link.bytesUp < size + 24 * MiB, `${link.bytesUp} bytes sent for ${size}`);
+      assert.equal(await sha256Url(`${receiver.url}/v1/vdis/${target.id}/contents`), sha256(data));
+    } finally {
+      await link.close();
     }
   });
 
