@@ -148,7 +148,11 @@ async function openServices(config: Config, logger: Logger, releaseDir: () => vo
   // Merges a restart cut short (or a lowered depth limit calls for) are planned again now.
   const mergeTurn = (lease: Leases) => () => {
     const taken = lease.take('merges', 'merges');
-    return taken.ok ? () => lease.release('merges', taken.epoch) : null;
+    if (!taken.ok) return null;
+    return {
+      release: () => lease.release('merges', taken.epoch),
+      fence: () => lease.assertHeld('merges', taken.epoch, "the cluster's merge turn"),
+    };
   };
   const merges = new MergeService(
     new ChainMerges(db, srs, vdis),

@@ -151,4 +151,41 @@ describe('one writer per VDI across nodes', { skip }, () => {
       assert.equal(await sha256Url(`${base}/v1/vdis/${vdi.id}/contents?format=raw`), sha256(before));
     }
   });
+
+  test('merges run on one node at a time: a merge waits while another node holds the turn', async () => {
+    const {
+      dataDir,
+      nodes: [a, b],
+    } = await cluster(2);
+    const nodeB = (await api<{ id: string; self: boolean }[]>(b.url, 'GET', '/v1/nodes')).body.find(
+      (n) => n.self,
+    )!;
+    // Node B merges (as far as the cluster knows): its turn, unexpired.
+    execSqlAt(
+      dataDir,
+      `INSERT INTO leases (resource, node_id, holder, epoch, expires_at)
+       VALUES ('merges', '${nodeB.id}', 'merges', 1, '2999-01-01T00:00:00.000Z')
+       ON CONFLICT (resource) DO UPDATE SET node_id = excluded.node_id, holder = excluded.holder,
+         epoch = leases.epoch + 1, expires_at = excluded.expires_at`,
+    );
+    const first = seededBytes(4 * MiB, 200);
+    const second = Buffer.from(first);
+    seededBytes(MiB, 201).copy(second, MiB);
+    const vdi = await createVdi(a.url, 4 * MiB);
+    assert.equal((await putRaw(a.url, vdi.id, first)).status, 200);
+    const snap = await api<{ id: string }>(a.url, 'POST', `/v1/vdis/${vdi.id}/snapshots`);
+    assert.equal(snap.status, 201);
+    assert.equal((await putRaw(a.url, vdi.id, second)).status, 200);
+    // Deleting the snapshot plans a merge on A, which finds the turn taken.
+    assert.equal((await api(a.url, 'DELETE', `/v1/vdis/${snap.body.id}`)).status, 204);
+    const merges = async () =>
+      (await api<Task[]>(a.url, 'GET', '/v1/tasks?type=merge')).body.filter((t) => t.status === 'success');
+    await new Promise((r) => setTimeout(r, 3000));
+    assert.deepEqual(await merges(), [], 'no merge while another node holds the turn');
+    execSqlAt(dataDir, `UPDATE leases SET holder = '', expires_at = '' WHERE resource = 'merges'`);
+    await waitFor('the merge once the turn is free', async () => (await merges()).length > 0, {
+      timeoutMs: 30_000,
+    });
+    assert.equal(await sha256Url(`${b.url}/v1/vdis/${vdi.id}/contents?format=raw`), sha256(second));
+  });
 });

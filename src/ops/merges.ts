@@ -21,8 +21,13 @@ export const MERGE_TASK_TYPE = 'merge';
 /** How long a node whose merges wait for another node's turn waits before planning again. */
 const TURN_RETRY_MS = 5_000;
 
-/** The cluster's one merging node: a release when this node may merge now, or null when another does. */
-export type MergeTurn = () => (() => void) | null;
+/**
+ * The cluster's one merging node: when this node may merge now, how to give
+ * the turn back and the fence its switches check; null when another node merges.
+ */
+export type MergeTurn = () => { release(): void; fence(): void } | null;
+
+const ALONE = { release() {}, fence() {} };
 
 export class MergeService {
   private running: Promise<void> | null = null;
@@ -37,7 +42,7 @@ export class MergeService {
     private readonly tasks: TaskManager,
     private readonly maxDepth: number,
     private readonly logger?: Logger,
-    private readonly turn: MergeTurn = () => () => {},
+    private readonly turn: MergeTurn = () => ALONE,
   ) {}
 
   /** Plans and runs whatever merges the chains need now (returns at once). */
@@ -69,19 +74,19 @@ export class MergeService {
   }
 
   private async loop(): Promise<void> {
-    const release = this.turn();
-    if (!release) {
+    const turn = this.turn();
+    if (!turn) {
       setTimeout(() => this.schedule(), TURN_RETRY_MS).unref();
       return;
     }
     try {
-      await this.mergeAll();
+      await this.mergeAll(turn.fence);
     } finally {
-      release();
+      turn.release();
     }
   }
 
-  private async mergeAll(): Promise<void> {
+  private async mergeAll(fence: () => void): Promise<void> {
     do {
       this.again = false;
       for (;;) {
@@ -94,18 +99,22 @@ export class MergeService {
           return;
         }
         if (!plan) break;
-        await this.runOne(plan);
+        await this.runOne(plan, fence);
       }
     } while (this.again && !this.stopped);
   }
 
-  private async runOne(plan: MergePlan): Promise<void> {
+  private async runOne(plan: MergePlan, fence: () => void): Promise<void> {
     const task = this.tasks.start(MERGE_TASK_TYPE, plan.vdi, { bytesTotal: plan.bytes });
     this.current = {
       cancel: () => task.requestCancel('diskport is stopping; the merge runs again at the next start'),
     };
     try {
-      const outcome = await this.merges.run(plan, { signal: task.signal, onBytes: (n) => task.addBytes(n) });
+      const outcome = await this.merges.run(plan, {
+        signal: task.signal,
+        onBytes: (n) => task.addBytes(n),
+        fence,
+      });
       const from = plan.kind === 'down' ? plan.child : plan.parent;
       const into = plan.kind === 'down' ? plan.parent : plan.layer;
       task.succeed({ kind: plan.kind, outcome, merged: from, into });

@@ -101,6 +101,18 @@ const BACKENDS: Record<string, LayerMergeBackend> = {
   qcow2: { mergeDown: mergeQcow2Down, fill: fillQcow2FromParent, reparent: reparentQcow2 },
 };
 
+export interface MergeRunOptions {
+  signal: AbortSignal;
+  onBytes?: (n: number) => void;
+  /**
+   * Called inside the transaction that switches the rows, first: throws when
+   * this node no longer holds the cluster's merge turn (another node may be
+   * merging), so the switch is not made. Files written before it read as
+   * they did: a merge stopped there is one killed there.
+   */
+  fence?: () => void;
+}
+
 export class ChainMerges {
   constructor(
     private readonly db: Db,
@@ -156,7 +168,7 @@ export class ChainMerges {
   }
 
   /** Runs one planned merge; `signal` stops it (between 4 MiB writes, never inside its switch). */
-  run(plan: MergePlan, opts: { signal: AbortSignal; onBytes?: (n: number) => void }): Promise<MergeOutcome> {
+  run(plan: MergePlan, opts: MergeRunOptions): Promise<MergeOutcome> {
     const rewrite = REWRITERS[formatOfContent(plan.kind === 'down' ? plan.child : plan.layer)];
     if (rewrite) return this.rewrite(plan, rewrite, opts);
     return plan.kind === 'down' ? this.mergeDown(plan, opts) : this.flatten(plan, opts);
@@ -173,7 +185,7 @@ export class ChainMerges {
   private async rewrite(
     plan: MergePlan,
     write: RewriteBackend,
-    opts: { signal: AbortSignal; onBytes?: (n: number) => void },
+    opts: MergeRunOptions,
   ): Promise<MergeOutcome> {
     const x = plan.kind === 'down' ? plan.child : plan.layer;
     const below = plan.parent;
@@ -226,6 +238,7 @@ export class ChainMerges {
             await fsyncDir(dir);
             again = false;
             released = this.db.transaction(() => {
+              opts.fence?.();
               if (!stillDue()) return null;
               if (
                 this.namersOf(x)
@@ -254,7 +267,7 @@ export class ChainMerges {
 
   private async mergeDown(
     plan: Extract<MergePlan, { kind: 'down' }>,
-    opts: { signal: AbortSignal; onBytes?: (n: number) => void },
+    opts: MergeRunOptions,
   ): Promise<MergeOutcome> {
     const { child: c, parent: p } = plan;
     const allow = (chain: readonly string[]) => {
@@ -299,6 +312,7 @@ export class ChainMerges {
         for (const v of namers) await this.relink(sr, parentFile, v.file_name);
         await fsyncDir(dir);
         done = this.db.transaction(() => {
+          opts.fence?.();
           if (!this.downRows(c, p)) return 'stale' as const;
           if (
             this.namersOf(c)
@@ -328,7 +342,7 @@ export class ChainMerges {
 
   private async flatten(
     plan: Extract<MergePlan, { kind: 'flatten' }>,
-    opts: { signal: AbortSignal; onBytes?: (n: number) => void },
+    opts: MergeRunOptions,
   ): Promise<MergeOutcome> {
     const layer = this.vdis.contents.get(plan.layer);
     if (!layer || layer.parent !== plan.parent) return 'stale';
@@ -352,6 +366,7 @@ export class ChainMerges {
       await parentView.close();
     }
     const released = this.db.transaction(() => {
+      opts.fence?.();
       const now = this.vdis.contents.get(layer.id);
       if (!now || now.parent !== plan.parent) return null;
       this.db.prepare('UPDATE contents SET parent = NULL, defined = NULL WHERE id = ?').run(layer.id);
