@@ -11,19 +11,34 @@
  * UPDATE (TaskStore.claim).
  */
 import { promises as fsp } from 'node:fs';
-import type { Services } from '../services.js';
+import type { MergeService } from '../ops/merges.js';
+import type { Nodes } from '../storage/nodes.js';
 import type { MigrationJournal } from './migration-journal.js';
 import { resumePulls } from './pull.js';
 import { resumePushes } from './push.js';
-import { resumeIncrementalPushes } from './push-incremental.js';
+import { type IncrementalPushDeps, resumeIncrementalPushes } from './push-incremental.js';
+import type { SetMigrations } from './set-migration.js';
 import type { Transfer } from './transfer-store.js';
+
+/** What resumes a node's transfer jobs: the services, as far as these need them. */
+export interface TransferJobDeps extends IncrementalPushDeps {
+  setMigrations: Pick<SetMigrations, 'resume'>;
+}
+
+export interface TakeoverDeps extends TransferJobDeps {
+  nodes: Nodes;
+  merges: Pick<MergeService, 'schedule'>;
+}
 
 /**
  * The pulls, pushes and set migrations whose sessions this node holds go on
  * by themselves: at startup all of them, after a take-over only those of the
  * tasks taken (`only`).
  */
-export async function resumeTransferJobs(s: Services, only?: (taskId: string) => boolean): Promise<void> {
+export async function resumeTransferJobs(
+  s: TransferJobDeps,
+  only?: (taskId: string) => boolean,
+): Promise<void> {
   const mine = (t: Transfer) => !only || only(t.task_id);
   await resumePulls(s, mine);
   const incremental = await resumeIncrementalPushes(s, only && mine);
@@ -35,7 +50,7 @@ export class Takeover {
   private running = false;
 
   constructor(
-    private readonly s: Services,
+    private readonly s: TakeoverDeps,
     private readonly journal: MigrationJournal,
   ) {}
 
