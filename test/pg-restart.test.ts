@@ -14,6 +14,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { once } from 'node:events';
 import { promises as fsp } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -241,6 +242,56 @@ describe('PostgreSQL restarted mid-transfer', { skip: SKIP }, () => {
     assert.equal(
       await sha256Url(`${base}/v1/vdis/${vdi2.id}/contents`),
       createHash('sha256').update(small).digest('hex'),
+    );
+  });
+
+  test('a task that ends while it is down is recorded once it is back, not left running', async () => {
+    assert.ok(srv, 'the server of the test before');
+    const base = srv.url;
+    const data = seededBytes(64 * MiB, 17);
+    const vdi = await createVdi(base, data.length);
+    const put = await fetch(`${base}/v1/vdis/${vdi.id}/contents?format=raw`, {
+      method: 'PUT',
+      body: new Uint8Array(data),
+    });
+    assert.equal(put.status, 200, await put.text());
+    // A whole export (a task) read slowly: it ends after PostgreSQL went down.
+    const res = await new Promise<http.IncomingMessage>((resolve, reject) =>
+      http.get(`${base}/v1/vdis/${vdi.id}/contents?format=raw`, resolve).on('error', reject),
+    );
+    res.pause();
+    assert.equal(res.statusCode, 200);
+    const taskId = String(res.headers['x-task-id']);
+    await pgCluster('stop', clusterDir, 'fast');
+    const hash = createHash('sha256');
+    res.on('data', (d: Buffer) => hash.update(d));
+    res.resume();
+    await once(res, 'end');
+    assert.equal(hash.digest('hex'), createHash('sha256').update(data).digest('hex'));
+    // This node answers its outcome meanwhile, from memory.
+    const during = await waitFor('the export task to end', async () => {
+      const t = await api<{ status: string }>(base, 'GET', `/v1/tasks/${taskId}`);
+      return t.body.status === 'running' ? undefined : t;
+    });
+    assert.equal(during.status, 200);
+    assert.equal(during.body.status, 'success');
+
+    await pgCluster('start', clusterDir);
+    // Recorded where every node reads it, not only in this process.
+    await waitFor(
+      'the task recorded as ended in the database',
+      async () => {
+        const { stdout } = await execFileP('psql', [
+          '-X',
+          '-A',
+          '-t',
+          databaseUrl,
+          '-c',
+          `SELECT status FROM tasks WHERE id = '${taskId}'`,
+        ]).catch(() => ({ stdout: '' }));
+        return stdout.trim() === 'success';
+      },
+      { timeoutMs: 60_000, intervalMs: 200 },
     );
   });
 });

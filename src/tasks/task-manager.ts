@@ -140,8 +140,14 @@ export class RunningTask {
   }
 }
 
+/** How often the ends of tasks that could not be recorded (the store away) are tried again. */
+const UNSAVED_RETRY_MS = 1000;
+
 export class TaskManager {
   private readonly live = new Map<string, RunningTask>();
+  /** Finished tasks whose end the store did not take yet (PostgreSQL away): written once it is back. */
+  private readonly unsaved = new Map<string, Task>();
+  private unsavedTimer: NodeJS.Timeout | null = null;
   private readonly events = new EventEmitter();
 
   constructor(
@@ -194,7 +200,7 @@ export class TaskManager {
   }
 
   finished(task: RunningTask): void {
-    if (!this.store.update(task.record)) {
+    if (!this.recordEnd(task.record)) {
       // Fenced: this node was taken for dead and another took the task over; its outcome is that node's.
       this.logger?.warn(
         { task: task.id },
@@ -206,6 +212,39 @@ export class TaskManager {
     this.events.emit(FINISHED_EVENT, task);
   }
 
+  /**
+   * Writes a finished task. The store away (PostgreSQL restarting) does not
+   * leave it marked running: its end is kept here, served to readers, and
+   * written at the first retry the store takes. False when fenced.
+   */
+  private recordEnd(record: Task): boolean {
+    try {
+      return this.store.update(record);
+    } catch (err) {
+      this.logger?.error(
+        { err, task: record.id },
+        "could not record a task's end; it is written once the store is back",
+      );
+      this.unsaved.set(record.id, { ...record });
+      this.unsavedTimer ??= setInterval(() => this.retryUnsaved(), UNSAVED_RETRY_MS);
+      this.unsavedTimer.unref();
+      return true;
+    }
+  }
+
+  private retryUnsaved(): void {
+    for (const [id, record] of this.unsaved) {
+      try {
+        this.store.update(record);
+      } catch {
+        return; // still away: the next round
+      }
+      this.unsaved.delete(id);
+    }
+    if (this.unsavedTimer) clearInterval(this.unsavedTimer);
+    this.unsavedTimer = null;
+  }
+
   /** Calls `listener` with every task as it finishes (any final status); returns the unsubscribe function. */
   onFinished(listener: (task: RunningTask) => void): () => void {
     this.events.on(FINISHED_EVENT, listener);
@@ -215,6 +254,8 @@ export class TaskManager {
   get(id: string): Task {
     const live = this.live.get(id);
     if (live) return { ...live.record };
+    const unsaved = this.unsaved.get(id);
+    if (unsaved) return { ...unsaved };
     const stored = this.store.get(id);
     if (!stored) throw new NotFoundError('task', id);
     return stored;
