@@ -8,6 +8,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi } from './helpers/api.js';
+import { rounds } from './helpers/pg.js';
 import { prng, seededBytes, startServer, type TestServer } from './helpers/server.js';
 
 const BLOCK = 64 * 1024;
@@ -82,7 +83,7 @@ describe('changed blocks', () => {
   };
 
   const FORMATS = ['raw', 'vhd', 'qcow2'] as const;
-  for (let seed = 1; seed <= 20; seed++) {
+  for (let seed = 1; seed <= rounds(20, 8); seed++) {
     const format = FORMATS[seed % 3];
     test(`history ${seed} (${format} SR): every snapshot against every later point equals a brute-force comparison`, async () => {
       const rnd = prng(seed * 7919);

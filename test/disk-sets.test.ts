@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi } from './helpers/api.js';
-import { TEST_DATABASE_URL } from './helpers/pg.js';
+import { rounds } from './helpers/pg.js';
 import { prng, startServer, type TestServer } from './helpers/server.js';
 
 /**
@@ -17,7 +17,7 @@ import { prng, startServer, type TestServer } from './helpers/server.js';
  * commits, is the same code on both stores (a snapshot that paused between
  * members failed by seed 8).
  */
-const SEEDS = TEST_DATABASE_URL ? 20 : 50;
+const SEEDS = rounds(50, 20);
 
 type DiskSet = { id: string; name_label: string; vdis: string[]; size: number; virtual_size: number };
 type SetSnapshot = {

@@ -11,10 +11,11 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
 import { codecDisk } from './helpers/images.js';
+import { rounds } from './helpers/pg.js';
 import { prng, seededBytes, startServer, type TestServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
-const CASES_PER_FORMAT = 60;
+const CASES_PER_FORMAT = rounds(60, 20);
 
 type Mutation = (img: Buffer, rnd: () => number) => Buffer;
 

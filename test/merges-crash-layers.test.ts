@@ -23,12 +23,13 @@ import {
   sha256,
   spawnedSr,
 } from './helpers/chain-checks.js';
+import { rounds } from './helpers/pg.js';
 import { prng } from './helpers/server.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const SIZE = 32 * MiB;
-const KILLS = 10;
+const KILLS = rounds(10, 5);
 const DEPTH = 3;
 
 for (const format of ['qcow2', 'vhd'] as const)

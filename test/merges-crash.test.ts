@@ -9,12 +9,13 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { createVdi } from './helpers/api.js';
 import { chainChecks, changedBlocks, killsDuringMerges, spawnedSr } from './helpers/chain-checks.js';
+import { rounds } from './helpers/pg.js';
 import { prng } from './helpers/server.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const SIZE = 32 * MiB;
-const KILLS = 20;
+const KILLS = rounds(20, 8);
 const DEPTH = 3;
 
 describe('merges and kill -9', () => {

@@ -11,10 +11,11 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi } from './helpers/api.js';
+import { rounds } from './helpers/pg.js';
 import { prng, seededBytes, startServer, type TestServer } from './helpers/server.js';
 
 const BLOCK = 64 * 1024;
-const HISTORIES = 50;
+const HISTORIES = rounds(50, 15);
 
 type Bitmap = { block_size: number; bitmap: string };
 type Dirty = { start: number; length: number; dirty: boolean };

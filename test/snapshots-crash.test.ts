@@ -12,12 +12,12 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { api, createVdi, sha256Url } from './helpers/api.js';
-import { queryAt } from './helpers/pg.js';
+import { queryAt, rounds } from './helpers/pg.js';
 import { prng, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
-const ROUNDS = 12;
+const ROUNDS = rounds(12, 5);
 const SNAPSHOTS_PER_ROUND = 6;
 
 type VdiJson = {

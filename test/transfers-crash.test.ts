@@ -10,11 +10,12 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
+import { rounds } from './helpers/pg.js';
 import { prng, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
-const CASES = 20;
+const CASES = rounds(20, 8);
 type TransferJson = {
   id: string;
   url: string;

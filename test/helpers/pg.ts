@@ -15,6 +15,17 @@ import Database from 'better-sqlite3';
 export const TEST_DATABASE_URL = process.env.DISKPORT_TEST_DATABASE_URL || undefined;
 
 /**
+ * How many seeded rounds a test runs: `sqlite` in the SQLite pass, `postgres`
+ * in the PostgreSQL pass, where each costs more (a round trip per statement,
+ * a database per spawned server) while what the rounds exercise is the same
+ * code on both stores: the PostgreSQL pass keeps it covered there, the SQLite
+ * pass keeps the full count.
+ */
+export function rounds(sqlite: number, postgres: number): number {
+  return TEST_DATABASE_URL ? postgres : sqlite;
+}
+
+/**
  * Why a test that is about SQLite itself is skipped on PostgreSQL (false on
  * SQLite): `sqliteOnly('the file's size')` says what of SQLite it checks.
  */
