@@ -16,7 +16,7 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import * as tus from 'tus-js-client';
-import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
+import { api, createVdi, execFileP, openUpload, sha256Url } from './helpers/api.js';
 import * as imageio from './helpers/imageio-client.js';
 import { execSqlAt, TEST_DATABASE_URL } from './helpers/pg.js';
 import { cutProxy } from './helpers/proxy.js';
@@ -78,18 +78,6 @@ async function putChunkRetrying(base: string, t: TransferJson, data: Buffer, sta
   }
 }
 
-/** Opens an upload session at `base`; 201 or the test fails. */
-async function openUpload(base: string, vdi: string, size: number, format = 'raw'): Promise<TransferJson> {
-  const res = await api<TransferJson>(base, 'POST', '/v1/transfers', {
-    vdi,
-    direction: 'upload',
-    format,
-    size,
-  });
-  assert.equal(res.status, 201, JSON.stringify(res.body));
-  return res.body;
-}
-
 const waitTask = async (base: string, id: string): Promise<Task> =>
   waitFor(
     `task ${id} to end`,
@@ -133,7 +121,7 @@ describe('one session across three nodes', { skip }, () => {
     const size = 24 * MiB;
     const data = seededBytes(size, 501);
     const vdi = await createVdi(lb.url, size);
-    const t = await openUpload(lb.url, vdi.id, size);
+    const t = await openUpload<TransferJson>(lb.url, vdi.id, size);
     const starts = shuffled(
       Array.from({ length: size / MiB }, (_, i) => i * MiB),
       7,
@@ -228,7 +216,7 @@ describe('one session across three nodes', { skip }, () => {
     const size = 16 * MiB;
     const data = seededBytes(size, 504);
     const vdi = await createVdi(lb.url, size);
-    const t = await openUpload(nodes[0].url, vdi.id, size);
+    const t = await openUpload<TransferJson>(nodes[0].url, vdi.id, size);
     for (let start = 0; start < size / 2; start += MiB) {
       const res = await putChunk(lb.url, t, data.subarray(start, start + MiB), start, size);
       assert.ok(res.status < 300, await res.text());
@@ -262,7 +250,7 @@ describe('one session across three nodes', { skip }, () => {
     await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, qcow2]);
     const image = await fsp.readFile(qcow2);
     const vdi = await createVdi(lb.url, size);
-    const t = await openUpload(nodes[1].url, vdi.id, image.length, 'qcow2');
+    const t = await openUpload<TransferJson>(nodes[1].url, vdi.id, image.length, 'qcow2');
     for (let start = 0; start < image.length; start += 8 * MiB) {
       const chunk = image.subarray(start, Math.min(start + 8 * MiB, image.length));
       const res = await putChunk(lb.url, t, chunk, start, image.length);
@@ -391,7 +379,7 @@ describe('one session across three nodes', { skip }, () => {
     const { dataDir, nodes } = await cluster();
     const size = 4 * MiB;
     const vdi = await createVdi(nodes[0].url, size);
-    const t = await openUpload(nodes[0].url, vdi.id, size);
+    const t = await openUpload<TransferJson>(nodes[0].url, vdi.id, size);
     const list = await api<{ id: string; self: boolean }[]>(nodes[0].url, 'GET', '/v1/nodes');
     const self = list.body.find((n) => n.self)!;
     // Alive by its heartbeat, unreachable where it says it listens.

@@ -42,6 +42,18 @@ export async function createVdi(base: string, virtualSize: number, extra: Record
   return res.body;
 }
 
+/** Opens an upload session (POST /v1/transfers); 201 or the test fails. `T`: the fields the test reads. */
+export async function openUpload<T = { id: string; url: string; token: string; task_id: string }>(
+  base: string,
+  vdi: string,
+  size: number,
+  format = 'raw',
+): Promise<T> {
+  const res = await api<T>(base, 'POST', '/v1/transfers', { vdi, direction: 'upload', format, size });
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+  return res.body;
+}
+
 /** Runs curl; resolves with stdout as a Buffer. */
 export async function curl(args: string[]): Promise<Buffer> {
   const { stdout } = await execFileP('curl', ['-sS', '--fail-with-body', ...args], {
