@@ -6,9 +6,13 @@
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, timingSafeEqual } from 'node:crypto';
 
 export function safeEqual(a: string, b: string): boolean {
-  const ab = Buffer.from(a);
-  const bb = Buffer.from(b);
-  return ab.length === bb.length && timingSafeEqual(ab, bb);
+  return equalsSecret(a, Buffer.from(b));
+}
+
+/** `presented` against a secret kept as bytes (compared in constant time, as safeEqual). */
+export function equalsSecret(presented: string, secret: Buffer): boolean {
+  const p = Buffer.from(presented);
+  return p.length === secret.length && timingSafeEqual(p, secret);
 }
 
 /**

@@ -275,6 +275,74 @@ describe('chunk PUTs answer as express does', () => {
     });
   }
 
+  test('once a right token has been taken, a wrong one is still refused, and the right one still works', async () => {
+    // The session keeps the first token that matched and compares later ones with it.
+    const s = await open();
+    const other = await open();
+    const at = (i: number) => ({ 'Content-Range': range(i * CHUNK, CHUNK) });
+    const body = (i: number) => DATA.subarray(i * CHUNK, (i + 1) * CHUNK);
+    // One character changed (same length), shorter, longer, another session's token; by query and by bearer.
+    const flipped = `${s.token.slice(0, -1)}${s.token.endsWith('A') ? 'B' : 'A'}`;
+    const wrong = [flipped, s.token.slice(0, -1), `${s.token}x`, other.token];
+    // A wrong token before any right one is refused too, and keeps nothing.
+    const before = await put(srv.url, `/v1/transfers/${s.id}/data?token=${flipped}&flush=n`, {
+      headers: at(0),
+      body: body(0),
+    });
+    assert.equal(before.status, 403, before.body);
+    const first = await put(srv.url, `/v1/transfers/${s.id}/data?token=${s.token}&flush=n`, {
+      headers: at(0),
+      body: body(0),
+    });
+    assert.equal(first.status, 200, first.body);
+    for (const token of wrong) {
+      const byQuery = await both(srv, s, {
+        noToken: true,
+        query: `token=${encodeURIComponent(token)}&flush=n`,
+        headers: at(1),
+        body: body(1),
+      });
+      assert.equal(byQuery.lean.status, 403, byQuery.lean.body);
+      assert.equal(JSON.parse(byQuery.lean.body).error.code, 'TOKEN_INVALID');
+      assert.deepEqual(byQuery.lean, byQuery.viaExpress);
+      const byBearer = await both(srv, s, {
+        noToken: true,
+        query: 'flush=n',
+        headers: { ...at(1), Authorization: `Bearer ${token}` },
+        body: body(1),
+      });
+      assert.equal(byBearer.lean.status, 403, byBearer.lean.body);
+      assert.deepEqual(byBearer.lean, byBearer.viaExpress);
+    }
+    const state = await api<{ unflushed_bytes: number; received: [number, number][] }>(
+      srv.url,
+      'GET',
+      `/v1/transfers/${s.id}`,
+      undefined,
+      auth,
+    );
+    assert.equal(state.body.unflushed_bytes + state.body.received.reduce((n, [a, b]) => n + b - a, 0), CHUNK);
+    // The other session's own token still works on it, and this session's on this one.
+    for (const [session, i] of [
+      [other, 0],
+      [s, 1],
+    ] as const) {
+      const ok = await put(srv.url, `/v1/transfers/${session.id}/data?token=${session.token}`, {
+        headers: at(i),
+        body: body(i),
+      });
+      assert.equal(ok.status, 200, ok.body);
+    }
+    const after = await api<{ received: [number, number][] }>(
+      srv.url,
+      'GET',
+      `/v1/transfers/${s.id}`,
+      undefined,
+      auth,
+    );
+    assert.deepEqual(after.body.received, [[0, 2 * CHUNK]]);
+  });
+
   test('the management token writes a chunk too (through express)', async () => {
     const s = await open();
     const { lean, viaExpress } = await both(srv, s, {

@@ -482,10 +482,16 @@ describe('flush=n saves the per-chunk fdatasync (counted by strace on a real ser
 
   /** Runs `work` under strace attached to the server; returns the fsync and fdatasync calls it made. */
   async function syncsDuring(work: () => Promise<void>): Promise<number> {
+    return (await syncedFilesDuring(work)).length;
+  }
+
+  /** The file of each fsync and fdatasync the server made while `work` ran, in order. */
+  async function syncedFilesDuring(work: () => Promise<void>): Promise<string[]> {
     const out = path.join(dataDir, `strace-${Date.now()}.txt`);
     const strace: ChildProcess = spawn(
       'strace',
-      ['-f', '-e', 'trace=fsync,fdatasync', '-o', out, '-p', String(server.child.pid)],
+      // -y: each descriptor with its path.
+      ['-f', '-y', '-e', 'trace=fsync,fdatasync', '-o', out, '-p', String(server.child.pid)],
       { stdio: ['ignore', 'ignore', 'pipe'] },
     );
     let err = '';
@@ -501,7 +507,10 @@ describe('flush=n saves the per-chunk fdatasync (counted by strace on a real ser
     strace.kill('SIGINT');
     await exited;
     const lines = (await fsp.readFile(out, 'utf8')).split('\n');
-    return lines.filter((l) => /\b(fsync|fdatasync)\(/.test(l)).length;
+    return lines.flatMap((l) => {
+      const m = /\b(?:fsync|fdatasync)\(\d+<([^>]*)>/.exec(l);
+      return m ? [m[1]] : [];
+    });
   }
 
   test('64 chunks: flush=n costs one flush, flush=y at least one fdatasync each', async () => {
@@ -522,6 +531,30 @@ describe('flush=n saves the per-chunk fdatasync (counted by strace on a real ser
     assert.ok(flushed >= n, `flush=y: ${flushed} syncs for ${n} chunks`);
     // The flush's two (staging file, database) and a group commit or two on a slow machine.
     assert.ok(deferred <= 8, `flush=n: ${deferred} syncs for ${n} chunks`);
+    await completeAndCheck(server.url, vdi, t, image, [[0, image.length]]);
+  });
+
+  test('a flush point syncs the staging file once and commits the database once', async () => {
+    // Each flush=y chunk is a flush point: its bytes' fdatasync, then the session's
+    // ranges and its task's progress saved in one transaction (one journal sync).
+    const n = 16;
+    const image = seededBytes(n * CHUNK, 22);
+    const vdi = (await createVdi(server.url, image.length)).id;
+    const t = await openUpload(server.url, vdi, image.length);
+    const files = await syncedFilesDuring(async () => {
+      for (let k = 0; k < n; k++) assert.equal((await putChunk(server.url, t, image, k * CHUNK)).status, 200);
+    });
+    const staging = files.filter((f) => f.includes('staging') || f.includes(t.id));
+    const database = files.filter((f) => /\.(db|sqlite)(-wal|-journal)?$/.test(f));
+    assert.ok(
+      staging.length >= n,
+      `${staging.length} syncs of the staging file for ${n} chunks: ${files.join(', ')}`,
+    );
+    // Two per flush point before (the session's row and the task's, each its own commit).
+    assert.ok(
+      database.length <= staging.length + 2,
+      `${database.length} database syncs for ${staging.length} of the staging file: ${files.join(', ')}`,
+    );
     await completeAndCheck(server.url, vdi, t, image, [[0, image.length]]);
   });
 });

@@ -91,19 +91,33 @@ export class SpaceGuard {
    * 507; `release(bytes)` once the write has ended, whatever its outcome.
    */
   async claim(bytes: number, what = 'this write'): Promise<void> {
-    if (
-      bytes > this.budget ||
-      this.claimedSince + bytes > RECHECK_BYTES ||
-      Date.now() - this.learnedAt > SPACE_RECHECK_INTERVAL_MS
-    ) {
-      await this.learn();
-    }
+    if (this.claimNow(bytes)) return;
+    await this.learn();
     if (bytes > this.budget) {
       throw insufficientSpace(what, { needed: bytes, free: this.lastFree, reserve: this.reserveBytes });
     }
     this.budget -= bytes;
     this.claimedSince += bytes;
     this.inFlight += bytes;
+  }
+
+  /**
+   * Takes `bytes` from the budget at once when what was learned still holds
+   * and covers them (claim's usual case, without a promise); false otherwise,
+   * nothing taken: `claim` then asks the file system.
+   */
+  claimNow(bytes: number): boolean {
+    if (
+      bytes > this.budget ||
+      this.claimedSince + bytes > RECHECK_BYTES ||
+      Date.now() - this.learnedAt > SPACE_RECHECK_INTERVAL_MS
+    ) {
+      return false;
+    }
+    this.budget -= bytes;
+    this.claimedSince += bytes;
+    this.inFlight += bytes;
+    return true;
   }
 
   release(bytes: number): void {
@@ -128,12 +142,18 @@ export class SpaceGuard {
 }
 
 /** Runs `write` of `bytes` once `guard` (if any) allows it. */
-export async function guarded<T>(
+export function guarded<T>(
   guard: SpaceGuard | null | undefined,
   bytes: number,
   write: () => Promise<T>,
 ): Promise<T> {
   if (!guard) return write();
+  // The usual case, claimed at once: one promise fewer per small write.
+  if (guard.claimNow(bytes)) return write().finally(() => guard.release(bytes));
+  return guardedSlowly(guard, bytes, write);
+}
+
+async function guardedSlowly<T>(guard: SpaceGuard, bytes: number, write: () => Promise<T>): Promise<T> {
   await guard.claim(bytes);
   try {
     return await write();

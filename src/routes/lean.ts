@@ -100,6 +100,33 @@ function hasBody(req: IncomingMessage): boolean {
 
 const DATA_PATH = /^\/v1\/transfers\/([A-Za-z0-9-]{1,128})\/data(?:\?(.*))?$/;
 
+/**
+ * `?token=` and `?flush=` of a chunk PUT, as querystring.parse reads them;
+ * undefined when anything else is there, or either comes twice (express
+ * answers). The usual query (nothing percent-encoded) without building
+ * querystring's object.
+ */
+function chunkQuery(query: string): { token?: string; flush?: string } | undefined {
+  const q: { token?: string; flush?: string } = {};
+  if (query.includes('%') || query.includes('+')) {
+    const parsed = querystring.parse(query);
+    for (const name in parsed) {
+      const value = parsed[name];
+      if (typeof value !== 'string' || (name !== 'token' && name !== 'flush')) return;
+      q[name] = value;
+    }
+    return q;
+  }
+  for (const piece of query.split('&')) {
+    if (piece === '') continue;
+    const eq = piece.indexOf('=');
+    const name = eq < 0 ? piece : piece.slice(0, eq);
+    if ((name !== 'token' && name !== 'flush') || q[name] !== undefined) return;
+    q[name] = eq < 0 ? '' : piece.slice(eq + 1);
+  }
+  return q;
+}
+
 /** A chunk PUT the lean path takes: its session, range and flush. */
 interface Chunk {
   id: string;
@@ -132,25 +159,16 @@ function leanChunk(
   ) {
     return;
   }
-  let token: unknown;
-  let flushValue: unknown;
-  if (query) {
-    const parsed = querystring.parse(query);
-    for (const name in parsed) {
-      if (name === 'token') token = parsed[name];
-      else if (name === 'flush') flushValue = parsed[name];
-      else return;
-      if (typeof parsed[name] !== 'string') return;
-    }
-  }
-  const presented = presentedToken(token, h.authorization, s.config.token);
+  const q = query ? chunkQuery(query) : {};
+  if (!q) return;
+  const presented = presentedToken(q.token, h.authorization, s.config.token);
   const t = presented ? s.transfers.activeSession(id) : undefined;
   if (!presented || !t || t.direction !== 'upload' || t.state !== 'open') return;
   if (!s.transfers.tokenMatches(t, presented) || s.transfers.isExpired(t)) return;
   let flush: boolean;
   let range: ChunkRange;
   try {
-    flush = flushParam(flushValue);
+    flush = flushParam(q.flush);
     range = parseContentRange(contentRange);
   } catch {
     return;

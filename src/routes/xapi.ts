@@ -34,11 +34,13 @@ import { uploadLimit } from '../transfer/upload-rules.js';
  */
 const LARGEST_UPLOAD_BYTES = uploadLimit('qcow2', QCOW2_MAX_VIRTUAL_SIZE_BYTES);
 
+const IMPORT_RAW_VDI_PATH = /^\/import_raw_vdi\/?(?:\?|$)/i;
+
 /** An xapi import whose Content-Length says "unknown": its body ends with the connection. */
 export function readsToEndOfConnection(req: IncomingMessage): boolean {
   if (req.method !== 'PUT' || req.headers['transfer-encoding'] !== undefined) return false;
-  const pathname = (req.url ?? '').split('?')[0].toLowerCase();
-  if (pathname !== '/import_raw_vdi' && pathname !== '/import_raw_vdi/') return false;
+  // The path, case aside, is /import_raw_vdi or /import_raw_vdi/ (checked on every PUT: no copy of the url).
+  if (!IMPORT_RAW_VDI_PATH.test(req.url ?? '')) return false;
   const declared = req.headers['content-length'] ?? '';
   return /^\d+$/.test(declared) && Number(declared) > LARGEST_UPLOAD_BYTES;
 }

@@ -31,7 +31,7 @@ import { type LandOptions, landBuffer, landStream } from './land-stream.js';
 import { type ByteRange, RangeSet } from './range-set.js';
 import { nextEpoch, streamDestOf, touch } from './session-record.js';
 import type { Live, SessionRegistry } from './session-registry.js';
-import { readSmallBody, releaseSmallBody, smallChunkRange } from './small-chunk.js';
+import { readSmallBody, releaseSmallBody, smallChunkRange, WriteEnd } from './small-chunk.js';
 import { StreamingImport } from './streaming-import.js';
 import type { Transfer } from './transfer-store.js';
 import { checkDeclaredSize, spaceNeeded, uploadLimit } from './upload-rules.js';
@@ -119,7 +119,7 @@ export class ActiveUploads {
       'CHUNK_SUPERSEDED',
       'the session was finalized while this chunk was still arriving; every byte of it had already arrived in other requests, so nothing was lost',
     );
-    for (const c of live.writeAborts) c.abort(reason);
+    for (const w of live.writeAborts) w.end(reason);
     await quiet(live, maxWaitMs);
   }
 
@@ -179,7 +179,8 @@ export class ActiveUploads {
     // Renewed now, so the flush point that records this write saves the new expiry too.
     touch(t);
     const superseded = new AbortController();
-    live.writeAborts.add(superseded);
+    const ender = { end: (reason: unknown) => superseded.abort(reason) };
+    live.writeAborts.add(ender);
     let recorded = start;
     // The one-shot import's session has no holder to resume it: nothing to make durable early.
     const durable = !chunk.fresh;
@@ -303,7 +304,7 @@ export class ActiveUploads {
       // Bytes it still gathers were not recorded (a body longer than its range): dropped.
       await writer?.close();
       streaming?.release();
-      live.writeAborts.delete(superseded);
+      live.writeAborts.delete(ender);
       // Saved already by the flush point that recorded it, or at the next one (deferred).
       this.doneWriting(live, !saved);
     }
@@ -323,21 +324,25 @@ export class ActiveUploads {
     const t = live.t;
     const start = range.start;
     live.writers++;
-    touch(t);
-    const superseded = new AbortController();
-    live.writeAborts.add(superseded);
+    // Renewed for the flush point this write makes (flush=n: doneWriting renews it).
+    if (chunk.flush !== false) touch(t);
+    const ender = new WriteEnd();
+    live.writeAborts.add(ender);
+    // Cancelled before this write began: the session's listener has run already.
+    if (live.task.signal.aborted) ender.end(live.task.signal.reason);
     let saved = true;
     try {
-      const handle = await this.handleOf(live);
+      const handle = live.openHandle ?? (await this.handleOf(live));
       chunk.beforeBody?.();
-      const got = await readSmallBody(body, range.end - start + 1, [live.task.signal, superseded.signal]);
+      const got = await readSmallBody(body, range.end - start + 1, ender);
       if (got.tooLong) throw chunkTooLong(range, got.tooLong);
       const end = start + got.received;
       if (end > start) {
+        live.space ??= spaceGuardOf(t.staging_path!);
         await landBuffer(handle, got.buf, got.received, start, {
           zeros: 'punch',
           writable: chunk.overwrite ? undefined : (s, e) => live.ranges.missing(s, e),
-          space: spaceGuardOf(t.staging_path!),
+          space: live.space,
         }).catch((err) => {
           throw spaceError(err, 'the upload');
         });
@@ -356,7 +361,7 @@ export class ActiveUploads {
       }
       return t;
     } finally {
-      live.writeAborts.delete(superseded);
+      live.writeAborts.delete(ender);
       this.doneWriting(live, !saved);
     }
   }
@@ -414,12 +419,15 @@ export class ActiveUploads {
       live.handle = null; // a failed open is not cached: the next write tries again
       throw err;
     });
-    const handle = await live.handle;
+    const opening = live.handle;
+    const handle = await opening;
     // The session may have ended while the file opened: its handle is nobody's.
     if (this.sessions.find(live.t.id) !== live) {
       await handle.close().catch(() => {});
       throw new ApiError('TRANSFER_NOT_ACTIVE', `transfer ${live.t.id} is ${live.t.state}; open a new one`);
     }
+    // Opened, and the session's: small chunks take it without waiting on the promise.
+    if (live.handle === opening) live.openHandle = handle;
     return handle;
   }
 
@@ -456,7 +464,8 @@ export class ActiveUploads {
     live.writers--;
     touch(live.t);
     if (save) this.persistProgress(live);
-    if (live.writers === 0) for (const wake of live.idleWaiters.splice(0)) wake();
+    if (live.writers === 0 && live.idleWaiters.length > 0)
+      for (const wake of live.idleWaiters.splice(0)) wake();
   }
 
   /** Fixes the length of an upload without sending bytes (`Content-Range: bytes *\/total`). */
@@ -488,12 +497,19 @@ export class ActiveUploads {
     }
   }
 
+  /**
+   * Saves the session's received ranges and its task's progress in one
+   * transaction: a flush point's one commit (one sync of the database's
+   * journal), not one per row.
+   */
   persistProgress(live: Live): void {
     live.t.received = live.ranges.toJSON();
     live.task.record.bytes_done = live.ranges.size();
     live.task.setTotal(live.t.size);
-    this.sessions.store.save(live.t);
-    this.tasks.persist(live.task.record);
+    this.sessions.db.transaction(() => {
+      this.sessions.store.save(live.t);
+      this.tasks.persist(live.task.record);
+    })();
   }
 
   /** Forgets every byte an upload received (its source changed): the staging file reads as zeros again. */

@@ -69,6 +69,7 @@ export class Finalizer {
   async run(live: Live): Promise<Task> {
     const { t, task } = live;
     try {
+      live.openHandle = null;
       await (await live.handle)?.close();
       live.handle = null;
       const staged = t.staging_path!;

@@ -108,13 +108,13 @@ function fileSink(handle: fsp.FileHandle, space: SpaceGuard | null | undefined):
 }
 
 /** Writes buf[0, length) at file position `at`: data runs written, zero runs skipped or punched. */
-async function writeRuns(
+function writeRuns(
   sink: RunSink,
   buf: Buffer,
   length: number,
   at: number,
   opts: Pick<LandOptions, 'zeros' | 'writable'>,
-) {
+): Promise<unknown> {
   const writes: Promise<unknown>[] = [];
   forEachRun(buf, length, at, (s, e, zero) => {
     if (zero && opts.zeros !== 'punch') return;
@@ -122,18 +122,20 @@ async function writeRuns(
       writes.push(zero ? sink.zero(ws, we - ws) : sink.write(buf.subarray(ws - at, we - at), ws));
     }
   });
-  await Promise.all(writes);
+  // The usual small chunk: one run of data, or nothing left to write.
+  if (writes.length <= 1) return writes[0] ?? Promise.resolve();
+  return Promise.all(writes);
 }
 
 /** Writes buf[0, length) at file position `at` as landStream writes each of its buffers. */
-export function landBuffer(
+export async function landBuffer(
   handle: fsp.FileHandle,
   buf: Buffer,
   length: number,
   at: number,
   opts: Pick<LandOptions, 'zeros' | 'writable' | 'space'>,
 ): Promise<void> {
-  return writeRuns(fileSink(handle, opts.space), buf, length, at, opts);
+  await writeRuns(fileSink(handle, opts.space), buf, length, at, opts);
 }
 
 /** Returns the number of bytes received. */
@@ -160,7 +162,9 @@ export async function landStream(
   let writeError: unknown = null;
 
   const sink = opts.writer ?? fileSink(handle, opts.space);
-  const stage = (sb: Buffer, sn: number, sa: number) => writeRuns(sink, sb, sn, sa, opts);
+  const stage = async (sb: Buffer, sn: number, sa: number) => {
+    await writeRuns(sink, sb, sn, sa, opts);
+  };
   /** Starts the write of b[0, n) at `at` once the one in flight is done. */
   const land = async (b: Buffer, n: number, at: number) => {
     await inFlight;

@@ -304,6 +304,7 @@ export class SessionLifecycle {
     live.release();
     const handle = live.handle;
     live.handle = null;
+    live.openHandle = null;
     await handle?.then((h) => h.close()).catch(() => {});
     const streaming = live.streaming;
     live.streaming = null;

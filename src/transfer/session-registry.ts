@@ -6,14 +6,27 @@
  */
 import type { promises as fsp } from 'node:fs';
 import { ApiError, NotFoundError } from '../errors.js';
+import type { SpaceGuard } from '../image/space.js';
+import { equalsSecret } from '../secrets.js';
 import type { Db } from '../storage/db.js';
 import type { Page, PageRequest } from '../storage/paging.js';
 import type { StreamedDigests } from '../storage/streamed-digests.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
 import { RangeSet } from './range-set.js';
+import { tokenMatches } from './session-record.js';
 import type { StreamingImport } from './streaming-import.js';
 import { type Direction, type Transfer, TransferStore } from './transfer-store.js';
+
+/**
+ * Ends one write in progress, with a reason. Not an AbortController for
+ * each: a small chunk's (small-chunk.ts WriteEnd) ends its body's wait
+ * directly; an AbortController per chunk, an EventTarget with its
+ * listeners, cost more than the chunk's own checks.
+ */
+export interface WriteEnder {
+  end(reason: unknown): void;
+}
 
 /** What lives in memory while a session is active. */
 export interface Live {
@@ -33,16 +46,30 @@ export interface Live {
   /** The timer of the group commit that makes `unflushed` durable without a client asking. */
   flushTimer: NodeJS.Timeout | null;
   task: RunningTask;
+  /**
+   * The token a request presented whose hash was the session's: later ones
+   * are compared with it (constant time) instead of each being hashed. In
+   * memory only, while the session is active (the database keeps the hash).
+   */
+  verifiedToken: Buffer | null;
   release: () => void;
   handle: Promise<fsp.FileHandle> | null;
+  /** `handle` once it has opened (null whenever `handle` is): small chunks take it without an await. */
+  openHandle: fsp.FileHandle | null;
+  /** The free-space guard of the staging file's directory, once looked up (image/space.ts). */
+  space?: SpaceGuard | null;
   writers: number;
   finalizing: Promise<Task> | null;
   /** Why the session ended badly, with its HTTP status, for the one-shot import's answer. */
   failure: ApiError | null;
   /** Called when the last write in progress ends. */
   idleWaiters: (() => void)[];
-  /** One per write in progress: ends it when its bytes are no longer needed (see endRedundantWrites). */
-  writeAborts: Set<AbortController>;
+  /**
+   * One per write in progress: ends it when its bytes are no longer needed
+   * (see endRedundantWrites), or when the session's task is cancelled (one
+   * listener on the task's signal for the session, not one per write).
+   */
+  writeAborts: Set<WriteEnder>;
   /** A vhd/qcow2 upload into a raw VDI converts as it arrives (opened at the first write). */
   streaming: Promise<StreamingImport | null> | null;
   /** A differencing image is laid onto the VDI as it is (the xapi alias; not kept: a one-shot never resumes). */
@@ -55,7 +82,7 @@ export class SessionRegistry {
   readonly store: TransferStore;
   private readonly live = new Map<string, Live>();
 
-  constructor(db: Db) {
+  constructor(readonly db: Db) {
     this.store = new TransferStore(db);
   }
 
@@ -70,8 +97,10 @@ export class SessionRegistry {
       nextFlush: null,
       flushTimer: null,
       task,
+      verifiedToken: null,
       release,
       handle: null,
+      openHandle: null,
       writers: 0,
       finalizing: null,
       failure: null,
@@ -79,6 +108,14 @@ export class SessionRegistry {
       writeAborts: new Set(),
       streaming: null,
     };
+    const signal = task.signal;
+    signal.addEventListener(
+      'abort',
+      () => {
+        for (const w of live.writeAborts) w.end(signal.reason);
+      },
+      { once: true },
+    );
     this.live.set(t.id, live);
     return live;
   }
@@ -117,6 +154,20 @@ export class SessionRegistry {
   listPage(filter: { vdi?: string; active?: boolean }, page: PageRequest): Page<Transfer> {
     const stored = this.store.listPage(filter, page);
     return { ...stored, items: stored.items.map((t) => this.live.get(t.id)?.t ?? t) };
+  }
+
+  /**
+   * True when `token` is this transfer's own. An active session hashes the
+   * first token that matches and keeps it; each later request (a chunk PUT,
+   * by the thousand) is one constant-time compare with it, no hash.
+   */
+  tokenMatches(t: Transfer, token: string): boolean {
+    const live = this.live.get(t.id);
+    if (!live) return tokenMatches(t, token);
+    if (live.verifiedToken) return equalsSecret(token, live.verifiedToken);
+    if (!tokenMatches(live.t, token)) return false;
+    live.verifiedToken = Buffer.from(token);
+    return true;
   }
 
   /** What the session has received: live while it is active, as stored once it ended. */

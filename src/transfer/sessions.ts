@@ -22,7 +22,7 @@ import { ActiveUploads, type ChunkRange, type ChunkWrite } from './active-upload
 import { Finalizer } from './finalize.js';
 import type { ByteRange } from './range-set.js';
 import { type CreateTransfer, SessionLifecycle, type SessionOptions } from './session-lifecycle.js';
-import { isExpired, type TransferJson, toJson, tokenMatches } from './session-record.js';
+import { isExpired, type TransferJson, toJson } from './session-record.js';
 import { type Live, SessionRegistry } from './session-registry.js';
 import type { Direction, Transfer } from './transfer-store.js';
 
@@ -101,7 +101,7 @@ export class TransferService {
 
   /** True when `token` is this transfer's own. */
   tokenMatches(t: Transfer, token: string): boolean {
-    return tokenMatches(t, token);
+    return this.sessions.tokenMatches(t, token);
   }
 
   isExpired(t: Transfer): boolean {

@@ -14,6 +14,7 @@ import type { Readable } from 'node:stream';
 import { giveBack, takeBuffer } from '../image/buffer-pool.js';
 import { DIRECT_BUFFER_BYTES } from '../image/direct-writer.js';
 import type { ChunkRange, ChunkWrite } from './active-upload.js';
+import type { WriteEnder } from './session-registry.js';
 import type { Transfer } from './transfer-store.js';
 
 /** The range of a chunk the small path takes, or undefined for the general path. */
@@ -43,11 +44,31 @@ export interface SmallBody {
 }
 
 /**
- * Reads a body of at most `expected` bytes into one buffer. Stops at its end,
- * at a byte past `expected`, at an error, or when a signal aborts; the stream
- * is left undestroyed so the caller can still answer on its connection.
+ * A small write's end from outside (endRedundantWrites), as an
+ * AbortController's abort() without an EventTarget: ended once, with a
+ * reason; a body's wait (readSmallBody) stops at once.
  */
-export function readSmallBody(body: Readable, expected: number, signals: AbortSignal[]): Promise<SmallBody> {
+export class WriteEnd implements WriteEnder {
+  ended = false;
+  reason: unknown;
+  /** The wait to stop, while there is one. */
+  onEnd: ((reason: unknown) => void) | null = null;
+
+  end(reason: unknown): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.reason = reason;
+    this.onEnd?.(reason);
+  }
+}
+
+/**
+ * Reads a body of at most `expected` bytes into one buffer. Stops at its end,
+ * at a byte past `expected`, at an error, or when `ender` ends the write
+ * (the session's task cancelled, or the write superseded); the stream is
+ * left undestroyed so the caller can still answer on its connection.
+ */
+export function readSmallBody(body: Readable, expected: number, ender: WriteEnd): Promise<SmallBody> {
   const got: SmallBody = { buf: takeBuffer(expected), received: 0, tooLong: 0, error: null };
   if (body.readableEnded) return Promise.resolve(got);
   // Broken while the session's file opened: no event will come.
@@ -55,11 +76,9 @@ export function readSmallBody(body: Readable, expected: number, signals: AbortSi
     got.error = new Error('the connection closed before the body ended');
     return Promise.resolve(got);
   }
-  for (const signal of signals) {
-    if (signal.aborted) {
-      got.error = signal.reason;
-      return Promise.resolve(got);
-    }
+  if (ender.ended) {
+    got.error = ender.reason;
+    return Promise.resolve(got);
   }
   return new Promise<SmallBody>((resolve) => {
     const done = () => {
@@ -67,7 +86,7 @@ export function readSmallBody(body: Readable, expected: number, signals: AbortSi
       body.off('end', done);
       body.off('error', onError);
       body.off('close', onClose);
-      for (const signal of signals) signal.removeEventListener('abort', onAbort);
+      ender.onEnd = null;
       resolve(got);
     };
     const onData = (piece: Buffer) => {
@@ -88,16 +107,15 @@ export function readSmallBody(body: Readable, expected: number, signals: AbortSi
       if (!body.readableEnded) got.error ??= new Error('the connection closed before the body ended');
       done();
     };
-    function onAbort(this: AbortSignal) {
-      got.error = this.reason;
-      body.pause();
-      done();
-    }
     body.on('data', onData);
     body.on('end', done);
     body.on('error', onError);
     body.on('close', onClose);
-    for (const signal of signals) signal.addEventListener('abort', onAbort, { once: true });
+    ender.onEnd = (reason) => {
+      got.error = reason;
+      body.pause();
+      done();
+    };
   });
 }
 
