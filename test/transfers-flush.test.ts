@@ -13,7 +13,7 @@ import { existsSync, promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
+import { api, createVdi, execFileP, openUpload, sha256Url } from './helpers/api.js';
 import { queryAt } from './helpers/pg.js';
 import {
   prng,
@@ -73,17 +73,6 @@ async function putChunk(base: string, t: TransferJson, image: Buffer, start: num
   });
 }
 
-async function openUpload(base: string, vdi: string, size: number, format = 'raw'): Promise<TransferJson> {
-  const res = await api<TransferJson>(base, 'POST', '/v1/transfers', {
-    vdi,
-    direction: 'upload',
-    format,
-    size,
-  });
-  assert.equal(res.status, 201, JSON.stringify(res.body));
-  return res.body;
-}
-
 async function state(base: string, t: TransferJson): Promise<TransferJson> {
   const res = await api<TransferJson>(base, 'GET', `/v1/transfers/${t.id}?token=${t.token}`);
   assert.equal(res.status, 200, JSON.stringify(res.body));
@@ -136,7 +125,7 @@ describe('flush=n: chunks written now, durable and counted at a flush point', ()
   test('by default a chunk is durable and counted when answered, in the session and its database row', async () => {
     const image = seededBytes(4 * CHUNK, 1);
     const vdi = (await createVdi(srv.url, image.length)).id;
-    const t = await openUpload(srv.url, vdi, image.length);
+    const t = await openUpload<TransferJson>(srv.url, vdi, image.length);
     const res = await putChunk(srv.url, t, image, 0);
     assert.equal(res.status, 200);
     const body = (await res.json()) as TransferJson;
@@ -153,7 +142,7 @@ describe('flush=n: chunks written now, durable and counted at a flush point', ()
     // The group commit (1 s after the first unflushed byte) may beat a slow
     // round to its check: such a round says so and runs again.
     for (let attempt = 1; ; attempt++) {
-      const t = await openUpload(srv.url, vdi, image.length);
+      const t = await openUpload<TransferJson>(srv.url, vdi, image.length);
       await putChunk(srv.url, t, image, 0).then((r) => r.arrayBuffer()); // flushed: the base line
       for (let s = CHUNK; s < 8 * CHUNK; s += CHUNK) {
         const res = await putChunk(srv.url, t, image, s, 'flush=n');
@@ -189,7 +178,7 @@ describe('flush=n: chunks written now, durable and counted at a flush point', ()
   test('a flush=y chunk is a flush point for the flush=n chunks before it', async () => {
     const image = seededBytes(8 * CHUNK, 3);
     const vdi = (await createVdi(srv.url, image.length)).id;
-    const t = await openUpload(srv.url, vdi, image.length);
+    const t = await openUpload<TransferJson>(srv.url, vdi, image.length);
     for (const s of [CHUNK, 3 * CHUNK, 4 * CHUNK]) {
       assert.equal((await putChunk(srv.url, t, image, s, 'flush=n')).status, 200);
     }
@@ -208,7 +197,7 @@ describe('flush=n: chunks written now, durable and counted at a flush point', ()
   test('the group commit makes flush=n chunks durable without a flush request', async () => {
     const image = seededBytes(4 * CHUNK, 4);
     const vdi = (await createVdi(srv.url, image.length)).id;
-    const t = await openUpload(srv.url, vdi, image.length);
+    const t = await openUpload<TransferJson>(srv.url, vdi, image.length);
     for (let s = 0; s < image.length; s += CHUNK) {
       assert.equal((await putChunk(srv.url, t, image, s, 'flush=n')).status, 200);
     }
@@ -230,7 +219,7 @@ describe('flush=n: chunks written now, durable and counted at a flush point', ()
     const image = seededBytes(32 * CHUNK, 5);
     image.fill(0, 8 * CHUNK, 12 * CHUNK);
     const vdi = (await createVdi(srv.url, image.length)).id;
-    const t = await openUpload(srv.url, vdi, image.length);
+    const t = await openUpload<TransferJson>(srv.url, vdi, image.length);
     const order = [...Array(image.length / CHUNK).keys()].sort(() => prng(5)() - 0.5);
     for (const k of order)
       assert.equal((await putChunk(srv.url, t, image, k * CHUNK, 'flush=n')).status, 200);
@@ -243,7 +232,7 @@ describe('flush=n: chunks written now, durable and counted at a flush point', ()
     const image = seededBytes(4 * CHUNK, 6);
     image.fill(0, CHUNK, 3 * CHUNK);
     const vdi = (await createVdi(srv.url, image.length)).id;
-    const t = await openUpload(srv.url, vdi, image.length);
+    const t = await openUpload<TransferJson>(srv.url, vdi, image.length);
     const path_ = `/v1/transfers/${t.id}/data?token=${t.token}`;
     const zeroed = await api<TransferJson>(srv.url, 'PATCH', path_, {
       op: 'zero',
@@ -270,7 +259,7 @@ describe('flush=n: chunks written now, durable and counted at a flush point', ()
     try {
       const image = seededBytes(32 * CHUNK, 8);
       const vdi = (await createVdi(srv.url, image.length)).id;
-      const t = await openUpload(srv.url, vdi, image.length);
+      const t = await openUpload<TransferJson>(srv.url, vdi, image.length);
       const { Client } = await import('undici');
       const client = new Client(srv.url); // one connection, reused by every request
       try {
@@ -304,7 +293,7 @@ describe('flush=n: chunks written now, durable and counted at a flush point', ()
   test('a flush value that is neither y nor n is a 400 before any byte lands', async () => {
     const image = seededBytes(CHUNK, 7);
     const vdi = (await createVdi(srv.url, image.length)).id;
-    const t = await openUpload(srv.url, vdi, image.length);
+    const t = await openUpload<TransferJson>(srv.url, vdi, image.length);
     const res = await putChunk(srv.url, t, image, 0, 'flush=maybe');
     assert.equal(res.status, 400);
     const body = (await res.json()) as { error: { code: string; message: string } };
@@ -346,7 +335,7 @@ describe('flush=n and kill -9 of a real server', () => {
   test('flush=n chunks then kill -9: the resume offset never passes what was flushed, and the image ends byte-exact', async () => {
     const image = seededBytes(SIZE, 11);
     const vdi = (await createVdi(server.url, SIZE)).id;
-    const t = await openUpload(server.url, vdi, SIZE);
+    const t = await openUpload<TransferJson>(server.url, vdi, SIZE);
     const flushedEnd = 4 * CHUNK;
     for (let s = 0; s < flushedEnd; s += CHUNK)
       assert.equal((await putChunk(server.url, t, image, s)).status, 200);
@@ -374,7 +363,7 @@ describe('flush=n and kill -9 of a real server', () => {
   test('flush=n chunks, a flush, kill -9: nothing the flush answered for is lost', async () => {
     const image = seededBytes(SIZE, 12);
     const vdi = (await createVdi(server.url, SIZE)).id;
-    const t = await openUpload(server.url, vdi, SIZE);
+    const t = await openUpload<TransferJson>(server.url, vdi, SIZE);
     for (let s = 0; s < 16 * CHUNK; s += CHUNK) {
       assert.equal((await putChunk(server.url, t, image, s, 'flush=n')).status, 200);
     }
@@ -407,7 +396,7 @@ describe('flush=n and kill -9 of a real server', () => {
     await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', rawFile, `${rawFile}.qcow2`]);
     const image = await fsp.readFile(`${rawFile}.qcow2`);
     const vdi = (await createVdi(server.url, SIZE)).id;
-    const t = await openUpload(server.url, vdi, image.length, 'qcow2');
+    const t = await openUpload<TransferJson>(server.url, vdi, image.length, 'qcow2');
     // In order (streamed into the disk, flushed whatever flush says), then one out of order (staged, deferred).
     const half = Math.floor(image.length / CHUNK / 2) * CHUNK;
     for (let s = 0; s < half; s += CHUNK) {
@@ -434,7 +423,7 @@ describe('flush=n and kill -9 of a real server', () => {
     for (let round = 0; round < 4; round++) {
       const image = seededBytes(SIZE, 100 + round);
       image.fill(0, MiB, MiB + 8 * CHUNK);
-      const t = await openUpload(server.url, vdi, SIZE);
+      const t = await openUpload<TransferJson>(server.url, vdi, SIZE);
       const chunks = [...Array(SIZE / CHUNK).keys()].sort(() => rnd() - 0.5);
       // What the last answered flush vouched for, and every chunk whose request went out.
       let vouched: Range[] = [];
@@ -517,7 +506,7 @@ describe('flush=n saves the per-chunk fdatasync (counted by strace on a real ser
     const n = 64;
     const image = seededBytes(2 * n * CHUNK, 21);
     const vdi = (await createVdi(server.url, image.length)).id;
-    const t = await openUpload(server.url, vdi, image.length);
+    const t = await openUpload<TransferJson>(server.url, vdi, image.length);
     const deferred = await syncsDuring(async () => {
       for (let k = 0; k < n; k++) {
         assert.equal((await putChunk(server.url, t, image, k * CHUNK, 'flush=n')).status, 200);
@@ -540,7 +529,7 @@ describe('flush=n saves the per-chunk fdatasync (counted by strace on a real ser
     const n = 16;
     const image = seededBytes(n * CHUNK, 22);
     const vdi = (await createVdi(server.url, image.length)).id;
-    const t = await openUpload(server.url, vdi, image.length);
+    const t = await openUpload<TransferJson>(server.url, vdi, image.length);
     const files = await syncedFilesDuring(async () => {
       for (let k = 0; k < n; k++) assert.equal((await putChunk(server.url, t, image, k * CHUNK)).status, 200);
     });
