@@ -54,11 +54,20 @@ function changedBlockBytes(a: Buffer, b: Buffer): number {
 
 /**
  * An HTTP proxy in front of `target` that can hold every chunk PUT (a link
- * gone silent) until released; a held request whose client went away is dropped.
+ * gone silent) until released, a held request whose client went away being
+ * dropped; or cut the connection of the PUT that carries the `cutAt`-th
+ * byte of data, once. `putBytes` counts the data PUTs' body bytes it carried.
  */
 async function holdingProxy(target: URL) {
-  const state = { hold: false, held: [] as (() => void)[] };
+  const state = {
+    hold: false,
+    held: [] as (() => void)[],
+    cutAt: Number.POSITIVE_INFINITY,
+    cuts: 0,
+    putBytes: 0,
+  };
   const server = http.createServer((req, res) => {
+    const isData = req.method === 'PUT' && /\/data\?/.test(req.url ?? '');
     const go = () => {
       if (req.destroyed) return;
       const up = http.request(
@@ -69,9 +78,28 @@ async function holdingProxy(target: URL) {
         },
       );
       up.on('error', () => res.destroy());
-      req.pipe(up);
+      if (!isData) {
+        req.pipe(up);
+        return;
+      }
+      req.on('data', (chunk: Buffer) => {
+        state.putBytes += chunk.length;
+        if (state.putBytes >= state.cutAt) {
+          // The link breaks mid-body: both sides see the connection go.
+          state.cutAt = Number.POSITIVE_INFINITY;
+          state.cuts++;
+          up.destroy();
+          req.socket.destroy();
+          return;
+        }
+        if (!up.write(chunk)) {
+          req.pause();
+          up.once('drain', () => req.resume());
+        }
+      });
+      req.on('end', () => up.end());
     };
-    if (state.hold && req.method === 'PUT' && /\/data\?/.test(req.url ?? '')) state.held.push(go);
+    if (state.hold && isData) state.held.push(go);
     else go();
   });
   server.listen(0, '127.0.0.1');
@@ -373,6 +401,54 @@ describe('incremental push: only what changed crosses the wire', () => {
       assert.equal(next.result?.base, task.result?.source_snapshot);
       await assertTargetEqualsSource(source, target);
       await assertPairKept(source, target, next.result);
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  test('a delta streamed in one request and cut part way resumes from what the receiver kept: only the rest is sent again, byte-exact', async () => {
+    const proxy = await holdingProxy(new URL(b.url));
+    try {
+      const { disk, source, target } = await sourceAndTarget();
+      const first = await waitTask((await startPush(source, target, proxy.url)).id);
+      assert.equal(first.status, 'success', JSON.stringify(first));
+
+      // 12 MiB of new data in four places, over data and in holes.
+      for (const [at, seed] of [
+        [2 * MiB, 40],
+        [20 * MiB, 41],
+        [41 * MiB + BLOCK, 42],
+        [58 * MiB, 43],
+      ]) {
+        seededBytes(3 * MiB, seed).copy(disk, at);
+      }
+      await putDisk(a.url, source, disk);
+      proxy.state.putBytes = 0;
+      proxy.state.cutAt = 5 * MiB;
+      const task = await waitTask((await startPush(source, target, proxy.url)).id);
+      assert.equal(task.status, 'success', JSON.stringify(task));
+      const r = task.result as Record<string, unknown> & { bytes_sent: number; retries: number };
+      assert.equal(r.mode, 'delta', JSON.stringify(r));
+      assert.equal(proxy.state.cuts, 1, 'the proxy cut the delta once');
+      assert.ok(r.retries >= 1, JSON.stringify(r));
+      // The first request carried over 5 MiB before the cut; what it delivered was kept.
+      const delta = 12 * MiB + 512 * KiB;
+      assert.ok(
+        proxy.state.putBytes < delta + 2 * MiB,
+        `${(proxy.state.putBytes / MiB).toFixed(1)} MiB of PUT bodies crossed for a delta of about 12 MiB`,
+      );
+      assert.ok(r.bytes_sent < 10 * MiB, `the request after the cut sent ${r.bytes_sent} bytes`);
+      await assertTargetEqualsSource(source, target);
+      await assertPairKept(source, target, r);
+
+      // The next push is a delta over the resumed one's pair.
+      seededBytes(BLOCK, 44).copy(disk, 30 * MiB);
+      await putDisk(a.url, source, disk);
+      const next = await waitTask((await startPush(source, target, proxy.url)).id);
+      assert.equal(next.status, 'success', JSON.stringify(next));
+      assert.equal(next.result?.mode, 'delta');
+      assert.equal(next.result?.base, r.source_snapshot);
+      await assertTargetEqualsSource(source, target);
     } finally {
       await proxy.close();
     }

@@ -244,7 +244,7 @@ describe('push: one diskport sends a disk to another', () => {
   });
 
   for (const format of ['vhd', 'qcow2'] as const) {
-    test(`pushes a disk as ${format}: the serialized stream in ranged chunks, committed on the receiver`, async () => {
+    test(`pushes a disk as ${format}: the serialized stream in one streamed PUT, committed on the receiver`, async () => {
       const size = 40 * MiB + 7 * 512;
       const source = await diskOnA(size, [
         [MiB, 3 * MiB],

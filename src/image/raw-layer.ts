@@ -8,7 +8,8 @@
 import { constants as fsConstants, promises as fsp } from 'node:fs';
 import type { DiffRun } from './block-diff.js';
 import type { DefinedRange } from './chain-image.js';
-import { PRIVATE_FILE_MODE, writeFully } from './file-io.js';
+import { DirectWriter } from './direct-writer.js';
+import { PRIVATE_FILE_MODE } from './file-io.js';
 
 /**
  * Writes at `file` (created, or truncated) the layer of a disk of
@@ -28,19 +29,26 @@ export async function writeRawLayer(
   );
   const defined: DefinedRange[] = [];
   let dataBytes = 0;
+  let writer: DirectWriter | null = null;
   try {
     await handle.truncate(virtualSize);
+    // Gathered and written with O_DIRECT, one write in flight while the next
+    // runs are made: the device works beside the reads and hashing, instead
+    // of all at the fsync.
+    writer = await DirectWriter.open(file, handle);
     for await (const run of runs) {
       if (run.data) {
-        await writeFully(handle, run.data, 0, run.length, run.start);
+        await writer.write(run.data.subarray(0, run.length), run.start);
         dataBytes += run.length;
       }
       const last = defined[defined.length - 1];
       if (last && last.start + last.length === run.start) last.length += run.length;
       else defined.push({ start: run.start, length: run.length });
     }
+    await writer.flush();
     await handle.sync();
   } finally {
+    await writer?.close();
     await handle.close();
   }
   return { defined, dataBytes };

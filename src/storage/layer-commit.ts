@@ -24,7 +24,7 @@ import { CountingImage } from '../image/counting-image.js';
 import { spaceError } from '../image/space.js';
 import { isZero } from '../image/zero.js';
 import {
-  blockEntryInto,
+  blockEntriesInto,
   DIGEST_BLOCK_BYTES,
   DIGEST_ENTRY_BYTES,
   DigestUpdate,
@@ -294,6 +294,19 @@ async function* deltaRuns(
       const data = await next.readInto(buf.subarray(0, Math.min(n * B, size - b * B)), b * B);
       await update.entries(oldEntries, b, n);
       oldEntries.copy(newEntries, 0, 0, n * E);
+      // The new entries of the blocks the delta touches, hashed together (on the thread pool).
+      const hashing: Buffer[] = [];
+      const at: number[] = [];
+      const isChanged = new Uint8Array(n);
+      for (let k = 0, h = c; k < n; k++) {
+        while (h < changed.length && changed[h][1] <= b + k) h++;
+        if (h < changed.length && changed[h][0] <= b + k) {
+          isChanged[k] = 1;
+          hashing.push(data.subarray(k * B, Math.min(data.length, (k + 1) * B)));
+          at.push(k * E);
+        }
+      }
+      await blockEntriesInto(hashing, newEntries, at);
       let touched = false;
       let run: DiffRun | null = null;
       for (let k = 0; k < n; k++) {
@@ -302,9 +315,7 @@ async function* deltaRuns(
         const from = k * B;
         const to = Math.min(data.length, from + B);
         let keep = false;
-        if (c < changed.length && changed[c][0] <= block) {
-          newEntries.fill(0, k * E, (k + 1) * E);
-          blockEntryInto(data.subarray(from, to), newEntries, k * E);
+        if (isChanged[k]) {
           if (newEntries.compare(oldEntries, k * E, (k + 1) * E, k * E, (k + 1) * E) !== 0) {
             keep = touched = true;
           }

@@ -228,7 +228,9 @@ export class ActiveUploads {
       // Nor for a chunk smaller than one gathered write: O_DIRECT would make
       // each small request wait for the device (and open a descriptor), where
       // the page cache takes it at once and a flush point writes it out.
-      else if (!chunk.digest && t.staging_path && !(range && expected < DIRECT_BUFFER_BYTES)) {
+      // Nor for a delta (base): its commit reads every staged byte back at
+      // once, from the page cache rather than from the device.
+      else if (!chunk.digest && t.staging_path && !t.base && !(range && expected < DIRECT_BUFFER_BYTES)) {
         writer = await DirectWriter.open(t.staging_path, handle);
       }
       // What streams into the disk being built is made durable at the end of

@@ -217,7 +217,13 @@ function start(
       throw err;
     }
     if (!owned) return { ...result, incremental: false };
-    return { ...result, ...(await settle(s, target, ref, owned)) };
+    const settling = performance.now();
+    const settled = await settle(s, target, ref, owned);
+    s.logger.info(
+      { transfer: t.id, settle_ms: Math.round(performance.now() - settling) },
+      'incremental push settled: the new pair kept, the previous one deleted',
+    );
+    return { ...result, ...settled };
   });
 }
 

@@ -214,7 +214,8 @@ export class SessionLifecycle {
     // One writer per VDI: take the lock before anything is created.
     const release = upload ? this.vdis.locks.acquire(vdi.id, `transfer ${id}`) : () => {};
     // The content is about to be replaced: its cached pages only crowd the new ones out.
-    if (upload) await dropCachedPages(this.vdis.imagePath(vdi));
+    // Not by a delta, which is laid over it and may read it at the commit.
+    if (upload && req.base === undefined) await dropCachedPages(this.vdis.imagePath(vdi));
     try {
       if (staging) {
         const h = await fsp.open(staging, 'w', PRIVATE_FILE_MODE);

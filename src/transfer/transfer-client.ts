@@ -6,6 +6,7 @@
  * A non-2xx answer is an HttpError carrying the server's JSON error; whether
  * it is worth another attempt is retry-policy.ts's business.
  */
+import { Readable } from 'node:stream';
 import type { Dispatcher } from 'undici';
 import type { ByteRange } from './range-set.js';
 import { HttpError } from './retry-policy.js';
@@ -52,8 +53,8 @@ export interface Call {
   path: string;
   query?: Record<string, string>;
   headers?: Record<string, string>;
-  /** JSON for an object, as is for bytes. */
-  body?: Buffer | Record<string, unknown>;
+  /** JSON for an object, as is for bytes; an async iterable is streamed (give its content-length). */
+  body?: Buffer | AsyncIterable<Buffer> | Record<string, unknown>;
   /** Send the management token (calls outside a transfer's own URL). */
   management?: boolean;
   /** Per-request deadline for the answer's headers and body. */
@@ -74,8 +75,9 @@ export function urlOf(ep: Endpoint, path: string, query: Record<string, string> 
 /** Sends a request; resolves with the response of a 2xx (its body unread), throws HttpError otherwise. */
 export async function send(ep: Endpoint, call: Call): Promise<Dispatcher.ResponseData> {
   const headers: Record<string, string> = { 'user-agent': 'diskport', ...call.headers };
-  let body: Buffer | string | undefined;
+  let body: Buffer | Readable | string | undefined;
   if (Buffer.isBuffer(call.body)) body = call.body;
+  else if (isIterable(call.body)) body = Readable.from(call.body, { objectMode: false });
   else if (call.body !== undefined) {
     body = JSON.stringify(call.body);
     headers['content-type'] ??= 'application/json';
@@ -91,6 +93,10 @@ export async function send(ep: Endpoint, call: Call): Promise<Dispatcher.Respons
   });
   if (res.statusCode < 200 || res.statusCode >= 300) throw await errorOf(res, `${call.method} ${call.path}`);
   return res;
+}
+
+function isIterable(body: Call['body']): body is AsyncIterable<Buffer> {
+  return typeof (body as AsyncIterable<Buffer> | undefined)?.[Symbol.asyncIterator] === 'function';
 }
 
 /** A JSON call: resolves with the parsed body of a 2xx (null when empty), throws HttpError otherwise. */
@@ -195,6 +201,26 @@ export class TransferSession {
         'content-type': 'application/octet-stream',
         'content-range': `bytes ${start}-${start + data.length - 1}/${total}`,
         'content-length': String(data.length),
+      },
+      body: data,
+    });
+    await res.body.dump();
+  }
+
+  /**
+   * Streams the `length` bytes `data` yields to [start, start + length) of a
+   * stream of `total` bytes, in one request: the receiver writes them as they
+   * arrive and keeps what arrived if the connection breaks.
+   */
+  async putStream(start: number, length: number, data: AsyncIterable<Buffer>, total: number): Promise<void> {
+    const res = await send(this.ep, {
+      method: 'PUT',
+      path: this.path('/data'),
+      query: { token: this.ref.token },
+      headers: {
+        'content-type': 'application/octet-stream',
+        'content-range': `bytes ${start}-${start + length - 1}/${total}`,
+        'content-length': String(length),
       },
       body: data,
     });
