@@ -192,19 +192,8 @@ export class TransferSession {
   }
 
   /** Writes `data` at `start` of a stream of `total` bytes. */
-  async put(start: number, data: Buffer, total: number): Promise<void> {
-    const res = await send(this.ep, {
-      method: 'PUT',
-      path: this.path('/data'),
-      query: { token: this.ref.token },
-      headers: {
-        'content-type': 'application/octet-stream',
-        'content-range': `bytes ${start}-${start + data.length - 1}/${total}`,
-        'content-length': String(data.length),
-      },
-      body: data,
-    });
-    await res.body.dump();
+  put(start: number, data: Buffer, total: number): Promise<void> {
+    return this.putStream(start, data.length, data, total);
   }
 
   /**
@@ -212,7 +201,12 @@ export class TransferSession {
    * stream of `total` bytes, in one request: the receiver writes them as they
    * arrive and keeps what arrived if the connection breaks.
    */
-  async putStream(start: number, length: number, data: AsyncIterable<Buffer>, total: number): Promise<void> {
+  async putStream(
+    start: number,
+    length: number,
+    data: Buffer | AsyncIterable<Buffer>,
+    total: number,
+  ): Promise<void> {
     const res = await send(this.ep, {
       method: 'PUT',
       path: this.path('/data'),
