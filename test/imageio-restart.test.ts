@@ -161,6 +161,50 @@ describe('ovirt-imageio tickets across a kill -9, and on a Unix socket', () => {
     assert.equal(again.body.status, 'success', 'and once more: the ticket is finalized');
   });
 
+  test('a kill during the finalize of a ticket that wrote part of a snapshotted disk: the restart lays what it wrote over the rest, the snapshot keeps the old bytes', async () => {
+    const vdiId = (await createVdi(server.url, SIZE)).id;
+    const original = seededBytes(SIZE, 43);
+    const imp = await fetch(`${server.url}/v1/vdis/${vdiId}/contents?format=raw`, {
+      method: 'PUT',
+      body: new Uint8Array(original),
+    });
+    assert.equal(imp.status, 200);
+    const snap = await api<{ id: string }>(server.url, 'POST', `/v1/vdis/${vdiId}/snapshots`, {});
+    assert.equal(snap.status, 201);
+    const ticket = await install(vdiId, ['write']);
+    const patch = seededBytes(MiB + 4096, 44);
+    const at = 3 * MiB - 4096;
+    const put = await fetch(`${server.url}/images/${ticket}`, {
+      method: 'PUT',
+      headers: { 'content-range': `bytes ${at}-${at + patch.length - 1}/*` },
+      body: new Uint8Array(patch),
+    });
+    assert.equal(put.status, 200);
+    const status = await api<{ diskport: { transfer: string } }>(
+      server.url,
+      'GET',
+      `/v1/imageio/tickets/${ticket}`,
+    );
+    await server.stop('SIGKILL');
+    // What a kill during the finalize leaves: the session recorded as finalizing.
+    execSqlAt(
+      dataDir,
+      `UPDATE transfers SET state = 'finalizing' WHERE id = '${status.body.diskport.transfer}'`,
+    );
+    server = await spawnServer(dataDir, ['--imageio-socket', socketPath]);
+    const fin = await api<{ status: string }>(
+      server.url,
+      'POST',
+      `/v1/imageio/tickets/${ticket}/finalize?wait=60`,
+    );
+    assert.equal(fin.status, 202, JSON.stringify(fin.body));
+    assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
+    const want = Buffer.from(original);
+    patch.copy(want, at);
+    assert.ok((await contents(vdiId)).equals(want), 'the VDI reads as its content with the write laid over');
+    assert.ok((await contents(snap.body.id)).equals(original), 'the snapshot reads as before');
+  });
+
   test('--imageio-socket serves /images/ (and only it) on a Unix socket, reported as unix_socket', async () => {
     const vdiId = (await createVdi(server.url, SIZE)).id;
     const ticket = await install(vdiId, ['write']);

@@ -290,6 +290,9 @@ export const MIGRATIONS: readonly Migration[] = [
      epoch INTEGER NOT NULL,
      expires_at TEXT NOT NULL
    );`,
+  // An upload that writes part of its VDI in place (an imageio write ticket): what it did not
+  // write keeps the VDI's content, and its finalize lays what it wrote over that content.
+  `ALTER TABLE transfers ADD COLUMN in_place INTEGER NOT NULL DEFAULT 0;`,
 ];
 
 /** A migration's text for SQLite. */

@@ -37,6 +37,7 @@ import type { StreamedDigests } from '../storage/streamed-digests.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 import { layOnto } from './delta-import.js';
+import { type ByteRange, RangeSet } from './range-set.js';
 import type { StreamingImport } from './streaming-import.js';
 
 /** One CHS cylinder at the largest geometry (16 heads x 255 sectors), with room to spare. */
@@ -154,6 +155,86 @@ export async function commitStaged(
     await composed?.close().catch(() => {});
     await image.close().catch(() => {});
     if (converted) await fsp.rm(converted, { force: true });
+  }
+}
+
+/** The VDI's bytes are copied into an in-place upload's unwritten ranges in pieces this large. */
+const FILL_PIECE_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Commits a raw upload that wrote part of the disk in place (an imageio
+ * write ticket), `written` being the ranges it wrote (ordered, merged).
+ * Where the VDI's content is shared (a snapshot or clone holds it) or is a
+ * layer already, what the upload wrote is laid over it as a layer, exactly
+ * as a delta import's blocks (commitDelta): the cost is the writes', not
+ * the disk's. Else (a flat VDI with no snapshot, whose one file is replaced
+ * whole by any import) the VDI's data is first copied into the ranges the
+ * upload did not write, and the staged disk is committed as a whole upload.
+ * Either way a crash before the switch leaves the VDI as it was, and a
+ * restart runs this again from the staged bytes and the recorded ranges.
+ */
+export async function commitWrites(
+  vdis: VdiStore,
+  vdi: Vdi,
+  stagedFile: string,
+  written: readonly ByteRange[],
+  task: RunningTask,
+  inTransaction: (generation: number) => void,
+): Promise<Vdi> {
+  const staged = await RawFileImage.open(stagedFile, { virtualSize: vdi.virtual_size });
+  try {
+    const layered = await commitDelta(
+      vdis,
+      vdi.id,
+      staged,
+      written.map(([start, end]) => ({ start, length: end - start })),
+      { inTransaction, signal: task.signal, onBaseBytes: (n) => vdis.countDeltaBaseBytes(n) },
+    );
+    if (layered) return layered;
+  } catch (err) {
+    throw spaceError(err, 'the commit');
+  } finally {
+    await staged.close();
+  }
+  await fillUnwritten(vdis, vdi.id, stagedFile, written, task.signal);
+  return commitStaged(vdis, vdi, stagedFile, 'raw', task, null, null, inTransaction);
+}
+
+/**
+ * Copies the VDI's data into the ranges of the staged raw disk that
+ * `written` leaves out. The staged file was created as one hole of the
+ * disk's size, so the VDI's zero extents need nothing.
+ */
+async function fillUnwritten(
+  vdis: VdiStore,
+  vdiId: string,
+  stagedFile: string,
+  written: readonly ByteRange[],
+  signal: AbortSignal,
+): Promise<void> {
+  const lease = await vdis.images.lease(vdiId);
+  const handle = await fsp.open(stagedFile, 'r+');
+  try {
+    const buf = Buffer.allocUnsafe(FILL_PIECE_BYTES);
+    const size = lease.image.virtualSize;
+    const data = (await lease.extents()).filter((e) => !e.zero);
+    let k = 0; // both lists are ordered: one walk
+    for (const [gs, ge] of new RangeSet(written).missing(0, size)) {
+      while (k < data.length && data[k].start + data[k].length <= gs) k++;
+      for (let j = k; j < data.length && data[j].start < ge; j++) {
+        const end = Math.min(ge, data[j].start + data[j].length);
+        for (let at = Math.max(gs, data[j].start); at < end; at += FILL_PIECE_BYTES) {
+          signal.throwIfAborted();
+          const piece = await lease.image.readInto(buf.subarray(0, Math.min(FILL_PIECE_BYTES, end - at)), at);
+          await handle.write(piece, 0, piece.length, at);
+        }
+      }
+    }
+  } catch (err) {
+    throw spaceError(err, 'the commit');
+  } finally {
+    await handle.close();
+    lease.release();
   }
 }
 

@@ -11,7 +11,7 @@ import type { VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
 import type { ActiveUploads } from './active-upload.js';
-import { commitStaged } from './commit.js';
+import { commitStaged, commitWrites } from './commit.js';
 import { assertBase } from './delta-import.js';
 import type { SessionLifecycle } from './session-lifecycle.js';
 import type { Live, SessionRegistry } from './session-registry.js';
@@ -44,7 +44,8 @@ export class Finalizer {
         `${live.writers} chunk upload(s) still running; finalize when they have finished`,
       );
     }
-    const missing = live.ranges.missing(0, t.size);
+    // An in-place upload's unwritten ranges keep the VDI's content: nothing is missing.
+    const missing = t.in_place ? [] : live.ranges.missing(0, t.size);
     if (missing.length) {
       const bytes = missing.reduce((n, [s, e]) => n + e - s, 0);
       throw new ApiError(
@@ -93,31 +94,34 @@ export class Finalizer {
       });
       // The content switch, the session's state and the task's outcome commit
       // together: a crash cannot leave a committed VDI with a failed task.
-      const committed = await commitStaged(
-        this.vdis,
-        vdi,
-        staged,
-        t.format,
-        task,
-        streaming,
-        live.rawDigests ?? null,
-        (generation) => {
-          // In the commit's transaction: the snapshot holds exactly what this
-          // upload committed, or the commit does not happen.
-          if (t.snapshot_after_commit) t.snapshot_id = this.snapshotOf(vdi.id, t.id);
-          t.state = 'committed';
-          this.sessions.store.save(t);
-          if (t.snapshot_id) this.sessions.store.setSnapshot(t.id, t.snapshot_id);
-          this.tasks.persist({
-            ...task.record,
-            status: 'success',
-            progress: 1,
-            finished_at: nowIso(),
-            result: result(generation),
-          });
-        },
-        { differencing: t.base !== null || live.layDifferencing === true },
-      );
+      const inTransaction = (generation: number) => {
+        // In the commit's transaction: the snapshot holds exactly what this
+        // upload committed, or the commit does not happen.
+        if (t.snapshot_after_commit) t.snapshot_id = this.snapshotOf(vdi.id, t.id);
+        t.state = 'committed';
+        this.sessions.store.save(t);
+        if (t.snapshot_id) this.sessions.store.setSnapshot(t.id, t.snapshot_id);
+        this.tasks.persist({
+          ...task.record,
+          status: 'success',
+          progress: 1,
+          finished_at: nowIso(),
+          result: result(generation),
+        });
+      };
+      const committed = t.in_place
+        ? await commitWrites(this.vdis, vdi, staged, live.ranges.toJSON(), task, inTransaction)
+        : await commitStaged(
+            this.vdis,
+            vdi,
+            staged,
+            t.format,
+            task,
+            streaming,
+            live.rawDigests ?? null,
+            inTransaction,
+            { differencing: t.base !== null || live.layDifferencing === true },
+          );
       const cleaned = this.lifecycle.cleanup(live);
       const done = task.succeed(result(committed.generation));
       await cleaned;

@@ -17,10 +17,11 @@
  * previous content, and a read through a write ticket (write implies read)
  * sees the disk as written so far. So reads, extents and checksums of a
  * write ticket see the VDI's committed content overlaid with every range
- * the ticket wrote (flushed or not); at finalize the ranges no request wrote
- * are filled from the VDI's current content before the commit, so an
- * incremental restore that writes only changed extents works, and the
- * commit stays all-or-nothing.
+ * the ticket wrote (flushed or not); at finalize what the ticket wrote is
+ * laid over the VDI's current content (an in-place session, commitWrites),
+ * so an incremental restore that writes only changed extents works, costs
+ * what it wrote (after a snapshot, not the disk's size), and the commit
+ * stays all-or-nothing.
  *
  * A ticket's `size` may be smaller than the VDI (imageio bounds every
  * request by the ticket's size): the ticket then sees the VDI's first `size`
@@ -28,7 +29,6 @@
  * VDI is refused.
  */
 import { randomUUID } from 'node:crypto';
-import { Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import { ApiError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
@@ -42,7 +42,7 @@ import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
 import type { Task } from '../tasks/task-store.js';
 import type { ExportSource } from './export.js';
-import { type ByteRange, RangeSet } from './range-set.js';
+import type { ByteRange } from './range-set.js';
 import type { TransferService } from './sessions.js';
 import type { Transfer } from './transfer-store.js';
 
@@ -87,8 +87,6 @@ const REAP_INTERVAL_MS = 1000;
 /** A DELETE waits this long at most for the ticket's requests in flight to end. */
 const DRAIN_WAIT_MS = 30_000;
 const DRAIN_POLL_MS = 20;
-/** Unwritten ranges are filled from the VDI in pieces this large. */
-const FILL_PIECE_BYTES = 4 * 1024 ** 2;
 const TICKET_ID = /^[A-Za-z0-9._-]{1,128}$/;
 const URL_PATTERN = /^vdi:([^?]+)(?:\?since=([^&]+))?$/;
 
@@ -270,14 +268,17 @@ export class TicketService {
       );
     }
     if (since) baseSnapshotOf(this.vdis, vdi, since);
-    const { transfer } = await this.transfers.create({
-      vdi: vdi.id,
-      direction: write ? 'upload' : 'download',
-      format: 'raw',
-      // The staging covers the whole VDI: what lies past a smaller ticket is filled from it at finalize.
-      ...(write && { size: vdi.virtual_size }),
-      ttl_seconds: Math.min(inactivity, 7 * 24 * 3600),
-    });
+    const { transfer } = await this.transfers.create(
+      {
+        vdi: vdi.id,
+        direction: write ? 'upload' : 'download',
+        format: 'raw',
+        // The staging covers the whole VDI: what lies past a smaller ticket keeps the VDI's content.
+        ...(write && { size: vdi.virtual_size }),
+        ttl_seconds: Math.min(inactivity, 7 * 24 * 3600),
+      },
+      { in_place: write },
+    );
     const now = Date.now();
     const ticket: Ticket = {
       id,
@@ -362,8 +363,8 @@ export class TicketService {
   }
 
   /**
-   * Commits an upload ticket (after filling what no request wrote from the
-   * VDI), or ends a download ticket. Returns the session's task once started.
+   * Commits an upload ticket (what it wrote laid over the VDI's content: an
+   * in-place session), or ends a download ticket. Returns the session's task once started.
    */
   async finalize(id: string): Promise<Task> {
     const t = this.visible(id);
@@ -386,7 +387,6 @@ export class TicketService {
       await this.transfers.cancel(session.id);
     } else {
       await this.transfers.flush(session.id);
-      await this.fillUnwritten(t, session);
       await this.transfers.beforeFinalize(session.id);
       this.transfers.finalize(session.id);
     }
@@ -595,38 +595,6 @@ export class TicketService {
       await new Promise((r) => setTimeout(r, DRAIN_POLL_MS));
     }
   }
-
-  /** Writes the VDI's current content into every range of the upload no request wrote (imageio writes in place). */
-  private async fillUnwritten(t: Ticket, session: Transfer): Promise<void> {
-    const gaps = complement(this.transfers.toJson(session).received, session.size ?? t.size);
-    if (gaps.length === 0) return;
-    const lease = await this.vdis.images.lease(t.vdi_id);
-    try {
-      const extents = await lease.extents();
-      for (const [gs, ge] of gaps) {
-        for (const e of extents) {
-          const s = Math.max(gs, e.start);
-          const end = Math.min(ge, e.start + e.length);
-          if (s >= end) continue;
-          if (e.zero) {
-            await this.transfers.zero(session.id, { start: s, end: end - 1, total: null }, false);
-            continue;
-          }
-          for (let at = s; at < end; at += FILL_PIECE_BYTES) {
-            const n = Math.min(FILL_PIECE_BYTES, end - at);
-            const piece = await lease.image.read(at, n);
-            await this.transfers.write(session.id, Readable.from([piece]), {
-              range: { start: at, end: at + n - 1, total: null },
-              flush: false,
-            });
-          }
-        }
-      }
-    } finally {
-      lease.release();
-    }
-    await this.transfers.flush(session.id);
-  }
 }
 
 function forbidden(reason: string): ApiError {
@@ -660,9 +628,4 @@ function subtract(spans: readonly ByteSpan[], minus: readonly ByteSpan[], size: 
     if (pos < end) out.push({ start: pos, length: end - pos });
   }
   return out;
-}
-
-/** The ranges of [0, size) not in `received` (ordered and merged, end exclusive). */
-function complement(received: readonly ByteRange[], size: number): ByteRange[] {
-  return new RangeSet(received).missing(0, size);
 }

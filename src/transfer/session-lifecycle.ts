@@ -55,6 +55,8 @@ export interface SessionOptions {
   metadata?: Record<string, string>;
   /** A push's receiver URL with its token (sealed when the service has a token). */
   push_target?: string;
+  /** A raw upload that writes part of the disk: the rest keeps the VDI's content (Transfer.in_place). */
+  in_place?: boolean;
 }
 
 export class SessionLifecycle {
@@ -210,6 +212,7 @@ export class SessionLifecycle {
       base: req.base ?? null,
       snapshot_after_commit: req.snapshot_after_commit === true,
       snapshot_id: null,
+      in_place: opts.in_place === true && upload && format === 'raw',
     };
     // One writer per VDI: take the lock before anything is created.
     const release = upload ? this.vdis.locks.acquire(vdi.id, `transfer ${id}`) : () => {};

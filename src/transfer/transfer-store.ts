@@ -43,12 +43,19 @@ export interface Transfer {
   snapshot_after_commit: boolean;
   /** That snapshot, once made. */
   snapshot_id: string | null;
+  /**
+   * An upload that writes part of the disk in place (an imageio write
+   * ticket): the ranges it did not write keep the VDI's content, and it is
+   * committed as what it wrote laid over that content.
+   */
+  in_place: boolean;
 }
 
-type Row = Omit<Transfer, 'received' | 'metadata' | 'snapshot_after_commit'> & {
+type Row = Omit<Transfer, 'received' | 'metadata' | 'snapshot_after_commit' | 'in_place'> & {
   received: string;
   metadata: string | null;
   snapshot_after_commit: number;
+  in_place: number;
 };
 
 function fromRow(r: Row): Transfer {
@@ -57,6 +64,7 @@ function fromRow(r: Row): Transfer {
     received: JSON.parse(r.received),
     metadata: r.metadata ? JSON.parse(r.metadata) : null,
     snapshot_after_commit: r.snapshot_after_commit === 1,
+    in_place: r.in_place === 1,
   };
 }
 
@@ -68,16 +76,17 @@ export class TransferStore {
       .prepare(
         `INSERT INTO transfers (id, vdi_id, direction, format, size, checksum, token_hash, task_id, staging_path, state,
            ttl_seconds, expires_at, created_at, received, source_url, target_url, metadata, origin, stream_epoch,
-           push_target, source_validator, base, snapshot_after_commit, snapshot_id)
+           push_target, source_validator, base, snapshot_after_commit, snapshot_id, in_place)
          VALUES (@id, @vdi_id, @direction, @format, @size, @checksum, @token_hash, @task_id, @staging_path, @state,
            @ttl_seconds, @expires_at, @created_at, @received, @source_url, @target_url, @metadata, @origin,
-           @stream_epoch, @push_target, @source_validator, @base, @snapshot_after_commit, @snapshot_id)`,
+           @stream_epoch, @push_target, @source_validator, @base, @snapshot_after_commit, @snapshot_id, @in_place)`,
       )
       .run({
         ...t,
         received: JSON.stringify(t.received),
         metadata: t.metadata ? JSON.stringify(t.metadata) : null,
         snapshot_after_commit: t.snapshot_after_commit ? 1 : 0,
+        in_place: t.in_place ? 1 : 0,
       });
   }
 
