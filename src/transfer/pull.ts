@@ -20,6 +20,7 @@ import type { Logger } from 'pino';
 import type { Agent, Dispatcher } from 'undici';
 import type { Config } from '../config.js';
 import { ApiError, formatBytes } from '../errors.js';
+import { openSecret, sealSecret } from '../secrets.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 import { FetchGuard, type FetchTarget, pinnedAgent } from './fetch-guard.js';
 import { backoff, describe, isTransientStatus, SERVER_RETRY } from './retry-policy.js';
@@ -34,11 +35,11 @@ const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
 
 export type PullRequest = CreateTransfer & { source_url: string };
 
-/** What a pull uses: the sessions it lands in, the log, and the fetch allow-list. */
+/** What a pull uses: the sessions it lands in, the log, the fetch allow-list, and the token that seals the URL it keeps. */
 export interface PullDeps {
   transfers: TransferService;
   logger: Logger;
-  config: Pick<Config, 'allowFetch'>;
+  config: Pick<Config, 'allowFetch' | 'token'>;
 }
 
 /** A failure worth another attempt (a 5xx, a source that stopped short). */
@@ -57,7 +58,11 @@ export async function startPull(
   }
   const guard = new FetchGuard(s.config.allowFetch);
   const source = await guard.check(req.source_url, 'source_url');
-  const opened = await s.transfers.create({ ...req, source_url: source.url.href });
+  // The source's URL may carry its credential (a presigned URL, a session
+  // token): it stays private on the session so the pull resumes after a
+  // restart, sealed with the service's token when it has one (secrets.ts).
+  const kept = s.config.token ? sealSecret(source.url.href, s.config.token) : source.url.href;
+  const opened = await s.transfers.create({ ...req, source_url: kept });
   const id = opened.transfer.id;
   s.transfers.runJob(id, (task) => new Pull(s, id, guard, source, req.size ?? null, task).run());
   return opened;
@@ -72,9 +77,21 @@ export async function resumePulls(s: PullDeps, only: (t: Transfer) => boolean = 
     if (t.direction !== 'upload' || t.state !== 'open' || !t.source_url || !only(t)) continue;
     // Another live node's pull: that node runs it.
     if (!s.transfers.activeSession(t.id)) continue;
+    let url: string;
+    try {
+      url = openSecret(t.source_url, s.config.token);
+    } catch (err) {
+      // Nothing can reach the source now: the pull ends, and the VDI stays as it was.
+      const reason = `the pull cannot resume: its source's URL was ${(err as Error).message}; start the pull again`;
+      s.transfers.runJob(t.id, async () => {
+        throw new ApiError('INTERRUPTED', reason);
+      });
+      s.logger.error({ transfer: t.id }, reason);
+      continue;
+    }
     try {
       const guard = new FetchGuard(s.config.allowFetch);
-      const source = await guard.check(t.source_url, 'source_url');
+      const source = await guard.check(url, 'source_url');
       const validator = t.source_validator;
       s.transfers.runJob(t.id, (task) => new Pull(s, t.id, guard, source, t.size, task, validator).run());
       s.logger.info({ transfer: t.id }, 'resuming a pull interrupted by a restart');

@@ -23,7 +23,6 @@
  * The receiver's session stays open when a push fails, so another push (or
  * any client) can complete it.
  */
-import type { Config } from '../config.js';
 import { ApiError } from '../errors.js';
 import { isZero } from '../image/zero.js';
 import { openSecret, sealSecret } from '../secrets.js';
@@ -52,8 +51,6 @@ export type PushRequest = CreateTransfer & { target_url: string };
 /** What a push uses: a pull's needs, and the VDIs it reads from. */
 export interface PushDeps extends PullDeps {
   vdis: VdiStore;
-  /** The token seals the receiver's URL kept for a resume (secrets.ts). */
-  config: Pick<Config, 'allowFetch' | 'token'>;
 }
 
 /**
