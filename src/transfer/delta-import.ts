@@ -30,12 +30,19 @@ export const BASE_CURRENT = 'current';
  * Refuses a base that cannot be one: raw has no way to leave blocks out,
  * and a base must name a snapshot (or be `current`).
  */
-export function checkBaseRequest(vdis: VdiStore, format: string, base: string): void {
-  if (format === 'raw') {
+export function checkBaseRequest(
+  vdis: VdiStore,
+  format: string,
+  base: string,
+  /** An upload session's chunks (raw): the ranges it writes are its delta. */
+  rawRanges = false,
+): void {
+  if (format === 'raw' && !rawRanges) {
     throw new ApiError(
       'INVALID_REQUEST',
       'base= takes a differencing image (format vhd or qcow2); a raw image has no way to leave blocks out: ' +
-        'send the whole disk without base, or its changed ranges through an upload session',
+        'send the whole disk without base, or its changed ranges as chunks of an upload session opened with ' +
+        'format raw and this base (POST /v1/transfers)',
       { format, base },
     );
   }

@@ -160,7 +160,15 @@ export class SessionLifecycle {
       if (req.direction !== 'upload') {
         throw new ApiError('INVALID_REQUEST', 'base describes a delta upload; a download session takes none');
       }
-      checkBaseRequest(this.vdis, format, req.base);
+      checkBaseRequest(this.vdis, format, req.base, (opts.origin ?? 'api') === 'api');
+      if (format === 'raw' && req.checksum !== undefined) {
+        throw new ApiError(
+          'INVALID_REQUEST',
+          'checksum is of a whole stream, and raw chunks against a base send only what changed: ' +
+            'leave checksum out, and compare GET /v1/vdis/{id}/checksum once committed',
+          { format, base: req.base },
+        );
+      }
       // Refused before a byte is sent; checked again at the commit.
       await assertBase(this.vdis, vdi, req.base);
     }
@@ -186,13 +194,16 @@ export class SessionLifecycle {
     const taskId = randomUUID();
     const upload = req.direction === 'upload';
     const staging = upload ? this.vdis.stagingPath(vdi, `transfer-${id}.${format}`) : null;
+    // Raw chunks against a base are a delta too: what they do not write keeps the VDI's content.
+    const inPlace = (opts.in_place === true || req.base !== undefined) && upload && format === 'raw';
     const now = Date.now();
     const t: Transfer = {
       id,
       vdi_id: vdi.id,
       direction: req.direction,
       format,
-      size: req.size ?? null,
+      // An in-place upload is the disk, written where it changes: its size is the disk's.
+      size: req.size ?? (inPlace ? vdi.virtual_size : null),
       checksum: req.checksum ?? null,
       token_hash: hashToken(token),
       task_id: taskId,
@@ -212,7 +223,7 @@ export class SessionLifecycle {
       base: req.base ?? null,
       snapshot_after_commit: req.snapshot_after_commit === true,
       snapshot_id: null,
-      in_place: opts.in_place === true && upload && format === 'raw',
+      in_place: inPlace,
     };
     // One writer per VDI: take the lock before anything is created.
     const release = upload ? this.vdis.locks.acquire(vdi.id, `transfer ${id}`) : () => {};
