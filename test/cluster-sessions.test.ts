@@ -390,6 +390,10 @@ describe('one session across three nodes', { skip }, () => {
     const body = (await res.json()) as ErrorBody;
     assert.equal(body.error.code, 'NODE_UNREACHABLE');
     assert.match(body.error.message, /retry/);
+    assert.ok(
+      !JSON.stringify(body).includes('127.0.0.1:1'),
+      "the cluster's internal address is not told the client",
+    );
     const state = await api<TransferJson>(nodes[0].url, 'GET', `/v1/transfers/${t.id}?token=${t.token}`);
     assert.equal(state.body.bytes_received, 0);
   });

@@ -60,12 +60,15 @@ export function sessionForwarding(
     }
     if (!holder || holder.id === s.nodes.id) return false;
     logRequest(req, res);
+    // The client holds a session's token or a ticket, not the management
+    // token: it is told which node and to retry, never the cluster's
+    // internal addresses (those go to the log).
     const refuse = (why: string) =>
       answerError(
         new ApiError(
           'NODE_UNREACHABLE',
-          `this session is held by node ${holder.id} (${holder.address ?? 'no address'}), which ${why}; retry in ${RETRY_AFTER_SECONDS} s`,
-          { node: holder.id, address: holder.address },
+          `this session is held by node ${holder.id}, which ${why}; retry in ${RETRY_AFTER_SECONDS} s`,
+          { node: holder.id },
           { 'Retry-After': String(RETRY_AFTER_SECONDS) },
         ),
         req,
@@ -75,7 +78,14 @@ export function sessionForwarding(
       refuse(holder.alive ? 'has not said where it listens yet' : 'is past its heartbeat timeout');
       return true;
     }
-    forward(req, res, holder.address, s.nodes.id, (err) => refuse(`cannot be reached: ${err.message}`));
+    const address = holder.address;
+    forward(req, res, address, s.nodes.id, (err) => {
+      s.logger.warn(
+        { err, node: holder.id, address },
+        'cannot forward a request to the node holding its session',
+      );
+      refuse(`cannot be reached (${(err as NodeJS.ErrnoException).code ?? 'no answer'})`);
+    });
     return true;
   };
 }
