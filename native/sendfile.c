@@ -1,15 +1,30 @@
 /*
- * Zero-copy sending of file ranges to a TCP socket (sendfile(2)), for the raw
- * export: Node's only way is to read the file into a buffer and write that to
- * the socket, two copies through user space, which keeps a whole-disk GET
- * below a sendfile server such as nginx.
+ * Zero-copy sending of file ranges to a TCP socket (sendfile(2)), for exports:
+ * Node's only way is to read the file into a buffer and write that to the
+ * socket, two copies through user space, which keeps a whole-disk GET below a
+ * sendfile server such as nginx.
  *
- * sendSpans(sockFd, fileFds, spans, onProgress, onDone) -> job
- *   spans: [fdIndex, position, length, ...]; fdIndex -1 sends `length` zeros
- *   (holes of a sparse disk are never read from storage, as in the stream path).
- *   A file that ends before a span does sends zeros for the rest, as a read past
- *   the end of a raw image reads zeros.
+ * sendSpans(sockFd, fileFds, spans, onProgress, onDone[, buffers]) -> job
+ *   spans: [fdIndex, position, length, ...] (an array or a Float64Array);
+ *   fdIndex -1 sends `length` zeros (holes of a sparse disk are never read
+ *   from storage, as in the stream path). A file that ends before a span does
+ *   sends zeros for the rest, as a read past the end of a raw image reads zeros.
+ *   fdIndex -2 - i sends `length` bytes of buffers[i] (an ArrayBuffer or a
+ *   typed array) from `position`: the bytes a vhd or qcow2 export makes itself
+ *   (footers, headers, tables, the sector bitmap before every VHD block), sent
+ *   in order between the disk's file spans by the same thread.
  * cancelSend(job): stops the job at its next step (within one sendfile call).
+ *
+ * Why buffer spans in the job rather than a memfd or one job per piece: a
+ * VHD export has a 512-byte bitmap before every 2 MiB block, and a qcow2
+ * export's metadata is made per request; one job per piece would start a
+ * thread and cross to the event loop twice per block, and a memfd would
+ * cost a write of bytes Node already holds. Here a whole run of blocks (the
+ * caller sends a few thousand spans per job) is one call, the buffers are
+ * read where they are, kept alive by references until onDone, and a small
+ * buffer followed by more spans goes with MSG_MORE so it leaves in the same
+ * segment as the file bytes after it. The buffers must not change while the
+ * job runs (the caller hands it bytes it never writes again).
  *
  * Each job runs on a thread of its own, never on the event loop and never on
  * libuv's pool: a client that stops reading keeps the job waiting for the
@@ -53,9 +68,17 @@ typedef struct {
 } span_t;
 
 typedef struct {
+  const char *data;
+  size_t length;
+} bytes_t;
+
+typedef struct {
   int sock;
   int *fds;
   size_t nfds;
+  bytes_t *buffers;     /* where the buffer spans' bytes are (kept alive by buffer_refs) */
+  napi_ref *buffer_refs;
+  size_t nbuffers;
   span_t *spans;
   size_t nspans;
   int cancel_fd;        /* eventfd: written by cancelSend, polled beside the socket */
@@ -78,9 +101,18 @@ static void close_fds(job_t *job) {
   job->nfds = 0;
 }
 
+/* Lets go of the buffers (event loop only: references belong to the env). */
+static void release_buffers(napi_env env, job_t *job) {
+  for (size_t i = 0; i < job->nbuffers; i++)
+    if (job->buffer_refs[i]) napi_delete_reference(env, job->buffer_refs[i]);
+  job->nbuffers = 0;
+}
+
 static void unref_job(job_t *job) {
   if (--job->refs > 0) return;
   if (job->cancel_fd >= 0) close(job->cancel_fd);
+  free(job->buffers);
+  free(job->buffer_refs);
   free(job->fds);
   free(job->spans);
   free(job);
@@ -121,14 +153,18 @@ static void sent_bytes(job_t *job, int64_t n) {
   if (job->unreported >= PROGRESS_BYTES) report_progress(job);
 }
 
-/* Sends `length` zeros; returns 0 or an errno. */
-static int send_zeros(job_t *job, int64_t length) {
+/* Sends `length` bytes from memory (a buffer, or zeros repeated when `data` is NULL); returns 0 or an errno.
+ * `more` (a buffer span with spans after it: a VHD bitmap before its block): the kernel may hold a short
+ * tail back to fill a segment with what comes next. */
+static int send_memory(job_t *job, const char *data, int64_t length, int more) {
   while (length > 0) {
     if (atomic_load(&job->cancelled)) return ECANCELED;
-    size_t want = length < ZERO_BYTES ? (size_t)length : ZERO_BYTES;
-    ssize_t n = send(job->sock, zeros, want, MSG_NOSIGNAL);
+    size_t want = length < ZERO_BYTES || data ? (size_t)length : ZERO_BYTES;
+    if (want > STEP_BYTES) want = STEP_BYTES;
+    ssize_t n = send(job->sock, data ? data : zeros, want, MSG_NOSIGNAL | (more ? MSG_MORE : 0));
     if (n > 0) {
       length -= n;
+      if (data) data += n;
       sent_bytes(job, n);
     } else if (n < 0 && errno == EINTR) {
       continue;
@@ -154,7 +190,7 @@ static int send_file(job_t *job, int fd, int64_t position, int64_t length) {
       sent_bytes(job, n);
     } else if (n == 0) {
       /* The file ends here: the rest reads as zeros. */
-      return send_zeros(job, length);
+      return send_memory(job, NULL, length, 0);
     } else if (errno == EINTR) {
       continue;
     } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -172,8 +208,13 @@ static void *run_job(void *arg) {
   int err = 0;
   for (size_t i = 0; i < job->nspans && !err; i++) {
     span_t *s = &job->spans[i];
-    err = s->fd_index < 0 ? send_zeros(job, s->length)
-                          : send_file(job, job->fds[s->fd_index], s->position, s->length);
+    int more = i + 1 < job->nspans;
+    if (s->fd_index >= 0)
+      err = send_file(job, job->fds[s->fd_index], s->position, s->length);
+    else if (s->fd_index == -1)
+      err = send_memory(job, NULL, s->length, 0);
+    else
+      err = send_memory(job, job->buffers[-2 - s->fd_index].data + s->position, s->length, more);
   }
   job->error = err;
   /* Closing our duplicates does not close the connection: Node still has its descriptor. */
@@ -197,6 +238,8 @@ static void call_progress(napi_env env, napi_value cb, void *context, void *data
 static void call_done(napi_env env, napi_value cb, void *context, void *data) {
   job_t *job = context;
   job->finished = 1;
+  /* The thread is done with the buffers. */
+  if (env != NULL) release_buffers(env, job);
   /* The thread is past its last poll, and cancelSend no longer writes to it. */
   close(job->cancel_fd);
   job->cancel_fd = -1;
@@ -227,21 +270,73 @@ static int get_int64_element(napi_env env, napi_value array, uint32_t i, int64_t
   return napi_get_element(env, array, i, &v) == napi_ok && napi_get_value_int64(env, v, out) == napi_ok;
 }
 
+/* The bytes of an ArrayBuffer or a typed array (a Buffer); 0 when it is neither. */
+static int get_bytes(napi_env env, napi_value value, bytes_t *out) {
+  bool is = false;
+  void *data = NULL;
+  size_t length = 0;
+  if (napi_is_arraybuffer(env, value, &is) == napi_ok && is) {
+    if (napi_get_arraybuffer_info(env, value, &data, &length) != napi_ok) return 0;
+  } else if (napi_is_typedarray(env, value, &is) == napi_ok && is) {
+    napi_typedarray_type type;
+    size_t elements, offset;
+    napi_value ab;
+    if (napi_get_typedarray_info(env, value, &type, &elements, &data, &ab, &offset) != napi_ok) return 0;
+    size_t width = type == napi_uint8_array || type == napi_int8_array || type == napi_uint8_clamped_array ? 1
+                   : type == napi_int16_array || type == napi_uint16_array                              ? 2
+                   : type == napi_float64_array || type == napi_bigint64_array ||
+                           type == napi_biguint64_array
+                       ? 8
+                       : 4;
+    length = elements * width;
+  } else {
+    return 0;
+  }
+  out->data = data;
+  out->length = length;
+  return 1;
+}
+
 static napi_value send_spans(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
-  napi_value argv[5];
+  size_t argc = 6;
+  napi_value argv[6];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   int32_t sock;
-  uint32_t nfds = 0, nvalues = 0;
-  bool is_array = false, fds_array = false;
+  uint32_t nfds = 0, nvalues = 0, nbuffers = 0;
+  bool is_array = false, is_typed = false, fds_array = false, buffers_array = false;
+  const double *typed = NULL;
+  if (argc >= 3) {
+    napi_is_array(env, argv[2], &is_array);
+    if (!is_array && napi_is_typedarray(env, argv[2], &is_typed) == napi_ok && is_typed) {
+      napi_typedarray_type type;
+      size_t elements, offset;
+      napi_value ab;
+      void *data;
+      if (napi_get_typedarray_info(env, argv[2], &type, &elements, &data, &ab, &offset) != napi_ok ||
+          type != napi_float64_array || elements > UINT32_MAX)
+        is_typed = false;
+      else {
+        typed = data;
+        nvalues = (uint32_t)elements;
+      }
+    }
+  }
+  if (argc >= 6) {
+    napi_valuetype t;
+    napi_typeof(env, argv[5], &t);
+    if (t != napi_undefined && (napi_is_array(env, argv[5], &buffers_array) != napi_ok || !buffers_array)) {
+      napi_throw_type_error(env, NULL, "buffers must be an array of ArrayBuffers or typed arrays");
+      return NULL;
+    }
+  }
   if (argc < 5 || napi_get_value_int32(env, argv[0], &sock) != napi_ok ||
-      napi_is_array(env, argv[1], &fds_array) != napi_ok || !fds_array ||
-      napi_is_array(env, argv[2], &is_array) != napi_ok || !is_array) {
-    napi_throw_type_error(env, NULL, "expected (sockFd, fileFds[], spans[], onProgress, onDone)");
+      napi_is_array(env, argv[1], &fds_array) != napi_ok || !fds_array || !(is_array || is_typed)) {
+    napi_throw_type_error(env, NULL, "expected (sockFd, fileFds[], spans[], onProgress, onDone, buffers?)");
     return NULL;
   }
   napi_get_array_length(env, argv[1], &nfds);
-  napi_get_array_length(env, argv[2], &nvalues);
+  if (is_array) napi_get_array_length(env, argv[2], &nvalues);
+  if (buffers_array) napi_get_array_length(env, argv[5], &nbuffers);
   if (nvalues % 3 != 0) {
     napi_throw_type_error(env, NULL, "spans holds [fdIndex, position, length] triplets");
     return NULL;
@@ -257,15 +352,40 @@ static napi_value send_spans(napi_env env, napi_callback_info info) {
   job->nspans = nvalues / 3;
   job->spans = calloc(job->nspans ? job->nspans : 1, sizeof(span_t));
   job->fds = calloc(nfds ? nfds : 1, sizeof(int));
+  job->buffers = calloc(nbuffers ? nbuffers : 1, sizeof(bytes_t));
+  job->buffer_refs = calloc(nbuffers ? nbuffers : 1, sizeof(napi_ref));
   const char *bad = NULL;
-  if (!job->spans || !job->fds) bad = "out of memory";
+  if (!job->spans || !job->fds || !job->buffers || !job->buffer_refs) bad = "out of memory";
+  job->nbuffers = bad ? 0 : nbuffers;
+  for (uint32_t i = 0; !bad && i < nbuffers; i++) {
+    napi_value b;
+    if (napi_get_element(env, argv[5], i, &b) != napi_ok || !get_bytes(env, b, &job->buffers[i]))
+      bad = "buffers must be ArrayBuffers or typed arrays";
+    else if (napi_create_reference(env, b, 1, &job->buffer_refs[i]) != napi_ok)
+      bad = "could not hold a buffer";
+  }
   for (size_t i = 0; !bad && i < job->nspans; i++) {
     int64_t idx, pos, len;
-    if (!get_int64_element(env, argv[2], (uint32_t)(3 * i), &idx) ||
-        !get_int64_element(env, argv[2], (uint32_t)(3 * i + 1), &pos) ||
-        !get_int64_element(env, argv[2], (uint32_t)(3 * i + 2), &len) || idx < -1 || idx >= (int64_t)nfds ||
-        pos < 0 || len < 0)
+    if (typed) {
+      double d[3] = {typed[3 * i], typed[3 * i + 1], typed[3 * i + 2]};
+      int whole = 1;
+      for (int k = 0; k < 3; k++)
+        if (!(d[k] >= -9007199254740991.0 && d[k] <= 9007199254740991.0) || d[k] != (double)(int64_t)d[k]) whole = 0;
+      if (!whole) {
+        bad = "invalid span";
+        break;
+      }
+      idx = (int64_t)d[0], pos = (int64_t)d[1], len = (int64_t)d[2];
+    } else if (!get_int64_element(env, argv[2], (uint32_t)(3 * i), &idx) ||
+               !get_int64_element(env, argv[2], (uint32_t)(3 * i + 1), &pos) ||
+               !get_int64_element(env, argv[2], (uint32_t)(3 * i + 2), &len)) {
       bad = "invalid span";
+      break;
+    }
+    if (idx >= (int64_t)nfds || idx < -2 - (int64_t)nbuffers + 1 || pos < 0 || len < 0)
+      bad = "invalid span";
+    else if (idx <= -2 && (uint64_t)pos + (uint64_t)len > job->buffers[-2 - idx].length)
+      bad = "a span reaches past its buffer";
     else
       job->spans[i] = (span_t){(int)idx, pos, len};
   }
@@ -290,6 +410,7 @@ static napi_value send_spans(napi_env env, napi_callback_info info) {
   }
   if (bad) {
     close_fds(job);
+    release_buffers(env, job);
     job->refs = 1;
     unref_job(job);
     napi_throw_error(env, "ESENDFILE", bad);

@@ -89,7 +89,7 @@ export class Metrics {
     });
     this.sendfileBytes = new Counter({
       name: 'diskport_sendfile_bytes_total',
-      help: 'Bytes of raw exports sent from their files with sendfile (no copy through the service); part of bytes_sent',
+      help: 'Bytes of exports sent with sendfile (the disk from its files, no copy through the service; vhd and qcow2 with their format bytes between); part of bytes_sent',
       registers: [this.registry],
       collect() {
         this.reset();

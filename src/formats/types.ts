@@ -20,11 +20,13 @@ export interface SerializedImage {
   /** Yields the bytes of [start, end) in order; the chunks concatenate to exactly end - start bytes. */
   read(start: number, end: number): AsyncIterable<Buffer>;
   /**
-   * Only where the stream is the image's file bytes as they are (raw of a
-   * raw file or chain): the file spans that make [start, end), holes as
-   * zero spans, for a zero-copy send. Valid while the image is open.
+   * Only where the disk's bytes lie in files as they are (a raw file or a
+   * chain of them): the stream's bytes [start, end) as spans for a zero-copy
+   * send, in batches (each one native send; see send-spans.ts): the disk's
+   * file spans, holes as zero spans, and the bytes the format makes between
+   * them. Made as the batches are taken; valid while the image is open.
    */
-  spans?(start: number, end: number): FileSpan[];
+  spans?(start: number, end: number): Iterable<SendSpan[]>;
   /**
    * The stream's bytes [start, end) as pieces, in order, from the layout
    * alone: bytes the format makes (headers, tables, bitmaps, padding) and
@@ -33,6 +35,9 @@ export interface SerializedImage {
    */
   pieces?(start: number, end: number): StreamPiece[];
 }
+
+/** Part of a body sent with sendfile: file bytes (fd >= 0), zeros (fd -1), or bytes the format makes. */
+export type SendSpan = FileSpan | { bytes: Buffer };
 
 /** A piece of a stream: `bytes` as they are, or else `length` bytes of the disk at `offset`. */
 export interface StreamPiece {

@@ -5,9 +5,9 @@
  * the headers in one go. No source object, plan or generator per request.
  *
  * Taken only for what it answers exactly as sendExport would: a HEAD, or a
- * GET of one satisfiable range under a MiB (larger raw ranges go out with
- * sendfile on the stream path), no If-None-Match, an If-Range only when it
- * names the current ETag, and a VDI whose image and layout are open already
+ * GET of one satisfiable range under a MiB (larger ranges go out with
+ * sendfile where the disk lies in files, else on the stream path), no
+ * If-None-Match, an If-Range only when it names the current ETag, and a VDI whose image and layout are open already
  * (the first read opens them through the stream path). Anything else says
  * false and is served by sendExport.
  *
@@ -31,7 +31,7 @@ export interface LeanReadDeps {
   reads: ReadCounters;
 }
 
-/** Bodies of this size or more take the stream path (sendfile for raw). */
+/** Bodies of this size or more take the stream path (sendfile where the disk lies in files). */
 const MAX_LEAN_BODY_BYTES = ZERO_COPY_MIN_BYTES;
 const SINGLE_RANGE = /^bytes=(\d{0,15})-(\d{0,15})$/;
 

@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import rangeParser from 'range-parser';
 import { ApiError } from '../errors.js';
-import type { FileSpan } from '../image/block-image.js';
+import type { SendSpan } from '../formats/types.js';
 import { sendSpans, ZERO_COPY_MIN_BYTES, zeroCopySocketFd } from './zero-copy.js';
 
 export interface Representation {
@@ -18,8 +18,8 @@ export interface Representation {
   contentType: string;
   filename: string;
   read(start: number, end: number): AsyncIterable<Buffer>;
-  /** The bytes of [start, end) as file spans, where they lie in files as they are (see zero-copy.ts). */
-  spans?(start: number, end: number): FileSpan[];
+  /** The bytes of [start, end) as batches of spans, where the disk's lie in files as they are (see zero-copy.ts). */
+  spans?(start: number, end: number): Iterable<readonly SendSpan[]>;
 }
 
 /**
@@ -188,12 +188,12 @@ export async function writeBody(
   for (const r of plan.ranges) {
     if (plan.multipart) await send(res, Buffer.from(partHeader(plan.boundary, rep, r)), signal);
     if (socketFd !== null && rep.spans) {
-      const spans = rep.spans(r.start, r.end + 1);
+      const batches = rep.spans(r.start, r.end + 1);
       const count = (n: number) => {
         onBytes(n);
         onSendfileBytes?.(n);
       };
-      await sendSpans(res, socketFd, spans, count, () => new ClientGoneError(), signal);
+      await sendSpans(res, socketFd, batches, count, () => new ClientGoneError(), signal);
     } else {
       await sendChunks(res, rep.read(r.start, r.end + 1), onBytes, signal);
     }

@@ -5,7 +5,7 @@
  * holes. What a delta export serializes: the changed blocks as the image's
  * own, everything else left to the parent the export names.
  */
-import { type BlockImage, type Extent, readByInto, readLength } from './block-image.js';
+import { type BlockImage, type Extent, type FileSpan, readByInto, readLength } from './block-image.js';
 
 export interface Range {
   start: number;
@@ -30,6 +30,44 @@ export class MaskedImage implements BlockImage {
       if (last && last.start + last.length >= start) last.length = Math.max(last.length, end - last.start);
       else this.ranges.push({ start, length: end - start });
     }
+    const fileSpans = image.fileSpans?.bind(image);
+    if (fileSpans) this.fileSpans = (offset, length) => this.spansOf(fileSpans, offset, length);
+  }
+
+  /** Only where the disk keeps its bytes in files: its spans inside the ranges, zero spans outside. */
+  readonly fileSpans?: (offset: number, length: number) => FileSpan[];
+
+  private spansOf(
+    fileSpans: (offset: number, length: number) => FileSpan[],
+    offset: number,
+    length: number,
+  ): FileSpan[] {
+    const end = offset + readLength(this.virtualSize, offset, length);
+    const out: FileSpan[] = [];
+    let pos = offset;
+    for (let i = this.firstEndingAfter(offset); i < this.ranges.length && pos < end; i++) {
+      const r = this.ranges[i];
+      if (r.start >= end) break;
+      const from = Math.max(r.start, pos);
+      const to = Math.min(r.start + r.length, end);
+      if (from > pos) out.push({ fd: -1, position: 0, length: from - pos });
+      out.push(...fileSpans(from, to - from));
+      pos = to;
+    }
+    if (pos < end) out.push({ fd: -1, position: 0, length: end - pos });
+    return out;
+  }
+
+  /** Index of the first range ending after `offset`: reads come by the thousand, ranges too. */
+  private firstEndingAfter(offset: number): number {
+    let lo = 0;
+    let hi = this.ranges.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (this.ranges[mid].start + this.ranges[mid].length <= offset) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
   }
 
   get virtualSize(): number {
@@ -50,15 +88,7 @@ export class MaskedImage implements BlockImage {
     const out = buf.subarray(0, n);
     out.fill(0);
     const end = offset + n;
-    // The first range ending after `offset`: reads come by the thousand, ranges too.
-    let lo = 0;
-    let hi = this.ranges.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1;
-      if (this.ranges[mid].start + this.ranges[mid].length <= offset) lo = mid + 1;
-      else hi = mid;
-    }
-    for (const r of this.ranges.slice(lo)) {
+    for (const r of this.ranges.slice(this.firstEndingAfter(offset))) {
       const from = Math.max(r.start, offset);
       const to = Math.min(r.start + r.length, end);
       if (r.start >= end) break;

@@ -10,13 +10,17 @@ export interface NativeAddon {
   punchHole(fd: number, offset: number, length: number): boolean;
   dropCache(fd: number): boolean;
   alignedBuffer(size: number, alignment: number): Buffer;
-  /** native/sendfile.c: sends file spans ([fdIndex, position, length]...) to a socket on a thread of its own. */
+  /**
+   * native/sendfile.c: sends spans ([fdIndex, position, length]...) to a socket on a thread of its own:
+   * fdIndex >= 0 a file, -1 zeros, -2 - i bytes of buffers[i].
+   */
   sendSpans(
     socketFd: number,
     fileFds: number[],
-    spans: number[],
+    spans: number[] | Float64Array,
     onProgress: (sent: number) => void,
     onDone: (code: string | null, sent: number) => void,
+    buffers?: (ArrayBuffer | ArrayBufferView)[],
   ): SendJob;
   /** Stops a sendSpans job; its onDone still comes (ECANCELED, unless it had finished). */
   cancelSend(job: SendJob): void;

@@ -118,6 +118,7 @@ async function openDeltaExport(
         format,
         size: serialized.size,
         read: (start, end) => serialized.read(start, end),
+        ...(serialized.spans && { spans: serialized.spans }),
         etag: exportEtag(vdi, format, base),
         lastModified: new Date(vdi.content_updated_at),
         filename: `${vdi.is_snapshot ? vdi.id : safeName(vdi.name_label) || vdi.id}.${ext}`,

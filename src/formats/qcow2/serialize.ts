@@ -27,7 +27,8 @@
 import { type BlockImage, type Extent, mergeExtents } from '../../image/block-image.js';
 import { READ_CHUNK_BYTES, ReadBuffers, readVirtual } from '../../image/read-virtual.js';
 import { zeroBuffer } from '../../image/zero.js';
-import type { SerializedImage, SerializeOptions, StreamPiece } from '../types.js';
+import { formatSpans } from '../send-spans.js';
+import type { SendSpan, SerializedImage, SerializeOptions, StreamPiece } from '../types.js';
 import { QCOW2_MAGIC } from './header.js';
 
 export const EXPORT_CLUSTER_BITS = 16;
@@ -207,7 +208,14 @@ export class Qcow2Serializer implements SerializedImage {
     this.dataOffset = add('data', layout.dataClusters);
     this.metadataBytes = this.dataOffset;
     this.size = at;
+    const fileSpans = image.fileSpans?.bind(image);
+    if (fileSpans)
+      this.spans = (start, end) =>
+        formatSpans((s, e) => this.pieces(s, e), this.extents, fileSpans, start, end);
   }
+
+  /** Where the disk's bytes lie in files (see SerializedImage.spans). */
+  readonly spans?: (start: number, end: number) => Iterable<SendSpan[]>;
 
   async *read(start: number, end: number): AsyncGenerator<Buffer> {
     const from = Math.max(0, start);

@@ -35,6 +35,7 @@ import { formatBytes, UnsupportedImageError } from '../../errors.js';
 import type { BlockImage, Extent } from '../../image/block-image.js';
 import { ReadBuffers, readVirtual } from '../../image/read-virtual.js';
 import { zeroBuffer } from '../../image/zero.js';
+import { formatSpans } from '../send-spans.js';
 import type { SerializedImage, SerializeOptions, StreamPiece } from '../types.js';
 import {
   bitmapBytesOnDisk,
@@ -262,6 +263,8 @@ async function* readBlockRun(
 export async function serializeVhd(image: BlockImage, opts: SerializeOptions = {}): Promise<SerializedImage> {
   const extents = await image.extents();
   const layout = layoutVhd(image.virtualSize, extents, opts);
+  const fileSpans = image.fileSpans?.bind(image);
+  const pieces = (start: number, end: number) => layoutPieces(layout, start, end);
   return {
     size: layout.size,
     read(start, end) {
@@ -276,7 +279,8 @@ export async function serializeVhd(image: BlockImage, opts: SerializeOptions = {
       }
       return readLayout(image, extents, layout, start, end);
     },
-    pieces: (start, end) => layoutPieces(layout, start, end),
+    pieces,
+    ...(fileSpans && { spans: (start, end) => formatSpans(pieces, extents, fileSpans, start, end) }),
   };
 }
 
