@@ -455,9 +455,13 @@ static napi_value cancel_send(napi_env env, napi_callback_info info) {
 }
 
 void register_sendfile(napi_env env, napi_value exports) {
+  /* 2: buffer spans and Float64Array spans; an addon built before them has no sendSpansVersion. */
+  napi_value version;
+  napi_create_int32(env, 2, &version);
   napi_property_descriptor props[] = {
       {"sendSpans", NULL, send_spans, NULL, NULL, NULL, napi_default, NULL},
       {"cancelSend", NULL, cancel_send, NULL, NULL, NULL, napi_default, NULL},
+      {"sendSpansVersion", NULL, NULL, NULL, NULL, version, napi_enumerable, NULL},
   };
-  napi_define_properties(env, exports, 2, props);
+  napi_define_properties(env, exports, 3, props);
 }

@@ -21,7 +21,7 @@
 import type { ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { SendSpan } from '../formats/types.js';
-import { addon } from '../image/native.js';
+import { addon, sendSpansTakesBuffers } from '../image/native.js';
 
 /** Smaller bodies (the ranged GETs of qemu and backup agents) cost less through the stream path than a thread. */
 export const ZERO_COPY_MIN_BYTES = 1024 * 1024;
@@ -56,7 +56,7 @@ export class ZeroCopyError extends Error {
 interface NativeBatch {
   fds: number[];
   buffers: ArrayBuffer[];
-  triplets: Float64Array;
+  triplets: Float64Array | number[];
 }
 
 function nativeBatch(spans: readonly SendSpan[]): NativeBatch {
@@ -83,7 +83,8 @@ function nativeBatch(spans: readonly SendSpan[]): NativeBatch {
     }
     triplets.set([index, s.position, s.length], 3 * i);
   });
-  return { fds, buffers, triplets };
+  // An addon built before buffer spans takes only an array (and is never handed buffer spans: see export.ts).
+  return { fds, buffers, triplets: sendSpansTakesBuffers ? triplets : Array.from(triplets) };
 }
 
 /**
@@ -166,7 +167,7 @@ async function sendBatch(
         else if (cancelled === 'client' || code === 'EPIPE' || code === 'ECONNRESET') reject(gone());
         else reject(new ZeroCopyError(code));
       },
-      buffers,
+      ...(buffers.length > 0 ? [buffers] : []),
     );
     const onClose = () => {
       cancelled ??= 'client';

@@ -22,6 +22,8 @@ export interface NativeAddon {
     onDone: (code: string | null, sent: number) => void,
     buffers?: (ArrayBuffer | ArrayBufferView)[],
   ): SendJob;
+  /** 2 where sendSpans takes buffer spans and a Float64Array (an addon built before them has none). */
+  sendSpansVersion?: number;
   /** Stops a sendSpans job; its onDone still comes (ECANCELED, unless it had finished). */
   cancelSend(job: SendJob): void;
   /**
@@ -51,3 +53,9 @@ function loadAddon(): NativeAddon | null {
 }
 
 export const addon = loadAddon();
+
+/**
+ * Whether the addon's sendSpans takes buffer spans (a vhd or qcow2 export's own bytes between its
+ * file spans). With an addon built before them, those exports stream and raw ones still use sendfile.
+ */
+export const sendSpansTakesBuffers = (addon?.sendSpansVersion ?? 0) >= 2;

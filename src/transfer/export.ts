@@ -8,6 +8,7 @@ import { codecFor } from '../formats/index.js';
 import type { SerializedImage } from '../formats/types.js';
 import { EXPORT_BLOCK_SIZE_BYTES as VHD_BLOCK_BYTES } from '../formats/vhd/index.js';
 import { MaskedImage } from '../image/masked-image.js';
+import { sendSpansTakesBuffers } from '../image/native.js';
 import { CHANGED_BLOCK_BYTES, changedBlocks } from '../ops/changed-blocks.js';
 import { type Vdi, type VdiStore, vhdUuidOf } from '../storage/vdis.js';
 import type { TaskManager } from '../tasks/task-manager.js';
@@ -59,7 +60,7 @@ export async function openExport(
       format,
       size: serialized.size,
       read: (start, end) => serialized.read(start, end),
-      ...(serialized.spans && { spans: serialized.spans }),
+      ...(zeroCopyable(codec.name, serialized) && { spans: serialized.spans }),
       etag: exportEtag(vdi, format),
       lastModified: new Date(vdi.content_updated_at),
       filename: `${safeName(vdi.name_label) || vdi.id}.${FILE_EXTENSIONS[format] ?? format}`,
@@ -118,7 +119,7 @@ async function openDeltaExport(
         format,
         size: serialized.size,
         read: (start, end) => serialized.read(start, end),
-        ...(serialized.spans && { spans: serialized.spans }),
+        ...(zeroCopyable(codec.name, serialized) && { spans: serialized.spans }),
         etag: exportEtag(vdi, format, base),
         lastModified: new Date(vdi.content_updated_at),
         filename: `${vdi.is_snapshot ? vdi.id : safeName(vdi.name_label) || vdi.id}.${ext}`,
@@ -129,6 +130,11 @@ async function openDeltaExport(
       throw err;
     }
   }
+}
+
+/** Whether the export's spans can be sent (see http/zero-copy.ts): a vhd's or qcow2's carry made bytes. */
+function zeroCopyable(format: string, serialized: SerializedImage): boolean {
+  return serialized.spans !== undefined && (format === 'raw' || sendSpansTakesBuffers);
 }
 
 export function safeName(label: string): string {
