@@ -56,7 +56,8 @@ function changedBlockBytes(a: Buffer, b: Buffer): number {
  * An HTTP proxy in front of `target` that can hold every chunk PUT (a link
  * gone silent) until released, a held request whose client went away being
  * dropped; or cut the connection of the PUT that carries the `cutAt`-th
- * byte of data, once. `putBytes` counts the data PUTs' body bytes it carried.
+ * byte of data, once. `putBytes` counts the data PUTs' body bytes it carried;
+ * `requests` lists every request it passed on (method and path, ids as `{id}`).
  */
 async function holdingProxy(target: URL) {
   const state = {
@@ -65,9 +66,12 @@ async function holdingProxy(target: URL) {
     cutAt: Number.POSITIVE_INFINITY,
     cuts: 0,
     putBytes: 0,
+    requests: [] as string[],
   };
   const server = http.createServer((req, res) => {
     const isData = req.method === 'PUT' && /\/data\?/.test(req.url ?? '');
+    const route = (req.url ?? '').replace(/\?.*/, '').replace(/[0-9a-f]{8}-[0-9a-f-]{27}/g, '{id}');
+    state.requests.push(`${req.method} ${route}`);
     const go = () => {
       if (req.destroyed) return;
       const up = http.request(
@@ -449,6 +453,42 @@ describe('incremental push: only what changed crosses the wire', () => {
       assert.equal(next.result?.mode, 'delta');
       assert.equal(next.result?.base, r.source_snapshot);
       await assertTargetEqualsSource(source, target);
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  test("a delta push asks its receiver nothing it already knows: one request per step, the session's state never", async () => {
+    const proxy = await holdingProxy(new URL(b.url));
+    try {
+      const { disk, source, target } = await sourceAndTarget();
+      const first = await waitTask((await startPush(source, target, proxy.url)).id);
+      assert.equal(first.status, 'success', JSON.stringify(first));
+      seededBytes(2 * MiB, 50).copy(disk, 8 * MiB);
+      await putDisk(a.url, source, disk);
+
+      proxy.state.requests = [];
+      const task = await waitTask((await startPush(source, target, proxy.url)).id);
+      assert.equal(task.status, 'success', JSON.stringify(task));
+      assert.equal(task.result?.mode, 'delta', JSON.stringify(task.result));
+      // The session it opened is empty: sent to at once. Its commit's task names the
+      // receiver's new snapshot: kept as the pair's without asking. The previous pair's
+      // snapshot on the receiver is deleted (the source's at the same time).
+      assert.deepEqual(proxy.state.requests, [
+        'GET /v1/vdis/{id}',
+        'POST /v1/transfers',
+        'PUT /v1/transfers/{id}/data',
+        'POST /v1/transfers/{id}/finalize',
+        'DELETE /v1/vdis/{id}',
+      ]);
+      const r = task.result as Record<string, unknown>;
+      assert.equal((await received(r.remote_transfer as string)).snapshot, r.target_snapshot);
+      await assertTargetEqualsSource(source, target);
+      await assertPairKept(source, target, r);
+      assert.equal(
+        (await api(b.url, 'GET', `/v1/vdis/${first.result?.target_snapshot}`, undefined, AUTH)).status,
+        404,
+      );
     } finally {
       await proxy.close();
     }

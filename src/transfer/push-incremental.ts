@@ -38,7 +38,15 @@ import { redact } from './pull.js';
 import { Push, type PushDeps, parseTargetUrl, receiverOf } from './push.js';
 import { type PendingPush, PushPairs, targetKey } from './push-pairs.js';
 import { describe, HttpError } from './retry-policy.js';
-import { callJson, type Endpoint, openTransfer, send, urlOf } from './transfer-client.js';
+import {
+  callJson,
+  type Endpoint,
+  openTransfer,
+  send,
+  type TaskJson,
+  type TransferJson,
+  urlOf,
+} from './transfer-client.js';
 import type { Transfer } from './transfer-store.js';
 
 export interface VdiPushRequest {
@@ -54,10 +62,7 @@ export interface IncrementalPushDeps extends PushDeps {
 }
 
 /** The receiver's session JSON, with what snapshot_after_commit adds. */
-interface ReceiverJson {
-  id: string;
-  url?: string;
-  state: string;
+interface ReceiverJson extends TransferJson {
   snapshot?: string | null;
 }
 
@@ -132,7 +137,7 @@ export async function startVdiPush(
       };
       if (pending) pairs.begin(vdiId, key, pending);
       const target = await new FetchGuard(s.config.allowFetch).check(url, 'target.server');
-      start(s, local.transfer, target, url, pending && { sourceVdi: vdiId, key, pending });
+      start(s, local.transfer, target, url, pending && { sourceVdi: vdiId, key, pending }, opened.receiver);
       return s.tasks.get(local.transfer.task_id);
     } catch (err) {
       if (snapshot) await deleteQuietly(s, snapshot.id);
@@ -191,6 +196,8 @@ function start(
   target: FetchTarget,
   url: string,
   owned: Owned | null,
+  /** The receiver's session as this push just opened it (none on a resume: asked anew). */
+  opened?: TransferJson,
 ): void {
   const ref = parseTargetUrl(url);
   s.transfers.runJob(t.id, async (task: RunningTask) => {
@@ -201,6 +208,7 @@ function start(
       receiverOf(target, ref, task.signal),
       task,
       owned?.pending.base ?? undefined,
+      opened,
     );
     let result: Record<string, unknown>;
     try {
@@ -218,7 +226,7 @@ function start(
     }
     if (!owned) return { ...result, incremental: false };
     const settling = performance.now();
-    const settled = await settle(s, target, ref, owned);
+    const settled = await settle(s, target, ref, owned, snapshotOf(push.committed));
     s.logger.info(
       { transfer: t.id, settle_ms: Math.round(performance.now() - settling) },
       'incremental push settled: the new pair kept, the previous one deleted',
@@ -237,13 +245,17 @@ async function settle(
   target: FetchTarget,
   ref: ReturnType<typeof parseTargetUrl>,
   { sourceVdi, key, pending }: Owned,
+  /** The receiver's snapshot as its import task's result named it; else its session is asked. */
+  known?: string,
 ): Promise<Record<string, unknown>> {
-  const receiver = receiverOf(target, ref, AbortSignal.timeout(60_000));
-  let targetSnapshot: string | null = null;
-  try {
-    targetSnapshot = ((await receiver.remote.state()) as unknown as ReceiverJson).snapshot ?? null;
-  } finally {
-    await receiver.close().catch(() => {});
+  let targetSnapshot: string | null = known ?? null;
+  if (known === undefined) {
+    const receiver = receiverOf(target, ref, AbortSignal.timeout(60_000));
+    try {
+      targetSnapshot = ((await receiver.remote.state()) as ReceiverJson).snapshot ?? null;
+    } finally {
+      await receiver.close().catch(() => {});
+    }
   }
   const pairs = new PushPairs(s.db);
   pairs.commit(sourceVdi, key, targetSnapshot ? { source: pending.snapshot, target: targetSnapshot } : null);
@@ -252,14 +264,17 @@ async function settle(
     notes.push('the receiver made no snapshot of what it committed: the next push will be full');
     await deleteQuietly(s, pending.snapshot);
   }
-  if (pending.retire.source && pending.retire.source !== pending.snapshot) {
-    if (!(await deleteQuietly(s, pending.retire.source)))
-      notes.push(`source snapshot ${pending.retire.source} could not be deleted`);
-  }
-  if (pending.retire.target && pending.retire.target !== targetSnapshot) {
-    const why = await deleteRemote(s, target, ref, pending.retire.target, pending.token);
-    if (why) notes.push(`target snapshot ${pending.retire.target} could not be deleted: ${why}`);
-  }
+  // The previous pair's two snapshots go at once: neither waits for the other side.
+  const [sourceDeleted, targetWhy] = await Promise.all([
+    pending.retire.source && pending.retire.source !== pending.snapshot
+      ? deleteQuietly(s, pending.retire.source)
+      : true,
+    pending.retire.target && pending.retire.target !== targetSnapshot
+      ? deleteRemote(s, target, ref, pending.retire.target, pending.token)
+      : null,
+  ]);
+  if (!sourceDeleted) notes.push(`source snapshot ${pending.retire.source} could not be deleted`);
+  if (targetWhy) notes.push(`target snapshot ${pending.retire.target} could not be deleted: ${targetWhy}`);
   return {
     incremental: true,
     mode: pending.base ? 'delta' : 'full',
@@ -270,6 +285,12 @@ async function settle(
     target_snapshot: targetSnapshot,
     ...(notes.length > 0 && { notes }),
   };
+}
+
+/** The snapshot a receiver's import task names in its result (snapshot_after_commit), if it does. */
+function snapshotOf(task: TaskJson | null): string | undefined {
+  const snapshot = (task?.result as { snapshot?: unknown } | null)?.snapshot;
+  return typeof snapshot === 'string' ? snapshot : undefined;
 }
 
 /**

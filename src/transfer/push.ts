@@ -220,6 +220,8 @@ export class Push {
   private heldGrew = false;
   /** Milliseconds per phase of the last pass, for the log. */
   private readonly phases: { open_ms?: number; send_ms?: number; commit_ms?: number } = {};
+  /** The receiver's finished import task, once it committed (null when only its session's state told). */
+  committed: TaskJson | null = null;
 
   constructor(
     private readonly s: PushDeps,
@@ -229,6 +231,11 @@ export class Push {
     private readonly task: RunningTask,
     /** A delta push: the local snapshot the receiver's base holds; only what changed since is sent. */
     private readonly base?: string,
+    /**
+     * The receiver's session as its opening answered, when this push has just
+     * opened it: the first pass takes it instead of asking again.
+     */
+    private opened?: TransferJson,
   ) {
     this.remote = receiver.remote;
   }
@@ -296,7 +303,8 @@ export class Push {
 
   /** Sends what the receiver misses, then finalizes it; resolves with its finished task. */
   private async pass(src: Source): Promise<TaskJson> {
-    const st = await this.remote.state();
+    const st = this.opened ?? (await this.remote.state());
+    this.opened = undefined;
     if (st.state === 'open') {
       this.checkReceiver(st, src);
       const sending = performance.now();
@@ -355,6 +363,7 @@ export class Push {
     const committing = performance.now();
     const task = await this.commit();
     this.phases.commit_ms = Math.round(performance.now() - committing);
+    this.committed = task.id ? task : null;
     return task;
   }
 
