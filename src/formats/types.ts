@@ -118,7 +118,8 @@ export interface FormatCodec {
   /**
    * A fresh layout reader for an upload of this format arriving in order
    * (`fileSize`: its length, when known before its bytes). Formats without
-   * one are staged whole and converted at the end.
+   * one are staged whole and converted at the end. `differencing`: an
+   * image naming a parent (a delta) streams too (its own blocks).
    */
-  streamLayout?(fileSize: number | null): StreamLayout;
+  streamLayout?(fileSize: number | null, opts?: { differencing?: boolean }): StreamLayout;
 }

@@ -21,7 +21,9 @@ import { diffBlocks } from '../image/block-diff.js';
 import type { BlockImage } from '../image/block-image.js';
 import { ChainImage, type DefinedRange } from '../image/chain-image.js';
 import { CountingImage } from '../image/counting-image.js';
+import { RawFileImage } from '../image/raw-file-image.js';
 import { spaceError } from '../image/space.js';
+import { zeroRange } from '../image/sparse.js';
 import { isZero } from '../image/zero.js';
 import {
   blockEntriesInto,
@@ -52,6 +54,16 @@ interface NewLayer {
 
 /** Blocks read, hashed and written per step of a delta commit: 4 MiB. */
 const DELTA_CHUNK_BLOCKS = 64;
+
+/**
+ * A raw file that already holds a delta's blocks at their disk offsets (a
+ * qcow2 delta streamed into it as it arrived: streaming-import.ts), durable,
+ * with the digests of the blocks hashed on the way (the rest are read).
+ */
+export interface AdoptableLayer {
+  file: string;
+  digests: StreamedDigests | null;
+}
 
 /**
  * Makes `stagedFile` (already in the VDI's format at rest and fsynced) the
@@ -124,13 +136,24 @@ export async function commitDelta(
   id: string,
   delta: BlockImage,
   deltaDefined: readonly DefinedRange[],
-  opts: CommitOptions & { signal?: AbortSignal; onBaseBytes?: (n: number) => void } = {},
+  opts: CommitOptions & {
+    signal?: AbortSignal;
+    onBaseBytes?: (n: number) => void;
+    /**
+     * `delta`'s blocks in a raw file already: in a raw SR it becomes the
+     * layer (linked, not copied) when the delta defines whole 64 KiB blocks
+     * and no unshared layer's blocks must be carried.
+     */
+    adopt?: AdoptableLayer;
+  } = {},
 ): Promise<Vdi | null> {
   let vdi = vdis.get(id);
   vdis.assertWritable(vdi, 'an import');
   if (!LAYERED_FORMATS.has(vdi.image_format)) return null;
   let released: string[];
   let created: { target: string; digests: string } | null = null;
+  /** An adopted file's ranges the layer does not define (blocks the delta rewrote identically), and its name. */
+  let spare: { file: string; ranges: DefinedRange[] } | null = null;
   const leave = await vdis.gate.enterCommit(() => vdis.chainIdsOf(vdis.get(id)));
   try {
     vdi = vdis.get(id);
@@ -142,30 +165,43 @@ export async function commitDelta(
     const update = await DigestUpdate.create(oldDigests, names.digests, vdi.virtual_size);
     if (!update) return null;
     let layer: NewLayer;
+    const size = vdi.virtual_size;
+    const changed = blockRuns(deltaDefined, size);
+    const adopt =
+      opts.adopt && vdi.image_format === 'raw' && place.carry.length === 0 && wholeBlocks(deltaDefined, size)
+        ? opts.adopt
+        : null;
     try {
-      const current = new CountingImage(await vdis.openImage(vdi), opts.onBaseBytes ?? (() => {}));
-      const size = vdi.virtual_size;
-      const next = new ChainImage(size, [
-        { image: delta, defined: deltaDefined },
-        { image: current, defined: [{ start: 0, length: size }] },
-      ]);
-      try {
-        const changed = blockRuns(deltaDefined, size);
-        const carry = blockRuns(place.carry, size);
-        // A vhd layer reads its whole 2 MiB blocks from `next` again: the
-        // carried ones need only be named, not read twice.
-        const runs =
-          vdi.image_format === 'vhd'
-            ? andRanges(deltaRuns(next, changed, [], update, opts), carry)
-            : deltaRuns(next, changed, carry, update, opts);
+      if (adopt) {
+        // The delta's file is the layer: its changed blocks named, none written again.
+        const { defined, unchanged } = await adoptLayer(adopt, changed, update, size, opts);
         await fsp.rm(names.target, { force: true });
-        const { defined } = await writeLayerFile(vdi.image_format, next, runs, names.target, place.parent, {
-          signal: opts.signal,
-        });
+        await fsp.link(adopt.file, names.target);
         layer = { parent: place.parent, defined: encodeDefined(defined) };
-      } finally {
-        // The delta is the caller's: only the VDI's content is closed here.
-        await current.close();
+        if (unchanged.length > 0) spare = { file: names.target, ranges: unchanged };
+      } else {
+        const current = new CountingImage(await vdis.openImage(vdi), opts.onBaseBytes ?? (() => {}));
+        const next = new ChainImage(size, [
+          { image: delta, defined: deltaDefined },
+          { image: current, defined: [{ start: 0, length: size }] },
+        ]);
+        try {
+          const carry = blockRuns(place.carry, size);
+          // A vhd layer reads its whole 2 MiB blocks from `next` again: the
+          // carried ones need only be named, not read twice.
+          const runs =
+            vdi.image_format === 'vhd'
+              ? andRanges(deltaRuns(next, changed, [], update, opts), carry)
+              : deltaRuns(next, changed, carry, update, opts);
+          await fsp.rm(names.target, { force: true });
+          const { defined } = await writeLayerFile(vdi.image_format, next, runs, names.target, place.parent, {
+            signal: opts.signal,
+          });
+          layer = { parent: place.parent, defined: encodeDefined(defined) };
+        } finally {
+          // The delta is the caller's: only the VDI's content is closed here.
+          await current.close();
+        }
       }
       await update.finish();
     } catch (err) {
@@ -187,7 +223,101 @@ export async function commitDelta(
       await fsp.rm(created.digests, { force: true });
     }
   }
+  // Only now (a finalize run again before the switch reads them as the delta's):
+  // blocks of an adopted file the layer leaves to its parent give their space back.
+  if (spare) await punchSpare(spare.file, spare.ranges);
   return afterSwitch(vdis, vdi, released);
+}
+
+/**
+ * The entries of the blocks of `changed` (all in `adopt.file`) as the digest
+ * update's new ones where they differ from the content's: those blocks are
+ * the layer's `defined`; the others (rewritten with the bytes the VDI holds)
+ * are `unchanged`. Entries hashed on the way are taken as they are; the
+ * other blocks are read from the file and hashed.
+ */
+async function adoptLayer(
+  adopt: AdoptableLayer,
+  changed: [number, number][],
+  update: DigestUpdate,
+  size: number,
+  opts: { signal?: AbortSignal },
+): Promise<{ defined: DefinedRange[]; unchanged: DefinedRange[] }> {
+  const B = DIGEST_BLOCK_BYTES;
+  const E = DIGEST_ENTRY_BYTES;
+  await adopt.digests?.settle();
+  const known = adopt.digests?.virtualSize === size ? adopt.digests : null;
+  const defined: DefinedRange[] = [];
+  const unchanged: DefinedRange[] = [];
+  const add = (to: DefinedRange[], start: number, end: number) => {
+    const last = to[to.length - 1];
+    if (last && last.start + last.length === start) last.length += end - start;
+    else to.push({ start, length: end - start });
+  };
+  const file = await RawFileImage.open(adopt.file, { virtualSize: size });
+  try {
+    const buf = Buffer.allocUnsafe(DELTA_CHUNK_BLOCKS * B);
+    const oldEntries = Buffer.alloc(DELTA_CHUNK_BLOCKS * E);
+    const newEntries = Buffer.alloc(DELTA_CHUNK_BLOCKS * E);
+    for (const [first, end] of changed) {
+      for (let b = first; b < end; b += DELTA_CHUNK_BLOCKS) {
+        opts.signal?.throwIfAborted();
+        const n = Math.min(DELTA_CHUNK_BLOCKS, end - b);
+        await update.entries(oldEntries, b, n);
+        newEntries.fill(0, 0, n * E);
+        const unknown: number[] = [];
+        for (let k = 0; k < n; k++) if (!known?.entryInto(b + k, newEntries, k * E)) unknown.push(k);
+        if (unknown.length > 0) {
+          const from = unknown[0];
+          const to = unknown[unknown.length - 1] + 1;
+          const data = await file.readInto(
+            buf.subarray(0, Math.min((to - from) * B, size - (b + from) * B)),
+            (b + from) * B,
+          );
+          await blockEntriesInto(
+            unknown.map((k) => data.subarray((k - from) * B, Math.min(data.length, (k - from + 1) * B))),
+            newEntries,
+            unknown.map((k) => k * E),
+          );
+        }
+        let touched = false;
+        for (let k = 0; k < n; k++) {
+          const start = (b + k) * B;
+          const stop = Math.min(size, start + B);
+          if (newEntries.compare(oldEntries, k * E, (k + 1) * E, k * E, (k + 1) * E) !== 0) {
+            add(defined, start, stop);
+            touched = true;
+          } else add(unchanged, start, stop);
+        }
+        if (touched) await update.set(b, newEntries, n);
+      }
+    }
+  } finally {
+    await file.close();
+  }
+  return { defined, unchanged };
+}
+
+/** Makes `ranges` of a layer file holes (best effort: they are outside what it defines). */
+async function punchSpare(file: string, ranges: readonly DefinedRange[]): Promise<void> {
+  const handle = await fsp.open(file, 'r+').catch(() => null);
+  if (!handle) return;
+  try {
+    for (const r of ranges) await zeroRange(handle, r.start, r.length);
+  } catch {
+    // Space not given back is no harm: nothing reads there.
+  } finally {
+    await handle.close();
+  }
+}
+
+/** Whether every range of `ranges` starts and ends on a 64 KiB block (or at the disk's end). */
+function wholeBlocks(ranges: readonly DefinedRange[], size: number): boolean {
+  return ranges.every(
+    (r) =>
+      r.start % DIGEST_BLOCK_BYTES === 0 &&
+      ((r.start + r.length) % DIGEST_BLOCK_BYTES === 0 || r.start + r.length >= size),
+  );
 }
 
 function nextNames(vdis: VdiStore, vdi: Vdi) {

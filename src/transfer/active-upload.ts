@@ -436,14 +436,17 @@ export class ActiveUploads {
   /**
    * The session's streaming import, opened on first use: a vhd or qcow2
    * upload into a raw VDI, unless a whole-upload checksum must be computed
-   * over the staged file.
+   * over the staged file. A qcow2 delta (base) into a raw VDI too: its data
+   * streams into a raw file at its guest offsets, which its commit takes as
+   * the new layer instead of writing the data a second time (commit.ts).
    */
   streamingOf(live: Live, vdi: Vdi): Promise<StreamingImport | null> {
     const t = live.t;
-    // A delta (base) is staged whole: it is laid onto the VDI's content at finalize.
-    if (t.format === 'raw' || vdi.image_format !== 'raw' || t.checksum || t.base || !t.staging_path) {
+    // A vhd delta is staged whole: it is laid onto the VDI's content at finalize.
+    if (t.format === 'raw' || vdi.image_format !== 'raw' || t.checksum || !t.staging_path) {
       return Promise.resolve(null);
     }
+    if (t.base && t.format !== 'qcow2') return Promise.resolve(null);
     live.streaming ??= StreamingImport.open({
       format: t.format,
       fileSize: t.size,
@@ -451,6 +454,7 @@ export class ActiveUploads {
       diskSize: vdi.virtual_size,
       stagingPath: t.staging_path,
       received: live.ranges,
+      differencing: t.base !== null,
     }).catch((err) => {
       live.streaming = null;
       throw err;

@@ -24,7 +24,7 @@
 import { promises as fsp } from 'node:fs';
 import { ApiError, formatBytes, MalformedImageError } from '../errors.js';
 import { codecFor } from '../formats/index.js';
-import { isDifferencing } from '../formats/types.js';
+import { type DifferencingImage, isDifferencing } from '../formats/types.js';
 import type { BlockImage } from '../image/block-image.js';
 import type { DefinedRange } from '../image/chain-image.js';
 import { syncFile } from '../image/file-io.js';
@@ -36,7 +36,7 @@ import { commitDelta } from '../storage/layer-commit.js';
 import type { StreamedDigests } from '../storage/streamed-digests.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
-import { layOnto } from './delta-import.js';
+import { layOnto, streamedDelta } from './delta-import.js';
 import { type ByteRange, RangeSet } from './range-set.js';
 import type { StreamingImport } from './streaming-import.js';
 
@@ -65,6 +65,7 @@ export async function commitStaged(
       : await codecFor(wireFormat).open(stagedFile, { differencing: opts.differencing });
   let converted: string | null = null;
   let composed: BlockImage | null = null;
+  let delta: DifferencingImage | null = null;
   try {
     // qemu-img rounds VHD sizes up to a CHS geometry (at most a cylinder):
     // a zero tail that small past the VDI's end is harmless. Anything larger
@@ -81,29 +82,44 @@ export async function commitStaged(
     }
     task.throwIfCancelled();
     if (isDifferencing(image)) {
-      // Nothing of a differencing image streams (no layout reads one), unless
-      // its head claimed another kind of disk than its trailing footer.
+      delta = image;
+      let adopt: { file: string; digests: StreamedDigests | null } | undefined;
       if (streamed?.wroteDisk) {
-        throw new MalformedImageError(
-          wireFormat,
-          'the start of the image describes another kind of disk than its footer',
+        // A vhd streams nothing of a differencing image, unless its head
+        // claimed another kind of disk than its trailing footer.
+        if (wireFormat !== 'qcow2') {
+          throw new MalformedImageError(
+            wireFormat,
+            'the start of the image describes another kind of disk than its footer',
+          );
+        }
+        // A qcow2 delta into a raw VDI streamed its clusters into a raw file
+        // (active-upload.ts): completed, it is the delta's data, and it may
+        // become the layer itself, its bytes not written again (layer-commit.ts).
+        await streamed.finish(
+          image,
+          { path: stagedFile, virtualSize: image.virtualSize },
+          { signal: task.signal },
         );
+        delta = await streamedDelta(image, streamed.destPath, vdi.virtual_size);
+        adopt = { file: streamed.destPath, digests: streamed.digests };
       }
       // After a snapshot: a layer of the delta's changed blocks only, O(the delta).
       const layered = await commitDelta(
         vdis,
         vdi.id,
-        image,
+        delta,
         clipRanges(await image.defined(), vdi.virtual_size),
         {
           inTransaction,
           signal: task.signal,
           onBaseBytes: (n) => vdis.countDeltaBaseBytes(n),
+          adopt,
         },
       );
       if (layered) return layered;
       // A VDI without snapshots is one flat file: rewritten whole, as any import.
-      composed = await layOnto(vdis, vdi, image);
+      composed = await layOnto(vdis, vdi, delta);
       // Not `${stagedFile}.raw`: that may be the disk a streaming import opened.
       converted = `${stagedFile}.delta.${vdi.image_format}`;
       await convertInto(composed, vdi.image_format, converted, { signal: task.signal });
@@ -153,6 +169,7 @@ export async function commitStaged(
     throw spaceError(err, 'the conversion into the VDI');
   } finally {
     await composed?.close().catch(() => {});
+    if (delta !== image) await delta?.close().catch(() => {});
     await image.close().catch(() => {});
     if (converted) await fsp.rm(converted, { force: true });
   }

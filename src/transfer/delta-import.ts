@@ -20,6 +20,7 @@ import type { DifferencingImage } from '../formats/types.js';
 import type { BlockImage } from '../image/block-image.js';
 import { ChainImage } from '../image/chain-image.js';
 import { CountingImage } from '../image/counting-image.js';
+import { RawFileImage } from '../image/raw-file-image.js';
 import { blockCount, changedBlockRuns, DIGEST_BLOCK_BYTES } from '../storage/block-digests.js';
 import type { Vdi, VdiStore } from '../storage/vdis.js';
 
@@ -93,6 +94,34 @@ export async function assertBase(vdis: VdiStore, vdi: Vdi, base: string): Promis
       },
     );
   }
+}
+
+/**
+ * A qcow2 delta whose clusters streamed into `file` as they arrived
+ * (streaming-import.ts: a raw file of the disk's size holding them at their
+ * guest offsets, completed by its finish()): read from that file, its ranges
+ * told by the staged image's metadata (`staged`, which the caller closes).
+ */
+export async function streamedDelta(
+  staged: DifferencingImage,
+  file: string,
+  virtualSize: number,
+): Promise<DifferencingImage> {
+  const data = await RawFileImage.open(file, { virtualSize });
+  let closing: Promise<void> | null = null;
+  return {
+    virtualSize,
+    parent: staged.parent,
+    defined: () => staged.defined(),
+    read: (offset, length) => data.read(offset, length),
+    readInto: (buf, offset) => data.readInto(buf, offset),
+    extents: () => data.extents(),
+    // Closed by a chain that owns it and by the caller: once.
+    close: () => {
+      closing ??= data.close();
+      return closing;
+    },
+  };
 }
 
 /**

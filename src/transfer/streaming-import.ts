@@ -156,9 +156,12 @@ export class StreamingImport {
     /** The upload's staged image and what of it counts as received: to tidy a disk left by a crash. */
     stagingPath: string;
     received: RangeSet;
+    /** A delta: an image naming a parent streams its own blocks (dest then holds only them). */
+    differencing?: boolean;
   }): Promise<StreamingImport | null> {
     const codec = codecFor(opts.format);
     if (!codec.streamLayout) return null;
+    const layoutOf = () => codec.streamLayout!(opts.fileSize, { differencing: opts.differencing });
     const dest = await fsp.open(opts.destPath, constants.O_RDWR | constants.O_CREAT, PRIVATE_FILE_MODE);
     let inherited: boolean;
     let writer: DirectWriter;
@@ -168,20 +171,13 @@ export class StreamingImport {
       if (size !== opts.diskSize) await dest.truncate(opts.diskSize);
       // Its name must survive a power cut as long as the bytes streamed into it.
       if (!inherited) await fsyncDir(path.dirname(opts.destPath));
-      else await zeroUnrecorded(codec.streamLayout(opts.fileSize), dest, opts);
+      else await zeroUnrecorded(layoutOf(), dest, opts);
       writer = await DirectWriter.open(opts.destPath, dest);
     } catch (err) {
       await dest.close();
       throw err;
     }
-    return new StreamingImport(
-      codec.streamLayout(opts.fileSize),
-      dest,
-      writer,
-      opts.destPath,
-      opts.diskSize,
-      inherited,
-    );
+    return new StreamingImport(layoutOf(), dest, writer, opts.destPath, opts.diskSize, inherited);
   }
 
   /** Digests of blocks of `dest` known without reading it, for the commit (see streamed-digests.ts). */

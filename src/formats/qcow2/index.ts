@@ -19,7 +19,7 @@ export { computeLayout, EXPORT_CLUSTER_SIZE_BYTES, type Qcow2Layout } from './se
 export const qcow2Codec: FormatCodec = {
   name: 'qcow2',
   serialize: serializeQcow2,
-  streamLayout: (fileSize) => new Qcow2StreamLayout(fileSize),
+  streamLayout: (fileSize, opts) => new Qcow2StreamLayout(fileSize, opts),
   open: (path, opts) => Qcow2Image.open(path, opts),
   isOwnLayout: isOwnQcow2,
 };

@@ -23,8 +23,14 @@ export class Qcow2StreamLayout extends StreamLayout {
   private tableIndices = new Uint32Array(0);
   private cursor = 0;
 
-  /** `fileSize`: the upload's length when known before its bytes. */
-  constructor(private readonly fileSize: number | null) {
+  /**
+   * `fileSize`: the upload's length when known before its bytes;
+   * `differencing`: an overlay naming a backing file streams its own clusters.
+   */
+  constructor(
+    private readonly fileSize: number | null,
+    private readonly opts: { differencing?: boolean } = {},
+  ) {
     super();
   }
 
@@ -60,7 +66,9 @@ export class Qcow2StreamLayout extends StreamLayout {
   }
 
   private learnHeader(bytes: Buffer): void {
-    const header = parseHeader(bytes, this.fileSize ?? Number.MAX_SAFE_INTEGER);
+    const header = parseHeader(bytes, this.fileSize ?? Number.MAX_SAFE_INTEGER, {
+      backing: this.opts.differencing,
+    });
     // Subcluster bitmaps: rare enough to leave to open().
     if (header.extendedL2) {
       this.disable();
