@@ -107,6 +107,47 @@ describe('DirectWriter', () => {
     });
   }
 
+  test('writes fly two at a time, and a rewrite of bytes still in flight lands after them', async () => {
+    const { name, handle } = await freshFile();
+    const writer = await DirectWriter.open(name, handle);
+    // A slow disk for the first write: it is still in flight when the rest are made.
+    const proto = DirectWriter.prototype as unknown as { writeOut: (...args: unknown[]) => Promise<void> };
+    const realWriteOut = proto.writeOut;
+    let calls = 0;
+    let flying = 0;
+    let most = 0;
+    proto.writeOut = async function (this: unknown, ...args: unknown[]) {
+      flying++;
+      most = Math.max(most, flying);
+      try {
+        if (++calls === 1) await sleep(150);
+        return await realWriteOut.apply(this, args);
+      } finally {
+        flying--;
+      }
+    };
+    try {
+      const first = seededBytes(DIRECT_BUFFER_BYTES, 301);
+      const other = seededBytes(DIRECT_BUFFER_BYTES, 302);
+      const again = seededBytes(DIRECT_BUFFER_BYTES, 303);
+      await writer.write(first, 0);
+      await writer.write(again, 0);
+      await writer.write(other, 2 * DIRECT_BUFFER_BYTES);
+      await writer.flush();
+      assert.equal(most, 2, 'a second write started while the first was slow');
+      const bytes = await fsp.readFile(name);
+      assert.ok(
+        bytes.subarray(0, DIRECT_BUFFER_BYTES).equals(again),
+        'the rewrite landed after the slow write',
+      );
+      assert.ok(bytes.subarray(2 * DIRECT_BUFFER_BYTES, 3 * DIRECT_BUFFER_BYTES).equals(other));
+    } finally {
+      proto.writeOut = realWriteOut;
+      await writer.close();
+      await handle.close();
+    }
+  });
+
   test('discard() drops what was given but not yet written', async () => {
     const { name, handle, model } = await freshFile();
     const writer = await DirectWriter.open(name, handle);
