@@ -8,6 +8,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi } from './helpers/api.js';
+import { bitsOf } from './helpers/bitmaps.js';
 import { rounds } from './helpers/pg.js';
 import { prng, seededBytes, startServer, type TestServer } from './helpers/server.js';
 
@@ -28,12 +29,6 @@ function bruteForce(a: Buffer, b: Buffer): boolean[] {
     out.push(!x.equals(y));
   }
   return out;
-}
-
-function bitsOf(bitmap: string, blocks: number): boolean[] {
-  const bytes = Buffer.from(bitmap, 'base64');
-  assert.equal(bytes.length, Math.ceil(blocks / 8), 'one bit per 64 KiB block, whole bytes');
-  return Array.from({ length: blocks }, (_, i) => (bytes[i >> 3] & (0x80 >> (i & 7))) !== 0);
 }
 
 function dirtyBlocksOf(extents: Dirty[], size: number): boolean[] {

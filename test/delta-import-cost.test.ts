@@ -19,6 +19,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi, execFileP } from './helpers/api.js';
+import { bitsSet } from './helpers/bitmaps.js';
 import { sample, scrape } from './helpers/metrics.js';
 import { queryAt } from './helpers/pg.js';
 import { startServer, type TestServer, tempDir } from './helpers/server.js';
@@ -46,13 +47,6 @@ type Task = { status: string; result: Record<string, unknown> | null };
 
 async function qemuIo(file: string, commands: string[]): Promise<void> {
   await execFileP('qemu-io', ['-f', 'qcow2', ...commands.flatMap((c) => ['-c', c]), file]);
-}
-
-/** Set bits of a changed-blocks bitmap. */
-function bitsSet(bitmap: string): number {
-  let n = 0;
-  for (const byte of Buffer.from(bitmap, 'base64')) for (let b = byte; b; b >>= 1) n += b & 1;
-  return n;
 }
 
 describe('delta import cost', () => {

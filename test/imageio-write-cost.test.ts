@@ -20,6 +20,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi, execFileP } from './helpers/api.js';
+import { bitsSet } from './helpers/bitmaps.js';
 import { sample, scrape } from './helpers/metrics.js';
 import { queryAt } from './helpers/pg.js';
 import { startServer, type TestServer, tempDir } from './helpers/server.js';
@@ -42,12 +43,6 @@ const WRITES: { at: number; length: number; byte: number | 'zero' }[] = [
 const CHANGED_BLOCKS = 5 + 3 + 4 + 1;
 
 type Task = { status: string; error: unknown };
-
-function bitsSet(bitmap: string): number {
-  let n = 0;
-  for (const byte of Buffer.from(bitmap, 'base64')) for (let b = byte; b; b >>= 1) n += b & 1;
-  return n;
-}
 
 describe('imageio write ticket cost', () => {
   let srv: TestServer;

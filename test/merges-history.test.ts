@@ -11,6 +11,7 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi } from './helpers/api.js';
+import { bitsOf } from './helpers/bitmaps.js';
 import { rounds } from './helpers/pg.js';
 import { prng, seededBytes, startServer, type TestServer } from './helpers/server.js';
 
@@ -34,12 +35,6 @@ function bruteForce(a: Buffer, b: Buffer): boolean[] {
     { length: Math.ceil(b.length / BLOCK) },
     (_, i) => a.compare(b, i * BLOCK, (i + 1) * BLOCK, i * BLOCK, (i + 1) * BLOCK) !== 0,
   );
-}
-
-function bitsOf(bitmap: string, blocks: number): boolean[] {
-  const bytes = Buffer.from(bitmap, 'base64');
-  assert.equal(bytes.length, Math.ceil(blocks / 8));
-  return Array.from({ length: blocks }, (_, i) => (bytes[i >> 3] & (0x80 >> (i & 7))) !== 0);
 }
 
 function dirtyBlocks(extents: Dirty[], size: number): boolean[] {
