@@ -46,6 +46,32 @@ describe('ovirt-imageio tickets across a kill -9, and on a Unix socket', () => {
     return id;
   }
 
+  /**
+   * What a kill during a ticket's finalize leaves (its session recorded as
+   * finalizing, the ticket still installed), then the restart, and the
+   * ticket's finalize asked again: it answers the commit's success.
+   */
+  async function killedFinalizing(ticket: string): Promise<void> {
+    const status = await api<{ diskport: { transfer: string } }>(
+      server.url,
+      'GET',
+      `/v1/imageio/tickets/${ticket}`,
+    );
+    await server.stop('SIGKILL');
+    execSqlAt(
+      dataDir,
+      `UPDATE transfers SET state = 'finalizing' WHERE id = '${status.body.diskport.transfer}'`,
+    );
+    server = await spawnServer(dataDir, ['--imageio-socket', socketPath]);
+    const fin = await api<{ status: string }>(
+      server.url,
+      'POST',
+      `/v1/imageio/tickets/${ticket}/finalize?wait=60`,
+    );
+    assert.equal(fin.status, 202, JSON.stringify(fin.body));
+    assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
+  }
+
   async function contents(vdiId: string): Promise<Buffer> {
     const res = await fetch(`${server.url}/v1/vdis/${vdiId}/contents?format=raw`);
     assert.equal(res.status, 200);
@@ -133,25 +159,7 @@ describe('ovirt-imageio tickets across a kill -9, and on a Unix socket', () => {
     const image = seededBytes(SIZE, 42);
     const put = await fetch(`${server.url}/images/${ticket}`, { method: 'PUT', body: new Uint8Array(image) });
     assert.equal(put.status, 200);
-    const status = await api<{ diskport: { transfer: string } }>(
-      server.url,
-      'GET',
-      `/v1/imageio/tickets/${ticket}`,
-    );
-    await server.stop('SIGKILL');
-    // What the kill left: the session recorded as finalizing, the ticket still installed.
-    execSqlAt(
-      dataDir,
-      `UPDATE transfers SET state = 'finalizing' WHERE id = '${status.body.diskport.transfer}'`,
-    );
-    server = await spawnServer(dataDir, ['--imageio-socket', socketPath]);
-    const fin = await api<{ status: string }>(
-      server.url,
-      'POST',
-      `/v1/imageio/tickets/${ticket}/finalize?wait=60`,
-    );
-    assert.equal(fin.status, 202, JSON.stringify(fin.body));
-    assert.equal(fin.body.status, 'success');
+    await killedFinalizing(ticket);
     assert.ok((await contents(vdiId)).equals(image));
     const again = await api<{ status: string }>(
       server.url,
@@ -180,25 +188,7 @@ describe('ovirt-imageio tickets across a kill -9, and on a Unix socket', () => {
       body: new Uint8Array(patch),
     });
     assert.equal(put.status, 200);
-    const status = await api<{ diskport: { transfer: string } }>(
-      server.url,
-      'GET',
-      `/v1/imageio/tickets/${ticket}`,
-    );
-    await server.stop('SIGKILL');
-    // What a kill during the finalize leaves: the session recorded as finalizing.
-    execSqlAt(
-      dataDir,
-      `UPDATE transfers SET state = 'finalizing' WHERE id = '${status.body.diskport.transfer}'`,
-    );
-    server = await spawnServer(dataDir, ['--imageio-socket', socketPath]);
-    const fin = await api<{ status: string }>(
-      server.url,
-      'POST',
-      `/v1/imageio/tickets/${ticket}/finalize?wait=60`,
-    );
-    assert.equal(fin.status, 202, JSON.stringify(fin.body));
-    assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
+    await killedFinalizing(ticket);
     const want = Buffer.from(original);
     patch.copy(want, at);
     assert.ok((await contents(vdiId)).equals(want), 'the VDI reads as its content with the write laid over');
