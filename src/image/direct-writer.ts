@@ -140,7 +140,8 @@ export class DirectWriter {
       await this.dropPending();
       this.closed = true;
       // No write is in flight and none can start: every buffer is free for the next writer.
-      for (const buf of [this.pending, ...this.spares]) if (buf && pool.length < POOLED_BUFFERS) pool.push(buf);
+      for (const buf of [this.pending, ...this.spares])
+        if (buf && pool.length < POOLED_BUFFERS) pool.push(buf);
       this.pending = null;
       this.spares.length = 0;
       await this.direct?.close().catch(() => {});

@@ -77,18 +77,9 @@ export async function resumePulls(s: PullDeps, only: (t: Transfer) => boolean = 
     if (t.direction !== 'upload' || t.state !== 'open' || !t.source_url || !only(t)) continue;
     // Another live node's pull: that node runs it.
     if (!s.transfers.activeSession(t.id)) continue;
-    let url: string;
-    try {
-      url = openSecret(t.source_url, s.config.token);
-    } catch (err) {
-      // Nothing can reach the source now: the pull ends, and the VDI stays as it was.
-      const reason = `the pull cannot resume: its source's URL was ${(err as Error).message}; start the pull again`;
-      s.transfers.runJob(t.id, async () => {
-        throw new ApiError('INTERRUPTED', reason);
-      });
-      s.logger.error({ transfer: t.id }, reason);
-      continue;
-    }
+    // Nothing can reach the source without it: the pull ends, and the VDI stays as it was.
+    const url = openKeptUrl(s, t.id, t.source_url, "the pull cannot resume: its source's URL", 'the pull');
+    if (url === null) continue;
     try {
       const guard = new FetchGuard(s.config.allowFetch);
       const source = await guard.check(url, 'source_url');
@@ -98,6 +89,25 @@ export async function resumePulls(s: PullDeps, only: (t: Transfer) => boolean = 
     } catch (err) {
       s.logger.error({ err, transfer: t.id }, 'cannot resume pull');
     }
+  }
+}
+
+/**
+ * A URL a session keeps for its resume (a pull's source, a push's receiver),
+ * opened with the service's token; null when it cannot be (sealed with
+ * another token, or the service now has none), the session's task then
+ * ending INTERRUPTED with `what` and the cause.
+ */
+export function openKeptUrl(s: PullDeps, id: string, kept: string, what: string, job: string): string | null {
+  try {
+    return openSecret(kept, s.config.token);
+  } catch (err) {
+    const reason = `${what} was ${(err as Error).message}; start ${job} again`;
+    s.transfers.runJob(id, async () => {
+      throw new ApiError('INTERRUPTED', reason);
+    });
+    s.logger.error({ transfer: id }, reason);
+    return null;
   }
 }
 

@@ -25,12 +25,12 @@
  */
 import { ApiError } from '../errors.js';
 import { isZero } from '../image/zero.js';
-import { openSecret, sealSecret } from '../secrets.js';
+import { sealSecret } from '../secrets.js';
 import type { VdiStore } from '../storage/vdis.js';
 import type { RunningTask } from '../tasks/task-manager.js';
 import { openExport } from './export.js';
 import { FetchGuard, type FetchTarget, pinnedAgent } from './fetch-guard.js';
-import { type PullDeps, redact } from './pull.js';
+import { openKeptUrl, type PullDeps, redact } from './pull.js';
 import { type ByteRange, RangeSet } from './range-set.js';
 import { backoff, describe, HttpError, isTransient, SERVER_RETRY } from './retry-policy.js';
 import type { CreateTransfer } from './sessions.js';
@@ -67,18 +67,9 @@ export async function resumePushes(
     if (t.direction !== 'download' || t.state !== 'open' || !kept || othersOwn(t) || !only(t)) continue;
     // Another live node's push: that node runs it.
     if (!s.transfers.activeSession(t.id)) continue;
-    let raw: string;
-    try {
-      raw = openSecret(kept, s.config.token);
-    } catch (err) {
-      // Nothing can reach the receiver now: the push ends, and its receiver's session stays open for another.
-      const reason = `the push cannot resume: its receiver's URL was ${(err as Error).message}; start the push again`;
-      s.transfers.runJob(t.id, async () => {
-        throw new ApiError('INTERRUPTED', reason);
-      });
-      s.logger.error({ transfer: t.id }, reason);
-      continue;
-    }
+    // Nothing can reach the receiver without it: the push ends, and its receiver's session stays open for another.
+    const raw = openKeptUrl(s, t.id, kept, "the push cannot resume: its receiver's URL", 'the push');
+    if (raw === null) continue;
     try {
       const ref = parseTargetUrl(raw);
       const target = await new FetchGuard(s.config.allowFetch).check(raw, 'target_url');
