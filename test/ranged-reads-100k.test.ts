@@ -61,7 +61,7 @@ describe('100,000 ranged GETs', () => {
     return n;
   }
 
-  test('leave no task row and no growth in the database file or its WAL', async (t) => {
+  test('leave no task row and no growth in the database file or its WAL', { timeout: 600_000 }, async (t) => {
     const disk = seededBytes(SIZE, 16);
     disk.fill(0, 2 * MiB, 3 * MiB); // a hole too
     const vdi = (await createVdi(server.url, SIZE)).id;
