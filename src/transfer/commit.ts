@@ -208,9 +208,8 @@ export async function commitWrites(
       { inTransaction, signal: task.signal, onBaseBytes: (n) => vdis.countDeltaBaseBytes(n) },
     );
     if (layered) return layered;
-  } catch (err) {
-    throw spaceError(err, 'the commit');
   } finally {
+    // commitDelta reports a full file system as 507 itself.
     await staged.close();
   }
   await fillUnwritten(vdis, vdi.id, stagedFile, written, task.signal);
