@@ -107,7 +107,7 @@ export class Metrics {
     });
     new Counter({
       name: 'diskport_delta_base_bytes_read_total',
-      help: 'Bytes delta imports read of the VDI content they were laid onto (after a snapshot: the partial blocks of the delta only)',
+      help: 'Bytes imports read of the VDI content they were laid onto, to tell what changed (after a snapshot: a delta, its partial blocks only; a whole image, none where the content has block digests)',
       registers: [this.registry],
       collect() {
         this.reset();

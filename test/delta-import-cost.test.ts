@@ -11,8 +11,9 @@
  * overlay over its base (qemu-img compare, check). A second delta on top
  * (base=current) carries the first one's blocks into its layer, still
  * without reading the disk. The same holds through an upload session with a
- * base and through the xapi alias with a differencing VHD. Bytes and space,
- * never time.
+ * base and through the xapi alias with a differencing VHD. A whole-image
+ * import of the same change reads none of the disk either: the block
+ * digests tell which blocks differ. Bytes and space, never time.
  */
 import assert from 'node:assert/strict';
 import { promises as fsp } from 'node:fs';
@@ -20,16 +21,22 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi, execFileP } from './helpers/api.js';
 import { bitsSet } from './helpers/bitmaps.js';
-import { sample, scrape } from './helpers/metrics.js';
-import { queryAt } from './helpers/pg.js';
+import {
+  assertExportReads,
+  baseBytesRead,
+  COST_DISK_SIZE,
+  ioDuring,
+  overlayOf,
+  qemuIo,
+  topLayerFile,
+  writeCostDisk,
+} from './helpers/cost-disk.js';
 import { startServer, type TestServer, tempDir } from './helpers/server.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const GiB = 1024 * MiB;
-const SIZE = 8 * GiB;
-/** The disk's data: 128 MiB in four places. */
-const DATA_AT = [0, 2 * GiB, 5 * GiB, 8 * GiB - 32 * MiB];
+const _GiB = 1024 * MiB;
+const SIZE = COST_DISK_SIZE;
 /** The overlay's writes, in 2 MiB blocks they touch: 1M, 2G, 3G, 5G, 8184M. */
 const OVERLAY = [
   'write -P 0x5a 1028k 300k', // part of clusters over data: the rest reads from the disk
@@ -45,10 +52,6 @@ type Vdi = { id: string; physical_utilisation: number };
 type Bitmap = { block_size: number; bitmap: string };
 type Task = { status: string; result: Record<string, unknown> | null };
 
-async function qemuIo(file: string, commands: string[]): Promise<void> {
-  await execFileP('qemu-io', ['-f', 'qcow2', ...commands.flatMap((c) => ['-c', c]), file]);
-}
-
 describe('delta import cost', () => {
   let srv: TestServer;
   let work: string;
@@ -57,15 +60,8 @@ describe('delta import cost', () => {
   before(async () => {
     work = await tempDir();
     srv = await startServer();
-    baseQcow2 = path.join(work, 'base.qcow2');
-    await execFileP('qemu-img', ['create', '-f', 'qcow2', baseQcow2, String(SIZE)]);
-    await qemuIo(
-      baseQcow2,
-      DATA_AT.map((at, i) => `write -P ${0x11 * (i + 1)} ${at} 32M`),
-    );
-    over = path.join(work, 'over.qcow2');
-    await execFileP('qemu-img', ['create', '-f', 'qcow2', '-b', baseQcow2, '-F', 'qcow2', over]);
-    await qemuIo(over, OVERLAY);
+    baseQcow2 = await writeCostDisk(work);
+    over = await overlayOf(baseQcow2, path.join(work, 'over.qcow2'), OVERLAY);
   });
   after(async () => {
     await srv.close();
@@ -73,16 +69,11 @@ describe('delta import cost', () => {
     await fsp.rm(work, { recursive: true, force: true });
   });
 
-  const baseBytesRead = async () => {
-    const n = sample(await scrape(srv.url), 'diskport_delta_base_bytes_read_total');
-    assert.ok(n !== undefined, 'the metric is reported');
-    return n;
-  };
   /** Bytes of the VDI's content `run` made the service read (the metric's increase). */
   const readDuring = async (run: () => Promise<void>) => {
-    const before = await baseBytesRead();
+    const before = await baseBytesRead(srv.url);
     await run();
-    return (await baseBytesRead()) - before;
+    return (await baseBytesRead(srv.url)) - before;
   };
   const put = async (pathAndQuery: string, body: Buffer) => {
     const res = await fetch(`${srv.url}${pathAndQuery}`, { method: 'PUT', body: new Uint8Array(body) });
@@ -96,26 +87,19 @@ describe('delta import cost', () => {
     const snap = (await api<{ id: string }>(srv.url, 'POST', `/v1/vdis/${vdi}/snapshots`, {})).body.id;
     return { vdi, snap };
   };
-  const save = async (url: string, file: string) => {
+  const _save = async (url: string, file: string) => {
     const res = await fetch(url);
     assert.equal(res.status, 200);
     await fsp.writeFile(file, Buffer.from(await res.arrayBuffer()));
   };
-  /** The VDI's qcow2 export reads as `file` (qemu-img compare). */
-  const assertReads = async (vdi: string, file: string) => {
-    const out = path.join(work, `check-${vdi}.qcow2`);
-    await save(`${srv.url}/v1/vdis/${vdi}/contents?format=qcow2`, out);
-    await execFileP('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', file, out]);
-    await fsp.rm(out);
-  };
+  const assertReads = (vdi: string, file: string) => assertExportReads(srv.url, work, vdi, file);
   /**
    * The VDI's top layer at rest is a valid file of its format: a qcow2 one
    * passes `qemu-img check` and reads, through its backing chain, as `file`;
    * a differencing VHD is one to `qemu-img info` (qemu reads only its own blocks).
    */
   const assertLayerAtRest = async (vdi: string, sr: string, file: string) => {
-    const [row] = queryAt<{ file_name: string }>(srv.dataDir, 'SELECT file_name FROM vdis WHERE id = ?', vdi);
-    const top = path.join(srv.dataDir, 'srs', 'local', row.file_name);
+    const top = topLayerFile(srv.dataDir, vdi);
     if (sr === 'qcow2') {
       await execFileP('qemu-img', ['check', '-q', '-f', 'qcow2', top]);
       await execFileP('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', top, file]);
@@ -171,6 +155,35 @@ describe('delta import cost', () => {
       await assertReads(snap, baseQcow2);
     });
   }
+
+  // One SR: the blocks are told the same way for all three (test/unit/block-diff.test.ts); a qcow2 layer is checked by qemu-img.
+  test("qcow2 SR: after a snapshot, a whole-image import that changes 1 MiB of an 8 GiB disk with 128 MiB of data reads none of the VDI's content", async () => {
+    const { vdi, snap } = await baseVdi('qcow2');
+    // The overlay's disk as one standalone qcow2: what a client that only sends whole images PUTs.
+    const whole = path.join(work, 'whole.qcow2');
+    await execFileP('qemu-img', ['convert', '-f', 'qcow2', '-O', 'qcow2', over, whole]);
+    const body = await fsp.readFile(whole);
+    let io = { read: 0, written: 0 };
+    const read = await readDuring(async () => {
+      io = await ioDuring(() => put(`/v1/vdis/${vdi}/contents?format=qcow2`, body));
+    });
+    // The block digests tell which blocks differ: the VDI's content is not read (diffing the bytes read its 128 MiB).
+    assert.equal(read, 0, `the import read ${read} bytes of the VDI's content`);
+    // All the server read meanwhile: the upload from its socket and its staged copies (about 3× the upload
+    // here), not the two disks' data once more to compare them (673 MB in all before the digests told).
+    const most = 3 * body.length + 64 * MiB;
+    assert.ok(
+      io.read <= most,
+      `the import read ${io.read} bytes (at most ${most}) for a ${body.length}-byte upload`,
+    );
+    await assertReads(vdi, over);
+    await assertLayerAtRest(vdi, 'qcow2', over);
+    const bits = await api<Bitmap>(srv.url, 'GET', `/v1/vdis/${vdi}/changed-blocks?base=${snap}`);
+    assert.equal(bitsSet(bits.body.bitmap), CHANGED_BLOCKS);
+    const used = (await vdiOf(vdi)).physical_utilisation;
+    assert.ok(used <= 2 * MiB, `the layer takes ${used} bytes (at most 2 MiB)`);
+    await assertReads(snap, baseQcow2);
+  });
 
   test("an upload session with a base (qcow2 SR) and the xapi alias with a differencing VHD (vhd SR) read only the delta's blocks of the disk", async () => {
     // The deltas: diskport's own exports of the overlay's change against the base.

@@ -21,16 +21,21 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi, execFileP } from './helpers/api.js';
 import { bitsSet } from './helpers/bitmaps.js';
-import { sample, scrape } from './helpers/metrics.js';
-import { queryAt } from './helpers/pg.js';
+import {
+  assertExportReads,
+  baseBytesRead as baseBytesReadAt,
+  COST_DISK_SIZE,
+  ioDuring,
+  overlayOf,
+  topLayerFile,
+  writeCostDisk,
+} from './helpers/cost-disk.js';
 import { startServer, type TestServer, tempDir } from './helpers/server.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
-const SIZE = 8 * GiB;
-/** The disk's data: 128 MiB in four places, 32 MiB of byte 0x11 * (i + 1) each. */
-const DATA_AT = [0, 2 * GiB, 5 * GiB, 8 * GiB - 32 * MiB];
+const SIZE = COST_DISK_SIZE;
 /** The restore's writes, as an imageio client sends them and as qemu-io writes them. */
 const WRITES: { at: number; length: number; byte: number | 'zero' }[] = [
   { at: 1028 * KiB, length: 300 * KiB, byte: 0x5a }, // part of blocks over data
@@ -52,18 +57,10 @@ describe('imageio write ticket cost', () => {
   before(async () => {
     work = await tempDir();
     srv = await startServer();
-    baseQcow2 = path.join(work, 'base.qcow2');
-    await execFileP('qemu-img', ['create', '-f', 'qcow2', baseQcow2, String(SIZE)]);
-    const io = (file: string, commands: string[]) =>
-      execFileP('qemu-io', ['-f', 'qcow2', ...commands.flatMap((c) => ['-c', c]), file]);
-    await io(
+    baseQcow2 = await writeCostDisk(work);
+    want = await overlayOf(
       baseQcow2,
-      DATA_AT.map((at, i) => `write -P ${0x11 * (i + 1)} ${at} 32M`),
-    );
-    want = path.join(work, 'want.qcow2');
-    await execFileP('qemu-img', ['create', '-f', 'qcow2', '-b', baseQcow2, '-F', 'qcow2', want]);
-    await io(
-      want,
+      path.join(work, 'want.qcow2'),
       WRITES.map((w) =>
         w.byte === 'zero' ? `write -z ${w.at} ${w.length}` : `write -P ${w.byte} ${w.at} ${w.length}`,
       ),
@@ -75,28 +72,9 @@ describe('imageio write ticket cost', () => {
     await fsp.rm(work, { recursive: true, force: true });
   });
 
-  const baseBytesRead = async () => {
-    const n = sample(await scrape(srv.url), 'diskport_delta_base_bytes_read_total');
-    assert.ok(n !== undefined, 'the metric is reported');
-    return n;
-  };
+  const baseBytesRead = () => baseBytesReadAt(srv.url);
   const physical = async (id: string) =>
     (await api<{ physical_utilisation: number }>(srv.url, 'GET', `/v1/vdis/${id}`)).body.physical_utilisation;
-  /**
-   * Bytes this process (the server runs in it) read and wrote through
-   * system calls while `run` ran, from /proc/self/io: what a commit that
-   * read or copied the whole disk could not hide.
-   */
-  const ioDuring = async (run: () => Promise<void>) => {
-    const io = async () => {
-      const text = await fsp.readFile('/proc/self/io', 'utf8');
-      const field = (name: string) => Number(new RegExp(`^${name}: (\\d+)$`, 'm').exec(text)?.[1]);
-      return field('rchar') + field('wchar');
-    };
-    const before = await io();
-    await run();
-    return (await io()) - before;
-  };
   /** A VDI of the SR format holding the base disk. */
   const baseVdi = async (sr: string) => {
     const vdi = (await createVdi(srv.url, SIZE, { image_format: sr })).id;
@@ -145,22 +123,15 @@ describe('imageio write ticket cost', () => {
     assert.equal(fin.status, 202, JSON.stringify(fin.body));
     assert.equal(fin.body.status, 'success', JSON.stringify(fin.body));
   };
-  /** The VDI's qcow2 export reads as `file` (qemu-img compare). */
-  const assertReads = async (vdi: string, file: string) => {
-    const out = path.join(work, `check-${vdi}.qcow2`);
-    const res = await fetch(`${srv.url}/v1/vdis/${vdi}/contents?format=qcow2`);
-    assert.equal(res.status, 200);
-    await fsp.writeFile(out, Buffer.from(await res.arrayBuffer()));
-    await execFileP('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', file, out]);
-    await fsp.rm(out);
-  };
+  const assertReads = (vdi: string, file: string) => assertExportReads(srv.url, work, vdi, file);
 
   for (const sr of ['raw', 'qcow2', 'vhd'] as const) {
     test(`${sr} SR: after a snapshot, a 1 MiB restore through a write ticket on an 8 GiB disk with 128 MiB of data is a layer of about 1 MiB, committed without reading the disk`, async () => {
       const vdi = await baseVdi(sr);
       const snap = (await api<{ id: string }>(srv.url, 'POST', `/v1/vdis/${vdi}/snapshots`, {})).body.id;
       const before = await baseBytesRead();
-      const moved = await ioDuring(() => restore(vdi));
+      const io = await ioDuring(() => restore(vdi));
+      const moved = io.read + io.written;
       const read = (await baseBytesRead()) - before;
       // Everything the server read and wrote meanwhile (files, sockets, its
       // database): the restore's 1 MiB, the blocks around it, the digests'
@@ -173,12 +144,7 @@ describe('imageio write ticket cost', () => {
       await assertReads(vdi, want);
       if (sr === 'qcow2') {
         // The top layer at rest is a qcow2 overlay that reads, through its backing chain, as the disk.
-        const [row] = queryAt<{ file_name: string }>(
-          srv.dataDir,
-          'SELECT file_name FROM vdis WHERE id = ?',
-          vdi,
-        );
-        const top = path.join(srv.dataDir, 'srs', 'local', row.file_name);
+        const top = topLayerFile(srv.dataDir, vdi);
         await execFileP('qemu-img', ['check', '-q', '-f', 'qcow2', top]);
         await execFileP('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', top, want]);
       }

@@ -16,6 +16,7 @@
  */
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
+import type { DiffRun } from '../image/block-diff.js';
 import type { BlockImage } from '../image/block-image.js';
 import { readAt, writeFully } from '../image/file-io.js';
 import { addon } from '../image/native.js';
@@ -228,6 +229,82 @@ export class DigestUpdate {
   private async close(): Promise<void> {
     await this.handle.close().catch(() => {});
     await this.old.close().catch(() => {});
+  }
+}
+
+/**
+ * What diffBlocks tells, told by digests: the runs, in order, a layer over
+ * a parent must define so that it reads as `next`, where `nextDigests` and
+ * `parentDigests` are the two disks' digest files. Only the blocks whose
+ * entries differ are read, and only from `next`: a whole-image import after
+ * a snapshot reads none of the VDI's content. Null when either file is
+ * missing or not of `next`'s size (the caller diffs the bytes instead).
+ * Data runs are views valid until the generator resumes.
+ */
+export async function digestDiffRuns(
+  next: BlockImage,
+  nextDigests: string,
+  parentDigests: string,
+  signal?: AbortSignal,
+): Promise<AsyncGenerator<DiffRun> | null> {
+  const count = blockCount(next.virtualSize);
+  const [a, b] = await Promise.all([DigestReader.open(nextDigests), DigestReader.open(parentDigests)]);
+  if (!a || !b || a.blocks !== count || b.blocks !== count) {
+    await Promise.all([a?.close(), b?.close()]);
+    return null;
+  }
+  return runsWhereDigestsDiffer(next, a, b, count, signal);
+}
+
+async function* runsWhereDigestsDiffer(
+  next: BlockImage,
+  mine: DigestReader,
+  theirs: DigestReader,
+  count: number,
+  signal?: AbortSignal,
+): AsyncGenerator<DiffRun> {
+  const B = DIGEST_BLOCK_BYTES;
+  const E = ENTRY_BYTES;
+  const size = next.virtualSize;
+  const ea = Buffer.alloc(COMPARE_ENTRIES * E);
+  const eb = Buffer.alloc(COMPARE_ENTRIES * E);
+  const buf = Buffer.allocUnsafe(READ_BLOCKS * B);
+  try {
+    for (let first = 0; first < count; first += COMPARE_ENTRIES) {
+      signal?.throwIfAborted();
+      const n = Math.min(COMPARE_ENTRIES, count - first);
+      await Promise.all([mine.read(ea, first, n), theirs.read(eb, first, n)]);
+      let i = 0;
+      while (i < n) {
+        // Most of two disks' entries agree: skip a group at once where they do.
+        const g = Math.min(n, i + COMPARE_GROUP_ENTRIES);
+        if (i % COMPARE_GROUP_ENTRIES === 0 && ea.compare(eb, i * E, g * E, i * E, g * E) === 0) {
+          i = g;
+          continue;
+        }
+        if (ea.compare(eb, i * E, (i + 1) * E, i * E, (i + 1) * E) === 0) {
+          i++;
+          continue;
+        }
+        // A run of differing blocks, all zero in `next` or all not, at most READ_BLOCKS long.
+        const zero = isZero(ea, i * E, (i + 1) * E);
+        let j = i + 1;
+        while (
+          j < n &&
+          j - i < READ_BLOCKS &&
+          ea.compare(eb, j * E, (j + 1) * E, j * E, (j + 1) * E) !== 0 &&
+          isZero(ea, j * E, (j + 1) * E) === zero
+        )
+          j++;
+        const start = (first + i) * B;
+        const length = Math.min(size, (first + j) * B) - start;
+        if (zero) yield { start, length, zero };
+        else yield { start, length, zero, data: await next.readInto(buf.subarray(0, length), start) };
+        i = j;
+      }
+    }
+  } finally {
+    await Promise.all([mine.close(), theirs.close()]);
   }
 }
 

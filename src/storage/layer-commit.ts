@@ -4,7 +4,8 @@
  * its block digests, and the one transaction that switches the VDI's row.
  *
  * Two ways in. commitContent takes a whole disk staged in the VDI's format
- * and writes the layer of what differs from the parent (reading both). A
+ * and writes the layer of what differs from the parent (told by the two
+ * disks' block digests where the parent has them, else by reading both). A
  * delta import goes through commitDelta instead: the layer holds only the
  * delta's blocks that differ from what the VDI reads (told by the block
  * digests, not by reading the VDI), and the digests change for those blocks
@@ -30,6 +31,7 @@ import {
   DIGEST_BLOCK_BYTES,
   DIGEST_ENTRY_BYTES,
   DigestUpdate,
+  digestDiffRuns,
   writeBlockDigests,
 } from './block-digests.js';
 import { decodeDefined, encodeDefined } from './contents.js';
@@ -101,7 +103,7 @@ export async function commitContent(
   const leave = await vdis.gate.enterCommit(() => vdis.chainIdsOf(vdis.get(id)));
   try {
     vdi = vdis.get(id);
-    const layer = await writeLayer(vdis, vdi, stagedFile, target, size);
+    const layer = await writeLayer(vdis, vdi, stagedFile, target, size, digests);
     if (!layer) await fsp.link(stagedFile, target);
     await fsyncDir(vdis.srOf(vdi).path);
     released = switchGeneration(vdis, vdi, generation, fileName, layer, { ...opts, digestFile });
@@ -369,7 +371,9 @@ async function parentOf(vdis: VdiStore, vdi: Vdi): Promise<{ parent: string; car
  * For a VDI whose content is shared or is a layer already: writes at
  * `target` the layer of `stagedFile` over the parent it must have, so the
  * commit costs space for the blocks that differ only. Null when the commit
- * stays flat (no snapshot in the VDI's history: today's fast path).
+ * stays flat (no snapshot in the VDI's history: today's fast path). Where
+ * the parent has digests, the staged disk's (`stagedDigests`) tell the
+ * blocks that differ, and the parent is not read.
  */
 async function writeLayer(
   vdis: VdiStore,
@@ -377,13 +381,22 @@ async function writeLayer(
   stagedFile: string,
   target: string,
   virtualSize: number,
+  stagedDigests: string,
 ): Promise<NewLayer | null> {
   if (!LAYERED_FORMATS.has(vdi.image_format)) return null;
   const place = await parentOf(vdis, vdi);
   if (!place) return null;
   const next = await vdis.openFile(stagedFile, vdi.image_format, virtualSize);
   try {
-    const base = await vdis.openContent(vdi, place.parent);
+    const parentDigests = vdis.contentDigestPath(vdi, place.parent);
+    const byDigests = parentDigests ? await digestDiffRuns(next, stagedDigests, parentDigests) : null;
+    if (byDigests) {
+      const { defined } = await writeLayerFile(vdi.image_format, next, byDigests, target, place.parent);
+      return { parent: place.parent, defined: encodeDefined(defined) };
+    }
+    const base = new CountingImage(await vdis.openContent(vdi, place.parent), (n) =>
+      vdis.countDeltaBaseBytes(n),
+    );
     try {
       const runs = diffBlocks(next, base);
       const { defined } = await writeLayerFile(vdi.image_format, next, runs, target, place.parent);

@@ -435,6 +435,19 @@ export class VdiStore {
     return vdi.digest_file ? path.join(this.srOf(vdi).path, vdi.digest_file) : null;
   }
 
+  /**
+   * Path of the block digests of content `contentId` in `vdi`'s SR (its
+   * own, or a parent's that a snapshot or clone holds), or null when no VDI
+   * holding it names digests.
+   */
+  contentDigestPath(vdi: Vdi, contentId: string): string | null {
+    if (contentId === vdi.content_id) return this.digestPath(vdi);
+    const row = this.db
+      .prepare('SELECT digest_file FROM vdis WHERE content_id = ? AND digest_file IS NOT NULL LIMIT 1')
+      .get(contentId) as { digest_file: string } | undefined;
+    return row ? path.join(this.srOf(vdi).path, row.digest_file) : null;
+  }
+
   /** Removes the digest file `vdi` named, unless another VDI (a snapshot, a clone) still names it. */
   async dropDigests(vdi: Vdi): Promise<void> {
     if (!vdi.digest_file) return;

@@ -4,14 +4,20 @@
  * zeros where the parent had none, growing past the parent's end), a layer
  * holding exactly the runs it gives, read over the parent through a
  * ChainImage, is the next disk; and every block it leaves out reads the
- * same in both, every block it gives differs.
+ * same in both, every block it gives differs. digestDiffRuns, told by the
+ * two disks' block digest files, gives the same blocks, reading only the
+ * next disk's changed ones.
  */
 import assert from 'node:assert/strict';
-import { describe, test } from 'node:test';
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
 import { DIFF_BLOCK_BYTES, type DiffRun, diffBlocks } from '../../src/image/block-diff.js';
 import { ChainImage } from '../../src/image/chain-image.js';
 import { MemoryImage } from '../../src/image/memory-image.js';
+import { digestDiffRuns, writeBlockDigests } from '../../src/storage/block-digests.js';
 import { prng, seededBytes } from '../helpers/random.js';
+import { tempDir } from '../helpers/server.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -24,14 +30,42 @@ async function imageOf(bytes: Buffer, writes: [number, number][]): Promise<Memor
 }
 
 async function collect(next: MemoryImage, parent: MemoryImage): Promise<DiffRun[]> {
+  return collectRuns(diffBlocks(next, parent));
+}
+
+async function collectRuns(gen: AsyncIterable<DiffRun>): Promise<DiffRun[]> {
   const runs: DiffRun[] = [];
-  for await (const r of diffBlocks(next, parent)) {
-    runs.push({ ...r, data: r.data ? Buffer.from(r.data) : undefined });
-  }
+  for await (const r of gen) runs.push({ ...r, data: r.data ? Buffer.from(r.data) : undefined });
   return runs;
 }
 
+/** Each block's fate in `runs`: absent, 'zero' or 'data'. */
+function blockFates(runs: DiffRun[], size: number): string[] {
+  const fates: string[] = Array(Math.ceil(size / BLOCK)).fill('absent');
+  for (const r of runs) {
+    for (let b = r.start; b < r.start + r.length; b += BLOCK) fates[b / BLOCK] = r.zero ? 'zero' : 'data';
+  }
+  return fates;
+}
+
+/** `image`, counting the bytes read from it. */
+function counting(image: MemoryImage, count: { bytes: number }): MemoryImage {
+  return Object.assign(Object.create(image), {
+    readInto: async (buf: Buffer, offset: number) => {
+      const got = await image.readInto(buf, offset);
+      count.bytes += got.length;
+      return got;
+    },
+  }) as MemoryImage;
+}
+
 describe('block diff', () => {
+  let dir: string;
+  before(async () => {
+    dir = await tempDir();
+  });
+  after(() => fsp.rm(dir, { recursive: true, force: true }));
+
   test('40 seeded pairs: the layer of the diff over the parent reads as the next disk, and holds only changed blocks', async () => {
     for (let seed = 1; seed <= 40; seed++) {
       const rand = prng(seed);
@@ -94,7 +128,34 @@ describe('block diff', () => {
         const same = nextBytes.subarray(b, end).equals(padded.subarray(b, end));
         assert.equal(inDiff(b), !same, `seed ${seed}: block at ${b}`);
       }
+
+      // By digests: the same blocks, the same bytes, read from the next disk only where they differ.
+      const nextDigests = path.join(dir, `next-${seed}.digests`);
+      const parentDigests = path.join(dir, `parent-${seed}.digests`);
+      await writeBlockDigests(next, nextDigests);
+      await writeBlockDigests(parent, parentDigests);
+      const read = { bytes: 0 };
+      const byDigests = await digestDiffRuns(counting(next, read), nextDigests, parentDigests);
+      if (size !== parentSize) {
+        assert.equal(byDigests, null, `seed ${seed}: disks of two sizes are diffed by their bytes`);
+        continue;
+      }
+      assert.ok(byDigests, `seed ${seed}: digests of both`);
+      const digestRuns = await collectRuns(byDigests);
+      assert.deepEqual(blockFates(digestRuns, size), blockFates(runs, size), `seed ${seed}: the same blocks`);
+      for (const r of digestRuns) {
+        if (r.data) assert.ok(r.data.equals(nextBytes.subarray(r.start, r.start + r.length)));
+      }
+      const dataBytes = digestRuns.reduce((n, r) => n + (r.data ? r.length : 0), 0);
+      assert.equal(read.bytes, dataBytes, `seed ${seed}: only the changed data blocks are read`);
     }
+  });
+
+  test('digestDiffRuns: a missing digest file is null (the caller reads the bytes)', async () => {
+    const image = new MemoryImage(MiB);
+    const file = path.join(dir, 'one.digests');
+    await writeBlockDigests(image, file);
+    assert.equal(await digestDiffRuns(image, file, path.join(dir, 'missing.digests')), null);
   });
 
   test('rewriting every byte identically gives no run; zeros over data give zero runs that store nothing', async () => {
@@ -111,18 +172,14 @@ describe('block diff', () => {
 
   test('two empty disks of 1 TiB are compared without reading a byte', async () => {
     const TiB = 1024 ** 4;
-    let reads = 0;
-    const counting = (image: MemoryImage) =>
-      Object.assign(Object.create(image), {
-        readInto: (buf: Buffer, offset: number) => {
-          reads++;
-          return image.readInto(buf, offset);
-        },
-      }) as MemoryImage;
+    const read = { bytes: 0 };
     const runs: DiffRun[] = [];
-    for await (const r of diffBlocks(counting(new MemoryImage(TiB)), counting(new MemoryImage(TiB))))
+    for await (const r of diffBlocks(
+      counting(new MemoryImage(TiB), read),
+      counting(new MemoryImage(TiB), read),
+    ))
       runs.push(r);
     assert.deepEqual(runs, []);
-    assert.equal(reads, 0);
+    assert.equal(read.bytes, 0);
   });
 });
