@@ -19,14 +19,22 @@ STORE_FREE=(
   test/qcow2-patch-crash.test.ts test/sparse-writer.test.ts test/vhd-codec.test.ts test/vhd-malformed.test.ts
   test/unit/*.test.ts
 )
-# Files about the bytes of images at rest and on the wire, and about the
-# CLI's flows: they open a store only to hold the VDIs they write, and what
-# they judge (qemu-img check and compare, bytes, costs) does not depend on
-# which store that is; the SQLite pass runs them. Keeps CI under 30 minutes.
+# Files whose subject is the bytes of images (at rest, on the wire, through
+# conversions, deltas and merges of chains), the CLI's flows or reads: they
+# open a store only to hold the VDIs they write, and what they judge
+# (qemu-img check and compare, bytes, costs, syscalls) does not depend on
+# which store that is; the SQLite pass runs them. What the store keeps
+# (sessions, tasks, tickets, snapshots, sets, leases and the cluster) and
+# what a kill -9 must leave of it runs here. Keeps CI under 30 minutes.
 IMAGE_BYTES=(
   test/chains.test.ts test/chains-qcow2.test.ts test/chains-vhd.test.ts test/clean-at-rest.test.ts
   test/corrupt-at-rest.test.ts test/interop.test.ts test/delta-import-cost.test.ts
   test/imageio-write-cost.test.ts test/cli.test.ts test/incremental-backup.test.ts test/commands.test.ts
+  test/streaming-import.test.ts test/ranged-reads-100k.test.ts test/sendfile-formats.test.ts
+  test/sendfile-export.test.ts test/full-disk.test.ts test/delta-export.test.ts test/delta-import.test.ts
+  test/merges.test.ts test/merges-history.test.ts test/merges-crash-layers.test.ts
+  test/delta-streamed-crash.test.ts test/vdi-copy.test.ts test/malformed-uploads.test.ts
+  test/image-fidelity.test.ts test/export-formats.test.ts test/export-headers.test.ts
 )
 
 tests=("$@")

@@ -12,6 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi, curl, execFileP, sha256File, sha256Url } from './helpers/api.js';
+import { entryArgs } from './helpers/entry.js';
 import { failNthDirectWrite } from './helpers/faults.js';
 import { type CutProxy, cutProxy } from './helpers/proxy.js';
 import {
@@ -26,7 +27,6 @@ import {
 
 const MiB = 1024 * 1024;
 const BLOCK = 512 * 1024;
-const CLI = path.join(ROOT, 'src/cli/main.ts');
 
 interface CliResult {
   code: number | null;
@@ -40,7 +40,7 @@ const CLI_ENV = { DISKPORT_SERVER: '', DISKPORT_TOKEN: '', DISKPORT_STATE_DIR: S
 
 /** Starts the CLI; `out` fills as it writes, `exited` resolves with its exit code. */
 function startCli(args: string[], env: Record<string, string> = {}) {
-  const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], {
+  const child = spawn(process.execPath, [...entryArgs('cli/main'), ...args], {
     cwd: ROOT,
     env: { ...process.env, ...CLI_ENV, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],

@@ -7,8 +7,8 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { promises as fsp } from 'node:fs';
-import path from 'node:path';
 import { after, describe, test } from 'node:test';
+import { entryArgs } from './helpers/entry.js';
 import { ROOT, startServer, tempDir } from './helpers/server.js';
 
 /** `src/main.ts` on SQLite (whatever the test pass's database), until it listens or exits. */
@@ -17,11 +17,11 @@ function start(
 ): Promise<{ url?: string; code?: number | null; stderr: string; kill(): Promise<void> }> {
   const env = { ...process.env };
   delete env.DISKPORT_DATABASE_URL;
-  const child = spawn(
-    process.execPath,
-    ['--import', 'tsx', path.join(ROOT, 'src/main.ts'), '--port', '0', '--data-dir', dataDir],
-    { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] },
-  );
+  const child = spawn(process.execPath, [...entryArgs('main'), '--port', '0', '--data-dir', dataDir], {
+    cwd: ROOT,
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let stderr = '';
   let out = '';
   child.stderr.on('data', (d) => {

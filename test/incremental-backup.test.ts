@@ -19,12 +19,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, createVdi, execFileP } from './helpers/api.js';
+import { entryArgs } from './helpers/entry.js';
 import { prng, ROOT, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const SIZE = 64 * MiB;
-const CLI = path.join(ROOT, 'src/cli/main.ts');
 const STATE_DIR = path.join(os.tmpdir(), `diskport-backup-state-${process.pid}`);
 const CLI_ENV = { DISKPORT_SERVER: '', DISKPORT_TOKEN: '', DISKPORT_STATE_DIR: STATE_DIR };
 const QUIET = ['--no-progress', '--json', '--retry-delay', '200'];
@@ -36,7 +36,7 @@ interface Manifest {
 }
 
 function startCli(args: string[]) {
-  const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], {
+  const child = spawn(process.execPath, [...entryArgs('cli/main'), ...args], {
     cwd: ROOT,
     env: { ...process.env, ...CLI_ENV },
     stdio: ['ignore', 'pipe', 'pipe'],

@@ -15,6 +15,7 @@ import { ApiError } from '../src/errors.js';
 import { openDb } from '../src/storage/db.js';
 import { rawSqlite } from '../src/storage/sqlite-db.js';
 import { metadataStoreContract } from './contracts/metadata-store.js';
+import { entryArgs } from './helpers/entry.js';
 import { databaseUrlFor, TEST_DATABASE_URL } from './helpers/pg.js';
 import { cutProxy } from './helpers/proxy.js';
 import { ROOT, spawnServer, tempDir } from './helpers/server.js';
@@ -92,9 +93,7 @@ describe('PostgreSQL away', () => {
     const child = spawn(
       process.execPath,
       [
-        '--import',
-        'tsx',
-        path.join(ROOT, 'src/main.ts'),
+        ...entryArgs('main'),
         '--port',
         '0',
         '--data-dir',

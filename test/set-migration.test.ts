@@ -12,6 +12,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { parseConfig } from '../src/config.js';
 import { api, createVdi, curl, execFileP } from './helpers/api.js';
+import { entryArgs } from './helpers/entry.js';
 import {
   ROOT,
   type ServerProcess,
@@ -368,13 +369,9 @@ describe('set migration to another diskport', () => {
     await fill(src.url, vdi.id, await randomFile(work, 'cli.raw', 16 * MiB));
     const sum = await checksum(src.url, vdi.id);
     const cli = (args: string[]) =>
-      execFileP(
-        process.execPath,
-        ['--import', 'tsx', path.join(ROOT, 'src/cli/main.ts'), 'migrate', ...args],
-        {
-          cwd: ROOT,
-        },
-      );
+      execFileP(process.execPath, [...entryArgs('cli/main'), 'migrate', ...args], {
+        cwd: ROOT,
+      });
     const bad = await cli([
       '--vdi',
       vdi.id,
@@ -433,9 +430,7 @@ describe('set migration to another diskport', () => {
     ).body;
     const command = [
       process.execPath,
-      '--import',
-      'tsx',
-      path.join(ROOT, 'src/cli/main.ts'),
+      ...entryArgs('cli/main'),
       'migrate',
       '--set',
       set.id,

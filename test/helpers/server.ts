@@ -6,11 +6,13 @@ import type http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { after, before } from 'node:test';
 import { type DestinationStream, pino } from 'pino';
 import { createServer } from '../../src/app.js';
 import { type Config, parseConfig } from '../../src/config.js';
 import { createLogger } from '../../src/http/log-redaction.js';
 import { createServices, type Services } from '../../src/services.js';
+import { entryArgs } from './entry.js';
 import { databaseUrlFor } from './pg.js';
 
 export const ROOT = path.resolve(import.meta.dirname, '../..');
@@ -83,9 +85,7 @@ export async function spawnServer(dataDir: string, extraArgs: string[] = []): Pr
   const child = spawn(
     process.execPath,
     [
-      '--import',
-      'tsx',
-      path.join(ROOT, 'src/main.ts'),
+      ...entryArgs('main'),
       '--port',
       '0',
       '--data-dir',
@@ -121,6 +121,53 @@ export async function spawnServer(dataDir: string, extraArgs: string[] = []): Pr
       const exited = once(child, 'exit');
       child.kill(signal);
       await exited;
+    },
+  };
+}
+
+/** A spawned server over a data directory that outlives it, for tests that stop or kill it and start it again. */
+export interface RestartableServer {
+  /** The process serving now: a new one after each restart. */
+  readonly server: ServerProcess;
+  readonly dataDir: string;
+  /** A scratch directory beside it, for the test's own files. */
+  readonly work: string;
+  /** Stops the server with `signal` (kill -9 by default) and starts another on the same data directory. */
+  restart(signal?: NodeJS.Signals): Promise<void>;
+}
+
+/**
+ * Registers, in the calling suite, the before and after hooks that start a
+ * server on a fresh data directory and stop it and remove both directories.
+ */
+export function restartableServer(): RestartableServer {
+  let server: ServerProcess | null = null;
+  let dataDir = '';
+  let work = '';
+  before(async () => {
+    dataDir = await tempDir();
+    work = await tempDir();
+    server = await spawnServer(dataDir);
+  });
+  after(async () => {
+    await server?.stop();
+    await fsp.rm(dataDir, { recursive: true, force: true });
+    await fsp.rm(work, { recursive: true, force: true });
+  });
+  return {
+    get server() {
+      if (!server) throw new Error("the server starts in the suite's before hook");
+      return server;
+    },
+    get dataDir() {
+      return dataDir;
+    },
+    get work() {
+      return work;
+    },
+    async restart(signal: NodeJS.Signals = 'SIGKILL') {
+      await server?.stop(signal);
+      server = await spawnServer(dataDir);
     },
   };
 }
