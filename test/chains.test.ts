@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
-import { api, createVdi, sha256Url } from './helpers/api.js';
+import { api, createVdi, sha256Url, type TransferJson } from './helpers/api.js';
 import { chainChecks, layerFiles, sha256, spawnedSr } from './helpers/chain-checks.js';
 import { prng, seededBytes } from './helpers/server.js';
 
@@ -20,7 +20,6 @@ const SIZE = 32 * MiB;
 const DATA = 24 * MiB;
 
 type VdiJson = { id: string; generation: number; virtual_size: number; is_snapshot: boolean };
-type TransferJson = { id: string; url: string; token: string };
 
 /** `disk` with a few scattered 64 KiB-aligned writes (and one zeroed block) from `seed`. */
 function scattered(disk: Buffer, seed: number, writes = 4): Buffer {

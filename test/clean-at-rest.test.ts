@@ -24,7 +24,7 @@ import { after, before, describe, test } from 'node:test';
 import { deflateRawSync } from 'node:zlib';
 import { codecFor } from '../src/formats/index.js';
 import type { FormatCodec } from '../src/formats/types.js';
-import { api, createVdi } from './helpers/api.js';
+import { api, createVdi, type TransferJson } from './helpers/api.js';
 import { prng, seededBytes, startServer, type TestServer, tempDir } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -36,7 +36,6 @@ const COMPRESSED = 1n << 62n;
 
 type ErrorBody = { error: { code: string; message: string } };
 type Task = { id: string; status: string; error: { code: string; message: string } | null };
-type TransferJson = { id: string; url: string; token: string; task_id: string };
 type VdiJson = { id: string; generation: number };
 
 function qemuImg(...args: string[]): string {

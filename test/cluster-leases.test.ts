@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import { after, describe, test } from 'node:test';
-import { api, createVdi, sha256Url } from './helpers/api.js';
+import { api, createVdi, sha256Url, type TransferJson } from './helpers/api.js';
 import { execSqlAt, TEST_DATABASE_URL } from './helpers/pg.js';
 import { type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 import { waitFor } from './helpers/wait.js';
@@ -18,7 +18,6 @@ const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 const skip = TEST_DATABASE_URL ? false : 'several nodes need PostgreSQL (run with scripts/test-postgres.sh)';
 const ARGS = ['--heartbeat', '200ms', '--node-timeout', '2s'];
 
-type TransferJson = { id: string; token: string; task_id: string };
 type Task = { status: string; error?: { code: string } };
 type ErrorBody = { error: { code: string; message: string } };
 

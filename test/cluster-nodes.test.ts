@@ -10,7 +10,7 @@ import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
-import { api, createVdi, sha256Url } from './helpers/api.js';
+import { api, createVdi, sha256Url, type TransferJson } from './helpers/api.js';
 import { TEST_DATABASE_URL } from './helpers/pg.js';
 import { type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 
@@ -18,7 +18,6 @@ const MiB = 1024 * 1024;
 const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 const skip = TEST_DATABASE_URL ? false : 'several nodes need PostgreSQL (run with scripts/test-postgres.sh)';
 
-type TransferJson = { id: string; token: string; task_id: string };
 type Task = { status: string; error?: { code: string } };
 
 interface NodeJson {

@@ -16,7 +16,7 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import * as tus from 'tus-js-client';
-import { api, createVdi, execFileP, openUpload, sha256Url } from './helpers/api.js';
+import { api, createVdi, execFileP, openUpload, sha256Url, type TransferJson } from './helpers/api.js';
 import * as imageio from './helpers/imageio-client.js';
 import { execSqlAt, TEST_DATABASE_URL } from './helpers/pg.js';
 import { cutProxy } from './helpers/proxy.js';
@@ -39,7 +39,6 @@ const ARGS = [
 /** How soon a dead node's work must be taken over: its timeout, heartbeats, and a loaded machine's slack. */
 const TAKEOVER_BOUND_MS = NODE_TIMEOUT_MS + 10_000;
 
-type TransferJson = { id: string; token: string; task_id: string; bytes_received: number; state: string };
 type Task = { id: string; status: string; error?: { code: string } | null };
 type ErrorBody = { error: { code: string; message: string } };
 

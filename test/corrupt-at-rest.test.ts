@@ -19,7 +19,7 @@ import http from 'node:http';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { deflateRawSync } from 'node:zlib';
-import { api, createVdi } from './helpers/api.js';
+import { api, createVdi, type TransferJson } from './helpers/api.js';
 import { prng, seededBytes } from './helpers/random.js';
 import { type ServerProcess, spawnServer, startServer, type TestServer, tempDir } from './helpers/server.js';
 
@@ -37,7 +37,6 @@ const READ_BYTES_PER_SECOND = 8 * MiB;
 
 type ErrorBody = { error: { code: string; message: string } };
 type Task = { id: string; status: string; error: { code: string; message: string } | null };
-type TransferJson = { id: string; url: string; task_id: string };
 
 /**
  * The disk: random (incompressible) bytes up to DEEP_DAMAGE_AT, which

@@ -11,25 +11,17 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
+import { api, createVdi, execFileP, sha256Url, type TransferJson } from './helpers/api.js';
 import { rounds } from './helpers/pg.js';
-import { prng, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
+import { prng, restartableServer, seededBytes } from './helpers/server.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const BLOCK = 64 * KiB;
 const SIZE = 64 * MiB;
 const CASES = rounds(12, 6);
-type TransferJson = {
-  id: string;
-  url: string;
-  token: string;
-  task_id: string;
-  state: string;
-  received: [number, number][];
-};
 type Task = {
   id: string;
   status: string;
@@ -38,26 +30,8 @@ type Task = {
 };
 
 describe('crash safety of a qcow2 delta streamed into its layer', () => {
-  let dataDir: string;
-  let work: string;
-  let server: ServerProcess;
+  const rig = restartableServer();
   const rnd = prng(20261206);
-
-  before(async () => {
-    dataDir = await tempDir();
-    work = await tempDir();
-    server = await spawnServer(dataDir);
-  });
-  after(async () => {
-    await server.stop();
-    await fsp.rm(dataDir, { recursive: true, force: true });
-    await fsp.rm(work, { recursive: true, force: true });
-  });
-
-  async function restart(): Promise<void> {
-    await server.stop('SIGKILL');
-    server = await spawnServer(dataDir);
-  }
 
   /** [start, end) of `image` in one streamed PUT, 256 KiB at a time with pauses: a kill lands mid-stream. */
   async function putSlowly(t: TransferJson, image: Buffer, start: number, end: number): Promise<void> {
@@ -67,7 +41,7 @@ describe('crash safety of a qcow2 delta streamed into its layer', () => {
         await sleep(4);
       }
     }
-    const res = await fetch(t.url.replace(/^http:\/\/[^/]+/, server.url), {
+    const res = await fetch(t.url.replace(/^http:\/\/[^/]+/, rig.server.url), {
       method: 'PUT',
       headers: { 'content-range': `bytes ${start}-${end - 1}/${image.length}` },
       body: body(),
@@ -78,7 +52,8 @@ describe('crash safety of a qcow2 delta streamed into its layer', () => {
 
   /** Every range of `image` the session has not received. */
   async function sendMissing(t: TransferJson, image: Buffer): Promise<void> {
-    const state = (await api<TransferJson>(server.url, 'GET', `/v1/transfers/${t.id}?token=${t.token}`)).body;
+    const state = (await api<TransferJson>(rig.server.url, 'GET', `/v1/transfers/${t.id}?token=${t.token}`))
+      .body;
     let pos = 0;
     for (const [s, e] of [...state.received, [image.length, image.length]]) {
       if (s > pos) await putSlowly(t, image, pos, s);
@@ -89,7 +64,7 @@ describe('crash safety of a qcow2 delta streamed into its layer', () => {
   test(`${CASES} kills at random moments of streamed delta uploads and their finalizes`, {
     timeout: 600_000,
   }, async () => {
-    const vdi = (await createVdi(server.url, SIZE)).id;
+    const vdi = (await createVdi(rig.server.url, SIZE)).id;
     // 24 MiB of data in the 64 MiB disk, the rest holes.
     let disk = Buffer.alloc(SIZE);
     for (const [at, seed] of [
@@ -99,7 +74,7 @@ describe('crash safety of a qcow2 delta streamed into its layer', () => {
     ]) {
       seededBytes(8 * MiB, seed).copy(disk, at);
     }
-    const put = await fetch(`${server.url}/v1/vdis/${vdi}/contents?format=raw`, {
+    const put = await fetch(`${rig.server.url}/v1/vdis/${vdi}/contents?format=raw`, {
       method: 'PUT',
       body: new Uint8Array(disk),
     });
@@ -114,10 +89,10 @@ describe('crash safety of a qcow2 delta streamed into its layer', () => {
       const duringFinalize = i % 2 === 1;
       const baseSha = current;
       // The base: a snapshot of what the VDI holds now (the previous one goes, as a push's settle does).
-      const snap = await api<{ id: string }>(server.url, 'POST', `/v1/vdis/${vdi}/snapshots`, {});
+      const snap = await api<{ id: string }>(rig.server.url, 'POST', `/v1/vdis/${vdi}/snapshots`, {});
       assert.equal(snap.status, 201);
       if (previousSnapshot)
-        assert.equal((await api(server.url, 'DELETE', `/v1/vdis/${previousSnapshot}`)).status, 204);
+        assert.equal((await api(rig.server.url, 'DELETE', `/v1/vdis/${previousSnapshot}`)).status, 204);
       previousSnapshot = snap.body.id;
 
       // Changes in whole 64 KiB blocks: data over data, data in holes, zeros over data.
@@ -129,9 +104,9 @@ describe('crash safety of a qcow2 delta streamed into its layer', () => {
         else seededBytes(length, 100 * i + k).copy(next, at);
       }
       const nextSha = createHash('sha256').update(next).digest('hex');
-      const baseFile = path.join(work, `base-${i}.raw`);
-      const nextFile = path.join(work, `next-${i}.raw`);
-      const deltaFile = path.join(work, `delta-${i}.qcow2`);
+      const baseFile = path.join(rig.work, `base-${i}.raw`);
+      const nextFile = path.join(rig.work, `next-${i}.raw`);
+      const deltaFile = path.join(rig.work, `delta-${i}.qcow2`);
       await fsp.writeFile(baseFile, disk);
       await fsp.writeFile(nextFile, next);
       await execFileP('qemu-img', [
@@ -150,7 +125,7 @@ describe('crash safety of a qcow2 delta streamed into its layer', () => {
       const delta = await fsp.readFile(deltaFile);
       await Promise.all([baseFile, nextFile, deltaFile].map((f) => fsp.rm(f)));
 
-      const created = await api<TransferJson>(server.url, 'POST', '/v1/transfers', {
+      const created = await api<TransferJson>(rig.server.url, 'POST', '/v1/transfers', {
         vdi,
         direction: 'upload',
         format: 'qcow2',
@@ -160,7 +135,7 @@ describe('crash safety of a qcow2 delta streamed into its layer', () => {
       assert.equal(created.status, 201, JSON.stringify(created.body));
       const t = created.body;
       const finalize = () =>
-        fetch(`${server.url}/v1/transfers/${t.id}/finalize?token=${t.token}`, { method: 'POST' }).catch(
+        fetch(`${rig.server.url}/v1/transfers/${t.id}/finalize?token=${t.token}`, { method: 'POST' }).catch(
           () => null,
         );
 
@@ -168,10 +143,11 @@ describe('crash safety of a qcow2 delta streamed into its layer', () => {
         await putSlowly(t, delta, 0, delta.length);
         const finalizing = finalize();
         await sleep(Math.floor(rnd() * 80));
-        await restart();
+        await rig.restart();
         await finalizing;
-        const state = (await api<TransferJson>(server.url, 'GET', `/v1/transfers/${t.id}?token=${t.token}`))
-          .body;
+        const state = (
+          await api<TransferJson>(rig.server.url, 'GET', `/v1/transfers/${t.id}?token=${t.token}`)
+        ).body;
         // The kill came before the finalize was recorded: the upload is whole, finalize again.
         if (state.state === 'open') await finalize();
       } else {
@@ -180,23 +156,24 @@ describe('crash safety of a qcow2 delta streamed into its layer', () => {
         await putSlowly(t, delta, 0, half);
         const sending = putSlowly(t, delta, half, delta.length).catch(() => null);
         await sleep(Math.floor(rnd() * 40));
-        await restart();
+        await rig.restart();
         await sending;
         assert.equal(
-          await sha256Url(`${server.url}/v1/vdis/${vdi}/contents`),
+          await sha256Url(`${rig.server.url}/v1/vdis/${vdi}/contents`),
           current,
           `case ${i}: the VDI is untouched by a half-done upload`,
         );
-        const state = (await api<TransferJson>(server.url, 'GET', `/v1/transfers/${t.id}?token=${t.token}`))
-          .body;
+        const state = (
+          await api<TransferJson>(rig.server.url, 'GET', `/v1/transfers/${t.id}?token=${t.token}`)
+        ).body;
         assert.equal(state.state, 'open', 'the session survives the crash');
         if (state.received.length) resumedUploads++;
         await sendMissing(t, delta);
         await finalize();
       }
 
-      const task = (await api<Task>(server.url, 'GET', `/v1/tasks/${t.task_id}?wait=60`)).body;
-      const now = await sha256Url(`${server.url}/v1/vdis/${vdi}/contents`);
+      const task = (await api<Task>(rig.server.url, 'GET', `/v1/tasks/${t.task_id}?wait=60`)).body;
+      const now = await sha256Url(`${rig.server.url}/v1/vdis/${vdi}/contents`);
       if (task.status === 'success') {
         assert.equal(now, nextSha, `case ${i}: a committed delta gives the disk it describes`);
         if ((task.result?.bytes_streamed ?? 0) > 0) streamedCommits++;
@@ -209,11 +186,11 @@ describe('crash safety of a qcow2 delta streamed into its layer', () => {
       }
       // The snapshot still reads as the base it was.
       assert.equal(
-        await sha256Url(`${server.url}/v1/vdis/${snap.body.id}/contents`),
+        await sha256Url(`${rig.server.url}/v1/vdis/${snap.body.id}/contents`),
         baseSha,
         `case ${i}: the base`,
       );
-      const staging = await fsp.readdir(path.join(dataDir, 'srs', 'local', '.staging'));
+      const staging = await fsp.readdir(path.join(rig.dataDir, 'srs', 'local', '.staging'));
       assert.deepEqual(staging, [], `case ${i}: no staging file outlives its session`);
     }
     assert.ok(streamedCommits > 0, 'some deltas streamed into their layer');

@@ -14,7 +14,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { SPACE_RECHECK_INTERVAL_MS } from '../src/image/space.js';
-import { api, createVdi, curl, execFileP, sha256Url } from './helpers/api.js';
+import { api, createVdi, curl, execFileP, sha256Url, type TransferJson } from './helpers/api.js';
 import { seededBytes, spawnServer, startServer, type TestServer, tempDir } from './helpers/server.js';
 import { cannotMount, mountTmpfs, type SmallFs } from './helpers/small-fs.js';
 
@@ -29,14 +29,6 @@ type SpaceError = {
     message: string;
     details: { needed_bytes: number; free_bytes: number | null; reserve_bytes: number };
   };
-};
-type TransferJson = {
-  id: string;
-  url: string;
-  token: string;
-  task_id: string;
-  state: string;
-  error: Task['error'];
 };
 
 const skip = await cannotMount();

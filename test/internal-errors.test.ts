@@ -10,7 +10,7 @@ import path from 'node:path';
 import { Writable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { INTERNAL_ERROR_MESSAGE } from '../src/errors.js';
-import { api, createVdi } from './helpers/api.js';
+import { api, createVdi, type TransferJson } from './helpers/api.js';
 import { seededBytes, startServer, type TestServer } from './helpers/server.js';
 import { waitFor } from './helpers/wait.js';
 
@@ -18,14 +18,6 @@ const MiB = 1024 * 1024;
 const TUS = { 'tus-resumable': '1.0.0' };
 const b64 = (s: string) => Buffer.from(s).toString('base64');
 
-type TransferJson = {
-  id: string;
-  task_id: string;
-  state: string;
-  url: string;
-  token: string;
-  error: { code: string; message: string } | null;
-};
 type Task = { id: string; status: string; error: { code: string; message: string } | null };
 type ErrorBody = { error: { code: string; message: string; details?: Record<string, unknown> } };
 type LogLine = Record<string, unknown> & { msg?: string; req?: { id?: unknown } };

@@ -10,7 +10,7 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { api, createVdi, curl, execFileP, sha256File, sha256Url } from './helpers/api.js';
+import { api, createVdi, curl, execFileP, sha256File, sha256Url, type TransferJson } from './helpers/api.js';
 import {
   type ServerProcess,
   seededBytes,
@@ -26,7 +26,6 @@ const MiB = 1024 * 1024;
 const VIRTUAL_SIZE = 40 * MiB + 7 * 512;
 const QEMU_FORMAT = { raw: 'raw', vhd: 'vpc', qcow2: 'qcow2' } as const;
 
-type TransferJson = { id: string; task_id: string; state: string; url: string; bytes_received: number };
 type Task = {
   id: string;
   status: string;

@@ -12,7 +12,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { api } from './helpers/api.js';
+import { api, type TransferJson } from './helpers/api.js';
 import { storeRows } from './helpers/pg.js';
 import {
   type ServerProcess,
@@ -26,7 +26,6 @@ import {
 const MiB = 1024 * 1024;
 const TOKEN = 'sender-management-token-0123456789';
 const auth = { authorization: `Bearer ${TOKEN}` };
-type TransferJson = { id: string; url: string; token: string; task_id: string };
 type Task = { status: string; error: { code: string; message: string } | null };
 
 /** A TCP relay to `port` that holds every connection silent until `open()`. */

@@ -10,7 +10,7 @@ import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { api, createVdi } from './helpers/api.js';
+import { api, createVdi, type TransferJson } from './helpers/api.js';
 import { failNthDirectWrite } from './helpers/faults.js';
 import { sample, scrape } from './helpers/metrics.js';
 import { type ServerProcess, seededBytes, spawnServer, startServer, tempDir } from './helpers/server.js';
@@ -18,7 +18,6 @@ import { type ServerProcess, seededBytes, spawnServer, startServer, tempDir } fr
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
 
-type TransferJson = { id: string; url: string; token: string; task_id: string; state: string };
 type Task = {
   id: string;
   status: string;

@@ -9,7 +9,7 @@ import { execFile } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { api, createVdi, execFileP, sha256File } from './helpers/api.js';
+import { api, createVdi, execFileP, sha256File, type TransferJson } from './helpers/api.js';
 import { cutProxy } from './helpers/proxy.js';
 import { type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
 
@@ -17,7 +17,6 @@ const MiB = 1024 * 1024;
 const SIZE = 24 * MiB;
 const QEMU_FORMAT = { raw: 'raw', vhd: 'vpc', qcow2: 'qcow2' } as const;
 type Format = keyof typeof QEMU_FORMAT;
-type TransferJson = { id: string; url: string; token: string; task_id: string };
 
 /** curl's exit status and stderr; a cut connection is an ordinary outcome here. */
 function runCurl(args: string[]): Promise<{ code: number; stderr: string }> {

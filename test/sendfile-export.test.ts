@@ -14,30 +14,20 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { addon } from '../src/image/native.js';
 import { api, createVdi, curl, sha256File, sha256Url } from './helpers/api.js';
-import { sample, scrape } from './helpers/metrics.js';
 import { RawClient } from './helpers/raw-client.js';
+import {
+  lastExportEnded,
+  runningExport,
+  SENDFILE_DISK_SIZE,
+  sendfileDisk,
+  sentWithSendfile as sentBySendfile,
+  stalledSend,
+  taskEnded,
+} from './helpers/sendfile.js';
 import { seededBytes, startServer, type TestServer, tempDir } from './helpers/server.js';
-import { waitFor } from './helpers/wait.js';
 
 const MiB = 1024 * 1024;
-const SIZE = 48 * MiB;
-
-interface Task {
-  id: string;
-  status: string;
-  bytes_done: number;
-  error?: { code: string };
-}
-
-/** A disk with data, holes and unaligned edges: 0-8 MiB data, 8-20 hole, 20-20.5 data, 31.3-48 data. */
-function diskBytes(seed: number): Buffer {
-  const buf = Buffer.alloc(SIZE);
-  seededBytes(8 * MiB, seed).copy(buf, 0);
-  seededBytes(MiB / 2, seed + 1).copy(buf, 20 * MiB);
-  const tail = 31 * MiB + 333_333;
-  seededBytes(SIZE - tail, seed + 2).copy(buf, tail);
-  return buf;
-}
+const SIZE = SENDFILE_DISK_SIZE;
 
 function sha256(buf: Buffer): string {
   return createHash('sha256').update(buf).digest('hex');
@@ -50,8 +40,7 @@ describe('raw exports sent with sendfile', () => {
   let bytes: Buffer;
   let vdiId: string;
   const contents = () => `/v1/vdis/${vdiId}/contents?format=raw`;
-  const sentWithSendfile = async () => sample(await scrape(srv.url), 'diskport_sendfile_bytes_total') ?? 0;
-  const task = async (id: string) => (await api<Task>(srv.url, 'GET', `/v1/tasks/${id}`)).body;
+  const sentWithSendfile = () => sentBySendfile(srv.url);
 
   before(async () => {
     // A build/ from before native/sendfile.c has no sendSpans: every body would stream.
@@ -62,7 +51,7 @@ describe('raw exports sent with sendfile', () => {
     );
     srv = await startServer();
     dir = await tempDir();
-    bytes = diskBytes(7);
+    bytes = sendfileDisk(7);
     source = path.join(dir, 'disk.img');
     await fsp.writeFile(source, bytes);
     vdiId = (await createVdi(srv.url, SIZE)).id;
@@ -140,35 +129,14 @@ describe('raw exports sent with sendfile', () => {
   test('a client that stops reading holds the send at the socket; it gets every byte once it reads on', async () => {
     const client = new RawClient(srv.url, contents());
     await client.readAtLeast(MiB);
-    const t = await waitFor('the export task', async () => {
-      const list = await api<Task[]>(srv.url, 'GET', '/v1/tasks?type=export&status=running');
-      return list.body.find((x) => x.status === 'running');
-    });
+    const t = await runningExport(srv.url);
     // Stalled: bytes_done stops growing, well short of the disk (the socket buffers hold a few MiB).
-    let last = -1;
-    const stalled = await waitFor(
-      'the send to stall',
-      async () => {
-        const done = (await task(t.id)).bytes_done;
-        const still = done === last;
-        last = done;
-        return still ? done : 0;
-      },
-      { intervalMs: 300 },
-    );
+    const stalled = await stalledSend(srv.url, t.id);
     assert.ok(stalled < SIZE - 8 * MiB, `sent ${stalled} of ${SIZE} to a client that reads nothing`);
     const { head, body } = await client.response();
     assert.match(head, /^HTTP\/1.1 200/);
     assert.equal(sha256(body), sha256(bytes));
-    assert.equal(
-      (
-        await waitFor('the task to end', async () => {
-          const x = await task(t.id);
-          return x.status !== 'running' ? x : undefined;
-        })
-      ).status,
-      'success',
-    );
+    assert.equal((await taskEnded(srv.url, t.id)).status, 'success');
   });
 
   test('a client that goes away mid-send ends the task; the next GET is whole', async () => {
@@ -177,11 +145,7 @@ describe('raw exports sent with sendfile', () => {
       await client.readAtLeast(when);
       client.destroy();
       await client.closed;
-      const gone = await waitFor('the export task to end', async () => {
-        const list = await api<Task[]>(srv.url, 'GET', '/v1/tasks?type=export&limit=1');
-        const x = list.body[0];
-        return x && x.status !== 'running' ? x : undefined;
-      });
+      const gone = await lastExportEnded(srv.url);
       assert.equal(gone.status, 'failure');
       assert.equal(gone.error?.code, 'CLIENT_DISCONNECTED');
     }
@@ -191,23 +155,12 @@ describe('raw exports sent with sendfile', () => {
   test('cancelling the export task cuts the connection short, never with wrong bytes', async () => {
     const client = new RawClient(srv.url, contents());
     await client.readAtLeast(MiB);
-    const t = await waitFor('the export task', async () => {
-      const list = await api<Task[]>(srv.url, 'GET', '/v1/tasks?type=export&status=running');
-      return list.body[0];
-    });
+    const t = await runningExport(srv.url);
     assert.equal((await api(srv.url, 'POST', `/v1/tasks/${t.id}/cancel`)).status, 202);
     const { body } = await client.response();
     assert.ok(body.length < SIZE, 'the body is cut short');
     assert.ok(body.equals(bytes.subarray(0, body.length)), 'what arrived is the disk');
-    assert.equal(
-      (
-        await waitFor('the task to end', async () => {
-          const x = await task(t.id);
-          return x.status !== 'running' ? x : undefined;
-        })
-      ).status,
-      'cancelled',
-    );
+    assert.equal((await taskEnded(srv.url, t.id)).status, 'cancelled');
   });
 
   test('a commit during the send: the GET keeps the old bytes, the next GET has the new', async () => {
@@ -215,7 +168,7 @@ describe('raw exports sent with sendfile', () => {
     await curl(['-T', source, `${srv.url}/v1/vdis/${other}/contents?format=raw`]);
     const client = new RawClient(srv.url, `/v1/vdis/${other}/contents?format=raw`);
     await client.readAtLeast(MiB);
-    const next = diskBytes(99);
+    const next = sendfileDisk(99);
     const nextFile = path.join(dir, 'next.img');
     await fsp.writeFile(nextFile, next);
     await curl(['-T', nextFile, `${srv.url}/v1/vdis/${other}/contents?format=raw`]);

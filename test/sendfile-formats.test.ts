@@ -20,34 +20,24 @@ import { batchLimits } from '../src/formats/send-spans.js';
 import { zeroCopyStats } from '../src/http/zero-copy.js';
 import { addon } from '../src/image/native.js';
 import { api, createVdi, curl, execFileP } from './helpers/api.js';
-import { sample, scrape } from './helpers/metrics.js';
 import { RawClient } from './helpers/raw-client.js';
+import {
+  lastExportEnded,
+  runningExport,
+  SENDFILE_DISK_SIZE,
+  sendfileDisk,
+  sentWithSendfile as sentBySendfile,
+  stalledSend,
+  taskEnded,
+} from './helpers/sendfile.js';
 import { seededBytes, startServer, type TestServer, tempDir } from './helpers/server.js';
-import { waitFor } from './helpers/wait.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const SIZE = 48 * MiB;
+const SIZE = SENDFILE_DISK_SIZE;
 const FORMATS = ['vhd', 'qcow2'] as const;
 type Format = (typeof FORMATS)[number];
 const QEMU_FORMAT: Record<Format, string> = { vhd: 'vpc', qcow2: 'qcow2' };
-
-interface Task {
-  id: string;
-  status: string;
-  bytes_done: number;
-  error?: { code: string };
-}
-
-/** Data, holes, a block half data half hole, and an edge off every block and cluster boundary. */
-function diskBytes(seed: number): Buffer {
-  const buf = Buffer.alloc(SIZE);
-  seededBytes(8 * MiB, seed).copy(buf, 0);
-  seededBytes(MiB / 2, seed + 1).copy(buf, 20 * MiB);
-  const tail = 31 * MiB + 333_333;
-  seededBytes(SIZE - tail, seed + 2).copy(buf, tail);
-  return buf;
-}
 
 async function qemuCheck(format: Format, file: string): Promise<void> {
   if (format === 'qcow2') {
@@ -69,8 +59,7 @@ describe('vhd and qcow2 exports sent with sendfile', () => {
   let vdiId: string;
   const url = (id: string, format: string, base?: string) =>
     `${srv.url}/v1/vdis/${id}/contents?format=${format}${base ? `&base=${base}` : ''}`;
-  const sentWithSendfile = async () => sample(await scrape(srv.url), 'diskport_sendfile_bytes_total') ?? 0;
-  const task = async (id: string) => (await api<Task>(srv.url, 'GET', `/v1/tasks/${id}`)).body;
+  const sentWithSendfile = () => sentBySendfile(srv.url);
 
   /** The body by the stream path (DISKPORT_SENDFILE=0), none of it by sendfile. */
   async function streamed(u: string, range?: string): Promise<Buffer> {
@@ -123,7 +112,7 @@ describe('vhd and qcow2 exports sent with sendfile', () => {
     );
     srv = await startServer();
     dir = await tempDir();
-    bytes = diskBytes(7);
+    bytes = sendfileDisk(7);
     vdiId = (await createVdi(srv.url, SIZE)).id;
     rawFile = await upload(vdiId, bytes, 'disk.img');
   });
@@ -259,11 +248,7 @@ describe('vhd and qcow2 exports sent with sendfile', () => {
         await client.readAtLeast(when);
         client.destroy();
         await client.closed;
-        const gone = await waitFor('the export task to end', async () => {
-          const list = await api<Task[]>(srv.url, 'GET', '/v1/tasks?type=export&limit=1');
-          const x = list.body[0];
-          return x && x.status !== 'running' ? x : undefined;
-        });
+        const gone = await lastExportEnded(srv.url);
         assert.equal(
           gone.status,
           'failure',
@@ -273,21 +258,8 @@ describe('vhd and qcow2 exports sent with sendfile', () => {
       }
       const slow = new RawClient(srv.url, `/v1/vdis/${vdiId}/contents?format=${format}`);
       await slow.readAtLeast(MiB);
-      const t = await waitFor('the export task', async () => {
-        const list = await api<Task[]>(srv.url, 'GET', '/v1/tasks?type=export&status=running');
-        return list.body[0];
-      });
-      let last = -1;
-      const stalled = await waitFor(
-        'the send to stall',
-        async () => {
-          const done = (await task(t.id)).bytes_done;
-          const still = done === last;
-          last = done;
-          return still ? done : 0;
-        },
-        { intervalMs: 300 },
-      );
+      const t = await runningExport(srv.url);
+      const stalled = await stalledSend(srv.url, t.id);
       assert.ok(stalled < reference.length - 8 * MiB, `sent ${stalled} to a client that reads nothing`);
       const { head, body } = await slow.response();
       assert.match(head, /^HTTP\/1.1 200/);
@@ -301,18 +273,12 @@ describe('vhd and qcow2 exports sent with sendfile', () => {
       const reference = await streamed(url(vdiId, format));
       const client = new RawClient(srv.url, `/v1/vdis/${vdiId}/contents?format=${format}`);
       await client.readAtLeast(MiB);
-      const t = await waitFor('the export task', async () => {
-        const list = await api<Task[]>(srv.url, 'GET', '/v1/tasks?type=export&status=running');
-        return list.body[0];
-      });
+      const t = await runningExport(srv.url);
       assert.equal((await api(srv.url, 'POST', `/v1/tasks/${t.id}/cancel`)).status, 202);
       const { body } = await client.response();
       assert.ok(body.length < reference.length, 'the body is cut short');
       assert.ok(body.equals(reference.subarray(0, body.length)), 'what arrived is the export');
-      const ended = await waitFor('the task to end', async () => {
-        const x = await task(t.id);
-        return x.status !== 'running' ? x : undefined;
-      });
+      const ended = await taskEnded(srv.url, t.id);
       assert.equal(ended.status, 'cancelled');
     }
   });

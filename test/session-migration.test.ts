@@ -14,7 +14,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { MIGRATIONS, openDb, sqliteMigration } from '../src/storage/db.js';
-import { api, createVdi, execFileP, sha256File, sha256Url } from './helpers/api.js';
+import { api, createVdi, execFileP, sha256File, sha256Url, type TransferJson } from './helpers/api.js';
 import { sqliteOnly } from './helpers/pg.js';
 import {
   type ServerProcess,
@@ -44,14 +44,6 @@ const OLD_KEYS = [
   'diskport.tus',
 ];
 
-type TransferJson = {
-  id: string;
-  task_id: string;
-  state: string;
-  url: string;
-  token: string;
-  bytes_received: number;
-};
 type Task = { id: string; status: string; error: { code: string; message: string } | null };
 
 interface NewRow {

@@ -9,7 +9,7 @@ import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
+import { api, createVdi, execFileP, sha256Url, type TransferJson } from './helpers/api.js';
 import { seededBytes, startServer, type TestServer, tempDir } from './helpers/server.js';
 import { waitFor } from './helpers/wait.js';
 
@@ -32,7 +32,6 @@ type VdiJson = {
 };
 type ErrorBody = { error: { code: string; message: string; details?: Record<string, unknown> } };
 type Task = { id: string; status: string; error: { code: string } | null };
-type TransferJson = { id: string; url: string; token: string; task_id: string };
 
 const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 

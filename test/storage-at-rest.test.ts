@@ -9,7 +9,7 @@ import { randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
-import { api, createVdi, execFileP, type JsonResponse } from './helpers/api.js';
+import { api, createVdi, execFileP, type JsonResponse, type TransferJson } from './helpers/api.js';
 import { TEST_DATABASE_URL } from './helpers/pg.js';
 import { seededBytes, startServer, type TestServer, tempDir } from './helpers/server.js';
 import { cannotMount, mountExt4 } from './helpers/small-fs.js';
@@ -17,7 +17,6 @@ import { cannotMount, mountExt4 } from './helpers/small-fs.js';
 const MiB = 1024 * 1024;
 const TiB = 1024 ** 4;
 type ErrorBody = { error: { code: string; message: string; details?: Record<string, unknown> } };
-type TransferJson = { id: string; url: string; token: string; task_id: string };
 
 /** Every file and directory under `dir`, with its permission bits. */
 async function modes(dir: string): Promise<{ file: string; mode: number; isDir: boolean }[]> {

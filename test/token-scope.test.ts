@@ -9,13 +9,12 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { api } from './helpers/api.js';
+import { api, type TransferJson } from './helpers/api.js';
 import { startServer, type TestServer } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
 const TUS = { 'tus-resumable': '1.0.0' };
 
-type TransferJson = { id: string; token: string; url: string; state: string; bytes_received: number };
 type ErrorBody = { error: { code: string } };
 type Vdi = { id: string; generation: number };
 

@@ -7,46 +7,20 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { api, createVdi, execFileP, sha256Url } from './helpers/api.js';
+import { api, createVdi, execFileP, sha256Url, type TransferJson } from './helpers/api.js';
 import { rounds } from './helpers/pg.js';
-import { prng, type ServerProcess, seededBytes, spawnServer, tempDir } from './helpers/server.js';
+import { prng, restartableServer, seededBytes } from './helpers/server.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
 const CASES = rounds(20, 8);
-type TransferJson = {
-  id: string;
-  url: string;
-  token: string;
-  task_id: string;
-  state: string;
-  received: [number, number][];
-};
 type Task = { id: string; status: string; error: { code: string } | null };
 
 describe('crash safety of resumable uploads', () => {
-  let dataDir: string;
-  let work: string;
-  let server: ServerProcess;
+  const rig = restartableServer();
   const rnd = prng(20261125);
-
-  before(async () => {
-    dataDir = await tempDir();
-    work = await tempDir();
-    server = await spawnServer(dataDir);
-  });
-  after(async () => {
-    await server.stop();
-    await fsp.rm(dataDir, { recursive: true, force: true });
-    await fsp.rm(work, { recursive: true, force: true });
-  });
-
-  async function restart(): Promise<void> {
-    await server.stop('SIGKILL');
-    server = await spawnServer(dataDir);
-  }
 
   /** Sends every byte of `image` not yet received, in 1 MiB chunks, in a shuffled order. */
   async function sendMissing(
@@ -60,7 +34,7 @@ describe('crash safety of resumable uploads', () => {
       const s = k * MiB;
       const e = Math.min(image.length, s + MiB);
       if (have(s, e)) continue;
-      const url = t.url.replace(/^http:\/\/[^/]+/, server.url);
+      const url = t.url.replace(/^http:\/\/[^/]+/, rig.server.url);
       const res = await fetch(url, {
         method: 'PUT',
         headers: { 'content-range': `bytes ${s}-${e - 1}/${image.length}` },
@@ -72,8 +46,8 @@ describe('crash safety of resumable uploads', () => {
 
   // Twenty restarts of a spawned server: minutes on a loaded machine, more than the default per test.
   test(`${CASES} kills at random moments of uploads and finalizes`, { timeout: 600_000 }, async () => {
-    const vdiId = (await createVdi(server.url, SIZE)).id;
-    let current = await sha256Url(`${server.url}/v1/vdis/${vdiId}/contents`);
+    const vdiId = (await createVdi(rig.server.url, SIZE)).id;
+    let current = await sha256Url(`${rig.server.url}/v1/vdis/${vdiId}/contents`);
     let resumedUploads = 0;
     let finalizesCompleted = 0;
 
@@ -88,7 +62,7 @@ describe('crash safety of resumable uploads', () => {
       const format = duringFinalize ? 'qcow2' : (['raw', 'vhd', 'qcow2'] as const)[(i / 2) % 3];
       let image = raw;
       if (format !== 'raw') {
-        const rawFile = path.join(work, `case-${i}.raw`);
+        const rawFile = path.join(rig.work, `case-${i}.raw`);
         await fsp.writeFile(rawFile, raw);
         const out = `${rawFile}.${format}`;
         await execFileP('qemu-img', [
@@ -102,7 +76,7 @@ describe('crash safety of resumable uploads', () => {
         ]);
         image = await fsp.readFile(out);
       }
-      const created = await api<TransferJson>(server.url, 'POST', '/v1/transfers', {
+      const created = await api<TransferJson>(rig.server.url, 'POST', '/v1/transfers', {
         vdi: vdiId,
         direction: 'upload',
         format,
@@ -114,39 +88,40 @@ describe('crash safety of resumable uploads', () => {
       if (duringFinalize) {
         await sendMissing(t, image);
         const killAfterMs = Math.floor(rnd() * 120);
-        const finalizing = fetch(`${server.url}/v1/transfers/${t.id}/finalize?token=${t.token}`, {
+        const finalizing = fetch(`${rig.server.url}/v1/transfers/${t.id}/finalize?token=${t.token}`, {
           method: 'POST',
         }).catch(() => null);
         await sleep(killAfterMs);
-        await restart();
+        await rig.restart();
         await finalizing;
-        const state = (await api<TransferJson>(server.url, 'GET', `/v1/transfers/${t.id}`)).body;
+        const state = (await api<TransferJson>(rig.server.url, 'GET', `/v1/transfers/${t.id}`)).body;
         if (state.state === 'open') {
           // the kill came before finalize was recorded: the upload is whole, finalize again
-          await api(server.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}`);
+          await api(rig.server.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}`);
         }
       } else {
         const killAfterMs = 20 + Math.floor(rnd() * 200);
         const sending = sendMissing(t, image).catch(() => null);
         await sleep(killAfterMs);
-        await restart();
+        await rig.restart();
         await sending;
         // the VDI is untouched by a half-done upload
-        assert.equal(await sha256Url(`${server.url}/v1/vdis/${vdiId}/contents`), current);
-        const state = (await api<TransferJson>(server.url, 'GET', `/v1/transfers/${t.id}?token=${t.token}`))
-          .body;
+        assert.equal(await sha256Url(`${rig.server.url}/v1/vdis/${vdiId}/contents`), current);
+        const state = (
+          await api<TransferJson>(rig.server.url, 'GET', `/v1/transfers/${t.id}?token=${t.token}`)
+        ).body;
         assert.equal(state.state, 'open', 'the session survives the crash');
         if (state.received.length) resumedUploads++;
-        const head = await fetch(`${server.url}/v1/transfers/${t.id}/data?token=${t.token}`, {
+        const head = await fetch(`${rig.server.url}/v1/transfers/${t.id}/data?token=${t.token}`, {
           method: 'HEAD',
         });
         assert.equal(head.status, 200);
         await sendMissing(t, image, state.received);
-        await api(server.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}`);
+        await api(rig.server.url, 'POST', `/v1/transfers/${t.id}/finalize?token=${t.token}`);
       }
 
-      const task = (await api<Task>(server.url, 'GET', `/v1/tasks/${t.task_id}?wait=60`)).body;
-      const now = await sha256Url(`${server.url}/v1/vdis/${vdiId}/contents`);
+      const task = (await api<Task>(rig.server.url, 'GET', `/v1/tasks/${t.task_id}?wait=60`)).body;
+      const now = await sha256Url(`${rig.server.url}/v1/vdis/${vdiId}/contents`);
       if (task.status === 'success') {
         assert.equal(now, rawSha, `case ${i}: a committed upload is byte-exact`);
         if (duringFinalize) finalizesCompleted++;
@@ -155,7 +130,7 @@ describe('crash safety of resumable uploads', () => {
         assert.equal(task.error?.code, 'INTERRUPTED', `case ${i}: ${JSON.stringify(task)}`);
         assert.equal(now, current, `case ${i}: a failed finalize leaves the previous content`);
       }
-      const staging = await fsp.readdir(path.join(dataDir, 'srs', 'local', '.staging'));
+      const staging = await fsp.readdir(path.join(rig.dataDir, 'srs', 'local', '.staging'));
       assert.deepEqual(staging, [], `case ${i}: no staging file outlives its session`);
     }
     assert.ok(resumedUploads > 0, 'some uploads were cut after bytes had been recorded, and resumed');

@@ -13,7 +13,7 @@ import { existsSync, promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { api, createVdi, execFileP, openUpload, sha256Url } from './helpers/api.js';
+import { api, createVdi, execFileP, openUpload, sha256Url, type TransferJson } from './helpers/api.js';
 import { queryAt } from './helpers/pg.js';
 import {
   prng,
@@ -30,16 +30,6 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const CHUNK = 64 * KiB;
 type Range = [number, number];
-type TransferJson = {
-  id: string;
-  url: string;
-  token: string;
-  task_id: string;
-  state: string;
-  upload_offset: number;
-  received: Range[];
-  unflushed_bytes: number;
-};
 type Task = { status: string; error: { code: string } | null };
 
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');

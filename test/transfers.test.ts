@@ -5,26 +5,12 @@ import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { api, createVdi, sha256Url } from './helpers/api.js';
+import { api, createVdi, sha256Url, type TransferJson } from './helpers/api.js';
 import { failNthDirectWrite } from './helpers/faults.js';
 import { prng, seededBytes, startServer, type TestServer } from './helpers/server.js';
 import { waitFor } from './helpers/wait.js';
 
 const MiB = 1024 * 1024;
-type TransferJson = {
-  id: string;
-  vdi: string;
-  expires_at: string;
-  ttl_seconds: number;
-  url: string;
-  token: string;
-  task_id: string;
-  state: string;
-  upload_offset: number;
-  bytes_received: number;
-  received: [number, number][];
-  size: number | null;
-};
 type ErrorBody = { error: { code: string; message: string; details?: Record<string, unknown> } };
 type Task = { id: string; status: string; error: { code: string } | null; bytes_done: number };
 

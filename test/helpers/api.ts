@@ -4,6 +4,7 @@ import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { promisify } from 'node:util';
+import type { TransferJson as Served } from '../../src/transfer/session-record.js';
 import { assertMatchesOpenApi } from './openapi.js';
 
 export const execFileP = promisify(execFile);
@@ -42,8 +43,11 @@ export async function createVdi(base: string, virtualSize: number, extra: Record
   return res.body;
 }
 
+/** A transfer session as the API answers it at its creation, with the data URL and its token. */
+export type TransferJson = Served & { url: string; token: string };
+
 /** Opens an upload session (POST /v1/transfers); 201 or the test fails. `T`: the fields the test reads. */
-export async function openUpload<T = { id: string; url: string; token: string; task_id: string }>(
+export async function openUpload<T = TransferJson>(
   base: string,
   vdi: string,
   size: number,
