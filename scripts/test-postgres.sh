@@ -25,7 +25,8 @@ STORE_FREE=(
 # (qemu-img check and compare, bytes, costs, syscalls) does not depend on
 # which store that is; the SQLite pass runs them. What the store keeps
 # (sessions, tasks, tickets, snapshots, sets, leases and the cluster) and
-# what a kill -9 must leave of it runs here. Keeps CI under 30 minutes.
+# what a kill -9 must leave of it runs here (a set's migration through its
+# kills: set-migration-crash). Keeps CI under 30 minutes.
 IMAGE_BYTES=(
   test/chains.test.ts test/chains-qcow2.test.ts test/chains-vhd.test.ts test/clean-at-rest.test.ts
   test/corrupt-at-rest.test.ts test/interop.test.ts test/delta-import-cost.test.ts
@@ -35,6 +36,8 @@ IMAGE_BYTES=(
   test/merges.test.ts test/merges-history.test.ts test/merges-crash-layers.test.ts
   test/delta-streamed-crash.test.ts test/vdi-copy.test.ts test/malformed-uploads.test.ts
   test/image-fidelity.test.ts test/export-formats.test.ts test/export-headers.test.ts
+  test/raw-delta-session.test.ts test/raw-transfer.test.ts test/storage-at-rest.test.ts
+  test/set-migration.test.ts
 )
 
 tests=("$@")

@@ -21,7 +21,7 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const BLOCK = 64 * KiB;
 const SIZE = 64 * MiB;
-const CASES = rounds(12, 6);
+const CASES = rounds(8, 4);
 type Task = {
   id: string;
   status: string;

@@ -15,7 +15,7 @@ import { prng } from './helpers/server.js';
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const SIZE = 32 * MiB;
-const KILLS = rounds(20, 8);
+const KILLS = rounds(20, 5);
 const DEPTH = 3;
 
 describe('merges and kill -9', () => {
