@@ -25,6 +25,7 @@ import {
   assertExportReads,
   baseBytesRead,
   COST_DISK_SIZE,
+  digestFileAllocated,
   ioDuring,
   overlayOf,
   qemuIo,
@@ -134,6 +135,10 @@ describe('delta import cost', () => {
       const space = sr === 'vhd' ? 4 * 2 * MiB + 256 * KiB : 2 * MiB;
       assert.ok(used <= space, `the layer takes ${used} bytes (at most ${space})`);
       assert.ok((await vdiOf(snap)).physical_utilisation >= 128 * MiB, 'the snapshot keeps the disk');
+      // The new digests are the old ones' copy with the delta's entries: as sparse as the disk's data
+      // (2 MiB of entries at 8 GiB; the data's take 8 pages), not a whole file per commit.
+      const digests = await digestFileAllocated(srv.dataDir, vdi);
+      assert.ok(digests <= 128 * KiB, `the commit's digest file takes ${digests} bytes`);
 
       // A second delta over the first (the VDI's content is now an unshared layer):
       // the new layer carries the first one's blocks, still reading little of the disk.

@@ -20,7 +20,7 @@ import type { DiffRun } from '../image/block-diff.js';
 import type { BlockImage } from '../image/block-image.js';
 import { readAt, writeFully } from '../image/file-io.js';
 import { addon } from '../image/native.js';
-import { isZero } from '../image/zero.js';
+import { forEachDataRun, isZero } from '../image/zero.js';
 import type { StreamedDigests } from './streamed-digests.js';
 
 export const DIGEST_BLOCK_BYTES = 64 * 1024;
@@ -155,9 +155,10 @@ export async function blockEntriesInto(blocks: Buffer[], entries: Buffer, at: nu
 
 /**
  * The digests of a commit that changes some blocks of a content and keeps
- * the rest (a delta import): a copy of the content's digest file (its holes
- * kept) whose entries are then changed one by one, fsynced by finish(). The
- * cost is the file's (16 bytes per 64 KiB of disk), never the disk's.
+ * the rest (a delta import): a copy of the content's digest file (its zero
+ * pages left holes) whose entries are then changed one by one, fsynced by
+ * finish(). The cost is the file's (16 bytes per 64 KiB of disk), never the
+ * disk's, and its space follows the disk's data.
  */
 export class DigestUpdate {
   private constructor(
@@ -187,7 +188,11 @@ export class DigestUpdate {
         const buf = Buffer.allocUnsafe(COMPARE_ENTRIES * ENTRY_BYTES);
         for (let at = 0; at < size; at += buf.length) {
           const got = await readAt(src, buf.subarray(0, Math.min(buf.length, size - at)), at);
-          if (!isZero(got, 0, got.length)) await writeFully(handle, got, 0, got.length, at);
+          // Page by page: a 1 MiB read of entries spans 4 GiB of disk, and a
+          // disk with data all over it has zero pages in every such read.
+          const runs: [number, number][] = [];
+          forEachDataRun(got, got.length, at, (s, e) => runs.push([s, e]));
+          for (const [s, e] of runs) await writeFully(handle, got, s, e - s, at + s);
         }
       } finally {
         await src.close();

@@ -83,3 +83,9 @@ export async function ioDuring(run: () => Promise<void>): Promise<{ read: number
   const after = await io();
   return { read: after.read - before.read, written: after.written - before.written };
 }
+
+/** Allocated bytes of VDI `vdi`'s block digest file, in the local SR of the server whose data directory is `dataDir`. */
+export async function digestFileAllocated(dataDir: string, vdi: string): Promise<number> {
+  const [row] = queryAt<{ digest_file: string }>(dataDir, 'SELECT digest_file FROM vdis WHERE id = ?', vdi);
+  return (await fsp.stat(path.join(dataDir, 'srs', 'local', row.digest_file))).blocks * 512;
+}
