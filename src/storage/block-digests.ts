@@ -253,18 +253,20 @@ export async function digestDiffRuns(
   signal?: AbortSignal,
 ): Promise<AsyncGenerator<DiffRun> | null> {
   const count = blockCount(next.virtualSize);
-  const [a, b] = await Promise.all([DigestReader.open(nextDigests), DigestReader.open(parentDigests)]);
-  if (!a || !b || a.blocks !== count || b.blocks !== count) {
-    await Promise.all([a?.close(), b?.close()]);
-    return null;
-  }
-  return runsWhereDigestsDiffer(next, a, b, count, signal);
+  const usable = async (file: string) => {
+    const reader = await DigestReader.open(file);
+    await reader?.close();
+    return reader?.blocks === count;
+  };
+  if (!(await usable(nextDigests)) || !(await usable(parentDigests))) return null;
+  return runsWhereDigestsDiffer(next, nextDigests, parentDigests, count, signal);
 }
 
+/** The files are opened by the generator itself, so one its caller never starts holds nothing open. */
 async function* runsWhereDigestsDiffer(
   next: BlockImage,
-  mine: DigestReader,
-  theirs: DigestReader,
+  nextDigests: string,
+  parentDigests: string,
   count: number,
   signal?: AbortSignal,
 ): AsyncGenerator<DiffRun> {
@@ -274,7 +276,12 @@ async function* runsWhereDigestsDiffer(
   const ea = Buffer.alloc(COMPARE_ENTRIES * E);
   const eb = Buffer.alloc(COMPARE_ENTRIES * E);
   const buf = Buffer.allocUnsafe(READ_BLOCKS * B);
+  const [mine, theirs] = await Promise.all([
+    DigestReader.open(nextDigests),
+    DigestReader.open(parentDigests),
+  ]);
   try {
+    if (!mine || !theirs) throw new Error(`a digest file went away: ${nextDigests}, ${parentDigests}`);
     for (let first = 0; first < count; first += COMPARE_ENTRIES) {
       signal?.throwIfAborted();
       const n = Math.min(COMPARE_ENTRIES, count - first);
@@ -309,7 +316,7 @@ async function* runsWhereDigestsDiffer(
       }
     }
   } finally {
-    await Promise.all([mine.close(), theirs.close()]);
+    await Promise.all([mine?.close(), theirs?.close()]);
   }
 }
 
