@@ -273,8 +273,7 @@ async function* runsWhereDigestsDiffer(
   const B = DIGEST_BLOCK_BYTES;
   const E = ENTRY_BYTES;
   const size = next.virtualSize;
-  const ea = Buffer.alloc(COMPARE_ENTRIES * E);
-  const eb = Buffer.alloc(COMPARE_ENTRIES * E);
+  const entries = Buffer.alloc(READ_BLOCKS * E);
   const buf = Buffer.allocUnsafe(READ_BLOCKS * B);
   const [mine, theirs] = await Promise.all([
     DigestReader.open(nextDigests),
@@ -282,37 +281,22 @@ async function* runsWhereDigestsDiffer(
   ]);
   try {
     if (!mine || !theirs) throw new Error(`a digest file went away: ${nextDigests}, ${parentDigests}`);
-    for (let first = 0; first < count; first += COMPARE_ENTRIES) {
-      signal?.throwIfAborted();
-      const n = Math.min(COMPARE_ENTRIES, count - first);
-      await Promise.all([mine.read(ea, first, n), theirs.read(eb, first, n)]);
-      let i = 0;
-      while (i < n) {
-        // Most of two disks' entries agree: skip a group at once where they do.
-        const g = Math.min(n, i + COMPARE_GROUP_ENTRIES);
-        if (i % COMPARE_GROUP_ENTRIES === 0 && ea.compare(eb, i * E, g * E, i * E, g * E) === 0) {
-          i = g;
-          continue;
+    for await (const [first, end] of differingRuns(mine, theirs, count, signal)) {
+      // Cut into runs all zero in `next` or all not, at most READ_BLOCKS long (`next`'s entries tell).
+      for (let b = first; b < end; b += READ_BLOCKS) {
+        signal?.throwIfAborted();
+        const n = Math.min(READ_BLOCKS, end - b);
+        await mine.read(entries, b, n);
+        for (let i = 0; i < n; ) {
+          const zero = isZero(entries, i * E, (i + 1) * E);
+          let j = i + 1;
+          while (j < n && isZero(entries, j * E, (j + 1) * E) === zero) j++;
+          const start = (b + i) * B;
+          const length = Math.min(size, (b + j) * B) - start;
+          if (zero) yield { start, length, zero };
+          else yield { start, length, zero, data: await next.readInto(buf.subarray(0, length), start) };
+          i = j;
         }
-        if (ea.compare(eb, i * E, (i + 1) * E, i * E, (i + 1) * E) === 0) {
-          i++;
-          continue;
-        }
-        // A run of differing blocks, all zero in `next` or all not, at most READ_BLOCKS long.
-        const zero = isZero(ea, i * E, (i + 1) * E);
-        let j = i + 1;
-        while (
-          j < n &&
-          j - i < READ_BLOCKS &&
-          ea.compare(eb, j * E, (j + 1) * E, j * E, (j + 1) * E) !== 0 &&
-          isZero(ea, j * E, (j + 1) * E) === zero
-        )
-          j++;
-        const start = (first + i) * B;
-        const length = Math.min(size, (first + j) * B) - start;
-        if (zero) yield { start, length, zero };
-        else yield { start, length, zero, data: await next.readInto(buf.subarray(0, length), start) };
-        i = j;
       }
     }
   } finally {
@@ -393,31 +377,49 @@ export async function changedBlockRuns(
   const [a, b] = await Promise.all([DigestReader.open(fileA), DigestReader.open(fileB)]);
   try {
     if (!a || !b) return null;
-    const bufA = Buffer.alloc(COMPARE_ENTRIES * ENTRY_BYTES);
-    const bufB = Buffer.alloc(COMPARE_ENTRIES * ENTRY_BYTES);
     const runs: [number, number][] = [];
-    for (let first = 0; first < blocks; first += COMPARE_ENTRIES) {
-      const n = Math.min(COMPARE_ENTRIES, blocks - first);
-      const [ea, eb] = await Promise.all([a.read(bufA, first, n), b.read(bufB, first, n)]);
-      // Most of two digest files agree: a group's entries are compared at
-      // once, and only a group that differs entry by entry.
-      for (let g = 0; g < n; g += COMPARE_GROUP_ENTRIES) {
-        const gEnd = Math.min(n, g + COMPARE_GROUP_ENTRIES);
-        const [gs, ge] = [g * ENTRY_BYTES, gEnd * ENTRY_BYTES];
-        if (ea.compare(eb, gs, ge, gs, ge) === 0) continue;
-        for (let i = g; i < gEnd; i++) {
-          const at = i * ENTRY_BYTES;
-          if (ea.compare(eb, at, at + ENTRY_BYTES, at, at + ENTRY_BYTES) === 0) continue;
-          const block = first + i;
-          const last = runs[runs.length - 1];
-          if (last && last[1] === block) last[1]++;
-          else runs.push([block, block + 1]);
-        }
-      }
-    }
+    for await (const run of differingRuns(a, b, blocks)) runs.push(run);
     return runs;
   } finally {
     await a?.close();
     await b?.close();
   }
+}
+
+/**
+ * The runs [first, end) of blocks of [0, blocks) whose entries differ
+ * between `a` and `b`, in order, read a chunk of each file at a time.
+ */
+async function* differingRuns(
+  a: DigestReader,
+  b: DigestReader,
+  blocks: number,
+  signal?: AbortSignal,
+): AsyncGenerator<[number, number]> {
+  const bufA = Buffer.alloc(COMPARE_ENTRIES * ENTRY_BYTES);
+  const bufB = Buffer.alloc(COMPARE_ENTRIES * ENTRY_BYTES);
+  let run: [number, number] | null = null;
+  for (let first = 0; first < blocks; first += COMPARE_ENTRIES) {
+    signal?.throwIfAborted();
+    const n = Math.min(COMPARE_ENTRIES, blocks - first);
+    const [ea, eb] = await Promise.all([a.read(bufA, first, n), b.read(bufB, first, n)]);
+    // Most of two digest files agree: a group's entries are compared at
+    // once, and only a group that differs entry by entry.
+    for (let g = 0; g < n; g += COMPARE_GROUP_ENTRIES) {
+      const gEnd = Math.min(n, g + COMPARE_GROUP_ENTRIES);
+      const [gs, ge] = [g * ENTRY_BYTES, gEnd * ENTRY_BYTES];
+      if (ea.compare(eb, gs, ge, gs, ge) === 0) continue;
+      for (let i = g; i < gEnd; i++) {
+        const at = i * ENTRY_BYTES;
+        if (ea.compare(eb, at, at + ENTRY_BYTES, at, at + ENTRY_BYTES) === 0) continue;
+        const block = first + i;
+        if (run && run[1] === block) run[1]++;
+        else {
+          if (run) yield run;
+          run = [block, block + 1];
+        }
+      }
+    }
+  }
+  if (run) yield run;
 }
